@@ -1,0 +1,103 @@
+#include "dserve/kernels/cpu_ops.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "dserve/core/check.h"
+
+namespace dserve::kernels::cpu {
+
+void matmul(const float* x, int64_t n, int64_t k, const Tensor& w, float* y) {
+  DSERVE_CHECK_MSG(w.rank() == 2 && w.dim(1) == k,
+                   "matmul: weight " + w.shape_string() + " does not take inputs of width " +
+                       std::to_string(k));
+  matmul_rows(x, n, k, w.data(), w.dim(0), y, w.dim(0));
+}
+
+void matmul_rows(const float* x, int64_t n, int64_t k, const float* w, int64_t m, float* y,
+                 int64_t y_stride) {
+  if (n == 0 || m == 0) return;
+  if (n == 1) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(m), static_cast<int>(k), 1.0f, w,
+                static_cast<int>(k), x, 1, 0.0f, y, 1);
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(m),
+              static_cast<int>(k), 1.0f, x, static_cast<int>(k), w, static_cast<int>(k), 0.0f, y,
+              static_cast<int>(y_stride));
+}
+
+void gemm(bool b_transposed, int64_t n, int64_t m, int64_t k, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* y, int64_t ldy) {
+  if (n == 0 || m == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < m; ++j) y[i * ldy + j] *= beta;
+    }
+    return;
+  }
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, b_transposed ? CblasTrans : CblasNoTrans,
+              static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), 1.0f, a,
+              static_cast<int>(lda), b, static_cast<int>(ldb), beta, y, static_cast<int>(ldy));
+}
+
+void rms_norm(float* x, int64_t n, int64_t d, std::span<const float> weight, float eps) {
+  DSERVE_CHECK(weight.empty() || static_cast<int64_t>(weight.size()) == d);
+  for (int64_t r = 0; r < n; ++r) {
+    float* row = x + r * d;
+    float sum_sq = 0.0f;
+    for (int64_t i = 0; i < d; ++i) sum_sq += row[i] * row[i];
+    const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(d) + eps);
+    if (weight.empty()) {
+      for (int64_t i = 0; i < d; ++i) row[i] *= inv;
+    } else {
+      for (int64_t i = 0; i < d; ++i) row[i] = weight[static_cast<size_t>(i)] * (row[i] * inv);
+    }
+  }
+}
+
+void rope_interleaved(float* x, int64_t dim, std::span<const float> cos, std::span<const float> sin,
+                      bool inverse) {
+  const int64_t half = static_cast<int64_t>(cos.size());
+  DSERVE_CHECK(2 * half <= dim && sin.size() == cos.size());
+  float* rope = x + (dim - 2 * half);
+  for (int64_t i = 0; i < half; ++i) {
+    const float c = cos[static_cast<size_t>(i)];
+    const float s = inverse ? -sin[static_cast<size_t>(i)] : sin[static_cast<size_t>(i)];
+    const float a = rope[2 * i];
+    const float b = rope[2 * i + 1];
+    rope[2 * i] = a * c - b * s;
+    rope[2 * i + 1] = b * c + a * s;
+  }
+}
+
+void softmax(float* x, int64_t n) {
+  float max_v = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) max_v = std::max(max_v, x[i]);
+  if (max_v == -std::numeric_limits<float>::infinity()) {
+    std::fill(x, x + n, 0.0f);
+    return;
+  }
+  float sum = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - max_v);
+    sum += x[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+}
+
+float silu(float x) { return x / (1.0f + std::exp(-x)); }
+float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.0f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace dserve::kernels::cpu

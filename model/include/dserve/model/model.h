@@ -1,0 +1,53 @@
+#pragma once
+// Model: the DeepSeek-V4 forward pass on the CPU reference backend. One call consumes a chunk
+// of tokens of one request, updates that request's RequestState and returns logits. Prefill
+// in chunks of any size and one-token decode are the same call: the result does not depend on
+// how a prompt is split (tests/model/forward_test.cc).
+//
+// The Model is immutable after construction and may be shared by threads, each with its own
+// RequestState.
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "dserve/core/status.h"
+#include "dserve/kernels/tensor.h"
+#include "dserve/model/config.h"
+#include "dserve/model/request_state.h"
+#include "dserve/model/weights.h"
+
+namespace dserve::model {
+
+enum class LogitsFor {
+  kAllTokens,  // logits for every token of the chunk: [n, vocab]
+  kLastToken,  // only the last token's: [1, vocab] (prefill before sampling)
+};
+
+class Model {
+ public:
+  Model(ModelConfig config, ModelWeights weights);
+  ~Model();
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
+
+  const ModelConfig& config() const { return config_; }
+  const ModelWeights& weights() const { return weights_; }
+
+  // Runs `tokens` at positions state.position() .. + tokens.size() - 1 and advances the state.
+  // Errors: an empty chunk or a token id outside [0, vocab_size) (InvalidArgument /
+  // OutOfRange); the state is left untouched then.
+  Result<Tensor> forward(std::span<const int32_t> tokens, RequestState& state,
+                         LogitsFor which = LogitsFor::kAllTokens) const;
+
+  // A fresh state for one request.
+  RequestState new_state() const { return RequestState(config_); }
+
+ private:
+  struct Tables;
+  ModelConfig config_;
+  ModelWeights weights_;
+  std::unique_ptr<Tables> tables_;  // RoPE tables, built once
+};
+
+}  // namespace dserve::model

@@ -1,0 +1,84 @@
+#pragma once
+// RequestState: everything the model remembers about one request between forward calls,
+// kept as the explicit pools of MODEL-V4.md ("The decode-time state of one request") so that
+// later stages can page, copy, ship and snapshot each pool on its own:
+//   - the sliding window (last sliding_window - 1 tokens' kv, every layer),
+//   - the compressed entries (CSA and HCA layers; prefix-shareable per window),
+//   - the indexer keys (CSA layers; prefix-shareable per window),
+//   - the compressor state: pending tokens of the open window and, for the overlapping CSA
+//     compressors, the previous window's Ca series (snapshot-only state).
+// Owned by one request; not thread-safe. Moves are cheap; copies are deep (a snapshot).
+
+#include <cstdint>
+#include <vector>
+
+#include "dserve/model/config.h"
+
+namespace dserve::model {
+
+// State of one window compressor: a layer's KV compressor or its indexer's compressor.
+struct CompressorState {
+  int64_t width = 0;       // channels of one compressed entry
+  int64_t series = 1;      // 2 for overlapping (CSA) compressors: [Ca | Cb] per token
+  int64_t rate = 0;        // tokens per window
+  int64_t entries = 0;     // windows closed so far; the next window starts at entries * rate
+  std::vector<float> pending_kv;    // [pending_tokens, series * width] projected kv
+  std::vector<float> pending_gate;  // [pending_tokens, series * width] projected gate, no bias
+  std::vector<float> overlap_kv;    // CSA: [rate, width] Ca of the last closed window
+  std::vector<float> overlap_gate;  // CSA: [rate, width] its gate with the position bias added
+
+  int64_t pending_tokens() const {
+    return width == 0 ? 0 : static_cast<int64_t>(pending_kv.size()) / (series * width);
+  }
+  bool has_overlap() const { return !overlap_kv.empty(); }
+};
+
+struct LayerState {
+  AttentionKind kind = AttentionKind::kSliding;
+  int64_t head_dim = 0;
+  int64_t index_head_dim = 0;
+  // Pool 1 -- sliding window: kv of the last min(position, sliding_window - 1) tokens,
+  // oldest first, [window_tokens, head_dim], RoPE applied.
+  std::vector<float> window;
+  // Pool 2 -- compressed entries, [entries, head_dim], RoPE applied at each window's start.
+  std::vector<float> compressed;
+  // Pool 3 -- indexer keys (CSA only), [entries, index_head_dim], RoPE applied.
+  std::vector<float> index_keys;
+  // Snapshot-only compressor state.
+  CompressorState kv_compressor;
+  CompressorState index_compressor;
+
+  int64_t window_tokens() const {
+    return head_dim == 0 ? 0 : static_cast<int64_t>(window.size()) / head_dim;
+  }
+  int64_t compressed_entries() const {
+    return head_dim == 0 ? 0 : static_cast<int64_t>(compressed.size()) / head_dim;
+  }
+};
+
+class RequestState {
+ public:
+  explicit RequestState(const ModelConfig& config);
+
+  // Tokens consumed so far: the position the next token will take.
+  int64_t position() const { return position_; }
+  void advance(int64_t tokens) { position_ += tokens; }
+
+  std::vector<LayerState>& layers() { return layers_; }
+  const std::vector<LayerState>& layers() const { return layers_; }
+
+  // Bytes held by each pool, for metrics and capacity planning.
+  struct PoolBytes {
+    size_t window = 0;
+    size_t compressed = 0;
+    size_t index_keys = 0;
+    size_t compressor = 0;
+  };
+  PoolBytes pool_bytes() const;
+
+ private:
+  int64_t position_ = 0;
+  std::vector<LayerState> layers_;
+};
+
+}  // namespace dserve::model

@@ -1,0 +1,230 @@
+// DeepSeek-V4 attention for a chunk of one request (MODEL-V4.md "One decoder layer", step 2;
+// DeepSeek-V4 paper §2.3): low-rank queries, one shared key/value head (MQA, K = V), partial
+// interleaved RoPE, a sliding window over the last `sliding_window` tokens, the layer's
+// compressed entries (all causally complete ones for HCA, the indexer's top-k for CSA), a
+// learned per-head sink in the softmax, de-rotation of the output, grouped output projection.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+
+#include "dserve/core/check.h"
+#include "dserve/kernels/cpu_ops.h"
+#include "layers.h"
+
+namespace dserve::model::detail {
+namespace cpu = kernels::cpu;
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// cos/sin of every position of the chunk: [n, half] each.
+struct ChunkAngles {
+  std::vector<float> cos, sin;
+  int64_t half = 0;
+  std::span<const float> cos_at(int64_t t) const {
+    return {cos.data() + t * half, static_cast<size_t>(half)};
+  }
+  std::span<const float> sin_at(int64_t t) const {
+    return {sin.data() + t * half, static_cast<size_t>(half)};
+  }
+};
+
+ChunkAngles angles_for(const kernels::RopeTable& table, int64_t first_pos, int64_t n) {
+  ChunkAngles a;
+  a.half = table.rope_dim() / 2;
+  a.cos.resize(static_cast<size_t>(n * a.half));
+  a.sin.resize(static_cast<size_t>(n * a.half));
+  for (int64_t t = 0; t < n; ++t) {
+    table.angles(first_pos + t, a.cos.data() + t * a.half, a.sin.data() + t * a.half);
+  }
+  return a;
+}
+
+// Number of compressed entries a query at `pos` may see: entry w summarises tokens below
+// (w + 1) * rate, so it is visible once that window is complete.
+int64_t visible_entries(int64_t pos, int64_t rate, int64_t available) {
+  return std::min(available, (pos + 1) / rate);
+}
+
+// Lightning Indexer (paper §2.3.1, eqs. 13-17): for each query, the indices of the top-k
+// causally visible compressed entries by score(t, s) = sum_h w[t,h] * relu(q[t,h] . K[s]).
+std::vector<std::vector<int64_t>> select_entries(const float* x, const float* q_residual, int64_t n,
+                                                 int64_t first_pos, const ModelConfig& config,
+                                                 const IndexerWeights& w, const ChunkAngles& angles,
+                                                 const LayerState& state) {
+  const int64_t heads = config.index_n_heads;
+  const int64_t dim = config.index_head_dim;
+  const int64_t available = static_cast<int64_t>(state.index_keys.size()) / dim;
+  std::vector<float> q(static_cast<size_t>(n * heads * dim));
+  cpu::matmul(q_residual, n, config.q_lora_rank, w.wq_b, q.data());
+  std::vector<float> weights(static_cast<size_t>(n * heads));
+  cpu::matmul(x, n, config.hidden_size, w.weights_proj, weights.data());
+  const float weight_scale = 1.0f / std::sqrt(static_cast<float>(heads));
+  const float score_scale = 1.0f / std::sqrt(static_cast<float>(dim));
+
+  std::vector<std::vector<int64_t>> selected(static_cast<size_t>(n));
+  std::vector<float> dots;
+  std::vector<float> scores;
+  for (int64_t t = 0; t < n; ++t) {
+    float* qt = q.data() + t * heads * dim;
+    for (int64_t h = 0; h < heads; ++h) {
+      cpu::rope_interleaved(qt + h * dim, dim, angles.cos_at(t), angles.sin_at(t), false);
+    }
+    const int64_t visible = visible_entries(first_pos + t, config.csa_rate, available);
+    auto& picks = selected[static_cast<size_t>(t)];
+    if (visible == 0) continue;
+    dots.resize(static_cast<size_t>(heads * visible));
+    cpu::gemm(true, heads, visible, dim, qt, dim, state.index_keys.data(), dim, 0.0f, dots.data(),
+              visible);
+    scores.assign(static_cast<size_t>(visible), 0.0f);
+    for (int64_t h = 0; h < heads; ++h) {
+      const float wh = weights[static_cast<size_t>(t * heads + h)] * weight_scale;
+      for (int64_t s = 0; s < visible; ++s) {
+        scores[static_cast<size_t>(s)] +=
+            std::max(dots[static_cast<size_t>(h * visible + s)], 0.0f) * score_scale * wh;
+      }
+    }
+    picks.resize(static_cast<size_t>(visible));
+    std::iota(picks.begin(), picks.end(), 0);
+    const int64_t k = std::min(config.index_topk, visible);
+    if (k < visible) {
+      // Highest score first; the lower index wins a tie so that selection is deterministic.
+      std::partial_sort(picks.begin(), picks.begin() + k, picks.end(), [&](int64_t a, int64_t b) {
+        const float sa = scores[static_cast<size_t>(a)], sb = scores[static_cast<size_t>(b)];
+        return sa > sb || (sa == sb && a < b);
+      });
+      picks.resize(static_cast<size_t>(k));
+    }
+    std::sort(picks.begin(), picks.end());
+  }
+  return selected;
+}
+
+// Softmax over one head's logits with the learned sink joining the denominator only.
+void softmax_with_sink(float* logits, int64_t count, float sink) {
+  float max_v = sink;
+  for (int64_t i = 0; i < count; ++i) max_v = std::max(max_v, logits[i]);
+  float sum = std::exp(sink - max_v);
+  for (int64_t i = 0; i < count; ++i) {
+    logits[i] = std::exp(logits[i] - max_v);
+    sum += logits[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t i = 0; i < count; ++i) logits[i] *= inv;
+}
+
+}  // namespace
+
+void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& config,
+               const AttentionWeights& w, const RopeTables& rope, LayerState& state, float* out) {
+  const int64_t hidden = config.hidden_size;
+  const int64_t heads = config.num_heads;
+  const int64_t hd = config.head_dim;
+  const auto eps = static_cast<float>(config.rms_norm_eps);
+  const bool sliding_only = state.kind == AttentionKind::kSliding;
+  const ChunkAngles angles = angles_for(sliding_only ? rope.main : rope.compress, first_pos, n);
+
+  // Queries: q = rmsnorm_per_head(wq_b(rmsnorm(wq_a x))), RoPE on the last rope channels.
+  std::vector<float> q_residual(static_cast<size_t>(n * config.q_lora_rank));
+  cpu::matmul(x, n, hidden, w.wq_a, q_residual.data());
+  cpu::rms_norm(q_residual.data(), n, config.q_lora_rank, w.q_norm.span(), eps);
+  std::vector<float> q(static_cast<size_t>(n * heads * hd));
+  cpu::matmul(q_residual.data(), n, config.q_lora_rank, w.wq_b, q.data());
+  cpu::rms_norm(q.data(), n * heads, hd, {}, eps);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      cpu::rope_interleaved(q.data() + (t * heads + h) * hd, hd, angles.cos_at(t), angles.sin_at(t),
+                            false);
+    }
+  }
+
+  // The shared key/value head of the chunk, appended after the window's cached tokens.
+  const int64_t cached = state.window_tokens();
+  std::vector<float> keys(state.window);
+  keys.resize(static_cast<size_t>((cached + n) * hd));
+  float* kv = keys.data() + cached * hd;
+  cpu::matmul(x, n, hidden, w.wkv, kv);
+  cpu::rms_norm(kv, n, hd, w.kv_norm.span(), eps);
+  for (int64_t t = 0; t < n; ++t) {
+    cpu::rope_interleaved(kv + t * hd, hd, angles.cos_at(t), angles.sin_at(t), false);
+  }
+
+  // Compressed entries first: a window closed by this chunk is visible to its later tokens.
+  int64_t rate = 0;
+  std::vector<std::vector<int64_t>> selected;
+  if (w.compressor) {
+    rate = config.compress_rate(state.kind);
+    compress(x, n, *w.compressor, eps, rope.compress, state.kv_compressor, state.compressed);
+  }
+  if (w.indexer) {
+    compress(x, n, w.indexer->compressor, eps, rope.compress, state.index_compressor,
+             state.index_keys);
+    selected = select_entries(x, q_residual.data(), n, first_pos, config, *w.indexer, angles, state);
+  }
+  const int64_t entries = state.compressed_entries();
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  std::vector<float> attn_out(static_cast<size_t>(n * heads * hd));
+  std::vector<float> logits;
+  std::vector<float> gathered;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t pos = first_pos + t;
+    // Window keys: positions (pos - sliding_window, pos], stored at index pos - first_pos + cached.
+    const int64_t last = cached + t;
+    const int64_t first = std::max<int64_t>(0, last - config.sliding_window + 1);
+    const int64_t n_window = last - first + 1;
+    const float* window_keys = keys.data() + first * hd;
+    // Compressed keys: all visible entries (HCA) or the indexer's picks among them (CSA).
+    const float* comp_keys = state.compressed.data();
+    int64_t n_comp = rate > 0 ? visible_entries(pos, rate, entries) : 0;
+    if (w.indexer) {
+      const auto& picks = selected[static_cast<size_t>(t)];
+      n_comp = static_cast<int64_t>(picks.size());
+      gathered.resize(static_cast<size_t>(n_comp * hd));
+      for (int64_t i = 0; i < n_comp; ++i) {
+        const float* src = state.compressed.data() + picks[static_cast<size_t>(i)] * hd;
+        std::copy(src, src + hd, gathered.data() + i * hd);
+      }
+      comp_keys = gathered.data();
+    }
+    const int64_t total = n_window + n_comp;
+    logits.resize(static_cast<size_t>(heads * total));
+    const float* qt = q.data() + t * heads * hd;
+    cpu::gemm(true, heads, n_window, hd, qt, hd, window_keys, hd, 0.0f, logits.data(), total);
+    cpu::gemm(true, heads, n_comp, hd, qt, hd, comp_keys, hd, 0.0f, logits.data() + n_window, total);
+    for (int64_t h = 0; h < heads; ++h) {
+      float* row = logits.data() + h * total;
+      for (int64_t i = 0; i < total; ++i) row[i] *= scale;
+      softmax_with_sink(row, total, w.sinks.data()[h]);
+    }
+    // Values are the keys (K = V).
+    float* ot = attn_out.data() + t * heads * hd;
+    cpu::gemm(false, heads, hd, n_window, logits.data(), total, window_keys, hd, 0.0f, ot, hd);
+    cpu::gemm(false, heads, hd, n_comp, logits.data() + n_window, total, comp_keys, hd, 1.0f, ot, hd);
+    // Undo the value's rotation at the query position (paper §2.3: the output then depends
+    // on relative positions only).
+    for (int64_t h = 0; h < heads; ++h) {
+      cpu::rope_interleaved(ot + h * hd, hd, angles.cos_at(t), angles.sin_at(t), true);
+    }
+  }
+
+  // Grouped output projection: each group of heads -> o_lora_rank, then all groups -> hidden.
+  const int64_t group_in = heads * hd / config.o_groups;
+  const int64_t grouped_width = config.o_groups * config.o_lora_rank;
+  std::vector<float> grouped(static_cast<size_t>(n * grouped_width));
+  for (int64_t g = 0; g < config.o_groups; ++g) {
+    cpu::gemm(true, n, config.o_lora_rank, group_in, attn_out.data() + g * group_in, heads * hd,
+              w.wo_a.data() + g * config.o_lora_rank * group_in, group_in, 0.0f,
+              grouped.data() + g * config.o_lora_rank, grouped_width);
+  }
+  cpu::matmul(grouped.data(), n, grouped_width, w.wo_b, out);
+
+  // Keep the last sliding_window - 1 tokens for the next call.
+  const int64_t keep = std::min<int64_t>(cached + n, config.sliding_window - 1);
+  state.window.assign(keys.end() - keep * hd, keys.end());
+}
+
+}  // namespace dserve::model::detail

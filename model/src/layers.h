@@ -1,0 +1,55 @@
+#pragma once
+// The sublayers of a DeepSeek-V4 decoder layer, each a plain function over a chunk of n
+// tokens of one request (row-major fp32 buffers). Model::forward (model.cc) strings them
+// together; this header is internal to the model module.
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "dserve/kernels/rope.h"
+#include "dserve/model/config.h"
+#include "dserve/model/request_state.h"
+#include "dserve/model/weights.h"
+
+namespace dserve::model::detail {
+
+// --- mHC (MODEL-V4.md "One decoder layer", steps 1 and 3) ---------------------------------
+struct HyperMix {
+  std::vector<float> post;       // [n, hc]
+  std::vector<float> comb;       // [n, hc, hc], doubly stochastic, comb[j][k]: stream j -> k
+  std::vector<float> collapsed;  // [n, hidden]: sum_k pre[k] * stream[k]
+};
+// streams: [n, hc, hidden].
+HyperMix hyper_connection_in(const float* streams, int64_t n, const ModelConfig& config,
+                             const HyperConnectionWeights& w);
+// streams[t][k] <- post[t][k] * out[t] + sum_j comb[t][j][k] * streams[t][j].
+void hyper_connection_out(float* streams, const float* out, const HyperMix& mix, int64_t n,
+                          const ModelConfig& config);
+// The final 4 -> 1 collapse: out [n, hidden].
+void hyper_head(const float* streams, int64_t n, const ModelConfig& config,
+                const HyperHeadWeights& w, float* out);
+
+// --- Attention (step 2) ----------------------------------------------------------------
+struct RopeTables {
+  kernels::RopeTable main;      // sliding-only layers
+  kernels::RopeTable compress;  // CSA / HCA layers, their compressors and indexers
+};
+// x: [n, hidden] (already normed); tokens at positions first_pos .. first_pos + n - 1.
+// Reads and updates the layer's pools; writes out [n, hidden].
+void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& config,
+               const AttentionWeights& w, const RopeTables& rope, LayerState& state, float* out);
+
+// --- Compressors (MODEL-V4.md "The compressors") ---------------------------------------
+// Projects x [n, hidden] with the compressor, appends the tokens to its pending buffer,
+// closes every complete window and appends the new entries (normed, RoPE at the window's
+// first position) to `entries` ([*, width]). Returns the number of entries appended.
+int64_t compress(const float* x, int64_t n, const CompressorWeights& w, float norm_eps,
+                 const kernels::RopeTable& rope, CompressorState& state, std::vector<float>& entries);
+
+// --- MoE (step 4) -----------------------------------------------------------------------
+// x: [n, hidden] (already normed); tokens: the chunk's token ids (hash routing).
+void moe(const float* x, std::span<const int32_t> tokens, const ModelConfig& config,
+         const MoeWeights& w, RoutingKind routing, float* out);
+
+}  // namespace dserve::model::detail

