@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cmath>
 #include <limits>
 
@@ -19,7 +20,13 @@ void matmul(const float* x, int64_t n, int64_t k, const Tensor& w, float* y) {
 
 void matmul_rows(const float* x, int64_t n, int64_t k, const float* w, int64_t m, float* y,
                  int64_t y_stride) {
+  DSERVE_CHECK_MSG(n <= INT32_MAX && m <= INT32_MAX && k <= INT32_MAX && y_stride <= INT32_MAX,
+                   "matmul sizes exceed the BLAS integer range");
   if (n == 0 || m == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < n; ++i) std::fill(y + i * y_stride, y + i * y_stride + m, 0.0f);
+    return;
+  }
   if (n == 1) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(m), static_cast<int>(k), 1.0f, w,
                 static_cast<int>(k), x, 1, 0.0f, y, 1);
@@ -35,7 +42,7 @@ void gemm(bool b_transposed, int64_t n, int64_t m, int64_t k, const float* a, in
   if (n == 0 || m == 0) return;
   if (k == 0) {
     for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < m; ++j) y[i * ldy + j] *= beta;
+      for (int64_t j = 0; j < m; ++j) y[i * ldy + j] = beta == 0.0f ? 0.0f : beta * y[i * ldy + j];
     }
     return;
   }

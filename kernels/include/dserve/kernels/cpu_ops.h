@@ -15,7 +15,8 @@ namespace dserve::kernels::cpu {
 
 // y[n, m] = x[n, k] . w[m, k]^T  (a Linear layer with weight [out, in]); y is overwritten.
 void matmul(const float* x, int64_t n, int64_t k, const Tensor& w, float* y);
-// Same, for the row block w[row_begin : row_begin + m] of a larger weight (grouped projections).
+// Same, with the weight given as m rows of k floats at `w` (a block of a larger weight) and
+// output rows `y_stride` apart.
 void matmul_rows(const float* x, int64_t n, int64_t k, const float* w, int64_t m, float* y,
                  int64_t y_stride);
 

@@ -1,0 +1,63 @@
+// DeviceBuffer and stream synchronisation: the memory plumbing of the CUDA backend.
+
+#include <string>
+
+#include "common.cuh"
+
+namespace dserve::kernels::cuda {
+
+Status synchronize(CudaStream stream) {
+  return cuda_status(cudaStreamSynchronize(native(stream)), "cudaStreamSynchronize");
+}
+
+Result<DeviceBuffer> DeviceBuffer::allocate(size_t bytes) {
+  if (bytes == 0) return DeviceBuffer();
+  void* data = nullptr;
+  const Status status = cuda_status(cudaMalloc(&data, bytes), "cudaMalloc");
+  if (!status.is_ok()) {
+    return status.with_context("allocating " + std::to_string(bytes) + " device bytes");
+  }
+  return DeviceBuffer(data, bytes);
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    release();
+    data_ = other.data_;
+    bytes_ = other.bytes_;
+    other.data_ = nullptr;
+    other.bytes_ = 0;
+  }
+  return *this;
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  release();
+}
+
+void DeviceBuffer::release() {
+  // A failing cudaFree means the context is already broken (a kernel faulted); the fault
+  // itself was or will be reported by the call that synchronises, so it is dropped here.
+  if (data_ != nullptr) cudaFree(data_);
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
+Status DeviceBuffer::copy_from_host(const void* src, size_t bytes) {
+  DSERVE_CHECK_MSG(bytes <= bytes_, "copy of " + std::to_string(bytes) +
+                                        " bytes into a device buffer of " + std::to_string(bytes_));
+  if (bytes == 0) return Status::ok();
+  return cuda_status(cudaMemcpy(data_, src, bytes, cudaMemcpyHostToDevice),
+                     "cudaMemcpy(host to device)");
+}
+
+Status DeviceBuffer::copy_to_host(void* dst, size_t bytes) const {
+  DSERVE_CHECK_MSG(bytes <= bytes_, "copy of " + std::to_string(bytes) +
+                                        " bytes out of a device buffer of " +
+                                        std::to_string(bytes_));
+  if (bytes == 0) return Status::ok();
+  return cuda_status(cudaMemcpy(dst, data_, bytes, cudaMemcpyDeviceToHost),
+                     "cudaMemcpy(device to host)");
+}
+
+}  // namespace dserve::kernels::cuda

@@ -1,0 +1,80 @@
+#pragma once
+// Shared by the kernels of kernels/cuda: CUDA/cuBLAS error codes turned into Status where the
+// call is made, the stream handle of the public API, and block-wide reductions.
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "dserve/core/status.h"
+#include "dserve/kernels/cuda_ops.h"
+
+namespace dserve::kernels::cuda {
+
+inline cudaStream_t native(CudaStream stream) {
+  return static_cast<cudaStream_t>(stream.handle);
+}
+
+// OK, or INTERNAL "<call>: <cudaGetErrorString>". Clears the runtime's last error so that it is
+// reported once.
+inline Status cuda_status(cudaError_t err, const char* call) {
+  if (err == cudaSuccess) return Status::ok();
+  cudaGetLastError();
+  return internal_error(std::string(call) + ": " + cudaGetErrorString(err));
+}
+
+// The status of the kernel launch just made (bad configuration, no image for this device).
+inline Status launch_status(const char* kernel) {
+  return cuda_status(cudaGetLastError(), kernel);
+}
+
+constexpr int kWarpSize = 32;
+// Upper bound on blocks in a grid-stride launch: enough to fill any current GPU many times,
+// far below the 2^31 - 1 limit of gridDim.x.
+constexpr int64_t kMaxBlocks = int64_t{1} << 20;
+
+// Threads for a one-block-per-row kernel over rows of `work` items: whole warps, no more
+// than there are items (short rows waste fewer idle lanes), capped at `max_threads`.
+inline int threads_for_row(int64_t work, int max_threads) {
+  const int64_t warps = (work + kWarpSize - 1) / kWarpSize;
+  return static_cast<int>(std::clamp<int64_t>(warps * kWarpSize, kWarpSize, max_threads));
+}
+
+struct SumOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Every lane gets combine() over the warp's 32 values. The butterfly gives all lanes the same
+// bits as long as combine is commutative, which sum and max are.
+template <typename Combine>
+__device__ float warp_all_reduce(float v, Combine combine) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v = combine(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  }
+  return v;
+}
+
+// Every thread of the block gets combine() over the block's values. blockDim.x must be a
+// multiple of 32 (at most 1024) and every thread must call it; `scratch` is 32 floats of
+// shared memory, reusable right after the call returns.
+template <typename Combine>
+__device__ float block_all_reduce(float v, Combine combine, float* scratch) {
+  v = warp_all_reduce(v, combine);
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  if (threadIdx.x % kWarpSize == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = scratch[0];
+  for (int i = 1; i < warps; ++i)
+    total = combine(total, scratch[i]);
+  __syncthreads();  // scratch is read by all before anyone writes it again
+  return total;
+}
+
+}  // namespace dserve::kernels::cuda

@@ -1,0 +1,94 @@
+// The CUDA backend's entry points in a build without it (no nvcc, or DSERVE_WITH_CUDA=OFF):
+// every call returns UNAVAILABLE, so host code links and decides at run time, as it does on a
+// machine without a GPU.
+
+#include <utility>
+
+#include "dserve/kernels/cuda_ops.h"
+
+namespace dserve::kernels::cuda {
+namespace {
+
+Status not_built() {
+  return unavailable("built without the CUDA backend");
+}
+
+}  // namespace
+
+Status synchronize(CudaStream) {
+  return not_built();
+}
+
+Result<DeviceBuffer> DeviceBuffer::allocate(size_t bytes) {
+  if (bytes == 0) return DeviceBuffer();
+  return not_built();
+}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  release();
+  std::swap(data_, other.data_);
+  std::swap(bytes_, other.bytes_);
+  return *this;
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  release();
+}
+
+// Nothing is ever allocated without the backend.
+void DeviceBuffer::release() {
+  data_ = nullptr;
+  bytes_ = 0;
+}
+
+Status DeviceBuffer::copy_from_host(const void*, size_t bytes) {
+  DSERVE_CHECK(bytes <= bytes_);
+  return bytes == 0 ? Status::ok() : not_built();
+}
+
+Status DeviceBuffer::copy_to_host(void*, size_t bytes) const {
+  DSERVE_CHECK(bytes <= bytes_);
+  return bytes == 0 ? Status::ok() : not_built();
+}
+
+Result<BlasHandle> BlasHandle::create() {
+  return not_built();
+}
+
+BlasHandle& BlasHandle::operator=(BlasHandle&& other) noexcept {
+  std::swap(handle_, other.handle_);
+  return *this;
+}
+
+BlasHandle::~BlasHandle() {
+  release();
+}
+
+void BlasHandle::release() {
+  handle_ = nullptr;
+}
+
+Status matmul(const BlasHandle&, const float*, int64_t, int64_t, const float*, int64_t, float*,
+              int64_t, CudaStream) {
+  return not_built();
+}
+
+Status matmul_bf16(const BlasHandle&, const uint16_t*, int64_t, int64_t, const uint16_t*, int64_t,
+                   float*, int64_t, CudaStream) {
+  return not_built();
+}
+
+Status rms_norm(float*, int64_t, int64_t, const float*, float, CudaStream) {
+  return not_built();
+}
+
+Status rope_interleaved(float*, int64_t, int64_t, int64_t, const float*, const float*, int64_t,
+                        bool, CudaStream) {
+  return not_built();
+}
+
+Status softmax(float*, int64_t, int64_t, CudaStream) {
+  return not_built();
+}
+
+}  // namespace dserve::kernels::cuda

@@ -1,0 +1,101 @@
+#include "dserve/kernels/device.h"
+
+#if DSERVE_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include <charconv>
+#include <string_view>
+#endif
+
+namespace dserve::kernels {
+
+#if DSERVE_HAVE_CUDA
+namespace {
+
+// True when code built for the CUDA architectures `archs` ("90a", "80,90", "90-real")
+// runs on a device of compute capability major.minor. An arch-specific target ("90a") runs on
+// that exact capability only; the others also run on later ones (SASS within a major, PTX
+// beyond it), which is close enough to pick a reason to print.
+bool arch_list_runs_on(std::string_view archs, int major, int minor) {
+  const int device = major * 10 + minor;
+  while (!archs.empty()) {
+    const size_t end = archs.find(',');
+    const std::string_view entry = archs.substr(0, end);
+    archs = end == std::string_view::npos ? std::string_view{} : archs.substr(end + 1);
+    int arch = 0;
+    const auto [rest, ec] = std::from_chars(entry.data(), entry.data() + entry.size(), arch);
+    if (ec != std::errc{}) continue;
+    const bool specific = rest != entry.data() + entry.size() && *rest == 'a';
+    if (specific ? device == arch : device >= arch) return true;
+  }
+  return false;
+}
+
+std::string runtime_error_text(cudaError_t err) {
+  return std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+}
+
+}  // namespace
+
+bool cuda_backend_built() {
+  return true;
+}
+
+DeviceInfo probe_cuda_device() {
+  DeviceInfo info;
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // the failed call must not surface again in an unrelated check
+    info.why_unavailable = "cudaGetDeviceCount failed (" + runtime_error_text(err) + ")";
+    if (err == cudaErrorInsufficientDriver || err == cudaErrorNoDevice) {
+      int runtime = 0;
+      cudaRuntimeGetVersion(&runtime);
+      info.why_unavailable += ": no NVIDIA GPU, or no driver recent enough for CUDA runtime " +
+                              std::to_string(runtime / 1000) + "." +
+                              std::to_string(runtime % 1000 / 10);
+    }
+    return info;
+  }
+  if (count == 0) {
+    info.why_unavailable = "the CUDA runtime sees no device";
+    return info;
+  }
+  cudaDeviceProp prop{};
+  const cudaError_t prop_err = cudaGetDeviceProperties(&prop, 0);
+  if (prop_err != cudaSuccess) {
+    cudaGetLastError();
+    info.why_unavailable =
+        "cudaGetDeviceProperties(0) failed (" + runtime_error_text(prop_err) + ")";
+    return info;
+  }
+  info.name = prop.name;
+  info.compute_major = prop.major;
+  info.compute_minor = prop.minor;
+  info.memory_bytes = prop.totalGlobalMem;
+  if (!arch_list_runs_on(DSERVE_CUDA_ARCHITECTURES, prop.major, prop.minor)) {
+    info.why_unavailable = info.name + " has compute capability " + std::to_string(prop.major) +
+                           "." + std::to_string(prop.minor) +
+                           ", and this build carries code for CUDA architectures " +
+                           DSERVE_CUDA_ARCHITECTURES + " only";
+    return info;
+  }
+  info.available = true;
+  return info;
+}
+
+#else
+
+bool cuda_backend_built() {
+  return false;
+}
+
+DeviceInfo probe_cuda_device() {
+  DeviceInfo info;
+  info.why_unavailable = "built without the CUDA backend";
+  return info;
+}
+
+#endif
+
+}  // namespace dserve::kernels
