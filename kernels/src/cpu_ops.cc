@@ -3,8 +3,8 @@
 #include <cblas.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #include "dserve/core/check.h"
@@ -12,9 +12,9 @@
 namespace dserve::kernels::cpu {
 
 void matmul(const float* x, int64_t n, int64_t k, const Tensor& w, float* y) {
-  DSERVE_CHECK_MSG(w.rank() == 2 && w.dim(1) == k,
-                   "matmul: weight " + w.shape_string() + " does not take inputs of width " +
-                       std::to_string(k));
+  DSERVE_CHECK_MSG(
+      w.rank() == 2 && w.dim(1) == k,
+      "matmul: weight " + w.shape_string() + " does not take inputs of width " + std::to_string(k));
   matmul_rows(x, n, k, w.data(), w.dim(0), y, w.dim(0));
 }
 
@@ -24,7 +24,8 @@ void matmul_rows(const float* x, int64_t n, int64_t k, const float* w, int64_t m
                    "matmul sizes exceed the BLAS integer range");
   if (n == 0 || m == 0) return;
   if (k == 0) {
-    for (int64_t i = 0; i < n; ++i) std::fill(y + i * y_stride, y + i * y_stride + m, 0.0f);
+    for (int64_t i = 0; i < n; ++i)
+      std::fill(y + i * y_stride, y + i * y_stride + m, 0.0f);
     return;
   }
   if (n == 1) {
@@ -42,7 +43,8 @@ void gemm(bool b_transposed, int64_t n, int64_t m, int64_t k, const float* a, in
   if (n == 0 || m == 0) return;
   if (k == 0) {
     for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < m; ++j) y[i * ldy + j] = beta == 0.0f ? 0.0f : beta * y[i * ldy + j];
+      for (int64_t j = 0; j < m; ++j)
+        y[i * ldy + j] = beta == 0.0f ? 0.0f : beta * y[i * ldy + j];
     }
     return;
   }
@@ -56,12 +58,15 @@ void rms_norm(float* x, int64_t n, int64_t d, std::span<const float> weight, flo
   for (int64_t r = 0; r < n; ++r) {
     float* row = x + r * d;
     float sum_sq = 0.0f;
-    for (int64_t i = 0; i < d; ++i) sum_sq += row[i] * row[i];
+    for (int64_t i = 0; i < d; ++i)
+      sum_sq += row[i] * row[i];
     const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(d) + eps);
     if (weight.empty()) {
-      for (int64_t i = 0; i < d; ++i) row[i] *= inv;
+      for (int64_t i = 0; i < d; ++i)
+        row[i] *= inv;
     } else {
-      for (int64_t i = 0; i < d; ++i) row[i] = weight[static_cast<size_t>(i)] * (row[i] * inv);
+      for (int64_t i = 0; i < d; ++i)
+        row[i] = weight[static_cast<size_t>(i)] * (row[i] * inv);
     }
   }
 }
@@ -83,7 +88,8 @@ void rope_interleaved(float* x, int64_t dim, std::span<const float> cos, std::sp
 
 void softmax(float* x, int64_t n) {
   float max_v = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) max_v = std::max(max_v, x[i]);
+  for (int64_t i = 0; i < n; ++i)
+    max_v = std::max(max_v, x[i]);
   if (max_v == -std::numeric_limits<float>::infinity()) {
     std::fill(x, x + n, 0.0f);
     return;
@@ -94,16 +100,24 @@ void softmax(float* x, int64_t n) {
     sum += x[i];
   }
   const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < n; ++i) x[i] *= inv;
+  for (int64_t i = 0; i < n; ++i)
+    x[i] *= inv;
 }
 
-float silu(float x) { return x / (1.0f + std::exp(-x)); }
-float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+float silu(float x) {
+  return x / (1.0f + std::exp(-x));
+}
+float sigmoid(float x) {
+  return 1.0f / (1.0f + std::exp(-x));
+}
+float softplus(float x) {
+  return x > 20.0f ? x : std::log1p(std::exp(x));
+}
 
 float dot(const float* a, const float* b, int64_t n) {
   float s = 0.0f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < n; ++i)
+    s += a[i] * b[i];
   return s;
 }
 

@@ -106,14 +106,16 @@ std::vector<std::vector<int64_t>> select_entries(const float* x, const float* q_
 // Softmax over one head's logits with the learned sink joining the denominator only.
 void softmax_with_sink(float* logits, int64_t count, float sink) {
   float max_v = sink;
-  for (int64_t i = 0; i < count; ++i) max_v = std::max(max_v, logits[i]);
+  for (int64_t i = 0; i < count; ++i)
+    max_v = std::max(max_v, logits[i]);
   float sum = std::exp(sink - max_v);
   for (int64_t i = 0; i < count; ++i) {
     logits[i] = std::exp(logits[i] - max_v);
     sum += logits[i];
   }
   const float inv = 1.0f / sum;
-  for (int64_t i = 0; i < count; ++i) logits[i] *= inv;
+  for (int64_t i = 0; i < count; ++i)
+    logits[i] *= inv;
 }
 
 }  // namespace
@@ -162,7 +164,8 @@ void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& 
   if (w.indexer) {
     compress(x, n, w.indexer->compressor, eps, rope.compress, state.index_compressor,
              state.index_keys);
-    selected = select_entries(x, q_residual.data(), n, first_pos, config, *w.indexer, angles, state);
+    selected =
+        select_entries(x, q_residual.data(), n, first_pos, config, *w.indexer, angles, state);
   }
   const int64_t entries = state.compressed_entries();
 
@@ -194,16 +197,19 @@ void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& 
     logits.resize(static_cast<size_t>(heads * total));
     const float* qt = q.data() + t * heads * hd;
     cpu::gemm(true, heads, n_window, hd, qt, hd, window_keys, hd, 0.0f, logits.data(), total);
-    cpu::gemm(true, heads, n_comp, hd, qt, hd, comp_keys, hd, 0.0f, logits.data() + n_window, total);
+    cpu::gemm(true, heads, n_comp, hd, qt, hd, comp_keys, hd, 0.0f, logits.data() + n_window,
+              total);
     for (int64_t h = 0; h < heads; ++h) {
       float* row = logits.data() + h * total;
-      for (int64_t i = 0; i < total; ++i) row[i] *= scale;
+      for (int64_t i = 0; i < total; ++i)
+        row[i] *= scale;
       softmax_with_sink(row, total, w.sinks.data()[h]);
     }
     // Values are the keys (K = V).
     float* ot = attn_out.data() + t * heads * hd;
     cpu::gemm(false, heads, hd, n_window, logits.data(), total, window_keys, hd, 0.0f, ot, hd);
-    cpu::gemm(false, heads, hd, n_comp, logits.data() + n_window, total, comp_keys, hd, 1.0f, ot, hd);
+    cpu::gemm(false, heads, hd, n_comp, logits.data() + n_window, total, comp_keys, hd, 1.0f, ot,
+              hd);
     // Undo the value's rotation at the query position (paper §2.3: the output then depends
     // on relative positions only).
     for (int64_t h = 0; h < heads; ++h) {

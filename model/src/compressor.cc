@@ -36,7 +36,8 @@ void pool_window(const float* kv, const float* gate, const float* ape, Compresso
       logits[static_cast<size_t>(j)] = state.overlap_gate[static_cast<size_t>(j * width + c)];
     }
     for (int64_t j = 0; j < rate; ++j) {
-      logits[static_cast<size_t>(prior + j)] = gate[j * row + cb_offset + c] + ape[j * row + cb_offset + c];
+      logits[static_cast<size_t>(prior + j)] =
+          gate[j * row + cb_offset + c] + ape[j * row + cb_offset + c];
     }
     cpu::softmax(logits.data(), prior + rate);
     float sum = 0.0f;
@@ -54,7 +55,8 @@ void pool_window(const float* kv, const float* gate, const float* ape, Compresso
     for (int64_t j = 0; j < rate; ++j) {
       for (int64_t c = 0; c < width; ++c) {
         state.overlap_kv[static_cast<size_t>(j * width + c)] = kv[j * row + c];
-        state.overlap_gate[static_cast<size_t>(j * width + c)] = gate[j * row + c] + ape[j * row + c];
+        state.overlap_gate[static_cast<size_t>(j * width + c)] =
+            gate[j * row + c] + ape[j * row + c];
       }
     }
   }
@@ -63,7 +65,8 @@ void pool_window(const float* kv, const float* gate, const float* ape, Compresso
 }  // namespace
 
 int64_t compress(const float* x, int64_t n, const CompressorWeights& w, float norm_eps,
-                 const kernels::RopeTable& rope, CompressorState& state, std::vector<float>& entries) {
+                 const kernels::RopeTable& rope, CompressorState& state,
+                 std::vector<float>& entries) {
   const int64_t width = state.width;
   const int64_t row = state.series * width;
   DSERVE_CHECK(w.wkv.dim(0) == row && w.ape.dim(0) == state.rate);

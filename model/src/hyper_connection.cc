@@ -28,8 +28,8 @@ HyperMix hyper_connection_in(const float* streams, int64_t n, const ModelConfig&
   const int64_t hidden = config.hidden_size;
   const auto eps = static_cast<float>(config.hc_eps);
   const int64_t mix_width = (2 + hc) * hc;
-  std::vector<float> mix = stream_mix_logits(streams, n, hc * hidden, w.fn,
-                                             static_cast<float>(config.rms_norm_eps));
+  std::vector<float> mix =
+      stream_mix_logits(streams, n, hc * hidden, w.fn, static_cast<float>(config.rms_norm_eps));
   const float* base = w.base.data();
   const float pre_scale = w.scale.data()[0];
   const float post_scale = w.scale.data()[1];
@@ -52,22 +52,28 @@ HyperMix hyper_connection_in(const float* streams, int64_t n, const ModelConfig&
     float* comb = out.comb.data() + t * hc * hc;
     for (int64_t j = 0; j < hc; ++j) {
       float* row = comb + j * hc;
-      for (int64_t k = 0; k < hc; ++k) row[k] = m[2 * hc + j * hc + k] * comb_scale + base[2 * hc + j * hc + k];
+      for (int64_t k = 0; k < hc; ++k)
+        row[k] = m[2 * hc + j * hc + k] * comb_scale + base[2 * hc + j * hc + k];
       cpu::softmax(row, hc);
-      for (int64_t k = 0; k < hc; ++k) row[k] += eps;
+      for (int64_t k = 0; k < hc; ++k)
+        row[k] += eps;
     }
     auto normalise_columns = [&] {
       for (int64_t k = 0; k < hc; ++k) {
         float sum = 0.0f;
-        for (int64_t j = 0; j < hc; ++j) sum += comb[j * hc + k];
-        for (int64_t j = 0; j < hc; ++j) comb[j * hc + k] /= (sum + eps);
+        for (int64_t j = 0; j < hc; ++j)
+          sum += comb[j * hc + k];
+        for (int64_t j = 0; j < hc; ++j)
+          comb[j * hc + k] /= (sum + eps);
       }
     };
     auto normalise_rows = [&] {
       for (int64_t j = 0; j < hc; ++j) {
         float sum = 0.0f;
-        for (int64_t k = 0; k < hc; ++k) sum += comb[j * hc + k];
-        for (int64_t k = 0; k < hc; ++k) comb[j * hc + k] /= (sum + eps);
+        for (int64_t k = 0; k < hc; ++k)
+          sum += comb[j * hc + k];
+        for (int64_t k = 0; k < hc; ++k)
+          comb[j * hc + k] /= (sum + eps);
       }
     };
     normalise_columns();
@@ -79,7 +85,8 @@ HyperMix hyper_connection_in(const float* streams, int64_t n, const ModelConfig&
     const float* s = streams + t * hc * hidden;
     for (int64_t k = 0; k < hc; ++k) {
       const float p = pre[static_cast<size_t>(k)];
-      for (int64_t d = 0; d < hidden; ++d) collapsed[d] += p * s[k * hidden + d];
+      for (int64_t d = 0; d < hidden; ++d)
+        collapsed[d] += p * s[k * hidden + d];
     }
   }
   return out;
@@ -97,10 +104,12 @@ void hyper_connection_out(float* streams, const float* out, const HyperMix& mix,
     const float* o = out + t * hidden;
     for (int64_t k = 0; k < hc; ++k) {
       float* dst = mixed.data() + k * hidden;
-      for (int64_t d = 0; d < hidden; ++d) dst[d] = post[k] * o[d];
+      for (int64_t d = 0; d < hidden; ++d)
+        dst[d] = post[k] * o[d];
       for (int64_t j = 0; j < hc; ++j) {
         const float c = comb[j * hc + k];
-        for (int64_t d = 0; d < hidden; ++d) dst[d] += c * s[j * hidden + d];
+        for (int64_t d = 0; d < hidden; ++d)
+          dst[d] += c * s[j * hidden + d];
       }
     }
     std::copy(mixed.begin(), mixed.end(), s);
@@ -111,17 +120,19 @@ void hyper_head(const float* streams, int64_t n, const ModelConfig& config,
                 const HyperHeadWeights& w, float* out) {
   const int64_t hc = config.hc_mult;
   const int64_t hidden = config.hidden_size;
-  std::vector<float> mix = stream_mix_logits(streams, n, hc * hidden, w.fn,
-                                             static_cast<float>(config.rms_norm_eps));
+  std::vector<float> mix =
+      stream_mix_logits(streams, n, hc * hidden, w.fn, static_cast<float>(config.rms_norm_eps));
   const float scale = w.scale.data()[0];
   for (int64_t t = 0; t < n; ++t) {
     float* o = out + t * hidden;
     std::fill(o, o + hidden, 0.0f);
     const float* s = streams + t * hc * hidden;
     for (int64_t k = 0; k < hc; ++k) {
-      const float pre = cpu::sigmoid(mix[static_cast<size_t>(t * hc + k)] * scale + w.base.data()[k]) +
-                        static_cast<float>(config.hc_eps);
-      for (int64_t d = 0; d < hidden; ++d) o[d] += pre * s[k * hidden + d];
+      const float pre =
+          cpu::sigmoid(mix[static_cast<size_t>(t * hc + k)] * scale + w.base.data()[k]) +
+          static_cast<float>(config.hc_eps);
+      for (int64_t d = 0; d < hidden; ++d)
+        o[d] += pre * s[k * hidden + d];
     }
   }
 }

@@ -45,7 +45,8 @@ void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& 
 // closes every complete window and appends the new entries (normed, RoPE at the window's
 // first position) to `entries` ([*, width]). Returns the number of entries appended.
 int64_t compress(const float* x, int64_t n, const CompressorWeights& w, float norm_eps,
-                 const kernels::RopeTable& rope, CompressorState& state, std::vector<float>& entries);
+                 const kernels::RopeTable& rope, CompressorState& state,
+                 std::vector<float>& entries);
 
 // --- MoE (step 4) -----------------------------------------------------------------------
 // x: [n, hidden] (already normed); tokens: the chunk's token ids (hash routing).

@@ -59,7 +59,8 @@ Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& sta
   std::vector<float> streams(static_cast<size_t>(n * hc * hidden));
   for (int64_t t = 0; t < n; ++t) {
     const float* e = weights_.embed.row(tokens[static_cast<size_t>(t)]);
-    for (int64_t k = 0; k < hc; ++k) std::copy(e, e + hidden, streams.data() + (t * hc + k) * hidden);
+    for (int64_t k = 0; k < hc; ++k)
+      std::copy(e, e + hidden, streams.data() + (t * hc + k) * hidden);
   }
 
   std::vector<float> sublayer_out(static_cast<size_t>(n * hidden));

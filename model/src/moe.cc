@@ -26,8 +26,8 @@ void run_expert(const float* x, std::span<const int64_t> rows, std::span<const f
   const int64_t inter = e.w1.dim(0);
   std::vector<float> xs(static_cast<size_t>(n * hidden));
   for (int64_t i = 0; i < n; ++i) {
-    std::copy(x + rows[static_cast<size_t>(i)] * hidden, x + (rows[static_cast<size_t>(i)] + 1) * hidden,
-              xs.data() + i * hidden);
+    std::copy(x + rows[static_cast<size_t>(i)] * hidden,
+              x + (rows[static_cast<size_t>(i)] + 1) * hidden, xs.data() + i * hidden);
   }
   std::vector<float> gate(static_cast<size_t>(n * inter)), up(static_cast<size_t>(n * inter));
   cpu::matmul(xs.data(), n, hidden, e.w1, gate.data());
@@ -40,17 +40,20 @@ void run_expert(const float* x, std::span<const int64_t> rows, std::span<const f
   for (int64_t i = 0; i < n; ++i) {
     float* dst = out + rows[static_cast<size_t>(i)] * hidden;
     const float wgt = row_weights[static_cast<size_t>(i)];
-    for (int64_t d = 0; d < hidden; ++d) dst[d] += wgt * y[static_cast<size_t>(i * hidden + d)];
+    for (int64_t d = 0; d < hidden; ++d)
+      dst[d] += wgt * y[static_cast<size_t>(i * hidden + d)];
   }
 }
 
 void score_experts(float* logits, int64_t count, ScoringFunc func) {
   switch (func) {
     case ScoringFunc::kSqrtSoftplus:
-      for (int64_t e = 0; e < count; ++e) logits[e] = std::sqrt(cpu::softplus(logits[e]));
+      for (int64_t e = 0; e < count; ++e)
+        logits[e] = std::sqrt(cpu::softplus(logits[e]));
       return;
     case ScoringFunc::kSigmoid:
-      for (int64_t e = 0; e < count; ++e) logits[e] = cpu::sigmoid(logits[e]);
+      for (int64_t e = 0; e < count; ++e)
+        logits[e] = cpu::sigmoid(logits[e]);
       return;
     case ScoringFunc::kSoftmax:
       cpu::softmax(logits, count);
@@ -80,8 +83,10 @@ void moe(const float* x, std::span<const int32_t> tokens, const ModelConfig& con
     float* s = scores.data() + t * n_experts;
     score_experts(s, n_experts, config.scoring_func);
     if (routing == RoutingKind::kHash) {
-      const int32_t* ids = w.tid2eid.data() + static_cast<int64_t>(tokens[static_cast<size_t>(t)]) * k;
-      for (int64_t i = 0; i < k; ++i) chosen[static_cast<size_t>(i)] = ids[i];
+      const int32_t* ids =
+          w.tid2eid.data() + static_cast<int64_t>(tokens[static_cast<size_t>(t)]) * k;
+      for (int64_t i = 0; i < k; ++i)
+        chosen[static_cast<size_t>(i)] = ids[i];
     } else {
       for (int64_t e = 0; e < n_experts; ++e) {
         biased[static_cast<size_t>(e)] = s[e] + (w.bias.empty() ? 0.0f : w.bias.data()[e]);
@@ -94,7 +99,8 @@ void moe(const float* x, std::span<const int32_t> tokens, const ModelConfig& con
       std::copy(order.begin(), order.begin() + k, chosen.begin());
     }
     float sum = 0.0f;
-    for (int64_t e : chosen) sum += s[e];
+    for (int64_t e : chosen)
+      sum += s[e];
     const float norm = config.norm_topk_prob ? 1.0f / (sum + 1e-20f) : 1.0f;
     for (int64_t e : chosen) {
       DSERVE_CHECK_MSG(e >= 0 && e < n_experts, "routed expert id out of range");

@@ -11,7 +11,8 @@ namespace dserve::model {
 Status validate_sampling_params(const SamplingParams& p) {
   std::string problems;
   if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature)) {
-    problems += "temperature must be a finite number >= 0 (got " + std::to_string(p.temperature) + ")\n";
+    problems +=
+        "temperature must be a finite number >= 0 (got " + std::to_string(p.temperature) + ")\n";
   }
   if (p.top_k < 0) problems += "top_k must be >= 0 (got " + std::to_string(p.top_k) + ")\n";
   if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) {
@@ -38,7 +39,8 @@ int32_t Sampler::sample(std::span<const float> logits) {
   };
   size_t keep = ids.size();
   if (params_.top_k > 0) keep = std::min(keep, static_cast<size_t>(params_.top_k));
-  std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(keep), ids.end(), by_logit);
+  std::partial_sort(ids.begin(), ids.begin() + static_cast<std::ptrdiff_t>(keep), ids.end(),
+                    by_logit);
   ids.resize(keep);
 
   std::vector<double> probs(keep);
@@ -48,7 +50,8 @@ int32_t Sampler::sample(std::span<const float> logits) {
     probs[i] = std::exp((logits[static_cast<size_t>(ids[i])] - max_logit) / params_.temperature);
     sum += probs[i];
   }
-  for (double& p : probs) p /= sum;
+  for (double& p : probs)
+    p /= sum;
   if (params_.top_p < 1.0f) {
     double mass = 0.0;
     size_t cut = 0;
@@ -59,7 +62,8 @@ int32_t Sampler::sample(std::span<const float> logits) {
     probs.resize(cut);
     ids.resize(cut);
     sum = std::accumulate(probs.begin(), probs.end(), 0.0);
-    for (double& p : probs) p /= sum;
+    for (double& p : probs)
+      p /= sum;
   }
   const double u = rng_.uniform();
   double acc = 0.0;

@@ -10,14 +10,14 @@ namespace dserve::detail {
                                std::string_view message);
 }  // namespace dserve::detail
 
-#define DSERVE_CHECK(cond)                                                   \
-  do {                                                                       \
-    if (!(cond)) [[unlikely]]                                                \
-      ::dserve::detail::check_failed(#cond, __FILE__, __LINE__, {});         \
+#define DSERVE_CHECK(cond)                                           \
+  do {                                                               \
+    if (!(cond)) [[unlikely]]                                        \
+      ::dserve::detail::check_failed(#cond, __FILE__, __LINE__, {}); \
   } while (false)
 
-#define DSERVE_CHECK_MSG(cond, msg)                                          \
-  do {                                                                       \
-    if (!(cond)) [[unlikely]]                                                \
-      ::dserve::detail::check_failed(#cond, __FILE__, __LINE__, (msg));      \
+#define DSERVE_CHECK_MSG(cond, msg)                                     \
+  do {                                                                  \
+    if (!(cond)) [[unlikely]]                                           \
+      ::dserve::detail::check_failed(#cond, __FILE__, __LINE__, (msg)); \
   } while (false)

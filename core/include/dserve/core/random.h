@@ -27,7 +27,8 @@ class SplitMix64 {
   uint64_t below(uint64_t n) {
     const uint64_t limit = UINT64_MAX - UINT64_MAX % n;
     uint64_t v = next();
-    while (v >= limit) v = next();
+    while (v >= limit)
+      v = next();
     return v % n;
   }
   // Standard normal by Box-Muller (both values used in turn).
@@ -37,7 +38,8 @@ class SplitMix64 {
       return spare_;
     }
     double u1 = uniform();
-    while (u1 <= 0.0) u1 = uniform();
+    while (u1 <= 0.0)
+      u1 = uniform();
     const double u2 = uniform();
     const double r = std::sqrt(-2.0 * std::log(u1));
     spare_ = r * std::sin(2.0 * std::numbers::pi * u2);

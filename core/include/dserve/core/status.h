@@ -49,21 +49,31 @@ class [[nodiscard]] Status {
 inline Status invalid_argument(std::string msg) {
   return {StatusCode::kInvalidArgument, std::move(msg)};
 }
-inline Status not_found(std::string msg) { return {StatusCode::kNotFound, std::move(msg)}; }
-inline Status out_of_range(std::string msg) { return {StatusCode::kOutOfRange, std::move(msg)}; }
-inline Status data_loss(std::string msg) { return {StatusCode::kDataLoss, std::move(msg)}; }
+inline Status not_found(std::string msg) {
+  return {StatusCode::kNotFound, std::move(msg)};
+}
+inline Status out_of_range(std::string msg) {
+  return {StatusCode::kOutOfRange, std::move(msg)};
+}
+inline Status data_loss(std::string msg) {
+  return {StatusCode::kDataLoss, std::move(msg)};
+}
 inline Status unimplemented(std::string msg) {
   return {StatusCode::kUnimplemented, std::move(msg)};
 }
-inline Status unavailable(std::string msg) { return {StatusCode::kUnavailable, std::move(msg)}; }
-inline Status internal_error(std::string msg) { return {StatusCode::kInternal, std::move(msg)}; }
+inline Status unavailable(std::string msg) {
+  return {StatusCode::kUnavailable, std::move(msg)};
+}
+inline Status internal_error(std::string msg) {
+  return {StatusCode::kInternal, std::move(msg)};
+}
 
 // A value or the Status that explains its absence. Accessing the value of a failed Result is
 // a programmer error and aborts.
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}        // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {  // NOLINT: implicit by design
     DSERVE_CHECK_MSG(!std::get<Status>(v_).is_ok(), "a Result cannot hold an ok Status");
   }
@@ -101,9 +111,9 @@ class [[nodiscard]] Result {
 #define DSERVE_CONCAT_INNER(a, b) a##b
 #define DSERVE_CONCAT(a, b) DSERVE_CONCAT_INNER(a, b)
 
-#define DSERVE_RETURN_IF_ERROR(expr)                  \
-  do {                                                \
-    ::dserve::Status dserve_status_ = (expr);         \
+#define DSERVE_RETURN_IF_ERROR(expr)                    \
+  do {                                                  \
+    ::dserve::Status dserve_status_ = (expr);           \
     if (!dserve_status_.is_ok()) return dserve_status_; \
   } while (false)
 

@@ -48,12 +48,14 @@ class Tensor {
 
   std::string shape_string() const {
     std::string s = "[";
-    for (size_t i = 0; i < shape_.size(); ++i) s += (i ? ", " : "") + std::to_string(shape_[i]);
+    for (size_t i = 0; i < shape_.size(); ++i)
+      s += (i ? ", " : "") + std::to_string(shape_[i]);
     return s + "]";
   }
   static int64_t count(const std::vector<int64_t>& shape) {
     int64_t n = 1;
-    for (int64_t d : shape) n *= d;
+    for (int64_t d : shape)
+      n *= d;
     return n;
   }
 

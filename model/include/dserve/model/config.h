@@ -44,7 +44,7 @@ struct ModelConfig {
   int64_t hidden_size = 4096;
   int64_t num_layers = 43;
   int64_t num_heads = 64;
-  int64_t head_dim = 512;        // of which the last rope_head_dim channels carry RoPE
+  int64_t head_dim = 512;  // of which the last rope_head_dim channels carry RoPE
   int64_t rope_head_dim = 64;
   int64_t q_lora_rank = 1024;
   int64_t o_groups = 8;
@@ -67,8 +67,8 @@ struct ModelConfig {
   int64_t hc_sinkhorn_iters = 20;
   double hc_eps = 1e-6;
   double rms_norm_eps = 1e-6;
-  double rope_theta = 10000.0;           // "main" rope: sliding-only layers
-  double compress_rope_theta = 160000.0;  // "compress" rope: CSA/HCA layers and compressors
+  double rope_theta = 10000.0;               // "main" rope: sliding-only layers
+  double compress_rope_theta = 160000.0;     // "compress" rope: CSA/HCA layers and compressors
   std::optional<YarnScaling> compress_yarn;  // YaRN on the compress rope, when configured
   int64_t max_position_embeddings = 1048576;
   int64_t num_nextn_predict_layers = 1;  // MTP layers in the checkpoint
@@ -79,7 +79,9 @@ struct ModelConfig {
   std::vector<RoutingKind> mlp_types;      // size num_layers
 
   int64_t compress_rate(AttentionKind kind) const {
-    return kind == AttentionKind::kCompressed ? csa_rate : kind == AttentionKind::kHeavy ? hca_rate : 0;
+    return kind == AttentionKind::kCompressed ? csa_rate
+           : kind == AttentionKind::kHeavy    ? hca_rate
+                                              : 0;
   }
 };
 

@@ -18,11 +18,11 @@ namespace dserve::model {
 
 // State of one window compressor: a layer's KV compressor or its indexer's compressor.
 struct CompressorState {
-  int64_t width = 0;       // channels of one compressed entry
-  int64_t series = 1;      // 2 for overlapping (CSA) compressors: [Ca | Cb] per token
-  int64_t rate = 0;        // tokens per window
-  int64_t entries = 0;     // windows closed so far; the next window starts at entries * rate
-  std::vector<float> pending_kv;    // [pending_tokens, series * width] projected kv
+  int64_t width = 0;              // channels of one compressed entry
+  int64_t series = 1;             // 2 for overlapping (CSA) compressors: [Ca | Cb] per token
+  int64_t rate = 0;               // tokens per window
+  int64_t entries = 0;            // windows closed so far; the next window starts at entries * rate
+  std::vector<float> pending_kv;  // [pending_tokens, series * width] projected kv
   std::vector<float> pending_gate;  // [pending_tokens, series * width] projected gate, no bias
   std::vector<float> overlap_kv;    // CSA: [rate, width] Ca of the last closed window
   std::vector<float> overlap_gate;  // CSA: [rate, width] its gate with the position bias added

@@ -24,8 +24,8 @@ struct CompressorWeights {
 
 // Lightning Indexer of a CSA layer.
 struct IndexerWeights {
-  Tensor wq_b;          // [index_n_heads * index_head_dim, q_lora_rank]
-  Tensor weights_proj;  // [index_n_heads, hidden]
+  Tensor wq_b;                   // [index_n_heads * index_head_dim, q_lora_rank]
+  Tensor weights_proj;           // [index_n_heads, hidden]
   CompressorWeights compressor;  // dim = index_head_dim, 2x wide
 };
 
@@ -64,11 +64,11 @@ struct ExpertWeights {
 };
 
 struct MoeWeights {
-  Tensor gate;                  // router [n_routed_experts, hidden]
-  Tensor bias;                  // e_score_correction_bias [n_routed_experts] (top-k layers)
-  std::vector<int32_t> tid2eid;  // [vocab_size * experts_per_token] (hash layers)
+  Tensor gate;                         // router [n_routed_experts, hidden]
+  Tensor bias;                         // e_score_correction_bias [n_routed_experts] (top-k layers)
+  std::vector<int32_t> tid2eid;        // [vocab_size * experts_per_token] (hash layers)
   std::vector<ExpertWeights> experts;  // n_routed_experts
-  ExpertWeights shared;          // the shared expert (width moe_intermediate * n_shared)
+  ExpertWeights shared;                // the shared expert (width moe_intermediate * n_shared)
 };
 
 struct LayerWeights {

@@ -1,0 +1,21 @@
+#pragma once
+// Subcommands of the `dserve` command line. Each registers its options on the CLI11 app and
+// returns the process exit code when run: 0 on success, 1 on a runtime failure, 2 on bad input.
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace dserve::cli {
+
+using Command = std::function<int()>;
+
+// `dserve model init ...`
+Command add_model_init_command(CLI::App& model_app);
+// `dserve generate ...`
+Command add_generate_command(CLI::App& app);
+
+// Prints "dserve: error: <message>" to stderr.
+void print_error(const std::string& message);
+
+}  // namespace dserve::cli

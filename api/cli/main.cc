@@ -1,0 +1,27 @@
+// dserve: the command-line entry point. Subcommands live in their own files (commands.h).
+
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+
+#include "commands.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"dserve: DeepSeek-V4 serving"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "dserve 0.1.0");
+
+  CLI::App* model = app.add_subcommand("model", "create and inspect model checkpoints");
+  model->require_subcommand(1);
+  const dserve::cli::Command model_init = dserve::cli::add_model_init_command(*model);
+  const dserve::cli::Command generate = dserve::cli::add_generate_command(app);
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+  if (model->got_subcommand("init")) return model_init();
+  if (app.got_subcommand("generate")) return generate();
+  return 2;
+}

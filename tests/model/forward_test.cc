@@ -1,0 +1,149 @@
+// The forward pass is causal and chunk-invariant: prefill in chunks of any size followed by
+// one-token decode gives the logits of one whole forward (issue "DeepSeek-V4 end to end",
+// Done-when 4), and the request state holds the three pools with the sizes MODEL-V4.md gives.
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+
+#include "dserve/core/random.h"
+#include "dserve/model/checkpoint.h"
+#include "dserve/model/model.h"
+#include "dserve/model/model_init.h"
+#include "dserve/model/tokenizer.h"
+#include "test_model.h"
+
+namespace dserve::model {
+namespace {
+
+// Largest |a - b| over a row, relative to the row's largest |b| (at least 1).
+double relative_row_diff(const float* a, const float* b, int64_t n) {
+  double diff = 0.0, scale = 1.0;
+  for (int64_t i = 0; i < n; ++i) {
+    diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
+    scale = std::max(scale, static_cast<double>(std::abs(b[i])));
+  }
+  return diff / scale;
+}
+
+class ForwardTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { model_ = &testing_support::tiny_model(); }
+
+  static std::vector<int32_t> prompt(int64_t n) {
+    SplitMix64 rng(42);
+    std::vector<int32_t> ids{0};
+    while (static_cast<int64_t>(ids.size()) < n) {
+      ids.push_back(
+          static_cast<int32_t>(rng.below(static_cast<uint64_t>(model_->config().vocab_size))));
+    }
+    return ids;
+  }
+
+  // Logits of every position, running the prompt in chunks of `chunk` tokens.
+  static Tensor run_chunked(const std::vector<int32_t>& ids, int64_t chunk) {
+    RequestState state = model_->new_state();
+    const int64_t vocab = model_->config().vocab_size;
+    Tensor all({static_cast<int64_t>(ids.size()), vocab});
+    for (size_t begin = 0; begin < ids.size(); begin += static_cast<size_t>(chunk)) {
+      const size_t end = std::min(ids.size(), begin + static_cast<size_t>(chunk));
+      auto logits = model_->forward(std::span(ids).subspan(begin, end - begin), state);
+      EXPECT_TRUE(logits.is_ok()) << logits.status().to_string();
+      std::copy(logits->data(), logits->data() + logits->numel(),
+                all.row(static_cast<int64_t>(begin)));
+    }
+    EXPECT_EQ(state.position(), static_cast<int64_t>(ids.size()));
+    return all;
+  }
+
+  static const Model* model_;
+};
+const Model* ForwardTest::model_ = nullptr;
+
+TEST_F(ForwardTest, ChunkedPrefillMatchesWholeForward) {
+  const auto ids = prompt(70);
+  const Tensor whole = run_chunked(ids, static_cast<int64_t>(ids.size()));
+  for (int64_t chunk : {1, 3, 16, 128}) {
+    const Tensor chunked = run_chunked(ids, chunk);
+    double worst = 0.0;
+    for (int64_t t = 0; t < whole.rows(); ++t) {
+      worst = std::max(worst, relative_row_diff(chunked.row(t), whole.row(t), whole.cols()));
+    }
+    EXPECT_LT(worst, 1e-4) << "chunk size " << chunk;
+  }
+}
+
+TEST_F(ForwardTest, DecodeAfterChunkedPrefillMatchesWholeForward) {
+  const auto ids = prompt(70);
+  const Tensor whole = run_chunked(ids, static_cast<int64_t>(ids.size()));
+  RequestState state = model_->new_state();
+  ASSERT_TRUE(model_->forward(std::span(ids).first(40), state, LogitsFor::kLastToken).is_ok());
+  ASSERT_TRUE(
+      model_->forward(std::span(ids).subspan(40, 13), state, LogitsFor::kLastToken).is_ok());
+  for (size_t t = 53; t < ids.size(); ++t) {
+    auto logits = model_->forward(std::span(ids).subspan(t, 1), state);
+    ASSERT_TRUE(logits.is_ok());
+    EXPECT_LT(relative_row_diff(logits->data(), whole.row(static_cast<int64_t>(t)), whole.cols()),
+              1e-4)
+        << "decode position " << t;
+  }
+}
+
+TEST_F(ForwardTest, PrefixLogitsDoNotDependOnLaterTokens) {
+  const auto ids = prompt(70);
+  const Tensor whole = run_chunked(ids, 70);
+  const std::vector<int32_t> head(ids.begin(), ids.begin() + 37);
+  const Tensor prefix = run_chunked(head, 37);
+  for (int64_t t = 0; t < 37; ++t) {
+    EXPECT_LT(relative_row_diff(prefix.row(t), whole.row(t), whole.cols()), 1e-5)
+        << "position " << t;
+  }
+}
+
+TEST_F(ForwardTest, StateHoldsThePoolsWithTheirSizes) {
+  const ModelConfig& c = model_->config();
+  const auto ids = prompt(61);
+  RequestState state = model_->new_state();
+  ASSERT_TRUE(model_->forward(ids, state, LogitsFor::kLastToken).is_ok());
+  const int64_t n = 61;
+  for (size_t l = 0; l < state.layers().size(); ++l) {
+    const LayerState& s = state.layers()[l];
+    EXPECT_EQ(s.window_tokens(), std::min<int64_t>(n, c.sliding_window - 1)) << "layer " << l;
+    const int64_t rate = c.compress_rate(s.kind);
+    if (rate == 0) {
+      EXPECT_EQ(s.compressed_entries(), 0);
+      continue;
+    }
+    EXPECT_EQ(s.compressed_entries(), n / rate) << "layer " << l;
+    EXPECT_EQ(s.kv_compressor.pending_tokens(), n % rate) << "layer " << l;
+    if (s.kind == AttentionKind::kCompressed) {
+      EXPECT_EQ(static_cast<int64_t>(s.index_keys.size()), (n / rate) * c.index_head_dim);
+      EXPECT_TRUE(s.kv_compressor.has_overlap());
+      EXPECT_EQ(s.index_compressor.pending_tokens(), n % rate);
+    }
+  }
+  const auto bytes = state.pool_bytes();
+  EXPECT_GT(bytes.window, 0u);
+  EXPECT_GT(bytes.compressed, 0u);
+  EXPECT_GT(bytes.index_keys, 0u);
+  EXPECT_GT(bytes.compressor, 0u);
+}
+
+TEST_F(ForwardTest, RejectsTokenPastVocabularyWithoutTouchingState) {
+  RequestState state = model_->new_state();
+  const std::vector<int32_t> bad{0, 5, static_cast<int32_t>(model_->config().vocab_size)};
+  auto r = model_->forward(bad, state);
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kOutOfRange);
+  EXPECT_NE(r.status().message().find("129280"), std::string::npos) << r.status().message();
+  EXPECT_EQ(state.position(), 0);
+  EXPECT_EQ(state.layers()[0].window_tokens(), 0);
+  const std::vector<int32_t> negative{-1};
+  EXPECT_EQ(model_->forward(negative, state).status().code(), StatusCode::kOutOfRange);
+  EXPECT_EQ(model_->forward({}, state).status().code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace dserve::model

