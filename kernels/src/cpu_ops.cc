@@ -57,10 +57,13 @@ void rms_norm(float* x, int64_t n, int64_t d, std::span<const float> weight, flo
   DSERVE_CHECK(weight.empty() || static_cast<int64_t>(weight.size()) == d);
   for (int64_t r = 0; r < n; ++r) {
     float* row = x + r * d;
-    float sum_sq = 0.0f;
+    // The mean square is accumulated in double: rows are up to hc_mult * hidden (16384) wide,
+    // and the reference's blocked fp32 reduction is closer to the exact sum than a serial one.
+    double sum_sq = 0.0;
     for (int64_t i = 0; i < d; ++i)
-      sum_sq += row[i] * row[i];
-    const float inv = 1.0f / std::sqrt(sum_sq / static_cast<float>(d) + eps);
+      sum_sq += static_cast<double>(row[i]) * static_cast<double>(row[i]);
+    const float mean_sq = static_cast<float>(sum_sq / static_cast<double>(d));
+    const float inv = 1.0f / std::sqrt(mean_sq + eps);
     if (weight.empty()) {
       for (int64_t i = 0; i < d; ++i)
         row[i] *= inv;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numbers>
+#include <vector>
 
 #include "dserve/core/check.h"
 
@@ -22,13 +23,14 @@ RopeTable::RopeTable(int64_t rope_dim, double theta, std::optional<YarnParams> y
   DSERVE_CHECK_MSG(rope_dim > 0 && rope_dim % 2 == 0, "rope_dim must be positive and even");
   const int64_t half = rope_dim / 2;
   inv_freq_.resize(static_cast<size_t>(half));
+  std::vector<float> pos_freq(static_cast<size_t>(half));
   // The frequencies are computed in fp32 exactly as the reference computes them, so that
   // positions far from zero keep the same angles.
   const float base = static_cast<float>(theta);
   for (int64_t i = 0; i < half; ++i) {
     const float exponent = static_cast<float>(2 * i) / static_cast<float>(rope_dim);
-    const float pos_freq = std::pow(base, exponent);
-    inv_freq_[static_cast<size_t>(i)] = 1.0f / pos_freq;
+    pos_freq[static_cast<size_t>(i)] = std::pow(base, exponent);
+    inv_freq_[static_cast<size_t>(i)] = 1.0f / pos_freq[static_cast<size_t>(i)];
   }
   if (!yarn) return;
 
@@ -42,7 +44,7 @@ RopeTable::RopeTable(int64_t rope_dim, double theta, std::optional<YarnParams> y
   const float factor = static_cast<float>(yarn->factor);
   for (int64_t i = 0; i < half; ++i) {
     const float extrapolation = inv_freq_[static_cast<size_t>(i)];
-    const float interpolation = 1.0f / (factor * (1.0f / extrapolation));
+    const float interpolation = 1.0f / (factor * pos_freq[static_cast<size_t>(i)]);
     float ramp = static_cast<float>((static_cast<double>(i) - low) / (high - low));
     ramp = std::clamp(ramp, 0.0f, 1.0f);
     const float extrapolation_weight = 1.0f - ramp;

@@ -95,7 +95,8 @@ class FieldReader {
 
 // YaRN parameters from a rope dict (`rope_scaling` or `rope_parameters.compress` or flat
 // `rope_parameters`). Returns true when the dict configures YaRN.
-bool read_yarn(FieldReader& r, std::string_view dict_name, YarnScaling* yarn) {
+bool read_yarn(FieldReader& r, std::string_view dict_name, YarnScaling* yarn,
+               bool* original_given) {
   std::string type;
   if (!r.read("rope_type", &type)) r.read("type", &type);
   if (type.empty() || type == "default") return false;
@@ -105,20 +106,37 @@ bool read_yarn(FieldReader& r, std::string_view dict_name, YarnScaling* yarn) {
     return false;
   }
   r.read("factor", &yarn->factor);
-  r.read("original_max_position_embeddings", &yarn->original_max_position_embeddings);
+  *original_given =
+      r.read("original_max_position_embeddings", &yarn->original_max_position_embeddings);
   r.read("beta_fast", &yarn->beta_fast);
   r.read("beta_slow", &yarn->beta_slow);
+  // V4 applies YaRN to the angles only: cos/sin are not scaled. A config asking for another
+  // attention factor describes a different network, so it is refused rather than ignored.
+  double attention_factor = 1.0;
+  if (r.read("attention_factor", &attention_factor) && attention_factor != 1.0) {
+    r.error("attention_factor", "found " + std::to_string(attention_factor) +
+                                    ", expected 1 (V4 does not scale the compress rope's cos/sin)");
+  }
+  double mscale = 0.0, mscale_all_dim = 0.0;
+  const bool has_mscale = r.read("mscale", &mscale);
+  const bool has_mscale_all_dim = r.read("mscale_all_dim", &mscale_all_dim);
+  if ((has_mscale || has_mscale_all_dim) &&
+      !(has_mscale && has_mscale_all_dim && mscale == mscale_all_dim)) {
+    r.error("mscale",
+            "expected mscale and mscale_all_dim both absent or equal (an attention "
+            "factor of 1, as V4 uses)");
+  }
   return true;
 }
 
 void read_rope(FieldReader& top, ModelConfig* c, std::optional<double>* partial_factor,
-               std::vector<std::string>* errors) {
+               bool* yarn_original_given, std::vector<std::string>* errors) {
   top.read("rope_theta", &c->rope_theta);
   top.read("compress_rope_theta", &c->compress_rope_theta);
   if (const json* legacy = top.get("rope_scaling"); legacy != nullptr && legacy->is_object()) {
     FieldReader r(*legacy, "rope_scaling.", errors);
     YarnScaling y;
-    if (read_yarn(r, "rope_scaling", &y)) c->compress_yarn = y;
+    if (read_yarn(r, "rope_scaling", &y, yarn_original_given)) c->compress_yarn = y;
   }
   const json* params = top.get("rope_parameters");
   if (params == nullptr) return;
@@ -136,14 +154,16 @@ void read_rope(FieldReader& top, ModelConfig* c, std::optional<double>* partial_
     // A flat dict (the transformers standard): YaRN there only ever applies to the compress
     // rope, as in the official code (sliding-only layers run without it).
     YarnScaling y;
-    if (read_yarn(main, "rope_parameters", &y)) c->compress_yarn = y;
+    if (read_yarn(main, "rope_parameters", &y, yarn_original_given)) c->compress_yarn = y;
     return;
   }
   if (const json* comp = FieldReader(*params, "", errors).get("compress"); comp != nullptr) {
     FieldReader r(*comp, "rope_parameters.compress.", errors);
     r.read("rope_theta", &c->compress_rope_theta);
     YarnScaling y;
-    if (read_yarn(r, "rope_parameters.compress", &y)) c->compress_yarn = y;
+    if (read_yarn(r, "rope_parameters.compress", &y, yarn_original_given)) {
+      c->compress_yarn = y;
+    }
   }
 }
 
@@ -271,7 +291,10 @@ Result<ModelConfig> parse_model_config(std::string_view json_text, std::string_v
   r.read("q_lora_rank", &c.q_lora_rank);
   r.read("num_experts_per_tok", &c.experts_per_token);
   r.read("n_routed_experts", &c.n_routed_experts);
-  r.read("n_shared_experts", &c.n_shared_experts);
+  if (r.read("n_shared_experts", &c.n_shared_experts) && c.n_shared_experts != 1) {
+    r.error("n_shared_experts", "found " + std::to_string(c.n_shared_experts) +
+                                    ", expected 1 (V4 has one shared expert)");
+  }
   r.read("moe_intermediate_size", &c.moe_intermediate_size);
   std::string scoring;
   if (r.read("scoring_func", &scoring)) {
@@ -286,7 +309,9 @@ Result<ModelConfig> parse_model_config(std::string_view json_text, std::string_v
               "found \"" + scoring + "\", expected sqrtsoftplus, sigmoid or softmax");
     }
   }
-  r.read("norm_topk_prob", &c.norm_topk_prob);
+  if (r.read("norm_topk_prob", &c.norm_topk_prob) && !c.norm_topk_prob) {
+    r.error("norm_topk_prob", "found false, expected true (V4 normalises the top-k weights)");
+  }
   r.read("routed_scaling_factor", &c.routed_scaling_factor);
   r.read("max_position_embeddings", &c.max_position_embeddings);
   r.read("hc_mult", &c.hc_mult);
@@ -314,7 +339,25 @@ Result<ModelConfig> parse_model_config(std::string_view json_text, std::string_v
   r.read("tie_word_embeddings", &c.tie_word_embeddings);
 
   std::optional<double> partial_factor;
-  read_rope(r, &c, &partial_factor, &errors);
+  bool yarn_original_given = false;
+  read_rope(r, &c, &partial_factor, &yarn_original_given, &errors);
+  if (c.compress_yarn && !yarn_original_given) {
+    c.compress_yarn->original_max_position_embeddings = c.max_position_embeddings;
+  } else if (c.compress_yarn && c.compress_yarn->original_max_position_embeddings > 0) {
+    // transformers takes the YaRN factor as max_position_embeddings / original when the
+    // original length is given; the official code takes `factor`. Released configs agree
+    // (1048576 / 65536 = 16); a config where they differ is ambiguous and is refused.
+    const double ratio = static_cast<double>(c.max_position_embeddings) /
+                         static_cast<double>(c.compress_yarn->original_max_position_embeddings);
+    if (std::fabs(ratio - c.compress_yarn->factor) > 1e-9 * c.compress_yarn->factor) {
+      r.error(
+          "max_position_embeddings",
+          "max_position_embeddings / original_max_position_embeddings = " + std::to_string(ratio) +
+              " but the YaRN factor is " + std::to_string(c.compress_yarn->factor) +
+              "; expected them equal (transformers uses the ratio, the official code the "
+              "factor)");
+    }
+  }
   double top_factor = 0.0;
   if (r.read("partial_rotary_factor", &top_factor)) partial_factor = top_factor;
   if (!r.read("qk_rope_head_dim", &c.rope_head_dim)) {

@@ -57,7 +57,15 @@ Status validate_model_config(const ModelConfig& c, std::string_view source) {
   positive("moe_intermediate_size", c.moe_intermediate_size);
   positive("hc_mult", c.hc_mult);
   positive("max_position_embeddings", c.max_position_embeddings);
-  non_negative("n_shared_experts", c.n_shared_experts);
+  if (c.n_shared_experts != 1) {
+    errors.push_back("`n_shared_experts`: found " + std::to_string(c.n_shared_experts) +
+                     ", expected 1 (V4 has one shared expert)");
+  }
+  if (!c.norm_topk_prob) {
+    errors.push_back(
+        "`norm_topk_prob`: found false, expected true (V4 normalises the top-k "
+        "weights)");
+  }
   non_negative("num_nextn_predict_layers", c.num_nextn_predict_layers);
   non_negative("hc_sinkhorn_iters", c.hc_sinkhorn_iters);
   positive_real("rms_norm_eps", c.rms_norm_eps);
@@ -182,6 +190,7 @@ std::string model_config_to_json(const ModelConfig& c) {
         c.compress_yarn->original_max_position_embeddings;
     compress["beta_fast"] = c.compress_yarn->beta_fast;
     compress["beta_slow"] = c.compress_yarn->beta_slow;
+    compress["attention_factor"] = 1.0;  // V4 does not scale cos/sin (transformers would)
   }
   j["rope_parameters"] = {{"main", main}, {"compress", compress}};
   // Legacy keys of the official release, for readers that predate layer_types. num_hash_layers

@@ -14,13 +14,9 @@
 namespace dserve::model {
 namespace {
 
-constexpr uint64_t kGamma = 0x9E3779B97F4A7C15ULL;
-
-// The SplitMix64 output function: a counter-based stream is mix(key + (i + 1) * gamma).
-uint64_t mix(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-  return z ^ (z >> 31);
+constexpr uint64_t kGamma = kSplitMix64Gamma;
+constexpr uint64_t mix(uint64_t z) {
+  return splitmix64_mix(z);
 }
 double uniform_open(uint64_t bits) {  // (0, 1]: never 0, so the log below is finite
   return static_cast<double>((bits >> 11) + 1) * 0x1.0p-53;

@@ -101,12 +101,13 @@ void moe(const float* x, std::span<const int32_t> tokens, const ModelConfig& con
     float sum = 0.0f;
     for (int64_t e : chosen)
       sum += s[e];
-    const float norm = config.norm_topk_prob ? 1.0f / (sum + 1e-20f) : 1.0f;
+    // V4 always normalises the chosen weights (the config refuses norm_topk_prob false).
+    const float denominator = sum + 1e-20f;
     for (int64_t e : chosen) {
       DSERVE_CHECK_MSG(e >= 0 && e < n_experts, "routed expert id out of range");
       rows[static_cast<size_t>(e)].push_back(t);
       row_weights[static_cast<size_t>(e)].push_back(
-          s[e] * norm * static_cast<float>(config.routed_scaling_factor));
+          s[e] / denominator * static_cast<float>(config.routed_scaling_factor));
     }
   }
 

@@ -101,6 +101,38 @@ TEST(ModelConfig, WrongLayerTypesLengthNamesFieldAndLengths) {
   EXPECT_NE(msg.find("`mlp_layer_types`: found length 4, expected 5"), std::string::npos) << msg;
 }
 
+// Settings that would make transformers compute a different network than V4 (and than ours)
+// are refused with the field named, not silently ignored.
+TEST(ModelConfig, RefusesSettingsThatChangeTheNetwork) {
+  const auto refused = [](std::string_view from, std::string_view to, std::string_view field) {
+    std::string json = kTransformersJson;
+    const size_t at = json.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    json.replace(at, from.size(), to);
+    const auto c = parse_model_config(json, "cfg");
+    ASSERT_FALSE(c.is_ok()) << to;
+    EXPECT_NE(c.status().message().find(field), std::string::npos) << c.status().message();
+  };
+  refused("\"norm_topk_prob\": true", "\"norm_topk_prob\": false", "`norm_topk_prob`");
+  refused("\"n_shared_experts\": 1", "\"n_shared_experts\": 2", "`n_shared_experts`");
+  refused("\"beta_slow\": 1}", "\"beta_slow\": 1, \"attention_factor\": 1.2}",
+          "`rope_parameters.compress.attention_factor`");
+  refused("\"beta_slow\": 1}", "\"beta_slow\": 1, \"mscale\": 1}",
+          "`rope_parameters.compress.mscale`");
+  // factor 16 but 1048576 / 131072 = 8: the two references would disagree.
+  refused("\"original_max_position_embeddings\": 65536",
+          "\"original_max_position_embeddings\": 131072", "`max_position_embeddings`");
+  // Equal mscales mean an attention factor of 1 and are accepted; without the original
+  // length, it defaults to max_position_embeddings.
+  std::string json = kTransformersJson;
+  json.replace(json.find("\"beta_slow\": 1}"), 15,
+               "\"beta_slow\": 1, \"mscale\": 1, \"mscale_all_dim\": 1}");
+  json.replace(json.find("\"original_max_position_embeddings\": 65536, "), 43, "");
+  const auto c = parse_model_config(json, "cfg");
+  ASSERT_TRUE(c.is_ok()) << c.status().to_string();
+  EXPECT_EQ(c->compress_yarn->original_max_position_embeddings, 1048576);
+}
+
 TEST(ModelConfig, ReportsEveryProblemAtOnce) {
   auto c = *preset_config("tiny");
   c.o_groups = 3;

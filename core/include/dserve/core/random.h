@@ -10,17 +10,22 @@
 
 namespace dserve {
 
+// SplitMix64's increment and output function. mix(key + i * kSplitMix64Gamma) is the i-th
+// value of the stream seeded with `key`, which also makes a counter-based generator (any
+// element computed directly, as the checkpoint generator does).
+inline constexpr uint64_t kSplitMix64Gamma = 0x9E3779B97F4A7C15ULL;
+constexpr uint64_t splitmix64_mix(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
 // SplitMix64 (Steele, Lea, Flood 2014): a 64-bit state, full period, passes BigCrush.
 class SplitMix64 {
  public:
   explicit SplitMix64(uint64_t seed) : state_(seed) {}
 
-  uint64_t next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
+  uint64_t next() { return splitmix64_mix(state_ += kSplitMix64Gamma); }
   // Uniform in [0, 1) with 53 random bits.
   double uniform() { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
   // Uniform integer in [0, n); n > 0. Rejection sampling, so exactly uniform.
