@@ -18,3 +18,8 @@ endif()
 if(DSERVE_BUILD_BENCH)
   find_package(benchmark REQUIRED)
 endif()
+
+# kvstore: RocksDB (the shared library; RocksDB::rocksdb is the static one) and xxHash (block
+# keys and checksums).
+find_package(RocksDB CONFIG REQUIRED)
+pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)

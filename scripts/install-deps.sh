@@ -9,7 +9,7 @@ PACKAGES=(
   libcaf-dev libucx-dev ucx-utils librocksdb-dev
   libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   libyaml-cpp-dev nlohmann-json3-dev libcpp-httplib-dev libcli11-dev libfmt-dev libspdlog-dev
-  libpcre2-dev libopenblas-dev libzstd-dev liblz4-dev
+  libpcre2-dev libopenblas-dev libzstd-dev liblz4-dev libxxhash-dev
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

@@ -57,7 +57,7 @@ std::vector<std::vector<int64_t>> select_entries(const float* x, const float* q_
                                                  const LayerState& state) {
   const int64_t heads = config.index_n_heads;
   const int64_t dim = config.index_head_dim;
-  const int64_t available = static_cast<int64_t>(state.index_keys.size()) / dim;
+  const int64_t available = state.index_keys.rows();
   std::vector<float> q(static_cast<size_t>(n * heads * dim));
   cpu::matmul(q_residual, n, config.q_lora_rank, w.wq_b, q.data());
   std::vector<float> weights(static_cast<size_t>(n * heads));
@@ -77,8 +77,13 @@ std::vector<std::vector<int64_t>> select_entries(const float* x, const float* q_
     auto& picks = selected[static_cast<size_t>(t)];
     if (visible == 0) continue;
     dots.resize(static_cast<size_t>(heads * visible));
-    cpu::gemm(true, heads, visible, dim, qt, dim, state.index_keys.data(), dim, 0.0f, dots.data(),
-              visible);
+    // The keys are paged: one gemm per page fills that page's columns of `dots`.
+    const int64_t per_page = state.index_keys.rows_per_page();
+    for (int64_t first = 0; first < visible; first += per_page) {
+      const int64_t count = std::min(per_page, visible - first);
+      cpu::gemm(true, heads, count, dim, qt, dim, state.index_keys.row(first), dim, 0.0f,
+                dots.data() + first, visible);
+    }
     scores.assign(static_cast<size_t>(visible), 0.0f);
     for (int64_t h = 0; h < heads; ++h) {
       const float wh = weights[static_cast<size_t>(t * heads + h)] * weight_scale;
@@ -180,19 +185,17 @@ void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& 
     const int64_t first = std::max<int64_t>(0, last - config.sliding_window + 1);
     const int64_t n_window = last - first + 1;
     const float* window_keys = keys.data() + first * hd;
-    // Compressed keys: all visible entries (HCA) or the indexer's picks among them (CSA).
-    const float* comp_keys = state.compressed.data();
+    // Compressed keys: all visible entries (HCA) or the indexer's picks among them (CSA),
+    // gathered from their pages.
     int64_t n_comp = rate > 0 ? visible_entries(pos, rate, entries) : 0;
-    if (w.indexer) {
-      const auto& picks = selected[static_cast<size_t>(t)];
-      n_comp = static_cast<int64_t>(picks.size());
-      gathered.resize(static_cast<size_t>(n_comp * hd));
-      for (int64_t i = 0; i < n_comp; ++i) {
-        const float* src = state.compressed.data() + picks[static_cast<size_t>(i)] * hd;
-        std::copy(src, src + hd, gathered.data() + i * hd);
-      }
-      comp_keys = gathered.data();
+    const std::vector<int64_t>* picks = w.indexer ? &selected[static_cast<size_t>(t)] : nullptr;
+    if (picks != nullptr) n_comp = static_cast<int64_t>(picks->size());
+    gathered.resize(static_cast<size_t>(n_comp * hd));
+    for (int64_t i = 0; i < n_comp; ++i) {
+      const float* src = state.compressed.row(picks ? (*picks)[static_cast<size_t>(i)] : i);
+      std::copy(src, src + hd, gathered.data() + i * hd);
     }
+    const float* comp_keys = gathered.data();
     const int64_t total = n_window + n_comp;
     logits.resize(static_cast<size_t>(heads * total));
     const float* qt = q.data() + t * heads * hd;

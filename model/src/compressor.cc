@@ -66,7 +66,7 @@ void pool_window(const float* kv, const float* gate, const float* ape, Compresso
 
 int64_t compress(const float* x, int64_t n, const CompressorWeights& w, float norm_eps,
                  const kernels::RopeTable& rope, CompressorState& state,
-                 std::vector<float>& entries) {
+                 kvstore::PagedRows& entries) {
   const int64_t width = state.width;
   const int64_t row = state.series * width;
   DSERVE_CHECK(w.wkv.dim(0) == row && w.ape.dim(0) == state.rate);
@@ -91,7 +91,7 @@ int64_t compress(const float* x, int64_t n, const CompressorWeights& w, float no
     cpu::rms_norm(entry.data(), 1, width, w.norm.span(), norm_eps);
     rope.angles(state.entries * state.rate, cos.data(), sin.data());
     cpu::rope_interleaved(entry.data(), width, cos, sin, /*inverse=*/false);
-    entries.insert(entries.end(), entry.begin(), entry.end());
+    entries.append(entry.data(), 1);
     ++state.entries;
   }
   const auto consumed = static_cast<std::ptrdiff_t>(windows * state.rate * row);

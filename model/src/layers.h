@@ -46,7 +46,7 @@ void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& 
 // first position) to `entries` ([*, width]). Returns the number of entries appended.
 int64_t compress(const float* x, int64_t n, const CompressorWeights& w, float norm_eps,
                  const kernels::RopeTable& rope, CompressorState& state,
-                 std::vector<float>& entries);
+                 kvstore::PagedRows& entries);
 
 // --- MoE (step 4) -----------------------------------------------------------------------
 // x: [n, hidden] (already normed); tokens: the chunk's token ids (hash routing).

@@ -25,7 +25,9 @@ struct Model::Tables {
 };
 
 Model::Model(ModelConfig config, ModelWeights weights)
-    : config_(std::move(config)), weights_(std::move(weights)) {
+    : config_(std::move(config)),
+      weights_(std::move(weights)),
+      pools_(KvPagePools::create(config_)) {
   DSERVE_CHECK_MSG(static_cast<int64_t>(weights_.layers.size()) == config_.num_layers,
                    "weights and config disagree on the number of layers");
   tables_ = std::make_unique<Tables>(Tables{detail::RopeTables{

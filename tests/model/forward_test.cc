@@ -117,9 +117,13 @@ TEST_F(ForwardTest, StateHoldsThePoolsWithTheirSizes) {
       continue;
     }
     EXPECT_EQ(s.compressed_entries(), n / rate) << "layer " << l;
+    // One page per (started) 128-token block.
+    EXPECT_EQ(s.compressed.pages().size(), 1u) << "layer " << l;
+    EXPECT_EQ(s.compressed.rows_per_page(), 128 / rate) << "layer " << l;
     EXPECT_EQ(s.kv_compressor.pending_tokens(), n % rate) << "layer " << l;
     if (s.kind == AttentionKind::kCompressed) {
-      EXPECT_EQ(static_cast<int64_t>(s.index_keys.size()), (n / rate) * c.index_head_dim);
+      EXPECT_EQ(s.index_keys.rows(), n / rate);
+      EXPECT_EQ(s.index_keys.width(), c.index_head_dim);
       EXPECT_TRUE(s.kv_compressor.has_overlap());
       EXPECT_EQ(s.index_compressor.pending_tokens(), n % rate);
     }

@@ -40,13 +40,16 @@ class Model {
   Result<Tensor> forward(std::span<const int32_t> tokens, RequestState& state,
                          LogitsFor which = LogitsFor::kAllTokens) const;
 
-  // A fresh state for one request.
-  RequestState new_state() const { return RequestState(config_); }
+  // A fresh state for one request; its pages come from the model's pools.
+  RequestState new_state() const { return RequestState(config_, pools_); }
+  // The page pools every request of this model draws from (shared with a prefix store).
+  const KvPagePools& page_pools() const { return pools_; }
 
  private:
   struct Tables;
   ModelConfig config_;
   ModelWeights weights_;
+  KvPagePools pools_;
   std::unique_ptr<Tables> tables_;  // RoPE tables, built once
 };
 

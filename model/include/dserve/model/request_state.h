@@ -10,8 +10,10 @@
 // Owned by one request; not thread-safe. Moves are cheap; copies are deep (a snapshot).
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
+#include "dserve/kvstore/page_pool.h"
 #include "dserve/model/config.h"
 
 namespace dserve::model {
@@ -40,10 +42,11 @@ struct LayerState {
   // Pool 1 -- sliding window: kv of the last min(position, sliding_window - 1) tokens,
   // oldest first, [window_tokens, head_dim], RoPE applied.
   std::vector<float> window;
-  // Pool 2 -- compressed entries, [entries, head_dim], RoPE applied at each window's start.
-  std::vector<float> compressed;
-  // Pool 3 -- indexer keys (CSA only), [entries, index_head_dim], RoPE applied.
-  std::vector<float> index_keys;
+  // Pool 2 -- compressed entries, [entries, head_dim], RoPE applied at each window's start;
+  // paged, one page per 128-token block (kvstore::PagedRows).
+  kvstore::PagedRows compressed;
+  // Pool 3 -- indexer keys (CSA only), [entries, index_head_dim], RoPE applied; paged.
+  kvstore::PagedRows index_keys;
   // Snapshot-only compressor state.
   CompressorState kv_compressor;
   CompressorState index_compressor;
@@ -51,13 +54,26 @@ struct LayerState {
   int64_t window_tokens() const {
     return head_dim == 0 ? 0 : static_cast<int64_t>(window.size()) / head_dim;
   }
-  int64_t compressed_entries() const {
-    return head_dim == 0 ? 0 : static_cast<int64_t>(compressed.size()) / head_dim;
-  }
+  int64_t compressed_entries() const { return compressed.rows(); }
+};
+
+// The page pools of one model: per layer, the pool of its compressed entries (CSA and HCA
+// layers) and of its indexer keys (CSA layers); null where a layer has none. A page holds one
+// 128-token block's rows (kBlockTokens / rate of them). Requests of a model and its prefix
+// store share these pools, so pages move between them without copies.
+struct KvPagePools {
+  std::vector<std::shared_ptr<kvstore::PagePool>> compressed;
+  std::vector<std::shared_ptr<kvstore::PagePool>> index_keys;
+
+  static KvPagePools create(const ModelConfig& config);
+  uint64_t bytes_in_use() const;
 };
 
 class RequestState {
  public:
+  // A state whose pages come from `pools` (those of the model that will run it).
+  RequestState(const ModelConfig& config, const KvPagePools& pools);
+  // A state with pools of its own (tests, tools).
   explicit RequestState(const ModelConfig& config);
 
   // Tokens consumed so far: the position the next token will take.

@@ -1,0 +1,78 @@
+#include "dserve/kvstore/block.h"
+
+#include <xxhash.h>
+
+#include <cstdio>
+
+#include "dserve/core/check.h"
+
+namespace dserve::kvstore {
+
+std::string BlockKey::to_hex() const {
+  char buf[33];
+  std::snprintf(buf, sizeof(buf), "%016llx%016llx", static_cast<unsigned long long>(hi),
+                static_cast<unsigned long long>(lo));
+  return buf;
+}
+
+BlockKey root_key(std::string_view model_fingerprint) {
+  const XXH128_hash_t h = XXH3_128bits(model_fingerprint.data(), model_fingerprint.size());
+  return {h.high64, h.low64};
+}
+
+BlockKey chain_key(const BlockKey& parent, std::span<const int32_t> tokens) {
+  DSERVE_CHECK_MSG(static_cast<int64_t>(tokens.size()) == kBlockTokens,
+                   "a block holds exactly kBlockTokens tokens");
+  XXH3_state_t* state = XXH3_createState();
+  DSERVE_CHECK(state != nullptr);
+  XXH3_128bits_reset(state);
+  const uint64_t parent_words[2] = {parent.hi, parent.lo};
+  XXH3_128bits_update(state, parent_words, sizeof(parent_words));
+  XXH3_128bits_update(state, tokens.data(), tokens.size_bytes());
+  const XXH128_hash_t h = XXH3_128bits_digest(state);
+  XXH3_freeState(state);
+  return {h.high64, h.low64};
+}
+
+std::vector<BlockKey> block_keys(const BlockKey& root, std::span<const int32_t> tokens) {
+  std::vector<BlockKey> keys;
+  BlockKey parent = root;
+  for (size_t begin = 0; begin + kBlockTokens <= tokens.size(); begin += kBlockTokens) {
+    parent = chain_key(parent, tokens.subspan(begin, kBlockTokens));
+    keys.push_back(parent);
+  }
+  return keys;
+}
+
+std::string_view pool_name(Pool pool) {
+  switch (pool) {
+    case Pool::kCompressed:
+      return "compressed";
+    case Pool::kIndexKeys:
+      return "index_keys";
+    case Pool::kSnapshot:
+      return "snapshot";
+  }
+  DSERVE_CHECK_MSG(false, "unknown pool");
+  return "";
+}
+
+int64_t PayloadLayout::floats() const {
+  int64_t n = 0;
+  for (const Segment& s : segments)
+    n += s.rows * s.width;
+  return n;
+}
+
+uint64_t PayloadLayout::digest() const {
+  std::vector<int64_t> words;
+  words.reserve(segments.size() * 3);
+  for (const Segment& s : segments) {
+    words.push_back(s.rows);
+    words.push_back(s.width);
+    words.push_back(s.rope_channels);
+  }
+  return XXH3_64bits(words.data(), words.size() * sizeof(int64_t));
+}
+
+}  // namespace dserve::kvstore
