@@ -11,6 +11,7 @@
 #include "dserve/model/checkpoint.h"
 #include "dserve/model/config.h"
 #include "dserve/model/model.h"
+#include "dserve/model/prefix_cache.h"
 #include "dserve/model/sampler.h"
 #include "dserve/model/tokenizer.h"
 
@@ -24,6 +25,10 @@ struct GenerateOptions {
   int64_t max_tokens = 64;
   int64_t prefill_chunk = 512;
   model::SamplingParams sampling;
+  // Prefix store: reuse and keep the prompt's 128-token blocks (RocksDB at kv_store_dir).
+  std::string kv_store_dir;
+  uint64_t kv_store_mib = 4096;
+  int64_t kv_snapshot_every = 4;
 };
 
 using Clock = std::chrono::steady_clock;
@@ -75,13 +80,44 @@ int run_generate(const GenerateOptions& o) {
   std::fprintf(stderr, "dserve: loaded %s in %.2f s; prompt: %zu tokens\n", o.model_dir.c_str(),
                seconds_since(load_start), ids.size());
 
+  std::unique_ptr<model::PrefixCache> cache;
+  if (!o.kv_store_dir.empty()) {
+    auto fingerprint = model::checkpoint_fingerprint(o.model_dir);
+    if (!fingerprint.is_ok()) {
+      print_error(fingerprint.status().to_string());
+      return 1;
+    }
+    kvstore::PrefixStoreOptions options;
+    options.disk_path = o.kv_store_dir;
+    options.disk_capacity_bytes = o.kv_store_mib << 20;
+    options.snapshot_every_blocks = o.kv_snapshot_every;
+    auto opened = model::PrefixCache::open(model, *fingerprint, options);
+    if (!opened.is_ok()) {
+      print_error("--kv-store " + o.kv_store_dir + ": " + opened.status().to_string());
+      return 1;
+    }
+    cache = std::move(opened).value();
+  }
+
   model::RequestState state = model.new_state();
   model::Sampler sampler(o.sampling);
   model::StreamDecoder stream(*tokenizer);
 
   const auto prefill_start = Clock::now();
   Tensor logits;
-  for (size_t begin = 0; begin < ids.size(); begin += static_cast<size_t>(o.prefill_chunk)) {
+  int64_t reused = 0;
+  if (cache) {
+    auto r = cache->prefill(ids, o.prefill_chunk);
+    if (!r.is_ok()) {
+      print_error(r.status().to_string());
+      return 2;
+    }
+    state = std::move(r->state);
+    logits = std::move(r->last_logits);
+    reused = r->reused_tokens;
+  }
+  for (size_t begin = static_cast<size_t>(state.position()); begin < ids.size();
+       begin += static_cast<size_t>(o.prefill_chunk)) {
     const size_t count = std::min(ids.size() - begin, static_cast<size_t>(o.prefill_chunk));
     auto r =
         model.forward(std::span(ids).subspan(begin, count), state, model::LogitsFor::kLastToken);
@@ -120,6 +156,11 @@ int run_generate(const GenerateOptions& o) {
   std::fputs("\n", stdout);
   std::fflush(stdout);
   const double decode_s = seconds_since(decode_start);
+  if (cache) {
+    cache->store().flush();
+    std::fprintf(stderr, "dserve: prefix store %s: reused %lld of %zu prompt tokens\n",
+                 o.kv_store_dir.c_str(), static_cast<long long>(reused), ids.size());
+  }
   std::fprintf(stderr,
                "dserve: prefill %zu tokens in %.3f s (%.1f tok/s); decode %lld tokens in %.3f s "
                "(%.1f tok/s)\n",
@@ -153,6 +194,15 @@ Command add_generate_command(CLI::App& app) {
   cmd->add_option("--seed", o->sampling.seed, "sampling seed")->capture_default_str();
   cmd->add_option("--prefill-chunk", o->prefill_chunk, "prompt tokens per forward call")
       ->capture_default_str();
+  cmd->add_option("--kv-store", o->kv_store_dir,
+                  "prefix store directory (RocksDB): reuse and keep the prompt's 128-token blocks "
+                  "across runs");
+  cmd->add_option("--kv-store-mib", o->kv_store_mib, "disk capacity of the prefix store")
+      ->capture_default_str();
+  cmd->add_option("--kv-snapshot-every", o->kv_snapshot_every,
+                  "keep a state snapshot every N blocks (and at the prompt's last whole block)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   return [o] { return run_generate(*o); };
 }
 

@@ -31,3 +31,16 @@ namespace dserve::model {
 Result<ModelWeights> load_checkpoint(const std::string& model_dir, const ModelConfig& config);
 
 }  // namespace dserve::model
+
+namespace dserve::model {
+
+// A short string that changes whenever the checkpoint in `model_dir` does: XXH3-128 over
+// config.json and, per safetensors file (by name), its size, its header and 64 evenly spaced
+// 64 KiB samples of its data, so that it costs milliseconds on a checkpoint of any size. Used
+// as the prefix store's model fingerprint (with the numerics version, kForwardNumerics).
+Result<std::string> checkpoint_fingerprint(const std::string& model_dir);
+
+// Changes whenever the forward pass's arithmetic does (and with it every cached block).
+inline constexpr const char* kForwardNumerics = "cpu-fp32-1";
+
+}  // namespace dserve::model

@@ -1,0 +1,54 @@
+#pragma once
+// PrefixCache: prefill that reuses what a kvstore::PrefixStore holds and gives it every whole
+// block it computes. The result is the same as a cold prefill: a restored block-end state is
+// bit-for-bit the state that was stored (with the lossless codec), and the forward does not
+// depend on how a prompt is split (tests/model/prefix_cache_test.cc).
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string_view>
+
+#include "dserve/core/status.h"
+#include "dserve/kvstore/prefix_store.h"
+#include "dserve/model/kv_blocks.h"
+#include "dserve/model/model.h"
+
+namespace dserve::model {
+
+struct PrefillResult {
+  RequestState state;
+  Tensor last_logits;           // [1, vocab]: the prompt's last token
+  int64_t reused_tokens = 0;    // restored from the store
+  int64_t computed_tokens = 0;  // run through the forward
+  std::array<int64_t, kvstore::kTierCount> reused_blocks_from_tier{};
+};
+
+class PrefixCache {
+ public:
+  // `fingerprint` names the checkpoint (checkpoint_fingerprint of its directory). Fails when
+  // the model cannot be cut into blocks (kv_block_layout) or the store cannot open.
+  static Result<std::unique_ptr<PrefixCache>> open(const Model& model, std::string_view fingerprint,
+                                                   kvstore::PrefixStoreOptions options);
+
+  // Restores the longest stored prefix of `prompt`, computes the rest in chunks of at most
+  // `max_chunk` tokens (cut at the block ends that get a snapshot) and inserts every whole
+  // block it computed. InvalidArgument/OutOfRange for an empty prompt or a bad token id.
+  Result<PrefillResult> prefill(std::span<const int32_t> prompt, int64_t max_chunk = 2048);
+
+  kvstore::PrefixStore& store() { return *store_; }
+  const KvBlockLayout& layout() const { return layout_; }
+
+ private:
+  PrefixCache(const Model& model, KvBlockLayout layout,
+              std::unique_ptr<kvstore::PrefixStore> store);
+  const Model& model_;
+  KvBlockLayout layout_;
+  std::unique_ptr<kvstore::PrefixStore> store_;
+};
+
+// The store's view of a model's blocks.
+kvstore::BlockLayout store_layout(const KvBlockLayout& layout);
+
+}  // namespace dserve::model

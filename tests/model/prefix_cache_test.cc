@@ -1,0 +1,203 @@
+// Prefill through the prefix store: a hit at any block boundary, served from any tier (device
+// pages, host memory, RocksDB, RocksDB after a restart), gives the same greedy continuation as
+// a cold run, and the same logits to fp32 rounding with the lossless codec (the restored state
+// itself is bit for bit the stored one: kv_blocks_test).
+
+#include "dserve/model/prefix_cache.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+
+#include "dserve/core/random.h"
+#include "dserve/model/checkpoint.h"
+#include "dserve/model/sampler.h"
+#include "test_model.h"
+
+namespace dserve::model {
+namespace {
+
+namespace fs = std::filesystem;
+namespace kv = dserve::kvstore;
+
+constexpr int64_t kBlock = kv::kBlockTokens;
+constexpr int kGenerated = 8;
+
+std::vector<int32_t> random_tokens(int64_t n, uint64_t seed) {
+  SplitMix64 rng(seed);
+  std::vector<int32_t> ids;
+  while (static_cast<int64_t>(ids.size()) < n)
+    ids.push_back(static_cast<int32_t>(1 + rng.below(128000)));
+  return ids;
+}
+
+struct Continuation {
+  std::vector<float> prompt_logits;  // the prompt's last token
+  std::vector<int32_t> generated;
+  int64_t reused = 0;
+  std::array<int64_t, kv::kTierCount> from_tier{};
+};
+
+Continuation greedy_decode(const Model& model, RequestState& state, Tensor last_logits) {
+  Continuation run;
+  run.prompt_logits.assign(last_logits.data(), last_logits.data() + last_logits.numel());
+  for (int i = 0; i < kGenerated; ++i) {
+    const int32_t next = argmax(std::span<const float>(last_logits.data(), last_logits.numel()));
+    run.generated.push_back(next);
+    auto logits = model.forward(std::span<const int32_t>(&next, 1), state, LogitsFor::kLastToken);
+    EXPECT_TRUE(logits.is_ok());
+    last_logits = std::move(*logits);
+  }
+  return run;
+}
+
+Continuation cold(const Model& model, std::span<const int32_t> prompt) {
+  RequestState state = model.new_state();
+  auto logits = model.forward(prompt, state, LogitsFor::kLastToken);
+  EXPECT_TRUE(logits.is_ok());
+  return greedy_decode(model, state, std::move(*logits));
+}
+
+Continuation warm(const Model& model, PrefixCache& cache, std::span<const int32_t> prompt) {
+  auto r = cache.prefill(prompt, 100);
+  EXPECT_TRUE(r.is_ok()) << r.status().to_string();
+  Continuation run = greedy_decode(model, r->state, std::move(r->last_logits));
+  run.reused = r->reused_tokens;
+  run.from_tier = r->reused_blocks_from_tier;
+  return run;
+}
+
+class PrefixCacheTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("dserve-prefix-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    auto fp = checkpoint_fingerprint(testing_support::tiny_model_dir());
+    ASSERT_TRUE(fp.is_ok()) << fp.status().to_string();
+    fingerprint_ = *fp;
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::unique_ptr<PrefixCache> open(kv::PrefixStoreOptions options) {
+    options.snapshot_every_blocks = 1;
+    auto cache = PrefixCache::open(testing_support::tiny_model(), fingerprint_, options);
+    EXPECT_TRUE(cache.is_ok()) << cache.status().to_string();
+    return cache.is_ok() ? std::move(*cache) : nullptr;
+  }
+
+  // For every block boundary b of a 5-block base prompt: a request sharing the first b blocks
+  // and then diverging is served b blocks from `expected` and continues exactly like a cold run.
+  void check_every_boundary(PrefixCache& cache, kv::Tier expected, bool populate = true) {
+    const Model& model = testing_support::tiny_model();
+    const auto base = random_tokens(5 * kBlock + 37, 1);
+    if (populate) {
+      ASSERT_TRUE(cache.prefill(base).is_ok());
+    }
+    for (int64_t b = 1; b <= 5; ++b) {
+      std::vector<int32_t> prompt(base.begin(), base.begin() + b * kBlock);
+      const auto tail = random_tokens(45, 100 + static_cast<uint64_t>(b));
+      prompt.insert(prompt.end(), tail.begin(), tail.end());
+      const Continuation want = cold(model, prompt);
+      const Continuation got = warm(model, cache, prompt);
+      EXPECT_EQ(got.reused, b * kBlock) << "boundary " << b;
+      EXPECT_EQ(got.from_tier[static_cast<size_t>(expected)], b) << "boundary " << b;
+      EXPECT_EQ(got.generated, want.generated) << "boundary " << b;
+      ASSERT_EQ(got.prompt_logits.size(), want.prompt_logits.size());
+      // The cold run computes the prompt in one call, the warm one only its tail: the forward
+      // is chunk-invariant to fp32 rounding (forward_test), not bit for bit.
+      double diff = 0.0, scale = 1.0;
+      for (size_t i = 0; i < want.prompt_logits.size(); ++i) {
+        diff = std::max(
+            diff, static_cast<double>(std::abs(got.prompt_logits[i] - want.prompt_logits[i])));
+        scale = std::max(scale, static_cast<double>(std::abs(want.prompt_logits[i])));
+      }
+      EXPECT_LT(diff / scale, 1e-4) << "boundary " << b;
+      // Serve the next boundary from the same tier again.
+      if (expected != kv::Tier::kDevice) cache.store().flush();
+    }
+  }
+
+  fs::path dir_;
+  std::string fingerprint_;
+};
+
+TEST_F(PrefixCacheTest, HitFromDevicePagesAtEveryBoundary) {
+  auto cache = open({});
+  ASSERT_NE(cache, nullptr);
+  check_every_boundary(*cache, kv::Tier::kDevice);
+  const auto m = cache->store().metrics();
+  EXPECT_EQ(m.hits, 5u);
+  EXPECT_EQ(m.hit_tokens, 15u * kBlock);
+}
+
+TEST_F(PrefixCacheTest, HitFromHostMemoryAtEveryBoundary) {
+  kv::PrefixStoreOptions o;
+  o.device_capacity_bytes = 0;  // everything not in use moves to the host tier
+  auto cache = open(o);
+  ASSERT_NE(cache, nullptr);
+  check_every_boundary(*cache, kv::Tier::kHost);
+  EXPECT_GT(cache->store().metrics().tiers[static_cast<size_t>(kv::Tier::kHost)].bytes, 0u);
+}
+
+TEST_F(PrefixCacheTest, HitFromRocksDbAtEveryBoundaryAndAfterARestart) {
+  kv::PrefixStoreOptions o;
+  o.device_capacity_bytes = 0;
+  o.host_capacity_bytes = 0;
+  o.disk_path = (dir_ / "kv").string();
+  {
+    auto cache = open(o);
+    ASSERT_NE(cache, nullptr);
+    check_every_boundary(*cache, kv::Tier::kDisk);
+  }
+  // A new store on the same files: the index is empty, the blocks are found by key.
+  auto again = open(o);
+  ASSERT_NE(again, nullptr);
+  check_every_boundary(*again, kv::Tier::kDisk, /*populate=*/false);
+}
+
+TEST_F(PrefixCacheTest, OtherCheckpointNeverShares) {
+  auto cache = open({});
+  ASSERT_NE(cache, nullptr);
+  const auto prompt = random_tokens(3 * kBlock + 5, 9);
+  ASSERT_TRUE(cache->prefill(prompt).is_ok());
+  auto other = PrefixCache::open(testing_support::tiny_model(), fingerprint_ + "-other", {});
+  ASSERT_TRUE(other.is_ok());
+  EXPECT_NE((*other)->store().root(), cache->store().root());
+  const auto r = cache->prefill(prompt);
+  ASSERT_TRUE(r.is_ok());
+  EXPECT_EQ(r->reused_tokens, 3 * kBlock);
+}
+
+TEST_F(PrefixCacheTest, SnapshotsEveryKBlocksShortenHitsToTheLastSnapshot) {
+  const Model& model = testing_support::tiny_model();
+  auto cache = PrefixCache::open(model, fingerprint_, [] {
+    kv::PrefixStoreOptions o;
+    o.snapshot_every_blocks = 4;
+    return o;
+  }());
+  ASSERT_TRUE(cache.is_ok());
+  const auto base = random_tokens(7 * kBlock + 3, 4);
+  ASSERT_TRUE((*cache)->prefill(base).is_ok());
+  // Snapshots at the ends of blocks 4 and 7 (the sequence's last whole block); each request
+  // adds one at its own last whole block.
+  for (const auto& [shared, want] :
+       std::vector<std::pair<int64_t, int64_t>>{{3, 0}, {5, 4}, {6, 5}, {7, 7}}) {
+    std::vector<int32_t> prompt(base.begin(), base.begin() + shared * kBlock);
+    const auto tail = random_tokens(20, 50 + static_cast<uint64_t>(shared));
+    prompt.insert(prompt.end(), tail.begin(), tail.end());
+    auto r = (*cache)->prefill(prompt);
+    ASSERT_TRUE(r.is_ok());
+    EXPECT_EQ(r->reused_tokens, want * kBlock) << "shared " << shared;
+    const Continuation a = greedy_decode(model, r->state, r->last_logits);
+    const Continuation b = cold(model, prompt);
+    EXPECT_EQ(a.generated, b.generated) << "shared " << shared;
+  }
+}
+
+}  // namespace
+}  // namespace dserve::model
