@@ -125,6 +125,62 @@ void print_store(const kv::PrefixStoreMetrics& m) {
   }
 }
 
+// The effect of the FP8 codec: a prompt whose first `blocks` blocks come back from the host
+// tier through `codec`, against the same prompt computed cold. Logits of every tail position.
+void fp8_effect(const model::Model& m, const std::string& fingerprint, int64_t blocks) {
+  SplitMix64 rng(77);
+  std::vector<int32_t> prompt;
+  const int64_t tail = 32;
+  for (int64_t i = 0; i < blocks * kv::kBlockTokens + tail; ++i)
+    prompt.push_back(static_cast<int32_t>(1 + rng.below(128000)));
+  const auto head = std::span(prompt).first(static_cast<size_t>(blocks * kv::kBlockTokens));
+  const auto rest = std::span(prompt).subspan(head.size());
+  model::RequestState cold = m.new_state();
+  (void)m.forward(head, cold, model::LogitsFor::kLastToken);
+  const auto want = m.forward(rest, cold, model::LogitsFor::kAllTokens);
+  for (kv::Codec codec : {kv::Codec::kLossless, kv::Codec::kFp8}) {
+    kv::PrefixStoreOptions o;
+    o.device_capacity_bytes = 0;  // every block comes back from the host tier, decoded
+    o.host_codec = codec;
+    o.snapshot_every_blocks = 1;
+    auto cache = model::PrefixCache::open(m, fingerprint, o);
+    if (!cache.is_ok()) throw std::runtime_error(cache.status().to_string());
+    (void)(*cache)->prefill(std::span(prompt).first(head.size() + 1));
+    auto r = (*cache)->prefill(std::span(prompt).first(head.size() + 1));
+    if (!r.is_ok() || r->reused_tokens != blocks * kv::kBlockTokens) {
+      throw std::runtime_error("fp8 effect: the prefix was not reused");
+    }
+    // r->state stands after head + 1 token; continue with the rest of the tail.
+    auto got_rest = m.forward(rest.subspan(1), r->state, model::LogitsFor::kAllTokens);
+    const int64_t vocab = m.config().vocab_size;
+    double max_abs = 0, max_logit = 0;
+    int64_t agree = 0;
+    for (int64_t t = 0; t < tail; ++t) {
+      const float* w = want->data() + t * vocab;
+      const float* g = t == 0 ? r->last_logits.data() : got_rest->data() + (t - 1) * vocab;
+      for (int64_t v = 0; v < vocab; ++v) {
+        max_abs = std::max(max_abs, static_cast<double>(std::abs(w[v] - g[v])));
+        max_logit = std::max(max_logit, static_cast<double>(std::abs(w[v])));
+      }
+      agree += model::argmax({w, static_cast<size_t>(vocab)}) ==
+                       model::argmax({g, static_cast<size_t>(vocab)})
+                   ? 1
+                   : 0;
+    }
+    const auto bytes =
+        kv::encoded_size(kv::Pool::kCompressed, codec, (*cache)->layout().compressed);
+    std::printf(
+        "  codec %-8s: compressed entries %zu bytes per block (%.1f B/token over %zu layers); "
+        "%lld reused blocks, %lld tail positions: max |logit diff| %.3g (max |logit| %.3g), "
+        "argmax agrees %lld/%lld\n",
+        std::string(kv::codec_name(codec)).c_str(), bytes,
+        static_cast<double>(bytes) / kv::kBlockTokens,
+        (*cache)->layout().compressed.segments.size(), static_cast<long long>(blocks),
+        static_cast<long long>(tail), max_abs, max_logit, static_cast<long long>(agree),
+        static_cast<long long>(tail));
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -133,7 +189,8 @@ int main(int argc, char** argv) {
       disk_dir = (std::filesystem::temp_directory_path() / "dserve-prefix-bench").string();
   int64_t requests = 64, system_tokens = 4096, tail_tokens = 256, sweep_system_tokens = 4000;
   uint64_t device_mib = 1024, host_mib = 4096;
-  bool skip_off = false, sweep = true;
+  bool skip_off = false, sweep = true, only_fp8 = false;
+  int64_t fp8_blocks = 4;
   app.add_option("--model", model_dir,
                  "checkpoint directory (e.g. dserve model init --preset small)")
       ->required();
@@ -147,6 +204,8 @@ int main(int argc, char** argv) {
                  "system prompt length of the snapshot sweep");
   app.add_flag("--skip-off", skip_off, "do not run the store-off baseline");
   app.add_flag("!--no-sweep", sweep, "skip the snapshot-interval sweep");
+  app.add_flag("--fp8-effect-only", only_fp8, "only measure the FP8 codec's effect on logits");
+  app.add_option("--fp8-blocks", fp8_blocks, "reused blocks in the FP8 measurement");
   CLI11_PARSE(app, argc, argv);
 
   auto config = model::load_model_config(model_dir);
@@ -172,6 +231,9 @@ int main(int argc, char** argv) {
       static_cast<long long>(system_tokens), static_cast<long long>(tail_tokens),
       std::thread::hardware_concurrency());
 
+  std::printf("FP8 codec against lossless, host tier:\n");
+  fp8_effect(m, *fingerprint, fp8_blocks);
+  if (only_fp8) return 0;
   const Workload w = make_workload(requests, system_tokens, tail_tokens);
   auto make_cache = [&](int64_t every) {
     std::filesystem::remove_all(disk_dir);

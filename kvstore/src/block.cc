@@ -3,6 +3,7 @@
 #include <xxhash.h>
 
 #include <cstdio>
+#include <cstring>
 
 #include "dserve/core/check.h"
 
@@ -23,14 +24,12 @@ BlockKey root_key(std::string_view model_fingerprint) {
 BlockKey chain_key(const BlockKey& parent, std::span<const int32_t> tokens) {
   DSERVE_CHECK_MSG(static_cast<int64_t>(tokens.size()) == kBlockTokens,
                    "a block holds exactly kBlockTokens tokens");
-  XXH3_state_t* state = XXH3_createState();
-  DSERVE_CHECK(state != nullptr);
-  XXH3_128bits_reset(state);
-  const uint64_t parent_words[2] = {parent.hi, parent.lo};
-  XXH3_128bits_update(state, parent_words, sizeof(parent_words));
-  XXH3_128bits_update(state, tokens.data(), tokens.size_bytes());
-  const XXH128_hash_t h = XXH3_128bits_digest(state);
-  XXH3_freeState(state);
+  // One contiguous buffer (parent key, then the tokens) hashed in one call: no hash state.
+  uint8_t buf[2 * sizeof(uint64_t) + kBlockTokens * sizeof(int32_t)];
+  std::memcpy(buf, &parent.hi, sizeof(uint64_t));
+  std::memcpy(buf + sizeof(uint64_t), &parent.lo, sizeof(uint64_t));
+  std::memcpy(buf + 2 * sizeof(uint64_t), tokens.data(), tokens.size_bytes());
+  const XXH128_hash_t h = XXH3_128bits(buf, sizeof(buf));
   return {h.high64, h.low64};
 }
 

@@ -2,6 +2,7 @@
 
 #include <rocksdb/write_batch.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -64,19 +65,32 @@ class DiskTier::Impl {
   Status load_catalogue() {
     std::unique_ptr<rocksdb::Iterator> it(db_->NewIterator(read_options_, catalogue_));
     std::vector<std::string> malformed;
+    std::vector<std::pair<SlotId, uint64_t>> entries;
     for (it->SeekToFirst(); it->Valid(); it->Next()) {
-      const auto entry = internal::parse_catalogue_entry(it->key(), it->value());
-      if (!entry) {
+      auto entry = internal::parse_catalogue_entry(it->key(), it->value());
+      if (entry) {
+        entries.push_back(*entry);
+      } else {
         malformed.push_back(it->key().ToString());
-        continue;
       }
-      const auto& [id, size] = *entry;
+    }
+    if (!it->status().ok())
+      return from_rocksdb(it->status(), "disk tier at '" + options_.path + "': reading catalogue");
+    // Recency is not persisted. Ordering by key rather than by (pool, key) keeps the payloads
+    // of one block together, so that eviction takes whole blocks rather than emptying one pool
+    // before touching the others.
+    std::sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) {
+      const BlockKey& x = a.first.key;
+      const BlockKey& y = b.first.key;
+      if (x.hi != y.hi) return x.hi < y.hi;
+      if (x.lo != y.lo) return x.lo < y.lo;
+      return a.first.pool < b.first.pool;
+    });
+    for (const auto& [id, size] : entries) {
       lru_.push_front(id);
       index_.emplace(id, Entry{size, lru_.begin(), next_generation_++});
       bytes_ += size;
     }
-    if (!it->status().ok())
-      return from_rocksdb(it->status(), "disk tier at '" + options_.path + "': reading catalogue");
     if (!malformed.empty()) {
       // Only a foreign writer produces these; drop them rather than refuse the whole store.
       rocksdb::WriteBatch batch;

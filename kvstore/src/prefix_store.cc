@@ -336,7 +336,17 @@ PrefixStore::Match PrefixStore::match(std::span<const int32_t> tokens) {
         Tier from;
         auto pages = ops.fetch(n, p, &from);
         if (!pages.is_ok()) {
-          path.resize(static_cast<size_t>(b));  // this block is gone; so is every match past it
+          // This block is gone, and with it every match past it: the caller recomputes them
+          // all and inserts them again. Their disk copies are dropped so that the fresh ones
+          // are written (the disk tier keeps the first value of a key), which also replaces
+          // any other bad value among them before a later request trips over it.
+          for (size_t later = static_cast<size_t>(b); later < path.size(); ++later) {
+            for (Pool q : kAllPools) {
+              if (s.disk && s.disk->contains(path[later]->key, q))
+                s.disk->erase(path[later]->key, q);
+            }
+          }
+          path.resize(static_cast<size_t>(b));
           ok = false;
           break;
         }

@@ -6,6 +6,7 @@
 #include "dserve/model/prefix_cache.h"
 
 #include <gtest/gtest.h>
+#include <rocksdb/db.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -197,6 +198,71 @@ TEST_F(PrefixCacheTest, SnapshotsEveryKBlocksShortenHitsToTheLastSnapshot) {
     const Continuation b = cold(model, prompt);
     EXPECT_EQ(a.generated, b.generated) << "shared " << shared;
   }
+}
+
+}  // namespace
+}  // namespace dserve::model
+
+namespace dserve::model {
+namespace {
+
+// Random byte flips in every stored value (through RocksDB itself, behind the store's back):
+// after a restart nothing corrupt is served; the request falls back to computing and still
+// continues exactly like a cold run.
+TEST_F(PrefixCacheTest, CorruptDiskValuesAreMissesNeverServed) {
+  kv::PrefixStoreOptions o;
+  o.device_capacity_bytes = 0;
+  o.host_capacity_bytes = 0;
+  o.disk_path = (dir_ / "kv").string();
+  const auto base = random_tokens(4 * kBlock + 10, 3);
+  {
+    auto cache = open(o);
+    ASSERT_NE(cache, nullptr);
+    ASSERT_TRUE(cache->prefill(base).is_ok());
+    cache->store().flush();
+  }
+  {
+    rocksdb::Options options;
+    std::vector<rocksdb::ColumnFamilyDescriptor> families{{rocksdb::kDefaultColumnFamilyName, {}}};
+    for (kv::Pool p : kv::kAllPools)
+      families.emplace_back(std::string(kv::pool_name(p)), rocksdb::ColumnFamilyOptions());
+    std::vector<rocksdb::ColumnFamilyHandle*> handles;
+    rocksdb::DB* raw = nullptr;
+    ASSERT_TRUE(rocksdb::DB::Open(options, o.disk_path, families, &handles, &raw).ok());
+    std::unique_ptr<rocksdb::DB> db(raw);
+    SplitMix64 rng(5);
+    int corrupted = 0;
+    for (size_t f = 1; f < handles.size(); ++f) {
+      std::vector<std::pair<std::string, std::string>> values;
+      std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(rocksdb::ReadOptions(), handles[f]));
+      for (it->SeekToFirst(); it->Valid(); it->Next())
+        values.emplace_back(it->key().ToString(), it->value().ToString());
+      for (auto& [key, value] : values) {
+        const size_t at = rng.below(value.size());
+        value[at] = static_cast<char>(value[at] ^ (1 << rng.below(8)));
+        ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), handles[f], key, value).ok());
+        ++corrupted;
+      }
+    }
+    EXPECT_GT(corrupted, 8);
+    for (auto* h : handles)
+      ASSERT_TRUE(db->DestroyColumnFamilyHandle(h).ok());
+  }
+  auto cache = open(o);
+  ASSERT_NE(cache, nullptr);
+  const Model& model = testing_support::tiny_model();
+  const Continuation got = warm(model, *cache, base);
+  EXPECT_EQ(got.reused, 0);
+  EXPECT_EQ(got.generated, cold(model, base).generated);
+  const auto m = cache->store().metrics();
+  EXPECT_GT(m.corrupt, 0u);
+  ASSERT_TRUE(m.disk.has_value());
+  EXPECT_GT(m.disk->corrupt, 0u);
+  // The recomputed blocks replaced the bad ones: the next request is served from disk.
+  cache->store().flush();
+  const Continuation again = warm(model, *cache, base);
+  EXPECT_EQ(again.reused, 4 * kBlock);
+  EXPECT_EQ(again.generated, got.generated);
 }
 
 }  // namespace

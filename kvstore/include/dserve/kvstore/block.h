@@ -42,11 +42,14 @@ struct BlockKeyHash {
 BlockKey root_key(std::string_view model_fingerprint);
 
 // The key of the block that follows `parent` and holds `tokens` (kBlockTokens of them).
+// Keys and layout digests hash the host's little-endian words; they are stored, so a
+// big-endian port must hash byte-swapped words to read existing stores.
 BlockKey chain_key(const BlockKey& parent, std::span<const int32_t> tokens);
 
 // The keys of every whole block of `tokens`, in order (a trailing partial block has none).
 std::vector<BlockKey> block_keys(const BlockKey& root, std::span<const int32_t> tokens);
 
+// The numeric values are stored (codec values, the disk tier's catalogue): never renumber.
 enum class Pool : uint8_t { kCompressed = 0, kIndexKeys = 1, kSnapshot = 2 };
 inline constexpr int kPoolCount = 3;
 inline constexpr Pool kAllPools[] = {Pool::kCompressed, Pool::kIndexKeys, Pool::kSnapshot};

@@ -12,10 +12,11 @@
 // On disk, one column family per pool (named by pool_name) holds key -> value, the key being
 // the 16 bytes of the BlockKey (hi then lo, each big-endian, so that RocksDB orders keys as
 // numbers). The "default" column family is the catalogue: (pool byte, key) -> value size as a
-// little-endian u64, written in the same atomic batch as the value. open() rebuilds the byte
-// accounting from the catalogue alone, without reading the values back (a tier of gigabytes
-// opens in the time it takes to read a few megabytes). Recency is not persisted: after open,
-// blocks are ordered for eviction by catalogue (key) order, which is as good as random.
+// little-endian u64, written in the same atomic batch as the value. open() rebuilds the index
+// from the catalogue alone, reading some 30 bytes per value instead of the values themselves
+// (which a plain scan of the pool families would read, kilobytes to megabytes each). Recency is
+// not persisted: after open, blocks are ordered for eviction by key, an arbitrary order that
+// keeps the pools of one block together. The numeric values of Pool are part of this format.
 //
 // Durability: writes go through RocksDB's write-ahead log and the DB is opened with
 // point-in-time WAL recovery, so after a crash (kill -9) it reopens holding a prefix of the
@@ -102,9 +103,8 @@ class DiskTier {
   // The store's directory.
   const std::string& path() const;
 
-  class Impl;
-
  private:
+  class Impl;
   explicit DiskTier(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
