@@ -14,13 +14,15 @@ namespace dserve {
 
 enum class StatusCode {
   kOk = 0,
-  kInvalidArgument,  // the caller's input is malformed (file, flag, prompt, token id)
-  kNotFound,         // a named thing (file, tensor, key) does not exist
-  kOutOfRange,       // a value is outside what is supported (id past the vocabulary)
-  kDataLoss,         // stored or received bytes are truncated or corrupt
-  kUnimplemented,    // a valid request this build cannot serve
-  kUnavailable,      // a resource is temporarily missing (device, peer)
-  kInternal,         // an unexpected failure of a dependency
+  kInvalidArgument,    // the caller's input is malformed (file, flag, prompt, token id)
+  kNotFound,           // a named thing (file, tensor, key) does not exist
+  kOutOfRange,         // a value is outside what is supported (id past the vocabulary)
+  kDataLoss,           // stored or received bytes are truncated or corrupt
+  kUnimplemented,      // a valid request this build cannot serve
+  kUnavailable,        // a resource is temporarily missing (device, peer)
+  kInternal,           // an unexpected failure of a dependency
+  kResourceExhausted,  // a limit is reached (batch, queue, capacity): retry later or elsewhere
+  kDeadlineExceeded,   // the caller's deadline passed before the work was done
 };
 
 std::string_view status_code_name(StatusCode code);
@@ -63,6 +65,12 @@ inline Status unimplemented(std::string msg) {
 }
 inline Status unavailable(std::string msg) {
   return {StatusCode::kUnavailable, std::move(msg)};
+}
+inline Status resource_exhausted(std::string msg) {
+  return {StatusCode::kResourceExhausted, std::move(msg)};
+}
+inline Status deadline_exceeded(std::string msg) {
+  return {StatusCode::kDeadlineExceeded, std::move(msg)};
 }
 inline Status internal_error(std::string msg) {
   return {StatusCode::kInternal, std::move(msg)};

@@ -75,6 +75,8 @@ class RequestState {
   RequestState(const ModelConfig& config, const KvPagePools& pools);
   // A state with pools of its own (tests, tools).
   explicit RequestState(const ModelConfig& config);
+  // No model's state (no layers): a placeholder to assign a real one to. forward() refuses it.
+  RequestState() = default;
 
   // Tokens consumed so far: the position the next token will take.
   int64_t position() const { return position_; }

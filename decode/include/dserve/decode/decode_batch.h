@@ -1,0 +1,84 @@
+#pragma once
+// DecodeBatch: the decode worker's continuous batch. Requests join between steps (with the
+// state a prefill left them in and the logits of their prompt's last token), and every step
+// makes one token for each of them; they leave when they sample the end-of-sequence token,
+// reach their token limit or deadline, are cancelled, or fail. A request that leaves drops
+// its state at once, so its pages go back to the model's pools before the next step.
+//
+// Each request's forward runs on its own state exactly as `dserve generate` runs it (one
+// token per call), so the tokens are the same as a generate of the same prompt with the same
+// sampling parameters. Not thread-safe: one owner (the worker's loop) calls it.
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "dserve/core/status.h"
+#include "dserve/kernels/tensor.h"
+#include "dserve/model/model.h"
+#include "dserve/model/request_state.h"
+#include "dserve/model/sampler.h"
+
+namespace dserve::decode {
+
+using Clock = std::chrono::steady_clock;
+
+struct DecodeRequest {
+  uint64_t id = 0;
+  model::RequestState state;  // after the prompt
+  Tensor prompt_logits;       // [1, vocab]: the prompt's last token
+  model::SamplingParams sampling;
+  int64_t max_tokens = 64;  // tokens to sample at most, the end-of-sequence token included
+  std::optional<Clock::time_point> deadline;
+};
+
+enum class FinishReason { kNone, kEndOfSequence, kMaxTokens, kCancelled, kDeadline, kError };
+std::string_view finish_reason_name(FinishReason reason);
+
+// What one step produced for one request: a token, or the request's end, or both (the last
+// token and its end). A token is never the end-of-sequence token itself.
+struct TokenEvent {
+  uint64_t request_id = 0;
+  std::optional<int32_t> token;
+  int64_t index = 0;  // the token's position in the request's output (0 = first)
+  FinishReason finished = FinishReason::kNone;
+  Status error;  // set when finished == kError
+};
+
+struct DecodeOptions {
+  int64_t max_batch = 64;  // requests decoding at once
+};
+
+class DecodeBatch {
+ public:
+  DecodeBatch(const model::Model& model, DecodeOptions options);
+
+  // ResourceExhausted when max_batch requests are decoding; InvalidArgument for an id that is
+  // already in the batch, a state of another position than its logits' prompt, or bad
+  // sampling parameters.
+  Status add(DecodeRequest request);
+  // Ends a request at the next step (a kCancelled event); unknown ids are ignored (it may
+  // have finished already).
+  void cancel(uint64_t id);
+  // One token for every request in the batch, in the order they joined.
+  std::vector<TokenEvent> step();
+
+  size_t size() const { return slots_.size(); }
+  bool empty() const { return slots_.empty(); }
+
+ private:
+  struct Slot {
+    DecodeRequest request;
+    model::Sampler sampler;
+    Tensor logits;
+    int64_t produced = 0;
+    bool cancelled = false;
+  };
+  const model::Model& model_;
+  DecodeOptions options_;
+  std::vector<std::unique_ptr<Slot>> slots_;
+};
+
+}  // namespace dserve::decode

@@ -1,0 +1,110 @@
+#include "dserve/decode/decode_batch.h"
+
+#include <algorithm>
+#include <string>
+
+namespace dserve::decode {
+
+std::string_view finish_reason_name(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kNone:
+      return "none";
+    case FinishReason::kEndOfSequence:
+      return "end_of_sequence";
+    case FinishReason::kMaxTokens:
+      return "max_tokens";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kDeadline:
+      return "deadline";
+    case FinishReason::kError:
+      return "error";
+  }
+  return "?";
+}
+
+DecodeBatch::DecodeBatch(const model::Model& model, DecodeOptions options)
+    : model_(model), options_(options) {}
+
+Status DecodeBatch::add(DecodeRequest request) {
+  if (static_cast<int64_t>(slots_.size()) >= options_.max_batch) {
+    return resource_exhausted("the decode batch is full (" + std::to_string(options_.max_batch) +
+                              " requests); request " + std::to_string(request.id) + " must wait");
+  }
+  for (const auto& s : slots_) {
+    if (s->request.id == request.id) {
+      return invalid_argument("request " + std::to_string(request.id) + " is already decoding");
+    }
+  }
+  if (request.prompt_logits.numel() != model_.config().vocab_size) {
+    return invalid_argument("request " + std::to_string(request.id) + ": prompt logits of " +
+                            std::to_string(request.prompt_logits.numel()) + " values, expected " +
+                            std::to_string(model_.config().vocab_size));
+  }
+  if (request.state.position() == 0) {
+    return invalid_argument("request " + std::to_string(request.id) +
+                            ": its state has seen no prompt");
+  }
+  if (request.max_tokens < 1) {
+    return invalid_argument("request " + std::to_string(request.id) + ": max_tokens must be >= 1");
+  }
+  DSERVE_RETURN_IF_ERROR(model::validate_sampling_params(request.sampling));
+  auto slot =
+      std::make_unique<Slot>(Slot{std::move(request), model::Sampler({}), Tensor(), 0, false});
+  slot->sampler = model::Sampler(slot->request.sampling);
+  slot->logits = std::move(slot->request.prompt_logits);
+  slots_.push_back(std::move(slot));
+  return Status::ok();
+}
+
+void DecodeBatch::cancel(uint64_t id) {
+  for (auto& s : slots_) {
+    if (s->request.id == id) s->cancelled = true;
+  }
+}
+
+std::vector<TokenEvent> DecodeBatch::step() {
+  std::vector<TokenEvent> events;
+  events.reserve(slots_.size());
+  const auto now = Clock::now();
+  const auto eos = static_cast<int32_t>(model_.config().eos_token_id);
+  for (auto& s : slots_) {
+    TokenEvent e;
+    e.request_id = s->request.id;
+    e.index = s->produced;
+    if (s->cancelled) {
+      e.finished = FinishReason::kCancelled;
+    } else if (s->request.deadline && now >= *s->request.deadline) {
+      e.finished = FinishReason::kDeadline;
+    } else {
+      const int32_t token = s->sampler.sample(s->logits.span());
+      ++s->produced;
+      if (token == eos) {
+        e.finished = FinishReason::kEndOfSequence;
+      } else {
+        e.token = token;
+        if (s->produced >= s->request.max_tokens) {
+          e.finished = FinishReason::kMaxTokens;
+        } else {
+          const int32_t one[1] = {token};
+          auto logits = model_.forward(one, s->request.state, model::LogitsFor::kLastToken);
+          if (logits.is_ok()) {
+            s->logits = std::move(logits).value();
+          } else {
+            e.finished = FinishReason::kError;
+            e.error = logits.status();
+          }
+        }
+      }
+    }
+    events.push_back(std::move(e));
+  }
+  // Finished requests leave now; their states (and pages) go with them.
+  size_t i = 0;
+  std::erase_if(slots_, [&](const std::unique_ptr<Slot>&) {
+    return events[i++].finished != FinishReason::kNone;
+  });
+  return events;
+}
+
+}  // namespace dserve::decode

@@ -1,0 +1,156 @@
+// The continuous batch: requests joining and leaving between steps get exactly the tokens a
+// one-request generate loop gives them; cancellation, deadlines and limits end requests and
+// return their pages.
+
+#include "dserve/decode/decode_batch.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+
+#include "dserve/core/random.h"
+#include "test_model.h"
+
+namespace dserve::decode {
+namespace {
+
+using model::testing_support::tiny_model;
+
+std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
+  SplitMix64 rng(seed);
+  std::vector<int32_t> ids{0};
+  while (static_cast<int64_t>(ids.size()) < n)
+    ids.push_back(static_cast<int32_t>(1 + rng.below(128000)));
+  return ids;
+}
+
+model::SamplingParams sampling_for(uint64_t i) {
+  model::SamplingParams p;
+  if (i % 2 == 1) {  // every other request samples
+    p.temperature = 0.9f;
+    p.top_p = 0.9f;
+    p.top_k = 50;
+    p.seed = 100 + i;
+  }
+  return p;
+}
+
+DecodeRequest prefilled(uint64_t id, const std::vector<int32_t>& prompt, int64_t max_tokens) {
+  const model::Model& m = tiny_model();
+  DecodeRequest r;
+  r.id = id;
+  r.state = m.new_state();
+  for (size_t begin = 0; begin < prompt.size(); begin += 512) {
+    const size_t n = std::min<size_t>(512, prompt.size() - begin);
+    auto logits =
+        m.forward(std::span(prompt).subspan(begin, n), r.state, model::LogitsFor::kLastToken);
+    EXPECT_TRUE(logits.is_ok());
+    r.prompt_logits = std::move(*logits);
+  }
+  r.sampling = sampling_for(id);
+  r.max_tokens = max_tokens;
+  return r;
+}
+
+// What `dserve generate` does for one prompt: sample, stop at EOS or the limit, else forward.
+std::vector<int32_t> generate_alone(const std::vector<int32_t>& prompt, uint64_t id,
+                                    int64_t max_tokens) {
+  const model::Model& m = tiny_model();
+  DecodeRequest r = prefilled(id, prompt, max_tokens);
+  model::Sampler sampler(r.sampling);
+  Tensor logits = std::move(r.prompt_logits);
+  std::vector<int32_t> out;
+  for (int64_t produced = 0; produced < max_tokens;) {
+    const int32_t t = sampler.sample(logits.span());
+    ++produced;
+    if (t == m.config().eos_token_id) break;
+    out.push_back(t);
+    if (produced == max_tokens) break;
+    const int32_t one[1] = {t};
+    logits = std::move(*m.forward(one, r.state, model::LogitsFor::kLastToken));
+  }
+  return out;
+}
+
+TEST(DecodeBatch, RequestsJoiningBetweenStepsGetTheTokensOfAGenerateAlone) {
+  const model::Model& m = tiny_model();
+  DecodeBatch batch(m, {.max_batch = 8});
+  std::map<uint64_t, std::vector<int32_t>> prompts, got;
+  std::map<uint64_t, int64_t> limits;
+  for (uint64_t id = 1; id <= 6; ++id) {
+    prompts[id] = prompt_of(20 + static_cast<int64_t>(id) * 37, id);
+    limits[id] = 5 + static_cast<int64_t>(id) * 3;
+  }
+  std::map<uint64_t, FinishReason> finished;
+  uint64_t next = 1;
+  for (int step = 0; !batch.empty() || next <= 6; ++step) {
+    if (step % 3 == 0 && next <= 6) {  // two join every third step
+      for (int j = 0; j < 2 && next <= 6; ++j, ++next)
+        ASSERT_TRUE(batch.add(prefilled(next, prompts[next], limits[next])).is_ok());
+    }
+    for (const TokenEvent& e : batch.step()) {
+      if (e.token) {
+        EXPECT_EQ(e.index, static_cast<int64_t>(got[e.request_id].size()));
+        got[e.request_id].push_back(*e.token);
+      }
+      if (e.finished != FinishReason::kNone) finished[e.request_id] = e.finished;
+    }
+  }
+  for (uint64_t id = 1; id <= 6; ++id) {
+    EXPECT_EQ(got[id], generate_alone(prompts[id], id, limits[id])) << "request " << id;
+    EXPECT_TRUE(finished[id] == FinishReason::kMaxTokens ||
+                finished[id] == FinishReason::kEndOfSequence)
+        << finish_reason_name(finished[id]);
+  }
+}
+
+TEST(DecodeBatch, CancelledAndExpiredRequestsLeaveAndReturnTheirPages) {
+  const model::Model& m = tiny_model();
+  const uint64_t before = m.page_pools().bytes_in_use();
+  {
+    DecodeBatch batch(m, {.max_batch = 4});
+    for (uint64_t id = 1; id <= 3; ++id)
+      ASSERT_TRUE(batch.add(prefilled(id, prompt_of(300, id), 1000)).is_ok());
+    DecodeRequest late = prefilled(4, prompt_of(300, 4), 1000);
+    late.deadline = Clock::now();  // already past at the first step
+    ASSERT_TRUE(batch.add(std::move(late)).is_ok());
+    EXPECT_GT(m.page_pools().bytes_in_use(), before);
+    EXPECT_EQ(batch.add(prefilled(5, prompt_of(10, 5), 3)).code(), StatusCode::kResourceExhausted);
+
+    auto events = batch.step();
+    ASSERT_EQ(events.size(), 4u);
+    EXPECT_EQ(events[3].finished, FinishReason::kDeadline);
+    EXPECT_EQ(batch.size(), 3u);
+    batch.cancel(2);
+    batch.cancel(77);  // unknown: ignored
+    events = batch.step();
+    EXPECT_EQ(events[1].request_id, 2u);
+    EXPECT_EQ(events[1].finished, FinishReason::kCancelled);
+    EXPECT_FALSE(events[1].token.has_value());
+    batch.cancel(1);
+    batch.cancel(3);
+    batch.step();
+    EXPECT_TRUE(batch.empty());
+    EXPECT_EQ(m.page_pools().bytes_in_use(), before) << "pages of finished requests leaked";
+  }
+}
+
+TEST(DecodeBatch, RefusesBadRequestsWithTheReason) {
+  const model::Model& m = tiny_model();
+  DecodeBatch batch(m, {});
+  ASSERT_TRUE(batch.add(prefilled(1, prompt_of(10, 1), 3)).is_ok());
+  const Status dup = batch.add(prefilled(1, prompt_of(10, 1), 3));
+  EXPECT_EQ(dup.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(dup.message().find("already decoding"), std::string::npos);
+  DecodeRequest empty;
+  empty.id = 2;
+  empty.state = m.new_state();
+  empty.prompt_logits = Tensor({1, m.config().vocab_size});
+  EXPECT_EQ(batch.add(std::move(empty)).code(), StatusCode::kInvalidArgument);
+  DecodeRequest bad = prefilled(3, prompt_of(10, 3), 3);
+  bad.sampling.top_p = 2.0f;
+  EXPECT_EQ(batch.add(std::move(bad)).code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace dserve::decode
