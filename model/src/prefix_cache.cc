@@ -1,6 +1,7 @@
 #include "dserve/model/prefix_cache.h"
 
 #include <algorithm>
+#include <string>
 
 namespace dserve::model {
 
@@ -31,15 +32,24 @@ Result<std::unique_ptr<PrefixCache>> PrefixCache::open(const Model& model,
   return std::unique_ptr<PrefixCache>(new PrefixCache(model, std::move(layout), std::move(store)));
 }
 
-Result<PrefillResult> PrefixCache::prefill(std::span<const int32_t> prompt, int64_t max_chunk) {
+Result<PrefillJob> PrefixCache::begin(std::span<const int32_t> prompt) {
   if (prompt.empty()) return invalid_argument("prefill of an empty prompt");
-  if (max_chunk < 1) return invalid_argument("max_chunk must be >= 1");
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    if (prompt[i] < 0 || prompt[i] >= model_.config().vocab_size) {
+      return out_of_range("token id " + std::to_string(prompt[i]) + " at index " +
+                          std::to_string(i) + " is outside the vocabulary [0, " +
+                          std::to_string(model_.config().vocab_size) + ")");
+    }
+  }
   constexpr int64_t kBlock = kv::kBlockTokens;
-  const auto length = static_cast<int64_t>(prompt.size());
-  const int64_t whole = length / kBlock;
+  PrefillJob job;
+  job.prompt_.assign(prompt.begin(), prompt.end());
+  const auto whole = static_cast<size_t>(job.length() / kBlock * kBlock);
+  job.keys_ = kv::block_keys(store_->root(), prompt.first(whole));
 
   kv::PrefixStore::Match match = store_->match(prompt);
-  PrefillResult result{model_.new_state(), Tensor(), 0, 0, match.blocks_from_tier};
+  job.result_.state = model_.new_state();
+  job.result_.reused_blocks_from_tier = match.blocks_from_tier;
   if (!match.keys.empty()) {
     std::vector<BlockPages> blocks;
     blocks.reserve(match.blocks.size());
@@ -48,45 +58,56 @@ Result<PrefillResult> PrefixCache::prefill(std::span<const int32_t> prompt, int6
                         std::move(content.pages[static_cast<size_t>(kv::Pool::kIndexKeys)]),
                         nullptr});
     }
-    DSERVE_ASSIGN_OR_RETURN(result.state, restore_state(model_.config(), model_.page_pools(),
-                                                        layout_, blocks, match.snapshot));
+    DSERVE_ASSIGN_OR_RETURN(job.result_.state, restore_state(model_.config(), model_.page_pools(),
+                                                             layout_, blocks, match.snapshot));
   }
-  int64_t pos = result.state.position();
-  result.reused_tokens = pos;
-  const auto keys =
-      kv::block_keys(store_->root(), prompt.first(static_cast<size_t>(whole * kBlock)));
-  int64_t next_block = pos / kBlock;  // the first block this prefill computes
+  job.result_.reused_tokens = job.position();
+  job.next_block_ = job.position() / kBlock;
+  return job;
+}
 
-  while (pos < length) {
-    int64_t end = std::min(length, pos + max_chunk);
-    // Stop at the first block end inside the chunk that gets a snapshot.
-    for (int64_t b = pos / kBlock; (b + 1) * kBlock <= end; ++b) {
-      if ((b + 1) * kBlock > pos && store_->wants_snapshot(b, whole)) {
-        end = (b + 1) * kBlock;
-        break;
-      }
-    }
-    DSERVE_ASSIGN_OR_RETURN(
-        result.last_logits,
-        model_.forward(prompt.subspan(static_cast<size_t>(pos), static_cast<size_t>(end - pos)),
-                       result.state, LogitsFor::kLastToken));
-    result.computed_tokens += end - pos;
-    pos = end;
-    for (; (next_block + 1) * kBlock <= pos; ++next_block) {
-      const BlockPages pages = block_pages(layout_, result.state, next_block);
-      kv::BlockContent content;
-      content.pages[static_cast<size_t>(kv::Pool::kCompressed)] = pages.compressed;
-      content.pages[static_cast<size_t>(kv::Pool::kIndexKeys)] = pages.index_keys;
-      if ((next_block + 1) * kBlock == pos && store_->wants_snapshot(next_block, whole)) {
-        content.pages[static_cast<size_t>(kv::Pool::kSnapshot)] = {
-            take_snapshot(layout_, result.state)};
-      }
-      const kv::BlockKey& parent =
-          next_block == 0 ? store_->root() : keys[static_cast<size_t>(next_block - 1)];
-      store_->insert(parent, keys[static_cast<size_t>(next_block)], std::move(content));
+Status PrefixCache::advance(PrefillJob& job, int64_t max_tokens) {
+  if (max_tokens < 1) return invalid_argument("advance: max_tokens must be >= 1");
+  constexpr int64_t kBlock = kv::kBlockTokens;
+  const int64_t pos = job.position();
+  if (pos == job.length()) return Status::ok();
+  const int64_t whole = job.length() / kBlock;
+  int64_t end = std::min(job.length(), pos + max_tokens);
+  // Stop at the first block end inside the chunk that gets a snapshot.
+  for (int64_t b = pos / kBlock; (b + 1) * kBlock <= end; ++b) {
+    if ((b + 1) * kBlock > pos && store_->wants_snapshot(b, whole)) {
+      end = (b + 1) * kBlock;
+      break;
     }
   }
-  return result;
+  PrefillResult& r = job.result_;
+  DSERVE_ASSIGN_OR_RETURN(
+      r.last_logits,
+      model_.forward(std::span<const int32_t>(job.prompt_)
+                         .subspan(static_cast<size_t>(pos), static_cast<size_t>(end - pos)),
+                     r.state, LogitsFor::kLastToken));
+  r.computed_tokens += end - pos;
+  for (; (job.next_block_ + 1) * kBlock <= end; ++job.next_block_) {
+    const int64_t b = job.next_block_;
+    const BlockPages pages = block_pages(layout_, r.state, b);
+    kv::BlockContent content;
+    content.pages[static_cast<size_t>(kv::Pool::kCompressed)] = pages.compressed;
+    content.pages[static_cast<size_t>(kv::Pool::kIndexKeys)] = pages.index_keys;
+    if ((b + 1) * kBlock == end && store_->wants_snapshot(b, whole)) {
+      content.pages[static_cast<size_t>(kv::Pool::kSnapshot)] = {take_snapshot(layout_, r.state)};
+    }
+    const kv::BlockKey& parent = b == 0 ? store_->root() : job.keys_[static_cast<size_t>(b - 1)];
+    store_->insert(parent, job.keys_[static_cast<size_t>(b)], std::move(content));
+  }
+  return Status::ok();
+}
+
+Result<PrefillResult> PrefixCache::prefill(std::span<const int32_t> prompt, int64_t max_chunk) {
+  if (max_chunk < 1) return invalid_argument("max_chunk must be >= 1");
+  DSERVE_ASSIGN_OR_RETURN(PrefillJob job, begin(prompt));
+  while (!job.done())
+    DSERVE_RETURN_IF_ERROR(advance(job, max_chunk));
+  return std::move(job.result_);
 }
 
 }  // namespace dserve::model

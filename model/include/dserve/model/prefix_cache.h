@@ -25,6 +25,25 @@ struct PrefillResult {
   std::array<int64_t, kvstore::kTierCount> reused_blocks_from_tier{};
 };
 
+// A prefill in progress: made by PrefixCache::begin, moved forward by PrefixCache::advance
+// (so that a scheduler can interleave several within a token budget).
+class PrefillJob {
+ public:
+  int64_t position() const { return result_.state.position(); }
+  int64_t length() const { return static_cast<int64_t>(prompt_.size()); }
+  bool done() const { return position() == length(); }
+  std::span<const int32_t> prompt() const { return prompt_; }
+  PrefillResult& result() { return result_; }
+  const PrefillResult& result() const { return result_; }
+
+ private:
+  friend class PrefixCache;
+  std::vector<int32_t> prompt_;
+  std::vector<kvstore::BlockKey> keys_;  // of the prompt's whole blocks
+  int64_t next_block_ = 0;               // the first block not yet inserted
+  PrefillResult result_;
+};
+
 class PrefixCache {
  public:
   // `fingerprint` names the checkpoint (checkpoint_fingerprint of its directory). Fails when
@@ -36,6 +55,12 @@ class PrefixCache {
   // `max_chunk` tokens (cut at the block ends that get a snapshot) and inserts every whole
   // block it computed. InvalidArgument/OutOfRange for an empty prompt or a bad token id.
   Result<PrefillResult> prefill(std::span<const int32_t> prompt, int64_t max_chunk = 2048);
+
+  // The same in steps: begin() restores the longest stored prefix; each advance() computes at
+  // most `max_tokens` more (stopping early at a block end that gets a snapshot) and inserts
+  // the blocks it completed. InvalidArgument/OutOfRange as for prefill().
+  Result<PrefillJob> begin(std::span<const int32_t> prompt);
+  Status advance(PrefillJob& job, int64_t max_tokens);
 
   kvstore::PrefixStore& store() { return *store_; }
   const KvBlockLayout& layout() const { return layout_; }
