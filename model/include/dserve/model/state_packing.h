@@ -1,0 +1,29 @@
+#pragma once
+// A request's whole decode-time state as one self-checking byte string: what a prefill worker
+// hands a decode worker (over the transfer engine), at any position, not only at block ends.
+// It holds every pool of MODEL-V4.md: per layer the sliding window, the compressed entries,
+// the indexer keys and both compressors' pending tokens and overlap.
+//
+// Format (version 1, little-endian): magic "DSRS", u32 version, u64 position, u64 layer count,
+// u64 digest of the model's state shapes (layer kinds, widths, rates, window); then per layer
+// a run of (u64 count, floats) arrays in a fixed order; then u64 XXH3-64 of everything before.
+// The floats are the values as computed: unpacking gives a state that continues bit for bit.
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "dserve/core/status.h"
+#include "dserve/model/config.h"
+#include "dserve/model/request_state.h"
+
+namespace dserve::model {
+
+std::vector<uint8_t> pack_state(const ModelConfig& config, const RequestState& state);
+
+// DataLoss naming what did not match (checksum, size, the model's shapes, a pool's length)
+// when `bytes` is not a state of this model; the pages come from `pools`.
+Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& pools,
+                                  std::span<const uint8_t> bytes);
+
+}  // namespace dserve::model

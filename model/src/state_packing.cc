@@ -1,0 +1,188 @@
+#include "dserve/model/state_packing.h"
+
+#include <xxhash.h>
+
+#include <cstring>
+#include <string>
+
+#include "dserve/core/check.h"
+
+namespace dserve::model {
+namespace {
+
+constexpr char kMagic[4] = {'D', 'S', 'R', 'S'};
+constexpr uint32_t kVersion = 1;
+
+// The shapes a state of this model has: two models with equal digests have interchangeable
+// states.
+uint64_t shape_digest(const ModelConfig& c) {
+  std::vector<int64_t> words{c.num_layers, c.head_dim, c.index_head_dim, c.sliding_window,
+                             c.csa_rate,   c.hca_rate, c.rope_head_dim};
+  for (AttentionKind k : c.layer_types)
+    words.push_back(static_cast<int64_t>(k));
+  return XXH3_64bits(words.data(), words.size() * sizeof(int64_t));
+}
+
+class Writer {
+ public:
+  void u32(uint32_t v) { raw(&v, sizeof(v)); }
+  void u64(uint64_t v) { raw(&v, sizeof(v)); }
+  void floats(const float* data, size_t n) {
+    u64(n);
+    raw(data, n * sizeof(float));
+  }
+  void floats(const std::vector<float>& v) { floats(v.data(), v.size()); }
+  void rows(const kvstore::PagedRows& r) {
+    u64(static_cast<uint64_t>(r.rows() * r.width()));
+    for (int64_t i = 0; i < r.rows(); ++i)
+      raw(r.row(i), static_cast<size_t>(r.width()) * sizeof(float));
+  }
+  void raw(const void* p, size_t n) {
+    const auto* b = static_cast<const uint8_t*>(p);
+    out.insert(out.end(), b, b + n);
+  }
+  std::vector<uint8_t> out;
+};
+
+class Reader {
+ public:
+  explicit Reader(std::span<const uint8_t> b) : bytes_(b) {}
+  bool u32(uint32_t* v) { return raw(v, sizeof(*v)); }
+  bool u64(uint64_t* v) { return raw(v, sizeof(*v)); }
+  // An array of exactly `expected` floats (its stored count must say so).
+  Status floats(std::vector<float>* v, uint64_t expected, const std::string& what) {
+    uint64_t n = 0;
+    if (!u64(&n)) return data_loss("packed state ends inside " + what);
+    if (n != expected) {
+      return data_loss("packed state: " + what + " holds " + std::to_string(n) +
+                       " floats, expected " + std::to_string(expected));
+    }
+    if (n > (bytes_.size() - at_) / sizeof(float)) {
+      return data_loss("packed state ends inside " + what);
+    }
+    v->resize(static_cast<size_t>(n));
+    raw(v->data(), static_cast<size_t>(n) * sizeof(float));
+    return Status::ok();
+  }
+  bool raw(void* p, size_t n) {
+    if (bytes_.size() - at_ < n) return false;
+    std::memcpy(p, bytes_.data() + at_, n);
+    at_ += n;
+    return true;
+  }
+  size_t remaining() const { return bytes_.size() - at_; }
+
+ private:
+  std::span<const uint8_t> bytes_;
+  size_t at_ = 0;
+};
+
+void write_compressor(Writer& w, const CompressorState& c) {
+  w.u64(static_cast<uint64_t>(c.entries));
+  w.floats(c.pending_kv);
+  w.floats(c.pending_gate);
+  w.floats(c.overlap_kv);
+  w.floats(c.overlap_gate);
+}
+
+}  // namespace
+
+std::vector<uint8_t> pack_state(const ModelConfig& config, const RequestState& state) {
+  DSERVE_CHECK_MSG(static_cast<int64_t>(state.layers().size()) == config.num_layers,
+                   "pack_state of a state of another model");
+  Writer w;
+  w.raw(kMagic, sizeof(kMagic));
+  w.u32(kVersion);
+  w.u64(static_cast<uint64_t>(state.position()));
+  w.u64(static_cast<uint64_t>(config.num_layers));
+  w.u64(shape_digest(config));
+  for (const LayerState& s : state.layers()) {
+    w.floats(s.window);
+    w.rows(s.compressed);
+    w.rows(s.index_keys);
+    write_compressor(w, s.kv_compressor);
+    write_compressor(w, s.index_compressor);
+  }
+  w.u64(XXH3_64bits(w.out.data(), w.out.size()));
+  return std::move(w.out);
+}
+
+Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& pools,
+                                  std::span<const uint8_t> bytes) {
+  if (bytes.size() < sizeof(kMagic) + 4 + 3 * 8 + 8) {
+    return data_loss("packed state of " + std::to_string(bytes.size()) + " bytes is too short");
+  }
+  const size_t body = bytes.size() - sizeof(uint64_t);
+  uint64_t checksum = 0;
+  std::memcpy(&checksum, bytes.data() + body, sizeof(checksum));
+  if (checksum != XXH3_64bits(bytes.data(), body)) {
+    return data_loss("packed state: checksum mismatch (" + std::to_string(bytes.size()) +
+                     " bytes)");
+  }
+  Reader r(bytes.first(body));
+  char magic[4];
+  uint32_t version = 0;
+  uint64_t position = 0, layers = 0, digest = 0;
+  r.raw(magic, sizeof(magic));
+  r.u32(&version);
+  r.u64(&position);
+  r.u64(&layers);
+  r.u64(&digest);
+  if (std::memcmp(magic, kMagic, sizeof(kMagic)) != 0) return data_loss("packed state: bad magic");
+  if (version != kVersion) {
+    return data_loss("packed state: format version " + std::to_string(version) + ", expected " +
+                     std::to_string(kVersion));
+  }
+  if (layers != static_cast<uint64_t>(config.num_layers) || digest != shape_digest(config)) {
+    return data_loss("packed state: made by a model of other shapes (" + std::to_string(layers) +
+                     " layers)");
+  }
+  const auto pos = static_cast<int64_t>(position);
+  RequestState state(config, pools);
+  state.advance(pos);
+  for (size_t l = 0; l < state.layers().size(); ++l) {
+    LayerState& s = state.layers()[l];
+    const std::string at = "layer " + std::to_string(l) + " ";
+    const int64_t window = std::min<int64_t>(pos, config.sliding_window - 1);
+    DSERVE_RETURN_IF_ERROR(
+        r.floats(&s.window, static_cast<uint64_t>(window * s.head_dim), at + "window"));
+    const int64_t rate = config.compress_rate(s.kind);
+    const int64_t entries = rate > 0 ? pos / rate : 0;
+    std::vector<float> rows;
+    DSERVE_RETURN_IF_ERROR(
+        r.floats(&rows, static_cast<uint64_t>(entries * s.head_dim), at + "compressed entries"));
+    s.compressed.append(rows.data(), entries);
+    const int64_t index_entries = s.index_keys.attached() ? entries : 0;
+    DSERVE_RETURN_IF_ERROR(r.floats(&rows, static_cast<uint64_t>(index_entries * s.index_head_dim),
+                                    at + "indexer keys"));
+    if (s.index_keys.attached()) s.index_keys.append(rows.data(), index_entries);
+    for (CompressorState* c : {&s.kv_compressor, &s.index_compressor}) {
+      const std::string what = at + (c == &s.kv_compressor ? "kv" : "indexer") + " compressor";
+      uint64_t closed = 0;
+      if (!r.u64(&closed)) return data_loss("packed state ends inside " + what);
+      const int64_t expect_closed = c->rate > 0 ? pos / c->rate : 0;
+      if (static_cast<int64_t>(closed) != expect_closed) {
+        return data_loss("packed state: " + what + " closed " + std::to_string(closed) +
+                         " windows, expected " + std::to_string(expect_closed));
+      }
+      c->entries = expect_closed;
+      const int64_t pending = c->rate > 0 ? pos % c->rate : 0;
+      const int64_t row = c->series * c->width;
+      DSERVE_RETURN_IF_ERROR(
+          r.floats(&c->pending_kv, static_cast<uint64_t>(pending * row), what + " pending kv"));
+      DSERVE_RETURN_IF_ERROR(
+          r.floats(&c->pending_gate, static_cast<uint64_t>(pending * row), what + " pending gate"));
+      const int64_t overlap = c->series == 2 && expect_closed > 0 ? c->rate * c->width : 0;
+      DSERVE_RETURN_IF_ERROR(
+          r.floats(&c->overlap_kv, static_cast<uint64_t>(overlap), what + " overlap kv"));
+      DSERVE_RETURN_IF_ERROR(
+          r.floats(&c->overlap_gate, static_cast<uint64_t>(overlap), what + " overlap gate"));
+    }
+  }
+  if (r.remaining() != 0) {
+    return data_loss("packed state: " + std::to_string(r.remaining()) + " bytes left over");
+  }
+  return state;
+}
+
+}  // namespace dserve::model
