@@ -23,3 +23,14 @@ endif()
 # keys and checksums).
 find_package(RocksDB CONFIG REQUIRED)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
+
+# actors: CAF 0.17 (libcaf-dev) ships no CMake config and no .pc file: find the headers and the
+# two libraries by hand and wrap them in one INTERFACE target. Its headers are marked SYSTEM so
+# their warnings do not fail our -Werror build.
+find_path(DSERVE_CAF_INCLUDE caf/all.hpp REQUIRED)
+find_library(DSERVE_CAF_CORE caf_core REQUIRED)
+find_library(DSERVE_CAF_IO caf_io REQUIRED)
+add_library(dserve_caf INTERFACE)
+add_library(dserve::caf ALIAS dserve_caf)
+target_include_directories(dserve_caf SYSTEM INTERFACE ${DSERVE_CAF_INCLUDE})
+target_link_libraries(dserve_caf INTERFACE ${DSERVE_CAF_IO} ${DSERVE_CAF_CORE} Threads::Threads)

@@ -1,0 +1,274 @@
+#pragma once
+// The control-message vocabulary between dserve roles (gateway, prefill worker, decode worker).
+//
+// Every type here travels as a CAF 0.17 message, remote across nodes through the middleman, so
+// each has an inspect() overload (the wire format) and is registered at run time by
+// register_message_types() under a stable "dserve.<Name>" name; both ends of a connection must
+// register the same set (ActorRuntime does it for every process). An unregistered type is not
+// a compile error in CAF 0.17: it fails at run time as an unexpected message.
+//
+// KV bytes never travel in these messages: only ids, token ids and small opaque blobs (the
+// transfer keys a decode worker hands out, at most kMaxTransferKeysBytes). The KV state itself
+// moves over UCX (kvstore/).
+//
+// Times that cross processes are absolute wall-clock instants in milliseconds since the Unix
+// epoch (steady clocks are not comparable between processes or hosts).
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <caf/meta/type_name.hpp>
+#include <caf/typed_actor.hpp>
+
+#include "dserve/core/status.h"
+
+namespace caf {
+class actor_system_config;
+}  // namespace caf
+
+namespace dserve::actors {
+
+using RequestId = uint64_t;      // assigned by the gateway, unique per gateway incarnation
+using ReservationId = uint64_t;  // assigned by a decode worker, unique per its epoch
+using Epoch = uint64_t;          // random, non-zero; a new value every time a process starts
+using TokenId = int32_t;         // same id space as the tokenizer's
+
+// Upper bound for the opaque transfer-key blob a decode worker returns (UCX worker address plus
+// rkeys of the reserved pages are a few KiB). Anything larger is a bug, not KV data.
+inline constexpr size_t kMaxTransferKeysBytes = 64 * 1024;
+
+enum class Role : uint8_t { kGateway = 0, kPrefill = 1, kDecode = 2, kNodeAgent = 3 };
+const char* role_name(Role role);
+
+// ---- decode -> gateway: the token stream -------------------------------------------------
+
+// Sent by a decode worker to the gateway's stream sink (ReserveRequest::stream_to), one-way,
+// as tokens are made. Chunks of one request arrive in order; `first_index` is the position of
+// tokens[0] in the request's output so the gateway can drop duplicates and detect gaps after a
+// replay elsewhere. The last chunk has `finished` set; a non-empty `error` means the request
+// failed on this worker (then `finished` is set too and `tokens` may be empty).
+struct TokenChunk {
+  RequestId request_id = 0;
+  Epoch decode_epoch = 0;  // the sender's epoch: chunks from an older incarnation are stale
+  uint32_t first_index = 0;
+  std::vector<TokenId> tokens;
+  bool finished = false;
+  std::string error;
+};
+
+// The receiving end of token streams (the gateway, or anything that collects tokens).
+using TokenSinkActor = caf::typed_actor<caf::reacts_to<TokenChunk>>;
+
+// ---- gateway -> decode: reserve capacity first --------------------------------------------
+
+// Sent by the gateway to a decode worker before any prefill starts: "hold KV pages for request
+// R with `prompt_tokens` prompt tokens and up to `max_new_tokens` outputs, and stream its
+// tokens to `stream_to`". Answered with ReserveReply. A granted reservation is released by
+// CancelRequest, by its deadline passing without a HandoffDone, or when the request finishes.
+struct ReserveRequest {
+  RequestId request_id = 0;
+  uint32_t prompt_tokens = 0;
+  uint32_t max_new_tokens = 0;
+  int64_t deadline_unix_ms = 0;
+  TokenSinkActor stream_to;
+};
+
+enum class ReserveOutcome : uint8_t { kGranted = 0, kRefused = 1 };
+
+// Decode worker -> gateway, the answer to ReserveRequest. Granted: `reservation_id` and the
+// opaque `transfer_keys` the prefill worker needs to write the KV state into the reserved pages
+// (valid only for `decode_epoch`). Refused: `reason` says why (no free pages, draining, prompt
+// too long), nothing is held.
+struct ReserveReply {
+  RequestId request_id = 0;
+  ReserveOutcome outcome = ReserveOutcome::kRefused;
+  ReservationId reservation_id = 0;
+  Epoch decode_epoch = 0;
+  std::vector<uint8_t> transfer_keys;
+  std::string reason;
+};
+
+// ---- gateway -> prefill: compute the prompt, hand it to decode ----------------------------
+
+// Where the prefill worker sends the request's state: the decode worker's control address
+// (where it published its actor), the epoch and reservation the gateway got from it, and the
+// transfer keys from ReserveReply, passed through untouched.
+struct DecodeTarget {
+  std::string host;
+  uint16_t port = 0;
+  Epoch epoch = 0;
+  ReservationId reservation_id = 0;
+  std::vector<uint8_t> transfer_keys;
+};
+
+// Sent by the gateway to a prefill worker: "prefill request R (these prompt tokens) before
+// the deadline and hand the state to `target`". Answered with PrefillReply once the hand-off
+// is acknowledged by the decode worker, or failed.
+struct PrefillRequest {
+  RequestId request_id = 0;
+  std::vector<TokenId> prompt;
+  int64_t deadline_unix_ms = 0;
+  DecodeTarget target;
+};
+
+enum class PrefillOutcome : uint8_t { kDone = 0, kFailed = 1 };
+
+// Prefill worker -> gateway, the answer to PrefillRequest. Done: the decode worker accepted the
+// state; `cached_prefix_tokens` came from the prefix cache, `computed_tokens` were computed.
+// Failed: `reason` says which step failed (deadline, transfer, decode refused the hand-off).
+struct PrefillReply {
+  RequestId request_id = 0;
+  PrefillOutcome outcome = PrefillOutcome::kFailed;
+  uint32_t cached_prefix_tokens = 0;
+  uint32_t computed_tokens = 0;
+  std::string reason;
+};
+
+// ---- prefill -> decode: the state is in your pages ----------------------------------------
+
+// Sent by a prefill worker to the decode worker named in DecodeTarget after the KV state was
+// written into the reserved pages (over UCX): "reservation X of your epoch E now holds
+// `kv_tokens` tokens of state with this checksum; the first generated token is
+// `first_token`". Answered with HandoffAck. A decode worker whose epoch differs rejects it:
+// its pages (and keys) belong to an earlier incarnation.
+struct HandoffDone {
+  RequestId request_id = 0;
+  ReservationId reservation_id = 0;
+  Epoch decode_epoch = 0;
+  uint32_t kv_tokens = 0;
+  uint64_t state_checksum = 0;
+  TokenId first_token = 0;
+};
+
+struct HandoffAck {
+  RequestId request_id = 0;
+  bool accepted = false;
+  std::string reason;  // why not accepted
+};
+
+// ---- gateway -> prefill / decode: cancellation --------------------------------------------
+
+// Sent by the gateway when a client goes away or a deadline passes: drop request R and release
+// everything it holds (reservation, pages, batch slot). Idempotent; answered with CancelReply.
+struct CancelRequest {
+  RequestId request_id = 0;
+  std::string reason;
+};
+
+struct CancelReply {
+  RequestId request_id = 0;
+  bool was_active = false;  // false: the worker did not know the request (already finished)
+};
+
+// ---- any -> any: health -------------------------------------------------------------------
+
+// Sent periodically by whoever watches a process (the gateway, the node agent). Answered with
+// HealthReport. A report whose `epoch` differs from the last one seen from the same address
+// means the process restarted: everything it held (reservations, transfer keys) is gone.
+struct HealthProbe {
+  Role sender_role = Role::kGateway;
+  Epoch sender_epoch = 0;
+  int64_t sent_unix_ms = 0;
+};
+
+struct HealthReport {
+  Role role = Role::kGateway;
+  Epoch epoch = 0;
+  std::string node_name;
+  uint64_t uptime_ms = 0;
+  uint32_t active_requests = 0;
+  uint32_t queued_requests = 0;
+  uint64_t free_kv_blocks = 0;
+};
+
+// ---- validation ----------------------------------------------------------------------------
+
+// Checks what the type system cannot: the consistency a receiver relies on before acting on a
+// message from another process. Each returns kInvalidArgument naming the request and the field.
+//   ReserveReply: granted => non-zero reservation id and epoch, keys within
+//     kMaxTransferKeysBytes; refused => a reason and no keys.
+//   PrefillRequest: a non-empty prompt, a target with host, port, epoch, reservation and keys
+//     within kMaxTransferKeysBytes.
+//   TokenChunk: an error implies finished; an unfinished chunk carries tokens.
+Status validate(const ReserveReply& reply);
+Status validate(const PrefillRequest& request);
+Status validate(const TokenChunk& chunk);
+
+// ---- wire format --------------------------------------------------------------------------
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, TokenChunk& x) {
+  return f(caf::meta::type_name("dserve.TokenChunk"), x.request_id, x.decode_epoch, x.first_index,
+           x.tokens, x.finished, x.error);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, ReserveRequest& x) {
+  return f(caf::meta::type_name("dserve.ReserveRequest"), x.request_id, x.prompt_tokens,
+           x.max_new_tokens, x.deadline_unix_ms, x.stream_to);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, ReserveReply& x) {
+  return f(caf::meta::type_name("dserve.ReserveReply"), x.request_id, x.outcome, x.reservation_id,
+           x.decode_epoch, x.transfer_keys, x.reason);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, DecodeTarget& x) {
+  return f(caf::meta::type_name("dserve.DecodeTarget"), x.host, x.port, x.epoch, x.reservation_id,
+           x.transfer_keys);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, PrefillRequest& x) {
+  return f(caf::meta::type_name("dserve.PrefillRequest"), x.request_id, x.prompt,
+           x.deadline_unix_ms, x.target);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, PrefillReply& x) {
+  return f(caf::meta::type_name("dserve.PrefillReply"), x.request_id, x.outcome,
+           x.cached_prefix_tokens, x.computed_tokens, x.reason);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, HandoffDone& x) {
+  return f(caf::meta::type_name("dserve.HandoffDone"), x.request_id, x.reservation_id,
+           x.decode_epoch, x.kv_tokens, x.state_checksum, x.first_token);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, HandoffAck& x) {
+  return f(caf::meta::type_name("dserve.HandoffAck"), x.request_id, x.accepted, x.reason);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, CancelRequest& x) {
+  return f(caf::meta::type_name("dserve.CancelRequest"), x.request_id, x.reason);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, CancelReply& x) {
+  return f(caf::meta::type_name("dserve.CancelReply"), x.request_id, x.was_active);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, HealthProbe& x) {
+  return f(caf::meta::type_name("dserve.HealthProbe"), x.sender_role, x.sender_epoch,
+           x.sent_unix_ms);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, HealthReport& x) {
+  return f(caf::meta::type_name("dserve.HealthReport"), x.role, x.epoch, x.node_name, x.uptime_ms,
+           x.active_requests, x.queued_requests, x.free_kv_blocks);
+}
+
+// Registers every message type above with `cfg`, under the names used on the wire. ActorRuntime
+// calls it; call it yourself only for an actor_system you build without ActorRuntime (e.g. CAF's
+// test coordinator).
+void register_message_types(caf::actor_system_config& cfg);
+
+}  // namespace dserve::actors
