@@ -28,14 +28,15 @@ void matmul_rows(const float* x, int64_t n, int64_t k, const float* w, int64_t m
       std::fill(y + i * y_stride, y + i * y_stride + m, 0.0f);
     return;
   }
-  if (n == 1) {
+  // One matrix-vector product per row, never a matrix-matrix product: BLAS GEMM results
+  // depend on the number of rows and on a row's place among them (its kernels block and
+  // split differently), so a token's output would depend on which other tokens shared the
+  // call. Row by row, a token gets the same bits alone, in any chunk, or in any batch: the
+  // property every serving path's equality with the plain forward rests on.
+  for (int64_t i = 0; i < n; ++i) {
     cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(m), static_cast<int>(k), 1.0f, w,
-                static_cast<int>(k), x, 1, 0.0f, y, 1);
-    return;
+                static_cast<int>(k), x + i * k, 1, 0.0f, y + i * y_stride, 1);
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n), static_cast<int>(m),
-              static_cast<int>(k), 1.0f, x, static_cast<int>(k), w, static_cast<int>(k), 0.0f, y,
-              static_cast<int>(y_stride));
 }
 
 void gemm(bool b_transposed, int64_t n, int64_t m, int64_t k, const float* a, int64_t lda,
@@ -48,9 +49,16 @@ void gemm(bool b_transposed, int64_t n, int64_t m, int64_t k, const float* a, in
     }
     return;
   }
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, b_transposed ? CblasTrans : CblasNoTrans,
-              static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), 1.0f, a,
-              static_cast<int>(lda), b, static_cast<int>(ldb), beta, y, static_cast<int>(ldy));
+  // Row by row, as matmul_rows and for the same reason.
+  for (int64_t i = 0; i < n; ++i) {
+    if (b_transposed) {  // y_i = B a_i, B [m, k]
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(m), static_cast<int>(k), 1.0f, b,
+                  static_cast<int>(ldb), a + i * lda, 1, beta, y + i * ldy, 1);
+    } else {  // y_i = B^T a_i, B [k, m]
+      cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<int>(k), static_cast<int>(m), 1.0f, b,
+                  static_cast<int>(ldb), a + i * lda, 1, beta, y + i * ldy, 1);
+    }
+  }
 }
 
 void rms_norm(float* x, int64_t n, int64_t d, std::span<const float> weight, float eps) {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 
 #include "dserve/core/random.h"
@@ -72,6 +73,21 @@ TEST_F(ForwardTest, ChunkedPrefillMatchesWholeForward) {
       worst = std::max(worst, relative_row_diff(chunked.row(t), whole.row(t), whole.cols()));
     }
     EXPECT_LT(worst, 1e-4) << "chunk size " << chunk;
+  }
+}
+
+// Stronger than the tolerance above: the CPU backend computes every token's row on its own
+// (kernels/src/cpu_ops.cc), so chunking changes no bit. Every serving path (prefix hits,
+// batching, prefill/decode split) relies on this to give exactly the plain forward's tokens.
+TEST_F(ForwardTest, ChunkingChangesNoBit) {
+  const auto ids = prompt(150);
+  const Tensor whole = run_chunked(ids, static_cast<int64_t>(ids.size()));
+  for (int64_t chunk : {1, 7, 64, 100}) {
+    const Tensor chunked = run_chunked(ids, chunk);
+    EXPECT_EQ(std::memcmp(chunked.data(), whole.data(),
+                          static_cast<size_t>(whole.numel()) * sizeof(float)),
+              0)
+        << "chunk size " << chunk;
   }
 }
 
