@@ -24,6 +24,10 @@ endif()
 find_package(RocksDB CONFIG REQUIRED)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 
+# kvstore transfer: UCX 1.13 (its CMake config; link both ucx::ucp and ucx::ucs, ucp alone
+# fails to link). Only kvstore/src/transfer_impl.h includes UCX headers.
+find_package(ucx CONFIG REQUIRED)
+
 # actors: CAF 0.17 (libcaf-dev) ships no CMake config and no .pc file: find the headers and the
 # two libraries by hand and wrap them in one INTERFACE target. Its headers are marked SYSTEM so
 # their warnings do not fail our -Werror build.

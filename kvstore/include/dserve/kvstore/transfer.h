@@ -1,0 +1,196 @@
+#pragma once
+// The KV transfer engine: one-sided RMA puts of a request's state from a prefill worker straight
+// into pages a decode worker registered, over UCX (TCP and shared memory here, RDMA where the
+// NIC has it). Only kvstore/src/transfer*.cc sees UCX; this header has no UCX types.
+//
+// The hand-off, as the two workers run it (the control messages travel through actors/):
+//   decode : engine->allocate_memory(n) or register_memory(pages) -> MemoryRegion;
+//            engine->describe(region) and
+//            engine->local_address() go to the prefill worker (encode_* below make the bytes).
+//   prefill: engine->connect(peer address) -> PeerId; engine->put(peer, remote region, ops)
+//            -> one SpanDigest per op (XXH3-64 of the bytes it wrote); the digests go back in
+//            the "done" message.
+//   decode : verify_landed(region, digests) before any page is read.
+// Every failure (peer gone, timeout, stale region, corrupt bytes) is a Status; nothing waits
+// longer than TransferOptions::timeout.
+//
+// Identity: an engine has a name (stable across restarts, e.g. "decode-3") and an epoch (new
+// at every create). A RemoteRegion carries the epoch of the engine that registered it; a put
+// refuses, before issuing anything, a region whose epoch is not the connected peer's, so an
+// rkey from before a restart is never used.
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "dserve/core/status.h"
+
+namespace dserve::kvstore {
+
+struct TransferOptions {
+  // UCX transports (UCX_TLS). "tcp" works everywhere; "sm" (posix/sysv shared memory) only
+  // between processes on one host; "self" is this process. Over "sm" a put into memory from
+  // allocate_memory() is a memcpy into the mapped segment; into register_memory() memory UCX
+  // 1.13 emulates it with messages the target copies (its cma transport does no ucp RMA).
+  std::string transports = "tcp,sm,self";
+  // Network devices for TCP (UCX_NET_DEVICES); "lo" keeps every lane on loopback.
+  std::string net_devices = "lo";
+  // Upper bound on one put: wire-up (endpoints connect lazily), the puts and the flush.
+  std::chrono::milliseconds timeout{10000};
+  // Stable identity of this worker; a peer that reconnects under the same name with a new
+  // epoch replaces the old endpoint.
+  std::string name = "transfer";
+  // 0: a fresh random epoch (the normal case). Tests may fix it.
+  uint64_t epoch = 0;
+  // UCX peer-failure detection on endpoints (keepalive, connection reset): a killed peer fails
+  // a put at once. Debian's UCX 1.13 shared-memory transports (posix, sysv) have none, so with
+  // this on UCX never picks "sm" and TCP carries everything, even between local processes.
+  // Off: "sm" is used; a dead peer is then found by a failing copy or by the timeout.
+  bool detect_peer_failure = true;
+  // A background thread progresses the worker so that puts by peers land (UCX's TCP RMA needs
+  // the target to progress). Turn off only when the owner calls TransferEngine::progress().
+  bool progress_thread = true;
+};
+
+// What a peer needs to connect to this engine. Plain bytes: safe to copy between processes.
+struct PeerAddress {
+  std::string name;
+  uint64_t epoch = 0;
+  std::vector<uint8_t> worker;  // ucp worker address
+};
+
+// A region registered by a (possibly remote) engine: where a put may write.
+struct RemoteRegion {
+  uint64_t owner_epoch = 0;  // epoch of the engine that registered it
+  uint64_t address = 0;      // base virtual address in the owner's process
+  uint64_t bytes = 0;
+  std::vector<uint8_t> rkey;  // packed UCX remote key
+};
+
+// One span of a put: `bytes` bytes from `local` to region base + `remote_offset`.
+struct PutOp {
+  const void* local = nullptr;
+  uint64_t bytes = 0;
+  uint64_t remote_offset = 0;
+};
+
+// What a put wrote, for the receiver to check (XXH3-64, seed 0).
+struct SpanDigest {
+  uint64_t remote_offset = 0;
+  uint64_t bytes = 0;
+  uint64_t xxh3 = 0;
+};
+
+// Opaque handle to a connected peer; valid until the peer reconnects with a new epoch.
+struct PeerId {
+  uint64_t value = 0;
+  friend bool operator==(PeerId, PeerId) = default;
+};
+
+class TransferEngine;
+
+// A registration of local memory; deregisters on destruction. Must not outlive its engine.
+// Move-only. Memory from register_memory() stays owned by the caller and must outlive the
+// region; memory from allocate_memory() is owned by the region.
+class MemoryRegion {
+ public:
+  MemoryRegion() = default;
+  ~MemoryRegion();
+  MemoryRegion(MemoryRegion&& other) noexcept;
+  MemoryRegion& operator=(MemoryRegion&& other) noexcept;
+  MemoryRegion(const MemoryRegion&) = delete;
+  MemoryRegion& operator=(const MemoryRegion&) = delete;
+
+  bool valid() const { return engine_ != nullptr; }
+  std::byte* data() const { return base_; }
+  uint64_t bytes() const { return bytes_; }
+
+ private:
+  friend class TransferEngine;
+  MemoryRegion(TransferEngine* engine, std::byte* base, uint64_t bytes, void* memh)
+      : engine_(engine), base_(base), bytes_(bytes), memh_(memh) {}
+  void reset();
+
+  TransferEngine* engine_ = nullptr;
+  std::byte* base_ = nullptr;
+  uint64_t bytes_ = 0;
+  void* memh_ = nullptr;  // ucp_mem_h
+};
+
+// One UCX context and worker. Thread-safe: every method may be called from any thread. Calls
+// into UCX are serialised by one lock, which a put holds while it progresses the worker, so
+// puts on one engine run one at a time (use one engine per thread for parallel hand-offs).
+class TransferEngine {
+ public:
+  // Fails (kUnavailable / kInternal) when UCX cannot open the requested transports.
+  static Result<std::unique_ptr<TransferEngine>> create(TransferOptions options);
+  ~TransferEngine();
+  TransferEngine(const TransferEngine&) = delete;
+  TransferEngine& operator=(const TransferEngine&) = delete;
+
+  const TransferOptions& options() const { return options_; }
+  uint64_t epoch() const { return options_.epoch; }
+  // Name, epoch and worker address: what the control plane sends to peers.
+  PeerAddress local_address() const;
+
+  // Registers [base, base + bytes) for remote writes. The memory must stay valid until the
+  // returned region is destroyed.
+  Result<MemoryRegion> register_memory(void* base, uint64_t bytes);
+  // Allocates `bytes` through UCX (zero-filled) and registers them; the region owns the memory
+  // and frees it on destruction. Prefer this for memory peers write into: UCX's shared-memory
+  // transport can put into such memory directly (a memcpy into a mapped segment), whereas
+  // into memory from register_memory() it emulates the put with messages the target copies.
+  Result<MemoryRegion> allocate_memory(uint64_t bytes);
+  // The packed remote key, base address and this engine's epoch, for the peer.
+  Result<RemoteRegion> describe(const MemoryRegion& region);
+
+  // Connects to a peer (lazily: wire-up happens on the first put). Connecting again to the
+  // same name and epoch returns the same PeerId; a new epoch for a known name closes the old
+  // endpoint and makes its PeerId stale.
+  Result<PeerId> connect(const PeerAddress& peer);
+  // Closes the endpoint; later puts on `peer` fail. No-op for an unknown id.
+  void disconnect(PeerId peer);
+
+  // Writes every op into `region` on `peer`, then flushes: on return ok, the bytes are in the
+  // peer's memory. Refuses (kInvalidArgument, nothing issued) a region of another epoch than
+  // the peer's, or an op outside the region. Fails kUnavailable when the peer is gone or the
+  // put does not complete within the timeout; the endpoint is then closed and the peer must
+  // connect again. Returns the digest of every op, in order.
+  Result<std::vector<SpanDigest>> put(PeerId peer, const RemoteRegion& region,
+                                      std::span<const PutOp> ops);
+
+  // Progresses the worker once (only needed with progress_thread = false); returns whether
+  // anything happened.
+  bool progress();
+
+ private:
+  struct Impl;
+  friend class MemoryRegion;
+  TransferEngine(TransferOptions options, std::unique_ptr<Impl> impl);
+  void deregister(void* memh);
+
+  TransferOptions options_;
+  std::unique_ptr<Impl> impl_;
+};
+
+// XXH3-64 (seed 0) of a span: what SpanDigest::xxh3 holds.
+uint64_t span_checksum(const void* data, uint64_t bytes);
+
+// Checks that every digest's span lies inside `region` and that its bytes hash to the digest;
+// kDataLoss names the first span that does not. Call before reading landed pages.
+Status verify_landed(std::span<const std::byte> region, std::span<const SpanDigest> digests);
+
+// Byte encodings for the control plane (little-endian, versioned); decode_* refuse malformed
+// or truncated input with kDataLoss.
+std::vector<uint8_t> encode_peer_address(const PeerAddress& address);
+Result<PeerAddress> decode_peer_address(std::span<const uint8_t> bytes);
+std::vector<uint8_t> encode_remote_region(const RemoteRegion& region);
+Result<RemoteRegion> decode_remote_region(std::span<const uint8_t> bytes);
+std::vector<uint8_t> encode_digests(std::span<const SpanDigest> digests);
+Result<std::vector<SpanDigest>> decode_digests(std::span<const uint8_t> bytes);
+
+}  // namespace dserve::kvstore

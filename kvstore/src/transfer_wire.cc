@@ -1,0 +1,177 @@
+// The transfer engine's byte encodings for the control plane, and the receiver's checks.
+// No UCX here: a control-plane actor can decode and verify without opening a worker.
+
+#include <xxhash.h>
+
+#include <cstring>
+#include <string>
+
+#include "dserve/kvstore/transfer.h"
+
+namespace dserve::kvstore {
+namespace {
+
+// Each encoding starts with a 4-byte tag and a version, so a message of one kind is never
+// read as another.
+constexpr uint32_t kPeerAddressTag = 0x50414444;  // "PADD"
+constexpr uint32_t kRegionTag = 0x52474e31;       // "RGN1"
+constexpr uint32_t kDigestsTag = 0x44475354;      // "DGST"
+constexpr uint32_t kVersion = 1;
+// A bound no valid blob (name, worker address, rkey) reaches: a corrupt length never allocates.
+constexpr uint64_t kMaxBlob = 1u << 20;
+constexpr uint64_t kDigestBytes = 24;
+
+class Writer {
+ public:
+  void u32(uint32_t v) { put(v, 4); }
+  void u64(uint64_t v) { put(v, 8); }
+  void blob(std::span<const uint8_t> b) {
+    u64(b.size());
+    out_.insert(out_.end(), b.begin(), b.end());
+  }
+  std::vector<uint8_t> take() { return std::move(out_); }
+
+ private:
+  void put(uint64_t v, int n) {
+    for (int i = 0; i < n; ++i)
+      out_.push_back(static_cast<uint8_t>(v >> (8 * i)));
+  }
+  std::vector<uint8_t> out_;
+};
+
+class Reader {
+ public:
+  explicit Reader(std::span<const uint8_t> in) : in_(in) {}
+  bool u32(uint32_t& v) {
+    uint64_t w = 0;
+    if (!get(w, 4)) return false;
+    v = static_cast<uint32_t>(w);
+    return true;
+  }
+  bool u64(uint64_t& v) { return get(v, 8); }
+  bool blob(std::vector<uint8_t>& b) {
+    uint64_t n = 0;
+    if (!u64(n) || n > kMaxBlob || n > in_.size() - pos_) return false;
+    b.assign(in_.begin() + static_cast<std::ptrdiff_t>(pos_),
+             in_.begin() + static_cast<std::ptrdiff_t>(pos_ + n));
+    pos_ += n;
+    return true;
+  }
+  bool header(uint32_t tag) {
+    uint32_t t = 0, v = 0;
+    return u32(t) && t == tag && u32(v) && v == kVersion;
+  }
+  bool done() const { return pos_ == in_.size(); }
+
+ private:
+  bool get(uint64_t& v, int n) {
+    if (in_.size() - pos_ < static_cast<size_t>(n)) return false;
+    v = 0;
+    for (int i = 0; i < n; ++i)
+      v |= static_cast<uint64_t>(in_[pos_ + static_cast<size_t>(i)]) << (8 * i);
+    pos_ += static_cast<size_t>(n);
+    return true;
+  }
+  std::span<const uint8_t> in_;
+  size_t pos_ = 0;
+};
+
+Status malformed(const char* what) {
+  return data_loss(std::string("malformed ") + what +
+                   " message (truncated, wrong kind or version)");
+}
+
+}  // namespace
+
+uint64_t span_checksum(const void* data, uint64_t bytes) {
+  return XXH3_64bits(data, static_cast<size_t>(bytes));
+}
+
+Status verify_landed(std::span<const std::byte> region, std::span<const SpanDigest> digests) {
+  for (size_t i = 0; i < digests.size(); ++i) {
+    const SpanDigest& d = digests[i];
+    if (d.remote_offset > region.size() || d.bytes > region.size() - d.remote_offset) {
+      return data_loss("span " + std::to_string(i) + " [" + std::to_string(d.remote_offset) +
+                       ", +" + std::to_string(d.bytes) + ") lies outside the " +
+                       std::to_string(region.size()) + "-byte region");
+    }
+    uint64_t got = span_checksum(region.data() + d.remote_offset, d.bytes);
+    if (got != d.xxh3) {
+      return data_loss("span " + std::to_string(i) + " at offset " +
+                       std::to_string(d.remote_offset) + " (" + std::to_string(d.bytes) +
+                       " bytes) does not match its checksum: the landed bytes are corrupt");
+    }
+  }
+  return Status::ok();
+}
+
+std::vector<uint8_t> encode_peer_address(const PeerAddress& address) {
+  Writer w;
+  w.u32(kPeerAddressTag);
+  w.u32(kVersion);
+  w.blob({reinterpret_cast<const uint8_t*>(address.name.data()), address.name.size()});
+  w.u64(address.epoch);
+  w.blob(address.worker);
+  return w.take();
+}
+
+Result<PeerAddress> decode_peer_address(std::span<const uint8_t> bytes) {
+  Reader r(bytes);
+  PeerAddress a;
+  std::vector<uint8_t> name;
+  if (!r.header(kPeerAddressTag) || !r.blob(name) || !r.u64(a.epoch) || !r.blob(a.worker) ||
+      !r.done()) {
+    return malformed("peer address");
+  }
+  a.name.assign(name.begin(), name.end());
+  return a;
+}
+
+std::vector<uint8_t> encode_remote_region(const RemoteRegion& region) {
+  Writer w;
+  w.u32(kRegionTag);
+  w.u32(kVersion);
+  w.u64(region.owner_epoch);
+  w.u64(region.address);
+  w.u64(region.bytes);
+  w.blob(region.rkey);
+  return w.take();
+}
+
+Result<RemoteRegion> decode_remote_region(std::span<const uint8_t> bytes) {
+  Reader r(bytes);
+  RemoteRegion g;
+  if (!r.header(kRegionTag) || !r.u64(g.owner_epoch) || !r.u64(g.address) || !r.u64(g.bytes) ||
+      !r.blob(g.rkey) || !r.done()) {
+    return malformed("remote region");
+  }
+  return g;
+}
+
+std::vector<uint8_t> encode_digests(std::span<const SpanDigest> digests) {
+  Writer w;
+  w.u32(kDigestsTag);
+  w.u32(kVersion);
+  w.u64(digests.size());
+  for (const SpanDigest& d : digests) {
+    w.u64(d.remote_offset);
+    w.u64(d.bytes);
+    w.u64(d.xxh3);
+  }
+  return w.take();
+}
+
+Result<std::vector<SpanDigest>> decode_digests(std::span<const uint8_t> bytes) {
+  Reader r(bytes);
+  uint64_t n = 0;
+  if (!r.header(kDigestsTag) || !r.u64(n) || n > bytes.size() / kDigestBytes)
+    return malformed("digests");
+  std::vector<SpanDigest> out(n);
+  for (SpanDigest& d : out) {
+    if (!r.u64(d.remote_offset) || !r.u64(d.bytes) || !r.u64(d.xxh3)) return malformed("digests");
+  }
+  if (!r.done()) return malformed("digests");
+  return out;
+}
+
+}  // namespace dserve::kvstore
