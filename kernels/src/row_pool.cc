@@ -1,0 +1,109 @@
+#include "row_pool.h"
+
+#include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace dserve::kernels::cpu::detail {
+namespace {
+
+thread_local bool t_inside_pool = false;
+
+class Pool {
+ public:
+  Pool() {
+    const unsigned n = std::max(1u, std::thread::hardware_concurrency());
+    for (unsigned i = 1; i < n; ++i)
+      workers_.emplace_back([this] { work(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_)
+      t.join();
+  }
+  size_t threads() const { return workers_.size() + 1; }
+
+  void run(std::vector<std::function<void()>>& tasks) {
+    struct Batch {
+      std::mutex mu;
+      std::condition_variable done;
+      size_t left;
+    } batch;
+    batch.left = tasks.size();
+    const auto finish = [&batch] {
+      std::lock_guard lock(batch.mu);
+      if (--batch.left == 0) batch.done.notify_one();
+    };
+    {
+      std::lock_guard lock(mu_);
+      for (size_t i = 1; i < tasks.size(); ++i) {
+        queue_.push_back([&tasks, i, &finish] {
+          tasks[i]();
+          finish();
+        });
+      }
+    }
+    cv_.notify_all();
+    t_inside_pool = true;
+    tasks[0]();
+    t_inside_pool = false;
+    finish();
+    std::unique_lock lock(batch.mu);
+    batch.done.wait(lock, [&batch] { return batch.left == 0; });
+  }
+
+ private:
+  void work() {
+    t_inside_pool = true;
+    for (;;) {
+      std::function<void()> task;
+      {
+        std::unique_lock lock(mu_);
+        cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+        if (stop_ && queue_.empty()) return;
+        task = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      task();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;
+  std::vector<std::thread> workers_;
+  bool stop_ = false;
+};
+
+Pool& pool() {
+  static Pool p;
+  return p;
+}
+
+}  // namespace
+
+void for_each_row_part(int64_t rows, int64_t min_rows,
+                       const std::function<void(int64_t, int64_t)>& body) {
+  const int64_t parts = t_inside_pool ? 1
+                                      : std::min<int64_t>(static_cast<int64_t>(pool().threads()),
+                                                          rows / std::max<int64_t>(1, min_rows));
+  if (parts < 2) {
+    body(0, rows);
+    return;
+  }
+  std::vector<std::function<void()>> tasks;
+  for (int64_t p = 0; p < parts; ++p) {
+    const int64_t begin = rows * p / parts, end = rows * (p + 1) / parts;
+    tasks.emplace_back([&body, begin, end] { body(begin, end); });
+  }
+  pool().run(tasks);
+}
+
+}  // namespace dserve::kernels::cpu::detail
