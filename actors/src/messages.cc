@@ -69,6 +69,14 @@ Status validate(const TokenChunk& chunk) {
   return Status::ok();
 }
 
+Status validate(const HandoffDone& done) {
+  if (done.reservation_id == 0 || done.decode_epoch == 0)
+    return bad(done.request_id, "hand-off without a reservation or epoch");
+  if (done.kv_tokens == 0) return bad(done.request_id, "hand-off of an empty state");
+  if (done.span_digests.empty()) return bad(done.request_id, "hand-off without span digests");
+  return check_keys(done.request_id, done.span_digests);
+}
+
 void register_message_types(caf::actor_system_config& cfg) {
   // The names are the wire identity of each type: both ends must use the same ones, and
   // renaming one breaks compatibility between builds.

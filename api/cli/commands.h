@@ -14,6 +14,8 @@ using Command = std::function<int()>;
 Command add_model_init_command(CLI::App& model_app);
 // `dserve generate ...`
 Command add_generate_command(CLI::App& app);
+// `dserve serve --role prefill|decode ...`
+Command add_serve_command(CLI::App& app);
 
 // Prints "dserve: error: <message>" to stderr.
 void print_error(const std::string& message);

@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   model->require_subcommand(1);
   const dserve::cli::Command model_init = dserve::cli::add_model_init_command(*model);
   const dserve::cli::Command generate = dserve::cli::add_generate_command(app);
+  const dserve::cli::Command serve = dserve::cli::add_serve_command(app);
 
   try {
     app.parse(argc, argv);
@@ -23,5 +24,6 @@ int main(int argc, char** argv) {
   }
   if (model->got_subcommand("init")) return model_init();
   if (app.got_subcommand("generate")) return generate();
+  if (app.got_subcommand("serve")) return serve();
   return 2;
 }

@@ -2,6 +2,7 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 
@@ -105,6 +106,35 @@ std::vector<uint8_t> pack_state(const ModelConfig& config, const RequestState& s
   }
   w.u64(XXH3_64bits(w.out.data(), w.out.size()));
   return std::move(w.out);
+}
+
+size_t packed_state_bytes(const ModelConfig& config, int64_t position) {
+  DSERVE_CHECK_MSG(position >= 0, "packed_state_bytes of a negative position");
+  constexpr uint64_t kCount = sizeof(uint64_t);  // every float array is preceded by its count
+  auto floats = [](int64_t n) { return kCount + static_cast<uint64_t>(n) * sizeof(float); };
+  // A compressor as write_compressor writes it (the shapes RequestState's constructor gives).
+  auto compressor = [&](int64_t width, int64_t series, int64_t rate) {
+    const int64_t closed = rate > 0 ? position / rate : 0;
+    const int64_t pending = rate > 0 ? position % rate : 0;
+    const int64_t overlap = series == 2 && closed > 0 ? rate * width : 0;
+    return sizeof(uint64_t) + 2 * floats(pending * series * width) + 2 * floats(overlap);
+  };
+  uint64_t bytes = sizeof(kMagic) + sizeof(uint32_t) + 3 * sizeof(uint64_t);
+  for (AttentionKind kind : config.layer_types) {
+    const int64_t rate = config.compress_rate(kind);
+    const int64_t entries = rate > 0 ? position / rate : 0;
+    bytes += floats(std::min<int64_t>(position, config.sliding_window - 1) * config.head_dim);
+    bytes += floats(entries * config.head_dim);
+    if (kind == AttentionKind::kCompressed) {
+      bytes += floats(entries * config.index_head_dim);
+      bytes += compressor(config.head_dim, 2, rate) + compressor(config.index_head_dim, 2, rate);
+    } else if (kind == AttentionKind::kHeavy) {
+      bytes += floats(0) + compressor(config.head_dim, 1, rate) + compressor(0, 1, 0);
+    } else {
+      bytes += floats(0) + 2 * compressor(0, 1, 0);
+    }
+  }
+  return static_cast<size_t>(bytes + sizeof(uint64_t));  // the trailing checksum
 }
 
 Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& pools,

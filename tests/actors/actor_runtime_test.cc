@@ -114,13 +114,13 @@ TEST_F(ActorRuntimeTest, EveryMessageTypeRoundTripsBetweenSystems) {
   ASSERT_TRUE(decode_from_prefill.is_ok()) << decode_from_prefill.status().to_string();
   auto stale = prefill_->call<HandoffAck>(
       *decode_from_prefill,
-      HandoffDone{7, granted->reservation_id, granted->decode_epoch + 1, 100, 0xabc, 42});
+      HandoffDone{7, granted->reservation_id, granted->decode_epoch + 1, 100, 0xabc, 42, {}});
   ASSERT_TRUE(stale.is_ok());
   EXPECT_FALSE(stale->accepted);
   EXPECT_NE(stale->reason.find("stale epoch"), std::string::npos);
   auto ack = prefill_->call<HandoffAck>(
       *decode_from_prefill,
-      HandoffDone{7, granted->reservation_id, granted->decode_epoch, 100, 0xabc, 42});
+      HandoffDone{7, granted->reservation_id, granted->decode_epoch, 100, 0xabc, 42, {}});
   ASSERT_TRUE(ack.is_ok()) << ack.status().to_string();
   EXPECT_TRUE(ack->accepted) << ack->reason;
 

@@ -98,9 +98,13 @@ TEST(MessagesTest, WireFormatRoundTrips) {
   EXPECT_EQ(d.epoch, 42u);
   EXPECT_EQ(d.free_kv_blocks, 8u);
 
-  auto e = round_trip(sys, HandoffDone{1, 2, 3, 4, 0xdeadbeefcafeULL, -7});
+  auto e = round_trip(sys, HandoffDone{1, 2, 3, 4, 0xdeadbeefcafeULL, -7, {9, 8, 7}});
   EXPECT_EQ(e.state_checksum, 0xdeadbeefcafeULL);
   EXPECT_EQ(e.first_token, -7);
+  EXPECT_EQ(e.span_digests, (std::vector<uint8_t>{9, 8, 7}));
+  EXPECT_TRUE(validate(e).is_ok());
+  EXPECT_FALSE(validate(HandoffDone{1, 2, 3, 4, 0, 0, {}}).is_ok());
+  EXPECT_FALSE(validate(HandoffDone{1, 0, 3, 4, 0, 0, {1}}).is_ok());
 }
 
 }  // namespace

@@ -43,6 +43,23 @@ TEST(StatePacking, UnpackedStateContinuesBitForBitAtAnyPosition) {
   }
 }
 
+TEST(StatePacking, PackedStateBytesIsTheExactSizeOfPackState) {
+  const Model& m = testing_support::tiny_model();
+  const auto ids = tokens(300, 4);
+  RequestState s = m.new_state();
+  EXPECT_EQ(packed_state_bytes(m.config(), 0), pack_state(m.config(), s).size());
+  // Grow one state through window and block ends, checking the size at every stop.
+  int64_t at = 0;
+  for (int64_t next : {1, 2, 3, 4, 5, 8, 17, 64, 127, 128, 129, 131, 200, 256, 257, 300}) {
+    ASSERT_TRUE(
+        m.forward(std::span(ids).subspan(static_cast<size_t>(at), static_cast<size_t>(next - at)),
+                  s)
+            .is_ok());
+    at = next;
+    EXPECT_EQ(packed_state_bytes(m.config(), at), pack_state(m.config(), s).size()) << "at " << at;
+  }
+}
+
 TEST(StatePacking, RefusesCorruptTruncatedAndForeignStates) {
   const Model& m = testing_support::tiny_model();
   RequestState a = m.new_state();

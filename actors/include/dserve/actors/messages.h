@@ -131,7 +131,9 @@ struct PrefillReply {
 // written into the reserved pages (over UCX): "reservation X of your epoch E now holds
 // `kv_tokens` tokens of state with this checksum; the first generated token is
 // `first_token`". Answered with HandoffAck. A decode worker whose epoch differs rejects it:
-// its pages (and keys) belong to an earlier incarnation.
+// its pages (and keys) belong to an earlier incarnation. `span_digests` are the transfer
+// engine's per-span digests of what the puts wrote (kvstore::encode_digests), which the decode
+// worker verifies before reading a byte; at most kMaxTransferKeysBytes.
 struct HandoffDone {
   RequestId request_id = 0;
   ReservationId reservation_id = 0;
@@ -139,6 +141,7 @@ struct HandoffDone {
   uint32_t kv_tokens = 0;
   uint64_t state_checksum = 0;
   TokenId first_token = 0;
+  std::vector<uint8_t> span_digests;
 };
 
 struct HandoffAck {
@@ -191,7 +194,10 @@ struct HealthReport {
 //   PrefillRequest: a non-empty prompt, a target with host, port, epoch, reservation and keys
 //     within kMaxTransferKeysBytes.
 //   TokenChunk: an error implies finished; an unfinished chunk carries tokens.
+//   HandoffDone: non-zero reservation and epoch, at least one kv token, span digests within
+//     kMaxTransferKeysBytes.
 Status validate(const ReserveReply& reply);
+Status validate(const HandoffDone& done);
 Status validate(const PrefillRequest& request);
 Status validate(const TokenChunk& chunk);
 
@@ -236,7 +242,7 @@ typename Inspector::result_type inspect(Inspector& f, PrefillReply& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, HandoffDone& x) {
   return f(caf::meta::type_name("dserve.HandoffDone"), x.request_id, x.reservation_id,
-           x.decode_epoch, x.kv_tokens, x.state_checksum, x.first_token);
+           x.decode_epoch, x.kv_tokens, x.state_checksum, x.first_token, x.span_digests);
 }
 
 template <class Inspector>

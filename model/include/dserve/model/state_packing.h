@@ -21,6 +21,10 @@ namespace dserve::model {
 
 std::vector<uint8_t> pack_state(const ModelConfig& config, const RequestState& state);
 
+// The exact size of pack_state's output for a state of this model at `position` (>= 0): what a
+// decode worker allocates for the hand-off before the state exists. Pure arithmetic.
+size_t packed_state_bytes(const ModelConfig& config, int64_t position);
+
 // DataLoss naming what did not match (checksum, size, the model's shapes, a pool's length)
 // when `bytes` is not a state of this model; the pages come from `pools`.
 Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& pools,

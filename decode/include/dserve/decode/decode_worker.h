@@ -1,0 +1,49 @@
+#pragma once
+// DecodeWorker: the decode role as an actor implementing actors::DecodeActor.
+//
+// The hand-off, as this worker runs it:
+//   ReserveRequest -> refused with a reason when the batch (reservations + decoding requests)
+//     or the KV byte budget is full; else a transfer region of hand-off size is allocated with
+//     TransferEngine::allocate_memory and its keys (engine address + region, encoded with
+//     kvstore/handoff_keys.h) go back in ReserveReply::transfer_keys.
+//   HandoffDone -> the region is checked against the span digests (verify_landed), the state
+//     unpacked (unpack_state) and the request joins the DecodeBatch; the region is released.
+//   A self-sent step message drives DecodeBatch::step() while the batch is not empty; every
+//     step's tokens go to the request's sink as TokenChunk messages, the last one finished.
+//   CancelRequest -> drops a reservation (and its region) or ends a decoding request.
+//   A reservation that gets no HandoffDone within min(reservation_timeout, its deadline) expires
+//   and releases its region.
+//
+// Region layout (what prefill writes): [packed state of prompt_tokens tokens, exactly
+// model::packed_state_bytes bytes][logits of the prompt's last token, vocab floats]. The logits
+// travel so that the decode side samples the first token itself, with the request's sampler,
+// exactly as `dserve generate` does (see decode/README.md).
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include <caf/actor_system.hpp>
+
+#include "dserve/actors/decode_interface.h"
+#include "dserve/kvstore/transfer.h"
+#include "dserve/model/model.h"
+
+namespace dserve::decode {
+
+struct DecodeWorkerOptions {
+  int64_t max_batch = 64;                 // reservations + decoding requests at once
+  uint64_t kv_budget_bytes = 1ull << 30;  // hand-off regions + states of decoding requests
+  std::chrono::milliseconds reservation_timeout{10000};  // reserved, no HandoffDone yet
+};
+
+// Bytes of the hand-off region for a prompt of `prompt_tokens` tokens (state + logits).
+uint64_t handoff_region_bytes(const model::ModelConfig& config, int64_t prompt_tokens);
+
+// Spawns the worker. `model` and `engine` must outlive the actor (the process owns them);
+// `epoch` is the process's (ActorRuntime::epoch()), checked on every HandoffDone.
+actors::DecodeActor spawn_decode_worker(caf::actor_system& system, const model::Model& model,
+                                        kvstore::TransferEngine& engine, actors::Epoch epoch,
+                                        std::string node_name, DecodeWorkerOptions options);
+
+}  // namespace dserve::decode

@@ -1,0 +1,313 @@
+#include "dserve/decode/decode_worker.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <caf/all.hpp>
+
+#include "dserve/decode/decode_batch.h"
+#include "dserve/kvstore/handoff_keys.h"
+#include "dserve/model/state_packing.h"
+
+namespace dserve::decode {
+namespace {
+
+using namespace actors;  // NOLINT: the message vocabulary
+using step_atom = caf::atom_constant<caf::atom("dec_step")>;
+using expire_atom = caf::atom_constant<caf::atom("dec_expire")>;
+
+// The published interface plus the messages the worker sends itself.
+using DecodeWorkerActor =
+    DecodeActor::extend<caf::reacts_to<step_atom>, caf::reacts_to<expire_atom, ReservationId>>;
+
+int64_t unix_ms_now() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+struct Reservation {
+  RequestId request_id = 0;
+  uint32_t prompt_tokens = 0;
+  uint32_t max_new_tokens = 0;
+  int64_t deadline_unix_ms = 0;
+  TokenSinkActor sink;
+  kvstore::MemoryRegion region;
+};
+
+struct Decoding {
+  RequestId request_id = 0;
+  TokenSinkActor sink;
+  uint32_t next_index = 0;
+  uint64_t budget_bytes = 0;
+};
+
+struct WorkerState {
+  const model::Model* model = nullptr;
+  kvstore::TransferEngine* engine = nullptr;
+  Epoch epoch = 0;
+  std::string node_name;
+  DecodeWorkerOptions options;
+  std::unique_ptr<DecodeBatch> batch;
+  ReservationId next_reservation = 1;
+  std::map<ReservationId, Reservation> reservations;  // each owns one region
+  std::map<ReservationId, Decoding> decoding;         // keyed like the batch
+  uint64_t used_bytes = 0;
+  bool stepping = false;
+};
+
+uint64_t decoding_bytes(const model::ModelConfig& config, const Reservation& r) {
+  return model::packed_state_bytes(config,
+                                   static_cast<int64_t>(r.prompt_tokens) + r.max_new_tokens);
+}
+
+ReserveReply refuse(const ReserveRequest& req, Epoch epoch, std::string reason) {
+  ReserveReply reply;
+  reply.request_id = req.request_id;
+  reply.decode_epoch = epoch;
+  reply.outcome = ReserveOutcome::kRefused;
+  reply.reason = std::move(reason);
+  return reply;
+}
+
+void release_reservation(WorkerState& st, std::map<ReservationId, Reservation>::iterator it) {
+  st.used_bytes -= it->second.region.bytes();
+  st.reservations.erase(it);  // deregisters and frees the region
+}
+
+// Checks the landed bytes and turns them into a batch entry.
+Result<DecodeRequest> take_handoff(WorkerState& st, ReservationId id, const Reservation& r,
+                                   const HandoffDone& done) {
+  const model::ModelConfig& config = st.model->config();
+  auto digests = kvstore::decode_digests(done.span_digests);
+  if (!digests.is_ok()) return digests.status();
+  const uint64_t state_bytes = model::packed_state_bytes(config, r.prompt_tokens);
+  const uint64_t logit_bytes = static_cast<uint64_t>(config.vocab_size) * sizeof(float);
+  // Both spans must be covered exactly, or bytes nobody vouched for would be read.
+  if (digests->size() != 2 || (*digests)[0].remote_offset != 0 ||
+      (*digests)[0].bytes != state_bytes || (*digests)[1].remote_offset != state_bytes ||
+      (*digests)[1].bytes != logit_bytes) {
+    return data_loss("hand-off digests do not cover the state and logits spans of the region");
+  }
+  const std::span<const std::byte> region(r.region.data(), r.region.bytes());
+  DSERVE_RETURN_IF_ERROR(kvstore::verify_landed(region, *digests));
+  const auto* bytes = reinterpret_cast<const uint8_t*>(r.region.data());
+  auto state = model::unpack_state(config, st.model->page_pools(), {bytes, state_bytes});
+  if (!state.is_ok()) return state.status();
+  if (state->position() != r.prompt_tokens) {
+    return data_loss("hand-off state at position " + std::to_string(state->position()) +
+                     ", reserved for " + std::to_string(r.prompt_tokens) + " prompt tokens");
+  }
+  DecodeRequest req;
+  req.id = id;
+  req.state = std::move(state).value();
+  req.prompt_logits = Tensor({1, config.vocab_size});
+  std::memcpy(req.prompt_logits.data(), bytes + state_bytes, logit_bytes);
+  req.max_tokens = r.max_new_tokens;
+  if (r.deadline_unix_ms > 0) {
+    req.deadline = Clock::now() + std::chrono::milliseconds(
+                                      std::max<int64_t>(0, r.deadline_unix_ms - unix_ms_now()));
+  }
+  return req;
+}
+
+TokenChunk chunk_for(const TokenEvent& ev, const Decoding& d, Epoch epoch) {
+  TokenChunk c;
+  c.request_id = d.request_id;
+  c.decode_epoch = epoch;
+  c.first_index = ev.token ? static_cast<uint32_t>(ev.index) : d.next_index;
+  if (ev.token) c.tokens.push_back(*ev.token);
+  c.finished = ev.finished != FinishReason::kNone;
+  switch (ev.finished) {
+    case FinishReason::kCancelled:
+      c.error = "cancelled";
+      break;
+    case FinishReason::kDeadline:
+      c.error = "deadline passed while decoding";
+      break;
+    case FinishReason::kError:
+      c.error = "decode failed: " + ev.error.to_string();
+      break;
+    default:
+      break;
+  }
+  return c;
+}
+
+DecodeWorkerActor::behavior_type decode_worker(
+    DecodeWorkerActor::stateful_pointer<WorkerState> self, const model::Model* model,
+    kvstore::TransferEngine* engine, Epoch epoch, std::string node_name,
+    DecodeWorkerOptions options) {
+  auto& st = self->state;
+  st.model = model;
+  st.engine = engine;
+  st.epoch = epoch;
+  st.node_name = std::move(node_name);
+  st.options = options;
+  st.batch = std::make_unique<DecodeBatch>(*model, DecodeOptions{options.max_batch});
+  auto kick = [self] {
+    if (self->state.stepping || self->state.batch->empty()) return;
+    self->state.stepping = true;
+    self->send(self, step_atom::value);
+  };
+  return {
+      [self](ReserveRequest& req) -> ReserveReply {
+        auto& s = self->state;
+        if (req.prompt_tokens == 0) return refuse(req, s.epoch, "empty prompt");
+        const auto held = static_cast<int64_t>(s.reservations.size() + s.decoding.size());
+        if (held >= s.options.max_batch) {
+          return refuse(req, s.epoch,
+                        "batch full: " + std::to_string(held) + " of " +
+                            std::to_string(s.options.max_batch) + " slots held");
+        }
+        const uint64_t region_bytes = handoff_region_bytes(s.model->config(), req.prompt_tokens);
+        const uint64_t need = std::max<uint64_t>(
+            region_bytes,
+            model::packed_state_bytes(
+                s.model->config(), static_cast<int64_t>(req.prompt_tokens) + req.max_new_tokens));
+        if (s.used_bytes + need > s.options.kv_budget_bytes) {
+          return refuse(req, s.epoch,
+                        "KV byte budget full: needs " + std::to_string(need) + " bytes, " +
+                            std::to_string(s.options.kv_budget_bytes - s.used_bytes) + " free");
+        }
+        auto region = s.engine->allocate_memory(region_bytes);
+        if (!region.is_ok())
+          return refuse(req, s.epoch,
+                        "cannot allocate a transfer region: " + region.status().to_string());
+        auto remote = s.engine->describe(*region);
+        if (!remote.is_ok())
+          return refuse(req, s.epoch,
+                        "cannot describe the transfer region: " + remote.status().to_string());
+        ReserveReply reply;
+        reply.request_id = req.request_id;
+        reply.decode_epoch = s.epoch;
+        reply.outcome = ReserveOutcome::kGranted;
+        reply.reservation_id = s.next_reservation++;
+        reply.transfer_keys =
+            kvstore::encode_handoff_keys({s.engine->local_address(), std::move(remote).value()});
+        s.used_bytes += region->bytes();
+        s.reservations.emplace(
+            reply.reservation_id,
+            Reservation{req.request_id, req.prompt_tokens, req.max_new_tokens, req.deadline_unix_ms,
+                        std::move(req.stream_to), std::move(region).value()});
+        auto expiry = s.options.reservation_timeout;
+        if (req.deadline_unix_ms > 0) {
+          expiry = std::min(expiry, std::chrono::milliseconds(std::max<int64_t>(
+                                        0, req.deadline_unix_ms - unix_ms_now())));
+        }
+        self->delayed_send(self, expiry, expire_atom::value, reply.reservation_id);
+        return reply;
+      },
+      [self, kick](HandoffDone& done) {
+        auto& s = self->state;
+        HandoffAck ack{done.request_id, false, ""};
+        if (Status v = validate(done); !v.is_ok()) {
+          ack.reason = v.to_string();
+          return ack;
+        }
+        if (done.decode_epoch != s.epoch) {
+          ack.reason = "stale epoch " + std::to_string(done.decode_epoch) +
+                       ": the reservation was made by an earlier incarnation of " + s.node_name;
+          return ack;
+        }
+        auto it = s.reservations.find(done.reservation_id);
+        if (it == s.reservations.end() || it->second.request_id != done.request_id) {
+          ack.reason = "no live reservation " + std::to_string(done.reservation_id) +
+                       " for request " + std::to_string(done.request_id) +
+                       " (expired or cancelled)";
+          return ack;
+        }
+        auto req = take_handoff(s, it->first, it->second, done);
+        Decoding d{it->second.request_id, it->second.sink, 0,
+                   decoding_bytes(s.model->config(), it->second)};
+        release_reservation(s, it);
+        if (!req.is_ok()) {
+          ack.reason = "hand-off refused: " + req.status().to_string();
+          return ack;
+        }
+        const ReservationId id = req->id;
+        if (Status added = s.batch->add(std::move(req).value()); !added.is_ok()) {
+          ack.reason = "cannot join the batch: " + added.to_string();
+          return ack;
+        }
+        s.used_bytes += d.budget_bytes;
+        s.decoding.emplace(id, std::move(d));
+        ack.accepted = true;
+        kick();
+        return ack;
+      },
+      [self](CancelRequest& cancel) {
+        auto& s = self->state;
+        CancelReply reply{cancel.request_id, false};
+        for (auto it = s.reservations.begin(); it != s.reservations.end(); ++it) {
+          if (it->second.request_id == cancel.request_id) {
+            release_reservation(s, it);
+            reply.was_active = true;
+            return reply;
+          }
+        }
+        for (auto& [id, d] : s.decoding) {
+          if (d.request_id == cancel.request_id) {
+            s.batch->cancel(id);  // its finished chunk goes out at the next step
+            reply.was_active = true;
+            break;
+          }
+        }
+        return reply;
+      },
+      [self](HealthProbe&) {
+        auto& s = self->state;
+        HealthReport report;
+        report.role = Role::kDecode;
+        report.epoch = s.epoch;
+        report.node_name = s.node_name;
+        report.active_requests = static_cast<uint32_t>(s.decoding.size());
+        // Reservations waiting for their hand-off; each holds exactly one transfer region.
+        report.queued_requests = static_cast<uint32_t>(s.reservations.size());
+        // Free KV budget in 128-token blocks is not tracked yet: free budget bytes instead.
+        report.free_kv_blocks = s.options.kv_budget_bytes - s.used_bytes;
+        return report;
+      },
+      [self, kick](step_atom) {
+        auto& s = self->state;
+        s.stepping = false;
+        for (const TokenEvent& ev : s.batch->step()) {
+          auto it = s.decoding.find(ev.request_id);
+          if (it == s.decoding.end()) continue;
+          TokenChunk chunk = chunk_for(ev, it->second, s.epoch);
+          it->second.next_index = chunk.first_index + static_cast<uint32_t>(chunk.tokens.size());
+          if (it->second.sink) self->send(it->second.sink, std::move(chunk));
+          if (ev.finished != FinishReason::kNone) {
+            s.used_bytes -= it->second.budget_bytes;
+            s.decoding.erase(it);
+          }
+        }
+        // A message, not a loop: reserves, hand-offs and cancels get in between steps.
+        kick();
+      },
+      [self](expire_atom, ReservationId id) {
+        auto it = self->state.reservations.find(id);
+        if (it != self->state.reservations.end()) release_reservation(self->state, it);
+      },
+  };
+}
+
+}  // namespace
+
+uint64_t handoff_region_bytes(const model::ModelConfig& config, int64_t prompt_tokens) {
+  return model::packed_state_bytes(config, prompt_tokens) +
+         static_cast<uint64_t>(config.vocab_size) * sizeof(float);
+}
+
+DecodeActor spawn_decode_worker(caf::actor_system& system, const model::Model& model,
+                                kvstore::TransferEngine& engine, Epoch epoch, std::string node_name,
+                                DecodeWorkerOptions options) {
+  auto worker = system.spawn(decode_worker, &model, &engine, epoch, std::move(node_name), options);
+  return caf::actor_cast<DecodeActor>(worker);
+}
+
+}  // namespace dserve::decode

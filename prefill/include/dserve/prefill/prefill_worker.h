@@ -1,0 +1,41 @@
+#pragma once
+// PrefillWorker: the prefill role as an actor implementing actors::PrefillActor.
+//
+// On PrefillRequest the prompt joins a PrefillScheduler (chunked, FCFS within a token budget,
+// through the PrefixCache); a self-sent step message runs one scheduler step at a time while
+// work is queued. A request whose prefill is done is handed off:
+//   pack_state -> the decode worker's region (kvstore/handoff_keys.h from the target's
+//   transfer keys) gets [packed state][prompt logits] by TransferEngine::put -> HandoffDone
+//   with the span digests to the decode actor at the target's control address -> its
+//   HandoffAck decides the PrefillReply.
+// Every step is bounded by the request's deadline (30 s when it has none): a failure of any
+// step (deadline, bad keys, transfer, decode unreachable or refusing) is a kFailed reply with
+// the reason, never a hang.
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+#include <caf/actor_system.hpp>
+
+#include "dserve/actors/prefill_interface.h"
+#include "dserve/kvstore/transfer.h"
+#include "dserve/model/prefix_cache.h"
+#include "dserve/prefill/prefill_scheduler.h"
+
+namespace dserve::prefill {
+
+struct PrefillWorkerOptions {
+  PrefillOptions scheduler;
+  // Bound on each step of a request that carries no deadline.
+  std::chrono::milliseconds default_deadline{30000};
+};
+
+// Spawns the worker. `cache` (and its model) and `engine` must outlive the actor (the process
+// owns them); `epoch` is the process's (ActorRuntime::epoch()).
+actors::PrefillActor spawn_prefill_worker(caf::actor_system& system, model::PrefixCache& cache,
+                                          const model::Model& model,
+                                          kvstore::TransferEngine& engine, actors::Epoch epoch,
+                                          std::string node_name, PrefillWorkerOptions options);
+
+}  // namespace dserve::prefill
