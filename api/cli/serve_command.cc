@@ -30,6 +30,7 @@ struct ServeOptions {
   int64_t max_batch = 64;
   uint64_t kv_budget_mib = 1024;
   int64_t reservation_timeout_ms = 10000;
+  int64_t region_grace_ms = 30000;
   int64_t token_budget = 2048;
 };
 
@@ -115,6 +116,7 @@ int run_serve(const ServeOptions& o) {
     dopts.max_batch = o.max_batch;
     dopts.kv_budget_bytes = o.kv_budget_mib << 20;
     dopts.reservation_timeout = std::chrono::milliseconds(o.reservation_timeout_ms);
+    dopts.region_grace = std::chrono::milliseconds(o.region_grace_ms);
     bound = rt.publish(decode::spawn_decode_worker(rt.system(), model, **engine, rt.epoch(),
                                                    "decode@" + o.listen, dopts));
   } else {
@@ -164,6 +166,11 @@ Command add_serve_command(CLI::App& app) {
                   "decode: a reservation without hand-off is released after this")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--region-grace-ms", o->region_grace_ms,
+                  "decode: how long the region of an expired or cancelled reservation stays "
+                  "mapped before it is freed (longer than the prefill's transfer timeout)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--token-budget", o->token_budget, "prefill: prompt tokens per step")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

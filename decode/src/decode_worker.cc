@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <string>
 #include <utility>
@@ -19,10 +20,12 @@ namespace {
 using namespace actors;  // NOLINT: the message vocabulary
 using step_atom = caf::atom_constant<caf::atom("dec_step")>;
 using expire_atom = caf::atom_constant<caf::atom("dec_expire")>;
+using purge_atom = caf::atom_constant<caf::atom("dec_purge")>;
 
 // The published interface plus the messages the worker sends itself.
 using DecodeWorkerActor =
-    DecodeActor::extend<caf::reacts_to<step_atom>, caf::reacts_to<expire_atom, ReservationId>>;
+    DecodeActor::extend<caf::reacts_to<step_atom>, caf::reacts_to<expire_atom, ReservationId>,
+                        caf::reacts_to<purge_atom>>;
 
 int64_t unix_ms_now() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -56,6 +59,10 @@ struct WorkerState {
   ReservationId next_reservation = 1;
   std::map<ReservationId, Reservation> reservations;  // each owns one region
   std::map<ReservationId, Decoding> decoding;         // keyed like the batch
+  // Regions of reservations that expired or were cancelled before their hand-off: a prefill
+  // worker may still be writing into them (its put is bounded by its transfer timeout), so
+  // they stay mapped, and counted in used_bytes, until their grace period has passed.
+  std::deque<std::pair<std::chrono::steady_clock::time_point, kvstore::MemoryRegion>> quarantine;
   uint64_t used_bytes = 0;
   bool stepping = false;
 };
@@ -74,9 +81,25 @@ ReserveReply refuse(const ReserveRequest& req, Epoch epoch, std::string reason) 
   return reply;
 }
 
+// After a completed hand-off: the prefill's put has finished, the region can go at once.
 void release_reservation(WorkerState& st, std::map<ReservationId, Reservation>::iterator it) {
   st.used_bytes -= it->second.region.bytes();
   st.reservations.erase(it);  // deregisters and frees the region
+}
+
+// Before a hand-off (expiry, cancel): a late put may still land, so the region is quarantined.
+void abandon_reservation(WorkerState& st, std::map<ReservationId, Reservation>::iterator it) {
+  st.quarantine.emplace_back(std::chrono::steady_clock::now() + st.options.region_grace,
+                             std::move(it->second.region));
+  st.reservations.erase(it);
+}
+
+void purge_quarantine(WorkerState& st) {
+  const auto now = std::chrono::steady_clock::now();
+  while (!st.quarantine.empty() && st.quarantine.front().first <= now) {
+    st.used_bytes -= st.quarantine.front().second.bytes();
+    st.quarantine.pop_front();  // deregisters and frees the region
+  }
 }
 
 // Checks the landed bytes and turns them into a batch entry.
@@ -245,7 +268,8 @@ DecodeWorkerActor::behavior_type decode_worker(
         CancelReply reply{cancel.request_id, false};
         for (auto it = s.reservations.begin(); it != s.reservations.end(); ++it) {
           if (it->second.request_id == cancel.request_id) {
-            release_reservation(s, it);
+            abandon_reservation(s, it);
+            self->delayed_send(self, s.options.region_grace, purge_atom::value);
             reply.was_active = true;
             return reply;
           }
@@ -291,8 +315,11 @@ DecodeWorkerActor::behavior_type decode_worker(
       },
       [self](expire_atom, ReservationId id) {
         auto it = self->state.reservations.find(id);
-        if (it != self->state.reservations.end()) release_reservation(self->state, it);
+        if (it == self->state.reservations.end()) return;
+        abandon_reservation(self->state, it);
+        self->delayed_send(self, self->state.options.region_grace, purge_atom::value);
       },
+      [self](purge_atom) { purge_quarantine(self->state); },
   };
 }
 

@@ -22,6 +22,8 @@
 
 #include "dserve/actors/actor_runtime.h"
 #include "dserve/core/random.h"
+#include "dserve/kvstore/handoff_keys.h"
+#include "dserve/kvstore/transfer.h"
 #include "dserve/model/sampler.h"
 #include "fake_roles.h"
 #include "test_model.h"
@@ -229,13 +231,39 @@ TEST(Disaggregated, PrefillThenDecodeAcrossProcessesMatchesGenerate) {
   EXPECT_EQ(h.queued_requests, 0u);
   EXPECT_EQ(h.active_requests, 0u);
 
-  // A reservation nobody hands off to is released after the timeout. (No late put here: a put
-  // into a region already released is a known hazard, see decode/README.md.)
+  // A reservation nobody hands off to is released after the timeout.
   auto orphan = gw.reserve(900, 10, 4, std::chrono::milliseconds(60000));
   ASSERT_TRUE(orphan.is_ok() && orphan->outcome == ReserveOutcome::kGranted);
   EXPECT_EQ(gw.decode_health().queued_requests, 1u);
   std::this_thread::sleep_for(std::chrono::milliseconds(2000));
   EXPECT_EQ(gw.decode_health().queued_requests, 0u) << decode.log();
+  // A late writer (a prefill whose put was slower than the reservation) still lands in mapped
+  // memory: the expired region is quarantined for --region-grace-ms, and its HandoffDone is
+  // refused. The decode process stays up and healthy.
+  {
+    auto keys = kvstore::decode_handoff_keys(orphan->transfer_keys);
+    ASSERT_TRUE(keys.is_ok()) << keys.status().to_string();
+    kvstore::TransferOptions topts;
+    topts.transports = "tcp";
+    topts.name = "late-writer";
+    topts.timeout = std::chrono::milliseconds(5000);
+    auto engine = kvstore::TransferEngine::create(topts);
+    ASSERT_TRUE(engine.is_ok()) << engine.status().to_string();
+    auto peer = (*engine)->connect(keys->peer);
+    ASSERT_TRUE(peer.is_ok()) << peer.status().to_string();
+    std::vector<uint8_t> junk(std::min<uint64_t>(keys->region.bytes, 4096), 0xAB);
+    const kvstore::PutOp op{junk.data(), junk.size(), 0};
+    auto put = (*engine)->put(*peer, keys->region, std::span(&op, 1));
+    EXPECT_TRUE(put.is_ok()) << put.status().to_string();
+    ASSERT_TRUE(put.is_ok());
+    auto late = gw.rt->call<HandoffAck>(
+        gw.decode, HandoffDone{900, orphan->reservation_id, orphan->decode_epoch, 10, 0, 0,
+                               kvstore::encode_digests(*put)});
+    ASSERT_TRUE(late.is_ok()) << late.status().to_string();
+    EXPECT_FALSE(late->accepted);
+    EXPECT_NE(late->reason.find("expired or cancelled"), std::string::npos) << late->reason;
+    EXPECT_EQ(gw.decode_health().queued_requests, 0u) << decode.log();
+  }
 
   // Cancelling a reservation releases it at once.
   auto cancelled = gw.reserve(901, 10, 4, std::chrono::milliseconds(60000));

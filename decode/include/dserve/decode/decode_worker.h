@@ -35,6 +35,10 @@ struct DecodeWorkerOptions {
   int64_t max_batch = 64;                 // reservations + decoding requests at once
   uint64_t kv_budget_bytes = 1ull << 30;  // hand-off regions + states of decoding requests
   std::chrono::milliseconds reservation_timeout{10000};  // reserved, no HandoffDone yet
+  // How long the region of an expired or cancelled reservation stays mapped (and counted)
+  // before it is freed: longer than a prefill worker's transfer timeout, so that a put still in
+  // flight never lands in freed memory.
+  std::chrono::milliseconds region_grace{30000};
 };
 
 // Bytes of the hand-off region for a prompt of `prompt_tokens` tokens (state + logits).
