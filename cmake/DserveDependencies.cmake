@@ -38,3 +38,8 @@ add_library(dserve_caf INTERFACE)
 add_library(dserve::caf ALIAS dserve_caf)
 target_include_directories(dserve_caf SYSTEM INTERFACE ${DSERVE_CAF_INCLUDE})
 target_link_libraries(dserve_caf INTERFACE ${DSERVE_CAF_IO} ${DSERVE_CAF_CORE} Threads::Threads)
+
+# api: protobuf 3.21 (CMake's FindProtobuf: Debian ships no protobuf CMake config) and gRPC 1.51
+# (its config; needs protobuf-compiler-grpc for gRPC::grpc_cpp_plugin).
+find_package(Protobuf REQUIRED)
+find_package(gRPC CONFIG REQUIRED)

@@ -14,8 +14,10 @@ using Command = std::function<int()>;
 Command add_model_init_command(CLI::App& model_app);
 // `dserve generate ...`
 Command add_generate_command(CLI::App& app);
-// `dserve serve --role prefill|decode ...`
+// `dserve serve --role gateway|prefill|decode ...`
 Command add_serve_command(CLI::App& app);
+// `dserve submit ...`
+Command add_submit_command(CLI::App& app);
 
 // Prints "dserve: error: <message>" to stderr.
 void print_error(const std::string& message);

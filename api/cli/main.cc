@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   const dserve::cli::Command model_init = dserve::cli::add_model_init_command(*model);
   const dserve::cli::Command generate = dserve::cli::add_generate_command(app);
   const dserve::cli::Command serve = dserve::cli::add_serve_command(app);
+  const dserve::cli::Command submit = dserve::cli::add_submit_command(app);
 
   try {
     app.parse(argc, argv);
@@ -25,5 +26,6 @@ int main(int argc, char** argv) {
   if (model->got_subcommand("init")) return model_init();
   if (app.got_subcommand("generate")) return generate();
   if (app.got_subcommand("serve")) return serve();
+  if (app.got_subcommand("submit")) return submit();
   return 2;
 }

@@ -1,7 +1,11 @@
-// `dserve serve --role prefill|decode`: one process of a disaggregated cluster. Loads the model,
-// starts the actor runtime and the UCX transfer engine, publishes the role's actor at --listen
-// and prints "dserve: serving <role> on HOST:PORT" on stdout (the bound port when --listen asks
-// for port 0), then serves until SIGINT or SIGTERM.
+// `dserve serve --role gateway|prefill|decode`: one process of a disaggregated cluster.
+// prefill/decode: loads the model, starts the actor runtime and the UCX transfer engine,
+// publishes the role's actor at --listen and prints "dserve: serving <role> on HOST:PORT" on
+// stdout (the bound port when --listen asks for port 0), then serves until SIGINT or SIGTERM.
+// gateway: loads only the tokenizer and config, watches the workers named by --prefill and
+// --decode, publishes its token sink at --listen and the gRPC service at --grpc-listen, prints
+// "dserve: serving gateway on HOST:PORT grpc HOST:PORT" once a prefill and a decode worker
+// are healthy (or an error after --ready-timeout-ms), then serves.
 
 #include <csignal>
 #include <cstdio>
@@ -10,12 +14,15 @@
 
 #include "commands.h"
 #include "dserve/actors/actor_runtime.h"
+#include "dserve/actors/gateway.h"
+#include "dserve/api/serving_service.h"
 #include "dserve/decode/decode_worker.h"
 #include "dserve/kvstore/transfer.h"
 #include "dserve/model/checkpoint.h"
 #include "dserve/model/config.h"
 #include "dserve/model/model.h"
 #include "dserve/model/prefix_cache.h"
+#include "dserve/model/tokenizer.h"
 #include "dserve/prefill/prefill_worker.h"
 
 namespace dserve::cli {
@@ -32,7 +39,127 @@ struct ServeOptions {
   int64_t reservation_timeout_ms = 10000;
   int64_t region_grace_ms = 30000;
   int64_t token_budget = 2048;
+  // gateway
+  std::string prefill_workers;
+  std::string decode_workers;
+  std::string grpc_listen = "127.0.0.1:50051";
+  int64_t ready_timeout_ms = 60000;
+  int64_t request_timeout_ms = 300000;
+  int64_t max_running = 256;
+  int64_t max_queued = 1024;
+  int64_t max_attempts = 4;
+  int64_t probe_interval_ms = 250;
+  int64_t default_max_tokens = 256;
+  int64_t max_prompt_tokens = 1 << 20;
 };
+
+Result<std::pair<std::string, uint16_t>> split_listen(const std::string& flag,
+                                                      const std::string& value) {
+  const auto colon = value.rfind(':');
+  int port = -1;
+  if (colon != std::string::npos) {
+    try {
+      size_t used = 0;
+      port = std::stoi(value.substr(colon + 1), &used);
+      if (used != value.size() - colon - 1) port = -1;
+    } catch (const std::exception&) {
+    }
+  }
+  if (colon == std::string::npos || colon == 0 || port < 0 || port > 65535) {
+    return invalid_argument(flag + " must be HOST:PORT with a port in 0..65535, got '" + value +
+                            "'");
+  }
+  return std::make_pair(value.substr(0, colon), static_cast<uint16_t>(port));
+}
+
+int run_gateway(const ServeOptions& o, const sigset_t& stop) {
+  auto listen = split_listen("--listen", o.listen);
+  auto grpc_listen = split_listen("--grpc-listen", o.grpc_listen);
+  auto prefill = actors::parse_endpoints(o.prefill_workers);
+  auto decode = actors::parse_endpoints(o.decode_workers);
+  for (const Status& s :
+       {listen.status(), grpc_listen.status(), prefill.status().with_context("--prefill"),
+        decode.status().with_context("--decode")}) {
+    if (!s.is_ok()) {
+      print_error(s.message());
+      return 2;
+    }
+  }
+  if (prefill->empty() || decode->empty()) {
+    print_error("a gateway needs at least one --prefill and one --decode worker address");
+    return 2;
+  }
+  auto config = model::load_model_config(o.model_dir);
+  if (!config.is_ok()) {
+    print_error(config.status().to_string());
+    return 2;
+  }
+  auto tokenizer = model::Tokenizer::load(o.model_dir + "/tokenizer.json");
+  if (!tokenizer.is_ok()) {
+    print_error(tokenizer.status().to_string());
+    return 2;
+  }
+
+  actors::RuntimeConfig rcfg;
+  rcfg.role = actors::Role::kGateway;
+  rcfg.listen_host = listen->first;
+  rcfg.listen_port = listen->second;
+  auto runtime = actors::ActorRuntime::start(rcfg);
+  if (!runtime.is_ok()) {
+    print_error(runtime.status().to_string());
+    return 1;
+  }
+  actors::ActorRuntime& rt = **runtime;
+  actors::GatewayOptions gopts;
+  gopts.prefill_workers = std::move(prefill).value();
+  gopts.decode_workers = std::move(decode).value();
+  gopts.default_deadline = std::chrono::milliseconds(o.request_timeout_ms);
+  gopts.max_running = static_cast<size_t>(o.max_running);
+  gopts.max_queued = static_cast<size_t>(o.max_queued);
+  gopts.max_attempts = static_cast<int>(o.max_attempts);
+  gopts.probe_interval = std::chrono::milliseconds(o.probe_interval_ms);
+  auto gateway = actors::Gateway::start(rt, gopts);
+  if (!gateway.is_ok()) {
+    print_error(gateway.status().to_string());
+    return 2;
+  }
+  auto bound = rt.publish((*gateway)->actor());
+  if (!bound.is_ok()) {
+    print_error(bound.status().to_string());
+    return 1;
+  }
+  api::ServingOptions sopts;
+  sopts.default_max_tokens = static_cast<uint32_t>(o.default_max_tokens);
+  sopts.max_prompt_tokens = static_cast<uint32_t>(o.max_prompt_tokens);
+  sopts.bos_token_id = static_cast<int32_t>(config->bos_token_id);
+  api::ServingService service(**gateway, *tokenizer, sopts);
+  api::GrpcServerOptions grpc_opts;
+  grpc_opts.host = grpc_listen->first;
+  grpc_opts.port = grpc_listen->second;
+  grpc_opts.max_threads = static_cast<int>(o.max_running + o.max_queued + 16);
+  auto server = api::GrpcServer::start(service, grpc_opts);
+  if (!server.is_ok()) {
+    print_error(server.status().to_string());
+    return 1;
+  }
+  if (Status ready = (*gateway)->wait_ready(std::chrono::milliseconds(o.ready_timeout_ms));
+      !ready.is_ok()) {
+    print_error(ready.message());
+    return 1;
+  }
+  std::printf("dserve: serving gateway on %s:%u grpc %s:%u\n", listen->first.c_str(),
+              static_cast<unsigned>(*bound), grpc_listen->first.c_str(),
+              static_cast<unsigned>((*server)->port()));
+  std::fflush(stdout);
+
+  int sig = 0;
+  sigwait(&stop, &sig);
+  std::fprintf(stderr, "dserve: gateway stopping (signal %d)\n", sig);
+  server->reset();  // cancels the calls in flight: their requests are cancelled on the workers
+  gateway->reset();
+  runtime->reset();
+  return 0;
+}
 
 int run_serve(const ServeOptions& o) {
   // Blocked before any thread starts, so that every thread inherits the mask and sigwait below
@@ -45,6 +172,7 @@ int run_serve(const ServeOptions& o) {
   // A peer that dies mid-transfer closes its sockets: writing to them must fail the put with
   // an error, not kill this process with SIGPIPE.
   std::signal(SIGPIPE, SIG_IGN);
+  if (o.role == "gateway") return run_gateway(o, stop);
 
   const auto colon = o.listen.rfind(':');
   if (colon == std::string::npos) {
@@ -145,9 +273,12 @@ int run_serve(const ServeOptions& o) {
 Command add_serve_command(CLI::App& app) {
   auto o = std::make_shared<ServeOptions>();
   CLI::App* cmd = app.add_subcommand("serve", "run one process of a disaggregated cluster");
-  cmd->add_option("--role", o->role, "prefill or decode")
+  cmd->footer(
+      "A cluster: one or more `--role prefill` and `--role decode` processes, and a `--role "
+      "gateway` naming them with --prefill and --decode; clients use `dserve submit`.");
+  cmd->add_option("--role", o->role, "gateway, prefill or decode")
       ->required()
-      ->check(CLI::IsMember({"prefill", "decode"}));
+      ->check(CLI::IsMember({"gateway", "prefill", "decode"}));
   cmd->add_option("--model", o->model_dir,
                   "model directory (config.json, safetensors, tokenizer.json)")
       ->required();
@@ -172,6 +303,41 @@ Command add_serve_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--token-budget", o->token_budget, "prefill: prompt tokens per step")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--prefill", o->prefill_workers,
+                  "gateway: prefill workers' control addresses, HOST:PORT[,HOST:PORT...]");
+  cmd->add_option("--decode", o->decode_workers,
+                  "gateway: decode workers' control addresses, HOST:PORT[,HOST:PORT...]");
+  cmd->add_option("--grpc-listen", o->grpc_listen, "gateway: gRPC address HOST:PORT (0: any)")
+      ->capture_default_str();
+  cmd->add_option("--ready-timeout-ms", o->ready_timeout_ms,
+                  "gateway: how long to wait for a healthy prefill and decode worker at start")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--request-timeout-ms", o->request_timeout_ms,
+                  "gateway: deadline of a request that sets none")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--max-running", o->max_running, "gateway: requests placed at once")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--max-queued", o->max_queued,
+                  "gateway: requests waiting for a slot; more are refused (RESOURCE_EXHAUSTED)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--max-attempts", o->max_attempts,
+                  "gateway: placements per request (the first and replays after failures)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--probe-interval-ms", o->probe_interval_ms, "gateway: worker health probes")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--default-max-tokens", o->default_max_tokens,
+                  "gateway: max_tokens of a request that sets none")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--max-prompt-tokens", o->max_prompt_tokens, "gateway: longest prompt accepted")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   return [o] { return run_serve(*o); };

@@ -27,6 +27,8 @@ std::string_view status_code_name(StatusCode code) {
       return "RESOURCE_EXHAUSTED";
     case StatusCode::kDeadlineExceeded:
       return "DEADLINE_EXCEEDED";
+    case StatusCode::kCancelled:
+      return "CANCELLED";
   }
   return "UNKNOWN";
 }

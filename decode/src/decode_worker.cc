@@ -38,6 +38,7 @@ struct Reservation {
   uint32_t prompt_tokens = 0;
   uint32_t max_new_tokens = 0;
   int64_t deadline_unix_ms = 0;
+  model::SamplingParams sampling;
   TokenSinkActor sink;
   kvstore::MemoryRegion region;
 };
@@ -72,8 +73,10 @@ uint64_t decoding_bytes(const model::ModelConfig& config, const Reservation& r) 
                                    static_cast<int64_t>(r.prompt_tokens) + r.max_new_tokens);
 }
 
-ReserveReply refuse(const ReserveRequest& req, Epoch epoch, std::string reason) {
+ReserveReply refuse(const ReserveRequest& req, Epoch epoch, std::string reason,
+                    bool retryable = true) {
   ReserveReply reply;
+  reply.retryable = retryable;
   reply.request_id = req.request_id;
   reply.decode_epoch = epoch;
   reply.outcome = ReserveOutcome::kRefused;
@@ -131,6 +134,7 @@ Result<DecodeRequest> take_handoff(WorkerState& st, ReservationId id, const Rese
   req.prompt_logits = Tensor({1, config.vocab_size});
   std::memcpy(req.prompt_logits.data(), bytes + state_bytes, logit_bytes);
   req.max_tokens = r.max_new_tokens;
+  req.sampling = r.sampling;
   if (r.deadline_unix_ms > 0) {
     req.deadline = Clock::now() + std::chrono::milliseconds(
                                       std::max<int64_t>(0, r.deadline_unix_ms - unix_ms_now()));
@@ -180,7 +184,11 @@ DecodeWorkerActor::behavior_type decode_worker(
   return {
       [self](ReserveRequest& req) -> ReserveReply {
         auto& s = self->state;
-        if (req.prompt_tokens == 0) return refuse(req, s.epoch, "empty prompt");
+        if (req.prompt_tokens == 0) return refuse(req, s.epoch, "empty prompt", false);
+        const model::SamplingParams sampling{req.temperature, req.top_k, req.top_p, req.seed};
+        if (Status ok = model::validate_sampling_params(sampling); !ok.is_ok()) {
+          return refuse(req, s.epoch, "bad sampling parameters: " + ok.message(), false);
+        }
         const auto held = static_cast<int64_t>(s.reservations.size() + s.decoding.size());
         if (held >= s.options.max_batch) {
           return refuse(req, s.epoch,
@@ -192,6 +200,13 @@ DecodeWorkerActor::behavior_type decode_worker(
             region_bytes,
             model::packed_state_bytes(
                 s.model->config(), static_cast<int64_t>(req.prompt_tokens) + req.max_new_tokens));
+        if (need > s.options.kv_budget_bytes) {
+          return refuse(req, s.epoch,
+                        "the request needs " + std::to_string(need) +
+                            " bytes of KV state, more than this worker's whole budget of " +
+                            std::to_string(s.options.kv_budget_bytes),
+                        false);
+        }
         if (s.used_bytes + need > s.options.kv_budget_bytes) {
           return refuse(req, s.epoch,
                         "KV byte budget full: needs " + std::to_string(need) + " bytes, " +
@@ -216,7 +231,7 @@ DecodeWorkerActor::behavior_type decode_worker(
         s.reservations.emplace(
             reply.reservation_id,
             Reservation{req.request_id, req.prompt_tokens, req.max_new_tokens, req.deadline_unix_ms,
-                        std::move(req.stream_to), std::move(region).value()});
+                        sampling, std::move(req.stream_to), std::move(region).value()});
         auto expiry = s.options.reservation_timeout;
         if (req.deadline_unix_ms > 0) {
           expiry = std::min(expiry, std::chrono::milliseconds(std::max<int64_t>(

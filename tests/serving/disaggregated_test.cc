@@ -104,13 +104,14 @@ int64_t unix_ms(std::chrono::milliseconds from_now) {
       .count();
 }
 
-// What `dserve generate --max-tokens n` (greedy) produces for `prompt`, as token ids.
-std::vector<TokenId> reference(const std::vector<TokenId>& prompt, int64_t n) {
+// What `dserve generate --max-tokens n` produces for `prompt` with `params`, as token ids.
+std::vector<TokenId> reference(const std::vector<TokenId>& prompt, int64_t n,
+                               const model::SamplingParams& params) {
   const model::Model& m = model::testing_support::tiny_model();
   model::RequestState state = m.new_state();
   auto logits = m.forward(prompt, state, model::LogitsFor::kLastToken);
   EXPECT_TRUE(logits.is_ok());
-  model::Sampler sampler(model::SamplingParams{});
+  model::Sampler sampler(params);
   std::vector<TokenId> out;
   const auto eos = static_cast<int32_t>(m.config().eos_token_id);
   for (int64_t made = 0; made < n;) {
@@ -151,9 +152,11 @@ struct Gateway {
   }
 
   Result<ReserveReply> reserve(RequestId id, uint32_t prompt_tokens, uint32_t max_new,
-                               std::chrono::milliseconds deadline) {
+                               std::chrono::milliseconds deadline,
+                               const model::SamplingParams& params = {}) {
     return rt->call<ReserveReply>(
-        decode, ReserveRequest{id, prompt_tokens, max_new, unix_ms(deadline), sink});
+        decode, ReserveRequest{id, prompt_tokens, max_new, unix_ms(deadline), sink,
+                               params.temperature, params.top_k, params.top_p, params.seed});
   }
 
   Result<PrefillReply> prefill_to(RequestId id, const std::vector<TokenId>& prompt,
@@ -199,7 +202,10 @@ TEST(Disaggregated, PrefillThenDecodeAcrossProcessesMatchesGenerate) {
       const auto prompt = random_prompt(lengths[i], 7 + i);
       const uint32_t max_new = 1 + static_cast<uint32_t>(i % 12);
       const auto deadline = std::chrono::milliseconds(60000);
-      auto r = gw.reserve(id, static_cast<uint32_t>(prompt.size()), max_new, deadline);
+      // Every third request samples (temperature, top-k, top-p, its own seed).
+      model::SamplingParams params;
+      if (i % 3 == 2) params = {0.8f, 40, 0.9f, 1000 + i};
+      auto r = gw.reserve(id, static_cast<uint32_t>(prompt.size()), max_new, deadline, params);
       ASSERT_TRUE(r.is_ok()) << r.status().to_string();
       ASSERT_EQ(r->outcome, ReserveOutcome::kGranted) << r->reason;
       ASSERT_TRUE(validate(*r).is_ok());
@@ -217,7 +223,7 @@ TEST(Disaggregated, PrefillThenDecodeAcrossProcessesMatchesGenerate) {
       }
       ASSERT_FALSE(chunks.empty());
       EXPECT_TRUE(chunks.back().finished);
-      EXPECT_EQ(got, reference(prompt, max_new))
+      EXPECT_EQ(got, reference(prompt, max_new, params))
           << "request " << id << ", prompt of " << prompt.size() << " tokens";
     }));
   }

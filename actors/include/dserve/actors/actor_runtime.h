@@ -10,9 +10,11 @@
 //   - every failure comes back as a Status naming the address and what failed;
 //   - each start gets a fresh random epoch, so peers can tell a restarted process apart.
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -113,52 +115,91 @@ class ActorRuntime {
   Result<Reply> call(const Handle& dst, Msg msg,
                      std::optional<std::chrono::milliseconds> timeout = std::nullopt) {
     const auto bound = timeout.value_or(config_.request_timeout);
-    const auto dst_addr = caf::actor_cast<caf::actor_addr>(dst);
-    if (!dst) return unavailable("request to an invalid (null) actor handle");
     struct Outcome {
       std::mutex mu;
       std::condition_variable cv;
-      bool done = false;
-      std::optional<Reply> reply;
-      caf::error err;
-      bool peer_down = false;
+      std::optional<Result<Reply>> result;
     };
     auto out = std::make_shared<Outcome>();
-    auto finish = [out](std::optional<Reply> reply, caf::error err, bool down) {
+    call_async<Reply>(dst, std::move(msg), bound, [out](Result<Reply> r) {
       std::lock_guard<std::mutex> lock(out->mu);
-      if (out->done) return;
-      out->done = true;
-      out->reply = std::move(reply);
-      out->err = std::move(err);
-      out->peer_down = down;
+      out->result.emplace(std::move(r));
       out->cv.notify_all();
+    });
+    std::unique_lock<std::mutex> lock(out->mu);
+    // The request's own timeout fires first; the extra second only guards against a scheduler
+    // that never runs the requester (a bug), so that this call can never block forever.
+    if (!out->cv.wait_for(lock, bound + std::chrono::seconds(1),
+                          [&] { return out->result.has_value(); }))
+      return internal_error("request to " + describe(caf::actor_cast<caf::actor_addr>(dst)) +
+                            " got no outcome at all");
+    return std::move(*out->result);
+  }
+
+  // call() without blocking: returns at once, and `done` runs exactly once, on an actor thread,
+  // with the reply or the same failures call() reports (peer down as soon as its connection
+  // drops, no reply within `timeout`). `done` must not block; it may be called before
+  // call_async returns. Safe to use from any thread, actors included.
+  template <class Reply, class Handle, class Msg>
+  void call_async(const Handle& dst, Msg msg, std::chrono::milliseconds timeout,
+                  std::function<void(Result<Reply>)> done) {
+    const auto dst_addr = caf::actor_cast<caf::actor_addr>(dst);
+    if (!dst) {
+      done(unavailable("request to an invalid (null) actor handle"));
+      return;
+    }
+    auto fired = std::make_shared<std::atomic<bool>>(false);
+    auto finish = [this, fired, dst_addr, timeout, done = std::move(done)](
+                      std::optional<Reply> reply, const caf::error& err, bool down) {
+      if (fired->exchange(true)) return;
+      if (reply) {
+        done(std::move(*reply));
+      } else {
+        done(request_failed(dst_addr, err, down, timeout));
+      }
     };
     system_->spawn(
-        [dst, dst_addr, bound, finish, m = std::move(msg)](caf::event_based_actor* self) {
+        [dst, dst_addr, timeout, finish, m = std::move(msg)](caf::event_based_actor* self) mutable {
           self->set_down_handler([self, dst_addr, finish](caf::down_msg& dm) {
             if (dm.source != dst_addr) return;
             finish(std::nullopt, dm.reason, true);
             self->quit();
           });
+          // CAF 0.17 silently drops requests already forwarded to a lost node: the down
+          // message of the destination is the answer then.
           self->monitor(dst);
-          self->request(dst, bound, std::move(m))
+          self->request(dst, timeout, std::move(m))
               .then(
                   [self, finish](Reply& r) {
                     finish(std::move(r), caf::error{}, false);
                     self->quit();
                   },
                   [self, finish](caf::error& e) {
-                    finish(std::nullopt, std::move(e), false);
+                    finish(std::nullopt, e, false);
                     self->quit();
                   });
         });
-    std::unique_lock<std::mutex> lock(out->mu);
-    // The request's own timeout fires first; the extra second only guards against a scheduler
-    // that never runs the requester (a bug), so that this call can never block forever.
-    if (!out->cv.wait_for(lock, bound + std::chrono::seconds(1), [&] { return out->done; }))
-      return internal_error("request to " + describe(dst_addr) + " got no outcome at all");
-    if (out->reply) return std::move(*out->reply);
-    return request_failed(dst_addr, out->err, out->peer_down, bound);
+  }
+
+  // Runs `on_down` once, on an actor thread, when `handle` terminates: for a remote actor, when
+  // its process exits or the connection to it is lost (at once, not at a timeout). Returns the
+  // watcher, which the runtime stops on destruction; send it an exit message (caf::anon_send_exit)
+  // to stop watching earlier. `on_down` must not block.
+  template <class Handle>
+  caf::actor watch(const Handle& handle, std::function<void(std::string why)> on_down) {
+    const auto addr = caf::actor_cast<caf::actor_addr>(handle);
+    auto watcher = system_->spawn(
+        [this, handle, addr, on_down = std::move(on_down)](caf::event_based_actor* self) mutable {
+          self->set_down_handler([this, self, addr, on_down](caf::down_msg& dm) {
+            if (dm.source != addr) return;
+            on_down(render(dm.reason));
+            self->quit();
+          });
+          self->monitor(handle);
+          return caf::behavior{[](int32_t) {}};  // nothing to do but wait for the down message
+        });
+    own(watcher);
+    return watcher;
   }
 
   // Makes the runtime stop `handle` (send it an exit message) on destruction. For actors a

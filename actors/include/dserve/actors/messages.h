@@ -72,6 +72,12 @@ struct ReserveRequest {
   uint32_t max_new_tokens = 0;
   int64_t deadline_unix_ms = 0;
   TokenSinkActor stream_to;
+  // How the decode worker samples this request (model::SamplingParams): temperature 0 is
+  // greedy; top_k 0 and top_p 1 keep every token; the seed makes a sampled stream repeatable.
+  float temperature = 0.0f;
+  int64_t top_k = 0;
+  float top_p = 1.0f;
+  uint64_t seed = 0;
 };
 
 enum class ReserveOutcome : uint8_t { kGranted = 0, kRefused = 1 };
@@ -87,6 +93,10 @@ struct ReserveReply {
   Epoch decode_epoch = 0;
   std::vector<uint8_t> transfer_keys;
   std::string reason;
+  // Refused only: true when asking again later may succeed (batch or KV budget full now,
+  // draining); false when this request can never be granted here (bad parameters, larger
+  // than the worker's whole KV budget).
+  bool retryable = true;
 };
 
 // ---- gateway -> prefill: compute the prompt, hand it to decode ----------------------------
@@ -212,13 +222,14 @@ typename Inspector::result_type inspect(Inspector& f, TokenChunk& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ReserveRequest& x) {
   return f(caf::meta::type_name("dserve.ReserveRequest"), x.request_id, x.prompt_tokens,
-           x.max_new_tokens, x.deadline_unix_ms, x.stream_to);
+           x.max_new_tokens, x.deadline_unix_ms, x.stream_to, x.temperature, x.top_k, x.top_p,
+           x.seed);
 }
 
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ReserveReply& x) {
   return f(caf::meta::type_name("dserve.ReserveReply"), x.request_id, x.outcome, x.reservation_id,
-           x.decode_epoch, x.transfer_keys, x.reason);
+           x.decode_epoch, x.transfer_keys, x.reason, x.retryable);
 }
 
 template <class Inspector>

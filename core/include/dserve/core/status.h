@@ -23,6 +23,7 @@ enum class StatusCode {
   kInternal,           // an unexpected failure of a dependency
   kResourceExhausted,  // a limit is reached (batch, queue, capacity): retry later or elsewhere
   kDeadlineExceeded,   // the caller's deadline passed before the work was done
+  kCancelled,          // the caller (or its client) asked to stop
 };
 
 std::string_view status_code_name(StatusCode code);
@@ -71,6 +72,9 @@ inline Status resource_exhausted(std::string msg) {
 }
 inline Status deadline_exceeded(std::string msg) {
   return {StatusCode::kDeadlineExceeded, std::move(msg)};
+}
+inline Status cancelled_error(std::string msg) {
+  return {StatusCode::kCancelled, std::move(msg)};
 }
 inline Status internal_error(std::string msg) {
   return {StatusCode::kInternal, std::move(msg)};

@@ -1,0 +1,164 @@
+#pragma once
+// Gateway: admits requests, places each on a decode worker (reservation first) and a prefill
+// worker, streams its tokens back in order, and replays it elsewhere when a worker fails.
+//
+// How one request runs (generate()):
+//   1. Admission: at most `max_running` requests are placed at once; up to `max_queued` more
+//      wait for a slot (bounded by their deadline); beyond that a request is refused at once
+//      with kResourceExhausted.
+//   2. Decode choice: among healthy decode workers whose last reported free KV bytes cover the
+//      request, the one with the fewest requests this gateway has placed there (then the most
+//      free bytes). A refusal (batch or KV full) moves on to the next; when every worker is full
+//      the request waits and tries again until its deadline.
+//   3. Prefill choice: the healthy prefill worker whose cache most likely holds the longest
+//      prefix of the prompt (an approximate index of the 128-token blocks this gateway sent
+//      each worker, cleared when the worker restarts), then the least loaded.
+//   4. The prefill worker computes and writes the state into the reserved region (UCX); the
+//      decode worker streams TokenChunks to this gateway's sink actor, which routes them to the
+//      request by attempt id. Tokens reach the caller in order, each exactly once.
+//   5. Failure of a step (prefill failed or died, decode refused the hand-off, decode died
+//      mid-stream, a corrupted transfer) releases what the attempt holds and replays the
+//      request on other workers: the prompt plus the tokens already delivered, the remaining
+//      token budget, and the sampling seed advanced past the tokens drawn, so the continuation
+//      is the one the first placement would have produced. At most `max_attempts` placements.
+//   6. Cancellation by the caller or the deadline releases everything on both workers.
+// Every request therefore ends: completed, or failed with a Status that says why, no later
+// than its deadline.
+//
+// Workers are watched two ways: the CAF connection (a dead process is seen at once) and
+// periodic health probes (a hung one is seen after `probe_failures_before_down` misses; a
+// restarted one by its new epoch, so nothing it held before is used again).
+//
+// Thread-safety: generate() is called concurrently from any number of threads that are not
+// actor threads (it blocks); snapshot() from anywhere.
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "dserve/actors/actor_runtime.h"
+#include "dserve/actors/gateway_interface.h"
+#include "dserve/actors/messages.h"
+#include "dserve/core/status.h"
+
+namespace dserve::actors {
+
+struct WorkerEndpoint {
+  std::string host;
+  uint16_t port = 0;
+  std::string to_string() const { return host + ":" + std::to_string(port); }
+};
+
+// "host:port" -> endpoint; kInvalidArgument naming what is wrong.
+Result<WorkerEndpoint> parse_endpoint(std::string_view text);
+// "h1:p1,h2:p2" -> endpoints (empty text -> none).
+Result<std::vector<WorkerEndpoint>> parse_endpoints(std::string_view text);
+
+struct GatewayOptions {
+  std::vector<WorkerEndpoint> prefill_workers;
+  std::vector<WorkerEndpoint> decode_workers;
+  std::chrono::milliseconds probe_interval{250};
+  std::chrono::milliseconds probe_timeout{2000};
+  int probe_failures_before_down = 3;
+  // Bound on one ReserveRequest round trip.
+  std::chrono::milliseconds reserve_timeout{5000};
+  // Deadline of a request that names none.
+  std::chrono::milliseconds default_deadline{300000};
+  size_t max_running = 256;
+  size_t max_queued = 1024;
+  int max_attempts = 4;
+  // Pause before asking again when every decode worker refused for lack of room.
+  std::chrono::milliseconds capacity_retry{25};
+  // Blocks remembered per prefill worker by the prefix-affinity index.
+  size_t affinity_blocks = 1 << 20;
+};
+
+struct GenerateJob {
+  std::vector<TokenId> prompt;
+  uint32_t max_new_tokens = 64;
+  float temperature = 0.0f;
+  int64_t top_k = 0;
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+  // Absolute wall-clock deadline in ms since the Unix epoch; 0: now + default_deadline.
+  int64_t deadline_unix_ms = 0;
+};
+
+struct GenerateOutcome {
+  Status status;                      // ok: the request finished
+  std::string finish_reason;          // on success: "stop" (end of sequence) or "length"
+  uint32_t tokens = 0;                // delivered to the caller
+  uint32_t attempts = 0;              // placements tried (1 when nothing failed)
+  uint32_t cached_prefix_tokens = 0;  // of the last placement's prefill
+  double queue_ms = 0;                // waiting for admission and for decode room
+  double ttft_ms = 0;                 // admission to first token (0 when none)
+};
+
+// New tokens in order: tokens[i] is output position first_index + i. Never repeats a position.
+using TokenCallback = std::function<void(std::span<const TokenId> tokens, uint32_t first_index)>;
+// Polled while the request runs (about every 20 ms); true cancels it.
+using CancelCheck = std::function<bool()>;
+
+struct WorkerView {
+  Role role = Role::kPrefill;
+  std::string address;
+  bool healthy = false;
+  Epoch epoch = 0;
+  uint64_t restarts = 0;  // new epochs seen after the first
+  uint32_t placed = 0;    // requests this gateway has on it now
+  HealthReport last_report;
+  std::string last_error;
+};
+
+struct GatewayCounters {
+  uint64_t admitted = 0;
+  uint64_t completed = 0;
+  uint64_t failed = 0;
+  uint64_t cancelled = 0;
+  uint64_t refused = 0;  // queue full
+  uint64_t replays = 0;  // placements after the first
+};
+
+struct GatewaySnapshot {
+  std::vector<WorkerView> workers;
+  size_t running = 0;
+  size_t queued = 0;
+  GatewayCounters counters;
+};
+
+class Gateway {
+ public:
+  // Spawns the sink actor and the worker watchers; connects in the background. The runtime
+  // must outlive the gateway. Fails on options that cannot work (no workers of a role,
+  // zero limits).
+  static Result<std::unique_ptr<Gateway>> start(ActorRuntime& runtime, GatewayOptions options);
+  ~Gateway();
+  Gateway(const Gateway&) = delete;
+  Gateway& operator=(const Gateway&) = delete;
+
+  // The actor to publish at the gateway's control address (token sink + health).
+  GatewayActor actor() const;
+
+  // Blocks until at least one prefill and one decode worker are healthy; kUnavailable naming
+  // the workers that are not, after `timeout`.
+  Status wait_ready(std::chrono::milliseconds timeout);
+
+  // Runs one request to its end (see the file comment). Blocks the calling thread.
+  GenerateOutcome generate(const GenerateJob& job, const TokenCallback& on_tokens,
+                           const CancelCheck& cancelled);
+
+  GatewaySnapshot snapshot() const;
+
+  class Impl;
+
+ private:
+  explicit Gateway(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dserve::actors

@@ -1,0 +1,865 @@
+#include "dserve/actors/gateway.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <utility>
+
+#include <caf/all.hpp>
+
+#include "dserve/actors/decode_interface.h"
+#include "dserve/actors/prefill_interface.h"
+#include "dserve/actors/prefix_affinity.h"
+#include "dserve/core/random.h"
+
+namespace dserve::actors {
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+int64_t unix_ms_now() {
+  return std::chrono::duration_cast<milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+double ms_since(SteadyClock::time_point t) {
+  return std::chrono::duration<double, std::milli>(SteadyClock::now() - t).count();
+}
+
+// What a request's thread waits for.
+struct Event {
+  enum class Kind { kChunk, kPrefillReply, kWorkerDown };
+  Kind kind = Kind::kChunk;
+  RequestId attempt = 0;
+  TokenChunk chunk;                             // kChunk
+  std::optional<Result<PrefillReply>> prefill;  // kPrefillReply
+  size_t worker = 0;                            // kWorkerDown
+  Epoch epoch = 0;
+  std::string why;
+};
+
+// One request's mailbox, filled by the sink actor, prefill callbacks and worker watchers.
+struct Channel {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Event> events;
+
+  void push(Event e) {
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      events.push_back(std::move(e));
+    }
+    cv.notify_one();
+  }
+  std::optional<Event> pop(milliseconds wait) {
+    std::unique_lock<std::mutex> lock(mu);
+    if (!cv.wait_for(lock, wait, [&] { return !events.empty(); })) return std::nullopt;
+    Event e = std::move(events.front());
+    events.pop_front();
+    return e;
+  }
+};
+
+// Where the current attempt of a request runs; guarded by the gateway's mutex (worker
+// watchers read it to decide whom a failure concerns).
+struct Placement {
+  RequestId attempt = 0;
+  std::shared_ptr<Channel> channel;
+  std::optional<size_t> decode;
+  Epoch decode_epoch = 0;
+  std::optional<size_t> prefill;
+  Epoch prefill_epoch = 0;
+  bool prefill_done = false;
+};
+
+struct Worker {
+  Role role = Role::kPrefill;
+  WorkerEndpoint endpoint;
+  caf::actor handle;  // null while not connected
+  caf::actor watcher;
+  uint64_t generation = 0;  // bumped on every connect and every loss
+  bool healthy = false;
+  Epoch epoch = 0;
+  uint64_t restarts = 0;
+  uint32_t placed = 0;
+  int failures = 0;
+  HealthReport report;
+  std::string last_error;
+  std::unique_ptr<PrefixAffinity> affinity;  // prefill workers only
+};
+
+}  // namespace
+
+Result<WorkerEndpoint> parse_endpoint(std::string_view text) {
+  const auto colon = text.rfind(':');
+  if (colon == std::string_view::npos || colon == 0) {
+    return invalid_argument("'" + std::string(text) + "' is not HOST:PORT");
+  }
+  WorkerEndpoint ep;
+  ep.host = std::string(text.substr(0, colon));
+  const std::string port(text.substr(colon + 1));
+  int value = -1;
+  try {
+    size_t used = 0;
+    value = std::stoi(port, &used);
+    if (used != port.size()) value = -1;
+  } catch (const std::exception&) {
+  }
+  if (value < 1 || value > 65535) {
+    return invalid_argument("'" + std::string(text) + "': the port must be a number in 1..65535");
+  }
+  ep.port = static_cast<uint16_t>(value);
+  return ep;
+}
+
+Result<std::vector<WorkerEndpoint>> parse_endpoints(std::string_view text) {
+  std::vector<WorkerEndpoint> out;
+  size_t start = 0;
+  while (start <= text.size() && !text.empty()) {
+    const size_t comma = text.find(',', start);
+    const std::string_view item = text.substr(
+        start, comma == std::string_view::npos ? std::string_view::npos : comma - start);
+    auto ep = parse_endpoint(item);
+    if (!ep.is_ok()) return ep.status();
+    out.push_back(std::move(ep).value());
+    if (comma == std::string_view::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+class Gateway::Impl {
+ public:
+  Impl(ActorRuntime& runtime, GatewayOptions options) : rt_(runtime), opt_(std::move(options)) {
+    for (const auto& ep : opt_.prefill_workers) {
+      Worker w;
+      w.role = Role::kPrefill;
+      w.endpoint = ep;
+      w.affinity = std::make_unique<PrefixAffinity>(opt_.affinity_blocks);
+      workers_.push_back(std::move(w));
+    }
+    for (const auto& ep : opt_.decode_workers) {
+      Worker w;
+      w.role = Role::kDecode;
+      w.endpoint = ep;
+      workers_.push_back(std::move(w));
+    }
+  }
+
+  void start_threads() {
+    sink_ = rt_.system().spawn(sink_behavior, this);
+    rt_.own(sink_);
+    for (size_t i = 0; i < workers_.size(); ++i)
+      probers_.emplace_back([this, i] { probe_loop(i); });
+  }
+
+  ~Impl() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stopping_ = true;
+    }
+    stop_cv_.notify_all();
+    for (auto& t : probers_)
+      t.join();
+    caf::anon_send_exit(sink_, caf::exit_reason::user_shutdown);
+  }
+
+  GatewayActor actor() const { return sink_; }
+
+  Status wait_ready(milliseconds timeout) {
+    const auto until = SteadyClock::now() + timeout;
+    std::unique_lock<std::mutex> lock(mu_);
+    auto ready = [&] {
+      bool prefill = false, decode = false;
+      for (const auto& w : workers_) {
+        if (!w.healthy) continue;
+        (w.role == Role::kPrefill ? prefill : decode) = true;
+      }
+      return prefill && decode;
+    };
+    if (ready_cv_.wait_until(lock, until, ready)) return Status::ok();
+    std::string down;
+    for (const auto& w : workers_) {
+      if (w.healthy) continue;
+      down += std::string(down.empty() ? "" : "; ") + role_name(w.role) + " " +
+              w.endpoint.to_string() + (w.last_error.empty() ? "" : " (" + w.last_error + ")");
+    }
+    return unavailable("no healthy prefill and decode worker after " +
+                       std::to_string(timeout.count()) + " ms; not healthy: " + down);
+  }
+
+  GenerateOutcome generate(const GenerateJob& job, const TokenCallback& on_tokens,
+                           const CancelCheck& cancelled);
+
+  GatewaySnapshot snapshot() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    GatewaySnapshot s;
+    for (const auto& w : workers_) {
+      WorkerView v;
+      v.role = w.role;
+      v.address = w.endpoint.to_string();
+      v.healthy = w.healthy;
+      v.epoch = w.epoch;
+      v.restarts = w.restarts;
+      v.placed = w.placed;
+      v.last_report = w.report;
+      v.last_error = w.last_error;
+      s.workers.push_back(std::move(v));
+    }
+    s.running = running_;
+    s.queued = queued_;
+    s.counters = counters_;
+    return s;
+  }
+
+ private:
+  static GatewayActor::behavior_type sink_behavior(GatewayActor::pointer, Impl* impl) {
+    return {
+        [impl](TokenChunk& chunk) { impl->route(std::move(chunk)); },
+        [impl](HealthProbe&) {
+          HealthReport r;
+          r.role = Role::kGateway;
+          r.epoch = impl->rt_.epoch();
+          r.node_name = impl->rt_.config().node_name;
+          r.uptime_ms = impl->rt_.uptime_ms();
+          std::lock_guard<std::mutex> lock(impl->mu_);
+          r.active_requests = static_cast<uint32_t>(impl->running_);
+          r.queued_requests = static_cast<uint32_t>(impl->queued_);
+          return r;
+        },
+    };
+  }
+
+  void route(TokenChunk chunk) {
+    std::shared_ptr<Channel> ch;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = placements_.find(chunk.request_id);
+      if (it == placements_.end()) return;  // an attempt that ended: stale
+      ch = it->second.channel;
+    }
+    Event e;
+    e.kind = Event::Kind::kChunk;
+    e.attempt = chunk.request_id;
+    e.chunk = std::move(chunk);
+    ch->push(std::move(e));
+  }
+
+  // ---- worker watching ----------------------------------------------------------------
+
+  void probe_loop(size_t i) {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stopping_) {
+      lock.unlock();
+      probe_once(i);
+      lock.lock();
+      stop_cv_.wait_for(lock, opt_.probe_interval, [&] { return stopping_; });
+    }
+  }
+
+  Result<caf::actor> connect(const Worker& w) {
+    if (w.role == Role::kPrefill) {
+      auto h = rt_.connect<PrefillActor>(w.endpoint.host, w.endpoint.port, opt_.probe_timeout);
+      if (!h.is_ok()) return h.status();
+      return caf::actor_cast<caf::actor>(*h);
+    }
+    auto h = rt_.connect<DecodeActor>(w.endpoint.host, w.endpoint.port, opt_.probe_timeout);
+    if (!h.is_ok()) return h.status();
+    return caf::actor_cast<caf::actor>(*h);
+  }
+
+  void probe_once(size_t i) {
+    caf::actor handle;
+    Role role;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      handle = workers_[i].handle;
+      role = workers_[i].role;
+    }
+    if (!handle) {
+      Worker copy_for_connect;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        copy_for_connect.role = workers_[i].role;
+        copy_for_connect.endpoint = workers_[i].endpoint;
+      }
+      auto connected = connect(copy_for_connect);
+      uint64_t gen = 0;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (stopping_) return;
+        if (!connected.is_ok()) {
+          workers_[i].last_error = connected.status().message();
+          return;
+        }
+        handle = *connected;
+        workers_[i].handle = handle;
+        gen = ++workers_[i].generation;
+      }
+      // Outside the lock: the watcher's callback takes it.
+      caf::actor watcher = rt_.watch(handle, [this, i, gen](std::string why) {
+        std::lock_guard<std::mutex> l(mu_);
+        if (workers_[i].generation != gen) return;
+        mark_down_locked(i, "connection lost: " + why);
+      });
+      std::lock_guard<std::mutex> lock(mu_);
+      if (workers_[i].generation == gen) {
+        workers_[i].watcher = watcher;
+      } else {
+        caf::anon_send_exit(watcher, caf::exit_reason::user_shutdown);
+      }
+    }
+    Result<HealthReport> report = internal_error("unset");
+    if (role == Role::kPrefill) {
+      report = rt_.call<HealthReport>(caf::actor_cast<PrefillActor>(handle),
+                                      HealthProbe{Role::kGateway, rt_.epoch(), unix_ms_now()},
+                                      opt_.probe_timeout);
+    } else {
+      report = rt_.call<HealthReport>(caf::actor_cast<DecodeActor>(handle),
+                                      HealthProbe{Role::kGateway, rt_.epoch(), unix_ms_now()},
+                                      opt_.probe_timeout);
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    Worker& w = workers_[i];
+    if (w.handle != handle) return;  // lost and replaced meanwhile
+    if (!report.is_ok()) {
+      w.last_error = report.status().message();
+      if (++w.failures >= opt_.probe_failures_before_down) {
+        mark_down_locked(
+            i, "no health report in " + std::to_string(w.failures) + " probes: " + w.last_error);
+      }
+      return;
+    }
+    w.failures = 0;
+    if (w.epoch != 0 && report->epoch != w.epoch) {
+      // A new incarnation: whatever the old one held (reservations, keys, cache) is gone.
+      notify_down_locked(i, w.epoch, "restarted (new epoch)");
+      ++w.restarts;
+      if (w.affinity) w.affinity->clear();
+    }
+    w.epoch = report->epoch;
+    w.report = std::move(report).value();
+    w.last_error.clear();
+    if (!w.healthy) {
+      w.healthy = true;
+      ready_cv_.notify_all();
+    }
+  }
+
+  void mark_down_locked(size_t i, const std::string& why) {
+    Worker& w = workers_[i];
+    w.healthy = false;
+    w.last_error = why;
+    w.failures = 0;
+    if (w.watcher) caf::anon_send_exit(w.watcher, caf::exit_reason::user_shutdown);
+    w.watcher = nullptr;
+    w.handle = nullptr;
+    ++w.generation;
+    notify_down_locked(i, w.epoch, why);
+  }
+
+  void notify_down_locked(size_t i, Epoch epoch, const std::string& why) {
+    const std::string who = std::string(role_name(workers_[i].role)) + " worker " +
+                            workers_[i].endpoint.to_string() + " " + why;
+    for (auto& [attempt, p] : placements_) {
+      const bool on_decode = p.decode == i && p.decode_epoch == epoch;
+      const bool on_prefill = p.prefill == i && p.prefill_epoch == epoch && !p.prefill_done;
+      if (!on_decode && !on_prefill) continue;
+      Event e;
+      e.kind = Event::Kind::kWorkerDown;
+      e.attempt = attempt;
+      e.worker = i;
+      e.epoch = epoch;
+      e.why = who;
+      p.channel->push(std::move(e));
+    }
+  }
+
+  // ---- placing --------------------------------------------------------------------------
+
+  struct Reserved {
+    size_t decode = 0;
+    ReserveReply reply;
+  };
+
+  // Reserves room on a decode worker: kResourceExhausted when every healthy worker refused
+  // for lack of room now (try again later), kInvalidArgument when none can ever take it,
+  // kUnavailable when none is healthy.
+  Result<Reserved> reserve(const ReserveRequest& req) {
+    std::vector<std::pair<size_t, caf::actor>> order;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      std::vector<size_t> idx;
+      for (size_t i = 0; i < workers_.size(); ++i) {
+        const Worker& w = workers_[i];
+        if (w.role == Role::kDecode && w.healthy && w.handle) idx.push_back(i);
+      }
+      std::sort(idx.begin(), idx.end(), [&](size_t a, size_t b) {
+        const Worker& wa = workers_[a];
+        const Worker& wb = workers_[b];
+        if (wa.placed != wb.placed) return wa.placed < wb.placed;
+        return wa.report.free_kv_blocks > wb.report.free_kv_blocks;
+      });
+      for (size_t i : idx)
+        order.emplace_back(i, workers_[i].handle);
+    }
+    if (order.empty()) return unavailable("no healthy decode worker");
+    std::string reasons;
+    bool any_retryable = false;
+    for (auto& [i, handle] : order) {
+      auto reply =
+          rt_.call<ReserveReply>(caf::actor_cast<DecodeActor>(handle), req, opt_.reserve_timeout);
+      const std::string where = workers_[i].endpoint.to_string();
+      if (!reply.is_ok()) {
+        any_retryable = true;
+        reasons += "; " + where + ": " + reply.status().message();
+        continue;
+      }
+      if (Status v = validate(*reply); !v.is_ok()) {
+        any_retryable = true;
+        reasons += "; " + where + ": malformed reply: " + v.message();
+        continue;
+      }
+      if (reply->outcome == ReserveOutcome::kGranted) {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++workers_[i].placed;
+        return Reserved{i, std::move(reply).value()};
+      }
+      any_retryable = any_retryable || reply->retryable;
+      reasons += "; " + where + ": " + reply->reason;
+    }
+    reasons.erase(0, 2);
+    if (any_retryable) return resource_exhausted("no decode worker has room now: " + reasons);
+    return invalid_argument("no decode worker can take this request: " + reasons);
+  }
+
+  // The prefill worker to use: the longest likely-cached prefix, then the fewest placed.
+  std::optional<size_t> choose_prefill(std::span<const uint64_t> chain) {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::optional<size_t> best;
+    size_t best_match = 0;
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      const Worker& w = workers_[i];
+      if (w.role != Role::kPrefill || !w.healthy || !w.handle) continue;
+      const size_t match = w.affinity->matched_blocks(chain);
+      if (!best || match > best_match ||
+          (match == best_match &&
+           w.placed + w.report.queued_requests <
+               workers_[*best].placed + workers_[*best].report.queued_requests)) {
+        best = i;
+        best_match = match;
+      }
+    }
+    return best;
+  }
+
+  void cancel_on(size_t worker, Epoch epoch, RequestId attempt, const std::string& reason) {
+    caf::actor handle;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      const Worker& w = workers_[worker];
+      if (!w.handle || w.epoch != epoch) return;  // gone: nothing of ours is left there
+      handle = w.handle;
+    }
+    auto ignore = [](Result<CancelReply>) {};
+    if (workers_[worker].role == Role::kPrefill) {
+      rt_.call_async<CancelReply>(caf::actor_cast<PrefillActor>(handle),
+                                  CancelRequest{attempt, reason}, opt_.reserve_timeout, ignore);
+    } else {
+      rt_.call_async<CancelReply>(caf::actor_cast<DecodeActor>(handle),
+                                  CancelRequest{attempt, reason}, opt_.reserve_timeout, ignore);
+    }
+  }
+
+  // Ends an attempt: forgets its route, releases its placement counts and, unless it
+  // completed, cancels what it still holds on its workers.
+  void end_attempt(RequestId attempt, bool completed, const std::string& reason) {
+    Placement p;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = placements_.find(attempt);
+      if (it == placements_.end()) return;
+      p = std::move(it->second);
+      placements_.erase(it);
+      if (p.decode) --workers_[*p.decode].placed;
+      if (p.prefill && !p.prefill_done) --workers_[*p.prefill].placed;
+    }
+    if (completed) return;
+    if (p.decode) cancel_on(*p.decode, p.decode_epoch, attempt, reason);
+    if (p.prefill && !p.prefill_done) cancel_on(*p.prefill, p.prefill_epoch, attempt, reason);
+  }
+
+  ActorRuntime& rt_;
+  GatewayOptions opt_;
+  GatewayActor sink_;
+
+  mutable std::mutex mu_;
+  std::condition_variable ready_cv_;
+  std::condition_variable stop_cv_;
+  std::condition_variable admit_cv_;
+  bool stopping_ = false;
+  std::vector<Worker> workers_;
+  std::map<RequestId, Placement> placements_;  // by attempt id
+  size_t running_ = 0;
+  size_t queued_ = 0;
+  GatewayCounters counters_;
+  std::atomic<uint64_t> next_request_{1};
+  std::vector<std::thread> probers_;
+
+  friend class Gateway;
+};
+
+namespace {
+
+Status validate_job(const GenerateJob& job) {
+  std::string problems;
+  if (job.prompt.empty()) problems += "the prompt is empty; ";
+  if (!std::isfinite(job.temperature) || job.temperature < 0.0f)
+    problems +=
+        "temperature must be a finite number >= 0 (got " + std::to_string(job.temperature) + "); ";
+  if (job.top_k < 0) problems += "top_k must be >= 0 (got " + std::to_string(job.top_k) + "); ";
+  if (!(job.top_p > 0.0f && job.top_p <= 1.0f))
+    problems += "top_p must be in (0, 1] (got " + std::to_string(job.top_p) + "); ";
+  if (problems.empty()) return Status::ok();
+  problems.resize(problems.size() - 2);
+  return invalid_argument(problems);
+}
+
+}  // namespace
+
+GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallback& on_tokens,
+                                        const CancelCheck& cancelled) {
+  GenerateOutcome out;
+  if (Status v = validate_job(job); !v.is_ok()) {
+    out.status = v;
+    return out;
+  }
+  const auto admitted_at = SteadyClock::now();
+  const int64_t deadline_ms = job.deadline_unix_ms > 0
+                                  ? job.deadline_unix_ms
+                                  : unix_ms_now() + opt_.default_deadline.count();
+  const auto deadline = SteadyClock::now() + milliseconds(deadline_ms - unix_ms_now());
+  const auto poll = milliseconds(20);
+  auto is_cancelled = [&] { return cancelled && cancelled(); };
+
+  // ---- admission ----
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (running_ >= opt_.max_running) {
+      if (queued_ >= opt_.max_queued) {
+        ++counters_.refused;
+        out.status = resource_exhausted("the gateway is full: " + std::to_string(running_) +
+                                        " requests running and " + std::to_string(queued_) +
+                                        " queued (limits " + std::to_string(opt_.max_running) +
+                                        " and " + std::to_string(opt_.max_queued) + ")");
+        return out;
+      }
+      ++queued_;
+      while (running_ >= opt_.max_running) {
+        if (SteadyClock::now() >= deadline || is_cancelled() || stopping_) break;
+        admit_cv_.wait_for(lock, poll);
+      }
+      --queued_;
+      if (running_ >= opt_.max_running) {
+        ++counters_.failed;
+        out.status = is_cancelled() ? cancelled_error("cancelled while queued")
+                                    : deadline_exceeded("the deadline passed while queued (" +
+                                                        std::to_string(queued_) + " queued)");
+        return out;
+      }
+    }
+    ++running_;
+    ++counters_.admitted;
+  }
+  struct RunningSlot {
+    Impl* impl;
+    ~RunningSlot() {
+      {
+        std::lock_guard<std::mutex> lock(impl->mu_);
+        --impl->running_;
+      }
+      impl->admit_cv_.notify_one();
+    }
+  } slot{this};
+  out.queue_ms = ms_since(admitted_at);
+
+  auto finish = [&](Status status, const char* counter_kind) {
+    out.status = std::move(status);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (std::string_view(counter_kind) == "completed") ++counters_.completed;
+    if (std::string_view(counter_kind) == "failed") ++counters_.failed;
+    if (std::string_view(counter_kind) == "cancelled") ++counters_.cancelled;
+    return out;
+  };
+
+  const uint64_t base = next_request_.fetch_add(1);
+  std::vector<TokenId> produced;
+  produced.reserve(job.max_new_tokens);
+  std::string last_error;
+  auto channel = std::make_shared<Channel>();
+
+  for (uint32_t attempt_no = 0;; ++attempt_no) {
+    if (produced.size() >= job.max_new_tokens) {
+      out.finish_reason = "length";
+      out.tokens = static_cast<uint32_t>(produced.size());
+      return finish(Status::ok(), "completed");
+    }
+    if (attempt_no >= static_cast<uint32_t>(opt_.max_attempts)) {
+      out.tokens = static_cast<uint32_t>(produced.size());
+      return finish(unavailable("gave up after " + std::to_string(attempt_no) +
+                                " placements; the last failure: " + last_error),
+                    "failed");
+    }
+    if (attempt_no > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++counters_.replays;
+    }
+    out.attempts = attempt_no + 1;
+    const RequestId attempt = (base << 8) | attempt_no;
+    const uint32_t offset = static_cast<uint32_t>(produced.size());
+
+    // The prompt this placement prefills: the request's prompt plus what was delivered.
+    std::vector<TokenId> prompt = job.prompt;
+    prompt.insert(prompt.end(), produced.begin(), produced.end());
+
+    // Register the route first: a token may arrive before reserve() returns to us.
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      Placement p;
+      p.attempt = attempt;
+      p.channel = channel;
+      placements_.emplace(attempt, std::move(p));
+    }
+
+    // ---- decode reservation (waits while every decode worker is full) ----
+    ReserveRequest rreq;
+    rreq.request_id = attempt;
+    rreq.prompt_tokens = static_cast<uint32_t>(prompt.size());
+    rreq.max_new_tokens = job.max_new_tokens - offset;
+    rreq.deadline_unix_ms = deadline_ms;
+    rreq.stream_to = caf::actor_cast<TokenSinkActor>(sink_);
+    rreq.temperature = job.temperature;
+    rreq.top_k = job.top_k;
+    rreq.top_p = job.top_p;
+    // One draw per sampled token: skipping the draws of the delivered tokens continues the
+    // same random stream.
+    rreq.seed = job.seed + static_cast<uint64_t>(offset) * kSplitMix64Gamma;
+    const auto wait_started = SteadyClock::now();
+    std::optional<Reserved> reserved;
+    for (;;) {
+      auto r = reserve(rreq);
+      if (r.is_ok()) {
+        reserved = std::move(r).value();
+        break;
+      }
+      last_error = r.status().message();
+      const bool can_wait = r.status().code() == StatusCode::kResourceExhausted ||
+                            r.status().code() == StatusCode::kUnavailable;
+      if (!can_wait) {
+        end_attempt(attempt, true, "");
+        out.tokens = offset;
+        return finish(r.status(), "failed");
+      }
+      if (is_cancelled()) {
+        end_attempt(attempt, true, "");
+        return finish(cancelled_error("cancelled while waiting for a decode worker"), "cancelled");
+      }
+      if (SteadyClock::now() + opt_.capacity_retry >= deadline) {
+        end_attempt(attempt, true, "");
+        return finish(deadline_exceeded("the deadline passed while waiting for a decode worker: " +
+                                        last_error),
+                      "failed");
+      }
+      std::this_thread::sleep_for(opt_.capacity_retry);
+    }
+    out.queue_ms += ms_since(wait_started);
+    const ReserveReply& grant = reserved->reply;
+
+    // ---- prefill ----
+    const std::vector<uint64_t> chain = prompt_block_chain(prompt);
+    const std::optional<size_t> prefill = choose_prefill(chain);
+    PrefillRequest preq;
+    preq.request_id = attempt;
+    preq.prompt = prompt;
+    preq.deadline_unix_ms = deadline_ms;
+    caf::actor prefill_handle;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      Placement& p = placements_.at(attempt);
+      p.decode = reserved->decode;
+      p.decode_epoch = grant.decode_epoch;
+      const Worker& d = workers_[reserved->decode];
+      preq.target = DecodeTarget{d.endpoint.host, d.endpoint.port, grant.decode_epoch,
+                                 grant.reservation_id, grant.transfer_keys};
+      if (prefill) {
+        Worker& w = workers_[*prefill];
+        p.prefill = *prefill;
+        p.prefill_epoch = w.epoch;
+        ++w.placed;
+        prefill_handle = w.handle;
+      }
+    }
+    if (!prefill) {
+      last_error = "no healthy prefill worker";
+      end_attempt(attempt, false, "no prefill worker");
+      if (SteadyClock::now() + opt_.capacity_retry >= deadline) {
+        out.tokens = offset;
+        return finish(unavailable(last_error), "failed");
+      }
+      std::this_thread::sleep_for(opt_.capacity_retry);
+      --attempt_no;  // waiting for a worker is not a failed placement
+      continue;
+    }
+    const auto left = std::max(
+        milliseconds(1), std::chrono::duration_cast<milliseconds>(deadline - SteadyClock::now()));
+    rt_.call_async<PrefillReply>(caf::actor_cast<PrefillActor>(prefill_handle), std::move(preq),
+                                 left, [channel, attempt](Result<PrefillReply> r) {
+                                   Event e;
+                                   e.kind = Event::Kind::kPrefillReply;
+                                   e.attempt = attempt;
+                                   e.prefill.emplace(std::move(r));
+                                   channel->push(std::move(e));
+                                 });
+
+    // ---- the stream ----
+    bool replay = false;
+    while (!replay) {
+      std::optional<Event> ev = channel->pop(poll);
+      if (!ev) {
+        if (is_cancelled()) {
+          end_attempt(attempt, false, "cancelled by the client");
+          out.tokens = static_cast<uint32_t>(produced.size());
+          return finish(cancelled_error("cancelled by the client"), "cancelled");
+        }
+        if (SteadyClock::now() >= deadline) {
+          end_attempt(attempt, false, "deadline passed");
+          out.tokens = static_cast<uint32_t>(produced.size());
+          return finish(deadline_exceeded("the deadline passed after " +
+                                          std::to_string(produced.size()) + " tokens"),
+                        "failed");
+        }
+        continue;
+      }
+      if (ev->attempt != attempt) continue;  // left over from an earlier attempt
+      switch (ev->kind) {
+        case Event::Kind::kChunk: {
+          const TokenChunk& c = ev->chunk;
+          if (c.decode_epoch != grant.decode_epoch) break;
+          if (Status v = validate(c); !v.is_ok()) {
+            last_error = "malformed token chunk: " + v.message();
+            replay = true;
+            break;
+          }
+          const uint64_t first = static_cast<uint64_t>(offset) + c.first_index;
+          if (first > produced.size()) {
+            last_error = "tokens " + std::to_string(produced.size()) + ".." +
+                         std::to_string(first) + " never arrived";
+            replay = true;
+            break;
+          }
+          const size_t skip = produced.size() - static_cast<size_t>(first);
+          if (skip < c.tokens.size()) {
+            const auto fresh = std::span(c.tokens).subspan(skip);
+            const auto at = static_cast<uint32_t>(produced.size());
+            produced.insert(produced.end(), fresh.begin(), fresh.end());
+            if (out.ttft_ms == 0) out.ttft_ms = ms_since(admitted_at);
+            if (on_tokens) on_tokens(fresh, at);
+          }
+          if (!c.finished) break;
+          if (c.error.empty()) {
+            end_attempt(attempt, true, "");
+            out.tokens = static_cast<uint32_t>(produced.size());
+            out.finish_reason = produced.size() >= job.max_new_tokens ? "length" : "stop";
+            return finish(Status::ok(), "completed");
+          }
+          if (c.error.rfind("deadline", 0) == 0) {
+            end_attempt(attempt, true, "");
+            out.tokens = static_cast<uint32_t>(produced.size());
+            return finish(deadline_exceeded(c.error), "failed");
+          }
+          last_error = "decode worker failed the request: " + c.error;
+          end_attempt(attempt, true, "");  // the worker already dropped it
+          replay = true;
+          break;
+        }
+        case Event::Kind::kPrefillReply: {
+          const Result<PrefillReply>& r = *ev->prefill;
+          if (r.is_ok() && r->outcome == PrefillOutcome::kDone) {
+            std::lock_guard<std::mutex> lock(mu_);
+            auto it = placements_.find(attempt);
+            if (it != placements_.end() && !it->second.prefill_done) {
+              it->second.prefill_done = true;
+              Worker& w = workers_[*prefill];
+              --w.placed;
+              if (w.epoch == it->second.prefill_epoch) w.affinity->insert(chain);
+            }
+            out.cached_prefix_tokens = r->cached_prefix_tokens;
+            break;
+          }
+          last_error = "prefill on " + workers_[*prefill].endpoint.to_string() +
+                       " failed: " + (r.is_ok() ? r->reason : r.status().message());
+          end_attempt(attempt, false, "prefill failed");
+          replay = true;
+          break;
+        }
+        case Event::Kind::kWorkerDown: {
+          last_error = ev->why;
+          end_attempt(attempt, false, "a worker of this request failed");
+          replay = true;
+          break;
+        }
+      }
+      if (replay) end_attempt(attempt, false, "replayed");
+    }
+  }
+}
+
+Result<std::unique_ptr<Gateway>> Gateway::start(ActorRuntime& runtime, GatewayOptions options) {
+  std::string problems;
+  if (options.prefill_workers.empty()) problems += "no prefill workers; ";
+  if (options.decode_workers.empty()) problems += "no decode workers; ";
+  if (options.max_running == 0) problems += "max_running must be at least 1; ";
+  if (options.max_attempts < 1) problems += "max_attempts must be at least 1; ";
+  if (options.probe_interval.count() <= 0 || options.probe_timeout.count() <= 0)
+    problems += "probe_interval and probe_timeout must be positive; ";
+  if (options.probe_failures_before_down < 1)
+    problems += "probe_failures_before_down must be at least 1; ";
+  if (options.affinity_blocks == 0) problems += "affinity_blocks must be at least 1; ";
+  if (!problems.empty()) {
+    problems.resize(problems.size() - 2);
+    return invalid_argument("gateway options: " + problems);
+  }
+  auto impl = std::make_unique<Impl>(runtime, std::move(options));
+  impl->start_threads();
+  return std::unique_ptr<Gateway>(new Gateway(std::move(impl)));
+}
+
+Gateway::Gateway(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Gateway::~Gateway() = default;
+
+GatewayActor Gateway::actor() const {
+  return impl_->actor();
+}
+
+Status Gateway::wait_ready(milliseconds timeout) {
+  return impl_->wait_ready(timeout);
+}
+
+GenerateOutcome Gateway::generate(const GenerateJob& job, const TokenCallback& on_tokens,
+                                  const CancelCheck& cancelled) {
+  return impl_->generate(job, on_tokens, cancelled);
+}
+
+GatewaySnapshot Gateway::snapshot() const {
+  return impl_->snapshot();
+}
+
+}  // namespace dserve::actors

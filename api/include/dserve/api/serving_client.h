@@ -1,0 +1,50 @@
+#pragma once
+// ServingClient: the C++ client of the gateway's gRPC service (what `dserve submit` uses).
+// Thread-safe: one client serves any number of concurrent calls.
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "dserve/core/status.h"
+#include "dserve/v1/serving.grpc.pb.h"
+
+namespace dserve::api {
+
+struct Completion {
+  std::vector<int32_t> tokens;
+  std::string text;
+  std::string finish_reason;
+  dserve::v1::Usage usage;
+};
+
+// Called for every streamed message; return false to cancel the call.
+using ChunkCallback = std::function<bool(const dserve::v1::GenerateResponse&)>;
+
+class ServingClient {
+ public:
+  // `address` is HOST:PORT. Waits up to `timeout` for the channel to connect.
+  static Result<std::unique_ptr<ServingClient>> connect(const std::string& address,
+                                                        std::chrono::milliseconds timeout);
+
+  // Runs one Generate call to its end. The stream is checked as it arrives: tokens must be
+  // contiguous from index 0 (a gap or a repeat is a kDataLoss error). `timeout` (0: none) is
+  // the gRPC deadline. A callback returning false cancels: kCancelled.
+  Result<Completion> generate(const dserve::v1::GenerateRequest& request,
+                              const ChunkCallback& on_chunk = {},
+                              std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
+
+  const std::string& address() const { return address_; }
+
+ private:
+  ServingClient(std::string address, std::shared_ptr<grpc::Channel> channel);
+  std::string address_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<dserve::v1::Serving::Stub> stub_;
+};
+
+}  // namespace dserve::api

@@ -1,0 +1,59 @@
+#include "dserve/api/serving_client.h"
+
+#include "dserve/api/serving_service.h"
+
+namespace dserve::api {
+
+Result<std::unique_ptr<ServingClient>> ServingClient::connect(const std::string& address,
+                                                              std::chrono::milliseconds timeout) {
+  if (address.find(':') == std::string::npos)
+    return invalid_argument("gateway address '" + address + "' is not HOST:PORT");
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  if (!channel->WaitForConnected(std::chrono::system_clock::now() + timeout)) {
+    return unavailable("cannot connect to the gateway at " + address + " within " +
+                       std::to_string(timeout.count()) + " ms");
+  }
+  return std::unique_ptr<ServingClient>(new ServingClient(address, std::move(channel)));
+}
+
+ServingClient::ServingClient(std::string address, std::shared_ptr<grpc::Channel> channel)
+    : address_(std::move(address)),
+      channel_(std::move(channel)),
+      stub_(dserve::v1::Serving::NewStub(channel_)) {}
+
+Result<Completion> ServingClient::generate(const dserve::v1::GenerateRequest& request,
+                                           const ChunkCallback& on_chunk,
+                                           std::chrono::milliseconds timeout) {
+  grpc::ClientContext context;
+  if (timeout.count() > 0) context.set_deadline(std::chrono::system_clock::now() + timeout);
+  auto reader = stub_->Generate(&context, request);
+  Completion out;
+  dserve::v1::GenerateResponse msg;
+  bool cancelled = false;
+  Status stream_error;
+  while (reader->Read(&msg)) {
+    if (msg.first_index() != out.tokens.size() && stream_error.is_ok()) {
+      stream_error = data_loss("the stream jumped from token " + std::to_string(out.tokens.size()) +
+                               " to " + std::to_string(msg.first_index()));
+    }
+    out.tokens.insert(out.tokens.end(), msg.tokens().begin(), msg.tokens().end());
+    out.text += msg.text();
+    if (!msg.finish_reason().empty()) {
+      out.finish_reason = msg.finish_reason();
+      out.usage = msg.usage();
+    }
+    if (on_chunk && !cancelled && !on_chunk(msg)) {
+      cancelled = true;
+      context.TryCancel();
+    }
+  }
+  const grpc::Status st = reader->Finish();
+  if (cancelled) return cancelled_error("cancelled by the caller");
+  if (!stream_error.is_ok()) return stream_error;
+  if (!st.ok()) return from_grpc(st).with_context("gateway " + address_);
+  if (out.finish_reason.empty())
+    return data_loss("the stream from " + address_ + " ended without a finish reason");
+  return out;
+}
+
+}  // namespace dserve::api

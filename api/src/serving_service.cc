@@ -1,0 +1,218 @@
+#include "dserve/api/serving_service.h"
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+namespace dserve::api {
+namespace {
+
+using SteadyClock = std::chrono::steady_clock;
+
+int64_t unix_ms_now() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace
+
+grpc::Status to_grpc(const Status& status) {
+  grpc::StatusCode code = grpc::StatusCode::UNKNOWN;
+  switch (status.code()) {
+    case StatusCode::kOk:
+      return grpc::Status::OK;
+    case StatusCode::kInvalidArgument:
+      code = grpc::StatusCode::INVALID_ARGUMENT;
+      break;
+    case StatusCode::kNotFound:
+      code = grpc::StatusCode::NOT_FOUND;
+      break;
+    case StatusCode::kOutOfRange:
+      code = grpc::StatusCode::OUT_OF_RANGE;
+      break;
+    case StatusCode::kDataLoss:
+      code = grpc::StatusCode::DATA_LOSS;
+      break;
+    case StatusCode::kUnimplemented:
+      code = grpc::StatusCode::UNIMPLEMENTED;
+      break;
+    case StatusCode::kUnavailable:
+      code = grpc::StatusCode::UNAVAILABLE;
+      break;
+    case StatusCode::kInternal:
+      code = grpc::StatusCode::INTERNAL;
+      break;
+    case StatusCode::kResourceExhausted:
+      code = grpc::StatusCode::RESOURCE_EXHAUSTED;
+      break;
+    case StatusCode::kDeadlineExceeded:
+      code = grpc::StatusCode::DEADLINE_EXCEEDED;
+      break;
+    case StatusCode::kCancelled:
+      code = grpc::StatusCode::CANCELLED;
+      break;
+  }
+  return {code, status.message()};
+}
+
+Status from_grpc(const grpc::Status& status) {
+  const std::string& msg = status.error_message();
+  switch (status.error_code()) {
+    case grpc::StatusCode::OK:
+      return Status::ok();
+    case grpc::StatusCode::INVALID_ARGUMENT:
+    case grpc::StatusCode::FAILED_PRECONDITION:
+      return invalid_argument(msg);
+    case grpc::StatusCode::NOT_FOUND:
+      return not_found(msg);
+    case grpc::StatusCode::OUT_OF_RANGE:
+      return out_of_range(msg);
+    case grpc::StatusCode::DATA_LOSS:
+      return data_loss(msg);
+    case grpc::StatusCode::UNIMPLEMENTED:
+      return unimplemented(msg);
+    case grpc::StatusCode::UNAVAILABLE:
+      return unavailable(msg);
+    case grpc::StatusCode::RESOURCE_EXHAUSTED:
+      return resource_exhausted(msg);
+    case grpc::StatusCode::DEADLINE_EXCEEDED:
+      return deadline_exceeded(msg);
+    case grpc::StatusCode::CANCELLED:
+      return cancelled_error(msg);
+    default:
+      return internal_error(msg);
+  }
+}
+
+ServingService::ServingService(actors::Gateway& gateway, const model::Tokenizer& tokenizer,
+                               ServingOptions options)
+    : gateway_(gateway), tokenizer_(tokenizer), options_(options) {}
+
+grpc::Status ServingService::Generate(grpc::ServerContext* context,
+                                      const dserve::v1::GenerateRequest* request,
+                                      grpc::ServerWriter<dserve::v1::GenerateResponse>* writer) {
+  const auto received = SteadyClock::now();
+  actors::GenerateJob job;
+  if (request->prompt_tokens_size() > 0) {
+    const int64_t vocab = tokenizer_.vocab_size();
+    for (int i = 0; i < request->prompt_tokens_size(); ++i) {
+      const int32_t id = request->prompt_tokens(i);
+      if (id < 0 || id >= vocab) {
+        return {grpc::StatusCode::INVALID_ARGUMENT,
+                "prompt_tokens[" + std::to_string(i) + "] = " + std::to_string(id) +
+                    " is not a token id (the vocabulary has " + std::to_string(vocab) + ")"};
+      }
+      job.prompt.push_back(id);
+    }
+  } else {
+    if (request->prompt().empty()) {
+      return {grpc::StatusCode::INVALID_ARGUMENT,
+              "the request has neither `prompt` text nor `prompt_tokens`"};
+    }
+    std::string text = request->prompt();
+    if (request->chat()) {
+      const std::vector<model::ChatMessage> messages{{"user", request->prompt()}};
+      text = model::apply_chat_template(messages, /*add_generation_prompt=*/true);
+    }
+    auto ids = tokenizer_.encode(text);
+    if (!ids.is_ok()) {
+      return {grpc::StatusCode::INVALID_ARGUMENT,
+              "`prompt` cannot be tokenized: " + ids.status().message()};
+    }
+    // The chat template begins with the BOS token itself; a plain prompt gets one here.
+    if (!request->chat()) job.prompt.push_back(options_.bos_token_id);
+    job.prompt.insert(job.prompt.end(), ids->begin(), ids->end());
+  }
+  if (job.prompt.size() > options_.max_prompt_tokens) {
+    return {grpc::StatusCode::INVALID_ARGUMENT,
+            "the prompt has " + std::to_string(job.prompt.size()) + " tokens; the limit is " +
+                std::to_string(options_.max_prompt_tokens)};
+  }
+  job.max_new_tokens =
+      request->max_tokens() == 0 ? options_.default_max_tokens : request->max_tokens();
+  if (job.max_new_tokens > options_.max_tokens_limit) {
+    return {grpc::StatusCode::INVALID_ARGUMENT,
+            "max_tokens = " + std::to_string(job.max_new_tokens) + " is above the limit of " +
+                std::to_string(options_.max_tokens_limit)};
+  }
+  job.temperature = request->temperature();
+  job.top_k = request->top_k();
+  job.top_p = request->top_p() == 0.0f ? 1.0f : request->top_p();
+  job.seed = request->seed();
+  if (request->timeout_ms() > 0) {
+    job.deadline_unix_ms = unix_ms_now() + request->timeout_ms();
+  } else if (context->deadline() != std::chrono::system_clock::time_point::max()) {
+    job.deadline_unix_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
+                               context->deadline().time_since_epoch())
+                               .count();
+  }
+
+  model::StreamDecoder text(tokenizer_);
+  std::atomic<bool> client_gone{false};
+  Status text_error;
+  auto on_tokens = [&](std::span<const int32_t> tokens, uint32_t first_index) {
+    dserve::v1::GenerateResponse msg;
+    msg.set_first_index(first_index);
+    std::string piece;
+    for (int32_t t : tokens) {
+      msg.add_tokens(t);
+      auto p = text.push(t);
+      if (p.is_ok()) {
+        piece += *p;
+      } else if (text_error.is_ok()) {
+        text_error = p.status();
+      }
+    }
+    msg.set_text(std::move(piece));
+    if (!writer->Write(msg)) client_gone = true;
+  };
+  auto cancelled = [&] { return client_gone.load() || context->IsCancelled(); };
+  const actors::GenerateOutcome out = gateway_.generate(job, on_tokens, cancelled);
+  if (!out.status.is_ok()) return to_grpc(out.status);
+
+  dserve::v1::GenerateResponse last;
+  last.set_first_index(out.tokens);
+  last.set_text(text.flush());
+  last.set_finish_reason(out.finish_reason);
+  dserve::v1::Usage* usage = last.mutable_usage();
+  usage->set_prompt_tokens(static_cast<uint32_t>(job.prompt.size()));
+  usage->set_completion_tokens(out.tokens);
+  usage->set_cached_prompt_tokens(out.cached_prefix_tokens);
+  usage->set_attempts(out.attempts);
+  usage->set_queue_ms(out.queue_ms);
+  usage->set_time_to_first_token_ms(out.ttft_ms);
+  usage->set_total_ms(
+      std::chrono::duration<double, std::milli>(SteadyClock::now() - received).count());
+  writer->Write(last);
+  return grpc::Status::OK;
+}
+
+Result<std::unique_ptr<GrpcServer>> GrpcServer::start(grpc::Service& service,
+                                                      const GrpcServerOptions& options) {
+  if (options.host.empty()) return invalid_argument("gRPC server: the listen host is empty");
+  const std::string where = options.host + ":" + std::to_string(options.port);
+  grpc::ServerBuilder builder;
+  int bound = 0;
+  builder.AddListeningPort(where, grpc::InsecureServerCredentials(), &bound);
+  builder.RegisterService(&service);
+  grpc::ResourceQuota quota("dserve-grpc");
+  quota.SetMaxThreads(options.max_threads);
+  builder.SetResourceQuota(quota);
+  // Only the address given: no SO_REUSEPORT sharing with another process.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || bound == 0) {
+    return unavailable("gRPC server: cannot listen on " + where +
+                       " (address in use, or not an address of this host)");
+  }
+  return std::unique_ptr<GrpcServer>(
+      new GrpcServer(std::move(server), static_cast<uint16_t>(bound)));
+}
+
+GrpcServer::~GrpcServer() {
+  server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  server_->Wait();
+}
+
+}  // namespace dserve::api
