@@ -1,0 +1,101 @@
+// The gateway in front of real worker processes, driven through its gRPC service: streams are
+// token-identical to `dserve generate`, sampling parameters travel, bad requests are refused
+// with the field named, and `dserve submit` prints what `dserve generate` prints.
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "dserve/api/serving_client.h"
+#include "serve_cluster.h"
+
+namespace dserve {
+namespace {
+
+using testing_support::ClusterOptions;
+using testing_support::random_prompt;
+using testing_support::reference_tokens;
+using testing_support::ServeCluster;
+
+v1::GenerateRequest request_for(const std::vector<int32_t>& prompt, uint32_t max_tokens) {
+  v1::GenerateRequest req;
+  for (int32_t t : prompt)
+    req.add_prompt_tokens(t);
+  req.set_max_tokens(max_tokens);
+  return req;
+}
+
+std::string run(const std::string& cmd) {
+  std::string out;
+  if (std::FILE* p = ::popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    for (size_t n; (n = std::fread(buf, 1, sizeof(buf), p)) > 0;)
+      out.append(buf, n);
+    ::pclose(p);
+  }
+  return out;
+}
+
+TEST(Gateway, StreamsMatchGenerateAndBadRequestsAreRefused) {
+  ClusterOptions o;
+  o.prefill = 1;
+  o.decode = 1;
+  ServeCluster cluster(o);
+  ASSERT_TRUE(cluster.ready()) << cluster.logs();
+  auto client = api::ServingClient::connect(cluster.grpc_address(), std::chrono::seconds(10));
+  ASSERT_TRUE(client.is_ok()) << client.status().to_string();
+
+  for (int i = 0; i < 6; ++i) {
+    const auto prompt = random_prompt(1 + 70 * i, 50 + static_cast<uint64_t>(i));
+    v1::GenerateRequest req = request_for(prompt, 9);
+    model::SamplingParams params;
+    if (i % 2 == 1) {
+      params = {0.7f, 30, 0.95f, 77u + static_cast<uint64_t>(i)};
+      req.set_temperature(params.temperature);
+      req.set_top_k(static_cast<uint32_t>(params.top_k));
+      req.set_top_p(params.top_p);
+      req.set_seed(params.seed);
+    }
+    auto done = (*client)->generate(req);
+    ASSERT_TRUE(done.is_ok()) << done.status().to_string() << cluster.logs();
+    EXPECT_EQ(done->tokens, reference_tokens(prompt, 9, params)) << "request " << i;
+    EXPECT_EQ(done->usage.prompt_tokens(), prompt.size());
+    EXPECT_EQ(done->usage.completion_tokens(), done->tokens.size());
+    EXPECT_EQ(done->usage.attempts(), 1u);
+  }
+
+  auto bad_top_p = request_for({0, 5, 6}, 4);
+  bad_top_p.set_top_p(1.5f);
+  auto refused = (*client)->generate(bad_top_p);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("top_p"), std::string::npos)
+      << refused.status().message();
+
+  auto bad_token = request_for({0, -3}, 4);
+  refused = (*client)->generate(bad_token);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_NE(refused.status().message().find("prompt_tokens[1]"), std::string::npos)
+      << refused.status().message();
+
+  v1::GenerateRequest empty;
+  refused = (*client)->generate(empty);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
+
+  // The command-line client prints exactly what `dserve generate` prints.
+  const std::string prompt = "The quick brown fox";
+  const std::string submitted =
+      run(std::string(DSERVE_BINARY) + " submit --gateway " + cluster.grpc_address() +
+          " --max-tokens 12 --prompt '" + prompt + "' 2>/dev/null");
+  const std::string generated =
+      run(std::string(DSERVE_BINARY) + " generate --model " + testing_support::tiny_dir() +
+          " --max-tokens 12 --prompt '" + prompt + "' 2>/dev/null");
+  EXPECT_FALSE(generated.empty());
+  EXPECT_EQ(submitted, generated);
+}
+
+}  // namespace
+}  // namespace dserve
