@@ -1,5 +1,7 @@
 #include "row_pool.h"
 
+#include <sched.h>
+
 #include <algorithm>
 #include <condition_variable>
 #include <deque>
@@ -12,10 +14,22 @@ namespace {
 
 thread_local bool t_inside_pool = false;
 
+// The cores this process may run on (its affinity mask: `taskset -c 0` gives 1), not the
+// machine's: more threads than cores only adds switching.
+unsigned usable_cores() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return static_cast<unsigned>(n);
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
 class Pool {
  public:
   Pool() {
-    const unsigned n = std::max(1u, std::thread::hardware_concurrency());
+    const unsigned n = usable_cores();
     for (unsigned i = 1; i < n; ++i)
       workers_.emplace_back([this] { work(); });
   }

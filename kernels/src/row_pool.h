@@ -8,7 +8,7 @@
 
 namespace dserve::kernels::cpu::detail {
 
-// Calls body(begin, end) over parts of [0, rows) on up to hardware_concurrency threads (the
+// Calls body(begin, end) over parts of [0, rows) on up to one thread per usable core (the
 // caller included) and returns when all are done. Runs inline for small work (< 2 parts of
 // `min_rows`). Safe to call from several threads; nested calls run inline.
 void for_each_row_part(int64_t rows, int64_t min_rows,
