@@ -16,6 +16,12 @@
 // Layouts: "uniform" cuts the state into --span-byte puts (the one ucx_perftest is compared
 // with, at the same message size); "per-layer" is one put per (pool, layer); "per-page" one put
 // per (pool, layer, 128-token block), as a decode worker's page table would have it.
+//
+// Fairness: ucx_perftest runs on the same transports and devices, at the same message size
+// (--span for "uniform", the whole state for "whole"), before our engines start; it runs
+// --perftest-runs times and its median is the reference. Our figures are medians of --repeats
+// hand-offs after a warm-up, with the slowest and fastest printed beside them (a 2-core VM is
+// noisy). The ratio is put / perftest: a put includes the sender's checksums, perftest none.
 
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -101,10 +107,20 @@ bool read_frame(int fd, std::vector<uint8_t>& out) {
   return io_all(fd, out.data(), n, false);
 }
 
-TransferOptions options_for(const std::string& transports, const std::string& name) {
+// How the hand-off computes and checks digests (TransferOptions, VerifyOptions).
+struct ChecksumSettings {
+  unsigned checksum_threads = TransferOptions{}.checksum_threads;
+  uint64_t digest_bytes = TransferOptions{}.digest_bytes;
+  unsigned verify_threads = VerifyOptions{}.threads;
+};
+
+TransferOptions options_for(const std::string& transports, const std::string& name,
+                            const ChecksumSettings& settings) {
   TransferOptions o;
   o.transports = transports;
   o.name = name;
+  o.checksum_threads = settings.checksum_threads;
+  o.digest_bytes = settings.digest_bytes;
   o.timeout = std::chrono::seconds(60);
   // UCX 1.13's shared-memory transports have no peer-failure detection (transfer.h).
   o.detect_peer_failure = true;
@@ -115,8 +131,9 @@ TransferOptions options_for(const std::string& transports, const std::string& na
 }
 
 // The receiving side: register, hand over, verify each hand-off, answer "OK" or the error.
-int serve(const std::string& transports, uint64_t bytes, bool allocate) {
-  auto engine = TransferEngine::create(options_for(transports, "decode"));
+int serve(const std::string& transports, uint64_t bytes, bool allocate,
+          const ChecksumSettings& settings) {
+  auto engine = TransferEngine::create(options_for(transports, "decode", settings));
   if (!engine.is_ok()) return 1;
   std::vector<std::byte> vector_memory(allocate ? 0 : bytes);
   auto region = allocate ? (*engine)->allocate_memory(bytes)
@@ -130,22 +147,33 @@ int serve(const std::string& transports, uint64_t bytes, bool allocate) {
   std::vector<uint8_t> frame;
   while (read_frame(0, frame)) {
     auto digests = decode_digests(frame);
-    dserve::Status st = digests.is_ok() ? verify_landed(memory, *digests) : digests.status();
+    VerifyOptions verify;
+    verify.threads = settings.verify_threads;
+    dserve::Status st =
+        digests.is_ok() ? verify_landed(memory, *digests, verify) : digests.status();
     std::string answer = st.is_ok() ? "OK" : st.to_string();
     if (!write_frame(1, std::vector<uint8_t>(answer.begin(), answer.end()))) return 1;
   }
   return 0;
 }
 
-struct Figures {
-  double put_gbps = 0;      // sender: checksums + puts + flush, median over repeats
-  double handoff_gbps = 0;  // + the digests to the receiver and its verification
+// Median, slowest and fastest of a set of measurements.
+struct Spread {
+  double median = 0, low = 0, high = 0;
 };
 
-double median(std::vector<double> v) {
+Spread spread(std::vector<double> v) {
+  if (v.empty()) return {};
   std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+  size_t n = v.size();
+  double mid = n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+  return {mid, v.front(), v.back()};
 }
+
+struct Figures {
+  Spread put_gbps;      // sender: checksums + puts + flush
+  Spread handoff_gbps;  // + the digests to the receiver and its verification
+};
 
 Figures measure(TransferEngine& engine, dserve::kvstore::PeerId peer, const RemoteRegion& region,
                 const std::vector<std::byte>& state, const std::vector<Span>& layout, int to_child,
@@ -175,12 +203,17 @@ Figures measure(TransferEngine& engine, dserve::kvstore::PeerId peer, const Remo
     handoff_s.push_back(std::chrono::duration<double>(t2 - t0).count());
   }
   auto bytes = static_cast<double>(state.size());
-  return {bytes / median(put_s) / 1e9, bytes / median(handoff_s) / 1e9};
+  auto gbps = [bytes](std::vector<double> seconds) {
+    for (double& v : seconds)
+      v = bytes / v / 1e9;
+    return spread(std::move(seconds));
+  };
+  return {gbps(put_s), gbps(handoff_s)};
 }
 
 // ucx_perftest ucp_put_bw, server and client on loopback; returns overall GB/s (1e9), or -1.
-double perftest(const std::string& binary, const std::string& transports, uint64_t size,
-                uint64_t iters, uint64_t warmup, int port) {
+double perftest_once(const std::string& binary, const std::string& transports, uint64_t size,
+                     uint64_t iters, uint64_t warmup, int port) {
   std::string env = "UCX_TLS=" + transports + " UCX_NET_DEVICES=lo ";
   std::string args = " -t ucp_put_bw -s " + std::to_string(size) + " -n " + std::to_string(iters) +
                      " -w " + std::to_string(warmup) + " -f -p " + std::to_string(port);
@@ -206,6 +239,17 @@ double perftest(const std::string& binary, const std::string& transports, uint64
   return v[5] * 1048576.0 / 1e9;
 }
 
+// perftest_once `runs` times (each on its own port); the spread of the runs that succeeded.
+Spread perftest(const std::string& binary, const std::string& transports, uint64_t size,
+                uint64_t iters, uint64_t warmup, int& port, int runs) {
+  std::vector<double> gbps;
+  for (int r = 0; r < runs; ++r) {
+    double v = perftest_once(binary, transports, size, iters, warmup, port++);
+    if (v > 0) gbps.push_back(v);
+  }
+  return spread(std::move(gbps));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -218,16 +262,27 @@ int main(int argc, char** argv) {
   std::string serve_transports;
   uint64_t serve_bytes = 0;
   bool serve_allocate = false;
+  int perftest_runs = 3;
+  ChecksumSettings settings;
   app.add_option("--transports", transports, "UCX transport sets to measure");
   app.add_option("--span", span, "bytes per put in the uniform layout (= ucx_perftest -s)");
   app.add_option("--repeats", repeats, "timed hand-offs per layout (median reported)");
   app.add_option("--perftest", perftest_binary, "ucx_perftest binary");
   app.add_option("--port", port, "ucx_perftest control port");
+  app.add_option("--perftest-runs", perftest_runs, "ucx_perftest runs per size (median used)");
+  app.add_option("--checksum-threads", settings.checksum_threads,
+                 "TransferOptions::checksum_threads of the sender (0: hash before the puts)");
+  app.add_option("--digest-bytes", settings.digest_bytes,
+                 "TransferOptions::digest_bytes of the sender (0: one digest per put)");
+  app.add_option("--verify-threads", settings.verify_threads,
+                 "VerifyOptions::threads of the receiver (1: the serial verify_landed)");
   app.add_option("--serve", serve_transports, "internal: run as the receiving process");
   app.add_option("--serve-bytes", serve_bytes, "internal: region size of the receiver");
   app.add_flag("--serve-allocate", serve_allocate, "internal: receiver uses allocate_memory");
   CLI11_PARSE(app, argc, argv);
-  if (!serve_transports.empty()) return serve(serve_transports, serve_bytes, serve_allocate);
+  if (!serve_transports.empty()) {
+    return serve(serve_transports, serve_bytes, serve_allocate, settings);
+  }
 
   const uint64_t total = state_bytes();
   utsname u{};
@@ -245,8 +300,13 @@ int main(int argc, char** argv) {
       static_cast<unsigned long long>(span), uniform_layout(total, span).size(),
       v4_layout(false).size(), v4_layout(true).size(), repeats);
   std::printf(
+      "checksums: %u sender threads beside the puts, %llu bytes per digest (0: per put), %u "
+      "receiver threads; ucx_perftest: median of %d runs\n",
+      settings.checksum_threads, static_cast<unsigned long long>(settings.digest_bytes),
+      settings.verify_threads, perftest_runs);
+  std::printf(
       "put = sender checksums + puts + flush; hand-off = put + digests to the receiver "
-      "+ its verification; GB/s = 1e9 bytes/s\n\n");
+      "+ its verification; GB/s = 1e9 bytes/s, median [slowest fastest]\n\n");
 
   std::vector<std::byte> state(total);
   for (uint64_t i = 0; i < total; i += 8) {
@@ -261,15 +321,17 @@ int main(int argc, char** argv) {
     std::printf("sender checksum alone (XXH3-64 of the state): %.2f GB/s [%016llx]\n\n",
                 static_cast<double>(total) / secs / 1e9, static_cast<unsigned long long>(h));
   }
-  std::printf("%-10s %-10s %-10s %9s %9s %14s %7s\n", "transport", "region", "layout", "put GB/s",
-              "hand-off", "perftest GB/s", "ratio");
+  std::printf("%-9s %-10s %-9s %-19s %-19s %-19s %5s %5s\n", "transport", "region", "layout",
+              "put GB/s", "hand-off GB/s", "perftest GB/s", "ratio", "h-o");
   for (const std::string& tls : transports) {
     // ucx_perftest first, while no engine of ours is running beside it.
     // At --span bytes perftest re-sends one cache-resident buffer; at the state's size it
     // streams from memory as our hand-off does.
-    double reference = perftest(perftest_binary, tls, span,
-                                std::max<uint64_t>(50, total * repeats / span), 20, port++);
-    double reference_whole = perftest(perftest_binary, tls, total, repeats, 1, port++);
+    Spread reference =
+        perftest(perftest_binary, tls, span, std::max<uint64_t>(50, total * repeats / span), 20,
+                 port, perftest_runs);
+    Spread reference_whole =
+        perftest(perftest_binary, tls, total, std::max(repeats, 3), 1, port, perftest_runs);
     for (bool allocate : {false, true}) {
       int to_child[2], from_child[2];
       if (pipe(to_child) != 0 || pipe(from_child) != 0) return 1;
@@ -280,8 +342,10 @@ int main(int argc, char** argv) {
         close(to_child[1]);
         close(from_child[0]);
         std::string bytes = std::to_string(total);
+        std::string verify = std::to_string(settings.verify_threads);
         execl("/proc/self/exe", argv[0], "--serve", tls.c_str(), "--serve-bytes", bytes.c_str(),
-              allocate ? "--serve-allocate" : nullptr, static_cast<char*>(nullptr));
+              "--verify-threads", verify.c_str(), allocate ? "--serve-allocate" : nullptr,
+              static_cast<char*>(nullptr));
         _exit(127);
       }
       close(to_child[0]);
@@ -291,7 +355,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "receiver for %s did not start\n", tls.c_str());
         return 1;
       }
-      auto engine = TransferEngine::create(options_for(tls, "prefill"));
+      auto engine = TransferEngine::create(options_for(tls, "prefill", settings));
       if (!engine.is_ok()) {
         std::fprintf(stderr, "%s\n", engine.status().to_string().c_str());
         return 1;
@@ -307,17 +371,27 @@ int main(int argc, char** argv) {
       for (const auto& [name, layout] : layouts) {
         Figures f =
             measure(**engine, *peer, region, state, layout, to_child[1], from_child[0], repeats);
-        char ref[32] = "", ratio[32] = "";
-        double compared = std::string(name) == "uniform" ? reference
+        auto text = [](const Spread& v) {
+          char out[48];
+          std::snprintf(out, sizeof out, "%.2f [%.2f %.2f]", v.median, v.low, v.high);
+          return std::string(out);
+        };
+        Spread compared = std::string(name) == "uniform" ? reference
                           : std::string(name) == "whole" ? reference_whole
-                                                         : 0;
-        if (compared > 0) {
-          std::snprintf(ref, sizeof ref, "%.2f", compared);
-          std::snprintf(ratio, sizeof ratio, "%.2f", f.put_gbps / compared);
+                                                         : Spread{};
+        std::string ref, ratio, handoff_ratio;
+        if (compared.median > 0) {
+          char buf[16];
+          ref = text(compared);
+          std::snprintf(buf, sizeof buf, "%.2f", f.put_gbps.median / compared.median);
+          ratio = buf;
+          std::snprintf(buf, sizeof buf, "%.2f", f.handoff_gbps.median / compared.median);
+          handoff_ratio = buf;
         }
-        std::printf("%-10s %-10s %-10s %9.2f %9.2f %14s %7s\n", tls.c_str(),
-                    allocate ? "allocated" : "registered", name, f.put_gbps, f.handoff_gbps, ref,
-                    ratio);
+        std::printf("%-9s %-10s %-9s %-19s %-19s %-19s %5s %5s\n", tls.c_str(),
+                    allocate ? "allocated" : "registered", name, text(f.put_gbps).c_str(),
+                    text(f.handoff_gbps).c_str(), ref.c_str(), ratio.c_str(),
+                    handoff_ratio.c_str());
         std::fflush(stdout);
       }
       close(to_child[1]);

@@ -3,8 +3,13 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <random>
 #include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
 
 #include "transfer_impl.h"
 
@@ -31,6 +36,80 @@ void track(Batch& batch, ucs_status_ptr_t ptr) {
   }
   ++batch.outstanding;
 }
+
+// Below this many bytes a put's digests are computed by the caller before the puts: starting a
+// thread (~50 us) costs more than the overlap saves.
+constexpr uint64_t kMinOverlappedHashBytes = uint64_t{4} << 20;
+
+// The digests of a put: one per op, or per piece of at most `digest_bytes`. Helper threads
+// (start) and the caller (finish) take pieces in turn, so hashing runs beside the puts, which
+// read the same source bytes but share no state with it.
+class SpanHasher {
+ public:
+  SpanHasher(std::span<const PutOp> ops, uint64_t digest_bytes) {
+    for (const PutOp& op : ops) {
+      const auto* local = static_cast<const std::byte*>(op.local);
+      uint64_t step = digest_bytes == 0 ? op.bytes : digest_bytes;
+      uint64_t off = 0;
+      do {  // a zero-byte op still gets its digest, as it always has
+        uint64_t n = std::min(step, op.bytes - off);
+        pieces_.push_back({local == nullptr ? nullptr : local + off, op.remote_offset + off, n});
+        off += n;
+      } while (off < op.bytes);
+      bytes_ += op.bytes;
+    }
+    digests_.resize(pieces_.size());
+  }
+  // Stops handing out pieces and waits for the helpers (a put that failed drops the digests).
+  ~SpanHasher() {
+    next_.store(pieces_.size());
+    join();
+  }
+  SpanHasher(const SpanHasher&) = delete;
+  SpanHasher& operator=(const SpanHasher&) = delete;
+
+  uint64_t bytes() const { return bytes_; }
+  // Starts up to `threads` helpers; any that cannot be started leave their share to finish().
+  void start(unsigned threads) {
+    for (unsigned t = 0; t < threads && t < pieces_.size(); ++t) {
+      try {
+        helpers_.emplace_back([this] { drain(); });
+      } catch (const std::system_error&) {
+        break;
+      }
+    }
+  }
+  // Hashes what no helper has taken, waits for the helpers, and returns every digest in order.
+  std::vector<SpanDigest> finish() {
+    drain();
+    join();
+    return std::move(digests_);
+  }
+
+ private:
+  struct Piece {
+    const std::byte* local;
+    uint64_t remote_offset;
+    uint64_t bytes;
+  };
+  void drain() {
+    for (size_t i = next_.fetch_add(1); i < pieces_.size(); i = next_.fetch_add(1)) {
+      const Piece& p = pieces_[i];
+      digests_[i] = {p.remote_offset, p.bytes, span_checksum(p.local, p.bytes)};
+    }
+  }
+  void join() {
+    for (std::thread& t : helpers_)
+      t.join();
+    helpers_.clear();
+  }
+
+  std::vector<Piece> pieces_;
+  std::vector<SpanDigest> digests_;
+  uint64_t bytes_ = 0;
+  std::atomic<size_t> next_{0};
+  std::vector<std::thread> helpers_;
+};
 
 uint64_t fresh_epoch() {
   std::random_device rd;
@@ -186,10 +265,17 @@ Result<std::vector<SpanDigest>> TransferEngine::put(PeerId peer_id, const Remote
   }
   if (region.rkey.empty()) return invalid_argument("remote region has no rkey");
 
-  // Checksums first, without the lock, so the progress thread is not held back meanwhile.
-  std::vector<SpanDigest> digests(ops.size());
-  for (size_t i = 0; i < ops.size(); ++i) {
-    digests[i] = {ops[i].remote_offset, ops[i].bytes, span_checksum(ops[i].local, ops[i].bytes)};
+  // Over shared memory the put is a memcpy on this thread and costs about as much as hashing
+  // the same bytes (bench/RESULTS.md, "Transfer"): helpers hash while this thread copies. A
+  // small put, or checksum_threads = 0, hashes first, without the lock, so the progress thread
+  // is not held back meanwhile. Declared before the lock: a failed put releases the lock first.
+  SpanHasher hasher(ops, options_.digest_bytes);
+  std::vector<SpanDigest> digests;
+  const bool overlap = options_.checksum_threads > 0 && hasher.bytes() >= kMinOverlappedHashBytes;
+  if (overlap) {
+    hasher.start(options_.checksum_threads);
+  } else {
+    digests = hasher.finish();
   }
 
   impl_->waiters.fetch_add(1);
@@ -256,8 +342,70 @@ Result<std::vector<SpanDigest>> TransferEngine::put(PeerId peer_id, const Remote
   }
   // A batch still pending after the forced close stays with the engine (see Batch).
   if (batch->outstanding > 0) impl_->orphans.push_back(std::move(batch));
+  lock.unlock();
   if (!result.is_ok()) return result;
+  // The bytes have landed; what the helpers have not hashed yet, this thread hashes with them.
+  if (overlap) digests = hasher.finish();
   return digests;
+}
+
+// ---- Verification with several threads ----
+
+Status verify_landed(std::span<const std::byte> region, std::span<const SpanDigest> digests,
+                     const VerifyOptions& options) {
+  // Spans outside the region are found first (no hashing); only the spans before the first of
+  // them need hashing to know which failure comes first.
+  size_t outside = digests.size();
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < digests.size(); ++i) {
+    const SpanDigest& d = digests[i];
+    if (d.remote_offset > region.size() || d.bytes > region.size() - d.remote_offset) {
+      outside = i;
+      break;
+    }
+    bytes += d.bytes;
+  }
+  const uint64_t per_thread = std::max<uint64_t>(1, options.min_bytes_per_thread);
+  const auto threads = static_cast<unsigned>(
+      std::min<uint64_t>({options.threads, bytes / per_thread, static_cast<uint64_t>(outside)}));
+  if (threads <= 1) return verify_landed(region, digests);
+
+  std::vector<uint8_t> bad(outside, 0);
+  std::atomic<size_t> next{0};
+  auto drain = [&] {
+    for (size_t i = next.fetch_add(1); i < outside; i = next.fetch_add(1)) {
+      const SpanDigest& d = digests[i];
+      bad[i] = span_checksum(region.data() + d.remote_offset, d.bytes) != d.xxh3;
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (unsigned t = 1; t < threads; ++t) {
+    try {
+      helpers.emplace_back(drain);
+    } catch (const std::system_error&) {
+      break;  // the caller hashes their share
+    }
+  }
+  drain();
+  for (std::thread& t : helpers)
+    t.join();
+
+  // The same failure, and the same words, as the serial verify_landed.
+  auto first_bad = std::find(bad.begin(), bad.end(), uint8_t{1});
+  if (first_bad != bad.end()) {
+    auto i = static_cast<size_t>(first_bad - bad.begin());
+    return data_loss("span " + std::to_string(i) + " at offset " +
+                     std::to_string(digests[i].remote_offset) + " (" +
+                     std::to_string(digests[i].bytes) +
+                     " bytes) does not match its checksum: the landed bytes are corrupt");
+  }
+  if (outside < digests.size()) {
+    const SpanDigest& d = digests[outside];
+    return data_loss("span " + std::to_string(outside) + " [" + std::to_string(d.remote_offset) +
+                     ", +" + std::to_string(d.bytes) + ") lies outside the " +
+                     std::to_string(region.size()) + "-byte region");
+  }
+  return Status::ok();
 }
 
 }  // namespace dserve::kvstore

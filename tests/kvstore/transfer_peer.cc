@@ -93,7 +93,9 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> frame;
   while (read_frame(frame)) {
     auto digests = decode_digests(frame);
-    dserve::Status st = digests.is_ok() ? verify_landed(memory, *digests) : digests.status();
+    // Two threads (VerifyOptions' default) where there are enough bytes, as a decode worker.
+    dserve::Status st =
+        digests.is_ok() ? verify_landed(memory, *digests, VerifyOptions{}) : digests.status();
     std::string answer = st.is_ok() ? "OK" : st.to_string();
     if (!write_frame({reinterpret_cast<const uint8_t*>(answer.data()), answer.size()})) return 1;
   }

@@ -12,9 +12,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dserve/kvstore/transfer.h"
@@ -255,6 +257,125 @@ TEST(TransferInProcess, OpOutsideTheRegionIsRefused) {
   auto result = prefill->put(*peer, decode->describe(*region).value(), ops);
   EXPECT_EQ(result.status().code(), StatusCode::kInvalidArgument);
   EXPECT_EQ(pages[4095], std::byte{0});
+}
+
+std::unique_ptr<TransferEngine> make_engine_with(TransferOptions options) {
+  auto engine = TransferEngine::create(std::move(options));
+  EXPECT_TRUE(engine.is_ok()) << engine.status().to_string();
+  return engine.is_ok() ? std::move(engine).value() : nullptr;
+}
+
+// Digests hashed beside the puts (checksum_threads > 0, a put over 4 MiB) are the digests of
+// the sources, the same as hashed before the puts, for ops of every size, empty ones included.
+TEST(TransferInProcess, ChecksumsBesideThePutsMatchChecksumsBeforeThem) {
+  auto decode = make_engine("tcp,sm,self", "decode");
+  ASSERT_TRUE(decode);
+  const uint64_t bytes = 9 * kMiB + 4099;
+  auto region = decode->allocate_memory(bytes);
+  ASSERT_TRUE(region.is_ok()) << region.status().to_string();
+  auto source = random_bytes(bytes, 23);
+  std::vector<PutOp> ops = {{source.data(), 5 * kMiB + 3, 0},
+                            {nullptr, 0, 5 * kMiB + 3},
+                            {source.data() + 5 * kMiB + 3, 17, 5 * kMiB + 3},
+                            {source.data() + 5 * kMiB + 20, bytes - 5 * kMiB - 20, 5 * kMiB + 20}};
+  std::span<const std::byte> landed(region->data(), region->bytes());
+  for (unsigned threads : {0u, 1u, 3u}) {
+    TransferOptions options;
+    options.name = "prefill-" + std::to_string(threads);
+    options.checksum_threads = threads;
+    auto prefill = make_engine_with(options);
+    ASSERT_TRUE(prefill);
+    auto peer = prefill->connect(decode->local_address());
+    ASSERT_TRUE(peer.is_ok());
+    auto digests = prefill->put(*peer, decode->describe(*region).value(), ops);
+    ASSERT_TRUE(digests.is_ok()) << digests.status().to_string();
+    ASSERT_EQ(digests->size(), ops.size()) << threads << " threads";
+    for (size_t i = 0; i < ops.size(); ++i) {
+      EXPECT_EQ((*digests)[i].remote_offset, ops[i].remote_offset);
+      EXPECT_EQ((*digests)[i].bytes, ops[i].bytes);
+      EXPECT_EQ((*digests)[i].xxh3, span_checksum(ops[i].local, ops[i].bytes))
+          << "op " << i << ", " << threads << " threads";
+    }
+    EXPECT_TRUE(verify_landed(landed, *digests).is_ok());
+    EXPECT_TRUE(verify_landed(landed, *digests, VerifyOptions{}).is_ok());
+  }
+}
+
+// With digest_bytes, each op gets one digest per piece, in order, covering exactly its bytes.
+TEST(TransferInProcess, DigestPiecesCoverEachOpInOrder) {
+  auto decode = make_engine("tcp,sm,self", "decode");
+  ASSERT_TRUE(decode);
+  const uint64_t bytes = 6 * kMiB;
+  auto region = decode->allocate_memory(bytes);
+  ASSERT_TRUE(region.is_ok()) << region.status().to_string();
+  TransferOptions options;
+  options.name = "prefill";
+  options.digest_bytes = kMiB;
+  auto prefill = make_engine_with(options);
+  ASSERT_TRUE(prefill);
+  auto peer = prefill->connect(decode->local_address());
+  ASSERT_TRUE(peer.is_ok());
+  auto source = random_bytes(bytes, 29);
+  // 2.5 MiB -> three pieces, 1 MiB -> one, empty -> one empty, the rest (2.5 MiB) -> three.
+  const uint64_t half = kMiB / 2;
+  std::vector<PutOp> ops = {{source.data(), 5 * half, 0},
+                            {source.data() + 5 * half, kMiB, 5 * half},
+                            {nullptr, 0, 7 * half},
+                            {source.data() + 7 * half, 5 * half, 7 * half}};
+  auto digests = prefill->put(*peer, decode->describe(*region).value(), ops);
+  ASSERT_TRUE(digests.is_ok()) << digests.status().to_string();
+  const std::vector<std::pair<uint64_t, uint64_t>> pieces = {
+      {0, kMiB},     {kMiB, kMiB},     {2 * kMiB, half}, {5 * half, kMiB},
+      {7 * half, 0}, {7 * half, kMiB}, {9 * half, kMiB}, {11 * half, half}};
+  ASSERT_EQ(digests->size(), pieces.size());
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const SpanDigest& d = (*digests)[i];
+    EXPECT_EQ(d.remote_offset, pieces[i].first) << "piece " << i;
+    EXPECT_EQ(d.bytes, pieces[i].second) << "piece " << i;
+    EXPECT_EQ(d.xxh3, span_checksum(source.data() + d.remote_offset, d.bytes)) << "piece " << i;
+  }
+  std::vector<std::byte> landed(region->data(), region->data() + bytes);
+  EXPECT_TRUE(verify_landed(landed, *digests, VerifyOptions{}).is_ok());
+  landed[9 * half + 5] ^= std::byte{1};  // in piece 6
+  Status st = verify_landed(landed, *digests, VerifyOptions{});
+  EXPECT_EQ(st.code(), StatusCode::kDataLoss);
+  EXPECT_NE(st.message().find("span 6 "), std::string::npos) << st.message();
+}
+
+// Verification on several threads names the same first failure, in the same words, as the
+// serial one: a corrupt span before a span outside the region, and the other way round.
+TEST(VerifyLanded, ThreadsReportWhatTheSerialCheckReports) {
+  const uint64_t span = kMiB;
+  auto region = random_bytes(24 * span, 31);
+  std::vector<SpanDigest> digests;
+  for (uint64_t off = 0; off < region.size(); off += span)
+    digests.push_back({off, span, span_checksum(region.data() + off, span)});
+  VerifyOptions options;
+  options.threads = 3;
+  options.min_bytes_per_thread = span;
+  EXPECT_TRUE(verify_landed(region, digests, options).is_ok());
+
+  auto same = [&](std::span<const SpanDigest> claimed) {
+    Status serial = verify_landed(region, claimed);
+    Status threaded = verify_landed(region, claimed, options);
+    EXPECT_EQ(threaded.code(), serial.code());
+    EXPECT_EQ(threaded.message(), serial.message());
+    return serial;
+  };
+  auto corrupt = digests;
+  corrupt[17].xxh3 ^= 1;
+  corrupt[5].xxh3 ^= 1;
+  EXPECT_NE(same(corrupt).message().find("span 5 "), std::string::npos);
+  auto outside = digests;
+  outside[9].remote_offset = region.size() - 8;
+  outside[3].xxh3 ^= 1;
+  EXPECT_NE(same(outside).message().find("span 3 "), std::string::npos);
+  outside[3].xxh3 ^= 1;
+  outside[12].xxh3 ^= 1;
+  EXPECT_NE(same(outside).message().find("span 9 "), std::string::npos);
+  // Too few bytes for a second thread, and no spans at all: the serial check answers.
+  EXPECT_EQ(same(std::span(corrupt).subspan(5, 1)).code(), StatusCode::kDataLoss);
+  EXPECT_TRUE(same({}).is_ok());
 }
 
 // A whole state through a real peer process: `bytes` in 1 MiB spans (a decode worker's pages),

@@ -8,9 +8,9 @@
 //            engine->describe(region) and
 //            engine->local_address() go to the prefill worker (encode_* below make the bytes).
 //   prefill: engine->connect(peer address) -> PeerId; engine->put(peer, remote region, ops)
-//            -> one SpanDigest per op (XXH3-64 of the bytes it wrote); the digests go back in
-//            the "done" message.
-//   decode : verify_landed(region, digests) before any page is read.
+//            -> one SpanDigest per op (XXH3-64 of the bytes it wrote; per piece of an op with
+//            TransferOptions::digest_bytes); the digests go back in the "done" message.
+//   decode : verify_landed(region, digests[, VerifyOptions]) before any page is read.
 // Every failure (peer gone, timeout, stale region, corrupt bytes) is a Status; nothing waits
 // longer than TransferOptions::timeout.
 //
@@ -54,6 +54,15 @@ struct TransferOptions {
   // A background thread progresses the worker so that puts by peers land (UCX's TCP RMA needs
   // the target to progress). Turn off only when the owner calls TransferEngine::progress().
   bool progress_thread = true;
+  // Threads a put starts to compute the span digests while the caller issues and progresses
+  // the puts: hashing then overlaps the copy instead of preceding it (over shared memory the
+  // copy is the caller's memcpy, so overlap needs a second thread). 0: the caller hashes every
+  // span before the first put. Puts under 4 MiB in all are hashed by the caller regardless.
+  unsigned checksum_threads = 1;
+  // 0: one digest per op. > 0: each op is cut into pieces of at most this many bytes, one
+  // digest each, in order (still covering exactly the op's bytes), so that the receiver can
+  // verify one op with several threads (VerifyOptions). Every byte stays covered either way.
+  uint64_t digest_bytes = 0;
 };
 
 // What a peer needs to connect to this engine. Plain bytes: safe to copy between processes.
@@ -123,7 +132,9 @@ class MemoryRegion {
 
 // One UCX context and worker. Thread-safe: every method may be called from any thread. Calls
 // into UCX are serialised by one lock, which a put holds while it progresses the worker, so
-// puts on one engine run one at a time (use one engine per thread for parallel hand-offs).
+// puts on one engine run one at a time (use one engine per thread for parallel hand-offs). A
+// put may start TransferOptions::checksum_threads short-lived threads; it joins them before it
+// returns.
 class TransferEngine {
  public:
   // Fails (kUnavailable / kInternal) when UCX cannot open the requested transports.
@@ -159,7 +170,8 @@ class TransferEngine {
   // peer's memory. Refuses (kInvalidArgument, nothing issued) a region of another epoch than
   // the peer's, or an op outside the region. Fails kUnavailable when the peer is gone or the
   // put does not complete within the timeout; the endpoint is then closed and the peer must
-  // connect again. Returns the digest of every op, in order.
+  // connect again. Returns the digest of every op, in order (with options().digest_bytes > 0,
+  // of every piece of every op, in order). The source bytes must not change until it returns.
   Result<std::vector<SpanDigest>> put(PeerId peer, const RemoteRegion& region,
                                       std::span<const PutOp> ops);
 
@@ -183,6 +195,22 @@ uint64_t span_checksum(const void* data, uint64_t bytes);
 // Checks that every digest's span lies inside `region` and that its bytes hash to the digest;
 // kDataLoss names the first span that does not. Call before reading landed pages.
 Status verify_landed(std::span<const std::byte> region, std::span<const SpanDigest> digests);
+
+// How verify_landed spreads the hashing over threads. Each span is hashed whole by one thread
+// (XXH3 of one span is sequential): a single large span gains nothing, several do
+// (TransferOptions::digest_bytes cuts large ops into several).
+struct VerifyOptions {
+  // Threads that hash, the caller included; 1 is the caller alone.
+  unsigned threads = 2;
+  // Each thread gets at least this many bytes; with fewer, fewer threads start (one costs
+  // ~50 us), and a single one is the serial verify_landed.
+  uint64_t min_bytes_per_thread = uint64_t{4} << 20;
+};
+
+// verify_landed with the spans spread over up to options.threads threads. Same result as the
+// serial one, including which span a kDataLoss names (the first in order). Blocks until done.
+Status verify_landed(std::span<const std::byte> region, std::span<const SpanDigest> digests,
+                     const VerifyOptions& options);
 
 // Byte encodings for the control plane (little-endian, versioned); decode_* refuse malformed
 // or truncated input with kDataLoss.
