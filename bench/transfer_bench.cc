@@ -17,11 +17,19 @@
 // with, at the same message size); "per-layer" is one put per (pool, layer); "per-page" one put
 // per (pool, layer, 128-token block), as a decode worker's page table would have it.
 //
+// Modes: "whole-then-verify" is put() and then the digests to the receiver, which verifies
+// every span (verify_landed) once all have landed; "pipelined" is put_pipelined(): each piece
+// (--piece-bytes) is announced to the receiver's LandedWatcher once it landed, and verified
+// while the next ones are copied. The hand-off ends when the receiver answers that it verified
+// everything (after the last piece, in pipelined mode).
+//
 // Fairness: ucx_perftest runs on the same transports and devices, at the same message size
-// (--span for "uniform", the whole state for "whole"), before our engines start; it runs
-// --perftest-runs times and its median is the reference. Our figures are medians of --repeats
-// hand-offs after a warm-up, with the slowest and fastest printed beside them (a 2-core VM is
-// noisy). The ratio is put / perftest: a put includes the sender's checksums, perftest none.
+// (--span for "uniform", the whole state for "whole"). The set-ups are interleaved, because the
+// machine is shared: every round runs ucx_perftest once per size and then one hand-off per
+// (layout, mode), the modes in turn first, so that a burst of load hits all of them alike.
+// Figures are medians of --repeats rounds after a warm-up round, with the slowest and fastest
+// beside them. Ratios are ours / perftest: a put includes the sender's checksums, perftest none;
+// "pair" is the median over rounds of hand-off / that round's perftest.
 
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -146,6 +154,19 @@ int serve(const std::string& transports, uint64_t bytes, bool allocate,
   }
   std::vector<uint8_t> frame;
   while (read_frame(0, frame)) {
+    if (frame.size() > 2 && frame[0] == 'W' && frame[1] == ' ') {
+      // A pipelined hand-off: watch, say so, and verify the pieces as they land.
+      uint64_t id = std::strtoull(reinterpret_cast<const char*>(frame.data()) + 2, nullptr, 10);
+      auto watcher = (*engine)->watch(*region, id);
+      if (!write_frame(1, {'R'})) return 1;
+      VerifyOptions verify;
+      verify.threads = settings.verify_threads;
+      dserve::Status st = watcher.is_ok() ? watcher->wait(std::chrono::seconds(60), verify).status()
+                                          : watcher.status();
+      std::string answer = st.is_ok() ? "OK" : st.to_string();
+      if (!write_frame(1, std::vector<uint8_t>(answer.begin(), answer.end()))) return 1;
+      continue;
+    }
     auto digests = decode_digests(frame);
     VerifyOptions verify;
     verify.threads = settings.verify_threads;
@@ -170,45 +191,71 @@ Spread spread(std::vector<double> v) {
   return {mid, v.front(), v.back()};
 }
 
-struct Figures {
-  Spread put_gbps;      // sender: checksums + puts + flush
-  Spread handoff_gbps;  // + the digests to the receiver and its verification
+enum class Mode { kWholeThenVerify, kPipelined };
+
+struct Seconds {
+  double put = 0, handoff = 0;
 };
 
-Figures measure(TransferEngine& engine, dserve::kvstore::PeerId peer, const RemoteRegion& region,
-                const std::vector<std::byte>& state, const std::vector<Span>& layout, int to_child,
-                int from_child, int repeats) {
-  std::vector<PutOp> ops;
-  for (const Span& s : layout)
-    ops.push_back({state.data() + s.offset, s.bytes, s.offset});
-  std::vector<double> put_s, handoff_s;
-  for (int i = 0; i <= repeats; ++i) {  // the first one warms up
-    auto t0 = Clock::now();
-    auto digests = engine.put(peer, region, ops);
-    auto t1 = Clock::now();
-    if (!digests.is_ok()) {
-      std::fprintf(stderr, "put failed: %s\n", digests.status().to_string().c_str());
-      std::exit(1);
+[[noreturn]] void fail(const std::string& why) {
+  std::fprintf(stderr, "%s\n", why.c_str());
+  std::exit(1);
+}
+
+// One hand-off of `ops`; exits on any failure (a benchmark of a broken transfer means nothing).
+Seconds handoff(TransferEngine& engine, dserve::kvstore::PeerId peer, const RemoteRegion& region,
+                const std::vector<PutOp>& ops, Mode mode, uint64_t piece_bytes, uint64_t id,
+                int to_child, int from_child) {
+  std::vector<uint8_t> answer;
+  auto expect_ok = [&] {
+    if (!read_frame(from_child, answer) || std::string(answer.begin(), answer.end()) != "OK") {
+      fail("receiver refused the hand-off: " + std::string(answer.begin(), answer.end()));
     }
-    std::vector<uint8_t> answer;
-    if (!write_frame(to_child, encode_digests(*digests)) || !read_frame(from_child, answer) ||
-        std::string(answer.begin(), answer.end()) != "OK") {
-      std::fprintf(stderr, "receiver refused the hand-off: %s\n",
-                   std::string(answer.begin(), answer.end()).c_str());
-      std::exit(1);
-    }
-    auto t2 = Clock::now();
-    if (i == 0) continue;
-    put_s.push_back(std::chrono::duration<double>(t1 - t0).count());
-    handoff_s.push_back(std::chrono::duration<double>(t2 - t0).count());
-  }
-  auto bytes = static_cast<double>(state.size());
-  auto gbps = [bytes](std::vector<double> seconds) {
-    for (double& v : seconds)
-      v = bytes / v / 1e9;
-    return spread(std::move(seconds));
   };
-  return {gbps(put_s), gbps(handoff_s)};
+  if (mode == Mode::kPipelined) {
+    // The receiver watches before the sender starts (a decode worker does so when it reserves
+    // the pages): not part of the hand-off's time.
+    std::string watch = "W " + std::to_string(id);
+    if (!write_frame(to_child, std::vector<uint8_t>(watch.begin(), watch.end())) ||
+        !read_frame(from_child, answer) || answer != std::vector<uint8_t>{'R'}) {
+      fail("receiver did not watch");
+    }
+    PipelineOptions pipeline;
+    pipeline.handoff_id = id;
+    pipeline.piece_bytes = piece_bytes;
+    auto t0 = Clock::now();
+    auto digests = engine.put_pipelined(peer, region, ops, pipeline);
+    auto t1 = Clock::now();
+    if (!digests.is_ok()) fail("pipelined put failed: " + digests.status().to_string());
+    expect_ok();
+    auto t2 = Clock::now();
+    return {std::chrono::duration<double>(t1 - t0).count(),
+            std::chrono::duration<double>(t2 - t0).count()};
+  }
+  auto t0 = Clock::now();
+  auto digests = engine.put(peer, region, ops);
+  auto t1 = Clock::now();
+  if (!digests.is_ok()) fail("put failed: " + digests.status().to_string());
+  if (!write_frame(to_child, encode_digests(*digests))) fail("receiver gone");
+  expect_ok();
+  auto t2 = Clock::now();
+  return {std::chrono::duration<double>(t1 - t0).count(),
+          std::chrono::duration<double>(t2 - t0).count()};
+}
+
+// The 1-, 5- and 15-minute load averages, to be printed with the figures.
+std::string load_average() {
+  double l[3] = {0, 0, 0};
+  if (getloadavg(l, 3) != 3) return "unknown";
+  char out[48];
+  std::snprintf(out, sizeof out, "%.1f %.1f %.1f", l[0], l[1], l[2]);
+  return out;
+}
+
+std::string text(const Spread& v) {
+  char out[48];
+  std::snprintf(out, sizeof out, "%.2f [%.2f %.2f]", v.median, v.low, v.high);
+  return out;
 }
 
 // ucx_perftest ucp_put_bw, server and client on loopback; returns overall GB/s (1e9), or -1.
@@ -239,17 +286,6 @@ double perftest_once(const std::string& binary, const std::string& transports, u
   return v[5] * 1048576.0 / 1e9;
 }
 
-// perftest_once `runs` times (each on its own port); the spread of the runs that succeeded.
-Spread perftest(const std::string& binary, const std::string& transports, uint64_t size,
-                uint64_t iters, uint64_t warmup, int& port, int runs) {
-  std::vector<double> gbps;
-  for (int r = 0; r < runs; ++r) {
-    double v = perftest_once(binary, transports, size, iters, warmup, port++);
-    if (v > 0) gbps.push_back(v);
-  }
-  return spread(std::move(gbps));
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -262,14 +298,19 @@ int main(int argc, char** argv) {
   std::string serve_transports;
   uint64_t serve_bytes = 0;
   bool serve_allocate = false;
-  int perftest_runs = 3;
   ChecksumSettings settings;
+  std::vector<std::string> regions = {"registered", "allocated"};
+  std::vector<std::string> layout_names = {"uniform", "whole", "per-layer", "per-page"};
+  uint64_t piece_bytes = PipelineOptions{}.piece_bytes;
   app.add_option("--transports", transports, "UCX transport sets to measure");
   app.add_option("--span", span, "bytes per put in the uniform layout (= ucx_perftest -s)");
-  app.add_option("--repeats", repeats, "timed hand-offs per layout (median reported)");
+  app.add_option("--repeats", repeats,
+                 "timed rounds (each: perftest per size, a hand-off per layout and mode)");
   app.add_option("--perftest", perftest_binary, "ucx_perftest binary");
   app.add_option("--port", port, "ucx_perftest control port");
-  app.add_option("--perftest-runs", perftest_runs, "ucx_perftest runs per size (median used)");
+  app.add_option("--regions", regions, "receiver memory: registered and/or allocated");
+  app.add_option("--layouts", layout_names, "uniform, whole, per-layer, per-page");
+  app.add_option("--piece-bytes", piece_bytes, "PipelineOptions::piece_bytes (pipelined mode)");
   app.add_option("--checksum-threads", settings.checksum_threads,
                  "TransferOptions::checksum_threads of the sender (0: hash before the puts)");
   app.add_option("--digest-bytes", settings.digest_bytes,
@@ -301,12 +342,13 @@ int main(int argc, char** argv) {
       v4_layout(false).size(), v4_layout(true).size(), repeats);
   std::printf(
       "checksums: %u sender threads beside the puts, %llu bytes per digest (0: per put), %u "
-      "receiver threads; ucx_perftest: median of %d runs\n",
+      "receiver threads; pipelined: %llu-byte pieces; load average %s\n",
       settings.checksum_threads, static_cast<unsigned long long>(settings.digest_bytes),
-      settings.verify_threads, perftest_runs);
+      settings.verify_threads, static_cast<unsigned long long>(piece_bytes),
+      load_average().c_str());
   std::printf(
-      "put = sender checksums + puts + flush; hand-off = put + digests to the receiver "
-      "+ its verification; GB/s = 1e9 bytes/s, median [slowest fastest]\n\n");
+      "put = sender checksums + puts + flush (+ piece notifications); hand-off = until the "
+      "receiver verified the last byte; GB/s = 1e9 bytes/s, median [slowest fastest]\n\n");
 
   std::vector<std::byte> state(total);
   for (uint64_t i = 0; i < total; i += 8) {
@@ -321,18 +363,26 @@ int main(int argc, char** argv) {
     std::printf("sender checksum alone (XXH3-64 of the state): %.2f GB/s [%016llx]\n\n",
                 static_cast<double>(total) / secs / 1e9, static_cast<unsigned long long>(h));
   }
-  std::printf("%-9s %-10s %-9s %-19s %-19s %-19s %5s %5s\n", "transport", "region", "layout",
-              "put GB/s", "hand-off GB/s", "perftest GB/s", "ratio", "h-o");
+  std::printf("%-9s %-10s %-9s %-17s %-19s %-19s %-19s %5s %5s %5s\n", "transport", "region",
+              "layout", "mode", "put GB/s", "hand-off GB/s", "perftest GB/s", "put", "h-o", "pair");
+  const std::pair<const char*, std::vector<Span>> all_layouts[] = {
+      {"uniform", uniform_layout(total, span)},
+      {"whole", uniform_layout(total, total)},
+      {"per-layer", v4_layout(false)},
+      {"per-page", v4_layout(true)}};
+  std::vector<std::pair<const char*, std::vector<PutOp>>> layouts;
+  for (const auto& [name, spans] : all_layouts) {
+    if (std::find(layout_names.begin(), layout_names.end(), name) == layout_names.end()) continue;
+    std::vector<PutOp> ops;
+    for (const Span& sp : spans)
+      ops.push_back({state.data() + sp.offset, sp.bytes, sp.offset});
+    layouts.emplace_back(name, std::move(ops));
+  }
+  const Mode modes[] = {Mode::kWholeThenVerify, Mode::kPipelined};
+  uint64_t next_id = 1;
   for (const std::string& tls : transports) {
-    // ucx_perftest first, while no engine of ours is running beside it.
-    // At --span bytes perftest re-sends one cache-resident buffer; at the state's size it
-    // streams from memory as our hand-off does.
-    Spread reference =
-        perftest(perftest_binary, tls, span, std::max<uint64_t>(50, total * repeats / span), 20,
-                 port, perftest_runs);
-    Spread reference_whole =
-        perftest(perftest_binary, tls, total, std::max(repeats, 3), 1, port, perftest_runs);
-    for (bool allocate : {false, true}) {
+    for (const std::string& kind : regions) {
+      const bool allocate = kind == "allocated";
       int to_child[2], from_child[2];
       if (pipe(to_child) != 0 || pipe(from_child) != 0) return 1;
       pid_t pid = fork();
@@ -363,41 +413,73 @@ int main(int argc, char** argv) {
       auto peer = (*engine)->connect(decode_peer_address(a).value());
       if (!peer.is_ok()) return 1;
       RemoteRegion region = decode_remote_region(r).value();
-      const std::pair<const char*, std::vector<Span>> layouts[] = {
-          {"uniform", uniform_layout(total, span)},
-          {"whole", uniform_layout(total, total)},
-          {"per-layer", v4_layout(false)},
-          {"per-page", v4_layout(true)}};
-      for (const auto& [name, layout] : layouts) {
-        Figures f =
-            measure(**engine, *peer, region, state, layout, to_child[1], from_child[0], repeats);
-        auto text = [](const Spread& v) {
-          char out[48];
-          std::snprintf(out, sizeof out, "%.2f [%.2f %.2f]", v.median, v.low, v.high);
-          return std::string(out);
-        };
-        Spread compared = std::string(name) == "uniform" ? reference
-                          : std::string(name) == "whole" ? reference_whole
-                                                         : Spread{};
-        std::string ref, ratio, handoff_ratio;
-        if (compared.median > 0) {
-          char buf[16];
-          ref = text(compared);
-          std::snprintf(buf, sizeof buf, "%.2f", f.put_gbps.median / compared.median);
-          ratio = buf;
-          std::snprintf(buf, sizeof buf, "%.2f", f.handoff_gbps.median / compared.median);
-          handoff_ratio = buf;
+
+      // Rounds: perftest at both sizes, then every (layout, mode), the modes' order rotating.
+      // Round 0 warms up (page faults, wire-up) and is not counted.
+      std::vector<double> perf_span, perf_whole;
+      std::vector<std::vector<Seconds>> times(layouts.size() * 2);
+      for (int round = 0; round <= repeats; ++round) {
+        double ps = perftest_once(perftest_binary, tls, span, std::max<uint64_t>(50, total / span),
+                                  20, port++);
+        double pw = perftest_once(perftest_binary, tls, total, 3, 1, port++);
+        for (size_t l = 0; l < layouts.size(); ++l) {
+          for (size_t k = 0; k < 2; ++k) {
+            const size_t m = (k + static_cast<size_t>(round)) % 2;
+            Seconds t = handoff(**engine, *peer, region, layouts[l].second, modes[m], piece_bytes,
+                                next_id++, to_child[1], from_child[0]);
+            if (round > 0) times[l * 2 + m].push_back(t);
+          }
         }
-        std::printf("%-9s %-10s %-9s %-19s %-19s %-19s %5s %5s\n", tls.c_str(),
-                    allocate ? "allocated" : "registered", name, text(f.put_gbps).c_str(),
-                    text(f.handoff_gbps).c_str(), ref.c_str(), ratio.c_str(),
-                    handoff_ratio.c_str());
-        std::fflush(stdout);
+        if (round > 0) {
+          perf_span.push_back(ps);
+          perf_whole.push_back(pw);
+        }
       }
+      auto bytes = static_cast<double>(total);
+      for (size_t l = 0; l < layouts.size(); ++l) {
+        const std::string name = layouts[l].first;
+        const std::vector<double>* perf = name == "uniform" ? &perf_span
+                                          : name == "whole" ? &perf_whole
+                                                            : nullptr;
+        for (size_t m = 0; m < 2; ++m) {
+          std::vector<double> put, ho, pair;
+          const auto& ts = times[l * 2 + m];
+          for (size_t i = 0; i < ts.size(); ++i) {
+            put.push_back(bytes / ts[i].put / 1e9);
+            ho.push_back(bytes / ts[i].handoff / 1e9);
+            if (perf != nullptr && (*perf)[i] > 0) pair.push_back(ho.back() / (*perf)[i]);
+          }
+          Spread p = spread(put), h = spread(ho);
+          std::string ref, ratio, handoff_ratio, paired;
+          if (perf != nullptr) {
+            std::vector<double> valid;
+            for (double v : *perf) {
+              if (v > 0) valid.push_back(v);
+            }
+            Spread reference = spread(valid);
+            if (reference.median > 0) {
+              char buf[16];
+              ref = text(reference);
+              std::snprintf(buf, sizeof buf, "%.2f", p.median / reference.median);
+              ratio = buf;
+              std::snprintf(buf, sizeof buf, "%.2f", h.median / reference.median);
+              handoff_ratio = buf;
+              std::snprintf(buf, sizeof buf, "%.2f", spread(pair).median);
+              paired = buf;
+            }
+          }
+          std::printf("%-9s %-10s %-9s %-17s %-19s %-19s %-19s %5s %5s %5s\n", tls.c_str(),
+                      kind.c_str(), name.c_str(), m == 0 ? "whole-then-verify" : "pipelined",
+                      text(p).c_str(), text(h).c_str(), ref.c_str(), ratio.c_str(),
+                      handoff_ratio.c_str(), paired.c_str());
+        }
+      }
+      std::fflush(stdout);
       close(to_child[1]);
       close(from_child[0]);
       waitpid(pid, nullptr, 0);
     }
   }
+  std::printf("\nload average at the end: %s\n", load_average().c_str());
   return 0;
 }

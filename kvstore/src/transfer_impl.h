@@ -6,8 +6,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -31,9 +35,42 @@ inline std::string ucs_error(ucs_status_t status) {
 struct Batch {
   size_t outstanding = 0;
   ucs_status_t first_error = UCS_OK;
+  // A pipelined put's flushes, one per piece (a deque: callbacks hold their addresses), and the
+  // notification payloads pending sends still read.
+  struct Flush {
+    Batch* batch = nullptr;
+    bool done = false;
+  };
+  std::deque<Flush> flushes;
+  std::vector<std::vector<uint8_t>> payloads;
 };
 
+// The active message that carries a LandedPiece (encode_landed_piece) to the receiver.
+constexpr unsigned kLandedPieceAm = 7;
+
 }  // namespace transfer_detail
+
+// What a LandedWatcher shares with the engine's notification handler. The handler runs in
+// ucp_worker_progress (engine lock held) and takes `mu` only to record a piece; verification
+// happens in the watcher's caller, without either lock.
+struct LandedWatcher::State {
+  uint64_t handoff_id = 0;
+  std::span<const std::byte> region;
+
+  std::mutex mu;  // guards everything below
+  std::condition_variable landed_cv;
+  uint32_t count = 0;                           // 0 until the first notification
+  std::vector<std::vector<SpanDigest>> pieces;  // by index, once count is known
+  std::vector<uint8_t> seen;                    // by index: its notification arrived
+  std::deque<uint32_t> unverified;              // landed, in arrival order
+  uint32_t landed = 0;
+  uint32_t verified = 0;
+  uint64_t bytes_verified = 0;
+  Status error;  // sticky
+
+  // Records a notification; a contradiction becomes the sticky error. Takes `mu`.
+  Status accept(LandedPiece piece);
+};
 
 struct TransferEngine::Impl {
   using Batch = transfer_detail::Batch;
@@ -61,6 +98,11 @@ struct TransferEngine::Impl {
   int64_t live_regions = 0;
   std::vector<std::unique_ptr<Batch>> orphans;
 
+  // Watched hand-offs by (region base address, hand-off id). Lock order: mu, watch_mu.
+  std::mutex watch_mu;
+  std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<LandedWatcher::State>> watchers;
+  uint64_t notifications_dropped = 0;  // for no watcher (guarded by watch_mu)
+
   // Callers blocked in put/close progress the worker themselves; the thread then stands back.
   std::atomic<int> waiters{0};
   std::atomic<bool> stop{false};
@@ -70,6 +112,27 @@ struct TransferEngine::Impl {
     auto* peer = static_cast<Peer*>(arg);
     peer->failed = true;
     peer->failure = transfer_detail::ucs_error(status);
+  }
+
+  // The kLandedPieceAm handler (in ucp_worker_progress, lock held): hands the piece to its
+  // watcher. The payload is copied; nothing here calls into UCX.
+  static ucs_status_t on_landed_piece(void* arg, const void* /*header*/, size_t /*header_bytes*/,
+                                      void* data, size_t bytes, const ucp_am_recv_param_t* param) {
+    auto* impl = static_cast<Impl*>(arg);
+    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) return UCS_OK;  // never sent so
+    auto piece = decode_landed_piece({static_cast<const uint8_t*>(data), bytes});
+    std::shared_ptr<LandedWatcher::State> state;
+    {
+      std::lock_guard lock(impl->watch_mu);
+      if (piece.is_ok()) {
+        auto it = impl->watchers.find({piece->region_address, piece->handoff_id});
+        if (it != impl->watchers.end()) state = it->second;
+      }
+      if (state == nullptr) ++impl->notifications_dropped;
+    }
+    // A contradiction is recorded in the watcher, whose caller sees it.
+    if (state != nullptr) (void)state->accept(std::move(piece).value());
+    return UCS_OK;
   }
 
   void run_progress() {
@@ -139,6 +202,11 @@ struct TransferEngine::Impl {
     if (peer.failure.empty()) peer.failure = std::move(why);
     close_peer(lock, peer, batch.outstanding > 0);
   }
+
+  // The connected, unfailed peer `id` and the unpacked key of `region` on its endpoint, or why
+  // not (nothing issued). `who` names the peer for messages. Lock held.
+  Status open_peer(PeerId id, const RemoteRegion& region, Peer*& peer, ucp_rkey_h& rkey,
+                   std::string& who);
 
   // The unpacked key for `packed` on `peer`'s endpoint, from the cache or unpacked now.
   ucs_status_t rkey_for(Peer& peer, const std::vector<uint8_t>& packed, ucp_rkey_h& out) {

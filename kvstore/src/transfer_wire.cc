@@ -1,10 +1,15 @@
-// The transfer engine's byte encodings for the control plane, and the receiver's checks.
+// The transfer engine's byte encodings for the control plane, and the receiver's checks
+// (serial and on several threads).
 // No UCX here: a control-plane actor can decode and verify without opening a worker.
 
 #include <xxhash.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <string>
+#include <system_error>
+#include <thread>
 
 #include "dserve/kvstore/transfer.h"
 
@@ -16,6 +21,7 @@ namespace {
 constexpr uint32_t kPeerAddressTag = 0x50414444;  // "PADD"
 constexpr uint32_t kRegionTag = 0x52474e31;       // "RGN1"
 constexpr uint32_t kDigestsTag = 0x44475354;      // "DGST"
+constexpr uint32_t kLandedPieceTag = 0x4c4e4450;  // "LNDP"
 constexpr uint32_t kVersion = 1;
 // A bound no valid blob (name, worker address, rkey) reaches: a corrupt length never allocates.
 constexpr uint64_t kMaxBlob = 1u << 20;
@@ -105,6 +111,64 @@ Status verify_landed(std::span<const std::byte> region, std::span<const SpanDige
   return Status::ok();
 }
 
+// With several threads: the same checks, the spans shared out among them.
+Status verify_landed(std::span<const std::byte> region, std::span<const SpanDigest> digests,
+                     const VerifyOptions& options) {
+  // Spans outside the region are found first (no hashing); only the spans before the first of
+  // them need hashing to know which failure comes first.
+  size_t outside = digests.size();
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < digests.size(); ++i) {
+    const SpanDigest& d = digests[i];
+    if (d.remote_offset > region.size() || d.bytes > region.size() - d.remote_offset) {
+      outside = i;
+      break;
+    }
+    bytes += d.bytes;
+  }
+  const uint64_t per_thread = std::max<uint64_t>(1, options.min_bytes_per_thread);
+  const auto threads = static_cast<unsigned>(
+      std::min<uint64_t>({options.threads, bytes / per_thread, static_cast<uint64_t>(outside)}));
+  if (threads <= 1) return verify_landed(region, digests);
+
+  std::vector<uint8_t> bad(outside, 0);
+  std::atomic<size_t> next{0};
+  auto drain = [&] {
+    for (size_t i = next.fetch_add(1); i < outside; i = next.fetch_add(1)) {
+      const SpanDigest& d = digests[i];
+      bad[i] = span_checksum(region.data() + d.remote_offset, d.bytes) != d.xxh3;
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (unsigned t = 1; t < threads; ++t) {
+    try {
+      helpers.emplace_back(drain);
+    } catch (const std::system_error&) {
+      break;  // the caller hashes their share
+    }
+  }
+  drain();
+  for (std::thread& t : helpers)
+    t.join();
+
+  // The same failure, and the same words, as the serial verify_landed.
+  auto first_bad = std::find(bad.begin(), bad.end(), uint8_t{1});
+  if (first_bad != bad.end()) {
+    auto i = static_cast<size_t>(first_bad - bad.begin());
+    return data_loss("span " + std::to_string(i) + " at offset " +
+                     std::to_string(digests[i].remote_offset) + " (" +
+                     std::to_string(digests[i].bytes) +
+                     " bytes) does not match its checksum: the landed bytes are corrupt");
+  }
+  if (outside < digests.size()) {
+    const SpanDigest& d = digests[outside];
+    return data_loss("span " + std::to_string(outside) + " [" + std::to_string(d.remote_offset) +
+                     ", +" + std::to_string(d.bytes) + ") lies outside the " +
+                     std::to_string(region.size()) + "-byte region");
+  }
+  return Status::ok();
+}
+
 std::vector<uint8_t> encode_peer_address(const PeerAddress& address) {
   Writer w;
   w.u32(kPeerAddressTag);
@@ -172,6 +236,41 @@ Result<std::vector<SpanDigest>> decode_digests(std::span<const uint8_t> bytes) {
   }
   if (!r.done()) return malformed("digests");
   return out;
+}
+
+std::vector<uint8_t> encode_landed_piece(const LandedPiece& piece) {
+  Writer w;
+  w.u32(kLandedPieceTag);
+  w.u32(kVersion);
+  w.u64(piece.handoff_id);
+  w.u64(piece.region_address);
+  w.u32(piece.index);
+  w.u32(piece.count);
+  w.u64(piece.digests.size());
+  for (const SpanDigest& d : piece.digests) {
+    w.u64(d.remote_offset);
+    w.u64(d.bytes);
+    w.u64(d.xxh3);
+  }
+  return w.take();
+}
+
+Result<LandedPiece> decode_landed_piece(std::span<const uint8_t> bytes) {
+  Reader r(bytes);
+  LandedPiece p;
+  uint64_t n = 0;
+  if (!r.header(kLandedPieceTag) || !r.u64(p.handoff_id) || !r.u64(p.region_address) ||
+      !r.u32(p.index) || !r.u32(p.count) || !r.u64(n) || n > bytes.size() / kDigestBytes) {
+    return malformed("landed piece");
+  }
+  p.digests.resize(n);
+  for (SpanDigest& d : p.digests) {
+    if (!r.u64(d.remote_offset) || !r.u64(d.bytes) || !r.u64(d.xxh3)) {
+      return malformed("landed piece");
+    }
+  }
+  if (!r.done()) return malformed("landed piece");
+  return p;
 }
 
 }  // namespace dserve::kvstore

@@ -11,8 +11,16 @@
 //            -> one SpanDigest per op (XXH3-64 of the bytes it wrote; per piece of an op with
 //            TransferOptions::digest_bytes); the digests go back in the "done" message.
 //   decode : verify_landed(region, digests[, VerifyOptions]) before any page is read.
+// Pipelined, so that verification overlaps the copy instead of following it:
+//   decode : engine->watch(region, handoff id) -> LandedWatcher, before the id goes out;
+//   prefill: engine->put_pipelined(peer, remote region, ops, {handoff id, piece bytes}):
+//            after each piece (piece_bytes of the ops) is complete in the peer's memory (a
+//            flush, not a local completion), its digests go to the peer as a UCX active
+//            message (and to an optional callback, for a caller that carries them itself);
+//   decode : watcher.wait(timeout) verifies each piece as it lands, and returns once the last
+//            one is verified; a corrupt or missing piece is kDataLoss naming it.
 // Every failure (peer gone, timeout, stale region, corrupt bytes) is a Status; nothing waits
-// longer than TransferOptions::timeout.
+// longer than TransferOptions::timeout (a watcher: than the timeout its caller gives).
 //
 // Identity: an engine has a name (stable across restarts, e.g. "decode-3") and an epoch (new
 // at every create). A RemoteRegion carries the epoch of the engine that registered it; a put
@@ -22,6 +30,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -100,6 +109,49 @@ struct PeerId {
   friend bool operator==(PeerId, PeerId) = default;
 };
 
+// How verify_landed and LandedWatcher spread the hashing over threads. Each span is hashed
+// whole by one thread (XXH3 of one span is sequential): a single large span gains nothing,
+// several do (TransferOptions::digest_bytes cuts large ops into several).
+struct VerifyOptions {
+  // Threads that hash, the caller included; 1 is the caller alone.
+  unsigned threads = 2;
+  // Each thread gets at least this many bytes; with fewer, fewer threads start (one costs
+  // ~50 us), and a single one is the serial verify_landed.
+  uint64_t min_bytes_per_thread = uint64_t{4} << 20;
+};
+
+// How TransferEngine::put_pipelined cuts a put into pieces and announces them.
+struct PipelineOptions {
+  // Names the hand-off to the receiver's LandedWatcher (TransferEngine::watch); must not be 0.
+  // Unique per region among hand-offs that may overlap in time (a request id will do).
+  uint64_t handoff_id = 0;
+  // Bytes per piece (the ops, in order, cut at these boundaries; an op may straddle two). The
+  // receiver verifies piece i while i + 1 is copied, so what remains after the last byte lands
+  // is one piece's verification: smaller pieces shorten that tail, and each costs one flush and
+  // one message. Must be > 0.
+  uint64_t piece_bytes = uint64_t{8} << 20;
+  // Send each piece's notification to the peer over UCX (an active message on the endpoint the
+  // puts used, sent once the flush of the piece completed). false: only the callback sees them,
+  // for a caller that carries them on its own channel (LandedWatcher::deliver on the far side).
+  bool notify_peer = true;
+};
+
+// "Piece `index` of `count` of hand-off `handoff_id` has landed in the region at
+// `region_address` (RemoteRegion::address), and these are its digests". The digests are those
+// of the piece's fragments (the parts of ops inside it, in op order); zero-byte ops have none.
+struct LandedPiece {
+  uint64_t handoff_id = 0;
+  uint64_t region_address = 0;
+  uint32_t index = 0;
+  uint32_t count = 0;
+  std::vector<SpanDigest> digests;
+};
+
+// Called by put_pipelined on its own thread once piece `piece` has landed and (with
+// notify_peer) its notification was handed to UCX, in piece order. It runs with the engine's
+// lock held: it must not call into the same engine, and it stalls the pipeline while it runs.
+using PieceLandedCallback = std::function<void(const LandedPiece& piece)>;
+
 class TransferEngine;
 
 // A registration of local memory; deregisters on destruction. Must not outlive its engine.
@@ -128,6 +180,59 @@ class MemoryRegion {
   std::byte* base_ = nullptr;
   uint64_t bytes_ = 0;
   void* memh_ = nullptr;  // ucp_mem_h
+};
+
+// The receiving side of one pipelined hand-off into one region: collects the notifications of
+// landed pieces (from the engine's progress, or deliver()) and verifies each piece's bytes
+// against its digests on the thread that calls poll() or wait(). Nothing is verified outside
+// those calls, so a piece is checked only after its notification arrived, i.e. after its bytes
+// were complete in this memory. Move-only; must not outlive its engine or its region. poll(),
+// wait() and deliver() may be called from different threads, but poll()/wait() by one at a
+// time. Once an error is found it sticks: every later call returns it.
+class LandedWatcher {
+ public:
+  LandedWatcher();
+  ~LandedWatcher();  // stops accepting notifications for this hand-off
+  LandedWatcher(LandedWatcher&& other) noexcept;
+  LandedWatcher& operator=(LandedWatcher&& other) noexcept;
+  LandedWatcher(const LandedWatcher&) = delete;
+  LandedWatcher& operator=(const LandedWatcher&) = delete;
+
+  bool valid() const { return state_ != nullptr; }
+  uint64_t handoff_id() const;
+
+  struct Progress {
+    uint32_t pieces = 0;  // the hand-off's piece count; 0 until a first notification arrived
+    uint32_t landed = 0;  // pieces whose notification arrived
+    uint32_t verified = 0;
+    uint64_t bytes_verified = 0;
+    bool done() const { return pieces > 0 && verified == pieces; }
+  };
+  // Verifies every piece that landed since the last call; never waits for one. kDataLoss names
+  // the first piece (and span) whose bytes do not match, or a notification that contradicts
+  // the others (another piece count, a piece twice, a span outside the region).
+  Result<Progress> poll(const VerifyOptions& verify = {});
+  // Verifies pieces as they land until the last one is verified; returns the digests of every
+  // piece, in piece order (what put_pipelined returned to the sender). Errors as poll(); a
+  // piece that has not landed within `timeout` is kDataLoss naming it (sender gone, stalled,
+  // or a notification lost). Without a progress thread (TransferOptions) it progresses the
+  // engine itself.
+  Result<std::vector<SpanDigest>> wait(std::chrono::milliseconds timeout,
+                                       const VerifyOptions& verify = {});
+  // A notification that came another way (PipelineOptions::notify_peer = false and the caller's
+  // channel). Its bytes must already have landed (put_pipelined's callback runs after that).
+  // kInvalidArgument for another hand-off or region; contradictions as poll().
+  Status deliver(const LandedPiece& piece);
+
+  struct State;  // internal to kvstore/src/transfer*.cc
+
+ private:
+  friend class TransferEngine;
+  LandedWatcher(TransferEngine* engine, std::shared_ptr<State> state);
+  void reset();
+
+  TransferEngine* engine_ = nullptr;
+  std::shared_ptr<State> state_;
 };
 
 // One UCX context and worker. Thread-safe: every method may be called from any thread. Calls
@@ -175,6 +280,23 @@ class TransferEngine {
   Result<std::vector<SpanDigest>> put(PeerId peer, const RemoteRegion& region,
                                       std::span<const PutOp> ops);
 
+  // put(), cut into pieces of options.piece_bytes: each piece is flushed (complete in the
+  // peer's memory) and then announced with its digests to the peer's LandedWatcher for
+  // options.handoff_id (notify_peer) and to `on_piece_landed` (if set), in piece order, while
+  // later pieces are still being written. Returns the digests of every piece, in order, as the
+  // notifications carried them (so a single "done" message can still carry them all). Refuses
+  // what put() refuses, and a handoff_id of 0 or a piece_bytes of 0 (kInvalidArgument). Fails
+  // kUnavailable as put() does; the peer's watcher then times out. Bounded by the timeout.
+  Result<std::vector<SpanDigest>> put_pipelined(PeerId peer, const RemoteRegion& region,
+                                                std::span<const PutOp> ops,
+                                                const PipelineOptions& options,
+                                                const PieceLandedCallback& on_piece_landed = {});
+
+  // Starts collecting the notifications of hand-off `handoff_id` into `region`. Call before the
+  // id reaches the sender: a notification for a hand-off nobody watches is dropped. Refuses
+  // (kInvalidArgument) id 0, a region of another engine, and an id already watched on the region.
+  Result<LandedWatcher> watch(const MemoryRegion& region, uint64_t handoff_id);
+
   // Progresses the worker once (only needed with progress_thread = false); returns whether
   // anything happened.
   bool progress();
@@ -182,6 +304,7 @@ class TransferEngine {
  private:
   struct Impl;
   friend class MemoryRegion;
+  friend class LandedWatcher;
   TransferEngine(TransferOptions options, std::unique_ptr<Impl> impl);
   void deregister(void* memh);
 
@@ -196,17 +319,6 @@ uint64_t span_checksum(const void* data, uint64_t bytes);
 // kDataLoss names the first span that does not. Call before reading landed pages.
 Status verify_landed(std::span<const std::byte> region, std::span<const SpanDigest> digests);
 
-// How verify_landed spreads the hashing over threads. Each span is hashed whole by one thread
-// (XXH3 of one span is sequential): a single large span gains nothing, several do
-// (TransferOptions::digest_bytes cuts large ops into several).
-struct VerifyOptions {
-  // Threads that hash, the caller included; 1 is the caller alone.
-  unsigned threads = 2;
-  // Each thread gets at least this many bytes; with fewer, fewer threads start (one costs
-  // ~50 us), and a single one is the serial verify_landed.
-  uint64_t min_bytes_per_thread = uint64_t{4} << 20;
-};
-
 // verify_landed with the spans spread over up to options.threads threads. Same result as the
 // serial one, including which span a kDataLoss names (the first in order). Blocks until done.
 Status verify_landed(std::span<const std::byte> region, std::span<const SpanDigest> digests,
@@ -220,5 +332,9 @@ std::vector<uint8_t> encode_remote_region(const RemoteRegion& region);
 Result<RemoteRegion> decode_remote_region(std::span<const uint8_t> bytes);
 std::vector<uint8_t> encode_digests(std::span<const SpanDigest> digests);
 Result<std::vector<SpanDigest>> decode_digests(std::span<const uint8_t> bytes);
+// A LandedPiece, for a caller that carries notifications itself (and the active message's
+// payload).
+std::vector<uint8_t> encode_landed_piece(const LandedPiece& piece);
+Result<LandedPiece> decode_landed_piece(std::span<const uint8_t> bytes);
 
 }  // namespace dserve::kvstore
