@@ -77,6 +77,8 @@ struct Placement {
   Epoch decode_epoch = 0;
   std::optional<size_t> prefill;
   Epoch prefill_epoch = 0;
+  uint64_t prefill_tokens = 0;  // counted in the prefill worker's queued tokens until done
+  bool prefill_sent = false;
   bool prefill_done = false;
 };
 
@@ -90,6 +92,7 @@ struct Worker {
   Epoch epoch = 0;
   uint64_t restarts = 0;
   uint32_t placed = 0;
+  uint64_t queued_tokens = 0;  // prefill: prompt tokens placed there and not yet done
   int failures = 0;
   HealthReport report;
   std::string last_error;
@@ -406,7 +409,7 @@ class Gateway::Impl {
         const Worker& wa = workers_[a];
         const Worker& wb = workers_[b];
         if (wa.placed != wb.placed) return wa.placed < wb.placed;
-        return wa.report.free_kv_blocks > wb.report.free_kv_blocks;
+        return wa.report.free_kv_bytes > wb.report.free_kv_bytes;
       });
       for (size_t i : idx)
         order.emplace_back(i, workers_[i].handle);
@@ -415,8 +418,11 @@ class Gateway::Impl {
     std::string reasons;
     bool any_retryable = false;
     for (auto& [i, handle] : order) {
-      auto reply =
-          rt_.call<ReserveReply>(caf::actor_cast<DecodeActor>(handle), req, opt_.reserve_timeout);
+      // Bounded by the request's deadline as well: a slow worker must not hold the request
+      // past it (a grant that comes too late expires on the worker by the same deadline).
+      const auto bound = std::clamp(milliseconds(req.deadline_unix_ms - unix_ms_now()),
+                                    milliseconds(1), opt_.reserve_timeout);
+      auto reply = rt_.call<ReserveReply>(caf::actor_cast<DecodeActor>(handle), req, bound);
       const std::string where = workers_[i].endpoint.to_string();
       if (!reply.is_ok()) {
         any_retryable = true;
@@ -441,24 +447,56 @@ class Gateway::Impl {
     return invalid_argument("no decode worker can take this request: " + reasons);
   }
 
-  // The prefill worker to use: the longest likely-cached prefix, then the fewest placed.
-  std::optional<size_t> choose_prefill(std::span<const uint64_t> chain) {
+  struct Claimed {
+    size_t index = 0;
+    caf::actor handle;
+  };
+
+  // Claims room for `tokens` prompt tokens on a prefill worker for `attempt`: among healthy
+  // workers whose queue has room (at most max_prefill_queue_tokens placed and not yet done; an
+  // idle worker takes any prompt), the one most likely to hold the longest prefix, then the
+  // one with the fewest queued tokens. kResourceExhausted when all are full, kUnavailable when
+  // none is healthy.
+  Result<Claimed> claim_prefill(RequestId attempt, std::span<const uint64_t> chain,
+                                uint64_t tokens) {
     std::lock_guard<std::mutex> lock(mu_);
     std::optional<size_t> best;
     size_t best_match = 0;
+    bool any_healthy = false;
     for (size_t i = 0; i < workers_.size(); ++i) {
       const Worker& w = workers_[i];
       if (w.role != Role::kPrefill || !w.healthy || !w.handle) continue;
+      any_healthy = true;
+      if (w.queued_tokens > 0 && w.queued_tokens + tokens > opt_.max_prefill_queue_tokens) continue;
       const size_t match = w.affinity->matched_blocks(chain);
       if (!best || match > best_match ||
-          (match == best_match &&
-           w.placed + w.report.queued_requests <
-               workers_[*best].placed + workers_[*best].report.queued_requests)) {
+          (match == best_match && w.queued_tokens < workers_[*best].queued_tokens)) {
         best = i;
         best_match = match;
       }
     }
-    return best;
+    if (!any_healthy) return unavailable("no healthy prefill worker");
+    if (!best) {
+      return resource_exhausted("every prefill worker's queue is full (" +
+                                std::to_string(opt_.max_prefill_queue_tokens) + " tokens)");
+    }
+    Worker& w = workers_[*best];
+    Placement& p = placements_.at(attempt);
+    p.prefill = *best;
+    p.prefill_epoch = w.epoch;
+    p.prefill_tokens = tokens;
+    ++w.placed;
+    w.queued_tokens += tokens;
+    return Claimed{*best, w.handle};
+  }
+
+  // The prefill of `p` is over (done, failed or abandoned): its tokens leave the queue count.
+  void release_prefill_locked(Placement& p) {
+    if (!p.prefill || p.prefill_done) return;
+    Worker& w = workers_[*p.prefill];
+    --w.placed;
+    w.queued_tokens -= std::min(w.queued_tokens, p.prefill_tokens);
+    p.prefill_done = true;
   }
 
   void cancel_on(size_t worker, Epoch epoch, RequestId attempt, const std::string& reason) {
@@ -482,19 +520,32 @@ class Gateway::Impl {
   // Ends an attempt: forgets its route, releases its placement counts and, unless it
   // completed, cancels what it still holds on its workers.
   void end_attempt(RequestId attempt, bool completed, const std::string& reason) {
-    Placement p;
+    // What to cancel, as (worker, epoch); plain values, not the placement's optionals.
+    size_t decode = 0, prefill = 0;
+    Epoch decode_epoch = 0, prefill_epoch = 0;
+    bool cancel_decode = false, cancel_prefill = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = placements_.find(attempt);
       if (it == placements_.end()) return;
-      p = std::move(it->second);
+      Placement& p = it->second;
+      if (p.decode) {
+        --workers_[*p.decode].placed;
+        cancel_decode = true;
+        decode = *p.decode;
+        decode_epoch = p.decode_epoch;
+      }
+      if (p.prefill && !p.prefill_done && p.prefill_sent) {
+        cancel_prefill = true;
+        prefill = *p.prefill;
+        prefill_epoch = p.prefill_epoch;
+      }
+      release_prefill_locked(p);
       placements_.erase(it);
-      if (p.decode) --workers_[*p.decode].placed;
-      if (p.prefill && !p.prefill_done) --workers_[*p.prefill].placed;
     }
     if (completed) return;
-    if (p.decode) cancel_on(*p.decode, p.decode_epoch, attempt, reason);
-    if (p.prefill && !p.prefill_done) cancel_on(*p.prefill, p.prefill_epoch, attempt, reason);
+    if (cancel_decode) cancel_on(decode, decode_epoch, attempt, reason);
+    if (cancel_prefill) cancel_on(prefill, prefill_epoch, attempt, reason);
   }
 
   ActorRuntime& rt_;
@@ -612,6 +663,15 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
       out.tokens = static_cast<uint32_t>(produced.size());
       return finish(Status::ok(), "completed");
     }
+    // A failure at or after the deadline (often caused by it: the prefill call is bounded by
+    // the deadline) is no reason to place the request again: it ends as DEADLINE_EXCEEDED.
+    if (attempt_no > 0 && SteadyClock::now() >= deadline) {
+      out.tokens = static_cast<uint32_t>(produced.size());
+      return finish(
+          deadline_exceeded("the deadline passed after " + std::to_string(produced.size()) +
+                            " tokens; the last failure: " + last_error),
+          "failed");
+    }
     if (attempt_no >= static_cast<uint32_t>(opt_.max_attempts)) {
       out.tokens = static_cast<uint32_t>(produced.size());
       return finish(unavailable("gave up after " + std::to_string(attempt_no) +
@@ -639,6 +699,35 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
       placements_.emplace(attempt, std::move(p));
     }
 
+    // ---- a prefill worker with room in its queue (waits while all are full) ----
+    // Claimed before the decode reservation, so that reservations are not held (and do not
+    // expire) while prompts wait in a prefill queue.
+    const std::vector<uint64_t> chain = prompt_block_chain(prompt);
+    const auto wait_started = SteadyClock::now();
+    std::optional<Claimed> prefill;
+    auto stop_waiting = [&](const std::string& what) -> std::optional<Status> {
+      if (is_cancelled()) return cancelled_error("cancelled while waiting for " + what);
+      if (SteadyClock::now() + opt_.capacity_retry >= deadline) {
+        return deadline_exceeded("the deadline passed while waiting for " + what + ": " +
+                                 last_error);
+      }
+      return std::nullopt;
+    };
+    for (;;) {
+      auto c = claim_prefill(attempt, chain, prompt.size());
+      if (c.is_ok()) {
+        prefill = std::move(c).value();
+        break;
+      }
+      last_error = c.status().message();
+      if (auto stop = stop_waiting("a prefill worker")) {
+        end_attempt(attempt, true, "");
+        out.tokens = offset;
+        return finish(*stop, stop->code() == StatusCode::kCancelled ? "cancelled" : "failed");
+      }
+      std::this_thread::sleep_for(opt_.capacity_retry);
+    }
+
     // ---- decode reservation (waits while every decode worker is full) ----
     ReserveRequest rreq;
     rreq.request_id = attempt;
@@ -652,7 +741,6 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
     // One draw per sampled token: skipping the draws of the delivered tokens continues the
     // same random stream.
     rreq.seed = job.seed + static_cast<uint64_t>(offset) * kSplitMix64Gamma;
-    const auto wait_started = SteadyClock::now();
     std::optional<Reserved> reserved;
     for (;;) {
       auto r = reserve(rreq);
@@ -668,15 +756,10 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
         out.tokens = offset;
         return finish(r.status(), "failed");
       }
-      if (is_cancelled()) {
+      if (auto stop = stop_waiting("a decode worker")) {
         end_attempt(attempt, true, "");
-        return finish(cancelled_error("cancelled while waiting for a decode worker"), "cancelled");
-      }
-      if (SteadyClock::now() + opt_.capacity_retry >= deadline) {
-        end_attempt(attempt, true, "");
-        return finish(deadline_exceeded("the deadline passed while waiting for a decode worker: " +
-                                        last_error),
-                      "failed");
+        out.tokens = offset;
+        return finish(*stop, stop->code() == StatusCode::kCancelled ? "cancelled" : "failed");
       }
       std::this_thread::sleep_for(opt_.capacity_retry);
     }
@@ -684,40 +767,21 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
     const ReserveReply& grant = reserved->reply;
 
     // ---- prefill ----
-    const std::vector<uint64_t> chain = prompt_block_chain(prompt);
-    const std::optional<size_t> prefill = choose_prefill(chain);
     PrefillRequest preq;
     preq.request_id = attempt;
     preq.prompt = prompt;
     preq.deadline_unix_ms = deadline_ms;
-    caf::actor prefill_handle;
     {
       std::lock_guard<std::mutex> lock(mu_);
       Placement& p = placements_.at(attempt);
       p.decode = reserved->decode;
       p.decode_epoch = grant.decode_epoch;
+      p.prefill_sent = true;
       const Worker& d = workers_[reserved->decode];
       preq.target = DecodeTarget{d.endpoint.host, d.endpoint.port, grant.decode_epoch,
                                  grant.reservation_id, grant.transfer_keys};
-      if (prefill) {
-        Worker& w = workers_[*prefill];
-        p.prefill = *prefill;
-        p.prefill_epoch = w.epoch;
-        ++w.placed;
-        prefill_handle = w.handle;
-      }
     }
-    if (!prefill) {
-      last_error = "no healthy prefill worker";
-      end_attempt(attempt, false, "no prefill worker");
-      if (SteadyClock::now() + opt_.capacity_retry >= deadline) {
-        out.tokens = offset;
-        return finish(unavailable(last_error), "failed");
-      }
-      std::this_thread::sleep_for(opt_.capacity_retry);
-      --attempt_no;  // waiting for a worker is not a failed placement
-      continue;
-    }
+    const caf::actor prefill_handle = prefill->handle;
     const auto left = std::max(
         milliseconds(1), std::chrono::duration_cast<milliseconds>(deadline - SteadyClock::now()));
     rt_.call_async<PrefillReply>(caf::actor_cast<PrefillActor>(prefill_handle), std::move(preq),
@@ -796,15 +860,14 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
             std::lock_guard<std::mutex> lock(mu_);
             auto it = placements_.find(attempt);
             if (it != placements_.end() && !it->second.prefill_done) {
-              it->second.prefill_done = true;
-              Worker& w = workers_[*prefill];
-              --w.placed;
+              release_prefill_locked(it->second);
+              Worker& w = workers_[prefill->index];
               if (w.epoch == it->second.prefill_epoch) w.affinity->insert(chain);
             }
             out.cached_prefix_tokens = r->cached_prefix_tokens;
             break;
           }
-          last_error = "prefill on " + workers_[*prefill].endpoint.to_string() +
+          last_error = "prefill on " + workers_[prefill->index].endpoint.to_string() +
                        " failed: " + (r.is_ok() ? r->reason : r.status().message());
           end_attempt(attempt, false, "prefill failed");
           replay = true;

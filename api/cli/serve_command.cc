@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <memory>
 #include <string>
+#include <tuple>
 
 #include "commands.h"
 #include "dserve/actors/actor_runtime.h"
@@ -36,9 +37,12 @@ struct ServeOptions {
   std::string net_devices = "lo";
   int64_t max_batch = 64;
   uint64_t kv_budget_mib = 1024;
-  int64_t reservation_timeout_ms = 10000;
+  int64_t reservation_timeout_ms = 30000;
   int64_t region_grace_ms = 30000;
   int64_t token_budget = 2048;
+  uint64_t inject_corrupt_handoffs = 0;  // fault injection, tests only
+  // colocated: where the decode half listens (--listen is the prefill half's)
+  std::string decode_listen = "127.0.0.1:0";
   // gateway
   std::string prefill_workers;
   std::string decode_workers;
@@ -48,6 +52,7 @@ struct ServeOptions {
   int64_t max_running = 256;
   int64_t max_queued = 1024;
   int64_t max_attempts = 4;
+  int64_t max_prefill_queue_tokens = 8192;
   int64_t probe_interval_ms = 250;
   int64_t default_max_tokens = 256;
   int64_t max_prompt_tokens = 1 << 20;
@@ -117,6 +122,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   gopts.max_running = static_cast<size_t>(o.max_running);
   gopts.max_queued = static_cast<size_t>(o.max_queued);
   gopts.max_attempts = static_cast<int>(o.max_attempts);
+  gopts.max_prefill_queue_tokens = static_cast<uint64_t>(o.max_prefill_queue_tokens);
   gopts.probe_interval = std::chrono::milliseconds(o.probe_interval_ms);
   auto gateway = actors::Gateway::start(rt, gopts);
   if (!gateway.is_ok()) {
@@ -189,7 +195,20 @@ int run_serve(const ServeOptions& o) {
     print_error("--listen must be HOST:PORT with a port in 0..65535, got '" + o.listen + "'");
     return 2;
   }
-  const bool is_decode = o.role == "decode";
+  const bool colocated = o.role == "colocated";
+  const bool runs_decode = o.role == "decode" || colocated;
+  const bool runs_prefill = o.role == "prefill" || colocated;
+  std::string decode_host = host;
+  int decode_port = -1;
+  if (colocated) {
+    auto d = split_listen("--decode-listen", o.decode_listen);
+    if (!d.is_ok()) {
+      print_error(d.status().message());
+      return 2;
+    }
+    decode_host = d->first;
+    decode_port = d->second;
+  }
 
   auto config = model::load_model_config(o.model_dir);
   if (!config.is_ok()) {
@@ -204,7 +223,7 @@ int run_serve(const ServeOptions& o) {
   const model::Model model(std::move(config).value(), std::move(weights).value());
 
   std::unique_ptr<model::PrefixCache> cache;
-  if (!is_decode) {
+  if (runs_prefill) {
     auto fingerprint = model::checkpoint_fingerprint(o.model_dir);
     if (!fingerprint.is_ok()) {
       print_error(fingerprint.status().to_string());
@@ -218,53 +237,98 @@ int run_serve(const ServeOptions& o) {
     cache = std::move(opened).value();
   }
 
-  kvstore::TransferOptions topts;
-  topts.transports = o.transports;
-  topts.net_devices = o.net_devices;
-  topts.name = o.role + "@" + o.listen;
-  auto engine = kvstore::TransferEngine::create(topts);
-  if (!engine.is_ok()) {
-    print_error("transfer engine: " + engine.status().to_string());
-    return 1;
+  // One engine per role, as in separate processes (a co-located process hands off through
+  // its own engines, over the same transports).
+  auto make_engine = [&](const std::string& name) {
+    kvstore::TransferOptions topts;
+    topts.transports = o.transports;
+    topts.net_devices = o.net_devices;
+    topts.name = name;
+    return kvstore::TransferEngine::create(topts);
+  };
+  std::unique_ptr<kvstore::TransferEngine> prefill_engine, decode_engine;
+  for (auto [wanted, slot, name] :
+       {std::tuple{runs_prefill, &prefill_engine, "prefill@" + o.listen},
+        std::tuple{runs_decode, &decode_engine, "decode@" + o.listen}}) {
+    if (!wanted) continue;
+    auto engine = make_engine(name);
+    if (!engine.is_ok()) {
+      print_error("transfer engine: " + engine.status().to_string());
+      return 1;
+    }
+    *slot = std::move(engine).value();
   }
 
-  actors::RuntimeConfig rcfg;
-  rcfg.role = is_decode ? actors::Role::kDecode : actors::Role::kPrefill;
-  rcfg.listen_host = host;
-  rcfg.listen_port = static_cast<uint16_t>(port);
-  auto runtime = actors::ActorRuntime::start(rcfg);
-  if (!runtime.is_ok()) {
-    print_error(runtime.status().to_string());
-    return 1;
-  }
-  actors::ActorRuntime& rt = **runtime;
-  Result<uint16_t> bound = internal_error("not published");
-  if (is_decode) {
+  // Co-located: the two workers take turns on the compute, as on one device.
+  auto compute_lock = colocated ? std::make_shared<std::mutex>() : nullptr;
+  std::unique_ptr<actors::ActorRuntime> prefill_rt, decode_rt;
+  uint16_t prefill_bound = 0, decode_bound = 0;
+  if (runs_decode) {
+    actors::RuntimeConfig rcfg;
+    rcfg.role = actors::Role::kDecode;
+    rcfg.listen_host = colocated ? decode_host : host;
+    rcfg.listen_port = static_cast<uint16_t>(colocated ? decode_port : port);
+    auto runtime = actors::ActorRuntime::start(rcfg);
+    if (!runtime.is_ok()) {
+      print_error(runtime.status().to_string());
+      return 1;
+    }
+    decode_rt = std::move(runtime).value();
     decode::DecodeWorkerOptions dopts;
     dopts.max_batch = o.max_batch;
     dopts.kv_budget_bytes = o.kv_budget_mib << 20;
     dopts.reservation_timeout = std::chrono::milliseconds(o.reservation_timeout_ms);
     dopts.region_grace = std::chrono::milliseconds(o.region_grace_ms);
-    bound = rt.publish(decode::spawn_decode_worker(rt.system(), model, **engine, rt.epoch(),
-                                                   "decode@" + o.listen, dopts));
-  } else {
+    dopts.compute_lock = compute_lock;
+    auto bound = decode_rt->publish(decode::spawn_decode_worker(
+        decode_rt->system(), model, *decode_engine, decode_rt->epoch(),
+        "decode@" + rcfg.listen_host + ":" + std::to_string(rcfg.listen_port), dopts));
+    if (!bound.is_ok()) {
+      print_error(bound.status().to_string());
+      return 1;
+    }
+    decode_bound = *bound;
+  }
+  if (runs_prefill) {
+    actors::RuntimeConfig rcfg;
+    rcfg.role = actors::Role::kPrefill;
+    rcfg.listen_host = host;
+    rcfg.listen_port = static_cast<uint16_t>(port);
+    auto runtime = actors::ActorRuntime::start(rcfg);
+    if (!runtime.is_ok()) {
+      print_error(runtime.status().to_string());
+      return 1;
+    }
+    prefill_rt = std::move(runtime).value();
     prefill::PrefillWorkerOptions popts;
     popts.scheduler.token_budget = o.token_budget;
-    bound = rt.publish(prefill::spawn_prefill_worker(rt.system(), *cache, model, **engine,
-                                                     rt.epoch(), "prefill@" + o.listen, popts));
+    popts.inject_corrupt_handoffs = o.inject_corrupt_handoffs;
+    popts.compute_lock = compute_lock;
+    auto bound = prefill_rt->publish(
+        prefill::spawn_prefill_worker(prefill_rt->system(), *cache, model, *prefill_engine,
+                                      prefill_rt->epoch(), "prefill@" + o.listen, popts));
+    if (!bound.is_ok()) {
+      print_error(bound.status().to_string());
+      return 1;
+    }
+    prefill_bound = *bound;
   }
-  if (!bound.is_ok()) {
-    print_error(bound.status().to_string());
-    return 1;
+  if (colocated) {
+    std::printf("dserve: serving colocated on %s:%u decode %s:%u\n", host.c_str(),
+                static_cast<unsigned>(prefill_bound), decode_host.c_str(),
+                static_cast<unsigned>(decode_bound));
+  } else {
+    std::printf("dserve: serving %s on %s:%u\n", o.role.c_str(), host.c_str(),
+                static_cast<unsigned>(runs_decode ? decode_bound : prefill_bound));
   }
-  std::printf("dserve: serving %s on %s:%u\n", o.role.c_str(), host.c_str(),
-              static_cast<unsigned>(*bound));
   std::fflush(stdout);
 
   int sig = 0;
   sigwait(&stop, &sig);
   std::fprintf(stderr, "dserve: %s stopping (signal %d)\n", o.role.c_str(), sig);
-  runtime->reset();  // stops the actors before the engine and the model they use go away
+  // The actors stop before the engines, the cache and the model they use go away.
+  prefill_rt.reset();
+  decode_rt.reset();
   return 0;
 }
 
@@ -276,9 +340,11 @@ Command add_serve_command(CLI::App& app) {
   cmd->footer(
       "A cluster: one or more `--role prefill` and `--role decode` processes, and a `--role "
       "gateway` naming them with --prefill and --decode; clients use `dserve submit`.");
-  cmd->add_option("--role", o->role, "gateway, prefill or decode")
+  cmd->add_option("--role", o->role,
+                  "gateway, prefill, decode, or colocated (a prefill and a decode worker in one "
+                  "process taking turns on the compute, for comparison)")
       ->required()
-      ->check(CLI::IsMember({"gateway", "prefill", "decode"}));
+      ->check(CLI::IsMember({"gateway", "prefill", "decode", "colocated"}));
   cmd->add_option("--model", o->model_dir,
                   "model directory (config.json, safetensors, tokenizer.json)")
       ->required();
@@ -305,6 +371,15 @@ Command add_serve_command(CLI::App& app) {
   cmd->add_option("--token-budget", o->token_budget, "prefill: prompt tokens per step")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--decode-listen", o->decode_listen,
+                  "colocated: the decode half's control address HOST:PORT (--listen is the "
+                  "prefill half's)")
+      ->capture_default_str();
+  cmd->add_option("--inject-corrupt-handoffs", o->inject_corrupt_handoffs,
+                  "prefill, FAULT INJECTION FOR TESTS ONLY: corrupt one byte of the first N "
+                  "hand-offs in the decode worker's region after the digested put, so that the "
+                  "decode worker refuses them and the gateway replays the requests")
+      ->capture_default_str();
   cmd->add_option("--prefill", o->prefill_workers,
                   "gateway: prefill workers' control addresses, HOST:PORT[,HOST:PORT...]");
   cmd->add_option("--decode", o->decode_workers,
@@ -328,6 +403,11 @@ Command add_serve_command(CLI::App& app) {
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-attempts", o->max_attempts,
                   "gateway: placements per request (the first and replays after failures)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--max-prefill-queue-tokens", o->max_prefill_queue_tokens,
+                  "gateway: prompt tokens placed on one prefill worker and not yet prefilled; "
+                  "more requests wait at the gateway")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_option("--probe-interval-ms", o->probe_interval_ms, "gateway: worker health probes")

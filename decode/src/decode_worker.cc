@@ -65,6 +65,8 @@ struct WorkerState {
   // they stay mapped, and counted in used_bytes, until their grace period has passed.
   std::deque<std::pair<std::chrono::steady_clock::time_point, kvstore::MemoryRegion>> quarantine;
   uint64_t used_bytes = 0;
+  uint64_t handoffs_rejected = 0;  // HandoffDone answered with accepted = false
+  uint64_t handoffs_corrupt = 0;   // of those, landed bytes that failed verification
   bool stepping = false;
 };
 
@@ -120,7 +122,10 @@ Result<DecodeRequest> take_handoff(WorkerState& st, ReservationId id, const Rese
     return data_loss("hand-off digests do not cover the state and logits spans of the region");
   }
   const std::span<const std::byte> region(r.region.data(), r.region.bytes());
-  DSERVE_RETURN_IF_ERROR(kvstore::verify_landed(region, *digests));
+  if (Status landed = kvstore::verify_landed(region, *digests); !landed.is_ok()) {
+    ++st.handoffs_corrupt;
+    return landed;
+  }
   const auto* bytes = reinterpret_cast<const uint8_t*>(r.region.data());
   auto state = model::unpack_state(config, st.model->page_pools(), {bytes, state_bytes});
   if (!state.is_ok()) return state.status();
@@ -163,6 +168,44 @@ TokenChunk chunk_for(const TokenEvent& ev, const Decoding& d, Epoch epoch) {
       break;
   }
   return c;
+}
+
+// Takes a hand-off into the batch, or says why not (the reservation is released either way
+// once it is found).
+HandoffAck accept_handoff(WorkerState& s, const HandoffDone& done) {
+  HandoffAck ack{done.request_id, false, ""};
+  if (Status v = validate(done); !v.is_ok()) {
+    ack.reason = v.to_string();
+    return ack;
+  }
+  if (done.decode_epoch != s.epoch) {
+    ack.reason = "stale epoch " + std::to_string(done.decode_epoch) +
+                 ": the reservation was made by an earlier incarnation of " + s.node_name;
+    return ack;
+  }
+  auto it = s.reservations.find(done.reservation_id);
+  if (it == s.reservations.end() || it->second.request_id != done.request_id) {
+    ack.reason = "no live reservation " + std::to_string(done.reservation_id) + " for request " +
+                 std::to_string(done.request_id) + " (expired or cancelled)";
+    return ack;
+  }
+  auto req = take_handoff(s, it->first, it->second, done);
+  Decoding d{it->second.request_id, it->second.sink, 0,
+             decoding_bytes(s.model->config(), it->second)};
+  release_reservation(s, it);
+  if (!req.is_ok()) {
+    ack.reason = "hand-off refused: " + req.status().to_string();
+    return ack;
+  }
+  const ReservationId id = req->id;
+  if (Status added = s.batch->add(std::move(req).value()); !added.is_ok()) {
+    ack.reason = "cannot join the batch: " + added.to_string();
+    return ack;
+  }
+  s.used_bytes += d.budget_bytes;
+  s.decoding.emplace(id, std::move(d));
+  ack.accepted = true;
+  return ack;
 }
 
 DecodeWorkerActor::behavior_type decode_worker(
@@ -242,39 +285,11 @@ DecodeWorkerActor::behavior_type decode_worker(
       },
       [self, kick](HandoffDone& done) {
         auto& s = self->state;
-        HandoffAck ack{done.request_id, false, ""};
-        if (Status v = validate(done); !v.is_ok()) {
-          ack.reason = v.to_string();
+        HandoffAck ack = accept_handoff(s, done);
+        if (!ack.accepted) {
+          ++s.handoffs_rejected;
           return ack;
         }
-        if (done.decode_epoch != s.epoch) {
-          ack.reason = "stale epoch " + std::to_string(done.decode_epoch) +
-                       ": the reservation was made by an earlier incarnation of " + s.node_name;
-          return ack;
-        }
-        auto it = s.reservations.find(done.reservation_id);
-        if (it == s.reservations.end() || it->second.request_id != done.request_id) {
-          ack.reason = "no live reservation " + std::to_string(done.reservation_id) +
-                       " for request " + std::to_string(done.request_id) +
-                       " (expired or cancelled)";
-          return ack;
-        }
-        auto req = take_handoff(s, it->first, it->second, done);
-        Decoding d{it->second.request_id, it->second.sink, 0,
-                   decoding_bytes(s.model->config(), it->second)};
-        release_reservation(s, it);
-        if (!req.is_ok()) {
-          ack.reason = "hand-off refused: " + req.status().to_string();
-          return ack;
-        }
-        const ReservationId id = req->id;
-        if (Status added = s.batch->add(std::move(req).value()); !added.is_ok()) {
-          ack.reason = "cannot join the batch: " + added.to_string();
-          return ack;
-        }
-        s.used_bytes += d.budget_bytes;
-        s.decoding.emplace(id, std::move(d));
-        ack.accepted = true;
         kick();
         return ack;
       },
@@ -307,14 +322,32 @@ DecodeWorkerActor::behavior_type decode_worker(
         report.active_requests = static_cast<uint32_t>(s.decoding.size());
         // Reservations waiting for their hand-off; each holds exactly one transfer region.
         report.queued_requests = static_cast<uint32_t>(s.reservations.size());
-        // Free KV budget in 128-token blocks is not tracked yet: free budget bytes instead.
-        report.free_kv_blocks = s.options.kv_budget_bytes - s.used_bytes;
+        report.free_kv_bytes = s.options.kv_budget_bytes - s.used_bytes;
+        report.kv_budget_bytes_in_use = s.used_bytes;
+        const model::KvPagePools& pools = s.model->page_pools();
+        for (const auto* group : {&pools.compressed, &pools.index_keys}) {
+          for (const auto& pool : *group) {
+            if (!pool) continue;  // a sliding-window layer has no pool
+            report.kv_pages_in_use += static_cast<uint64_t>(pool->pages_in_use());
+            report.kv_page_bytes_in_use += pool->bytes_in_use();
+          }
+        }
+        report.handoff_regions = static_cast<uint32_t>(s.reservations.size() + s.quarantine.size());
+        report.quarantined_regions = static_cast<uint32_t>(s.quarantine.size());
+        report.handoffs_rejected = s.handoffs_rejected;
+        report.handoffs_corrupt = s.handoffs_corrupt;
         return report;
       },
       [self, kick](step_atom) {
         auto& s = self->state;
         s.stepping = false;
-        for (const TokenEvent& ev : s.batch->step()) {
+        std::vector<TokenEvent> events;
+        {
+          std::unique_lock<std::mutex> device;
+          if (s.options.compute_lock) device = std::unique_lock(*s.options.compute_lock);
+          events = s.batch->step();
+        }
+        for (const TokenEvent& ev : events) {
           auto it = s.decoding.find(ev.request_id);
           if (it == s.decoding.end()) continue;
           TokenChunk chunk = chunk_for(ev, it->second, s.epoch);

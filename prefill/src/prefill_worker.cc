@@ -30,6 +30,7 @@ struct Pending {
 };
 
 struct WorkerState {
+  model::PrefixCache* cache = nullptr;
   const model::Model* model = nullptr;
   kvstore::TransferEngine* engine = nullptr;
   Epoch epoch = 0;
@@ -39,6 +40,8 @@ struct WorkerState {
   uint64_t next_id = 1;
   std::map<uint64_t, Pending> pending;  // scheduler id -> request
   bool stepping = false;
+  uint64_t handoffs_rejected = 0;  // HandoffAck with accepted = false
+  uint64_t injected_faults = 0;    // hand-offs corrupted on purpose (inject_corrupt_handoffs)
 };
 
 PrefillReply failed(RequestId id, std::string reason) {
@@ -72,6 +75,13 @@ Result<HandoffDone> write_state(WorkerState& st, const PrefillRequest& req,
                                  {result.last_logits.data(), logit_bytes, packed.size()}};
   auto digests = st.engine->put(*peer, keys->region, ops);
   if (!digests.is_ok()) return digests.status();
+  if (st.injected_faults < st.options.inject_corrupt_handoffs) {
+    // Fault injection (tests): the bytes that land are no longer those the digests vouch for.
+    ++st.injected_faults;
+    const uint8_t flipped = static_cast<uint8_t>(packed[0] ^ 0xffu);
+    const kvstore::PutOp corrupt[1] = {{&flipped, 1, 0}};
+    if (auto bad = st.engine->put(*peer, keys->region, corrupt); !bad.is_ok()) return bad.status();
+  }
   const auto logits = result.last_logits.span();
   HandoffDone done;
   done.request_id = req.request_id;
@@ -105,8 +115,9 @@ void send_handoff(PrefillWorkerActor::stateful_pointer<WorkerState> self, Pendin
             auto decode = caf::actor_cast<DecodeActor>(ptr);
             self->request(decode, left_until(shared->deadline), std::move(done))
                 .then(
-                    [shared, id, where, cached, computed](HandoffAck& ack) {
+                    [self, shared, id, where, cached, computed](HandoffAck& ack) {
                       if (!ack.accepted) {
+                        ++self->state.handoffs_rejected;
                         shared->promise.deliver(failed(
                             id, "decode worker " + where + " refused the hand-off: " + ack.reason));
                         return;
@@ -136,6 +147,7 @@ PrefillWorkerActor::behavior_type prefill_worker(
     const model::Model* model, kvstore::TransferEngine* engine, Epoch epoch, std::string node_name,
     PrefillWorkerOptions options) {
   auto& st = self->state;
+  st.cache = cache;
   st.model = model;
   st.engine = engine;
   st.epoch = epoch;
@@ -179,17 +191,40 @@ PrefillWorkerActor::behavior_type prefill_worker(
         return reply;
       },
       [self](HealthProbe&) {
+        auto& s = self->state;
         HealthReport report;
         report.role = Role::kPrefill;
-        report.epoch = self->state.epoch;
-        report.node_name = self->state.node_name;
-        report.queued_requests = static_cast<uint32_t>(self->state.scheduler->queued());
+        report.epoch = s.epoch;
+        report.node_name = s.node_name;
+        report.active_requests = static_cast<uint32_t>(s.pending.size());
+        report.queued_requests = static_cast<uint32_t>(s.scheduler->queued());
+        const model::KvPagePools& pools = s.model->page_pools();
+        auto count = [&report](const kvstore::PagePool& pool) {
+          report.kv_pages_in_use += static_cast<uint64_t>(pool.pages_in_use());
+          report.kv_page_bytes_in_use += pool.bytes_in_use();
+        };
+        for (const auto* group : {&pools.compressed, &pools.index_keys}) {
+          for (const auto& pool : *group) {
+            if (pool) count(*pool);  // a sliding-window layer has no pool
+          }
+        }
+        count(*s.cache->layout().snapshot_pool);
+        report.cached_kv_bytes =
+            s.cache->store().metrics().tiers[static_cast<size_t>(kvstore::Tier::kDevice)].bytes;
+        report.handoffs_rejected = s.handoffs_rejected;
+        report.injected_faults = s.injected_faults;
         return report;
       },
       [self, kick](step_atom) {
         auto& s = self->state;
         s.stepping = false;
-        for (prefill::PrefillOutcome& out : s.scheduler->step()) {
+        std::vector<prefill::PrefillOutcome> outcomes;
+        {
+          std::unique_lock<std::mutex> device;
+          if (s.options.compute_lock) device = std::unique_lock(*s.options.compute_lock);
+          outcomes = s.scheduler->step();
+        }
+        for (prefill::PrefillOutcome& out : outcomes) {
           auto it = s.pending.find(out.id);
           if (it == s.pending.end()) continue;
           Pending p = std::move(it->second);

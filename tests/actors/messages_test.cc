@@ -93,10 +93,20 @@ TEST(MessagesTest, WireFormatRoundTrips) {
   EXPECT_TRUE(c.finished);
   EXPECT_EQ(c.error, "e");
 
-  auto d = round_trip(sys, HealthReport{Role::kDecode, 42, "n", 5, 6, 7, 8});
+  auto d = round_trip(
+      sys, HealthReport{Role::kDecode, 42, "n", 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17});
   EXPECT_EQ(d.role, Role::kDecode);
   EXPECT_EQ(d.epoch, 42u);
-  EXPECT_EQ(d.free_kv_blocks, 8u);
+  EXPECT_EQ(d.free_kv_bytes, 8u);
+  EXPECT_EQ(d.kv_budget_bytes_in_use, 9u);
+  EXPECT_EQ(d.kv_pages_in_use, 10u);
+  EXPECT_EQ(d.kv_page_bytes_in_use, 11u);
+  EXPECT_EQ(d.cached_kv_bytes, 12u);
+  EXPECT_EQ(d.handoff_regions, 13u);
+  EXPECT_EQ(d.quarantined_regions, 14u);
+  EXPECT_EQ(d.handoffs_rejected, 15u);
+  EXPECT_EQ(d.handoffs_corrupt, 16u);
+  EXPECT_EQ(d.injected_faults, 17u);
 
   auto e = round_trip(sys, HandoffDone{1, 2, 3, 4, 0xdeadbeefcafeULL, -7, {9, 8, 7}});
   EXPECT_EQ(e.state_checksum, 0xdeadbeefcafeULL);

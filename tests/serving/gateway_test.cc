@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dserve/api/serving_client.h"
@@ -95,6 +96,40 @@ TEST(Gateway, StreamsMatchGenerateAndBadRequestsAreRefused) {
           " --max-tokens 12 --prompt '" + prompt + "' 2>/dev/null");
   EXPECT_FALSE(generated.empty());
   EXPECT_EQ(submitted, generated);
+}
+
+// The co-located mode (prefill and decode halves in one process, taking turns on the compute)
+// behind the same gateway serves the same tokens.
+TEST(Gateway, ColocatedProcessServesTheSameTokens) {
+  using testing_support::ServeProcess;
+  ServeProcess both("colocated", "127.0.0.1", 0, {"--decode-listen", "127.0.0.1:0"});
+  ASSERT_TRUE(both.ready()) << both.log();
+  ASSERT_NE(both.decode_port(), 0) << both.log();
+  ServeProcess gateway(
+      "gateway", "127.0.0.1", 0,
+      {"--prefill", both.address(), "--decode", "127.0.0.1:" + std::to_string(both.decode_port()),
+       "--grpc-listen", "127.0.0.1:0"});
+  ASSERT_TRUE(gateway.ready()) << gateway.log() << both.log();
+  auto client = api::ServingClient::connect("127.0.0.1:" + std::to_string(gateway.grpc_port()),
+                                            std::chrono::seconds(10));
+  ASSERT_TRUE(client.is_ok()) << client.status().to_string();
+  std::vector<std::thread> running;
+  std::vector<std::string> failures(8);
+  for (size_t i = 0; i < failures.size(); ++i) {
+    running.emplace_back([&, i] {
+      const auto prompt = random_prompt(1 + 150 * static_cast<int64_t>(i), 300 + i);
+      auto done = (*client)->generate(request_for(prompt, 7));
+      if (!done.is_ok()) {
+        failures[i] = done.status().to_string();
+      } else if (done->tokens != reference_tokens(prompt, 7)) {
+        failures[i] = "tokens differ from the reference";
+      }
+    });
+  }
+  for (auto& t : running)
+    t.join();
+  for (size_t i = 0; i < failures.size(); ++i)
+    EXPECT_EQ(failures[i], "") << "request " << i << "\n" << both.log();
 }
 
 }  // namespace

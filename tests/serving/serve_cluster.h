@@ -15,6 +15,10 @@
 #include "dserve/actors/messages.h"
 #include "dserve/model/sampler.h"
 
+namespace dserve::actors {
+class ActorRuntime;
+}  // namespace dserve::actors
+
 namespace dserve::testing_support {
 
 class ServeProcess {
@@ -34,6 +38,8 @@ class ServeProcess {
   const std::string& host() const { return host_; }
   uint16_t port() const { return port_; }            // the control address's port
   uint16_t grpc_port() const { return grpc_port_; }  // gateway only
+  // colocated only: the decode half's control port ("... decode HOST:PORT").
+  uint16_t decode_port() const { return decode_port_; }
   std::string address() const { return host_ + ":" + std::to_string(port_); }
   pid_t pid() const { return pid_; }
 
@@ -43,6 +49,8 @@ class ServeProcess {
   bool restart(std::chrono::milliseconds timeout = std::chrono::milliseconds(60000));
   // What the process wrote on stderr so far.
   std::string log() const;
+  // True while the process runs (it has not exited; a killed one is not alive).
+  bool alive() const;
 
  private:
   bool launch(std::chrono::milliseconds timeout);
@@ -53,6 +61,7 @@ class ServeProcess {
   pid_t pid_ = -1;
   uint16_t port_ = 0;
   uint16_t grpc_port_ = 0;
+  uint16_t decode_port_ = 0;
   std::filesystem::path err_file_;
 };
 
@@ -63,6 +72,14 @@ struct ClusterOptions {
   std::vector<std::string> prefill_args;
   std::vector<std::string> decode_args;
   std::vector<std::string> gateway_args;
+  // Per role, when set: the host to listen on (instead of `host`) and a command prefix (e.g.
+  // {"ip", "netns", "exec", "ns1"}) to run the role's processes in another network namespace.
+  std::string prefill_host;
+  std::string decode_host;
+  std::string gateway_host;
+  std::vector<std::string> prefill_wrapper;
+  std::vector<std::string> decode_wrapper;
+  std::vector<std::string> gateway_wrapper;
 };
 
 class ServeCluster {
@@ -89,5 +106,55 @@ std::vector<actors::TokenId> reference_tokens(const std::vector<actors::TokenId>
 
 // A prompt of `n` tokens: BOS then ids drawn from `seed`.
 std::vector<actors::TokenId> random_prompt(int64_t n, uint64_t seed);
+
+// ---- concurrent load (cluster_test, netns_test) --------------------------------------------
+
+struct LoadRequest {
+  std::vector<actors::TokenId> prompt;
+  uint32_t max_tokens = 1;
+};
+
+// `n` greedy requests: prompt lengths 1, 2, 127, 128, 129 and `max_prompt` first (those that
+// fit in `n`), the others drawn from `seed` in 1..max_prompt; max_tokens drawn in 1..16. The
+// same `seed` always gives the same requests.
+std::vector<LoadRequest> load_requests(size_t n, int64_t max_prompt, uint64_t seed);
+
+struct LoadReport {
+  size_t completed = 0;  // ok and token-identical to the reference
+  size_t failed = 0;
+  double wall_s = 0;  // first request sent to last one finished
+  double ttft_p50_ms = 0;
+  double ttft_p99_ms = 0;
+};
+
+// Sends every request through one ServingClient connected to `cluster`'s gateway, each on its
+// own thread, all released together, while this process computes the references
+// (reference_tokens) on `reference_threads` threads, and the workers' health is probed every
+// few ms. Records a gtest failure, with the message and the cluster's logs, for each request
+// that failed, whose tokens or usage differ from the reference, for every worker never seen
+// busy, and for a decode worker that still reports active or queued requests afterwards.
+// Prints the figures on stderr ("[ info ] ...").
+LoadReport run_load_and_check(const ServeCluster& cluster, const std::vector<LoadRequest>& requests,
+                              int reference_threads = 1);
+
+// ---- worker health (fault_test) ------------------------------------------------------------
+
+// Asks worker processes (prefill or decode) for their HealthReport from this process, over CAF:
+// an actor runtime of its own that publishes nothing. Connects on every call, so that a worker
+// restarted on the same port answers as its new incarnation. Thread-safe; blocks.
+class WorkerHealth {
+ public:
+  WorkerHealth();
+  ~WorkerHealth();
+  WorkerHealth(const WorkerHealth&) = delete;
+  WorkerHealth& operator=(const WorkerHealth&) = delete;
+
+  Result<actors::HealthReport> report(
+      const ServeProcess& worker,
+      std::chrono::milliseconds timeout = std::chrono::milliseconds(3000));
+
+ private:
+  std::unique_ptr<actors::ActorRuntime> rt_;
+};
 
 }  // namespace dserve::testing_support

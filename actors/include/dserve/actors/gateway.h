@@ -6,13 +6,16 @@
 //   1. Admission: at most `max_running` requests are placed at once; up to `max_queued` more
 //      wait for a slot (bounded by their deadline); beyond that a request is refused at once
 //      with kResourceExhausted.
-//   2. Decode choice: among healthy decode workers whose last reported free KV bytes cover the
-//      request, the one with the fewest requests this gateway has placed there (then the most
-//      free bytes). A refusal (batch or KV full) moves on to the next; when every worker is full
-//      the request waits and tries again until its deadline.
-//   3. Prefill choice: the healthy prefill worker whose cache most likely holds the longest
-//      prefix of the prompt (an approximate index of the 128-token blocks this gateway sent
-//      each worker, cleared when the worker restarts), then the least loaded.
+//   2. Prefill choice: among healthy prefill workers with room in their queue (at most
+//      `max_prefill_queue_tokens` prompt tokens placed and not yet prefilled), the one whose
+//      cache most likely holds the longest prefix of the prompt (an approximate index of the
+//      128-token blocks this gateway sent each worker, cleared when the worker restarts), then
+//      the one with the fewest queued tokens. When all are full the request waits here,
+//      holding nothing on any worker.
+//   3. Decode choice: among healthy decode workers, the one with the fewest requests this
+//      gateway has placed there, then the most free KV bytes; its reservation comes before any
+//      prefill starts. A refusal (batch or KV full) moves on to the next; when every worker is
+//      full the request waits and tries again until its deadline.
 //   4. The prefill worker computes and writes the state into the reserved region (UCX); the
 //      decode worker streams TokenChunks to this gateway's sink actor, which routes them to the
 //      request by attempt id. Tokens reach the caller in order, each exactly once.
@@ -74,6 +77,10 @@ struct GatewayOptions {
   int max_attempts = 4;
   // Pause before asking again when every decode worker refused for lack of room.
   std::chrono::milliseconds capacity_retry{25};
+  // Prompt tokens placed on one prefill worker and not yet prefilled; a request waits at the
+  // gateway (holding nothing on the workers) until a worker has room. An idle worker takes a
+  // prompt of any length.
+  uint64_t max_prefill_queue_tokens = 8192;
   // Blocks remembered per prefill worker by the prefix-affinity index.
   size_t affinity_blocks = 1 << 20;
 };

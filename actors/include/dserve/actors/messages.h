@@ -185,14 +185,40 @@ struct HealthProbe {
   int64_t sent_unix_ms = 0;
 };
 
+// Fields a role does not track are 0. The page and region counts make leaks visible from
+// outside the process: with no request in flight, a decode worker holds no pages, no regions
+// and no budget, and a prefill worker's pages are exactly those its prefix cache keeps.
 struct HealthReport {
   Role role = Role::kGateway;
   Epoch epoch = 0;
   std::string node_name;
   uint64_t uptime_ms = 0;
+  // decode: requests decoding; prefill: requests accepted and not yet answered.
   uint32_t active_requests = 0;
+  // decode: reservations waiting for their hand-off; prefill: requests not yet prefilled.
   uint32_t queued_requests = 0;
-  uint64_t free_kv_blocks = 0;
+  // decode: KV byte budget not held by reservations, quarantined regions or decoding states.
+  uint64_t free_kv_bytes = 0;
+  // decode: the budget bytes those hold (free_kv_bytes + this = the whole budget).
+  uint64_t kv_budget_bytes_in_use = 0;
+  // Pages allocated from the process's KV page pools (every pool of the model, and on a
+  // prefill worker the prefix cache's snapshot pool), and their bytes.
+  uint64_t kv_pages_in_use = 0;
+  uint64_t kv_page_bytes_in_use = 0;
+  // prefill: bytes of the pages the prefix cache keeps on its device tier (shared with the
+  // requests that read them). Pages held by requests alone: kv_page_bytes_in_use - this.
+  uint64_t cached_kv_bytes = 0;
+  // decode: transfer regions mapped for hand-offs: live reservations plus quarantined regions
+  // (expired or cancelled, waiting out --region-grace-ms), and the quarantined ones alone.
+  uint32_t handoff_regions = 0;
+  uint32_t quarantined_regions = 0;
+  // decode: HandoffDone messages refused (stale epoch, no live reservation, bad digests or
+  // state); prefill: hand-offs whose HandoffAck was a refusal.
+  uint64_t handoffs_rejected = 0;
+  // decode: of those, the ones whose landed bytes failed verification (corrupted in flight).
+  uint64_t handoffs_corrupt = 0;
+  // prefill, tests only: hand-offs corrupted on purpose (--inject-corrupt-handoffs).
+  uint64_t injected_faults = 0;
 };
 
 // ---- validation ----------------------------------------------------------------------------
@@ -280,7 +306,9 @@ typename Inspector::result_type inspect(Inspector& f, HealthProbe& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, HealthReport& x) {
   return f(caf::meta::type_name("dserve.HealthReport"), x.role, x.epoch, x.node_name, x.uptime_ms,
-           x.active_requests, x.queued_requests, x.free_kv_blocks);
+           x.active_requests, x.queued_requests, x.free_kv_bytes, x.kv_budget_bytes_in_use,
+           x.kv_pages_in_use, x.kv_page_bytes_in_use, x.cached_kv_bytes, x.handoff_regions,
+           x.quarantined_regions, x.handoffs_rejected, x.handoffs_corrupt, x.injected_faults);
 }
 
 // Registers every message type above with `cfg`, under the names used on the wire. ActorRuntime

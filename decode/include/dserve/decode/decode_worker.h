@@ -21,6 +21,8 @@
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
 
 #include <caf/actor_system.hpp>
@@ -34,11 +36,14 @@ namespace dserve::decode {
 struct DecodeWorkerOptions {
   int64_t max_batch = 64;                 // reservations + decoding requests at once
   uint64_t kv_budget_bytes = 1ull << 30;  // hand-off regions + states of decoding requests
-  std::chrono::milliseconds reservation_timeout{10000};  // reserved, no HandoffDone yet
+  std::chrono::milliseconds reservation_timeout{30000};  // reserved, no HandoffDone yet
   // How long the region of an expired or cancelled reservation stays mapped (and counted)
   // before it is freed: longer than a prefill worker's transfer timeout, so that a put still in
   // flight never lands in freed memory.
   std::chrono::milliseconds region_grace{30000};
+  // Co-located mode: held around every batch step, shared with the process's prefill worker,
+  // so that the two take turns on one compute device as they would on one GPU. Null: none.
+  std::shared_ptr<std::mutex> compute_lock;
 };
 
 // Bytes of the hand-off region for a prompt of `prompt_tokens` tokens (state + logits).

@@ -11,9 +11,13 @@
 // Every step is bounded by the request's deadline (30 s when it has none): a failure of any
 // step (deadline, bad keys, transfer, decode unreachable or refusing) is a kFailed reply with
 // the reason, never a hang.
+// HealthReport: pages in use in the model's pools and the cache's snapshot pool, the bytes the
+// prefix cache keeps (cached_kv_bytes), hand-offs the decode side refused, injected faults.
 
 #include <chrono>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
 
 #include <caf/actor_system.hpp>
@@ -29,6 +33,15 @@ struct PrefillWorkerOptions {
   PrefillOptions scheduler;
   // Bound on each step of a request that carries no deadline.
   std::chrono::milliseconds default_deadline{30000};
+  // FAULT INJECTION, for tests only (`dserve serve --inject-corrupt-handoffs N`): the first N
+  // hand-offs of this worker flip the first byte of the state in the decode worker's region
+  // with a second 1-byte put after the digested put, as if it were corrupted in flight. The
+  // HandoffDone still carries the digests of the correct bytes, so the decode worker must
+  // refuse it and the gateway replay the request. 0 (the default): never.
+  uint64_t inject_corrupt_handoffs = 0;
+  // Co-located mode: held around every scheduler step, shared with the process's decode
+  // worker (see DecodeWorkerOptions::compute_lock). Null: none.
+  std::shared_ptr<std::mutex> compute_lock;
 };
 
 // Spawns the worker. `cache` (and its model) and `engine` must outlive the actor (the process
