@@ -865,6 +865,10 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
               if (w.epoch == it->second.prefill_epoch) w.affinity->insert(chain);
             }
             out.cached_prefix_tokens = r->cached_prefix_tokens;
+            out.prefill_ms = r->prefill_ms;
+            out.transfer_bytes = r->transfer_bytes;
+            out.transfer_ms = r->transfer_us / 1000.0;
+            out.handoff_ms = r->handoff_us / 1000.0;
             break;
           }
           last_error = "prefill on " + workers_[prefill->index].endpoint.to_string() +

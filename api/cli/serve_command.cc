@@ -39,6 +39,7 @@ struct ServeOptions {
   uint64_t kv_budget_mib = 1024;
   int64_t reservation_timeout_ms = 30000;
   int64_t region_grace_ms = 30000;
+  int64_t transfer_timeout_ms = 10000;
   int64_t token_budget = 2048;
   uint64_t inject_corrupt_handoffs = 0;  // fault injection, tests only
   // colocated: where the decode half listens (--listen is the prefill half's)
@@ -198,6 +199,15 @@ int run_serve(const ServeOptions& o) {
   const bool colocated = o.role == "colocated";
   const bool runs_decode = o.role == "decode" || colocated;
   const bool runs_prefill = o.role == "prefill" || colocated;
+  // A put still in flight when its reservation is dropped lands in the region until the
+  // sender's transfer timeout; freeing the region earlier would let it land in freed memory.
+  if (runs_decode && o.region_grace_ms <= o.transfer_timeout_ms) {
+    print_error("--region-grace-ms (" + std::to_string(o.region_grace_ms) +
+                ") must be longer than --transfer-timeout-ms (" +
+                std::to_string(o.transfer_timeout_ms) +
+                ", the cluster's): a put still in flight would land in freed memory");
+    return 2;
+  }
   std::string decode_host = host;
   int decode_port = -1;
   if (colocated) {
@@ -244,6 +254,7 @@ int run_serve(const ServeOptions& o) {
     topts.transports = o.transports;
     topts.net_devices = o.net_devices;
     topts.name = name;
+    topts.timeout = std::chrono::milliseconds(o.transfer_timeout_ms);
     return kvstore::TransferEngine::create(topts);
   };
   std::unique_ptr<kvstore::TransferEngine> prefill_engine, decode_engine;
@@ -361,6 +372,10 @@ Command add_serve_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--reservation-timeout-ms", o->reservation_timeout_ms,
                   "decode: a reservation without hand-off is released after this")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--transfer-timeout-ms", o->transfer_timeout_ms,
+                  "prefill/decode: bound on one KV transfer (the same on every worker)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_option("--region-grace-ms", o->region_grace_ms,

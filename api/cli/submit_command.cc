@@ -82,10 +82,12 @@ int run_submit(const SubmitOptions& o) {
   const auto& u = done->usage;
   std::fprintf(stderr,
                "dserve: %u prompt tokens (%u cached), %u generated, finish %s; queue %.1f ms, "
+               "prefill %.1f ms, KV hand-off %.2f MB written in %.2f ms (accepted after %.2f ms), "
                "first token %.1f ms, total %.1f ms, %u placement(s)\n",
                u.prompt_tokens(), u.cached_prompt_tokens(), u.completion_tokens(),
-               done->finish_reason.c_str(), u.queue_ms(), u.time_to_first_token_ms(), u.total_ms(),
-               u.attempts());
+               done->finish_reason.c_str(), u.queue_ms(), u.prefill_ms(),
+               static_cast<double>(u.kv_transfer_bytes()) / 1e6, u.kv_transfer_ms(), u.handoff_ms(),
+               u.time_to_first_token_ms(), u.total_ms(), u.attempts());
   return 0;
 }
 

@@ -182,6 +182,10 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
   usage->set_attempts(out.attempts);
   usage->set_queue_ms(out.queue_ms);
   usage->set_time_to_first_token_ms(out.ttft_ms);
+  usage->set_prefill_ms(out.prefill_ms);
+  usage->set_kv_transfer_bytes(out.transfer_bytes);
+  usage->set_kv_transfer_ms(out.transfer_ms);
+  usage->set_handoff_ms(out.handoff_ms);
   usage->set_total_ms(
       std::chrono::duration<double, std::milli>(SteadyClock::now() - received).count());
   writer->Write(last);

@@ -27,7 +27,13 @@ struct Pending {
   PrefillRequest request;
   caf::typed_response_promise<PrefillReply> promise;
   Clock::time_point deadline;
+  Clock::time_point accepted = Clock::now();
 };
+
+uint32_t elapsed_us(Clock::time_point since) {
+  return static_cast<uint32_t>(
+      std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - since).count());
+}
 
 struct WorkerState {
   model::PrefixCache* cache = nullptr;
@@ -96,17 +102,18 @@ Result<HandoffDone> write_state(WorkerState& st, const PrefillRequest& req,
   return done;
 }
 
-// Sends `done` to the decode actor at the target's address and answers the gateway with its ack.
+// Sends `done` to the decode actor at the target's address and answers the gateway with its ack:
+// `reply` (counts and timings filled in) marked done, or a failure.
 void send_handoff(PrefillWorkerActor::stateful_pointer<WorkerState> self, Pending p,
-                  HandoffDone done, uint32_t cached, uint32_t computed) {
+                  HandoffDone done, PrefillReply reply, Clock::time_point transfer_start) {
   const std::string where = p.request.target.host + ":" + std::to_string(p.request.target.port);
   auto shared = std::make_shared<Pending>(std::move(p));
   // The middleman's connect request instead of remote_actor(): the latter has no bound.
   self->request(self->system().middleman().actor_handle(), left_until(shared->deadline),
                 caf::connect_atom::value, shared->request.target.host, shared->request.target.port)
       .then(
-          [self, shared, where, done, cached, computed](caf::node_id&, caf::strong_actor_ptr& ptr,
-                                                        std::set<std::string>&) mutable {
+          [self, shared, where, done, reply, transfer_start](
+              caf::node_id&, caf::strong_actor_ptr& ptr, std::set<std::string>&) mutable {
             const RequestId id = shared->request.request_id;
             if (!ptr) {
               shared->promise.deliver(failed(id, "no decode worker published at " + where));
@@ -115,19 +122,16 @@ void send_handoff(PrefillWorkerActor::stateful_pointer<WorkerState> self, Pendin
             auto decode = caf::actor_cast<DecodeActor>(ptr);
             self->request(decode, left_until(shared->deadline), std::move(done))
                 .then(
-                    [self, shared, id, where, cached, computed](HandoffAck& ack) {
+                    [self, shared, id, where, reply, transfer_start](HandoffAck& ack) mutable {
                       if (!ack.accepted) {
                         ++self->state.handoffs_rejected;
                         shared->promise.deliver(failed(
                             id, "decode worker " + where + " refused the hand-off: " + ack.reason));
                         return;
                       }
-                      PrefillReply r;
-                      r.request_id = id;
-                      r.outcome = actors::PrefillOutcome::kDone;
-                      r.cached_prefix_tokens = cached;
-                      r.computed_tokens = computed;
-                      shared->promise.deliver(std::move(r));
+                      reply.outcome = actors::PrefillOutcome::kDone;
+                      reply.handoff_us = elapsed_us(transfer_start);
+                      shared->promise.deliver(std::move(reply));
                     },
                     [self, shared, id, where](caf::error& err) {
                       shared->promise.deliver(
@@ -238,15 +242,24 @@ PrefillWorkerActor::behavior_type prefill_worker(
             p.promise.deliver(failed(rid, "deadline passed during prefill"));
             continue;
           }
+          PrefillReply reply;
+          reply.request_id = rid;
+          reply.cached_prefix_tokens = static_cast<uint32_t>(out.result->reused_tokens);
+          reply.computed_tokens = static_cast<uint32_t>(out.result->computed_tokens);
+          reply.prefill_ms = elapsed_us(p.accepted) / 1000;
+          reply.transfer_bytes =
+              model::packed_state_bytes(s.model->config(), out.result->state.position()) +
+              static_cast<uint64_t>(out.result->last_logits.numel()) * sizeof(float);
+          const auto transfer_start = Clock::now();
           auto done = write_state(s, p.request, *out.result);
           if (!done.is_ok()) {
             p.promise.deliver(
                 failed(rid, "transfer to the decode worker failed: " + done.status().to_string()));
             continue;
           }
-          const auto cached = static_cast<uint32_t>(out.result->reused_tokens);
-          const auto computed = static_cast<uint32_t>(out.result->computed_tokens);
-          send_handoff(self, std::move(p), std::move(done).value(), cached, computed);
+          reply.transfer_us = elapsed_us(transfer_start);
+          send_handoff(self, std::move(p), std::move(done).value(), std::move(reply),
+                       transfer_start);
         }
         kick();
       },

@@ -374,7 +374,10 @@ TEST(Faults, RandomCancellationsLeakNothing) {
   ClusterOptions o;
   o.prefill = 2;
   o.decode = 2;
-  o.decode_args = {"--region-grace-ms", "500"};
+  // Short transfer timeout and grace, so that cancelled reservations leave quarantine soon
+  // (the grace must outlast every put still in flight: the transfer timeout).
+  o.prefill_args.insert(o.prefill_args.end(), {"--transfer-timeout-ms", "1000"});
+  o.decode_args = {"--transfer-timeout-ms", "1000", "--region-grace-ms", "1500"};
   ServeCluster cluster(o);
   ASSERT_TRUE(cluster.ready()) << cluster.logs();
   auto client = connect_client(cluster);
@@ -544,7 +547,7 @@ TEST(Faults, RandomCancellationsLeakNothing) {
   EXPECT_EQ(failed, 0u);
   EXPECT_TRUE(problems.empty()) << problems.substr(0, 4000) << cluster.logs();
 
-  // Settle: cancelled reservations sit out --region-grace-ms (500 ms) in quarantine.
+  // Settle: cancelled reservations sit out --region-grace-ms (1500 ms) in quarantine.
   const auto settle_started = Clock::now();
   auto at_rest = [&](const ServeProcess& w, const actors::HealthReport& h) {
     if (h.active_requests != 0 || h.queued_requests != 0) return false;

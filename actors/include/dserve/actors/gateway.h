@@ -104,6 +104,12 @@ struct GenerateOutcome {
   uint32_t cached_prefix_tokens = 0;  // of the last placement's prefill
   double queue_ms = 0;                // waiting for admission and for decode room
   double ttft_ms = 0;                 // admission to first token (0 when none)
+  // The last placement's hand-off (PrefillReply): prefill queue + compute, the KV bytes written
+  // into the decode worker's region, that write, and write to the decode's acknowledgement.
+  double prefill_ms = 0;
+  uint64_t transfer_bytes = 0;
+  double transfer_ms = 0;
+  double handoff_ms = 0;
 };
 
 // New tokens in order: tokens[i] is output position first_index + i. Never repeats a position.

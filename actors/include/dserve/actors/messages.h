@@ -133,6 +133,14 @@ struct PrefillReply {
   uint32_t cached_prefix_tokens = 0;
   uint32_t computed_tokens = 0;
   std::string reason;
+  // Done only, per request: ms from acceptance to the state being ready (queue + compute), the
+  // bytes written into the decode worker's region, the µs that write took (pack, connect, puts,
+  // flush), and the µs from the write's start to the decode worker's acknowledgement
+  // (write + control round trip + its verification and unpacking).
+  uint32_t prefill_ms = 0;
+  uint64_t transfer_bytes = 0;
+  uint32_t transfer_us = 0;
+  uint32_t handoff_us = 0;
 };
 
 // ---- prefill -> decode: the state is in your pages ----------------------------------------
@@ -273,7 +281,8 @@ typename Inspector::result_type inspect(Inspector& f, PrefillRequest& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, PrefillReply& x) {
   return f(caf::meta::type_name("dserve.PrefillReply"), x.request_id, x.outcome,
-           x.cached_prefix_tokens, x.computed_tokens, x.reason);
+           x.cached_prefix_tokens, x.computed_tokens, x.reason, x.prefill_ms, x.transfer_bytes,
+           x.transfer_us, x.handoff_us);
 }
 
 template <class Inspector>
