@@ -4,7 +4,12 @@ find_package(PkgConfig REQUIRED)
 find_package(nlohmann_json CONFIG REQUIRED)
 find_package(CLI11 CONFIG REQUIRED)
 find_package(fmt CONFIG REQUIRED)
+# cluster: manifests (yaml-cpp 0.7; its target is `yaml-cpp`, without a namespace).
+find_package(yaml-cpp CONFIG REQUIRED)
 pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
+# ops: cpp-httplib for the metrics endpoint (Debian builds it as a library; its .pc gives the
+# defines that match that build).
+pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
 
 # CPU GEMM for the reference backend: OpenBLAS through its CBLAS interface.
 find_package(BLAS REQUIRED)
@@ -43,3 +48,10 @@ target_link_libraries(dserve_caf INTERFACE ${DSERVE_CAF_IO} ${DSERVE_CAF_CORE} T
 # (its config; needs protobuf-compiler-grpc for gRPC::grpc_cpp_plugin).
 find_package(Protobuf REQUIRED)
 find_package(gRPC CONFIG REQUIRED)
+
+# HTTP (the OpenAI-compatible API): cpp-httplib through its .pc file (above), whose defines
+# (OpenSSL, zlib, brotli support) must match how Debian built libcpp-httplib.so: the classes'
+# layouts depend on them.
+add_library(dserve_httplib INTERFACE)
+add_library(dserve::httplib ALIAS dserve_httplib)
+target_link_libraries(dserve_httplib INTERFACE PkgConfig::HTTPLIB Threads::Threads)

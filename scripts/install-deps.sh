@@ -39,3 +39,17 @@ if [ -f tools/tokenizer-oracle/package.json ]; then
     (cd tools/tokenizer-oracle && npm ci --no-audit --no-fund --loglevel=error)
   fi
 fi
+
+# The official OpenAI Node client, which the tests run against the OpenAI-compatible API, pinned
+# by its package-lock.json.
+if [ -f tools/openai-client/package.json ] && [ ! -d tools/openai-client/node_modules ]; then
+  echo "dserve: installing the OpenAI client check from npm"
+  (cd tools/openai-client && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# The Prometheus text-format parser (parse-prometheus-text-format) that tests/ops reads
+# /metrics with, pinned by its package-lock.json.
+if [ -f tools/prom-parser/package.json ] && [ ! -d tools/prom-parser/node_modules ]; then
+  echo "dserve: installing the Prometheus text-format parser from npm"
+  (cd tools/prom-parser && npm ci --no-audit --no-fund --loglevel=error)
+fi

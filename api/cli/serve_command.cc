@@ -9,6 +9,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <tuple>
@@ -16,6 +17,7 @@
 #include "commands.h"
 #include "dserve/actors/actor_runtime.h"
 #include "dserve/actors/gateway.h"
+#include "dserve/api/openai_server.h"
 #include "dserve/api/serving_service.h"
 #include "dserve/decode/decode_worker.h"
 #include "dserve/kvstore/transfer.h"
@@ -48,6 +50,8 @@ struct ServeOptions {
   std::string prefill_workers;
   std::string decode_workers;
   std::string grpc_listen = "127.0.0.1:50051";
+  std::string http_listen;        // empty: no OpenAI-compatible HTTP API
+  std::string served_model_name;  // empty: the model directory's name
   int64_t ready_timeout_ms = 60000;
   int64_t request_timeout_ms = 300000;
   int64_t max_running = 256;
@@ -149,19 +153,48 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
     print_error(server.status().to_string());
     return 1;
   }
+  std::unique_ptr<api::OpenAiServer> http;
+  std::string http_line;
+  if (!o.http_listen.empty()) {
+    auto where = split_listen("--http-listen", o.http_listen);
+    if (!where.is_ok()) {
+      print_error(where.status().message());
+      return 2;
+    }
+    api::OpenAiOptions hopts;
+    hopts.host = where->first;
+    hopts.port = where->second;
+    hopts.model_name =
+        o.served_model_name.empty()
+            ? std::filesystem::path(o.model_dir).lexically_normal().filename().string()
+            : o.served_model_name;
+    if (hopts.model_name.empty()) hopts.model_name = "dserve";
+    hopts.default_max_tokens = static_cast<uint32_t>(o.default_max_tokens);
+    hopts.max_prompt_tokens = static_cast<uint32_t>(o.max_prompt_tokens);
+    hopts.bos_token_id = static_cast<int32_t>(config->bos_token_id);
+    hopts.threads = static_cast<int>(o.max_running + o.max_queued + 16);
+    auto started = api::OpenAiServer::start(**gateway, *tokenizer, hopts);
+    if (!started.is_ok()) {
+      print_error(started.status().message());
+      return 1;
+    }
+    http = std::move(started).value();
+    http_line = " http " + where->first + ":" + std::to_string(http->port());
+  }
   if (Status ready = (*gateway)->wait_ready(std::chrono::milliseconds(o.ready_timeout_ms));
       !ready.is_ok()) {
     print_error(ready.message());
     return 1;
   }
-  std::printf("dserve: serving gateway on %s:%u grpc %s:%u\n", listen->first.c_str(),
+  std::printf("dserve: serving gateway on %s:%u grpc %s:%u%s\n", listen->first.c_str(),
               static_cast<unsigned>(*bound), grpc_listen->first.c_str(),
-              static_cast<unsigned>((*server)->port()));
+              static_cast<unsigned>((*server)->port()), http_line.c_str());
   std::fflush(stdout);
 
   int sig = 0;
   sigwait(&stop, &sig);
   std::fprintf(stderr, "dserve: gateway stopping (signal %d)\n", sig);
+  http.reset();
   server->reset();  // cancels the calls in flight: their requests are cancelled on the workers
   gateway->reset();
   runtime->reset();
@@ -401,6 +434,12 @@ Command add_serve_command(CLI::App& app) {
                   "gateway: decode workers' control addresses, HOST:PORT[,HOST:PORT...]");
   cmd->add_option("--grpc-listen", o->grpc_listen, "gateway: gRPC address HOST:PORT (0: any)")
       ->capture_default_str();
+  cmd->add_option("--http-listen", o->http_listen,
+                  "gateway: OpenAI-compatible HTTP API address HOST:PORT (/v1/completions, "
+                  "/v1/chat/completions, /v1/models); off when not given");
+  cmd->add_option("--served-model-name", o->served_model_name,
+                  "gateway: the model name the HTTP API lists and expects (default: the model "
+                  "directory's name)");
   cmd->add_option("--ready-timeout-ms", o->ready_timeout_ms,
                   "gateway: how long to wait for a healthy prefill and decode worker at start")
       ->capture_default_str()

@@ -40,6 +40,8 @@ class ServeProcess {
   uint16_t grpc_port() const { return grpc_port_; }  // gateway only
   // colocated only: the decode half's control port ("... decode HOST:PORT").
   uint16_t decode_port() const { return decode_port_; }
+  // gateway with --http-listen only: the OpenAI-compatible API's port.
+  uint16_t http_port() const { return http_port_; }
   std::string address() const { return host_ + ":" + std::to_string(port_); }
   pid_t pid() const { return pid_; }
 
@@ -62,6 +64,7 @@ class ServeProcess {
   uint16_t port_ = 0;
   uint16_t grpc_port_ = 0;
   uint16_t decode_port_ = 0;
+  uint16_t http_port_ = 0;
   std::filesystem::path err_file_;
 };
 

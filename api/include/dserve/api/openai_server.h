@@ -1,0 +1,53 @@
+#pragma once
+// OpenAiServer: an OpenAI-compatible HTTP API in front of the Gateway, for the clients people
+// already have: POST /v1/completions and /v1/chat/completions (streamed as server-sent events
+// with "stream": true, whole otherwise) and GET /v1/models. Bad requests get OpenAI's error
+// object ({"error": {"message", "type", "param", "code"}}) with the field named; failures map
+// to the matching HTTP status (400, 404, 429, 503, 504). A client that disconnects cancels its
+// request on the workers. Listens only on the address it is given.
+//
+// Differences from OpenAI's service, each refused with a clear error rather than ignored:
+// n > 1, best_of, logprobs, echo, suffix, tools/functions, and `stop` sequences. Prompt arrays
+// of token ids are accepted; arrays of several strings are not.
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "dserve/actors/gateway.h"
+#include "dserve/core/status.h"
+#include "dserve/model/tokenizer.h"
+
+namespace dserve::api {
+
+struct OpenAiOptions {
+  std::string host = "127.0.0.1";
+  uint16_t port = 0;                  // 0: any free port (see port())
+  std::string model_name = "dserve";  // what /v1/models lists and responses name
+  uint32_t default_max_tokens = 256;  // when a request sets none
+  uint32_t max_tokens_limit = 32768;
+  uint32_t max_prompt_tokens = 1 << 20;
+  int32_t bos_token_id = 0;  // prepended to completion prompts given as text
+  int threads = 256;         // requests served at once (a stream holds one thread)
+};
+
+class OpenAiServer {
+ public:
+  // `gateway` and `tokenizer` must outlive the server.
+  static Result<std::unique_ptr<OpenAiServer>> start(actors::Gateway& gateway,
+                                                     const model::Tokenizer& tokenizer,
+                                                     OpenAiOptions options);
+  ~OpenAiServer();  // stops listening, waits for the calls in flight
+  OpenAiServer(const OpenAiServer&) = delete;
+  OpenAiServer& operator=(const OpenAiServer&) = delete;
+
+  uint16_t port() const;
+
+  class Impl;
+
+ private:
+  explicit OpenAiServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dserve::api

@@ -1,0 +1,179 @@
+#pragma once
+// The cluster manifest: one YAML file that says which processes of a cluster run where (nodes,
+// the gateway, the prefill and decode pools, or one co-located pool), with which model, KV
+// store, network, security files, limits and timeouts. Parsed once, at the edge, into the typed
+// Manifest below; nothing downstream reads YAML. The schema is described in cluster/README.md
+// and shown, commented field by field, in cluster/examples/.
+//
+// Validation reports every problem it finds at once, each with file, line, column, the dotted
+// field path, what was found and what was expected. Unknown keys are errors (with a "did you
+// mean" for near misses), and so is anything that would silently change the serving mode, e.g.
+// prefill and decode replicas that would share a device under `mode: disaggregated`.
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "dserve/core/status.h"
+
+namespace dserve::cluster {
+
+// Where a value sits in the manifest file; 1-based, 0 when not known (e.g. a missing field).
+struct Location {
+  int line = 0;
+  int column = 0;
+};
+
+enum class ServingMode {
+  kDisaggregated,  // separate prefill and decode processes
+  kColocated,      // one process per replica runs a prefill and a decode worker in turns
+};
+std::string_view serving_mode_name(ServingMode mode);  // "disaggregated", "colocated"
+
+// The `dserve serve --role` of a process.
+enum class ProcessRole { kGateway, kPrefill, kDecode, kColocated };
+std::string_view process_role_name(ProcessRole role);  // "gateway", "prefill", ...
+
+struct Node {
+  std::string name;                   // unique; [a-z0-9-], what placements refer to
+  std::string address;                // IPv4 address or host name the node's processes bind
+  int64_t devices = 0;                // accelerators on the node (0: CPU only)
+  std::optional<int64_t> memory_gib;  // host memory, bounds the KV host tier when given
+  std::optional<int64_t> base_port;   // ports of processes without explicit ones start here
+  Location at;
+};
+
+struct ModelSpec {
+  std::string path;                       // absolute model directory (config.json, weights...)
+  std::optional<int64_t> context_tokens;  // the model's context, bounds the prompt limits
+};
+
+struct GatewaySpec {
+  std::string node;
+  std::optional<int64_t> port;       // control (token sink) port; else from the node's base_port
+  std::optional<int64_t> grpc_port;  // client gRPC port; else from the node's base_port
+  Location at, port_at, grpc_port_at;
+};
+
+// A pool of identical worker processes: `replicas` of them, replica i on node placement[i].
+struct Pool {
+  ProcessRole role = ProcessRole::kPrefill;  // kPrefill, kDecode or kColocated
+  int64_t replicas = 0;
+  std::vector<std::string> placement;  // one node name per replica
+  std::vector<int64_t> ports;          // empty, or one control port per replica
+  int64_t devices_per_replica = 1;
+  int64_t token_budget = 2048;   // prefill, colocated: prompt tokens per step
+  int64_t max_batch = 64;        // decode, colocated: reservations + decoding requests
+  int64_t kv_budget_mib = 1024;  // decode, colocated: KV bytes of the decode batch
+  Location at;
+  std::vector<Location> placement_at;  // where each placement entry is
+  std::vector<Location> ports_at;      // where each explicit port is
+};
+
+struct NetworkSpec {
+  std::vector<std::string> ucx_transports = {"tcp"};  // UCX_TLS for KV transfer
+  std::vector<std::string> ucx_net_devices = {"lo"};  // UCX_NET_DEVICES
+};
+
+struct KvDiskTier {
+  std::string path;          // absolute RocksDB directory
+  int64_t size_mib = 16384;  // value bytes kept
+  std::string codec = "lossless";
+  int64_t write_queue_mib = 256;
+};
+
+// The prefix store of each prefill (or co-located) process: device, host and disk tiers.
+struct KvStoreSpec {
+  int64_t device_mib = 1024;
+  int64_t host_mib = 4096;
+  std::string host_codec = "lossless";  // "lossless" or "fp8" (kvstore/codec.h)
+  std::optional<KvDiskTier> disk;
+};
+
+struct SecuritySpec {
+  std::optional<std::string> token_file;  // absolute; clients must present a token from it
+  std::optional<std::string> tls_cert;    // absolute; given together with tls_key
+  std::optional<std::string> tls_key;
+  std::optional<std::string> tls_ca;  // absolute; peers' certificates are checked against it
+};
+
+// Gateway admission limits (the `dserve serve --role gateway` flags of the same names).
+struct Limits {
+  int64_t max_running = 256;
+  int64_t max_queued = 1024;
+  int64_t max_attempts = 4;
+  int64_t max_prefill_queue_tokens = 8192;
+  int64_t default_max_tokens = 256;
+  int64_t max_prompt_tokens = 1 << 20;
+};
+
+struct Timeouts {
+  int64_t ready_ms = 60000;         // gateway: wait for healthy workers at start
+  int64_t request_ms = 300000;      // gateway: deadline of a request that sets none
+  int64_t probe_interval_ms = 250;  // gateway: worker health probes
+  int64_t transfer_ms = 10000;      // prefill, decode: one KV transfer (cluster-wide)
+  int64_t reservation_ms = 30000;   // decode: reservation without hand-off
+  int64_t region_grace_ms = 30000;  // decode: > transfer_ms
+};
+
+// One process the manifest names, with everything resolved: node, address, ports, devices.
+struct Process {
+  std::string name;  // "gateway", "prefill-0", "decode-1", "colocated-0"
+  ProcessRole role = ProcessRole::kGateway;
+  std::string node;
+  std::string host;              // the node's address
+  uint16_t port = 0;             // control port (--listen); the prefill half's when co-located
+  uint16_t second_port = 0;      // gateway: gRPC port; co-located: the decode half's; else 0
+  std::vector<int64_t> devices;  // device indices on the node, devices_per_replica of them
+  int64_t replica = 0;           // index in its pool (0 for the gateway)
+};
+
+struct Manifest {
+  std::string source;  // the file name problems were reported against
+  ServingMode mode = ServingMode::kDisaggregated;
+  ModelSpec model;
+  std::vector<Node> nodes;
+  GatewaySpec gateway;
+  std::vector<Pool> pools;  // prefill then decode, or the one co-located pool
+  NetworkSpec network;
+  std::optional<KvStoreSpec> kv_store;
+  std::optional<SecuritySpec> security;
+  Limits limits;
+  Timeouts timeouts;
+  std::vector<Process> processes;  // launch order: gateway, then pools in order, by replica
+};
+
+// One thing wrong with a manifest.
+struct ManifestProblem {
+  std::string file;
+  Location at;
+  std::string field;     // dotted path, e.g. "pools.decode.replicas", "nodes[1].address"
+  std::string found;     // what the file has, e.g. "0", "'tcpp'", "nothing"
+  std::string expected;  // what would be valid
+  // "file:line:column: field: found <found>; expected <expected>"
+  std::string to_string() const;
+};
+
+// The outcome of validating a manifest: the Manifest when there is no problem.
+struct ManifestCheck {
+  std::optional<Manifest> manifest;
+  std::vector<ManifestProblem> problems;  // in file order; empty iff manifest is set
+};
+
+// Validates `text` (a manifest's YAML) and reports every problem; `source_name` names the file
+// in the problems. Never throws.
+ManifestCheck check_manifest(std::string_view text, std::string_view source_name);
+
+// The Manifest, or InvalidArgument whose message is "<source>: N problem(s):" followed by one
+// ManifestProblem::to_string() per line.
+Result<Manifest> parse_manifest(std::string_view text, std::string_view source_name);
+
+// Reads and parses the file at `path`; NotFound when it cannot be read.
+Result<Manifest> load_manifest(const std::string& path);
+
+// The process called `name`, or nullptr. The pointer lives as long as `manifest`.
+const Process* find_process(const Manifest& manifest, std::string_view name);
+
+}  // namespace dserve::cluster

@@ -1,0 +1,25 @@
+#pragma once
+// The `dserve serve` command line of each process a manifest names, so that a launcher
+// (`dserve up`) starts exactly what the manifest says.
+
+#include <string>
+#include <vector>
+
+#include "dserve/cluster/manifest.h"
+#include "dserve/core/status.h"
+
+namespace dserve::cluster {
+
+// The arguments after the program name, starting with "serve": role, model, addresses, UCX
+// settings and every limit and timeout that applies to the process's role, each given
+// explicitly so the process never falls back to a default the manifest did not state.
+// A gateway gets --prefill and --decode with the control addresses of every prefill and decode
+// (or co-located) replica, in replica order.
+//
+// Unimplemented when the manifest sets something this build's `dserve serve` has no flag for
+// (kv_store, security): launching anyway would silently run without it. The message names
+// every such field.
+// Precondition: `process` is one of `manifest.processes`.
+Result<std::vector<std::string>> to_serve_args(const Manifest& manifest, const Process& process);
+
+}  // namespace dserve::cluster

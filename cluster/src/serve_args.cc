@@ -1,0 +1,89 @@
+#include "dserve/cluster/serve_args.h"
+
+namespace dserve::cluster {
+namespace {
+
+std::string join(const std::vector<std::string>& items, char sep) {
+  std::string out;
+  for (const auto& s : items)
+    out += (out.empty() ? "" : std::string(1, sep)) + s;
+  return out;
+}
+
+std::string address(const std::string& host, uint16_t port) {
+  return host + ":" + std::to_string(port);
+}
+
+// The manifest fields `dserve serve` has no flag for yet: launching without them would
+// quietly serve with defaults (or without authentication).
+std::vector<std::string> unapplied_fields(const Manifest& m) {
+  std::vector<std::string> fields;
+  if (m.kv_store) fields.push_back("kv_store");
+  if (m.security) {
+    if (m.security->token_file) fields.push_back("security.token_file");
+    if (m.security->tls_cert) fields.push_back("security.tls_cert");
+    if (m.security->tls_key) fields.push_back("security.tls_key");
+    if (m.security->tls_ca) fields.push_back("security.tls_ca");
+  }
+  return fields;
+}
+
+}  // namespace
+
+Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process& process) {
+  if (const auto fields = unapplied_fields(m); !fields.empty()) {
+    return unimplemented(m.source + ": `dserve serve` has no flag yet for " + join(fields, ',') +
+                         "; refusing to launch " + process.name + " without them");
+  }
+  std::vector<std::string> args = {
+      "serve",      "--role",   std::string(process_role_name(process.role)), "--model",
+      m.model.path, "--listen", address(process.host, process.port)};
+  auto add = [&args](const char* flag, int64_t value) {
+    args.push_back(flag);
+    args.push_back(std::to_string(value));
+  };
+  if (process.role == ProcessRole::kGateway) {
+    std::vector<std::string> prefill, decode;
+    for (const Process& p : m.processes) {
+      if (p.role == ProcessRole::kPrefill || p.role == ProcessRole::kColocated) {
+        prefill.push_back(address(p.host, p.port));
+      }
+      if (p.role == ProcessRole::kDecode) decode.push_back(address(p.host, p.port));
+      if (p.role == ProcessRole::kColocated) decode.push_back(address(p.host, p.second_port));
+    }
+    args.insert(args.end(), {"--grpc-listen", address(process.host, process.second_port),
+                             "--prefill", join(prefill, ','), "--decode", join(decode, ',')});
+    add("--ready-timeout-ms", m.timeouts.ready_ms);
+    add("--request-timeout-ms", m.timeouts.request_ms);
+    add("--probe-interval-ms", m.timeouts.probe_interval_ms);
+    add("--max-running", m.limits.max_running);
+    add("--max-queued", m.limits.max_queued);
+    add("--max-attempts", m.limits.max_attempts);
+    add("--max-prefill-queue-tokens", m.limits.max_prefill_queue_tokens);
+    add("--default-max-tokens", m.limits.default_max_tokens);
+    add("--max-prompt-tokens", m.limits.max_prompt_tokens);
+    return args;
+  }
+
+  const Pool* pool = nullptr;
+  for (const Pool& p : m.pools) {
+    if (p.role == process.role) pool = &p;
+  }
+  DSERVE_CHECK_MSG(pool != nullptr, "process " + process.name + " has no pool in the manifest");
+  if (process.role == ProcessRole::kColocated) {
+    args.insert(args.end(), {"--decode-listen", address(process.host, process.second_port)});
+  }
+  args.insert(args.end(), {"--ucx-transports", join(m.network.ucx_transports, ','),
+                           "--ucx-net-devices", join(m.network.ucx_net_devices, ',')});
+  add("--transfer-timeout-ms", m.timeouts.transfer_ms);
+  if (process.role != ProcessRole::kDecode) add("--token-budget", pool->token_budget);
+  if (process.role != ProcessRole::kPrefill) {
+    add("--max-batch", pool->max_batch);
+    add("--kv-budget-mib", pool->kv_budget_mib);
+    add("--reservation-timeout-ms", m.timeouts.reservation_ms);
+    add("--region-grace-ms", m.timeouts.region_grace_ms);
+  }
+  return args;
+}
+
+}  // namespace dserve::cluster
