@@ -17,6 +17,7 @@
 #include "dserve/actors/prefill_interface.h"
 #include "dserve/actors/prefix_affinity.h"
 #include "dserve/core/random.h"
+#include "dserve/ops/metrics.h"
 
 namespace dserve::actors {
 namespace {
@@ -139,9 +140,75 @@ Result<std::vector<WorkerEndpoint>> parse_endpoints(std::string_view text) {
   return out;
 }
 
+// The gateway's metrics in a registry (GatewayOptions::metrics).
+struct GatewayMetrics {
+  explicit GatewayMetrics(ops::MetricsRegistry& r)
+      : completed(r.counter("dserve_gateway_requests_total", "Requests that ended, by outcome.",
+                            {{"outcome", "completed"}})),
+        failed(r.counter("dserve_gateway_requests_total", "Requests that ended, by outcome.",
+                         {{"outcome", "failed"}})),
+        cancelled(r.counter("dserve_gateway_requests_total", "Requests that ended, by outcome.",
+                            {{"outcome", "cancelled"}})),
+        refused(r.counter("dserve_gateway_requests_total", "Requests that ended, by outcome.",
+                          {{"outcome", "refused"}})),
+        replays(r.counter("dserve_gateway_replays_total",
+                          "Placements after a request's first (a worker failed).")),
+        transfer_bytes(r.counter("dserve_gateway_kv_transfer_bytes_total",
+                                 "KV state bytes written into decode workers' regions.")),
+        ttft(r.histogram("dserve_gateway_time_to_first_token_seconds",
+                         "Admission to the first token.", ops::latency_buckets_seconds())),
+        tpot(r.histogram("dserve_gateway_time_per_output_token_seconds",
+                         "(request duration - time to first token) / (tokens - 1).",
+                         ops::latency_buckets_seconds())),
+        duration(r.histogram("dserve_gateway_request_duration_seconds",
+                             "Admission to the end of a completed request.",
+                             ops::latency_buckets_seconds())),
+        queue(r.histogram("dserve_gateway_queue_seconds",
+                          "Time waiting for admission and for worker room.",
+                          ops::latency_buckets_seconds())),
+        transfer(r.histogram("dserve_gateway_kv_transfer_seconds",
+                             "Time to write one request's KV state into a decode worker.",
+                             ops::latency_buckets_seconds())),
+        running(r.gauge("dserve_gateway_running_requests", "Requests placed now.")),
+        queued(r.gauge("dserve_gateway_queued_requests", "Requests waiting for admission.")) {}
+
+  void record(const GenerateOutcome& out, double seconds) {
+    switch (out.status.code()) {
+      case StatusCode::kOk:
+        completed.inc();
+        break;
+      case StatusCode::kCancelled:
+        cancelled.inc();
+        break;
+      case StatusCode::kResourceExhausted:
+        refused.inc();
+        break;
+      default:
+        failed.inc();
+        break;
+    }
+    if (out.attempts > 1) replays.inc(out.attempts - 1);
+    if (out.transfer_bytes > 0) {
+      transfer_bytes.inc(static_cast<double>(out.transfer_bytes));
+      transfer.observe(out.transfer_ms / 1000.0);
+    }
+    if (!out.status.is_ok()) return;
+    queue.observe(out.queue_ms / 1000.0);
+    duration.observe(seconds);
+    if (out.tokens == 0) return;
+    ttft.observe(out.ttft_ms / 1000.0);
+    if (out.tokens > 1) tpot.observe((seconds - out.ttft_ms / 1000.0) / (out.tokens - 1));
+  }
+
+  ops::Counter &completed, &failed, &cancelled, &refused, &replays, &transfer_bytes;
+  ops::Histogram &ttft, &tpot, &duration, &queue, &transfer;
+  ops::Gauge &running, &queued;
+};
+
 class Gateway::Impl {
  public:
   Impl(ActorRuntime& runtime, GatewayOptions options) : rt_(runtime), opt_(std::move(options)) {
+    if (opt_.metrics) metrics_ = std::make_unique<GatewayMetrics>(*opt_.metrics);
     for (const auto& ep : opt_.prefill_workers) {
       Worker w;
       w.role = Role::kPrefill;
@@ -564,6 +631,13 @@ class Gateway::Impl {
   GatewayCounters counters_;
   std::atomic<uint64_t> next_request_{1};
   std::vector<std::thread> probers_;
+  std::unique_ptr<GatewayMetrics> metrics_;
+
+  void update_gauges_locked() {
+    if (!metrics_) return;
+    metrics_->running.set(static_cast<double>(running_));
+    metrics_->queued.set(static_cast<double>(queued_));
+  }
 
   friend class Gateway;
 };
@@ -614,11 +688,13 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
         return out;
       }
       ++queued_;
+      update_gauges_locked();
       while (running_ >= opt_.max_running) {
         if (SteadyClock::now() >= deadline || is_cancelled() || stopping_) break;
         admit_cv_.wait_for(lock, poll);
       }
       --queued_;
+      update_gauges_locked();
       if (running_ >= opt_.max_running) {
         ++counters_.failed;
         out.status = is_cancelled() ? cancelled_error("cancelled while queued")
@@ -628,6 +704,7 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
       }
     }
     ++running_;
+    update_gauges_locked();
     ++counters_.admitted;
   }
   struct RunningSlot {
@@ -636,6 +713,7 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
       {
         std::lock_guard<std::mutex> lock(impl->mu_);
         --impl->running_;
+        impl->update_gauges_locked();
       }
       impl->admit_cv_.notify_one();
     }
@@ -922,7 +1000,12 @@ Status Gateway::wait_ready(milliseconds timeout) {
 
 GenerateOutcome Gateway::generate(const GenerateJob& job, const TokenCallback& on_tokens,
                                   const CancelCheck& cancelled) {
-  return impl_->generate(job, on_tokens, cancelled);
+  const auto started = SteadyClock::now();
+  GenerateOutcome out = impl_->generate(job, on_tokens, cancelled);
+  if (impl_->metrics_)
+    impl_->metrics_->record(out,
+                            std::chrono::duration<double>(SteadyClock::now() - started).count());
+  return out;
 }
 
 GatewaySnapshot Gateway::snapshot() const {

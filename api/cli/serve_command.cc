@@ -26,6 +26,8 @@
 #include "dserve/model/model.h"
 #include "dserve/model/prefix_cache.h"
 #include "dserve/model/tokenizer.h"
+#include "dserve/ops/metrics.h"
+#include "dserve/ops/metrics_server.h"
 #include "dserve/prefill/prefill_worker.h"
 
 namespace dserve::cli {
@@ -51,6 +53,7 @@ struct ServeOptions {
   std::string decode_workers;
   std::string grpc_listen = "127.0.0.1:50051";
   std::string http_listen;        // empty: no OpenAI-compatible HTTP API
+  std::string metrics_listen;     // empty: no /metrics
   std::string served_model_name;  // empty: the model directory's name
   int64_t ready_timeout_ms = 60000;
   int64_t request_timeout_ms = 300000;
@@ -128,6 +131,8 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   gopts.max_queued = static_cast<size_t>(o.max_queued);
   gopts.max_attempts = static_cast<int>(o.max_attempts);
   gopts.max_prefill_queue_tokens = static_cast<uint64_t>(o.max_prefill_queue_tokens);
+  ops::MetricsRegistry metrics;
+  gopts.metrics = &metrics;
   gopts.probe_interval = std::chrono::milliseconds(o.probe_interval_ms);
   auto gateway = actors::Gateway::start(rt, gopts);
   if (!gateway.is_ok()) {
@@ -181,6 +186,24 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
     http = std::move(started).value();
     http_line = " http " + where->first + ":" + std::to_string(http->port());
   }
+  std::unique_ptr<ops::MetricsServer> metrics_server;
+  if (!o.metrics_listen.empty()) {
+    auto where = split_listen("--metrics-listen", o.metrics_listen);
+    if (!where.is_ok()) {
+      print_error(where.status().message());
+      return 2;
+    }
+    ops::MetricsServerOptions mopts;
+    mopts.host = where->first;
+    mopts.port = where->second;
+    auto started = ops::MetricsServer::start(metrics, mopts);
+    if (!started.is_ok()) {
+      print_error(started.status().message());
+      return 1;
+    }
+    metrics_server = std::move(started).value();
+    http_line += " metrics " + where->first + ":" + std::to_string(metrics_server->port());
+  }
   if (Status ready = (*gateway)->wait_ready(std::chrono::milliseconds(o.ready_timeout_ms));
       !ready.is_ok()) {
     print_error(ready.message());
@@ -195,6 +218,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   sigwait(&stop, &sig);
   std::fprintf(stderr, "dserve: gateway stopping (signal %d)\n", sig);
   http.reset();
+  metrics_server.reset();
   server->reset();  // cancels the calls in flight: their requests are cancelled on the workers
   gateway->reset();
   runtime->reset();
@@ -437,6 +461,9 @@ Command add_serve_command(CLI::App& app) {
   cmd->add_option("--http-listen", o->http_listen,
                   "gateway: OpenAI-compatible HTTP API address HOST:PORT (/v1/completions, "
                   "/v1/chat/completions, /v1/models); off when not given");
+  cmd->add_option(
+      "--metrics-listen", o->metrics_listen,
+      "gateway: Prometheus /metrics and /healthz address HOST:PORT; off when not given");
   cmd->add_option("--served-model-name", o->served_model_name,
                   "gateway: the model name the HTTP API lists and expects (default: the model "
                   "directory's name)");

@@ -93,6 +93,8 @@ bool ServeProcess::launch(std::chrono::milliseconds timeout) {
   }
   if (std::regex_search(line, m, std::regex("grpc [^ ]+:(\\d+)")))
     grpc_port_ = static_cast<uint16_t>(std::stoi(m[1]));
+  if (std::regex_search(line, m, std::regex(" metrics [^ ]+:(\\d+)")))
+    metrics_port_ = static_cast<uint16_t>(std::stoi(m[1]));
   if (std::regex_search(line, m, std::regex(" http [^ ]+:(\\d+)")))
     http_port_ = static_cast<uint16_t>(std::stoi(m[1]));
   if (std::regex_search(line, m, std::regex(" decode [^ ]+:(\\d+)")))

@@ -42,6 +42,8 @@ class ServeProcess {
   uint16_t decode_port() const { return decode_port_; }
   // gateway with --http-listen only: the OpenAI-compatible API's port.
   uint16_t http_port() const { return http_port_; }
+  // gateway with --metrics-listen only: the /metrics port.
+  uint16_t metrics_port() const { return metrics_port_; }
   std::string address() const { return host_ + ":" + std::to_string(port_); }
   pid_t pid() const { return pid_; }
 
@@ -65,6 +67,7 @@ class ServeProcess {
   uint16_t grpc_port_ = 0;
   uint16_t decode_port_ = 0;
   uint16_t http_port_ = 0;
+  uint16_t metrics_port_ = 0;
   std::filesystem::path err_file_;
 };
 

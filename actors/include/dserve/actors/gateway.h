@@ -49,6 +49,10 @@
 #include "dserve/actors/messages.h"
 #include "dserve/core/status.h"
 
+namespace dserve::ops {
+class MetricsRegistry;
+}  // namespace dserve::ops
+
 namespace dserve::actors {
 
 struct WorkerEndpoint {
@@ -83,6 +87,12 @@ struct GatewayOptions {
   uint64_t max_prefill_queue_tokens = 8192;
   // Blocks remembered per prefill worker by the prefix-affinity index.
   size_t affinity_blocks = 1 << 20;
+  // Where the gateway's metrics go (must outlive the gateway); null: none. Registered:
+  // dserve_gateway_requests_total{outcome}, _replays_total, _kv_transfer_bytes_total, the
+  // histograms _time_to_first_token_seconds, _time_per_output_token_seconds,
+  // _request_duration_seconds, _queue_seconds, _kv_transfer_seconds, and the gauges
+  // _running_requests and _queued_requests.
+  ops::MetricsRegistry* metrics = nullptr;
 };
 
 struct GenerateJob {
