@@ -27,6 +27,17 @@ void on_request_done(void* request, ucs_status_t status, void* user_data) {
   ucp_request_free(request);
 }
 
+// Parameters of a put from host memory whose completion is counted in `batch`.
+ucp_request_param_t host_put_param(Batch& batch) {
+  ucp_request_param_t param{};
+  param.op_attr_mask =
+      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMORY_TYPE;
+  param.cb.send = &on_request_done;
+  param.user_data = &batch;
+  param.memory_type = UCS_MEMORY_TYPE_HOST;
+  return param;
+}
+
 // A pipelined put's flush of one piece: the piece is complete in the peer's memory.
 void on_flush_done(void* request, ucs_status_t status, void* user_data) {
   auto* flush = static_cast<Batch::Flush*>(user_data);
@@ -372,12 +383,7 @@ Result<std::vector<SpanDigest>> TransferEngine::put(PeerId peer_id, const Remote
   Impl::Peer& peer = *found;
 
   auto batch = std::make_unique<Batch>();
-  ucp_request_param_t param{};
-  param.op_attr_mask =
-      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-  param.cb.send = &on_request_done;
-  param.user_data = batch.get();
-  param.memory_type = UCS_MEMORY_TYPE_HOST;
+  const ucp_request_param_t param = host_put_param(*batch);
   for (const PutOp& op : ops) {
     if (op.bytes == 0) continue;
     track(*batch, ucp_put_nbx(peer.ep, op.local, op.bytes, region.address + op.remote_offset, rkey,
@@ -471,12 +477,7 @@ Result<std::vector<SpanDigest>> TransferEngine::put_pipelined(
   }
 
   auto batch = std::make_unique<Batch>();
-  ucp_request_param_t param{};
-  param.op_attr_mask =
-      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_MEMORY_TYPE;
-  param.cb.send = &on_request_done;
-  param.user_data = batch.get();
-  param.memory_type = UCS_MEMORY_TYPE_HOST;
+  const ucp_request_param_t param = host_put_param(*batch);
   ucp_request_param_t flush_param{};
   flush_param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
   flush_param.cb.send = &on_flush_done;

@@ -82,6 +82,27 @@ class Reader {
   size_t pos_ = 0;
 };
 
+// A counted list of span digests, shared by the digests blob and the landed-piece note.
+void write_digests(Writer& w, std::span<const SpanDigest> digests) {
+  w.u64(digests.size());
+  for (const SpanDigest& d : digests) {
+    w.u64(d.remote_offset);
+    w.u64(d.bytes);
+    w.u64(d.xxh3);
+  }
+}
+
+// False when the count or a digest is missing, or the count exceeds what `total_bytes` holds.
+bool read_digests(Reader& r, size_t total_bytes, std::vector<SpanDigest>& out) {
+  uint64_t n = 0;
+  if (!r.u64(n) || n > total_bytes / kDigestBytes) return false;
+  out.resize(n);
+  for (SpanDigest& d : out) {
+    if (!r.u64(d.remote_offset) || !r.u64(d.bytes) || !r.u64(d.xxh3)) return false;
+  }
+  return true;
+}
+
 Status malformed(const char* what) {
   return data_loss(std::string("malformed ") + what +
                    " message (truncated, wrong kind or version)");
@@ -216,25 +237,15 @@ std::vector<uint8_t> encode_digests(std::span<const SpanDigest> digests) {
   Writer w;
   w.u32(kDigestsTag);
   w.u32(kVersion);
-  w.u64(digests.size());
-  for (const SpanDigest& d : digests) {
-    w.u64(d.remote_offset);
-    w.u64(d.bytes);
-    w.u64(d.xxh3);
-  }
+  write_digests(w, digests);
   return w.take();
 }
 
 Result<std::vector<SpanDigest>> decode_digests(std::span<const uint8_t> bytes) {
   Reader r(bytes);
-  uint64_t n = 0;
-  if (!r.header(kDigestsTag) || !r.u64(n) || n > bytes.size() / kDigestBytes)
+  std::vector<SpanDigest> out;
+  if (!r.header(kDigestsTag) || !read_digests(r, bytes.size(), out) || !r.done())
     return malformed("digests");
-  std::vector<SpanDigest> out(n);
-  for (SpanDigest& d : out) {
-    if (!r.u64(d.remote_offset) || !r.u64(d.bytes) || !r.u64(d.xxh3)) return malformed("digests");
-  }
-  if (!r.done()) return malformed("digests");
   return out;
 }
 
@@ -246,30 +257,18 @@ std::vector<uint8_t> encode_landed_piece(const LandedPiece& piece) {
   w.u64(piece.region_address);
   w.u32(piece.index);
   w.u32(piece.count);
-  w.u64(piece.digests.size());
-  for (const SpanDigest& d : piece.digests) {
-    w.u64(d.remote_offset);
-    w.u64(d.bytes);
-    w.u64(d.xxh3);
-  }
+  write_digests(w, piece.digests);
   return w.take();
 }
 
 Result<LandedPiece> decode_landed_piece(std::span<const uint8_t> bytes) {
   Reader r(bytes);
   LandedPiece p;
-  uint64_t n = 0;
   if (!r.header(kLandedPieceTag) || !r.u64(p.handoff_id) || !r.u64(p.region_address) ||
-      !r.u32(p.index) || !r.u32(p.count) || !r.u64(n) || n > bytes.size() / kDigestBytes) {
+      !r.u32(p.index) || !r.u32(p.count) || !read_digests(r, bytes.size(), p.digests) ||
+      !r.done()) {
     return malformed("landed piece");
   }
-  p.digests.resize(n);
-  for (SpanDigest& d : p.digests) {
-    if (!r.u64(d.remote_offset) || !r.u64(d.bytes) || !r.u64(d.xxh3)) {
-      return malformed("landed piece");
-    }
-  }
-  if (!r.done()) return malformed("landed piece");
   return p;
 }
 
