@@ -6,14 +6,10 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
-#include <filesystem>
 #include <future>
-#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -26,105 +22,19 @@
 #include "dserve/kvstore/transfer.h"
 #include "dserve/model/sampler.h"
 #include "fake_roles.h"
-#include "test_model.h"
+#include "serve_cluster.h"
 
 namespace dserve {
 namespace {
 
-namespace fs = std::filesystem;
 using namespace actors;  // NOLINT: the message vocabulary
-
-// One `dserve serve` process; killed (SIGKILL) on destruction if still running.
-class ServeProcess {
- public:
-  ServeProcess(const std::string& role, const std::vector<std::string>& extra) {
-    std::vector<std::string> args{DSERVE_BINARY, "serve",
-                                  "--role",      role,
-                                  "--model",     model::testing_support::tiny_model_dir(),
-                                  "--listen",    "127.0.0.1:0"};
-    args.insert(args.end(), extra.begin(), extra.end());
-    std::vector<char*> argv;
-    for (auto& a : args)
-      argv.push_back(a.data());
-    argv.push_back(nullptr);
-    int out[2];
-    if (::pipe(out) != 0) return;
-    err_file_ = fs::temp_directory_path() /
-                ("dserve-serve-" + role + "-" + std::to_string(::getpid()) + ".log");
-    pid_ = ::fork();
-    if (pid_ == 0) {
-      ::dup2(out[1], 1);
-      if (std::FILE* err = std::fopen(err_file_.c_str(), "w")) ::dup2(::fileno(err), 2);
-      ::close(out[0]);
-      ::execv(argv[0], argv.data());
-      ::_exit(127);
-    }
-    ::close(out[1]);
-    // The first stdout line names the bound address.
-    std::string line;
-    char c;
-    while (::read(out[0], &c, 1) == 1 && c != '\n')
-      line.push_back(c);
-    ::close(out[0]);
-    std::smatch m;
-    if (std::regex_search(line, m, std::regex("serving \\w+ on 127\\.0\\.0\\.1:(\\d+)")))
-      port_ = static_cast<uint16_t>(std::stoi(m[1]));
-  }
-  ~ServeProcess() {
-    kill(SIGKILL);
-    fs::remove(err_file_);
-  }
-  void kill(int sig) {
-    if (pid_ <= 0) return;
-    ::kill(pid_, sig);
-    ::waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
-  uint16_t port() const { return port_; }
-  std::string log() const {
-    std::string s;
-    if (std::FILE* f = std::fopen(err_file_.c_str(), "r")) {
-      char buf[4096];
-      for (size_t n; (n = std::fread(buf, 1, sizeof(buf), f)) > 0;)
-        s.append(buf, n);
-      std::fclose(f);
-    }
-    return s;
-  }
-
- private:
-  pid_t pid_ = -1;
-  uint16_t port_ = 0;
-  fs::path err_file_;
-};
+using testing_support::random_prompt;
+using testing_support::ServeProcess;
 
 int64_t unix_ms(std::chrono::milliseconds from_now) {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              (std::chrono::system_clock::now() + from_now).time_since_epoch())
       .count();
-}
-
-// What `dserve generate --max-tokens n` produces for `prompt` with `params`, as token ids.
-std::vector<TokenId> reference(const std::vector<TokenId>& prompt, int64_t n,
-                               const model::SamplingParams& params) {
-  const model::Model& m = model::testing_support::tiny_model();
-  model::RequestState state = m.new_state();
-  auto logits = m.forward(prompt, state, model::LogitsFor::kLastToken);
-  EXPECT_TRUE(logits.is_ok());
-  model::Sampler sampler(params);
-  std::vector<TokenId> out;
-  const auto eos = static_cast<int32_t>(m.config().eos_token_id);
-  for (int64_t made = 0; made < n;) {
-    const int32_t next = sampler.sample(logits->span());
-    ++made;
-    if (next == eos) break;
-    out.push_back(next);
-    if (made == n) break;
-    const int32_t one[1] = {next};
-    logits = m.forward(one, state, model::LogitsFor::kLastToken);
-    EXPECT_TRUE(logits.is_ok());
-  }
-  return out;
 }
 
 struct Gateway {
@@ -174,17 +84,9 @@ struct Gateway {
   }
 };
 
-std::vector<TokenId> random_prompt(int64_t n, uint64_t seed) {
-  SplitMix64 rng(seed);
-  std::vector<TokenId> ids{0};
-  while (static_cast<int64_t>(ids.size()) < n)
-    ids.push_back(static_cast<TokenId>(1 + rng.below(128000)));
-  return ids;
-}
-
 TEST(Disaggregated, PrefillThenDecodeAcrossProcessesMatchesGenerate) {
-  ServeProcess prefill("prefill", {"--token-budget", "256"});
-  ServeProcess decode("decode", {"--reservation-timeout-ms", "1500"});
+  ServeProcess prefill("prefill", "127.0.0.1", 0, {"--token-budget", "256"});
+  ServeProcess decode("decode", "127.0.0.1", 0, {"--reservation-timeout-ms", "1500"});
   ASSERT_NE(prefill.port(), 0) << prefill.log();
   ASSERT_NE(decode.port(), 0) << decode.log();
   Gateway gw;
@@ -223,7 +125,7 @@ TEST(Disaggregated, PrefillThenDecodeAcrossProcessesMatchesGenerate) {
       }
       ASSERT_FALSE(chunks.empty());
       EXPECT_TRUE(chunks.back().finished);
-      EXPECT_EQ(got, reference(prompt, max_new, params))
+      EXPECT_EQ(got, testing_support::reference_tokens(prompt, max_new, params))
           << "request " << id << ", prompt of " << prompt.size() << " tokens";
     }));
   }
