@@ -720,12 +720,17 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
   } slot{this};
   out.queue_ms = ms_since(admitted_at);
 
-  auto finish = [&](Status status, const char* counter_kind) {
+  // Ends the request with `status`, counted as completed, cancelled or failed by its code.
+  auto finish = [&](Status status) {
     out.status = std::move(status);
     std::lock_guard<std::mutex> lock(mu_);
-    if (std::string_view(counter_kind) == "completed") ++counters_.completed;
-    if (std::string_view(counter_kind) == "failed") ++counters_.failed;
-    if (std::string_view(counter_kind) == "cancelled") ++counters_.cancelled;
+    if (out.status.is_ok()) {
+      ++counters_.completed;
+    } else if (out.status.code() == StatusCode::kCancelled) {
+      ++counters_.cancelled;
+    } else {
+      ++counters_.failed;
+    }
     return out;
   };
 
@@ -739,22 +744,20 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
     if (produced.size() >= job.max_new_tokens) {
       out.finish_reason = "length";
       out.tokens = static_cast<uint32_t>(produced.size());
-      return finish(Status::ok(), "completed");
+      return finish(Status::ok());
     }
     // A failure at or after the deadline (often caused by it: the prefill call is bounded by
     // the deadline) is no reason to place the request again: it ends as DEADLINE_EXCEEDED.
     if (attempt_no > 0 && SteadyClock::now() >= deadline) {
       out.tokens = static_cast<uint32_t>(produced.size());
-      return finish(
-          deadline_exceeded("the deadline passed after " + std::to_string(produced.size()) +
-                            " tokens; the last failure: " + last_error),
-          "failed");
+      return finish(deadline_exceeded("the deadline passed after " +
+                                      std::to_string(produced.size()) +
+                                      " tokens; the last failure: " + last_error));
     }
     if (attempt_no >= static_cast<uint32_t>(opt_.max_attempts)) {
       out.tokens = static_cast<uint32_t>(produced.size());
       return finish(unavailable("gave up after " + std::to_string(attempt_no) +
-                                " placements; the last failure: " + last_error),
-                    "failed");
+                                " placements; the last failure: " + last_error));
     }
     if (attempt_no > 0) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -801,7 +804,7 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
       if (auto stop = stop_waiting("a prefill worker")) {
         end_attempt(attempt, true, "");
         out.tokens = offset;
-        return finish(*stop, stop->code() == StatusCode::kCancelled ? "cancelled" : "failed");
+        return finish(*stop);
       }
       std::this_thread::sleep_for(opt_.capacity_retry);
     }
@@ -832,12 +835,12 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
       if (!can_wait) {
         end_attempt(attempt, true, "");
         out.tokens = offset;
-        return finish(r.status(), "failed");
+        return finish(r.status());
       }
       if (auto stop = stop_waiting("a decode worker")) {
         end_attempt(attempt, true, "");
         out.tokens = offset;
-        return finish(*stop, stop->code() == StatusCode::kCancelled ? "cancelled" : "failed");
+        return finish(*stop);
       }
       std::this_thread::sleep_for(opt_.capacity_retry);
     }
@@ -879,14 +882,13 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
         if (is_cancelled()) {
           end_attempt(attempt, false, "cancelled by the client");
           out.tokens = static_cast<uint32_t>(produced.size());
-          return finish(cancelled_error("cancelled by the client"), "cancelled");
+          return finish(cancelled_error("cancelled by the client"));
         }
         if (SteadyClock::now() >= deadline) {
           end_attempt(attempt, false, "deadline passed");
           out.tokens = static_cast<uint32_t>(produced.size());
           return finish(deadline_exceeded("the deadline passed after " +
-                                          std::to_string(produced.size()) + " tokens"),
-                        "failed");
+                                          std::to_string(produced.size()) + " tokens"));
         }
         continue;
       }
@@ -920,12 +922,12 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
             end_attempt(attempt, true, "");
             out.tokens = static_cast<uint32_t>(produced.size());
             out.finish_reason = produced.size() >= job.max_new_tokens ? "length" : "stop";
-            return finish(Status::ok(), "completed");
+            return finish(Status::ok());
           }
           if (c.error.rfind("deadline", 0) == 0) {
             end_attempt(attempt, true, "");
             out.tokens = static_cast<uint32_t>(produced.size());
-            return finish(deadline_exceeded(c.error), "failed");
+            return finish(deadline_exceeded(c.error));
           }
           last_error = "decode worker failed the request: " + c.error;
           end_attempt(attempt, true, "");  // the worker already dropped it
