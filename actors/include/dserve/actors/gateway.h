@@ -104,9 +104,13 @@ struct GenerateJob {
   uint64_t seed = 0;
   // Absolute wall-clock deadline in ms since the Unix epoch; 0: now + default_deadline.
   int64_t deadline_unix_ms = 0;
+  // The caller's id for the request (what cancel() names and every process logs); unique among
+  // running requests (kInvalidArgument otherwise). Empty: the gateway assigns one.
+  std::string request_id;
 };
 
 struct GenerateOutcome {
+  std::string request_id;             // the job's, or the one the gateway assigned
   Status status;                      // ok: the request finished
   std::string finish_reason;          // on success: "stop" (end of sequence) or "length"
   uint32_t tokens = 0;                // delivered to the caller
