@@ -308,7 +308,8 @@ void read_limits(const YAML::Node& node, Location at, ProblemSink& sink, const M
                  Limits& limits) {
   MapReader m(node, "limits", at, sink,
               {"max_running", "max_queued", "max_attempts", "max_prefill_queue_tokens",
-               "default_max_tokens", "max_prompt_tokens"});
+               "default_max_tokens", "max_prompt_tokens", "max_output_tokens",
+               "requests_per_second_per_token", "concurrent_per_token"});
   limits.max_running = m.integer("max_running", 1, kBig, false).value_or(limits.max_running);
   limits.max_queued = m.integer("max_queued", 0, kBig, false).value_or(limits.max_queued);
   limits.max_attempts = m.integer("max_attempts", 1, kBig, false).value_or(limits.max_attempts);
@@ -323,6 +324,28 @@ void read_limits(const YAML::Node& node, Location at, ProblemSink& sink, const M
                                   .value_or(limits.default_max_tokens);
   limits.max_prompt_tokens = m.integer("max_prompt_tokens", 1, context, false, context_note)
                                  .value_or(limits.max_prompt_tokens);
+  // The gateway holds these two as 32-bit counts.
+  constexpr int64_t kMaxCount = UINT32_MAX;
+  limits.max_output_tokens =
+      m.integer("max_output_tokens", 1, std::min(context, kMaxCount), false, context_note)
+          .value_or(limits.max_output_tokens);
+  // A request that sets no max_tokens gets the default, which must itself be allowed.
+  if (limits.default_max_tokens > limits.max_output_tokens) {
+    const char* key = m.has("default_max_tokens") ? "default_max_tokens" : "max_output_tokens";
+    const bool on_default = m.has("default_max_tokens");
+    sink.add(m.at(key), m.path(key),
+             std::to_string(on_default ? limits.default_max_tokens : limits.max_output_tokens),
+             on_default ? "at most limits.max_output_tokens (" +
+                              std::to_string(limits.max_output_tokens) + ")"
+                        : "at least limits.default_max_tokens (" +
+                              std::to_string(limits.default_max_tokens) + ")");
+  }
+  limits.requests_per_second_per_token =
+      m.integer("requests_per_second_per_token", 0, kBig, false, "(0: unlimited)")
+          .value_or(limits.requests_per_second_per_token);
+  limits.concurrent_per_token =
+      m.integer("concurrent_per_token", 0, kMaxCount, false, "(0: unlimited)")
+          .value_or(limits.concurrent_per_token);
 }
 
 void read_timeouts(const YAML::Node& node, Location at, ProblemSink& sink, Timeouts& t) {
@@ -392,6 +415,8 @@ void read_sections(const YAML::Node& root, ProblemSink& sink, Manifest& out, Sec
         std::min(out.limits.max_prompt_tokens, *out.model.context_tokens);
     out.limits.default_max_tokens =
         std::min(out.limits.default_max_tokens, *out.model.context_tokens);
+    out.limits.max_output_tokens =
+        std::min(out.limits.max_output_tokens, *out.model.context_tokens);
   }
   if (top.has("limits")) {
     read_limits(top.child("limits"), top.at("limits"), sink, out.model, out.limits);

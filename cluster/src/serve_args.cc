@@ -15,16 +15,10 @@ std::string address(const std::string& host, uint16_t port) {
 }
 
 // The manifest fields `dserve serve` has no flag for yet: launching without them would
-// quietly serve with defaults (or without authentication).
+// quietly serve with defaults.
 std::vector<std::string> unapplied_fields(const Manifest& m) {
   std::vector<std::string> fields;
   if (m.kv_store) fields.push_back("kv_store");
-  if (m.security) {
-    if (m.security->token_file) fields.push_back("security.token_file");
-    if (m.security->tls_cert) fields.push_back("security.tls_cert");
-    if (m.security->tls_key) fields.push_back("security.tls_key");
-    if (m.security->tls_ca) fields.push_back("security.tls_ca");
-  }
   return fields;
 }
 
@@ -62,6 +56,18 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
     add("--max-prefill-queue-tokens", m.limits.max_prefill_queue_tokens);
     add("--default-max-tokens", m.limits.default_max_tokens);
     add("--max-prompt-tokens", m.limits.max_prompt_tokens);
+    add("--max-output-tokens", m.limits.max_output_tokens);
+    add("--max-requests-per-second-per-token", m.limits.requests_per_second_per_token);
+    add("--max-concurrent-per-token", m.limits.concurrent_per_token);
+    // Client security is the gateway's alone: workers take no client tokens.
+    if (m.security) {
+      for (const auto& [flag, path] : {std::pair{"--token-file", &m.security->token_file},
+                                       std::pair{"--tls-cert", &m.security->tls_cert},
+                                       std::pair{"--tls-key", &m.security->tls_key},
+                                       std::pair{"--tls-ca", &m.security->tls_ca}}) {
+        if (path->has_value()) args.insert(args.end(), {flag, **path});
+      }
+    }
     return args;
   }
 

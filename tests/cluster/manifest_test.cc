@@ -120,7 +120,13 @@ TEST(ManifestExamples, SingleNodeValidatesAndGivesServeCommands) {
                              "--default-max-tokens",
                              "256",
                              "--max-prompt-tokens",
-                             "131072"}));
+                             "131072",
+                             "--max-output-tokens",
+                             "32768",
+                             "--max-requests-per-second-per-token",
+                             "0",
+                             "--max-concurrent-per-token",
+                             "0"}));
 
   auto prefill = to_serve_args(*m, *find_process(*m, "prefill-1"));
   ASSERT_TRUE(prefill.is_ok());
@@ -201,7 +207,7 @@ TEST(ManifestExamples, ThreeNodesValidatesAndGivesServeCommands) {
 }
 
 // The commented-out kv_store and security sections of the three-node example validate, and a
-// launch refuses them (no `dserve serve` flag yet) rather than dropping them.
+// launch refuses kv_store (no `dserve serve` flag yet) rather than dropping it.
 TEST(ManifestExamples, ThreeNodesWithKvStoreAndSecurityValidatesButCannotLaunchYet) {
   std::string text = read(DSERVE_SOURCE_DIR "/cluster/examples/three-nodes.yaml");
   const size_t from = text.find("# kv_store:");
@@ -221,9 +227,41 @@ TEST(ManifestExamples, ThreeNodesWithKvStoreAndSecurityValidatesButCannotLaunchY
   ASSERT_FALSE(args.is_ok());
   EXPECT_EQ(args.status().code(), StatusCode::kUnimplemented);
   EXPECT_EQ(args.status().message(),
-            "three-nodes-full.yaml: `dserve serve` has no flag yet for "
-            "kv_store,security.token_file,security.tls_cert,security.tls_key,security.tls_ca; "
+            "three-nodes-full.yaml: `dserve serve` has no flag yet for kv_store; "
             "refusing to launch prefill-0 without them");
+  ASSERT_TRUE(m->security.has_value());
+  EXPECT_EQ(m->security->tls_ca, "/etc/dserve/tls/ca.crt");
+  EXPECT_EQ(m->limits.max_output_tokens, 16384);
+  EXPECT_EQ(m->limits.requests_per_second_per_token, 20);
+  EXPECT_EQ(m->limits.concurrent_per_token, 64);
+}
+
+// security and the per-token limits go to the gateway, which serves the clients; the workers
+// get neither.
+TEST(ManifestServeArgs, SecurityAndClientLimitsGoToTheGatewayOnly) {
+  auto m = parse_manifest(std::string(kBase) +
+                              "security:\n  token_file: /etc/dserve/tokens\n"
+                              "  tls_cert: /etc/tls/c.pem\n  tls_key: /etc/tls/k.pem\n"
+                              "  tls_ca: /etc/tls/ca.pem\n"
+                              "limits:\n  max_output_tokens: 1024\n"
+                              "  requests_per_second_per_token: 5\n  concurrent_per_token: 2\n",
+                          "m.yaml");
+  ASSERT_TRUE(m.is_ok()) << m.status().to_string();
+  auto gateway = to_serve_args(*m, *find_process(*m, "gateway"));
+  ASSERT_TRUE(gateway.is_ok()) << gateway.status().to_string();
+  const Lines tail(gateway->end() - 14, gateway->end());
+  EXPECT_EQ(tail, (Lines{"--max-output-tokens", "1024", "--max-requests-per-second-per-token", "5",
+                         "--max-concurrent-per-token", "2", "--token-file", "/etc/dserve/tokens",
+                         "--tls-cert", "/etc/tls/c.pem", "--tls-key", "/etc/tls/k.pem", "--tls-ca",
+                         "/etc/tls/ca.pem"}));
+  for (const char* worker : {"prefill-0", "decode-0"}) {
+    auto args = to_serve_args(*m, *find_process(*m, worker));
+    ASSERT_TRUE(args.is_ok()) << args.status().to_string();
+    for (const std::string& arg : *args) {
+      EXPECT_EQ(arg.find("token"), arg.find("token-budget")) << worker << ": " << arg;
+      EXPECT_EQ(arg.find("tls"), std::string::npos) << worker << ": " << arg;
+    }
+  }
 }
 
 TEST(ManifestServeArgs, ColocatedGivesBothHalvesAndTheGatewayNamesBoth) {
@@ -494,6 +532,31 @@ TEST(ManifestMistakes, LimitsInconsistent) {
             (Lines{"m.yaml:22:15: limits.max_queued: found -1; expected an integer >= 0",
                    "m.yaml:23:22: limits.max_prompt_tokens: found 8192; expected an integer in "
                    "1..4096 (model.context_tokens is 4096)"}));
+}
+
+TEST(ManifestMistakes, ClientLimitsOutOfRange) {
+  EXPECT_EQ(problems(std::string(kBase) +
+                     "limits:\n  max_output_tokens: 0\n  requests_per_second_per_token: -1\n"
+                     "  concurrent_per_token: many\n"),
+            (Lines{"m.yaml:22:22: limits.max_output_tokens: found 0; expected an integer in "
+                   "1..4096 (model.context_tokens is 4096)",
+                   "m.yaml:23:34: limits.requests_per_second_per_token: found -1; expected an "
+                   "integer >= 0 (0: unlimited)",
+                   "m.yaml:24:25: limits.concurrent_per_token: found 'many' (not an integer); "
+                   "expected an integer in 0..4294967295 (0: unlimited)"}));
+  EXPECT_EQ(problems(std::string(kBase) + "limits:\n  max_output_tokens: 8192\n"),
+            (Lines{"m.yaml:22:22: limits.max_output_tokens: found 8192; expected an integer in "
+                   "1..4096 (model.context_tokens is 4096)"}));
+}
+
+TEST(ManifestMistakes, DefaultMaxTokensAboveMaxOutputTokens) {
+  EXPECT_EQ(problems(std::string(kBase) +
+                     "limits:\n  default_max_tokens: 512\n  max_output_tokens: 256\n"),
+            (Lines{"m.yaml:22:23: limits.default_max_tokens: found 512; expected at most "
+                   "limits.max_output_tokens (256)"}));
+  EXPECT_EQ(problems(std::string(kBase) + "limits:\n  max_output_tokens: 100\n"),
+            (Lines{"m.yaml:22:22: limits.max_output_tokens: found 100; expected at least "
+                   "limits.default_max_tokens (256)"}));
 }
 
 TEST(ManifestMistakes, RegionGraceNotLongerThanTransferTimeout) {

@@ -107,6 +107,9 @@ struct Limits {
   int64_t max_prefill_queue_tokens = 8192;
   int64_t default_max_tokens = 256;
   int64_t max_prompt_tokens = 1 << 20;
+  int64_t max_output_tokens = 32768;          // a request asking for more max_tokens is refused
+  int64_t requests_per_second_per_token = 0;  // per client token; 0: unlimited
+  int64_t concurrent_per_token = 0;           // requests running per client token; 0: unlimited
 };
 
 struct Timeouts {
