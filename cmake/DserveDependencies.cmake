@@ -49,6 +49,11 @@ target_link_libraries(dserve_caf INTERFACE ${DSERVE_CAF_IO} ${DSERVE_CAF_CORE} T
 find_package(Protobuf REQUIRED)
 find_package(gRPC CONFIG REQUIRED)
 
+# `dserve bundle`: zlib (gzip) and OpenSSL's libcrypto (SHA-256), both already loaded through
+# gRPC.
+find_package(ZLIB REQUIRED)
+find_package(OpenSSL REQUIRED)
+
 # HTTP (the OpenAI-compatible API): cpp-httplib through its .pc file (above), whose defines
 # (OpenSSL, zlib, brotli support) must match how Debian built libcpp-httplib.so: the classes'
 # layouts depend on them.

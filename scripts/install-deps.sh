@@ -10,6 +10,7 @@ PACKAGES=(
   libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   libyaml-cpp-dev nlohmann-json3-dev libcpp-httplib-dev libcli11-dev libfmt-dev libspdlog-dev
   libpcre2-dev libopenblas-dev libzstd-dev liblz4-dev libxxhash-dev
+  zlib1g-dev libssl-dev iproute2
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

@@ -18,6 +18,8 @@ Command add_generate_command(CLI::App& app);
 Command add_serve_command(CLI::App& app);
 // `dserve submit ...`
 Command add_submit_command(CLI::App& app);
+// `dserve bundle --out FILE.tar.gz`: the relocatable bundle for air-gapped machines.
+Command add_bundle_command(CLI::App& app);
 
 // Prints "dserve: error: <message>" to stderr.
 void print_error(const std::string& message);

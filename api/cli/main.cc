@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   const dserve::cli::Command generate = dserve::cli::add_generate_command(app);
   const dserve::cli::Command serve = dserve::cli::add_serve_command(app);
   const dserve::cli::Command submit = dserve::cli::add_submit_command(app);
+  const dserve::cli::Command bundle = dserve::cli::add_bundle_command(app);
 
   try {
     app.parse(argc, argv);
@@ -27,5 +28,6 @@ int main(int argc, char** argv) {
   if (app.got_subcommand("generate")) return generate();
   if (app.got_subcommand("serve")) return serve();
   if (app.got_subcommand("submit")) return submit();
+  if (app.got_subcommand("bundle")) return bundle();
   return 2;
 }
