@@ -11,6 +11,7 @@ PACKAGES=(
   libyaml-cpp-dev nlohmann-json3-dev libcpp-httplib-dev libcli11-dev libfmt-dev libspdlog-dev
   libpcre2-dev libopenblas-dev libzstd-dev liblz4-dev libxxhash-dev
   zlib1g-dev libssl-dev iproute2
+  openssl
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 

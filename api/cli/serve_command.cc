@@ -17,6 +17,7 @@
 #include "commands.h"
 #include "dserve/actors/actor_runtime.h"
 #include "dserve/actors/gateway.h"
+#include "dserve/api/auth.h"
 #include "dserve/api/openai_server.h"
 #include "dserve/api/serving_service.h"
 #include "dserve/decode/decode_worker.h"
@@ -64,6 +65,14 @@ struct ServeOptions {
   int64_t probe_interval_ms = 250;
   int64_t default_max_tokens = 256;
   int64_t max_prompt_tokens = 1 << 20;
+  // gateway: client security and per-token limits
+  std::string token_file;  // empty: no authentication
+  std::string tls_cert;
+  std::string tls_key;
+  std::string tls_ca;
+  int64_t max_output_tokens = 32768;
+  double max_requests_per_second_per_token = 0;  // 0: unlimited
+  int64_t max_concurrent_per_token = 0;          // 0: unlimited
 };
 
 Result<std::pair<std::string, uint16_t>> split_listen(const std::string& flag,
@@ -83,6 +92,43 @@ Result<std::pair<std::string, uint16_t>> split_listen(const std::string& flag,
                             "'");
   }
   return std::make_pair(value.substr(0, colon), static_cast<uint16_t>(port));
+}
+
+// The gateway's client security from its flags: the Authenticator (always one, so that the
+// per-token limits apply without tokens too) and the TLS files, checked before anything starts.
+Result<std::shared_ptr<api::Authenticator>> client_security(const ServeOptions& o,
+                                                            api::TlsFiles& tls) {
+  if (o.tls_cert.empty() != o.tls_key.empty()) {
+    return invalid_argument("--tls-cert and --tls-key come together (got only " +
+                            std::string(o.tls_cert.empty() ? "--tls-key" : "--tls-cert") + ")");
+  }
+  if (!o.tls_ca.empty() && o.tls_cert.empty()) {
+    return invalid_argument(
+        "--tls-ca checks client certificates, which needs TLS on: give --tls-cert and --tls-key");
+  }
+  tls = api::TlsFiles{o.tls_cert, o.tls_key, o.tls_ca};
+  for (const auto& [flag, path] :
+       {std::pair{"--tls-cert", &o.tls_cert}, std::pair{"--tls-key", &o.tls_key},
+        std::pair{"--tls-ca", &o.tls_ca}}) {
+    if (path->empty()) continue;
+    auto text = api::read_credential_file(flag, *path);
+    if (!text.is_ok()) return text.status();
+  }
+  if (o.default_max_tokens > o.max_output_tokens) {
+    return invalid_argument("--default-max-tokens (" + std::to_string(o.default_max_tokens) +
+                            ") is above --max-output-tokens (" +
+                            std::to_string(o.max_output_tokens) + ")");
+  }
+  std::vector<api::ClientToken> tokens;
+  if (!o.token_file.empty()) {
+    auto loaded = api::load_token_file(o.token_file);
+    if (!loaded.is_ok()) return loaded.status().with_context("--token-file");
+    tokens = std::move(loaded).value();
+  }
+  api::ClientLimits limits;
+  limits.requests_per_second = o.max_requests_per_second_per_token;
+  limits.max_concurrent = static_cast<uint32_t>(o.max_concurrent_per_token);
+  return std::make_shared<api::Authenticator>(std::move(tokens), limits);
 }
 
 int run_gateway(const ServeOptions& o, const sigset_t& stop) {
@@ -111,6 +157,16 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   if (!tokenizer.is_ok()) {
     print_error(tokenizer.status().to_string());
     return 2;
+  }
+  api::TlsFiles tls;
+  auto auth = client_security(o, tls);
+  if (!auth.is_ok()) {
+    print_error(auth.status().message());
+    return 2;
+  }
+  if ((*auth)->required()) {
+    std::fprintf(stderr, "dserve: gateway: clients need a token (%zu clients in %s)\n",
+                 (*auth)->clients(), o.token_file.c_str());
   }
 
   actors::RuntimeConfig rcfg;
@@ -148,11 +204,14 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   sopts.default_max_tokens = static_cast<uint32_t>(o.default_max_tokens);
   sopts.max_prompt_tokens = static_cast<uint32_t>(o.max_prompt_tokens);
   sopts.bos_token_id = static_cast<int32_t>(config->bos_token_id);
+  sopts.max_tokens_limit = static_cast<uint32_t>(o.max_output_tokens);
+  sopts.auth = *auth;
   api::ServingService service(**gateway, *tokenizer, sopts);
   api::GrpcServerOptions grpc_opts;
   grpc_opts.host = grpc_listen->first;
   grpc_opts.port = grpc_listen->second;
   grpc_opts.max_threads = static_cast<int>(o.max_running + o.max_queued + 16);
+  grpc_opts.tls = tls;
   auto server = api::GrpcServer::start(service, grpc_opts);
   if (!server.is_ok()) {
     print_error(server.status().to_string());
@@ -177,6 +236,9 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
     hopts.default_max_tokens = static_cast<uint32_t>(o.default_max_tokens);
     hopts.max_prompt_tokens = static_cast<uint32_t>(o.max_prompt_tokens);
     hopts.bos_token_id = static_cast<int32_t>(config->bos_token_id);
+    hopts.max_tokens_limit = static_cast<uint32_t>(o.max_output_tokens);
+    hopts.auth = *auth;
+    hopts.tls = tls;
     hopts.threads = static_cast<int>(o.max_running + o.max_queued + 16);
     auto started = api::OpenAiServer::start(**gateway, *tokenizer, hopts);
     if (!started.is_ok()) {
@@ -501,6 +563,32 @@ Command add_serve_command(CLI::App& app) {
   cmd->add_option("--max-prompt-tokens", o->max_prompt_tokens, "gateway: longest prompt accepted")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--max-output-tokens", o->max_output_tokens,
+                  "gateway: largest max_tokens a request may ask for; more is refused "
+                  "(INVALID_ARGUMENT, HTTP 400)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--token-file", o->token_file,
+                  "gateway: clients must send `Authorization: Bearer <token>` (HTTP) or "
+                  "`authorization` metadata (gRPC) with a token from this file: one `TOKEN` or "
+                  "`NAME TOKEN` per line, # comments; mode 600. Off when not given");
+  cmd->add_option("--tls-cert", o->tls_cert,
+                  "gateway: PEM certificate chain; the gRPC and HTTP APIs speak TLS only (with "
+                  "--tls-key)");
+  cmd->add_option("--tls-key", o->tls_key, "gateway: PEM private key of --tls-cert");
+  cmd->add_option("--tls-ca", o->tls_ca,
+                  "gateway: PEM CA; clients must present a certificate it signed (mutual TLS)");
+  cmd->add_option("--max-requests-per-second-per-token", o->max_requests_per_second_per_token,
+                  "gateway: generation requests per second per token (burst max(1, rate)); "
+                  "more are refused (RESOURCE_EXHAUSTED, HTTP 429); 0: unlimited. Without "
+                  "--token-file, all clients share one budget")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--max-concurrent-per-token", o->max_concurrent_per_token,
+                  "gateway: generation requests running at once per token; more are refused "
+                  "(RESOURCE_EXHAUSTED, HTTP 429); 0: unlimited")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   return [o] { return run_serve(*o); };
 }
 

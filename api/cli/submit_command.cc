@@ -7,6 +7,7 @@
 #include <string>
 
 #include "commands.h"
+#include "dserve/api/auth.h"
 #include "dserve/api/serving_client.h"
 
 namespace dserve::cli {
@@ -25,6 +26,8 @@ struct SubmitOptions {
   uint32_t timeout_ms = 0;
   int64_t connect_timeout_ms = 5000;
   bool print_tokens = false;
+  std::string token_file;  // the first token in it is sent
+  api::ClientOptions connection;
 };
 
 int run_submit(const SubmitOptions& o) {
@@ -56,8 +59,17 @@ int run_submit(const SubmitOptions& o) {
   req.set_seed(o.seed);
   req.set_timeout_ms(o.timeout_ms);
 
-  auto client =
-      api::ServingClient::connect(o.gateway, std::chrono::milliseconds(o.connect_timeout_ms));
+  api::ClientOptions connection = o.connection;
+  if (!o.token_file.empty()) {
+    auto tokens = api::load_token_file(o.token_file);
+    if (!tokens.is_ok()) {
+      print_error("--token-file: " + tokens.status().message());
+      return 2;
+    }
+    connection.token = tokens->front().token;
+  }
+  auto client = api::ServingClient::connect(
+      o.gateway, std::chrono::milliseconds(o.connect_timeout_ms), connection);
   if (!client.is_ok()) {
     print_error(client.status().message());
     return 1;
@@ -114,6 +126,18 @@ Command add_submit_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--print-tokens", o->print_tokens, "print token ids, one per line, not text");
+  cmd->add_option("--token-file", o->token_file,
+                  "send the first token of this file (the gateway's --token-file format, mode "
+                  "600) as `authorization: Bearer <token>`");
+  cmd->add_option("--tls-ca", o->connection.tls_ca,
+                  "connect over TLS, checking the gateway's certificate against this PEM CA");
+  cmd->add_option(
+      "--tls-cert", o->connection.tls_cert,
+      "with --tls-ca: this client's PEM certificate (a gateway with --tls-ca wants one)");
+  cmd->add_option("--tls-key", o->connection.tls_key, "with --tls-cert: its PEM private key");
+  cmd->add_option("--tls-server-name", o->connection.tls_server_name,
+                  "with --tls-ca: the name the gateway's certificate carries, when not the "
+                  "--gateway host");
   return [o] { return run_submit(*o); };
 }
 

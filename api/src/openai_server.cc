@@ -62,6 +62,15 @@ ApiError from_status(const Status& s) {
       e.http = 499;
       e.type = "cancelled";
       break;
+    case StatusCode::kUnauthenticated:
+      e.http = 401;
+      e.type = "authentication_error";
+      e.code = "invalid_api_key";
+      break;
+    case StatusCode::kPermissionDenied:
+      e.http = 403;
+      e.type = "permission_error";
+      break;
     default:
       e.http = 500;
       e.type = "server_error";
@@ -73,6 +82,28 @@ ApiError from_status(const Status& s) {
 void reply_error(httplib::Response& res, const ApiError& e) {
   res.status = e.http;
   res.set_content(error_body(e).dump(), "application/json");
+}
+
+std::optional<std::string_view> authorization_of(const httplib::Request& req) {
+  auto it = req.headers.find("Authorization");  // header names are case-insensitive here
+  if (it == req.headers.end()) return std::nullopt;
+  return std::string_view(it->second);
+}
+
+// A refusal of the Authenticator: 401 for credentials, 429 for a per-token limit.
+ApiError refusal(const Status& s) {
+  ApiError e;
+  e.message = s.message();
+  if (s.code() == StatusCode::kUnauthenticated) {
+    e.http = 401;
+    e.type = "authentication_error";
+    e.code = "invalid_api_key";
+  } else {
+    e.http = 429;
+    e.type = "rate_limit_exceeded";
+    e.code = "rate_limit_exceeded";
+  }
+  return e;
 }
 
 ApiError bad(std::string param, std::string message, std::string code = "") {
@@ -109,11 +140,44 @@ class OpenAiServer::Impl {
       : gateway_(gateway), tokenizer_(tokenizer), options_(std::move(options)) {}
 
   Result<uint16_t> listen() {
+    if (options_.tls.enabled()) {
+      // Read here first, so that a missing or unreadable file is named in the error.
+      for (const auto& [what, path] :
+           {std::pair{"--tls-cert", &options_.tls.cert}, std::pair{"--tls-key", &options_.tls.key},
+            std::pair{"--tls-ca", &options_.tls.ca}}) {
+        if (path->empty()) continue;
+        auto text = read_credential_file(what, *path);
+        if (!text.is_ok()) return text.status().with_context("OpenAI HTTP server");
+      }
+      auto ssl = std::make_unique<httplib::SSLServer>(
+          options_.tls.cert.c_str(), options_.tls.key.c_str(),
+          options_.tls.ca.empty() ? nullptr : options_.tls.ca.c_str());
+      if (!ssl->is_valid()) {
+        return invalid_argument(
+            "OpenAI HTTP server: TLS cannot start with --tls-cert " + options_.tls.cert +
+            " and --tls-key " + options_.tls.key +
+            (options_.tls.ca.empty() ? "" : " and --tls-ca " + options_.tls.ca) +
+            " (not PEM, or the key does not match the certificate)");
+      }
+      server_ = std::move(ssl);
+    } else {
+      server_ = std::make_unique<httplib::Server>();
+    }
+    httplib::Server& server = *server_;
     const int threads = std::max(1, options_.threads);
-    server_.new_task_queue = [threads] {
+    server.new_task_queue = [threads] {
       return new httplib::ThreadPool(static_cast<size_t>(threads));
     };
-    server_.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+    // Every route wants a valid token when the Authenticator requires one.
+    server.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+      if (!options_.auth) return httplib::Server::HandlerResponse::Unhandled;
+      auto client = options_.auth->authenticate(authorization_of(req));
+      if (client.is_ok()) return httplib::Server::HandlerResponse::Unhandled;
+      res.set_header("WWW-Authenticate", "Bearer");
+      reply_error(res, refusal(client.status()));
+      return httplib::Server::HandlerResponse::Handled;
+    });
+    server.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       json body = {{"object", "list"},
                    {"data", json::array({{{"id", options_.model_name},
                                           {"object", "model"},
@@ -121,14 +185,14 @@ class OpenAiServer::Impl {
                                           {"owned_by", "dserve"}}})}};
       res.set_content(body.dump(), "application/json");
     });
-    server_.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+    server.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
       handle(req, res, /*chat=*/false);
     });
-    server_.Post("/v1/chat/completions",
-                 [this](const httplib::Request& req, httplib::Response& res) {
-                   handle(req, res, /*chat=*/true);
-                 });
-    server_.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+    server.Post("/v1/chat/completions",
+                [this](const httplib::Request& req, httplib::Response& res) {
+                  handle(req, res, /*chat=*/true);
+                });
+    server.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
       if (!res.body.empty()) return;
       ApiError e;
       e.http = res.status;
@@ -139,22 +203,21 @@ class OpenAiServer::Impl {
       e.code = res.status == 404 ? "unknown_url" : "";
       reply_error(res, e);
     });
-    const int port =
-        options_.port == 0
-            ? server_.bind_to_any_port(options_.host)
-            : (server_.bind_to_port(options_.host, options_.port) ? options_.port : -1);
+    const int port = options_.port == 0
+                         ? server.bind_to_any_port(options_.host)
+                         : (server.bind_to_port(options_.host, options_.port) ? options_.port : -1);
     if (port <= 0) {
       return unavailable("OpenAI HTTP server: cannot listen on " + options_.host + ":" +
                          std::to_string(options_.port) +
                          " (address in use, or not an address of this host)");
     }
     port_ = static_cast<uint16_t>(port);
-    thread_ = std::thread([this] { server_.listen_after_bind(); });
+    thread_ = std::thread([this] { server_->listen_after_bind(); });
     return port_;
   }
 
   void stop() {
-    server_.stop();
+    if (server_) server_->stop();
     if (thread_.joinable()) thread_.join();
   }
 
@@ -167,7 +230,7 @@ class OpenAiServer::Impl {
   actors::Gateway& gateway_;
   const model::Tokenizer& tokenizer_;
   OpenAiOptions options_;
-  httplib::Server server_;
+  std::unique_ptr<httplib::Server> server_;  // an SSLServer with TLS
   std::thread thread_;
   uint16_t port_ = 0;
   int64_t started_ = unix_seconds();
@@ -330,6 +393,16 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
 }
 
 void OpenAiServer::Impl::handle(const httplib::Request& req, httplib::Response& res, bool chat) {
+  // The client's concurrency slot, held until the reply (a stream: its last event) is sent.
+  auto admission = std::make_shared<Admission>();
+  if (options_.auth) {
+    auto admitted = options_.auth->admit(authorization_of(req));
+    if (!admitted.is_ok()) {
+      reply_error(res, refusal(admitted.status()));
+      return;
+    }
+    *admission = std::move(admitted).value();
+  }
   json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) {
     reply_error(res, bad("", "the request body is not valid JSON"));
@@ -389,7 +462,7 @@ void OpenAiServer::Impl::handle(const httplib::Request& req, httplib::Response& 
   res.set_header("Cache-Control", "no-cache");
   res.set_chunked_content_provider(
       "text/event-stream",
-      [this, parsed, id, created, chat, usage_json](size_t, httplib::DataSink& sink) {
+      [this, parsed, id, created, chat, usage_json, admission](size_t, httplib::DataSink& sink) {
         const std::string chunk_object = chat ? "chat.completion.chunk" : "text_completion";
         auto chunk = [&](json delta_or_text, json finish) {
           json choice = {{"index", 0}, {"finish_reason", finish}};

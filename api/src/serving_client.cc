@@ -1,23 +1,50 @@
 #include "dserve/api/serving_client.h"
 
+#include "dserve/api/auth.h"
 #include "dserve/api/serving_service.h"
 
 namespace dserve::api {
 
 Result<std::unique_ptr<ServingClient>> ServingClient::connect(const std::string& address,
-                                                              std::chrono::milliseconds timeout) {
+                                                              std::chrono::milliseconds timeout,
+                                                              const ClientOptions& options) {
   if (address.find(':') == std::string::npos)
     return invalid_argument("gateway address '" + address + "' is not HOST:PORT");
-  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  if (options.tls_ca.empty() && !(options.tls_cert.empty() && options.tls_key.empty()))
+    return invalid_argument("a client certificate is only sent over TLS: give the CA too");
+  if (options.tls_cert.empty() != options.tls_key.empty())
+    return invalid_argument("the client certificate and its key come together");
+  std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+  grpc::ChannelArguments args;
+  if (!options.tls_ca.empty()) {
+    grpc::SslCredentialsOptions ssl;
+    DSERVE_ASSIGN_OR_RETURN(ssl.pem_root_certs, read_credential_file("TLS CA", options.tls_ca));
+    if (!options.tls_cert.empty()) {
+      DSERVE_ASSIGN_OR_RETURN(ssl.pem_cert_chain,
+                              read_credential_file("TLS certificate", options.tls_cert));
+      DSERVE_ASSIGN_OR_RETURN(ssl.pem_private_key,
+                              read_credential_file("TLS key", options.tls_key));
+    }
+    credentials = grpc::SslCredentials(ssl);
+    if (!options.tls_server_name.empty()) args.SetSslTargetNameOverride(options.tls_server_name);
+  }
+  auto channel = grpc::CreateCustomChannel(address, credentials, args);
   if (!channel->WaitForConnected(std::chrono::system_clock::now() + timeout)) {
     return unavailable("cannot connect to the gateway at " + address + " within " +
-                       std::to_string(timeout.count()) + " ms");
+                       std::to_string(timeout.count()) + " ms" +
+                       (options.tls_ca.empty()
+                            ? std::string(" (in plain text: a gateway with TLS refuses that)")
+                            : std::string(" (over TLS: the gateway must speak TLS with a "
+                                          "certificate signed by the CA, for this host name)")));
   }
-  return std::unique_ptr<ServingClient>(new ServingClient(address, std::move(channel)));
+  return std::unique_ptr<ServingClient>(
+      new ServingClient(address, std::move(channel), options.token));
 }
 
-ServingClient::ServingClient(std::string address, std::shared_ptr<grpc::Channel> channel)
+ServingClient::ServingClient(std::string address, std::shared_ptr<grpc::Channel> channel,
+                             std::string token)
     : address_(std::move(address)),
+      token_(std::move(token)),
       channel_(std::move(channel)),
       stub_(dserve::v1::Serving::NewStub(channel_)) {}
 
@@ -26,6 +53,7 @@ Result<Completion> ServingClient::generate(const dserve::v1::GenerateRequest& re
                                            std::chrono::milliseconds timeout) {
   grpc::ClientContext context;
   if (timeout.count() > 0) context.set_deadline(std::chrono::system_clock::now() + timeout);
+  if (!token_.empty()) context.AddMetadata("authorization", "Bearer " + token_);
   auto reader = stub_->Generate(&context, request);
   Completion out;
   dserve::v1::GenerateResponse msg;

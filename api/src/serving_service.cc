@@ -52,6 +52,12 @@ grpc::Status to_grpc(const Status& status) {
     case StatusCode::kCancelled:
       code = grpc::StatusCode::CANCELLED;
       break;
+    case StatusCode::kUnauthenticated:
+      code = grpc::StatusCode::UNAUTHENTICATED;
+      break;
+    case StatusCode::kPermissionDenied:
+      code = grpc::StatusCode::PERMISSION_DENIED;
+      break;
   }
   return {code, status.message()};
 }
@@ -80,6 +86,10 @@ Status from_grpc(const grpc::Status& status) {
       return deadline_exceeded(msg);
     case grpc::StatusCode::CANCELLED:
       return cancelled_error(msg);
+    case grpc::StatusCode::UNAUTHENTICATED:
+      return unauthenticated(msg);
+    case grpc::StatusCode::PERMISSION_DENIED:
+      return permission_denied(msg);
     default:
       return internal_error(msg);
   }
@@ -93,6 +103,10 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
                                       const dserve::v1::GenerateRequest* request,
                                       grpc::ServerWriter<dserve::v1::GenerateResponse>* writer) {
   const auto received = SteadyClock::now();
+  // Held until the call returns: the client's concurrency slot.
+  Admission admission;
+  if (grpc::Status refused = admit_call(options_.auth.get(), *context, admission); !refused.ok())
+    return refused;
   actors::GenerateJob job;
   if (request->prompt_tokens_size() > 0) {
     const int64_t vocab = tokenizer_.vocab_size();
@@ -150,7 +164,7 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
 
   model::StreamDecoder text(tokenizer_);
   std::atomic<bool> client_gone{false};
-  Status text_error;
+  ::dserve::Status text_error;
   auto on_tokens = [&](std::span<const int32_t> tokens, uint32_t first_index) {
     dserve::v1::GenerateResponse msg;
     msg.set_first_index(first_index);
@@ -198,7 +212,21 @@ Result<std::unique_ptr<GrpcServer>> GrpcServer::start(grpc::Service& service,
   const std::string where = options.host + ":" + std::to_string(options.port);
   grpc::ServerBuilder builder;
   int bound = 0;
-  builder.AddListeningPort(where, grpc::InsecureServerCredentials(), &bound);
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (options.tls.enabled()) {
+    grpc::SslServerCredentialsOptions ssl(
+        options.tls.ca.empty() ? GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE
+                               : GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY);
+    grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+    DSERVE_ASSIGN_OR_RETURN(pair.cert_chain, read_credential_file("--tls-cert", options.tls.cert));
+    DSERVE_ASSIGN_OR_RETURN(pair.private_key, read_credential_file("--tls-key", options.tls.key));
+    ssl.pem_key_cert_pairs.push_back(std::move(pair));
+    if (!options.tls.ca.empty()) {
+      DSERVE_ASSIGN_OR_RETURN(ssl.pem_root_certs, read_credential_file("--tls-ca", options.tls.ca));
+    }
+    credentials = grpc::SslServerCredentials(ssl);
+  }
+  builder.AddListeningPort(where, credentials, &bound);
   builder.RegisterService(&service);
   grpc::ResourceQuota quota("dserve-grpc");
   quota.SetMaxThreads(options.max_threads);

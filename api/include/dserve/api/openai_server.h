@@ -4,7 +4,13 @@
 // with "stream": true, whole otherwise) and GET /v1/models. Bad requests get OpenAI's error
 // object ({"error": {"message", "type", "param", "code"}}) with the field named; failures map
 // to the matching HTTP status (400, 404, 429, 503, 504). A client that disconnects cancels its
-// request on the workers. Listens only on the address it is given.
+// request on the workers. Listens only on the address it is given, over TLS when given a
+// certificate.
+//
+// With an Authenticator that requires tokens, every route (/v1/models too) wants
+// `Authorization: Bearer <token>`; a missing or unknown token gets 401 with type
+// "authentication_error" and code "invalid_api_key". The per-token limits answer 429 with
+// type "rate_limit_exceeded"; they count completions only.
 //
 // Differences from OpenAI's service, each refused with a clear error rather than ignored:
 // n > 1, best_of, logprobs, echo, suffix, tools/functions, and `stop` sequences. Prompt arrays
@@ -15,6 +21,7 @@
 #include <string>
 
 #include "dserve/actors/gateway.h"
+#include "dserve/api/auth.h"
 #include "dserve/core/status.h"
 #include "dserve/model/tokenizer.h"
 
@@ -29,6 +36,10 @@ struct OpenAiOptions {
   uint32_t max_prompt_tokens = 1 << 20;
   int32_t bos_token_id = 0;  // prepended to completion prompts given as text
   int threads = 256;         // requests served at once (a stream holds one thread)
+  // Tokens and per-token limits (shared with the gRPC API); null: open, no limits.
+  std::shared_ptr<Authenticator> auth;
+  // HTTPS when cert and key are given; with `ca`, clients must present a certificate it signed.
+  TlsFiles tls;
 };
 
 class OpenAiServer {

@@ -22,14 +22,29 @@ struct Completion {
   dserve::v1::Usage usage;
 };
 
+// How to reach a gateway that wants a token or speaks TLS.
+struct ClientOptions {
+  std::string token;  // sent as `authorization: Bearer <token>` on every call; empty: none
+  // TLS (the gateway's --tls-cert) when `tls_ca` is given: the PEM file of the CA that signed
+  // the gateway's certificate. With mutual TLS (the gateway's --tls-ca), `tls_cert` and
+  // `tls_key` are this client's certificate and key.
+  std::string tls_ca;
+  std::string tls_cert;
+  std::string tls_key;
+  // The name the gateway's certificate must carry, when it is not the address's host.
+  std::string tls_server_name;
+};
+
 // Called for every streamed message; return false to cancel the call.
 using ChunkCallback = std::function<bool(const dserve::v1::GenerateResponse&)>;
 
 class ServingClient {
  public:
-  // `address` is HOST:PORT. Waits up to `timeout` for the channel to connect.
+  // `address` is HOST:PORT. Waits up to `timeout` for the channel to connect (over TLS: for
+  // the handshake to succeed). A credential file that cannot be read is kNotFound.
   static Result<std::unique_ptr<ServingClient>> connect(const std::string& address,
-                                                        std::chrono::milliseconds timeout);
+                                                        std::chrono::milliseconds timeout,
+                                                        const ClientOptions& options = {});
 
   // Runs one Generate call to its end. The stream is checked as it arrives: tokens must be
   // contiguous from index 0 (a gap or a repeat is a kDataLoss error). `timeout` (0: none) is
@@ -41,8 +56,9 @@ class ServingClient {
   const std::string& address() const { return address_; }
 
  private:
-  ServingClient(std::string address, std::shared_ptr<grpc::Channel> channel);
+  ServingClient(std::string address, std::shared_ptr<grpc::Channel> channel, std::string token);
   std::string address_;
+  std::string token_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<dserve::v1::Serving::Stub> stub_;
 };

@@ -14,6 +14,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "dserve/actors/gateway.h"
+#include "dserve/api/auth.h"
 #include "dserve/core/status.h"
 #include "dserve/model/tokenizer.h"
 #include "dserve/v1/serving.grpc.pb.h"
@@ -25,6 +26,9 @@ struct ServingOptions {
   uint32_t max_tokens_limit = 32768;     // a larger max_tokens is refused
   uint32_t max_prompt_tokens = 1 << 20;  // a longer prompt is refused
   int32_t bos_token_id = 0;              // prepended to text prompts
+  // Checks every call's token and the per-token limits (shared with the HTTP API); null:
+  // every caller is let in, without limits.
+  std::shared_ptr<Authenticator> auth;
 };
 
 // gRPC status for a dserve Status (same meaning, message kept).
@@ -53,6 +57,9 @@ struct GrpcServerOptions {
   // Threads serving calls at most (each streaming call holds one while it runs); calls beyond
   // it are refused with RESOURCE_EXHAUSTED.
   int max_threads = 1300;
+  // TLS (cert and key given): the listener speaks TLS only; with `ca`, clients must present a
+  // certificate signed by it (mutual TLS).
+  TlsFiles tls;
 };
 
 class GrpcServer {

@@ -24,6 +24,8 @@ enum class StatusCode {
   kResourceExhausted,  // a limit is reached (batch, queue, capacity): retry later or elsewhere
   kDeadlineExceeded,   // the caller's deadline passed before the work was done
   kCancelled,          // the caller (or its client) asked to stop
+  kUnauthenticated,    // the caller presented no valid credentials (token)
+  kPermissionDenied,   // the caller is known but may not do this
 };
 
 std::string_view status_code_name(StatusCode code);
@@ -78,6 +80,12 @@ inline Status cancelled_error(std::string msg) {
 }
 inline Status internal_error(std::string msg) {
   return {StatusCode::kInternal, std::move(msg)};
+}
+inline Status unauthenticated(std::string msg) {
+  return {StatusCode::kUnauthenticated, std::move(msg)};
+}
+inline Status permission_denied(std::string msg) {
+  return {StatusCode::kPermissionDenied, std::move(msg)};
 }
 
 // A value or the Status that explains its absence. Accessing the value of a failed Result is

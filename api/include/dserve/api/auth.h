@@ -1,0 +1,145 @@
+#pragma once
+// Who may use the gateway's client APIs, and how much: bearer tokens from a token file, a
+// request rate and a concurrency limit per token, and the TLS files of the listeners. One
+// Authenticator serves the gRPC and the HTTP API together, so a client's limits count its
+// requests on both.
+//
+// Token file (--token-file): one client per line, `TOKEN` or `NAME TOKEN`; blank lines and
+// lines starting with `#` are ignored. NAME is what logs and limit messages call the client
+// (the token itself never appears in a message); a token without a name is called
+// "token-<line>". Tokens are 16 to 4096 visible ASCII characters; names and tokens are unique.
+// The file must not be readable or writable by group or others (chmod 600).
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "dserve/core/status.h"
+
+namespace dserve::api {
+
+// One client's credential.
+struct ClientToken {
+  std::string name;  // how logs and messages name the client
+  std::string token;
+};
+
+// The clients in a token file's `text`; `source` names the file in the messages. Invalid
+// (with the line) on a malformed line, a short token, a repeated name or token, or no token.
+Result<std::vector<ClientToken>> parse_token_file(std::string_view text, std::string_view source);
+
+// Reads and parses the token file at `path`; also refused when it cannot be read or when group
+// or others have any permission on it.
+Result<std::vector<ClientToken>> load_token_file(const std::string& path);
+
+// a == b, in a time that depends on b's length only (b: what the client sent), never on where
+// the two differ.
+bool constant_time_equal(std::string_view secret, std::string_view presented);
+
+// A token bucket: `rate` per second refill, at most `burst` held, full at construction. Not
+// thread-safe (the Authenticator locks around it).
+class TokenBucket {
+ public:
+  using Clock = std::chrono::steady_clock;
+  TokenBucket(double rate, double burst, Clock::time_point now);
+  // Takes one token if there is one.
+  bool try_take(Clock::time_point now);
+
+ private:
+  double rate_;
+  double burst_;
+  double tokens_;
+  Clock::time_point last_;
+};
+
+// Per-token limits; 0 is unlimited.
+struct ClientLimits {
+  double requests_per_second = 0;  // token bucket with burst max(1, rate)
+  uint32_t max_concurrent = 0;     // requests running at once
+};
+
+// A request let in by Authenticator::admit: holds its client's concurrency slot until it is
+// destroyed. Move-only.
+class Admission {
+ public:
+  Admission() = default;
+  Admission(Admission&& other) noexcept;
+  Admission& operator=(Admission&& other) noexcept;
+  Admission(const Admission&) = delete;
+  Admission& operator=(const Admission&) = delete;
+  ~Admission();
+
+  const std::string& client() const { return client_; }  // "anonymous" when auth is off
+
+  struct Slot;
+
+ private:
+  friend class Authenticator;
+  Admission(std::string client, std::shared_ptr<Slot> slot)
+      : client_(std::move(client)), slot_(std::move(slot)) {}
+  void release();
+  std::string client_;
+  std::shared_ptr<Slot> slot_;  // null: no concurrency limit to release
+};
+
+// Checks `Authorization: Bearer <token>` values against the token file's clients and applies
+// the per-token limits. Thread-safe. Without tokens, authentication is off and every caller is
+// one client, "anonymous": the limits then bound all callers together.
+class Authenticator {
+ public:
+  using Clock = TokenBucket::Clock;
+  Authenticator(std::vector<ClientToken> tokens, ClientLimits limits);
+  ~Authenticator();
+
+  bool required() const { return !tokens_.empty(); }
+  const ClientLimits& limits() const { return limits_; }
+  size_t clients() const { return tokens_.size(); }
+
+  // The client's name for an Authorization value (nullopt: none sent); kUnauthenticated,
+  // saying what is wrong, when no token matches. Every token is compared, in constant time.
+  Result<std::string> authenticate(std::optional<std::string_view> authorization) const;
+
+  // authenticate(), then one request of the client's rate and a concurrency slot:
+  // kResourceExhausted naming the limit and its value when either is spent.
+  Result<Admission> admit(std::optional<std::string_view> authorization,
+                          Clock::time_point now = Clock::now());
+
+ private:
+  struct ClientState;
+  // The client's state, made (its bucket full at `now`) on its first request.
+  ClientState& state_of(const std::string& client, Clock::time_point now);
+
+  std::vector<ClientToken> tokens_;
+  ClientLimits limits_;
+  std::mutex mu_;  // guards states_ and the buckets
+  std::vector<std::pair<std::string, std::shared_ptr<ClientState>>> states_;  // by client
+};
+
+// For the gRPC handlers, called first in each: the call's `authorization` metadata checked by
+// `auth` (null: everyone is let in). UNAUTHENTICATED with a readable message otherwise.
+grpc::Status authorize_call(const Authenticator* auth, const grpc::ServerContext& context);
+// The same, then admission (rate and concurrency): RESOURCE_EXHAUSTED when a limit is spent.
+// `admission` receives the slot to hold while the call runs.
+grpc::Status admit_call(Authenticator* auth, const grpc::ServerContext& context,
+                        Admission& admission);
+
+// TLS of a listener or a client: PEM files. No cert: plain text.
+struct TlsFiles {
+  std::string cert;  // certificate chain
+  std::string key;   // its private key
+  std::string ca;    // server: clients must present a certificate signed by it (mutual TLS);
+                     // client: the CA that signed the server's certificate
+  bool enabled() const { return !cert.empty(); }
+};
+
+// The text of a credential file; `what` ("--tls-cert") names it in the message.
+Result<std::string> read_credential_file(const std::string& what, const std::string& path);
+
+}  // namespace dserve::api
