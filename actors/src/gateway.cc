@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <cmath>
 #include <condition_variable>
 #include <deque>
@@ -17,6 +18,7 @@
 #include "dserve/actors/prefill_interface.h"
 #include "dserve/actors/prefix_affinity.h"
 #include "dserve/core/random.h"
+#include "dserve/ops/log.h"
 #include "dserve/ops/metrics.h"
 
 namespace dserve::actors {
@@ -95,6 +97,9 @@ struct Worker {
   uint32_t placed = 0;
   uint64_t queued_tokens = 0;  // prefill: prompt tokens placed there and not yet done
   int failures = 0;
+  uint64_t placed_total = 0;  // requests ever placed here by this gateway
+  bool draining = false;      // being removed: nothing new is placed here
+  bool removed = false;       // out of the pool: not probed, not shown, never placed on again
   HealthReport report;
   std::string last_error;
   std::unique_ptr<PrefixAffinity> affinity;  // prefill workers only
@@ -209,24 +214,120 @@ class Gateway::Impl {
  public:
   Impl(ActorRuntime& runtime, GatewayOptions options) : rt_(runtime), opt_(std::move(options)) {
     if (opt_.metrics) metrics_ = std::make_unique<GatewayMetrics>(*opt_.metrics);
-    for (const auto& ep : opt_.prefill_workers) {
-      Worker w;
-      w.role = Role::kPrefill;
-      w.endpoint = ep;
-      w.affinity = std::make_unique<PrefixAffinity>(opt_.affinity_blocks);
-      workers_.push_back(std::move(w));
+    for (const auto& ep : opt_.prefill_workers)
+      append_worker_locked(Role::kPrefill, ep);
+    for (const auto& ep : opt_.decode_workers)
+      append_worker_locked(Role::kDecode, ep);
+  }
+
+  // A new pool member at the end of workers_ (indices never change: placements refer to them).
+  size_t append_worker_locked(Role role, const WorkerEndpoint& ep) {
+    Worker w;
+    w.role = role;
+    w.endpoint = ep;
+    if (role == Role::kPrefill) w.affinity = std::make_unique<PrefixAffinity>(opt_.affinity_blocks);
+    workers_.push_back(std::move(w));
+    return workers_.size() - 1;
+  }
+
+  // The pool member (not removed) at `address`, if any.
+  std::optional<size_t> find_worker_locked(const std::string& address) const {
+    for (size_t i = 0; i < workers_.size(); ++i) {
+      if (!workers_[i].removed && workers_[i].endpoint.to_string() == address) return i;
     }
-    for (const auto& ep : opt_.decode_workers) {
-      Worker w;
-      w.role = Role::kDecode;
-      w.endpoint = ep;
-      workers_.push_back(std::move(w));
+    return std::nullopt;
+  }
+
+  Status add_worker(Role role, const WorkerEndpoint& ep, milliseconds timeout) {
+    if (role != Role::kPrefill && role != Role::kDecode) {
+      return invalid_argument("a worker's role must be prefill or decode");
     }
+    size_t i = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) return unavailable("the gateway is stopping");
+      if (auto existing = find_worker_locked(ep.to_string())) {
+        return invalid_argument(std::string(role_name(workers_[*existing].role)) + " worker " +
+                                ep.to_string() + " is already in the pool" +
+                                (workers_[*existing].draining ? " (draining)" : ""));
+      }
+      i = append_worker_locked(role, ep);
+      probers_.emplace_back([this, i] { probe_loop(i); });
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    if (ready_cv_.wait_for(lock, timeout, [&] { return workers_[i].healthy || stopping_; }) &&
+        workers_[i].healthy) {
+      return Status::ok();
+    }
+    // Not healthy in time: it stays out of the pool rather than half in it.
+    retire_locked(i);
+    return unavailable(std::string(role_name(role)) + " worker " + ep.to_string() +
+                       " was not healthy after " + std::to_string(timeout.count()) + " ms" +
+                       (workers_[i].last_error.empty() ? "" : ": " + workers_[i].last_error));
+  }
+
+  Result<uint32_t> remove_worker(const std::string& address, milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto found = find_worker_locked(address);
+    if (!found) return not_found("no worker " + address + " in the gateway's pools");
+    const size_t i = *found;
+    Worker& w = workers_[i];
+    size_t same_role = 0;
+    for (const Worker& o : workers_) {
+      if (!o.removed && !o.draining && o.role == w.role) ++same_role;
+    }
+    if (!w.draining && same_role <= 1) {
+      return invalid_argument(std::string("cannot remove ") + role_name(w.role) + " worker " +
+                              address + ": it is the last one of its pool");
+    }
+    w.draining = true;
+    const uint32_t had = w.placed;
+    if (!drained_cv_.wait_for(lock, timeout, [&] { return workers_[i].placed == 0; })) {
+      return deadline_exceeded(std::string(role_name(workers_[i].role)) + " worker " + address +
+                               " still has " + std::to_string(workers_[i].placed) +
+                               " requests after " + std::to_string(timeout.count()) +
+                               " ms; it stays draining");
+    }
+    retire_locked(i);
+    return had;
+  }
+
+  // Takes worker i out of the pool: no more probes, its connection dropped.
+  void retire_locked(size_t i) {
+    Worker& w = workers_[i];
+    w.removed = true;
+    w.healthy = false;
+    if (w.watcher) caf::anon_send_exit(w.watcher, caf::exit_reason::user_shutdown);
+    w.watcher = nullptr;
+    w.handle = nullptr;
+    ++w.generation;
+    stop_cv_.notify_all();
+  }
+
+  // Requests placed from now on are refused; the ones running go on.
+  void stop_accepting() {
+    std::lock_guard<std::mutex> lock(mu_);
+    accepting_ = false;
+  }
+
+  bool wait_idle(milliseconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return drained_cv_.wait_for(lock, timeout, [&] { return running_ + queued_ == 0; });
+  }
+
+  Status cancel(const std::string& request_id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = active_ids_.find(request_id);
+    if (it == active_ids_.end())
+      return not_found("no running request with id '" + request_id + "'");
+    it->second->store(true);
+    return Status::ok();
   }
 
   void start_threads() {
     sink_ = rt_.system().spawn(sink_behavior, this);
     rt_.own(sink_);
+    std::lock_guard<std::mutex> lock(mu_);
     for (size_t i = 0; i < workers_.size(); ++i)
       probers_.emplace_back([this, i] { probe_loop(i); });
   }
@@ -237,6 +338,8 @@ class Gateway::Impl {
       stopping_ = true;
     }
     stop_cv_.notify_all();
+    ready_cv_.notify_all();
+    // No prober is added once stopping_ is set (add_worker checks it under the lock).
     for (auto& t : probers_)
       t.join();
     caf::anon_send_exit(sink_, caf::exit_reason::user_shutdown);
@@ -250,7 +353,7 @@ class Gateway::Impl {
     auto ready = [&] {
       bool prefill = false, decode = false;
       for (const auto& w : workers_) {
-        if (!w.healthy) continue;
+        if (!w.healthy || w.draining || w.removed) continue;
         (w.role == Role::kPrefill ? prefill : decode) = true;
       }
       return prefill && decode;
@@ -258,7 +361,7 @@ class Gateway::Impl {
     if (ready_cv_.wait_until(lock, until, ready)) return Status::ok();
     std::string down;
     for (const auto& w : workers_) {
-      if (w.healthy) continue;
+      if (w.healthy || w.removed) continue;
       down += std::string(down.empty() ? "" : "; ") + role_name(w.role) + " " +
               w.endpoint.to_string() + (w.last_error.empty() ? "" : " (" + w.last_error + ")");
     }
@@ -273,10 +376,14 @@ class Gateway::Impl {
     std::lock_guard<std::mutex> lock(mu_);
     GatewaySnapshot s;
     for (const auto& w : workers_) {
+      if (w.removed) continue;
       WorkerView v;
       v.role = w.role;
       v.address = w.endpoint.to_string();
       v.healthy = w.healthy;
+      v.draining = w.draining;
+      v.placed_total = w.placed_total;
+      v.queued_tokens = w.queued_tokens;
       v.epoch = w.epoch;
       v.restarts = w.restarts;
       v.placed = w.placed;
@@ -287,6 +394,7 @@ class Gateway::Impl {
     s.running = running_;
     s.queued = queued_;
     s.counters = counters_;
+    s.accepting = accepting_ && !stopping_;
     return s;
   }
 
@@ -327,7 +435,7 @@ class Gateway::Impl {
 
   void probe_loop(size_t i) {
     std::unique_lock<std::mutex> lock(mu_);
-    while (!stopping_) {
+    while (!stopping_ && !workers_[i].removed) {
       lock.unlock();
       probe_once(i);
       lock.lock();
@@ -365,7 +473,7 @@ class Gateway::Impl {
       uint64_t gen = 0;
       {
         std::lock_guard<std::mutex> lock(mu_);
-        if (stopping_) return;
+        if (stopping_ || workers_[i].removed) return;
         if (!connected.is_ok()) {
           workers_[i].last_error = connected.status().message();
           return;
@@ -470,7 +578,8 @@ class Gateway::Impl {
       std::vector<size_t> idx;
       for (size_t i = 0; i < workers_.size(); ++i) {
         const Worker& w = workers_[i];
-        if (w.role == Role::kDecode && w.healthy && w.handle) idx.push_back(i);
+        if (w.role == Role::kDecode && w.healthy && w.handle && !w.draining && !w.removed)
+          idx.push_back(i);
       }
       std::sort(idx.begin(), idx.end(), [&](size_t a, size_t b) {
         const Worker& wa = workers_[a];
@@ -504,6 +613,7 @@ class Gateway::Impl {
       if (reply->outcome == ReserveOutcome::kGranted) {
         std::lock_guard<std::mutex> lock(mu_);
         ++workers_[i].placed;
+        ++workers_[i].placed_total;
         return Reserved{i, std::move(reply).value()};
       }
       any_retryable = any_retryable || reply->retryable;
@@ -532,7 +642,7 @@ class Gateway::Impl {
     bool any_healthy = false;
     for (size_t i = 0; i < workers_.size(); ++i) {
       const Worker& w = workers_[i];
-      if (w.role != Role::kPrefill || !w.healthy || !w.handle) continue;
+      if (w.role != Role::kPrefill || !w.healthy || !w.handle || w.draining || w.removed) continue;
       any_healthy = true;
       if (w.queued_tokens > 0 && w.queued_tokens + tokens > opt_.max_prefill_queue_tokens) continue;
       const size_t match = w.affinity->matched_blocks(chain);
@@ -553,6 +663,7 @@ class Gateway::Impl {
     p.prefill_epoch = w.epoch;
     p.prefill_tokens = tokens;
     ++w.placed;
+    ++w.placed_total;
     w.queued_tokens += tokens;
     return Claimed{*best, w.handle};
   }
@@ -564,6 +675,7 @@ class Gateway::Impl {
     --w.placed;
     w.queued_tokens -= std::min(w.queued_tokens, p.prefill_tokens);
     p.prefill_done = true;
+    if (w.draining) drained_cv_.notify_all();
   }
 
   void cancel_on(size_t worker, Epoch epoch, RequestId attempt, const std::string& reason) {
@@ -598,6 +710,7 @@ class Gateway::Impl {
       Placement& p = it->second;
       if (p.decode) {
         --workers_[*p.decode].placed;
+        if (workers_[*p.decode].draining) drained_cv_.notify_all();
         cancel_decode = true;
         decode = *p.decode;
         decode_epoch = p.decode_epoch;
@@ -623,13 +736,18 @@ class Gateway::Impl {
   std::condition_variable ready_cv_;
   std::condition_variable stop_cv_;
   std::condition_variable admit_cv_;
+  std::condition_variable drained_cv_;  // a draining worker lost a request, or a request ended
   bool stopping_ = false;
-  std::vector<Worker> workers_;
+  bool accepting_ = true;
+  std::deque<Worker> workers_;  // grows by add_worker; removed workers stay, marked
+  // The running and queued requests by id, with the flag cancel() sets.
+  std::map<std::string, std::shared_ptr<std::atomic<bool>>> active_ids_;
   std::map<RequestId, Placement> placements_;  // by attempt id
   size_t running_ = 0;
   size_t queued_ = 0;
   GatewayCounters counters_;
   std::atomic<uint64_t> next_request_{1};
+  std::atomic<uint64_t> next_request_id_{1};
   std::vector<std::thread> probers_;
   std::unique_ptr<GatewayMetrics> metrics_;
 
@@ -644,8 +762,17 @@ class Gateway::Impl {
 
 namespace {
 
+bool is_request_id_char(char c) {
+  return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == ':' ||
+         c == '-';
+}
+
 Status validate_job(const GenerateJob& job) {
   std::string problems;
+  if (job.request_id.size() > 128 ||
+      !std::all_of(job.request_id.begin(), job.request_id.end(), is_request_id_char)) {
+    problems += "request_id must be at most 128 characters of [A-Za-z0-9._:-]; ";
+  }
   if (job.prompt.empty()) problems += "the prompt is empty; ";
   if (!std::isfinite(job.temperature) || job.temperature < 0.0f)
     problems +=
@@ -667,13 +794,39 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
     out.status = v;
     return out;
   }
+  // The request's id: the caller's, or one unique to this gateway incarnation.
+  out.request_id = job.request_id.empty() ? "gw-" + std::to_string(rt_.epoch() % 1000000) + "-" +
+                                                std::to_string(next_request_id_.fetch_add(1))
+                                          : job.request_id;
+  auto cancel_flag = std::make_shared<std::atomic<bool>>(false);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!accepting_ || stopping_) {
+      ++counters_.refused;
+      out.status = unavailable("the gateway is shutting down and admits no new request");
+      return out;
+    }
+    if (!active_ids_.emplace(out.request_id, cancel_flag).second) {
+      out.status = invalid_argument("request_id '" + out.request_id +
+                                    "' is already in use by a running request");
+      return out;
+    }
+  }
+  struct ActiveId {
+    Impl* impl;
+    std::string id;  // a copy: `out` may be moved from when this runs
+    ~ActiveId() {
+      std::lock_guard<std::mutex> lock(impl->mu_);
+      impl->active_ids_.erase(id);
+    }
+  } active_id{this, out.request_id};
   const auto admitted_at = SteadyClock::now();
   const int64_t deadline_ms = job.deadline_unix_ms > 0
                                   ? job.deadline_unix_ms
                                   : unix_ms_now() + opt_.default_deadline.count();
   const auto deadline = SteadyClock::now() + milliseconds(deadline_ms - unix_ms_now());
   const auto poll = milliseconds(20);
-  auto is_cancelled = [&] { return cancelled && cancelled(); };
+  auto is_cancelled = [&] { return cancel_flag->load() || (cancelled && cancelled()); };
 
   // ---- admission ----
   {
@@ -695,6 +848,7 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
       }
       --queued_;
       update_gauges_locked();
+      drained_cv_.notify_all();
       if (running_ >= opt_.max_running) {
         ++counters_.failed;
         out.status = is_cancelled() ? cancelled_error("cancelled while queued")
@@ -716,9 +870,16 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
         impl->update_gauges_locked();
       }
       impl->admit_cv_.notify_one();
+      impl->drained_cv_.notify_all();
     }
   } slot{this};
   out.queue_ms = ms_since(admitted_at);
+  if (opt_.log) {
+    opt_.log->info("admitted", out.request_id,
+                   {{"prompt_tokens", job.prompt.size()},
+                    {"max_new_tokens", job.max_new_tokens},
+                    {"queue_ms", out.queue_ms}});
+  }
 
   // Ends the request with `status`, counted as completed, cancelled or failed by its code.
   auto finish = [&](Status status) {
@@ -822,6 +983,7 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
     // One draw per sampled token: skipping the draws of the delivered tokens continues the
     // same random stream.
     rreq.seed = job.seed + static_cast<uint64_t>(offset) * kSplitMix64Gamma;
+    rreq.trace_id = out.request_id;
     std::optional<Reserved> reserved;
     for (;;) {
       auto r = reserve(rreq);
@@ -852,6 +1014,8 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
     preq.request_id = attempt;
     preq.prompt = prompt;
     preq.deadline_unix_ms = deadline_ms;
+    preq.trace_id = out.request_id;
+    std::string prefill_at, decode_at;  // for the log
     {
       std::lock_guard<std::mutex> lock(mu_);
       Placement& p = placements_.at(attempt);
@@ -861,6 +1025,15 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
       const Worker& d = workers_[reserved->decode];
       preq.target = DecodeTarget{d.endpoint.host, d.endpoint.port, grant.decode_epoch,
                                  grant.reservation_id, grant.transfer_keys};
+      prefill_at = workers_[prefill->index].endpoint.to_string();
+      decode_at = d.endpoint.to_string();
+    }
+    if (opt_.log) {
+      opt_.log->info("placed", out.request_id,
+                     {{"prefill", prefill_at},
+                      {"decode", decode_at},
+                      {"attempt", attempt_no + 1},
+                      {"prompt_tokens", prompt.size()}});
     }
     const caf::actor prefill_handle = prefill->handle;
     const auto left = std::max(
@@ -964,7 +1137,14 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
           break;
         }
       }
-      if (replay) end_attempt(attempt, false, "replayed");
+      if (replay) {
+        end_attempt(attempt, false, "replayed");
+        if (opt_.log) {
+          opt_.log->warn(
+              "replayed", out.request_id,
+              {{"attempt", attempt_no + 1}, {"tokens", produced.size()}, {"why", last_error}});
+        }
+      }
     }
   }
 }
@@ -1004,14 +1184,52 @@ GenerateOutcome Gateway::generate(const GenerateJob& job, const TokenCallback& o
                                   const CancelCheck& cancelled) {
   const auto started = SteadyClock::now();
   GenerateOutcome out = impl_->generate(job, on_tokens, cancelled);
-  if (impl_->metrics_)
-    impl_->metrics_->record(out,
-                            std::chrono::duration<double>(SteadyClock::now() - started).count());
+  const double seconds = std::chrono::duration<double>(SteadyClock::now() - started).count();
+  if (impl_->metrics_) impl_->metrics_->record(out, seconds);
+  if (ops::Logger* log = impl_->opt_.log) {
+    // The outcome labels of dserve_gateway_requests_total, and the status code.
+    const StatusCode code = out.status.code();
+    const char* outcome = code == StatusCode::kOk                  ? "completed"
+                          : code == StatusCode::kCancelled         ? "cancelled"
+                          : code == StatusCode::kResourceExhausted ? "refused"
+                                                                   : "failed";
+    log->log(out.status.is_ok() ? ops::LogLevel::kInfo : ops::LogLevel::kWarn, "finished",
+             out.request_id.empty() ? job.request_id : out.request_id,
+             {{"outcome", outcome},
+              {"code", status_code_name(code)},
+              {"finish_reason", out.finish_reason},
+              {"tokens", out.tokens},
+              {"attempts", out.attempts},
+              {"ttft_ms", out.ttft_ms},
+              {"cached_prefix_tokens", out.cached_prefix_tokens},
+              {"duration_ms", seconds * 1000.0},
+              {"error", out.status.is_ok() ? std::string() : out.status.message()}});
+  }
   return out;
 }
 
 GatewaySnapshot Gateway::snapshot() const {
   return impl_->snapshot();
+}
+
+Status Gateway::cancel(const std::string& request_id) {
+  return impl_->cancel(request_id);
+}
+
+Status Gateway::add_worker(Role role, const WorkerEndpoint& endpoint, milliseconds timeout) {
+  return impl_->add_worker(role, endpoint, timeout);
+}
+
+Result<uint32_t> Gateway::remove_worker(const std::string& address, milliseconds timeout) {
+  return impl_->remove_worker(address, timeout);
+}
+
+void Gateway::stop_accepting() {
+  impl_->stop_accepting();
+}
+
+bool Gateway::wait_idle(milliseconds timeout) {
+  return impl_->wait_idle(timeout);
 }
 
 }  // namespace dserve::actors

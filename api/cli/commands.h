@@ -21,6 +21,12 @@ Command add_submit_command(CLI::App& app);
 // `dserve bundle --out FILE.tar.gz`: the relocatable bundle for air-gapped machines.
 Command add_bundle_command(CLI::App& app);
 
+// `dserve up`, `status`, `scale`, `down`: a cluster's life from its manifest.
+struct ClusterCommands {
+  Command up, status, scale, down;
+};
+ClusterCommands add_cluster_commands(CLI::App& app);
+
 // Prints "dserve: error: <message>" to stderr.
 void print_error(const std::string& message);
 

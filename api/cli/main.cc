@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
   const dserve::cli::Command generate = dserve::cli::add_generate_command(app);
   const dserve::cli::Command serve = dserve::cli::add_serve_command(app);
   const dserve::cli::Command submit = dserve::cli::add_submit_command(app);
+  const dserve::cli::ClusterCommands cluster = dserve::cli::add_cluster_commands(app);
   const dserve::cli::Command bundle = dserve::cli::add_bundle_command(app);
 
   try {
@@ -28,6 +29,10 @@ int main(int argc, char** argv) {
   if (app.got_subcommand("generate")) return generate();
   if (app.got_subcommand("serve")) return serve();
   if (app.got_subcommand("submit")) return submit();
+  if (app.got_subcommand("up")) return cluster.up();
+  if (app.got_subcommand("status")) return cluster.status();
+  if (app.got_subcommand("scale")) return cluster.scale();
+  if (app.got_subcommand("down")) return cluster.down();
   if (app.got_subcommand("bundle")) return bundle();
   return 2;
 }

@@ -9,6 +9,7 @@
 #include "commands.h"
 #include "dserve/api/auth.h"
 #include "dserve/api/serving_client.h"
+#include "submit_jobs.h"
 
 namespace dserve::cli {
 namespace {
@@ -28,9 +29,44 @@ struct SubmitOptions {
   bool print_tokens = false;
   std::string token_file;  // the first token in it is sent
   api::ClientOptions connection;
+  JobsOptions jobs;  // --jobs: a batch instead of one prompt
 };
 
+// The client for --gateway with the token and TLS options; prints the error when it fails.
+std::unique_ptr<api::ServingClient> connect_client(const SubmitOptions& o, int& exit_code) {
+  api::ClientOptions connection = o.connection;
+  if (!o.token_file.empty()) {
+    auto tokens = api::load_token_file(o.token_file);
+    if (!tokens.is_ok()) {
+      print_error("--token-file: " + tokens.status().message());
+      exit_code = 2;
+      return nullptr;
+    }
+    connection.token = tokens->front().token;
+  }
+  auto client = api::ServingClient::connect(
+      o.gateway, std::chrono::milliseconds(o.connect_timeout_ms), connection);
+  if (!client.is_ok()) {
+    print_error(client.status().message());
+    exit_code = 1;
+    return nullptr;
+  }
+  return std::move(client).value();
+}
+
 int run_submit(const SubmitOptions& o) {
+  if (!o.jobs.jobs_path.empty()) {
+    if (!o.prompt.empty() || !o.prompt_tokens.empty()) {
+      print_error("--jobs runs the prompts of its file: give it without --prompt/--prompt-tokens");
+      return 2;
+    }
+    int exit_code = 0;
+    auto client = connect_client(o, exit_code);
+    if (!client) return exit_code;
+    JobsOptions jobs = o.jobs;
+    jobs.default_max_tokens = o.max_tokens;
+    return run_jobs(*client, jobs);
+  }
   dserve::v1::GenerateRequest req;
   if (!o.prompt_tokens.empty()) {
     std::stringstream in(o.prompt_tokens);
@@ -59,22 +95,10 @@ int run_submit(const SubmitOptions& o) {
   req.set_seed(o.seed);
   req.set_timeout_ms(o.timeout_ms);
 
-  api::ClientOptions connection = o.connection;
-  if (!o.token_file.empty()) {
-    auto tokens = api::load_token_file(o.token_file);
-    if (!tokens.is_ok()) {
-      print_error("--token-file: " + tokens.status().message());
-      return 2;
-    }
-    connection.token = tokens->front().token;
-  }
-  auto client = api::ServingClient::connect(
-      o.gateway, std::chrono::milliseconds(o.connect_timeout_ms), connection);
-  if (!client.is_ok()) {
-    print_error(client.status().message());
-    return 1;
-  }
-  auto done = (*client)->generate(req, [&](const dserve::v1::GenerateResponse& msg) {
+  int exit_code = 0;
+  auto client = connect_client(o, exit_code);
+  if (!client) return exit_code;
+  auto done = client->generate(req, [&](const dserve::v1::GenerateResponse& msg) {
     if (o.print_tokens) {
       for (int32_t t : msg.tokens())
         std::printf("%d\n", t);
@@ -138,6 +162,14 @@ Command add_submit_command(CLI::App& app) {
   cmd->add_option("--tls-server-name", o->connection.tls_server_name,
                   "with --tls-ca: the name the gateway's certificate carries, when not the "
                   "--gateway host");
+  cmd->add_option("--jobs", o->jobs.jobs_path,
+                  "submit a batch: a JSONL file, one job per line ({\"id\", \"prompt\" or "
+                  "\"prompt_tokens\", \"max_tokens\", \"temperature\", ...}); progress on "
+                  "stderr, one JSON result per job in input order");
+  cmd->add_option("--out", o->jobs.out_path, "with --jobs: where the results go (default stdout)");
+  cmd->add_option("--concurrency", o->jobs.concurrency, "with --jobs: requests in flight at once")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   return [o] { return run_submit(*o); };
 }
 

@@ -46,7 +46,8 @@ ServingClient::ServingClient(std::string address, std::shared_ptr<grpc::Channel>
     : address_(std::move(address)),
       token_(std::move(token)),
       channel_(std::move(channel)),
-      stub_(dserve::v1::Serving::NewStub(channel_)) {}
+      stub_(dserve::v1::Serving::NewStub(channel_)),
+      admin_stub_(dserve::v1::Admin::NewStub(channel_)) {}
 
 Result<Completion> ServingClient::generate(const dserve::v1::GenerateRequest& request,
                                            const ChunkCallback& on_chunk,
@@ -82,6 +83,72 @@ Result<Completion> ServingClient::generate(const dserve::v1::GenerateRequest& re
   if (out.finish_reason.empty())
     return data_loss("the stream from " + address_ + " ended without a finish reason");
   return out;
+}
+
+std::unique_ptr<grpc::ClientContext> ServingClient::context_for(
+    std::chrono::milliseconds timeout) const {
+  auto context = std::make_unique<grpc::ClientContext>();
+  if (timeout.count() > 0) context->set_deadline(std::chrono::system_clock::now() + timeout);
+  if (!token_.empty()) context->AddMetadata("authorization", "Bearer " + token_);
+  return context;
+}
+
+Status ServingClient::cancel(const std::string& request_id, std::chrono::milliseconds timeout) {
+  dserve::v1::CancelRequest request;
+  request.set_request_id(request_id);
+  dserve::v1::CancelResponse response;
+  auto context = context_for(timeout);
+  return from_grpc(stub_->Cancel(context.get(), request, &response));
+}
+
+Result<dserve::v1::ClusterStatus> ServingClient::status(std::chrono::milliseconds timeout) {
+  dserve::v1::ClusterStatus response;
+  auto context = context_for(timeout);
+  const grpc::Status st = stub_->Status(context.get(), dserve::v1::StatusRequest{}, &response);
+  if (!st.ok()) return from_grpc(st).with_context("gateway " + address_);
+  return response;
+}
+
+Result<dserve::v1::ListModelsResponse> ServingClient::list_models(
+    std::chrono::milliseconds timeout) {
+  dserve::v1::ListModelsResponse response;
+  auto context = context_for(timeout);
+  const grpc::Status st =
+      stub_->ListModels(context.get(), dserve::v1::ListModelsRequest{}, &response);
+  if (!st.ok()) return from_grpc(st).with_context("gateway " + address_);
+  return response;
+}
+
+Result<dserve::v1::HealthResponse> ServingClient::health(std::chrono::milliseconds timeout) {
+  dserve::v1::HealthResponse response;
+  auto context = context_for(timeout);
+  const grpc::Status st = stub_->Health(context.get(), dserve::v1::HealthRequest{}, &response);
+  if (!st.ok()) return from_grpc(st).with_context("gateway " + address_);
+  return response;
+}
+
+Status ServingClient::add_worker(const std::string& role, const std::string& address,
+                                 std::chrono::milliseconds timeout) {
+  dserve::v1::AddWorkerRequest request;
+  request.set_role(role);
+  request.set_address(address);
+  request.set_timeout_ms(static_cast<uint32_t>(timeout.count()));
+  dserve::v1::AddWorkerResponse response;
+  // The gateway waits up to `timeout`; the call gets a little longer to answer.
+  auto context = context_for(timeout + std::chrono::seconds(5));
+  return from_grpc(admin_stub_->AddWorker(context.get(), request, &response));
+}
+
+Result<uint32_t> ServingClient::remove_worker(const std::string& address,
+                                              std::chrono::milliseconds timeout) {
+  dserve::v1::RemoveWorkerRequest request;
+  request.set_address(address);
+  request.set_timeout_ms(static_cast<uint32_t>(timeout.count()));
+  dserve::v1::RemoveWorkerResponse response;
+  auto context = context_for(timeout + std::chrono::seconds(5));
+  const grpc::Status st = admin_stub_->RemoveWorker(context.get(), request, &response);
+  if (!st.ok()) return from_grpc(st);
+  return response.drained_requests();
 }
 
 }  // namespace dserve::api

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
+#include <random>
 #include <vector>
 
 namespace dserve::api {
@@ -13,6 +15,19 @@ int64_t unix_ms_now() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
+}
+
+// "req-<16 hex digits of this process>-<n>": unique across gateway processes and restarts.
+std::string new_request_id() {
+  static const uint64_t process = [] {
+    std::random_device rd;
+    return (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  }();
+  static std::atomic<uint64_t> next{1};
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "req-%016llx-%llu", static_cast<unsigned long long>(process),
+                static_cast<unsigned long long>(next.fetch_add(1)));
+  return buf;
 }
 
 }  // namespace
@@ -108,6 +123,7 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
   if (grpc::Status refused = admit_call(options_.auth.get(), *context, admission); !refused.ok())
     return refused;
   actors::GenerateJob job;
+  job.request_id = request->request_id().empty() ? new_request_id() : request->request_id();
   if (request->prompt_tokens_size() > 0) {
     const int64_t vocab = tokenizer_.vocab_size();
     for (int i = 0; i < request->prompt_tokens_size(); ++i) {
@@ -165,8 +181,11 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
   model::StreamDecoder text(tokenizer_);
   std::atomic<bool> client_gone{false};
   ::dserve::Status text_error;
+  // The id the gateway uses (the caller's, or the one it assigns when admitting the request).
+  const std::string& request_id = job.request_id;
   auto on_tokens = [&](std::span<const int32_t> tokens, uint32_t first_index) {
     dserve::v1::GenerateResponse msg;
+    msg.set_request_id(request_id);
     msg.set_first_index(first_index);
     std::string piece;
     for (int32_t t : tokens) {
@@ -186,6 +205,7 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
   if (!out.status.is_ok()) return to_grpc(out.status);
 
   dserve::v1::GenerateResponse last;
+  last.set_request_id(request_id);
   last.set_first_index(out.tokens);
   last.set_text(text.flush());
   last.set_finish_reason(out.finish_reason);
@@ -206,7 +226,127 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
   return grpc::Status::OK;
 }
 
-Result<std::unique_ptr<GrpcServer>> GrpcServer::start(grpc::Service& service,
+grpc::Status ServingService::Cancel(grpc::ServerContext* context,
+                                    const dserve::v1::CancelRequest* request,
+                                    dserve::v1::CancelResponse*) {
+  if (grpc::Status denied = authorize_call(options_.auth.get(), *context); !denied.ok())
+    return denied;
+  if (request->request_id().empty()) {
+    return {grpc::StatusCode::INVALID_ARGUMENT, "request_id is empty"};
+  }
+  return to_grpc(gateway_.cancel(request->request_id()));
+}
+
+dserve::v1::ClusterStatus to_cluster_status(const actors::GatewaySnapshot& snap,
+                                            const std::string& model_name) {
+  dserve::v1::ClusterStatus out;
+  out.set_model(model_name);
+  for (const actors::Role role : {actors::Role::kPrefill, actors::Role::kDecode}) {
+    for (const actors::WorkerView& w : snap.workers) {
+      if (w.role != role) continue;
+      dserve::v1::WorkerStatus* ws = out.add_workers();
+      ws->set_role(std::string(actors::role_name(w.role)));
+      ws->set_address(w.address);
+      ws->set_healthy(w.healthy);
+      ws->set_draining(w.draining);
+      ws->set_placed(w.placed);
+      ws->set_placed_total(w.placed_total);
+      ws->set_active_requests(w.last_report.active_requests);
+      ws->set_queued_requests(w.last_report.queued_requests);
+      ws->set_queued_tokens(w.queued_tokens);
+      ws->set_kv_budget_bytes(w.last_report.free_kv_bytes + w.last_report.kv_budget_bytes_in_use);
+      ws->set_kv_budget_bytes_in_use(w.last_report.kv_budget_bytes_in_use);
+      ws->set_kv_page_bytes_in_use(w.last_report.kv_page_bytes_in_use);
+      ws->set_cached_kv_bytes(w.last_report.cached_kv_bytes);
+      ws->set_restarts(w.restarts);
+      ws->set_uptime_ms(w.last_report.uptime_ms);
+      ws->set_last_error(w.last_error);
+    }
+  }
+  out.set_running(static_cast<uint32_t>(snap.running));
+  out.set_queued(static_cast<uint32_t>(snap.queued));
+  out.set_admitted(snap.counters.admitted);
+  out.set_completed(snap.counters.completed);
+  out.set_failed(snap.counters.failed);
+  out.set_cancelled(snap.counters.cancelled);
+  out.set_refused(snap.counters.refused);
+  out.set_replays(snap.counters.replays);
+  out.set_accepting(snap.accepting);
+  return out;
+}
+
+grpc::Status ServingService::Status(grpc::ServerContext* context, const dserve::v1::StatusRequest*,
+                                    dserve::v1::ClusterStatus* response) {
+  if (grpc::Status denied = authorize_call(options_.auth.get(), *context); !denied.ok())
+    return denied;
+  *response = to_cluster_status(gateway_.snapshot(), options_.model_name);
+  return grpc::Status::OK;
+}
+
+grpc::Status ServingService::ListModels(grpc::ServerContext* context,
+                                        const dserve::v1::ListModelsRequest*,
+                                        dserve::v1::ListModelsResponse* response) {
+  if (grpc::Status denied = authorize_call(options_.auth.get(), *context); !denied.ok())
+    return denied;
+  dserve::v1::ModelInfo* model = response->add_models();
+  model->set_id(options_.model_name);
+  model->set_context_tokens(options_.max_prompt_tokens);
+  return grpc::Status::OK;
+}
+
+grpc::Status ServingService::Health(grpc::ServerContext* context, const dserve::v1::HealthRequest*,
+                                    dserve::v1::HealthResponse* response) {
+  if (grpc::Status denied = authorize_call(options_.auth.get(), *context); !denied.ok())
+    return denied;
+  const actors::GatewaySnapshot snap = gateway_.snapshot();
+  bool prefill = false, decode = false;
+  for (const actors::WorkerView& w : snap.workers) {
+    if (!w.healthy || w.draining) continue;
+    (w.role == actors::Role::kPrefill ? prefill : decode) = true;
+  }
+  std::string detail;
+  if (!snap.accepting) detail = "the gateway is shutting down";
+  if (!prefill) detail += std::string(detail.empty() ? "" : "; ") + "no healthy prefill worker";
+  if (!decode) detail += std::string(detail.empty() ? "" : "; ") + "no healthy decode worker";
+  response->set_status(detail.empty() ? dserve::v1::HealthResponse::SERVING
+                                      : dserve::v1::HealthResponse::NOT_SERVING);
+  response->set_detail(detail);
+  return grpc::Status::OK;
+}
+
+grpc::Status AdminService::AddWorker(grpc::ServerContext* context,
+                                     const dserve::v1::AddWorkerRequest* request,
+                                     dserve::v1::AddWorkerResponse*) {
+  if (grpc::Status denied = authorize_call(auth_.get(), *context); !denied.ok()) return denied;
+  actors::Role role;
+  if (request->role() == "prefill") {
+    role = actors::Role::kPrefill;
+  } else if (request->role() == "decode") {
+    role = actors::Role::kDecode;
+  } else {
+    return {grpc::StatusCode::INVALID_ARGUMENT,
+            "role must be 'prefill' or 'decode', got '" + request->role() + "'"};
+  }
+  auto endpoint = actors::parse_endpoint(request->address());
+  if (!endpoint.is_ok()) return to_grpc(endpoint.status().with_context("address"));
+  const auto timeout =
+      std::chrono::milliseconds(request->timeout_ms() == 0 ? 60000 : request->timeout_ms());
+  return to_grpc(gateway_.add_worker(role, *endpoint, timeout));
+}
+
+grpc::Status AdminService::RemoveWorker(grpc::ServerContext* context,
+                                        const dserve::v1::RemoveWorkerRequest* request,
+                                        dserve::v1::RemoveWorkerResponse* response) {
+  if (grpc::Status denied = authorize_call(auth_.get(), *context); !denied.ok()) return denied;
+  const auto timeout =
+      std::chrono::milliseconds(request->timeout_ms() == 0 ? 300000 : request->timeout_ms());
+  auto drained = gateway_.remove_worker(request->address(), timeout);
+  if (!drained.is_ok()) return to_grpc(drained.status());
+  response->set_drained_requests(*drained);
+  return grpc::Status::OK;
+}
+
+Result<std::unique_ptr<GrpcServer>> GrpcServer::start(const std::vector<grpc::Service*>& services,
                                                       const GrpcServerOptions& options) {
   if (options.host.empty()) return invalid_argument("gRPC server: the listen host is empty");
   const std::string where = options.host + ":" + std::to_string(options.port);
@@ -227,7 +367,8 @@ Result<std::unique_ptr<GrpcServer>> GrpcServer::start(grpc::Service& service,
     credentials = grpc::SslServerCredentials(ssl);
   }
   builder.AddListeningPort(where, credentials, &bound);
-  builder.RegisterService(&service);
+  for (grpc::Service* service : services)
+    builder.RegisterService(service);
   grpc::ResourceQuota quota("dserve-grpc");
   quota.SetMaxThreads(options.max_threads);
   builder.SetResourceQuota(quota);

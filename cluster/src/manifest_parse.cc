@@ -98,13 +98,15 @@ void read_nodes(const YAML::Node& node, Location at, ProblemSink& sink, std::vec
 }
 
 void read_gateway(const YAML::Node& node, Location at, ProblemSink& sink, GatewaySpec& gw) {
-  MapReader m(node, "gateway", at, sink, {"node", "port", "grpc_port"});
+  MapReader m(node, "gateway", at, sink, {"node", "port", "grpc_port", "http_port"});
   gw.at = m.at();
   gw.node = m.string("node", true).value_or("");
   gw.port = m.integer("port", 1, kMaxPort, false);
   gw.grpc_port = m.integer("grpc_port", 1, kMaxPort, false);
   gw.port_at = m.at("port");
   gw.grpc_port_at = m.at("grpc_port");
+  gw.http_port = m.integer("http_port", 1, kMaxPort, false);
+  gw.http_port_at = m.at("http_port");
 }
 
 void read_pool(const YAML::Node& node, const std::string& path, Location at, ProcessRole role,
@@ -228,7 +230,12 @@ void read_pools(const YAML::Node& node, Location at, ProblemSink& sink, Manifest
 }
 
 void read_network(const YAML::Node& node, Location at, ProblemSink& sink, NetworkSpec& net) {
-  MapReader m(node, "network", at, sink, {"ucx_transports", "ucx_net_devices"});
+  MapReader m(node, "network", at, sink,
+              {"ucx_transports", "ucx_net_devices", "metrics_port_offset"});
+  if (auto offset = m.integer("metrics_port_offset", 0, kMaxPort - 1, false)) {
+    net.metrics_port_offset = *offset;
+  }
+  net.metrics_port_offset_at = m.at("metrics_port_offset");
   std::vector<Location> where;
   if (auto tls = m.string_list("ucx_transports", false, "a list of UCX transport names, e.g. [tcp]",
                                &where)) {

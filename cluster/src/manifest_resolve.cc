@@ -63,9 +63,11 @@ void unknown_node(const std::string& name, Location at, const std::string& field
 }
 
 // One port slot of a process: explicit (with where it was given) or to be assigned.
+enum class PortKind { kControl, kSecond, kMetrics, kHttp };
+
 struct PortSlot {
   size_t process = 0;
-  bool second = false;  // fills Process::second_port
+  PortKind kind = PortKind::kControl;
   std::optional<int64_t> explicit_port;
   Location at;
   std::string field;  // the field that gave it, or that should give it
@@ -118,10 +120,14 @@ void resolve_processes(Manifest& out, const SectionInfo& info, ProblemSink& sink
       gw.role = ProcessRole::kGateway;
       gw.node = out.gateway.node;
       processes.push_back(gw);
-      slots.push_back(
-          {processes.size() - 1, false, out.gateway.port, out.gateway.port_at, "gateway.port"});
-      slots.push_back({processes.size() - 1, true, out.gateway.grpc_port, out.gateway.grpc_port_at,
-                       "gateway.grpc_port"});
+      slots.push_back({processes.size() - 1, PortKind::kControl, out.gateway.port,
+                       out.gateway.port_at, "gateway.port"});
+      slots.push_back({processes.size() - 1, PortKind::kSecond, out.gateway.grpc_port,
+                       out.gateway.grpc_port_at, "gateway.grpc_port"});
+      if (out.gateway.http_port) {
+        slots.push_back({processes.size() - 1, PortKind::kHttp, out.gateway.http_port,
+                         out.gateway.http_port_at, "gateway.http_port"});
+      }
     }
   }
 
@@ -175,12 +181,13 @@ void resolve_processes(Manifest& out, const SectionInfo& info, ProblemSink& sink
       const Location port_at = pool.ports.empty() ? pool.placement_at[i] : pool.ports_at[i];
       const std::string port_field =
           pool.ports.empty() ? key + ".ports" : key + ".ports[" + std::to_string(i) + "]";
-      slots.push_back({processes.size() - 1, false, port, port_at, port_field});
+      slots.push_back({processes.size() - 1, PortKind::kControl, port, port_at, port_field});
       if (pool.role == ProcessRole::kColocated) {
         // The decode half listens on the next port when the prefill half's is explicit.
         const std::optional<int64_t> second =
             port ? std::optional<int64_t>(*port + 1) : std::nullopt;
-        slots.push_back({processes.size() - 1, true, second, port_at, port_field + " (+1)"});
+        slots.push_back(
+            {processes.size() - 1, PortKind::kSecond, second, port_at, port_field + " (+1)"});
       }
     }
   }
@@ -199,7 +206,20 @@ void resolve_processes(Manifest& out, const SectionInfo& info, ProblemSink& sink
                "a port no other process on node '" + p.node + "' uses");
       return;
     }
-    (slot.second ? p.second_port : p.port) = static_cast<uint16_t>(port);
+    switch (slot.kind) {
+      case PortKind::kControl:
+        p.port = static_cast<uint16_t>(port);
+        break;
+      case PortKind::kSecond:
+        p.second_port = static_cast<uint16_t>(port);
+        break;
+      case PortKind::kMetrics:
+        p.metrics_port = static_cast<uint16_t>(port);
+        break;
+      case PortKind::kHttp:
+        p.http_port = static_cast<uint16_t>(port);
+        break;
+    }
   };
   for (const PortSlot& slot : slots) {
     if (!slot.explicit_port) continue;
@@ -231,6 +251,29 @@ void resolve_processes(Manifest& out, const SectionInfo& info, ProblemSink& sink
       continue;
     }
     claim(slot, next++);
+  }
+
+  // Metrics: each process's control port + the offset, checked against every other port.
+  if (out.network.metrics_port_offset > 0) {
+    std::vector<PortSlot> metrics_slots;
+    for (size_t i = 0; i < processes.size(); ++i) {
+      if (processes[i].port == 0) continue;  // its control port is already a problem
+      metrics_slots.push_back({i, PortKind::kMetrics,
+                               processes[i].port + out.network.metrics_port_offset,
+                               out.network.metrics_port_offset_at,
+                               "network.metrics_port_offset (" + processes[i].name + ")"});
+    }
+    for (const PortSlot& slot : metrics_slots) {
+      if (*slot.explicit_port > 65535) {
+        sink.add(slot.at, slot.field,
+                 std::to_string(out.network.metrics_port_offset) + ", which puts " +
+                     processes[slot.process].name + "'s /metrics on port " +
+                     std::to_string(*slot.explicit_port),
+                 "an offset that keeps every process's metrics port within 1..65535");
+        continue;
+      }
+      claim(slot, *slot.explicit_port);
+    }
   }
 
   // The KV host tier of every prefix-caching replica on a node must fit its memory.

@@ -14,28 +14,24 @@ std::string address(const std::string& host, uint16_t port) {
   return host + ":" + std::to_string(port);
 }
 
-// The manifest fields `dserve serve` has no flag for yet: launching without them would
-// quietly serve with defaults.
-std::vector<std::string> unapplied_fields(const Manifest& m) {
-  std::vector<std::string> fields;
-  if (m.kv_store) fields.push_back("kv_store");
-  return fields;
-}
-
 }  // namespace
 
 Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process& process) {
-  if (const auto fields = unapplied_fields(m); !fields.empty()) {
-    return unimplemented(m.source + ": `dserve serve` has no flag yet for " + join(fields, ',') +
-                         "; refusing to launch " + process.name + " without them");
-  }
+  // Every process logs under its manifest name, so that one request's lines can be told apart.
   std::vector<std::string> args = {
       "serve",      "--role",   std::string(process_role_name(process.role)), "--model",
-      m.model.path, "--listen", address(process.host, process.port)};
+      m.model.path, "--listen", address(process.host, process.port),          "--process-name",
+      process.name};
   auto add = [&args](const char* flag, int64_t value) {
     args.push_back(flag);
     args.push_back(std::to_string(value));
   };
+  if (process.metrics_port != 0) {
+    args.insert(args.end(), {"--metrics-listen", address(process.host, process.metrics_port)});
+  }
+  if (process.http_port != 0) {
+    args.insert(args.end(), {"--http-listen", address(process.host, process.http_port)});
+  }
   if (process.role == ProcessRole::kGateway) {
     std::vector<std::string> prefill, decode;
     for (const Process& p : m.processes) {
@@ -82,7 +78,22 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
   args.insert(args.end(), {"--ucx-transports", join(m.network.ucx_transports, ','),
                            "--ucx-net-devices", join(m.network.ucx_net_devices, ',')});
   add("--transfer-timeout-ms", m.timeouts.transfer_ms);
-  if (process.role != ProcessRole::kDecode) add("--token-budget", pool->token_budget);
+  if (process.role != ProcessRole::kDecode) {
+    add("--token-budget", pool->token_budget);
+    // The prefix store; without a kv_store section the flags' defaults are the section's.
+    if (m.kv_store) {
+      const KvStoreSpec& kv = *m.kv_store;
+      add("--kv-device-mib", kv.device_mib);
+      add("--kv-host-mib", kv.host_mib);
+      args.insert(args.end(), {"--kv-host-codec", kv.host_codec});
+      if (kv.disk) {
+        args.insert(args.end(), {"--kv-disk-path", kv.disk->path});
+        add("--kv-disk-mib", kv.disk->size_mib);
+        args.insert(args.end(), {"--kv-disk-codec", kv.disk->codec});
+        add("--kv-write-queue-mib", kv.disk->write_queue_mib);
+      }
+    }
+  }
   if (process.role != ProcessRole::kPrefill) {
     add("--max-batch", pool->max_batch);
     add("--kv-budget-mib", pool->kv_budget_mib);

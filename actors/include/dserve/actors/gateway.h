@@ -50,6 +50,7 @@
 #include "dserve/core/status.h"
 
 namespace dserve::ops {
+class Logger;
 class MetricsRegistry;
 }  // namespace dserve::ops
 
@@ -93,6 +94,11 @@ struct GatewayOptions {
   // _request_duration_seconds, _queue_seconds, _kv_transfer_seconds, and the gauges
   // _running_requests and _queued_requests.
   ops::MetricsRegistry* metrics = nullptr;
+  // Where the request's life is logged (must outlive the gateway); null: nowhere. Events, each
+  // with the request id: admitted, placed (prefill and decode addresses, attempt), replayed
+  // (why), finished (outcome, tokens, ttft_ms). The id also travels to the workers as
+  // ReserveRequest/PrefillRequest::trace_id, so that their logs carry it too.
+  ops::Logger* log = nullptr;
 };
 
 struct GenerateJob {
@@ -135,9 +141,12 @@ struct WorkerView {
   Role role = Role::kPrefill;
   std::string address;
   bool healthy = false;
+  bool draining = false;  // being removed (remove_worker): nothing new is placed on it
   Epoch epoch = 0;
-  uint64_t restarts = 0;  // new epochs seen after the first
-  uint32_t placed = 0;    // requests this gateway has on it now
+  uint64_t restarts = 0;       // new epochs seen after the first
+  uint32_t placed = 0;         // requests this gateway has on it now
+  uint64_t placed_total = 0;   // requests this gateway has ever placed on it
+  uint64_t queued_tokens = 0;  // prefill: prompt tokens placed and not yet prefilled
   HealthReport last_report;
   std::string last_error;
 };
@@ -156,6 +165,7 @@ struct GatewaySnapshot {
   size_t running = 0;
   size_t queued = 0;
   GatewayCounters counters;
+  bool accepting = true;  // false after stop_accepting()
 };
 
 class Gateway {
@@ -179,7 +189,29 @@ class Gateway {
   GenerateOutcome generate(const GenerateJob& job, const TokenCallback& on_tokens,
                            const CancelCheck& cancelled);
 
+  // The pool members (workers removed by remove_worker are not shown).
   GatewaySnapshot snapshot() const;
+
+  // Cancels the running or queued request with this id: its generate() returns kCancelled and
+  // what it holds on the workers is released. kNotFound when no such request runs.
+  Status cancel(const std::string& request_id);
+
+  // Adds a running worker process to the prefill or decode pool; returns once the gateway has
+  // seen it healthy. kInvalidArgument when the address is already in a pool; kUnavailable
+  // (and the worker stays out) when it is not healthy within `timeout`.
+  Status add_worker(Role role, const WorkerEndpoint& endpoint, std::chrono::milliseconds timeout);
+
+  // Drains the worker at `address` ("host:port"): nothing new is placed on it, and once the
+  // requests it has are done (decode: finished; prefill: handed off) it leaves the pool; returns
+  // how many it had when draining began. kNotFound for an unknown address, kInvalidArgument for
+  // the last worker of its pool, kDeadlineExceeded when it still has requests after `timeout`
+  // (it stays draining).
+  Result<uint32_t> remove_worker(const std::string& address, std::chrono::milliseconds timeout);
+
+  // From now on generate() refuses new requests (kUnavailable); the running ones go on.
+  void stop_accepting();
+  // Waits until no request runs or waits; false after `timeout`.
+  bool wait_idle(std::chrono::milliseconds timeout);
 
   class Impl;
 

@@ -53,14 +53,33 @@ class ServingClient {
                               const ChunkCallback& on_chunk = {},
                               std::chrono::milliseconds timeout = std::chrono::milliseconds(0));
 
+  // The other calls of dserve.v1.Serving and dserve.v1.Admin (serving.proto says what each
+  // does); `timeout` is the gRPC deadline. gRPC failures come back as their dserve Status.
+  Status cancel(const std::string& request_id,
+                std::chrono::milliseconds timeout = std::chrono::milliseconds(10000));
+  Result<dserve::v1::ClusterStatus> status(
+      std::chrono::milliseconds timeout = std::chrono::milliseconds(10000));
+  Result<dserve::v1::ListModelsResponse> list_models(
+      std::chrono::milliseconds timeout = std::chrono::milliseconds(10000));
+  Result<dserve::v1::HealthResponse> health(
+      std::chrono::milliseconds timeout = std::chrono::milliseconds(10000));
+  // Admin: `timeout` bounds the gateway's wait for the worker too.
+  Status add_worker(const std::string& role, const std::string& address,
+                    std::chrono::milliseconds timeout);
+  Result<uint32_t> remove_worker(const std::string& address, std::chrono::milliseconds timeout);
+
   const std::string& address() const { return address_; }
 
  private:
+  // A call context with the deadline and the token.
+  std::unique_ptr<grpc::ClientContext> context_for(std::chrono::milliseconds timeout) const;
+
   ServingClient(std::string address, std::shared_ptr<grpc::Channel> channel, std::string token);
   std::string address_;
   std::string token_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<dserve::v1::Serving::Stub> stub_;
+  std::unique_ptr<dserve::v1::Admin::Stub> admin_stub_;
 };
 
 }  // namespace dserve::api

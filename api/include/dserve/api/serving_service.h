@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <grpcpp/grpcpp.h>
 
@@ -22,6 +23,7 @@
 namespace dserve::api {
 
 struct ServingOptions {
+  std::string model_name = "dserve";  // what ListModels reports
   uint32_t default_max_tokens = 256;
   uint32_t max_tokens_limit = 32768;     // a larger max_tokens is refused
   uint32_t max_prompt_tokens = 1 << 20;  // a longer prompt is refused
@@ -44,12 +46,43 @@ class ServingService final : public dserve::v1::Serving::Service {
 
   grpc::Status Generate(grpc::ServerContext* context, const dserve::v1::GenerateRequest* request,
                         grpc::ServerWriter<dserve::v1::GenerateResponse>* writer) override;
+  grpc::Status Cancel(grpc::ServerContext* context, const dserve::v1::CancelRequest* request,
+                      dserve::v1::CancelResponse* response) override;
+  grpc::Status Status(grpc::ServerContext* context, const dserve::v1::StatusRequest* request,
+                      dserve::v1::ClusterStatus* response) override;
+  grpc::Status ListModels(grpc::ServerContext* context,
+                          const dserve::v1::ListModelsRequest* request,
+                          dserve::v1::ListModelsResponse* response) override;
+  grpc::Status Health(grpc::ServerContext* context, const dserve::v1::HealthRequest* request,
+                      dserve::v1::HealthResponse* response) override;
 
  private:
   actors::Gateway& gateway_;
   const model::Tokenizer& tokenizer_;
   ServingOptions options_;
 };
+
+// The Admin service: pool changes while traffic flows (`dserve up`, `dserve scale`).
+class AdminService final : public dserve::v1::Admin::Service {
+ public:
+  // `auth` checks every call's token (null: no check); `gateway` must outlive the service.
+  explicit AdminService(actors::Gateway& gateway, std::shared_ptr<Authenticator> auth = nullptr)
+      : gateway_(gateway), auth_(std::move(auth)) {}
+
+  grpc::Status AddWorker(grpc::ServerContext* context, const dserve::v1::AddWorkerRequest* request,
+                         dserve::v1::AddWorkerResponse* response) override;
+  grpc::Status RemoveWorker(grpc::ServerContext* context,
+                            const dserve::v1::RemoveWorkerRequest* request,
+                            dserve::v1::RemoveWorkerResponse* response) override;
+
+ private:
+  actors::Gateway& gateway_;
+  std::shared_ptr<Authenticator> auth_;
+};
+
+// The ClusterStatus message for a gateway snapshot.
+dserve::v1::ClusterStatus to_cluster_status(const actors::GatewaySnapshot& snapshot,
+                                            const std::string& model_name);
 
 struct GrpcServerOptions {
   std::string host = "127.0.0.1";
@@ -64,8 +97,9 @@ struct GrpcServerOptions {
 
 class GrpcServer {
  public:
-  // Listens on options.host:options.port and serves `service` (which must outlive the server).
-  static Result<std::unique_ptr<GrpcServer>> start(grpc::Service& service,
+  // Listens on options.host:options.port and serves `services` (which must outlive the
+  // server).
+  static Result<std::unique_ptr<GrpcServer>> start(const std::vector<grpc::Service*>& services,
                                                    const GrpcServerOptions& options);
   ~GrpcServer();  // stops accepting, cancels the calls in flight, waits for them
   uint16_t port() const { return port_; }

@@ -54,7 +54,8 @@ struct GatewaySpec {
   std::string node;
   std::optional<int64_t> port;       // control (token sink) port; else from the node's base_port
   std::optional<int64_t> grpc_port;  // client gRPC port; else from the node's base_port
-  Location at, port_at, grpc_port_at;
+  std::optional<int64_t> http_port;  // the OpenAI-compatible HTTP API; off when not given
+  Location at, port_at, grpc_port_at, http_port_at;
 };
 
 // A pool of identical worker processes: `replicas` of them, replica i on node placement[i].
@@ -75,6 +76,10 @@ struct Pool {
 struct NetworkSpec {
   std::vector<std::string> ucx_transports = {"tcp"};  // UCX_TLS for KV transfer
   std::vector<std::string> ucx_net_devices = {"lo"};  // UCX_NET_DEVICES
+  // Every process serves Prometheus /metrics on its control port + this offset (on its node's
+  // address); 0: no /metrics.
+  int64_t metrics_port_offset = 1000;
+  Location metrics_port_offset_at;
 };
 
 struct KvDiskTier {
@@ -129,6 +134,8 @@ struct Process {
   std::string host;              // the node's address
   uint16_t port = 0;             // control port (--listen); the prefill half's when co-located
   uint16_t second_port = 0;      // gateway: gRPC port; co-located: the decode half's; else 0
+  uint16_t metrics_port = 0;     // /metrics (control port + network.metrics_port_offset); 0: off
+  uint16_t http_port = 0;        // gateway: the OpenAI-compatible API (gateway.http_port); 0: off
   std::vector<int64_t> devices;  // device indices on the node, devices_per_replica of them
   int64_t replica = 0;           // index in its pool (0 for the gateway)
 };

@@ -1,0 +1,83 @@
+#pragma once
+// What `dserve up`, `status`, `scale` and `down` share: the processes of a running cluster
+// (ClusterState, kept as JSON in a state directory so that each command finds what the
+// previous one started) and starting and stopping them on this machine.
+//
+// Processes run detached (their own session, output in the state directory's logs/), so the
+// cluster outlives the command that started it. A process is identified by its pid and its
+// start time (from /proc), so a recycled pid is never mistaken for it.
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "dserve/cluster/manifest.h"
+#include "dserve/core/status.h"
+
+namespace dserve::cluster {
+
+// One process the cluster runs: the manifest's Process and how it was started.
+struct ProcessRecord {
+  Process process;
+  std::vector<std::string> args;  // after the program name ("serve", ...)
+  pid_t pid = 0;
+  uint64_t start_ticks = 0;  // /proc/<pid>/stat field 22: tells a recycled pid apart
+  std::string log_path;      // stderr (the process's log lines)
+  std::string out_path;      // stdout (its ready line)
+  int64_t started_unix_ms = 0;
+};
+
+struct ClusterState {
+  std::string manifest_path;  // absolute
+  std::vector<ProcessRecord> processes;
+
+  // The gateway's record, or nullptr.
+  const ProcessRecord* gateway() const;
+  // The records of one pool's role, by replica.
+  std::vector<const ProcessRecord*> pool(ProcessRole role) const;
+};
+
+// The default state directory of a manifest: /var/tmp/dserve/<file stem>-<hash of its absolute
+// path>, so that two manifests never share one and the same manifest always finds its own.
+std::string default_state_dir(const std::string& manifest_path);
+
+// Reads <dir>/state.json: kNotFound when the cluster is not up (no file), kDataLoss when the
+// file is not what save_state wrote.
+Result<ClusterState> load_state(const std::string& dir);
+// Writes <dir>/state.json atomically (a temporary file renamed over it).
+Status save_state(const std::string& dir, const ClusterState& state);
+// Removes <dir>/state.json (the logs stay).
+Status remove_state(const std::string& dir);
+
+// True while the recorded process runs (same pid, same start time, not a zombie).
+bool is_running(const ProcessRecord& record);
+
+// True when `host` is an address of this machine (loopback, or one of its interfaces' IPv4
+// addresses), so that a process placed there can be started here.
+bool is_local_host(const std::string& host);
+
+struct LaunchOptions {
+  std::string program;    // the dserve executable
+  std::string state_dir;  // logs go to <state_dir>/logs/<name>.{log,out}
+  std::chrono::milliseconds ready_timeout{120000};
+};
+
+// Starts `dserve <args>` for `process`, detached. Returns at once; wait_ready() waits for it.
+Result<ProcessRecord> start_process(const Process& process, std::vector<std::string> args,
+                                    const LaunchOptions& options);
+
+// Waits until the process has printed its "dserve: serving ..." line. kUnavailable with the
+// end of its log when it exits first or `timeout` passes.
+Status wait_ready(const ProcessRecord& record, std::chrono::milliseconds timeout);
+
+// Sends SIGTERM, waits up to `timeout` for the process to exit, then SIGKILL. Returns how it
+// ended: "exited", "killed after N ms" or "was not running".
+std::string stop_process(const ProcessRecord& record, std::chrono::milliseconds timeout);
+
+// The last `lines` lines of a file ("" when unreadable), for error messages.
+std::string tail_of(const std::string& path, size_t lines = 20);
+
+}  // namespace dserve::cluster

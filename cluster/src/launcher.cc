@@ -1,0 +1,340 @@
+#include "dserve/cluster/launcher.h"
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+namespace dserve::cluster {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+int64_t unix_ms_now() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+std::optional<ProcessRole> role_from_name(const std::string& name) {
+  for (ProcessRole r : {ProcessRole::kGateway, ProcessRole::kPrefill, ProcessRole::kDecode,
+                        ProcessRole::kColocated}) {
+    if (process_role_name(r) == name) return r;
+  }
+  return std::nullopt;
+}
+
+// Field 22 of /proc/<pid>/stat (start time in clock ticks) and field 3 (the state letter);
+// 0 when the process does not exist.
+uint64_t start_ticks_of(pid_t pid, char* state = nullptr) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return 0;
+  // The command name (field 2) is in parentheses and may hold spaces: fields follow the last ')'.
+  const auto close = line.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream rest(line.substr(close + 2));
+  std::string field;
+  uint64_t ticks = 0;
+  for (int i = 3; i <= 22 && rest >> field; ++i) {
+    if (i == 3 && state) *state = field.empty() ? '?' : field[0];
+    if (i == 22) ticks = std::stoull(field);
+  }
+  return ticks;
+}
+
+json to_json(const ProcessRecord& r) {
+  const Process& p = r.process;
+  return json{{"name", p.name},
+              {"role", std::string(process_role_name(p.role))},
+              {"node", p.node},
+              {"host", p.host},
+              {"port", p.port},
+              {"second_port", p.second_port},
+              {"metrics_port", p.metrics_port},
+              {"http_port", p.http_port},
+              {"devices", p.devices},
+              {"replica", p.replica},
+              {"args", r.args},
+              {"pid", r.pid},
+              {"start_ticks", r.start_ticks},
+              {"log", r.log_path},
+              {"out", r.out_path},
+              {"started_unix_ms", r.started_unix_ms}};
+}
+
+ProcessRecord from_json(const json& j) {
+  ProcessRecord r;
+  Process& p = r.process;
+  p.name = j.at("name").get<std::string>();
+  const auto role = role_from_name(j.at("role").get<std::string>());
+  if (!role) throw std::runtime_error("unknown role '" + j.at("role").get<std::string>() + "'");
+  p.role = *role;
+  p.node = j.at("node").get<std::string>();
+  p.host = j.at("host").get<std::string>();
+  p.port = j.at("port").get<uint16_t>();
+  p.second_port = j.at("second_port").get<uint16_t>();
+  p.metrics_port = j.at("metrics_port").get<uint16_t>();
+  p.http_port = j.at("http_port").get<uint16_t>();
+  p.devices = j.at("devices").get<std::vector<int64_t>>();
+  p.replica = j.at("replica").get<int64_t>();
+  r.args = j.at("args").get<std::vector<std::string>>();
+  r.pid = j.at("pid").get<pid_t>();
+  r.start_ticks = j.at("start_ticks").get<uint64_t>();
+  r.log_path = j.at("log").get<std::string>();
+  r.out_path = j.at("out").get<std::string>();
+  r.started_unix_ms = j.at("started_unix_ms").get<int64_t>();
+  return r;
+}
+
+bool has_ready_line(const std::string& out_path) {
+  std::ifstream in(out_path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("dserve: serving ", 0) == 0) return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+const ProcessRecord* ClusterState::gateway() const {
+  for (const auto& r : processes) {
+    if (r.process.role == ProcessRole::kGateway) return &r;
+  }
+  return nullptr;
+}
+
+std::vector<const ProcessRecord*> ClusterState::pool(ProcessRole role) const {
+  std::vector<const ProcessRecord*> out;
+  for (const auto& r : processes) {
+    if (r.process.role == role) out.push_back(&r);
+  }
+  std::sort(out.begin(), out.end(), [](const ProcessRecord* a, const ProcessRecord* b) {
+    return a->process.replica < b->process.replica;
+  });
+  return out;
+}
+
+std::string default_state_dir(const std::string& manifest_path) {
+  std::error_code ec;
+  fs::path abs = fs::weakly_canonical(fs::absolute(manifest_path, ec), ec);
+  if (abs.empty()) abs = manifest_path;
+  // FNV-1a of the absolute path: stable across runs and machines.
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : abs.string()) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(h));
+  return (fs::path("/var/tmp/dserve") / (abs.stem().string() + "-" + std::string(hex, 8))).string();
+}
+
+Result<ClusterState> load_state(const std::string& dir) {
+  const std::string path = dir + "/state.json";
+  std::ifstream in(path);
+  if (!in) return not_found("no cluster is up from " + dir + " (no " + path + ")");
+  try {
+    const json j = json::parse(in);
+    ClusterState s;
+    s.manifest_path = j.at("manifest").get<std::string>();
+    for (const json& p : j.at("processes"))
+      s.processes.push_back(from_json(p));
+    return s;
+  } catch (const std::exception& e) {
+    return data_loss(path + " is not a dserve cluster state file: " + e.what());
+  }
+}
+
+Status save_state(const std::string& dir, const ClusterState& state) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return invalid_argument("cannot create the state directory " + dir + ": " + ec.message());
+  json j;
+  j["manifest"] = state.manifest_path;
+  j["processes"] = json::array();
+  for (const auto& r : state.processes)
+    j["processes"].push_back(to_json(r));
+  const std::string path = dir + "/state.json";
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << j.dump(2) << "\n";
+    if (!out.flush()) return internal_error("cannot write " + tmp);
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    return internal_error("cannot rename " + tmp + " to " + path + ": " + std::strerror(errno));
+  }
+  return Status::ok();
+}
+
+Status remove_state(const std::string& dir) {
+  std::error_code ec;
+  fs::remove(dir + "/state.json", ec);
+  if (ec) return internal_error("cannot remove " + dir + "/state.json: " + ec.message());
+  return Status::ok();
+}
+
+bool is_running(const ProcessRecord& record) {
+  if (record.pid <= 0) return false;
+  char state = '?';
+  const uint64_t ticks = start_ticks_of(record.pid, &state);
+  return ticks != 0 && ticks == record.start_ticks && state != 'Z' && state != 'X';
+}
+
+bool is_local_host(const std::string& host) {
+  if (host == "localhost") return true;
+  in_addr addr{};
+  if (inet_pton(AF_INET, host.c_str(), &addr) != 1) {
+    // A host name: this machine's own name counts.
+    char name[256] = {};
+    return gethostname(name, sizeof name - 1) == 0 && host == name;
+  }
+  if ((ntohl(addr.s_addr) >> 24) == 127) return true;
+  ifaddrs* list = nullptr;
+  if (getifaddrs(&list) != 0) return false;
+  bool found = false;
+  for (ifaddrs* a = list; a && !found; a = a->ifa_next) {
+    if (!a->ifa_addr || a->ifa_addr->sa_family != AF_INET) continue;
+    found = reinterpret_cast<sockaddr_in*>(a->ifa_addr)->sin_addr.s_addr == addr.s_addr;
+  }
+  freeifaddrs(list);
+  return found;
+}
+
+Result<ProcessRecord> start_process(const Process& process, std::vector<std::string> args,
+                                    const LaunchOptions& options) {
+  const fs::path logs = fs::path(options.state_dir) / "logs";
+  std::error_code ec;
+  fs::create_directories(logs, ec);
+  if (ec) return invalid_argument("cannot create " + logs.string() + ": " + ec.message());
+  ProcessRecord r;
+  r.process = process;
+  r.args = std::move(args);
+  r.log_path = (logs / (process.name + ".log")).string();
+  r.out_path = (logs / (process.name + ".out")).string();
+  const int err_fd = ::open(r.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+  const int out_fd = ::open(r.out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
+  if (err_fd < 0 || out_fd < 0) {
+    if (err_fd >= 0) ::close(err_fd);
+    if (out_fd >= 0) ::close(out_fd);
+    return invalid_argument("cannot open the log files in " + logs.string() + ": " +
+                            std::strerror(errno));
+  }
+  std::vector<std::string> argv_store;
+  argv_store.push_back(options.program);
+  argv_store.insert(argv_store.end(), r.args.begin(), r.args.end());
+  std::vector<char*> argv;
+  for (auto& a : argv_store)
+    argv.push_back(a.data());
+  argv.push_back(nullptr);
+
+  const pid_t pid = fork();
+  if (pid < 0) {
+    ::close(err_fd);
+    ::close(out_fd);
+    return internal_error(std::string("fork failed: ") + std::strerror(errno));
+  }
+  if (pid == 0) {
+    // The child: its own session (no signal from the terminal that ran `dserve up`), stdin
+    // from /dev/null, stdout and stderr to the logs.
+    setsid();
+    const int null_fd = ::open("/dev/null", O_RDONLY);
+    if (null_fd >= 0) dup2(null_fd, 0);
+    dup2(out_fd, 1);
+    dup2(err_fd, 2);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, nullptr);
+    execv(argv[0], argv.data());
+    std::fprintf(stderr, "dserve: cannot run %s: %s\n", argv[0], std::strerror(errno));
+    _exit(127);
+  }
+  ::close(err_fd);
+  ::close(out_fd);
+  r.pid = pid;
+  r.started_unix_ms = unix_ms_now();
+  // /proc/<pid>/stat exists as soon as fork returns.
+  r.start_ticks = start_ticks_of(pid);
+  return r;
+}
+
+Status wait_ready(const ProcessRecord& record, std::chrono::milliseconds timeout) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    if (has_ready_line(record.out_path)) return Status::ok();
+    // Reap it if it is our child and has exited (a zombie is not running).
+    int status = 0;
+    const pid_t reaped = waitpid(record.pid, &status, WNOHANG);
+    if (reaped == record.pid || !is_running(record)) {
+      if (has_ready_line(record.out_path)) return Status::ok();
+      std::string how = "exited";
+      if (reaped == record.pid && WIFEXITED(status))
+        how = "exited with status " + std::to_string(WEXITSTATUS(status));
+      if (reaped == record.pid && WIFSIGNALED(status))
+        how = "was killed by signal " + std::to_string(WTERMSIG(status));
+      return unavailable(record.process.name + " " + how + " before it was ready; the end of " +
+                         record.log_path + ":\n" + tail_of(record.log_path));
+    }
+    if (std::chrono::steady_clock::now() >= until) {
+      return unavailable(record.process.name + " was not ready after " +
+                         std::to_string(timeout.count()) + " ms; the end of " + record.log_path +
+                         ":\n" + tail_of(record.log_path));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+std::string stop_process(const ProcessRecord& record, std::chrono::milliseconds timeout) {
+  if (!is_running(record)) {
+    waitpid(record.pid, nullptr, WNOHANG);
+    return "was not running";
+  }
+  kill(record.pid, SIGTERM);
+  const auto started = std::chrono::steady_clock::now();
+  const auto until = started + timeout;
+  while (std::chrono::steady_clock::now() < until) {
+    waitpid(record.pid, nullptr, WNOHANG);  // when it is our child
+    if (!is_running(record)) return "exited";
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  kill(record.pid, SIGKILL);
+  for (int i = 0; i < 250 && is_running(record); ++i) {
+    waitpid(record.pid, nullptr, WNOHANG);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return "killed after " + std::to_string(timeout.count()) + " ms";
+}
+
+std::string tail_of(const std::string& path, size_t lines) {
+  std::ifstream in(path);
+  std::deque<std::string> last;
+  std::string line;
+  while (std::getline(in, line)) {
+    last.push_back(line);
+    if (last.size() > lines) last.pop_front();
+  }
+  std::string out;
+  for (const auto& l : last)
+    out += "  " + l + "\n";
+  return out;
+}
+
+}  // namespace dserve::cluster

@@ -1,0 +1,298 @@
+// A cluster's life from its manifest under a steady stream of requests: `dserve up`, `status`,
+// `scale decode=1 -> 3 -> 1` and `down`, each the real command on real processes. Every
+// request the gateway admits must finish token-identical to the reference, each token once;
+// the only other outcome allowed is a refusal once `down` has begun. Everything is counted.
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <random>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "dserve/api/serving_client.h"
+#include "serve_cluster.h"
+
+namespace dserve {
+namespace {
+
+namespace fs = std::filesystem;
+using testing_support::random_prompt;
+using testing_support::reference_tokens;
+using testing_support::tiny_dir;
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr
+};
+
+CommandResult dserve(const std::string& args) {
+  CommandResult r;
+  const std::string cmd = std::string(DSERVE_BINARY) + " " + args + " 2>&1";
+  if (std::FILE* p = ::popen(cmd.c_str(), "r")) {
+    char buf[4096];
+    for (size_t n; (n = std::fread(buf, 1, sizeof(buf), p)) > 0;)
+      r.output.append(buf, n);
+    const int status = ::pclose(p);
+    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  return r;
+}
+
+// A base port unlikely to be in use: 21000..29900, from the pid.
+int base_port() {
+  return 21000 + static_cast<int>(::getpid() % 90) * 100;
+}
+
+std::string manifest_text(int base) {
+  return "version: 1\n"
+         "mode: disaggregated\n"
+         "model:\n"
+         "  path: " +
+         tiny_dir() +
+         "\n"
+         "nodes:\n"
+         "  - name: local\n"
+         "    address: 127.0.0.1\n"
+         "    devices: 0\n"
+         "    base_port: " +
+         std::to_string(base) +
+         "\n"
+         "gateway:\n"
+         "  node: local\n"
+         "pools:\n"
+         "  prefill:\n"
+         "    replicas: 1\n"
+         "    placement: local\n"
+         "    devices_per_replica: 0\n"
+         "  decode:\n"
+         "    replicas: 1\n"
+         "    placement: local\n"
+         "    devices_per_replica: 0\n"
+         "    kv_budget_mib: 64\n"
+         "network:\n"
+         "  ucx_transports: [tcp]\n"
+         "  ucx_net_devices: [lo]\n"
+         "  metrics_port_offset: 50\n"
+         "timeouts:\n"
+         "  ready_ms: 60000\n";
+}
+
+// What one request of the stream ended as.
+struct Tally {
+  std::mutex mu;
+  size_t exact = 0;            // completed, token-identical to the reference
+  size_t wrong = 0;            // completed with other tokens
+  size_t refused_in_down = 0;  // refused (not admitted) after `down` began
+  size_t failed = 0;           // anything else: lost
+  std::vector<std::string> failures;
+  std::set<std::string> completed_ids;
+  std::vector<std::string> refused_ids;
+  size_t duplicate_ids = 0;
+};
+
+TEST(Lifecycle, UpStatusScaleDownUnderSteadyStreamLosesNothing) {
+  const fs::path dir =
+      fs::temp_directory_path() / ("dserve-lifecycle-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string manifest = (dir / "cluster.yaml").string();
+  const int base = base_port();
+  std::ofstream(manifest) << manifest_text(base);
+  const std::string common = "-f " + manifest + " --state-dir " + (dir / "state").string();
+
+  const CommandResult up = dserve("up " + common);
+  ASSERT_EQ(up.exit_code, 0) << up.output;
+  EXPECT_NE(up.output.find("dserve: cluster up: 3 processes"), std::string::npos) << up.output;
+  // base_port: the gateway's control port, then its gRPC port, then prefill-0, decode-0.
+  const std::string grpc = "127.0.0.1:" + std::to_string(base + 1);
+  auto client = api::ServingClient::connect(grpc, std::chrono::seconds(10));
+  ASSERT_TRUE(client.is_ok()) << client.status().to_string();
+
+  // The stream: 3 clients sending one request after another until told to stop.
+  constexpr uint32_t kMaxTokens = 6;
+  std::atomic<bool> stop{false};
+  std::atomic<bool> down_begun{false};
+  Tally tally;
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 3; ++c) {
+    clients.emplace_back([&, c] {
+      for (uint64_t i = 0; !stop.load(); ++i) {
+        const uint64_t seed = 1000 * static_cast<uint64_t>(c) + i;
+        const auto prompt = random_prompt(static_cast<int64_t>(1 + (seed * 37) % 300), seed);
+        v1::GenerateRequest req;
+        for (int32_t t : prompt)
+          req.add_prompt_tokens(t);
+        req.set_max_tokens(kMaxTokens);
+        const std::string id = "life-" + std::to_string(c) + "-" + std::to_string(i);
+        req.set_request_id(id);
+        const bool during_down = down_begun.load();
+        auto got = (*client)->generate(req, {}, std::chrono::seconds(60));
+        std::lock_guard<std::mutex> lock(tally.mu);
+        if (got.is_ok()) {
+          if (!tally.completed_ids.insert(id).second) ++tally.duplicate_ids;
+          if (got->tokens == reference_tokens(prompt, kMaxTokens)) {
+            ++tally.exact;
+          } else {
+            ++tally.wrong;
+          }
+        } else if ((during_down || down_begun.load()) &&
+                   (got.status().code() == StatusCode::kUnavailable ||
+                    got.status().code() == StatusCode::kCancelled)) {
+          // Refused at admission ("shutting down"), a call the stopping gRPC server never
+          // started, or the gateway already gone. Checked below against the gateway's log: no
+          // such request may have been admitted.
+          ++tally.refused_in_down;
+          tally.refused_ids.push_back(id);
+          std::this_thread::sleep_for(std::chrono::milliseconds(20));
+        } else {
+          ++tally.failed;
+          tally.failures.push_back(id + ": " + got.status().to_string());
+        }
+      }
+    });
+  }
+  auto wait_for_completions = [&](size_t more) {
+    size_t start;
+    {
+      std::lock_guard<std::mutex> lock(tally.mu);
+      start = tally.exact + tally.wrong;
+    }
+    for (int i = 0; i < 600; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      std::lock_guard<std::mutex> lock(tally.mu);
+      if (tally.exact + tally.wrong >= start + more) return;
+    }
+  };
+  wait_for_completions(5);
+
+  CommandResult status = dserve("status " + common);
+  EXPECT_EQ(status.exit_code, 0) << status.output;
+  EXPECT_NE(status.output.find("pool decode   1 workers, 1 healthy"), std::string::npos)
+      << status.output;
+  EXPECT_NE(status.output.find("pool prefill  1 workers, 1 healthy"), std::string::npos)
+      << status.output;
+  EXPECT_NE(status.output.find("decode-0"), std::string::npos) << status.output;
+
+  const CommandResult grow = dserve("scale decode=3 " + common);
+  ASSERT_EQ(grow.exit_code, 0) << grow.output;
+  EXPECT_NE(grow.output.find("dserve: pool decode has 3 workers"), std::string::npos)
+      << grow.output;
+  status = dserve("status " + common);
+  EXPECT_EQ(status.exit_code, 0) << status.output;
+  EXPECT_NE(status.output.find("pool decode   3 workers, 3 healthy"), std::string::npos)
+      << status.output;
+  // Traffic reaches the new workers.
+  wait_for_completions(30);
+  auto st = (*client)->status();
+  ASSERT_TRUE(st.is_ok()) << st.status().to_string();
+  std::map<std::string, uint64_t> placed;
+  for (const auto& w : st->workers()) {
+    if (w.role() == "decode") placed[w.address()] = w.placed_total();
+  }
+  ASSERT_EQ(placed.size(), 3u);
+  for (const auto& [address, n] : placed)
+    EXPECT_GT(n, 0u) << "decode worker " << address << " got no request after scale";
+
+  const CommandResult shrink = dserve("scale decode=1 " + common);
+  ASSERT_EQ(shrink.exit_code, 0) << shrink.output;
+  EXPECT_NE(shrink.output.find("dserve: pool decode has 1 workers"), std::string::npos)
+      << shrink.output;
+  status = dserve("status " + common);
+  EXPECT_NE(status.output.find("pool decode   1 workers, 1 healthy"), std::string::npos)
+      << status.output;
+  wait_for_completions(5);
+
+  // Counted before down: everything the gateway admitted so far.
+  st = (*client)->status();
+  ASSERT_TRUE(st.is_ok()) << st.status().to_string();
+  EXPECT_EQ(st->failed(), 0u);
+
+  down_begun = true;
+  const CommandResult down = dserve("down " + common);
+  EXPECT_EQ(down.exit_code, 0) << down.output;
+  EXPECT_NE(down.output.find("dserve: cluster down: 3 processes stopped"), std::string::npos)
+      << down.output;
+  stop = true;
+  for (auto& t : clients)
+    t.join();
+
+  std::string failures;
+  for (const auto& f : tally.failures)
+    failures += f + "\n";
+  std::fprintf(stderr,
+               "[ info ] lifecycle: %zu exact, %zu wrong, %zu lost, %zu refused during down, "
+               "%zu duplicate ids; gateway counters before down: admitted %llu completed %llu\n",
+               tally.exact, tally.wrong, tally.failed, tally.refused_in_down, tally.duplicate_ids,
+               static_cast<unsigned long long>(st->admitted()),
+               static_cast<unsigned long long>(st->completed()));
+  EXPECT_GT(tally.exact, 40u);
+  EXPECT_EQ(tally.wrong, 0u);
+  EXPECT_EQ(tally.failed, 0u) << failures;
+  EXPECT_EQ(tally.duplicate_ids, 0u);
+  // A request refused during down was never admitted: the gateway's log (JSON lines) has no
+  // "admitted" event for it.
+  std::set<std::string> admitted;
+  {
+    std::ifstream log(dir / "state" / "logs" / "gateway.log");
+    for (std::string line; std::getline(log, line);) {
+      if (line.find("\"event\":\"admitted\"") == std::string::npos) continue;
+      const auto at = line.find("\"request_id\":\"");
+      if (at == std::string::npos) continue;
+      const auto start = at + 14;
+      admitted.insert(line.substr(start, line.find('"', start) - start));
+    }
+  }
+  EXPECT_GE(admitted.size(), tally.exact) << "the gateway log lacks admitted events";
+  for (const auto& id : tally.refused_ids)
+    EXPECT_FALSE(admitted.count(id)) << id << " was admitted but did not complete";
+  // Nothing of the cluster is left running, and `status` says it is down.
+  status = dserve("status " + common);
+  EXPECT_NE(status.exit_code, 0);
+  EXPECT_NE(status.output.find("no cluster is up"), std::string::npos) << status.output;
+  if (!HasFailure()) fs::remove_all(dir);
+}
+
+TEST(Lifecycle, UpRefusesWhatItCannotRunAndStartsNothing) {
+  const fs::path dir =
+      fs::temp_directory_path() / ("dserve-lifecycle-bad-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string manifest = (dir / "cluster.yaml").string();
+  // A model directory that does not exist: the workers fail to start; up says which and why,
+  // and stops what it started.
+  std::string text = manifest_text(base_port() + 50);
+  text.replace(text.find(tiny_dir()), tiny_dir().size(), (dir / "no-such-model").string());
+  std::ofstream(manifest) << text;
+  const std::string common = "-f " + manifest + " --state-dir " + (dir / "state").string();
+  const CommandResult up = dserve("up " + common + " --ready-timeout-ms 20000");
+  EXPECT_EQ(up.exit_code, 1) << up.output;
+  EXPECT_NE(up.output.find("before it was ready"), std::string::npos) << up.output;
+  EXPECT_NE(up.output.find("no-such-model"), std::string::npos) << up.output;
+  EXPECT_FALSE(fs::exists(dir / "state" / "state.json"));
+  // A pool that does not exist, and a bad count.
+  std::ofstream(manifest) << manifest_text(base_port() + 50);
+  CommandResult scale = dserve("scale experts=2 " + common);
+  EXPECT_EQ(scale.exit_code, 2) << scale.output;
+  EXPECT_NE(scale.output.find("the manifest has no pool 'experts' (it has prefill, decode)"),
+            std::string::npos)
+      << scale.output;
+  scale = dserve("scale decode=0 " + common);
+  EXPECT_EQ(scale.exit_code, 2) << scale.output;
+  EXPECT_NE(scale.output.find("N >= 1"), std::string::npos) << scale.output;
+  const CommandResult down = dserve("down " + common);
+  EXPECT_EQ(down.exit_code, 1);
+  EXPECT_NE(down.output.find("no cluster is up"), std::string::npos) << down.output;
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace dserve
