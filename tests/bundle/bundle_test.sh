@@ -164,7 +164,10 @@ start() {
   exit 1
 }
 start prefill --role prefill --model /work/model --listen "127.0.0.1:$((BASE + 1))"
+# The decode worker reports each UCX module it loads on stdout (checked outside).
+export UCX_MODULE_LOG_LEVEL=warn
 start decode --role decode --model /work/model --listen "127.0.0.1:$((BASE + 2))"
+unset UCX_MODULE_LOG_LEVEL
 start gateway --role gateway --model /work/model --listen "127.0.0.1:$BASE" \
   --grpc-listen "127.0.0.1:$((BASE + 3))" \
   --prefill "127.0.0.1:$((BASE + 1))" --decode "127.0.0.1:$((BASE + 2))"
@@ -209,6 +212,15 @@ cmp "$WORK/ref-generate.out" "$ROOT/work/generate.out" ||
 cmp "$WORK/ref-generate.out" "$ROOT/work/submit.out" ||
   fail "submit through the bundle's cluster printed '$(cat "$ROOT/work/submit.out")', generate '$(cat "$WORK/ref-generate.out")'"
 [ -s "$WORK/ref-generate.out" ] || fail "generate printed nothing"
+# UCX found its transport modules in the bundle (UCX_MODULE_DIR), every one of them.
+modules=0
+for m in "$ROOT"/opt/dserve/lib/dserve/lib/ucx/*.so.*; do
+  [ -e "$m" ] || fail "the installed bundle has no UCX modules in lib/ucx"
+  grep -q "loaded /opt/dserve/lib/dserve/lib/ucx/$(basename "$m")" "$ROOT/work/decode.out" ||
+    fail "the decode worker did not load the bundled UCX module $(basename "$m"): $(grep -i module "$ROOT/work/decode.out" | head -n 5)"
+  modules=$((modules + 1))
+done
+echo "bundle_test: UCX loaded its $modules transport modules from the bundle"
 # ---- `dserve up` comparison goes here: cmp "$WORK/ref-generate.out" "$ROOT/work/up-submit.out" ----
 echo "bundle_test: generate and submit in the clean root match the build tree: $(head -c 80 "$WORK/ref-generate.out")"
 step "passed"
