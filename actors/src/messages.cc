@@ -35,7 +35,19 @@ Status check_keys(RequestId id, const std::vector<uint8_t>& keys) {
   return Status::ok();
 }
 
+Status check_trace_id(RequestId id, const std::string& trace_id) {
+  if (trace_id.size() > kMaxTraceIdBytes) {
+    return bad(id, "trace id of " + std::to_string(trace_id.size()) + " bytes exceeds the " +
+                       std::to_string(kMaxTraceIdBytes) + "-byte bound");
+  }
+  return Status::ok();
+}
+
 }  // namespace
+
+Status validate(const ReserveRequest& request) {
+  return check_trace_id(request.request_id, request.trace_id);
+}
 
 Status validate(const ReserveReply& reply) {
   if (reply.outcome == ReserveOutcome::kRefused) {
@@ -58,6 +70,7 @@ Status validate(const PrefillRequest& request) {
     return bad(request.request_id, "decode target has no control address");
   if (t.epoch == 0 || t.reservation_id == 0)
     return bad(request.request_id, "decode target has no epoch or reservation");
+  if (Status s = check_trace_id(request.request_id, request.trace_id); !s.is_ok()) return s;
   return check_keys(request.request_id, t.transfer_keys);
 }
 

@@ -1,7 +1,9 @@
 // `dserve serve --role gateway|prefill|decode`: one process of a disaggregated cluster.
 // prefill/decode: loads the model, starts the actor runtime and the UCX transfer engine,
 // publishes the role's actor at --listen and prints "dserve: serving <role> on HOST:PORT" on
-// stdout (the bound port when --listen asks for port 0), then serves until SIGINT or SIGTERM.
+// stdout (the bound port when --listen asks for port 0; " metrics HOST:PORT" appended with
+// --metrics-listen), then serves until SIGINT or SIGTERM. Every role logs its requests' events
+// (--log-format, --log-file, --process-name: serve_ops.h).
 // gateway: loads only the tokenizer and config, watches the workers named by --prefill and
 // --decode, publishes its token sink at --listen and the gRPC service at --grpc-listen, prints
 // "dserve: serving gateway on HOST:PORT grpc HOST:PORT" once a prefill and a decode worker
@@ -11,8 +13,10 @@
 #include <cstdio>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "commands.h"
 #include "dserve/actors/actor_runtime.h"
@@ -30,6 +34,7 @@
 #include "dserve/ops/metrics.h"
 #include "dserve/ops/metrics_server.h"
 #include "dserve/prefill/prefill_worker.h"
+#include "serve_ops.h"
 
 namespace dserve::cli {
 namespace {
@@ -73,6 +78,8 @@ struct ServeOptions {
   int64_t max_output_tokens = 32768;
   double max_requests_per_second_per_token = 0;  // 0: unlimited
   int64_t max_concurrent_per_token = 0;          // 0: unlimited
+  // every role: logs; prefill, colocated: the prefix store
+  ServeOpsFlags ops;
 };
 
 Result<std::pair<std::string, uint16_t>> split_listen(const std::string& flag,
@@ -169,6 +176,12 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
                  (*auth)->clients(), o.token_file.c_str());
   }
 
+  auto logger = open_serve_logger(o.ops, "gateway");
+  if (!logger.is_ok()) {
+    print_error(logger.status().message());
+    return 2;
+  }
+
   actors::RuntimeConfig rcfg;
   rcfg.role = actors::Role::kGateway;
   rcfg.listen_host = listen->first;
@@ -189,6 +202,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   gopts.max_prefill_queue_tokens = static_cast<uint64_t>(o.max_prefill_queue_tokens);
   ops::MetricsRegistry metrics;
   gopts.metrics = &metrics;
+  gopts.log = logger->get();
   gopts.probe_interval = std::chrono::milliseconds(o.probe_interval_ms);
   auto gateway = actors::Gateway::start(rt, gopts);
   if (!gateway.is_ok()) {
@@ -339,6 +353,32 @@ int run_serve(const ServeOptions& o) {
     decode_port = d->second;
   }
 
+  // The operating flags, checked before the model loads: a bad value fails at once.
+  auto logger = open_serve_logger(o.ops, o.role);
+  if (!logger.is_ok()) {
+    print_error(logger.status().message());
+    return 2;
+  }
+  kvstore::PrefixStoreOptions store_options;
+  if (runs_prefill) {
+    auto kv = prefix_store_options(o.ops);
+    if (!kv.is_ok()) {
+      print_error(kv.status().message());
+      return 2;
+    }
+    store_options = std::move(kv).value();
+  }
+  std::optional<std::pair<std::string, uint16_t>> metrics_at;
+  if (!o.metrics_listen.empty()) {
+    auto where = split_listen("--metrics-listen", o.metrics_listen);
+    if (!where.is_ok()) {
+      print_error(where.status().message());
+      return 2;
+    }
+    metrics_at = std::move(where).value();
+  }
+  ops::MetricsRegistry metrics;
+
   auto config = model::load_model_config(o.model_dir);
   if (!config.is_ok()) {
     print_error(config.status().to_string());
@@ -358,7 +398,7 @@ int run_serve(const ServeOptions& o) {
       print_error(fingerprint.status().to_string());
       return 1;
     }
-    auto opened = model::PrefixCache::open(model, *fingerprint, kvstore::PrefixStoreOptions{});
+    auto opened = model::PrefixCache::open(model, *fingerprint, store_options);
     if (!opened.is_ok()) {
       print_error(opened.status().to_string());
       return 1;
@@ -410,6 +450,8 @@ int run_serve(const ServeOptions& o) {
     dopts.reservation_timeout = std::chrono::milliseconds(o.reservation_timeout_ms);
     dopts.region_grace = std::chrono::milliseconds(o.region_grace_ms);
     dopts.compute_lock = compute_lock;
+    dopts.log = logger->get();
+    dopts.metrics = metrics_at ? &metrics : nullptr;
     auto bound = decode_rt->publish(decode::spawn_decode_worker(
         decode_rt->system(), model, *decode_engine, decode_rt->epoch(),
         "decode@" + rcfg.listen_host + ":" + std::to_string(rcfg.listen_port), dopts));
@@ -434,6 +476,8 @@ int run_serve(const ServeOptions& o) {
     popts.scheduler.token_budget = o.token_budget;
     popts.inject_corrupt_handoffs = o.inject_corrupt_handoffs;
     popts.compute_lock = compute_lock;
+    popts.log = logger->get();
+    popts.metrics = metrics_at ? &metrics : nullptr;
     auto bound = prefill_rt->publish(
         prefill::spawn_prefill_worker(prefill_rt->system(), *cache, model, *prefill_engine,
                                       prefill_rt->epoch(), "prefill@" + o.listen, popts));
@@ -443,20 +487,37 @@ int run_serve(const ServeOptions& o) {
     }
     prefill_bound = *bound;
   }
+  std::unique_ptr<ops::MetricsServer> metrics_server;
+  std::string metrics_line;
+  if (metrics_at) {
+    ops::MetricsServerOptions mopts;
+    mopts.host = metrics_at->first;
+    mopts.port = metrics_at->second;
+    auto started = ops::MetricsServer::start(metrics, mopts);
+    if (!started.is_ok()) {
+      print_error(started.status().message());
+      return 1;
+    }
+    metrics_server = std::move(started).value();
+    metrics_line = " metrics " + mopts.host + ":" + std::to_string(metrics_server->port());
+  }
   if (colocated) {
-    std::printf("dserve: serving colocated on %s:%u decode %s:%u\n", host.c_str(),
+    std::printf("dserve: serving colocated on %s:%u decode %s:%u%s\n", host.c_str(),
                 static_cast<unsigned>(prefill_bound), decode_host.c_str(),
-                static_cast<unsigned>(decode_bound));
+                static_cast<unsigned>(decode_bound), metrics_line.c_str());
   } else {
-    std::printf("dserve: serving %s on %s:%u\n", o.role.c_str(), host.c_str(),
-                static_cast<unsigned>(runs_decode ? decode_bound : prefill_bound));
+    std::printf("dserve: serving %s on %s:%u%s\n", o.role.c_str(), host.c_str(),
+                static_cast<unsigned>(runs_decode ? decode_bound : prefill_bound),
+                metrics_line.c_str());
   }
   std::fflush(stdout);
 
   int sig = 0;
   sigwait(&stop, &sig);
   std::fprintf(stderr, "dserve: %s stopping (signal %d)\n", o.role.c_str(), sig);
-  // The actors stop before the engines, the cache and the model they use go away.
+  // The actors stop before the engines, the cache, the model, the metrics and the log they use
+  // go away.
+  metrics_server.reset();
   prefill_rt.reset();
   decode_rt.reset();
   return 0;
@@ -525,7 +586,8 @@ Command add_serve_command(CLI::App& app) {
                   "/v1/chat/completions, /v1/models); off when not given");
   cmd->add_option(
       "--metrics-listen", o->metrics_listen,
-      "gateway: Prometheus /metrics and /healthz address HOST:PORT; off when not given");
+      "every role: Prometheus /metrics and /healthz address HOST:PORT; off when not given");
+  add_serve_ops_flags(*cmd, o->ops);
   cmd->add_option("--served-model-name", o->served_model_name,
                   "gateway: the model name the HTTP API lists and expects (default: the model "
                   "directory's name)");

@@ -13,6 +13,8 @@
 #include "dserve/decode/decode_batch.h"
 #include "dserve/kvstore/handoff_keys.h"
 #include "dserve/model/state_packing.h"
+#include "dserve/ops/log.h"
+#include "dserve/ops/metrics.h"
 
 namespace dserve::decode {
 namespace {
@@ -35,6 +37,7 @@ int64_t unix_ms_now() {
 
 struct Reservation {
   RequestId request_id = 0;
+  std::string trace_id;
   uint32_t prompt_tokens = 0;
   uint32_t max_new_tokens = 0;
   int64_t deadline_unix_ms = 0;
@@ -45,9 +48,42 @@ struct Reservation {
 
 struct Decoding {
   RequestId request_id = 0;
+  std::string trace_id;
   TokenSinkActor sink;
   uint32_t next_index = 0;
   uint64_t budget_bytes = 0;
+};
+
+// The worker's metrics in a registry (DecodeWorkerOptions::metrics); see decode_worker.h.
+struct DecodeMetrics {
+  explicit DecodeMetrics(ops::MetricsRegistry& r)
+      : step_seconds(r.histogram("dserve_decode_step_duration_seconds",
+                                 "Duration of one decode batch step.",
+                                 ops::latency_buckets_seconds())),
+        batch_size(r.histogram("dserve_decode_batch_size", "Requests in one decode batch step.",
+                               ops::exponential_buckets(1, 2, 10))),
+        active(r.gauge("dserve_decode_active_requests", "Requests decoding now.")),
+        reserved(
+            r.gauge("dserve_decode_reserved_requests", "Reservations waiting for their hand-off.")),
+        budget_in_use(r.gauge("dserve_decode_kv_budget_in_use_bytes",
+                              "KV byte budget held by reservations, quarantined regions and "
+                              "decoding requests.")),
+        budget_free(r.gauge("dserve_decode_kv_budget_free_bytes", "KV byte budget not held.")),
+        granted(r.counter("dserve_decode_reservations_total", "Reservations asked, by outcome.",
+                          {{"outcome", "granted"}})),
+        refused(r.counter("dserve_decode_reservations_total", "Reservations asked, by outcome.",
+                          {{"outcome", "refused"}})),
+        accepted(r.counter("dserve_decode_handoffs_total", "Hand-offs received, by outcome.",
+                           {{"outcome", "accepted"}})),
+        rejected(r.counter("dserve_decode_handoffs_total", "Hand-offs received, by outcome.",
+                           {{"outcome", "rejected"}})),
+        corrupt(r.counter("dserve_decode_handoffs_corrupt_total",
+                          "Rejected hand-offs whose landed bytes failed verification.")),
+        tokens(r.counter("dserve_decode_tokens_total", "Tokens generated.")) {}
+
+  ops::Histogram &step_seconds, &batch_size;
+  ops::Gauge &active, &reserved, &budget_in_use, &budget_free;
+  ops::Counter &granted, &refused, &accepted, &rejected, &corrupt, &tokens;
 };
 
 struct WorkerState {
@@ -68,6 +104,20 @@ struct WorkerState {
   uint64_t handoffs_rejected = 0;  // HandoffDone answered with accepted = false
   uint64_t handoffs_corrupt = 0;   // of those, landed bytes that failed verification
   bool stepping = false;
+  std::unique_ptr<DecodeMetrics> metrics;
+
+  // The gauges follow the state: called after every message that changes it.
+  void refresh_gauges() {
+    if (!metrics) return;
+    metrics->active.set(static_cast<double>(decoding.size()));
+    metrics->reserved.set(static_cast<double>(reservations.size()));
+    metrics->budget_in_use.set(static_cast<double>(used_bytes));
+    metrics->budget_free.set(static_cast<double>(options.kv_budget_bytes - used_bytes));
+  }
+  void log(ops::LogLevel level, std::string_view event, std::string_view trace_id,
+           std::initializer_list<ops::LogField> fields) {
+    if (options.log) options.log->log(level, event, trace_id, fields);
+  }
 };
 
 uint64_t decoding_bytes(const model::ModelConfig& config, const Reservation& r) {
@@ -190,7 +240,7 @@ HandoffAck accept_handoff(WorkerState& s, const HandoffDone& done) {
     return ack;
   }
   auto req = take_handoff(s, it->first, it->second, done);
-  Decoding d{it->second.request_id, it->second.sink, 0,
+  Decoding d{it->second.request_id, it->second.trace_id, it->second.sink, 0,
              decoding_bytes(s.model->config(), it->second)};
   release_reservation(s, it);
   if (!req.is_ok()) {
@@ -208,6 +258,93 @@ HandoffAck accept_handoff(WorkerState& s, const HandoffDone& done) {
   return ack;
 }
 
+// Grants or refuses `req` (the ReserveRequest handler, before logging and counting).
+ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, ReserveRequest& req) {
+  auto& s = self->state;
+  if (req.prompt_tokens == 0) return refuse(req, s.epoch, "empty prompt", false);
+  const model::SamplingParams sampling{req.temperature, req.top_k, req.top_p, req.seed};
+  if (Status ok = model::validate_sampling_params(sampling); !ok.is_ok()) {
+    return refuse(req, s.epoch, "bad sampling parameters: " + ok.message(), false);
+  }
+  const auto held = static_cast<int64_t>(s.reservations.size() + s.decoding.size());
+  if (held >= s.options.max_batch) {
+    return refuse(req, s.epoch,
+                  "batch full: " + std::to_string(held) + " of " +
+                      std::to_string(s.options.max_batch) + " slots held");
+  }
+  const uint64_t region_bytes = handoff_region_bytes(s.model->config(), req.prompt_tokens);
+  const uint64_t need = std::max<uint64_t>(
+      region_bytes,
+      model::packed_state_bytes(s.model->config(),
+                                static_cast<int64_t>(req.prompt_tokens) + req.max_new_tokens));
+  if (need > s.options.kv_budget_bytes) {
+    return refuse(req, s.epoch,
+                  "the request needs " + std::to_string(need) +
+                      " bytes of KV state, more than this worker's whole budget of " +
+                      std::to_string(s.options.kv_budget_bytes),
+                  false);
+  }
+  if (s.used_bytes + need > s.options.kv_budget_bytes) {
+    return refuse(req, s.epoch,
+                  "KV byte budget full: needs " + std::to_string(need) + " bytes, " +
+                      std::to_string(s.options.kv_budget_bytes - s.used_bytes) + " free");
+  }
+  auto region = s.engine->allocate_memory(region_bytes);
+  if (!region.is_ok())
+    return refuse(req, s.epoch,
+                  "cannot allocate a transfer region: " + region.status().to_string());
+  auto remote = s.engine->describe(*region);
+  if (!remote.is_ok())
+    return refuse(req, s.epoch,
+                  "cannot describe the transfer region: " + remote.status().to_string());
+  ReserveReply reply;
+  reply.request_id = req.request_id;
+  reply.decode_epoch = s.epoch;
+  reply.outcome = ReserveOutcome::kGranted;
+  reply.reservation_id = s.next_reservation++;
+  reply.transfer_keys =
+      kvstore::encode_handoff_keys({s.engine->local_address(), std::move(remote).value()});
+  s.used_bytes += region->bytes();
+  s.reservations.emplace(reply.reservation_id,
+                         Reservation{req.request_id, req.trace_id, req.prompt_tokens,
+                                     req.max_new_tokens, req.deadline_unix_ms, sampling,
+                                     std::move(req.stream_to), std::move(region).value()});
+  auto expiry = s.options.reservation_timeout;
+  if (req.deadline_unix_ms > 0) {
+    expiry = std::min(expiry, std::chrono::milliseconds(
+                                  std::max<int64_t>(0, req.deadline_unix_ms - unix_ms_now())));
+  }
+  self->delayed_send(self, expiry, expire_atom::value, reply.reservation_id);
+  return reply;
+}
+
+// Drops the reservation or ends the decoding request `cancel` names.
+CancelReply cancel_request(DecodeWorkerActor::stateful_pointer<WorkerState> self,
+                           const CancelRequest& cancel) {
+  auto& s = self->state;
+  CancelReply reply{cancel.request_id, false};
+  for (auto it = s.reservations.begin(); it != s.reservations.end(); ++it) {
+    if (it->second.request_id == cancel.request_id) {
+      s.log(ops::LogLevel::kInfo, "reservation_cancelled", it->second.trace_id,
+            {{"attempt_id", cancel.request_id},
+             {"reservation_id", it->first},
+             {"reason", cancel.reason}});
+      abandon_reservation(s, it);
+      self->delayed_send(self, s.options.region_grace, purge_atom::value);
+      reply.was_active = true;
+      return reply;
+    }
+  }
+  for (auto& [id, d] : s.decoding) {
+    if (d.request_id == cancel.request_id) {
+      s.batch->cancel(id);  // its finished chunk goes out at the next step
+      reply.was_active = true;
+      break;
+    }
+  }
+  return reply;
+}
+
 DecodeWorkerActor::behavior_type decode_worker(
     DecodeWorkerActor::stateful_pointer<WorkerState> self, const model::Model* model,
     kvstore::TransferEngine* engine, Epoch epoch, std::string node_name,
@@ -219,6 +356,8 @@ DecodeWorkerActor::behavior_type decode_worker(
   st.node_name = std::move(node_name);
   st.options = options;
   st.batch = std::make_unique<DecodeBatch>(*model, DecodeOptions{options.max_batch});
+  if (options.metrics) st.metrics = std::make_unique<DecodeMetrics>(*options.metrics);
+  st.refresh_gauges();
   auto kick = [self] {
     if (self->state.stepping || self->state.batch->empty()) return;
     self->state.stepping = true;
@@ -227,90 +366,70 @@ DecodeWorkerActor::behavior_type decode_worker(
   return {
       [self](ReserveRequest& req) -> ReserveReply {
         auto& s = self->state;
-        if (req.prompt_tokens == 0) return refuse(req, s.epoch, "empty prompt", false);
-        const model::SamplingParams sampling{req.temperature, req.top_k, req.top_p, req.seed};
-        if (Status ok = model::validate_sampling_params(sampling); !ok.is_ok()) {
-          return refuse(req, s.epoch, "bad sampling parameters: " + ok.message(), false);
+        if (req.trace_id.size() > kMaxTraceIdBytes) {
+          const Status v = validate(req);
+          req.trace_id.resize(kMaxTraceIdBytes);  // what the log can carry
+          ReserveReply reply = refuse(req, s.epoch, v.message(), false);
+          s.log(ops::LogLevel::kWarn, "reservation_refused", req.trace_id,
+                {{"attempt_id", req.request_id}, {"reason", reply.reason}});
+          if (s.metrics) s.metrics->refused.inc();
+          return reply;
         }
-        const auto held = static_cast<int64_t>(s.reservations.size() + s.decoding.size());
-        if (held >= s.options.max_batch) {
-          return refuse(req, s.epoch,
-                        "batch full: " + std::to_string(held) + " of " +
-                            std::to_string(s.options.max_batch) + " slots held");
+        const std::string trace_id = req.trace_id;
+        const RequestId attempt_id = req.request_id;
+        ReserveReply reply = reserve(self, req);
+        if (reply.outcome == ReserveOutcome::kGranted) {
+          if (s.metrics) s.metrics->granted.inc();
+          s.log(ops::LogLevel::kInfo, "reservation_granted", trace_id,
+                {{"attempt_id", attempt_id},
+                 {"reservation_id", reply.reservation_id},
+                 {"prompt_tokens", req.prompt_tokens},
+                 {"max_new_tokens", req.max_new_tokens}});
+        } else {
+          if (s.metrics) s.metrics->refused.inc();
+          s.log(ops::LogLevel::kWarn, "reservation_refused", trace_id,
+                {{"attempt_id", attempt_id},
+                 {"retryable", reply.retryable},
+                 {"reason", reply.reason}});
         }
-        const uint64_t region_bytes = handoff_region_bytes(s.model->config(), req.prompt_tokens);
-        const uint64_t need = std::max<uint64_t>(
-            region_bytes,
-            model::packed_state_bytes(
-                s.model->config(), static_cast<int64_t>(req.prompt_tokens) + req.max_new_tokens));
-        if (need > s.options.kv_budget_bytes) {
-          return refuse(req, s.epoch,
-                        "the request needs " + std::to_string(need) +
-                            " bytes of KV state, more than this worker's whole budget of " +
-                            std::to_string(s.options.kv_budget_bytes),
-                        false);
-        }
-        if (s.used_bytes + need > s.options.kv_budget_bytes) {
-          return refuse(req, s.epoch,
-                        "KV byte budget full: needs " + std::to_string(need) + " bytes, " +
-                            std::to_string(s.options.kv_budget_bytes - s.used_bytes) + " free");
-        }
-        auto region = s.engine->allocate_memory(region_bytes);
-        if (!region.is_ok())
-          return refuse(req, s.epoch,
-                        "cannot allocate a transfer region: " + region.status().to_string());
-        auto remote = s.engine->describe(*region);
-        if (!remote.is_ok())
-          return refuse(req, s.epoch,
-                        "cannot describe the transfer region: " + remote.status().to_string());
-        ReserveReply reply;
-        reply.request_id = req.request_id;
-        reply.decode_epoch = s.epoch;
-        reply.outcome = ReserveOutcome::kGranted;
-        reply.reservation_id = s.next_reservation++;
-        reply.transfer_keys =
-            kvstore::encode_handoff_keys({s.engine->local_address(), std::move(remote).value()});
-        s.used_bytes += region->bytes();
-        s.reservations.emplace(
-            reply.reservation_id,
-            Reservation{req.request_id, req.prompt_tokens, req.max_new_tokens, req.deadline_unix_ms,
-                        sampling, std::move(req.stream_to), std::move(region).value()});
-        auto expiry = s.options.reservation_timeout;
-        if (req.deadline_unix_ms > 0) {
-          expiry = std::min(expiry, std::chrono::milliseconds(std::max<int64_t>(
-                                        0, req.deadline_unix_ms - unix_ms_now())));
-        }
-        self->delayed_send(self, expiry, expire_atom::value, reply.reservation_id);
+        s.refresh_gauges();
         return reply;
       },
       [self, kick](HandoffDone& done) {
         auto& s = self->state;
+        auto found = s.reservations.find(done.reservation_id);
+        const std::string trace_id =
+            found != s.reservations.end() && found->second.request_id == done.request_id
+                ? found->second.trace_id
+                : std::string();
+        const uint64_t corrupt_before = s.handoffs_corrupt;
         HandoffAck ack = accept_handoff(s, done);
         if (!ack.accepted) {
           ++s.handoffs_rejected;
+          if (s.metrics) {
+            s.metrics->rejected.inc();
+            if (s.handoffs_corrupt > corrupt_before) s.metrics->corrupt.inc();
+          }
+          s.log(ops::LogLevel::kWarn, "handoff_refused", trace_id,
+                {{"attempt_id", done.request_id},
+                 {"reservation_id", done.reservation_id},
+                 {"reason", ack.reason}});
+          s.refresh_gauges();
           return ack;
         }
+        if (s.metrics) s.metrics->accepted.inc();
+        s.log(ops::LogLevel::kInfo, "handoff_accepted", trace_id,
+              {{"attempt_id", done.request_id},
+               {"reservation_id", done.reservation_id},
+               {"kv_tokens", done.kv_tokens}});
+        s.refresh_gauges();
         kick();
         return ack;
       },
       [self](CancelRequest& cancel) {
         auto& s = self->state;
-        CancelReply reply{cancel.request_id, false};
-        for (auto it = s.reservations.begin(); it != s.reservations.end(); ++it) {
-          if (it->second.request_id == cancel.request_id) {
-            abandon_reservation(s, it);
-            self->delayed_send(self, s.options.region_grace, purge_atom::value);
-            reply.was_active = true;
-            return reply;
-          }
-        }
-        for (auto& [id, d] : s.decoding) {
-          if (d.request_id == cancel.request_id) {
-            s.batch->cancel(id);  // its finished chunk goes out at the next step
-            reply.was_active = true;
-            break;
-          }
-        }
+        CancelReply reply = cancel_request(self, cancel);
+        s.refresh_gauges();
         return reply;
       },
       [self](HealthProbe&) {
@@ -345,29 +464,56 @@ DecodeWorkerActor::behavior_type decode_worker(
         {
           std::unique_lock<std::mutex> device;
           if (s.options.compute_lock) device = std::unique_lock(*s.options.compute_lock);
+          const size_t batch = s.batch->size();
+          const auto step_start = Clock::now();
           events = s.batch->step();
+          if (s.metrics) {
+            s.metrics->step_seconds.observe(
+                std::chrono::duration<double>(Clock::now() - step_start).count());
+            s.metrics->batch_size.observe(static_cast<double>(batch));
+          }
         }
         for (const TokenEvent& ev : events) {
           auto it = s.decoding.find(ev.request_id);
           if (it == s.decoding.end()) continue;
           TokenChunk chunk = chunk_for(ev, it->second, s.epoch);
+          if (s.metrics) s.metrics->tokens.inc(static_cast<double>(chunk.tokens.size()));
           it->second.next_index = chunk.first_index + static_cast<uint32_t>(chunk.tokens.size());
+          if (ev.finished != FinishReason::kNone) {
+            const bool cancelled = ev.finished == FinishReason::kCancelled;
+            s.log(cancelled || ev.finished == FinishReason::kEndOfSequence ||
+                          ev.finished == FinishReason::kMaxTokens
+                      ? ops::LogLevel::kInfo
+                      : ops::LogLevel::kWarn,
+                  cancelled ? "decode_cancelled" : "decode_finished", it->second.trace_id,
+                  {{"attempt_id", it->second.request_id},
+                   {"reason", finish_reason_name(ev.finished)},
+                   {"tokens", it->second.next_index},
+                   {"error", chunk.error}});
+          }
           if (it->second.sink) self->send(it->second.sink, std::move(chunk));
           if (ev.finished != FinishReason::kNone) {
             s.used_bytes -= it->second.budget_bytes;
             s.decoding.erase(it);
           }
         }
+        s.refresh_gauges();
         // A message, not a loop: reserves, hand-offs and cancels get in between steps.
         kick();
       },
       [self](expire_atom, ReservationId id) {
         auto it = self->state.reservations.find(id);
         if (it == self->state.reservations.end()) return;
+        self->state.log(ops::LogLevel::kWarn, "reservation_expired", it->second.trace_id,
+                        {{"attempt_id", it->second.request_id}, {"reservation_id", id}});
         abandon_reservation(self->state, it);
         self->delayed_send(self, self->state.options.region_grace, purge_atom::value);
+        self->state.refresh_gauges();
       },
-      [self](purge_atom) { purge_quarantine(self->state); },
+      [self](purge_atom) {
+        purge_quarantine(self->state);
+        self->state.refresh_gauges();
+      },
   };
 }
 

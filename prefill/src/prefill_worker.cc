@@ -1,6 +1,7 @@
 #include "dserve/prefill/prefill_worker.h"
 
 #include <algorithm>
+#include <array>
 #include <map>
 #include <memory>
 #include <set>
@@ -14,6 +15,8 @@
 #include "dserve/actors/decode_interface.h"
 #include "dserve/kvstore/handoff_keys.h"
 #include "dserve/model/state_packing.h"
+#include "dserve/ops/log.h"
+#include "dserve/ops/metrics.h"
 
 namespace dserve::prefill {
 namespace {
@@ -35,6 +38,87 @@ uint32_t elapsed_us(Clock::time_point since) {
       std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - since).count());
 }
 
+double seconds_since(Clock::time_point since) {
+  return std::chrono::duration<double>(Clock::now() - since).count();
+}
+
+// The worker's metrics in a registry (PrefillWorkerOptions::metrics); see prefill_worker.h.
+struct PrefillMetrics {
+  explicit PrefillMetrics(ops::MetricsRegistry& r)
+      : step_seconds(r.histogram("dserve_prefill_step_duration_seconds",
+                                 "Duration of one prefill scheduler step.",
+                                 ops::latency_buckets_seconds())),
+        step_tokens(r.histogram("dserve_prefill_step_tokens",
+                                "Prompt tokens computed by one scheduler step (the batch).",
+                                ops::exponential_buckets(16, 2, 10))),
+        queued_requests(
+            r.gauge("dserve_prefill_queued_requests", "Requests accepted and not yet prefilled.")),
+        queued_tokens(r.gauge("dserve_prefill_queued_tokens",
+                              "Prompt tokens of the requests accepted and not yet prefilled.")),
+        done(r.counter("dserve_prefill_requests_total", "Prefill requests answered, by outcome.",
+                       {{"outcome", "done"}})),
+        failed(r.counter("dserve_prefill_requests_total", "Prefill requests answered, by outcome.",
+                         {{"outcome", "failed"}})),
+        transfer_bytes(r.counter("dserve_prefill_kv_transfer_bytes_total",
+                                 "KV state and logit bytes written into decode workers' regions.")),
+        transfer_seconds(r.histogram("dserve_prefill_kv_transfer_seconds",
+                                     "Time to write one request's state into a decode worker.",
+                                     ops::latency_buckets_seconds())),
+        handoffs_rejected(r.counter("dserve_prefill_handoffs_rejected_total",
+                                    "Hand-offs the decode worker refused.")),
+        lookups(r.counter("dserve_kv_store_lookups_total", "Prefix store lookups.")),
+        hits(r.counter("dserve_kv_store_hits_total", "Lookups that reused at least one block.")),
+        lookup_tokens(r.counter("dserve_kv_store_lookup_tokens_total",
+                                "Tokens (whole blocks) the lookups could have reused.")),
+        hit_tokens(r.counter("dserve_kv_store_hit_tokens_total", "Tokens the lookups reused.")) {
+    for (int t = 0; t < kvstore::kTierCount; ++t) {
+      const ops::Labels tier{
+          {"tier", std::string(kvstore::tier_name(static_cast<kvstore::Tier>(t)))}};
+      tier_bytes[t] =
+          &r.gauge("dserve_kv_store_tier_bytes", "Bytes the prefix store keeps, by tier.", tier);
+      tier_blocks[t] = &r.gauge("dserve_kv_store_tier_blocks",
+                                "Blocks with a payload in the prefix store, by tier.", tier);
+      tier_hit_tokens[t] = &r.counter("dserve_kv_store_tier_hit_tokens_total",
+                                      "Tokens reused from each tier.", tier);
+      tier_hit_blocks[t] = &r.counter("dserve_kv_store_tier_hit_blocks_total",
+                                      "Blocks reused from each tier.", tier);
+      tier_evictions[t] = &r.counter("dserve_kv_store_tier_evictions_total",
+                                     "Blocks moved down or dropped from each tier.", tier);
+    }
+  }
+
+  // Brings the store's gauges to `m` and its counters forward by what `m` adds to the last
+  // snapshot (the store's counts only grow).
+  void refresh_store(const kvstore::PrefixStoreMetrics& m) {
+    auto add = [](ops::Counter& c, uint64_t now, uint64_t before) {
+      if (now > before) c.inc(static_cast<double>(now - before));
+    };
+    add(lookups, m.lookups, last.lookups);
+    add(hits, m.hits, last.hits);
+    add(lookup_tokens, m.lookup_tokens, last.lookup_tokens);
+    add(hit_tokens, m.hit_tokens, last.hit_tokens);
+    for (int t = 0; t < kvstore::kTierCount; ++t) {
+      const kvstore::TierMetrics &now = m.tiers[t], &before = last.tiers[t];
+      tier_bytes[t]->set(static_cast<double>(now.bytes));
+      tier_blocks[t]->set(static_cast<double>(now.blocks));
+      add(*tier_hit_tokens[t], now.hit_tokens, before.hit_tokens);
+      add(*tier_hit_blocks[t], now.hit_blocks, before.hit_blocks);
+      add(*tier_evictions[t], now.evictions, before.evictions);
+    }
+    last = m;
+  }
+
+  ops::Histogram &step_seconds, &step_tokens;
+  ops::Gauge &queued_requests, &queued_tokens;
+  ops::Counter &done, &failed, &transfer_bytes;
+  ops::Histogram& transfer_seconds;
+  ops::Counter &handoffs_rejected, &lookups, &hits, &lookup_tokens, &hit_tokens;
+  std::array<ops::Gauge*, kvstore::kTierCount> tier_bytes{}, tier_blocks{};
+  std::array<ops::Counter*, kvstore::kTierCount> tier_hit_tokens{}, tier_hit_blocks{},
+      tier_evictions{};
+  kvstore::PrefixStoreMetrics last;  // what the counters already count
+};
+
 struct WorkerState {
   model::PrefixCache* cache = nullptr;
   const model::Model* model = nullptr;
@@ -48,7 +132,29 @@ struct WorkerState {
   bool stepping = false;
   uint64_t handoffs_rejected = 0;  // HandoffAck with accepted = false
   uint64_t injected_faults = 0;    // hand-offs corrupted on purpose (inject_corrupt_handoffs)
+  uint64_t queued_tokens = 0;      // prompt tokens of `pending` not yet prefilled
+  std::unique_ptr<PrefillMetrics> metrics;
+
+  void refresh_gauges() {
+    if (!metrics) return;
+    metrics->queued_requests.set(static_cast<double>(scheduler->queued()));
+    metrics->queued_tokens.set(static_cast<double>(queued_tokens));
+    metrics->refresh_store(cache->store().metrics());
+  }
 };
+
+PrefillReply failed(RequestId id, std::string reason);
+
+// Logs and counts a failed request; returns the reply that says so.
+PrefillReply fail(WorkerState& st, const PrefillRequest& req, std::string reason) {
+  if (st.metrics) st.metrics->failed.inc();
+  if (st.options.log) {
+    st.options.log->warn(
+        "prefill_failed", req.trace_id,
+        {{"attempt_id", req.request_id}, {"prompt_tokens", req.prompt.size()}, {"reason", reason}});
+  }
+  return failed(req.request_id, std::move(reason));
+}
 
 PrefillReply failed(RequestId id, std::string reason) {
   PrefillReply r;
@@ -116,33 +222,50 @@ void send_handoff(PrefillWorkerActor::stateful_pointer<WorkerState> self, Pendin
               caf::node_id&, caf::strong_actor_ptr& ptr, std::set<std::string>&) mutable {
             const RequestId id = shared->request.request_id;
             if (!ptr) {
-              shared->promise.deliver(failed(id, "no decode worker published at " + where));
+              shared->promise.deliver(
+                  fail(self->state, shared->request, "no decode worker published at " + where));
               return;
             }
             auto decode = caf::actor_cast<DecodeActor>(ptr);
             self->request(decode, left_until(shared->deadline), std::move(done))
                 .then(
                     [self, shared, id, where, reply, transfer_start](HandoffAck& ack) mutable {
+                      auto& s = self->state;
                       if (!ack.accepted) {
-                        ++self->state.handoffs_rejected;
-                        shared->promise.deliver(failed(
-                            id, "decode worker " + where + " refused the hand-off: " + ack.reason));
+                        ++s.handoffs_rejected;
+                        if (s.metrics) s.metrics->handoffs_rejected.inc();
+                        shared->promise.deliver(fail(
+                            s, shared->request,
+                            "decode worker " + where + " refused the hand-off: " + ack.reason));
                         return;
                       }
                       reply.outcome = actors::PrefillOutcome::kDone;
                       reply.handoff_us = elapsed_us(transfer_start);
+                      if (s.metrics) s.metrics->done.inc();
+                      if (s.options.log) {
+                        s.options.log->info("prefill_done", shared->request.trace_id,
+                                            {{"attempt_id", id},
+                                             {"prompt_tokens", shared->request.prompt.size()},
+                                             {"cached_tokens", reply.cached_prefix_tokens},
+                                             {"computed_tokens", reply.computed_tokens},
+                                             {"prefill_ms", reply.prefill_ms},
+                                             {"transfer_bytes", reply.transfer_bytes},
+                                             {"transfer_us", reply.transfer_us},
+                                             {"handoff_us", reply.handoff_us},
+                                             {"decode", where}});
+                      }
                       shared->promise.deliver(std::move(reply));
                     },
-                    [self, shared, id, where](caf::error& err) {
-                      shared->promise.deliver(
-                          failed(id, "hand-off to decode worker " + where +
-                                         " failed: " + self->system().render(err)));
+                    [self, shared, where](caf::error& err) {
+                      shared->promise.deliver(fail(self->state, shared->request,
+                                                   "hand-off to decode worker " + where +
+                                                       " failed: " + self->system().render(err)));
                     });
           },
           [self, shared, where](caf::error& err) {
             shared->promise.deliver(
-                failed(shared->request.request_id,
-                       "cannot reach decode worker " + where + ": " + self->system().render(err)));
+                fail(self->state, shared->request,
+                     "cannot reach decode worker " + where + ": " + self->system().render(err)));
           });
 }
 
@@ -158,6 +281,8 @@ PrefillWorkerActor::behavior_type prefill_worker(
   st.node_name = std::move(node_name);
   st.options = options;
   st.scheduler = std::make_unique<PrefillScheduler>(*cache, options.scheduler);
+  if (options.metrics) st.metrics = std::make_unique<PrefillMetrics>(*options.metrics);
+  st.refresh_gauges();
   auto kick = [self] {
     if (self->state.stepping || self->state.scheduler->empty()) return;
     self->state.stepping = true;
@@ -166,7 +291,10 @@ PrefillWorkerActor::behavior_type prefill_worker(
   return {
       [self, kick](PrefillRequest& req) -> caf::result<PrefillReply> {
         auto& s = self->state;
-        if (Status v = validate(req); !v.is_ok()) return failed(req.request_id, v.to_string());
+        if (Status v = validate(req); !v.is_ok()) {
+          req.trace_id.resize(std::min(req.trace_id.size(), kMaxTraceIdBytes));
+          return fail(s, req, v.to_string());
+        }
         Clock::time_point deadline = Clock::now() + s.options.default_deadline;
         if (req.deadline_unix_ms > 0) {
           const int64_t now_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -174,13 +302,15 @@ PrefillWorkerActor::behavior_type prefill_worker(
                                      .count();
           deadline = Clock::now() + std::chrono::milliseconds(req.deadline_unix_ms - now_ms);
           if (req.deadline_unix_ms <= now_ms)
-            return failed(req.request_id, "deadline passed before prefill started");
+            return fail(s, req, "deadline passed before prefill started");
         }
         const uint64_t id = s.next_id++;
         if (Status sub = s.scheduler->submit(id, req.prompt, deadline); !sub.is_ok())
-          return failed(req.request_id, "prefill refused: " + sub.to_string());
+          return fail(s, req, "prefill refused: " + sub.to_string());
         auto promise = self->make_response_promise<PrefillReply>();
+        s.queued_tokens += req.prompt.size();
         s.pending.emplace(id, Pending{std::move(req), promise, deadline});
+        s.refresh_gauges();
         kick();
         return promise;
       },
@@ -217,6 +347,9 @@ PrefillWorkerActor::behavior_type prefill_worker(
             s.cache->store().metrics().tiers[static_cast<size_t>(kvstore::Tier::kDevice)].bytes;
         report.handoffs_rejected = s.handoffs_rejected;
         report.injected_faults = s.injected_faults;
+        // Probed every few hundred ms: keeps the store's gauges fresh while the worker idles
+        // (the disk tier writes in the background).
+        s.refresh_gauges();
         return report;
       },
       [self, kick](step_atom) {
@@ -226,20 +359,26 @@ PrefillWorkerActor::behavior_type prefill_worker(
         {
           std::unique_lock<std::mutex> device;
           if (s.options.compute_lock) device = std::unique_lock(*s.options.compute_lock);
+          const auto step_start = Clock::now();
           outcomes = s.scheduler->step();
+          if (s.metrics) {
+            s.metrics->step_seconds.observe(seconds_since(step_start));
+            s.metrics->step_tokens.observe(static_cast<double>(s.scheduler->last_step_tokens()));
+          }
         }
         for (prefill::PrefillOutcome& out : outcomes) {
           auto it = s.pending.find(out.id);
           if (it == s.pending.end()) continue;
           Pending p = std::move(it->second);
           s.pending.erase(it);
+          s.queued_tokens -= std::min<uint64_t>(s.queued_tokens, p.request.prompt.size());
           const RequestId rid = p.request.request_id;
           if (!out.status.is_ok() || !out.result) {
-            p.promise.deliver(failed(rid, "prefill failed: " + out.status.to_string()));
+            p.promise.deliver(fail(s, p.request, "prefill failed: " + out.status.to_string()));
             continue;
           }
           if (Clock::now() >= p.deadline) {
-            p.promise.deliver(failed(rid, "deadline passed during prefill"));
+            p.promise.deliver(fail(s, p.request, "deadline passed during prefill"));
             continue;
           }
           PrefillReply reply;
@@ -254,13 +393,19 @@ PrefillWorkerActor::behavior_type prefill_worker(
           auto done = write_state(s, p.request, *out.result);
           if (!done.is_ok()) {
             p.promise.deliver(
-                failed(rid, "transfer to the decode worker failed: " + done.status().to_string()));
+                fail(s, p.request,
+                     "transfer to the decode worker failed: " + done.status().to_string()));
             continue;
           }
           reply.transfer_us = elapsed_us(transfer_start);
+          if (s.metrics) {
+            s.metrics->transfer_bytes.inc(static_cast<double>(reply.transfer_bytes));
+            s.metrics->transfer_seconds.observe(reply.transfer_us / 1e6);
+          }
           send_handoff(self, std::move(p), std::move(done).value(), std::move(reply),
                        transfer_start);
         }
+        s.refresh_gauges();
         kick();
       },
   };

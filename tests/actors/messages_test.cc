@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <string>
 #include <vector>
 
 #include <caf/actor_system.hpp>
@@ -45,6 +46,34 @@ TEST(MessagesTest, PrefillRequestNeedsPromptAndTarget) {
   p.prompt = {1};
   p.target.port = 0;
   EXPECT_FALSE(validate(p).is_ok());
+}
+
+TEST(MessagesTest, TraceIdIsBoundedAndTravels) {
+  caf::actor_system_config cfg;
+  register_message_types(cfg);
+  caf::actor_system sys{cfg};
+  ReserveRequest r;
+  r.request_id = 4;
+  r.trace_id = std::string(kMaxTraceIdBytes, 'x');
+  EXPECT_TRUE(validate(r).is_ok());
+  r.trace_id.push_back('x');
+  EXPECT_NE(validate(r).message().find("request 4: trace id of 129 bytes"), std::string::npos)
+      << validate(r).message();
+  PrefillRequest p{3, {1, 2}, 0, {"127.0.0.1", 4000, 7, 1, {1, 2}}, std::string(129, 'y')};
+  EXPECT_EQ(validate(p).code(), StatusCode::kInvalidArgument);
+  p.trace_id = "client-req-1";
+  EXPECT_TRUE(validate(p).is_ok());
+
+  std::vector<char> buf;
+  caf::binary_serializer sink{sys, buf};
+  r.trace_id = "client \"req\" 2";
+  ASSERT_FALSE(sink(r, p));
+  ReserveRequest r2;
+  PrefillRequest p2;
+  caf::binary_deserializer source{sys, buf};
+  ASSERT_FALSE(source(r2, p2));
+  EXPECT_EQ(r2.trace_id, r.trace_id);
+  EXPECT_EQ(p2.trace_id, "client-req-1");
 }
 
 TEST(MessagesTest, TokenChunkErrorImpliesFinished) {

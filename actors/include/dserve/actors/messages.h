@@ -38,6 +38,9 @@ using TokenId = int32_t;         // same id space as the tokenizer's
 // rkeys of the reserved pages are a few KiB). Anything larger is a bug, not KV data.
 inline constexpr size_t kMaxTransferKeysBytes = 64 * 1024;
 
+// Upper bound for a trace id (the client's request id, carried for logs only).
+inline constexpr size_t kMaxTraceIdBytes = 128;
+
 enum class Role : uint8_t { kGateway = 0, kPrefill = 1, kDecode = 2, kNodeAgent = 3 };
 const char* role_name(Role role);
 
@@ -78,6 +81,9 @@ struct ReserveRequest {
   int64_t top_k = 0;
   float top_p = 1.0f;
   uint64_t seed = 0;
+  // The client's request id (GenerateJob::request_id), the same on every attempt, for the
+  // worker's logs only: nothing is keyed by it. At most kMaxTraceIdBytes; may be empty.
+  std::string trace_id{};
 };
 
 enum class ReserveOutcome : uint8_t { kGranted = 0, kRefused = 1 };
@@ -120,6 +126,8 @@ struct PrefillRequest {
   std::vector<TokenId> prompt;
   int64_t deadline_unix_ms = 0;
   DecodeTarget target;
+  // As ReserveRequest::trace_id: the client's request id, for logs only.
+  std::string trace_id{};
 };
 
 enum class PrefillOutcome : uint8_t { kDone = 0, kFailed = 1 };
@@ -235,11 +243,13 @@ struct HealthReport {
 // message from another process. Each returns kInvalidArgument naming the request and the field.
 //   ReserveReply: granted => non-zero reservation id and epoch, keys within
 //     kMaxTransferKeysBytes; refused => a reason and no keys.
+//   ReserveRequest: a trace id within kMaxTraceIdBytes.
 //   PrefillRequest: a non-empty prompt, a target with host, port, epoch, reservation and keys
-//     within kMaxTransferKeysBytes.
+//     within kMaxTransferKeysBytes, a trace id within kMaxTraceIdBytes.
 //   TokenChunk: an error implies finished; an unfinished chunk carries tokens.
 //   HandoffDone: non-zero reservation and epoch, at least one kv token, span digests within
 //     kMaxTransferKeysBytes.
+Status validate(const ReserveRequest& request);
 Status validate(const ReserveReply& reply);
 Status validate(const HandoffDone& done);
 Status validate(const PrefillRequest& request);
@@ -257,7 +267,7 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ReserveRequest& x) {
   return f(caf::meta::type_name("dserve.ReserveRequest"), x.request_id, x.prompt_tokens,
            x.max_new_tokens, x.deadline_unix_ms, x.stream_to, x.temperature, x.top_k, x.top_p,
-           x.seed);
+           x.seed, x.trace_id);
 }
 
 template <class Inspector>
@@ -275,7 +285,7 @@ typename Inspector::result_type inspect(Inspector& f, DecodeTarget& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, PrefillRequest& x) {
   return f(caf::meta::type_name("dserve.PrefillRequest"), x.request_id, x.prompt,
-           x.deadline_unix_ms, x.target);
+           x.deadline_unix_ms, x.target, x.trace_id);
 }
 
 template <class Inspector>

@@ -18,6 +18,10 @@
 // model::packed_state_bytes bytes][logits of the prompt's last token, vocab floats]. The logits
 // travel so that the decode side samples the first token itself, with the request's sampler,
 // exactly as `dserve generate` does (see decode/README.md).
+//
+// Logs (DecodeWorkerOptions::log), with the request's trace id: reservation_granted /
+// reservation_refused (reason), reservation_expired / reservation_cancelled, handoff_accepted /
+// handoff_refused (reason), decode_finished (reason, tokens) / decode_cancelled (tokens).
 
 #include <chrono>
 #include <cstdint>
@@ -30,6 +34,11 @@
 #include "dserve/actors/decode_interface.h"
 #include "dserve/kvstore/transfer.h"
 #include "dserve/model/model.h"
+
+namespace dserve::ops {
+class Logger;
+class MetricsRegistry;
+}  // namespace dserve::ops
 
 namespace dserve::decode {
 
@@ -44,6 +53,14 @@ struct DecodeWorkerOptions {
   // Co-located mode: held around every batch step, shared with the process's prefill worker,
   // so that the two take turns on one compute device as they would on one GPU. Null: none.
   std::shared_ptr<std::mutex> compute_lock;
+  // Where each request's life is logged; must outlive the worker. Null: no logging.
+  ops::Logger* log = nullptr;
+  // Where the worker's metrics go; must outlive the worker. Null: none. Registered:
+  // dserve_decode_step_duration_seconds, _batch_size (histograms), _active_requests,
+  // _reserved_requests, _kv_budget_in_use_bytes, _kv_budget_free_bytes (gauges),
+  // _reservations_total{outcome}, _handoffs_total{outcome}, _handoffs_corrupt_total,
+  // _tokens_total.
+  ops::MetricsRegistry* metrics = nullptr;
 };
 
 // Bytes of the hand-off region for a prompt of `prompt_tokens` tokens (state + logits).

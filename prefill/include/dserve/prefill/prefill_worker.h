@@ -13,6 +13,8 @@
 // the reason, never a hang.
 // HealthReport: pages in use in the model's pools and the cache's snapshot pool, the bytes the
 // prefix cache keeps (cached_kv_bytes), hand-offs the decode side refused, injected faults.
+// Logs (PrefillWorkerOptions::log), with the request's trace id: prefill_done (prompt, cached
+// and computed tokens, ms, transfer bytes and µs) or prefill_failed (reason).
 
 #include <chrono>
 #include <cstdint>
@@ -26,6 +28,11 @@
 #include "dserve/kvstore/transfer.h"
 #include "dserve/model/prefix_cache.h"
 #include "dserve/prefill/prefill_scheduler.h"
+
+namespace dserve::ops {
+class Logger;
+class MetricsRegistry;
+}  // namespace dserve::ops
 
 namespace dserve::prefill {
 
@@ -42,6 +49,17 @@ struct PrefillWorkerOptions {
   // Co-located mode: held around every scheduler step, shared with the process's decode
   // worker (see DecodeWorkerOptions::compute_lock). Null: none.
   std::shared_ptr<std::mutex> compute_lock;
+  // Where each request's end is logged; must outlive the worker. Null: no logging.
+  ops::Logger* log = nullptr;
+  // Where the worker's metrics go; must outlive the worker. Null: none. Registered:
+  // dserve_prefill_step_duration_seconds, _step_tokens (histograms), _queued_requests,
+  // _queued_tokens (gauges), _requests_total{outcome}, _kv_transfer_bytes_total,
+  // _kv_transfer_seconds, _handoffs_rejected_total; and from the prefix store
+  // dserve_kv_store_tier_bytes{tier}, _tier_blocks{tier} (gauges), _lookups_total, _hits_total,
+  // _lookup_tokens_total, _hit_tokens_total, _tier_hit_tokens_total{tier},
+  // _tier_hit_blocks_total{tier}, _tier_evictions_total{tier} (refreshed after every step and
+  // health probe).
+  ops::MetricsRegistry* metrics = nullptr;
 };
 
 // Spawns the worker. `cache` (and its model) and `engine` must outlive the actor (the process
