@@ -7,10 +7,11 @@
 #   3. in a network namespace with only loopback, chrooted into that root: unpack the bundle,
 #      run install.sh, make a tiny model with the bundle's `dserve model init`, `dserve generate`
 #      (compared with the build tree's output), then a prefill, a decode and a gateway process
-#      on loopback and `dserve submit` (compared too).
+#      on loopback and `dserve submit`, then the same cluster from a manifest with `dserve up`
+#      (both answers compared too), stopped with `dserve down`.
 # Usage: bundle_test.sh BUILD/dserve. Needs root, chroot, unshare and iproute2's `ip`; without
 # them it prints "skipped: <why>" and exits 77 (ctest's SKIP_RETURN_CODE).
-# Ports: DSERVE_BUNDLE_TEST_PORT (default 17640) and the next three. DSERVE_BUNDLE_TEST_KEEP=1
+# Ports: DSERVE_BUNDLE_TEST_PORT (default 17640) and the next three, and 10 to 13 above it. DSERVE_BUNDLE_TEST_KEEP=1
 # keeps the work directory.
 set -euo pipefail
 
@@ -144,7 +145,12 @@ $D generate --model /work/model --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
   >/work/generate.out 2>/work/generate.err
 
 pids=""
-stop() { for p in $pids; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+up_started=0
+stop() {
+  for p in $pids; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "$up_started" = 1 ]; then $D down -f /work/up.yaml --state-dir /work/up-state || true; fi
+}
 trap stop EXIT
 # Starts one role and waits (60 s at most) for its "dserve: serving" line.
 start() {
@@ -176,18 +182,43 @@ $D submit --gateway "127.0.0.1:$((BASE + 3))" --prompt "$PROMPT" --max-tokens "$
 stop
 pids=""
 
-# ---- `dserve up` goes here ----
-# Write /work/up.yaml after the bundled share/dserve/examples/single-node.yaml, for this root:
-# model.path /work/model, one node at 127.0.0.1 with devices 0 and base_port $((BASE + 10)),
-# one prefill and one decode replica, network.ucx_net_devices [lo]. Then
-#   $D up -f /work/up.yaml --state-dir /work/up-state   (returns once the gateway is healthy;
-#       it starts the workers through /proc/self/exe, i.e. libexec/dserve with this environment)
-#   $D submit --gateway 127.0.0.1:<the gateway's grpc_port> --prompt "$PROMPT" \
-#       --max-tokens "$MAX_TOKENS" >/work/up-submit.out
-#   $D down -f /work/up.yaml --state-dir /work/up-state
-# and enable the comparison with /work/up-submit.out below ("`dserve up` comparison").
+# The same cluster from a manifest (after the bundled share/dserve/examples/single-node.yaml):
+# `dserve up` starts the workers through /proc/self/exe, i.e. the bundle's libexec/dserve with
+# this environment, and returns once the gateway is healthy.
+cat >/work/up.yaml <<UP
+version: 1
+mode: disaggregated
+model:
+  path: /work/model
+nodes:
+  - name: local
+    address: 127.0.0.1
+    devices: 0
+    base_port: $((BASE + 10))
+gateway:
+  node: local
+  grpc_port: $((BASE + 13))
+pools:
+  prefill:
+    replicas: 1
+    placement: local
+    devices_per_replica: 0
+  decode:
+    replicas: 1
+    placement: local
+    devices_per_replica: 0
+network:
+  ucx_transports: [tcp]
+  ucx_net_devices: [lo]
+UP
+up_started=1
+$D up -f /work/up.yaml --state-dir /work/up-state >/work/up.out 2>/work/up.err
+$D submit --gateway "127.0.0.1:$((BASE + 13))" --prompt "$PROMPT" --max-tokens "$MAX_TOKENS" \
+  >/work/up-submit.out 2>/work/up-submit.err
+$D down -f /work/up.yaml --state-dir /work/up-state >/work/down.out 2>&1
+up_started=0
 INSIDE
-step "chroot + unshare --net: install, model init, generate, cluster, submit"
+step "chroot + unshare --net: install, model init, generate, cluster, submit, up, down"
 if ! unshare --net --mount --propagation private sh -c '
     set -e
     ip link set lo up
@@ -197,7 +228,7 @@ if ! unshare --net --mount --propagation private sh -c '
     exec chroot "$1" /bin/sh /work/inside.sh "$2" "$3" "$4"' \
     inside "$ROOT" "$BASE" "$PROMPT" "$MAX_TOKENS" >"$WORK/inside.log" 2>&1; then
   cat "$WORK/inside.log" >&2
-  for f in model-init generate prefill decode gateway submit; do
+  for f in model-init generate prefill decode gateway submit up up-submit; do
     [ -s "$ROOT/work/$f.err" ] && { echo "--- $f.err" >&2; tail -n 20 "$ROOT/work/$f.err" >&2; }
   done
   fail "the bundle did not run in the clean root (log above)"
@@ -221,6 +252,7 @@ for m in "$ROOT"/opt/dserve/lib/dserve/lib/ucx/*.so.*; do
   modules=$((modules + 1))
 done
 echo "bundle_test: UCX loaded its $modules transport modules from the bundle"
-# ---- `dserve up` comparison goes here: cmp "$WORK/ref-generate.out" "$ROOT/work/up-submit.out" ----
-echo "bundle_test: generate and submit in the clean root match the build tree: $(head -c 80 "$WORK/ref-generate.out")"
+cmp "$WORK/ref-generate.out" "$ROOT/work/up-submit.out" ||
+  fail "submit through the bundle's \`dserve up\` cluster printed '$(cat "$ROOT/work/up-submit.out")', generate '$(cat "$WORK/ref-generate.out")'"
+echo "bundle_test: generate, submit and submit to \`dserve up\` in the clean root match the build tree: $(head -c 80 "$WORK/ref-generate.out")"
 step "passed"
