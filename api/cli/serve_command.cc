@@ -629,7 +629,7 @@ Command add_serve_command(CLI::App& app) {
                   "gateway: largest max_tokens a request may ask for; more is refused "
                   "(INVALID_ARGUMENT, HTTP 400)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(int64_t{1}, int64_t{UINT32_MAX}));
   cmd->add_option("--token-file", o->token_file,
                   "gateway: clients must send `Authorization: Bearer <token>` (HTTP) or "
                   "`authorization` metadata (gRPC) with a token from this file: one `TOKEN` or "
@@ -650,7 +650,7 @@ Command add_serve_command(CLI::App& app) {
                   "gateway: generation requests running at once per token; more are refused "
                   "(RESOURCE_EXHAUSTED, HTTP 429); 0: unlimited")
       ->capture_default_str()
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::Range(int64_t{0}, int64_t{UINT32_MAX}));
   return [o] { return run_serve(*o); };
 }
 
