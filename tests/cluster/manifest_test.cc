@@ -97,6 +97,10 @@ TEST(ManifestExamples, SingleNodeValidatesAndGivesServeCommands) {
                              "/models/deepseek-v4",
                              "--listen",
                              "127.0.0.1:7000",
+                             "--process-name",
+                             "gateway",
+                             "--metrics-listen",
+                             "127.0.0.1:8000",
                              "--grpc-listen",
                              "127.0.0.1:50051",
                              "--prefill",
@@ -132,7 +136,8 @@ TEST(ManifestExamples, SingleNodeValidatesAndGivesServeCommands) {
   ASSERT_TRUE(prefill.is_ok());
   EXPECT_EQ(*prefill,
             (Lines{"serve", "--role", "prefill", "--model", "/models/deepseek-v4", "--listen",
-                   "127.0.0.1:7002", "--ucx-transports", "sm,self,tcp", "--ucx-net-devices", "lo",
+                   "127.0.0.1:7002", "--process-name", "prefill-1", "--metrics-listen",
+                   "127.0.0.1:8002", "--ucx-transports", "sm,self,tcp", "--ucx-net-devices", "lo",
                    "--transfer-timeout-ms", "10000", "--token-budget", "2048"}));
   EXPECT_EQ(find_process(*m, "prefill-1")->devices, (std::vector<int64_t>{2, 3}));
 
@@ -145,6 +150,10 @@ TEST(ManifestExamples, SingleNodeValidatesAndGivesServeCommands) {
                             "/models/deepseek-v4",
                             "--listen",
                             "127.0.0.1:7003",
+                            "--process-name",
+                            "decode-0",
+                            "--metrics-listen",
+                            "127.0.0.1:8003",
                             "--ucx-transports",
                             "sm,self,tcp",
                             "--ucx-net-devices",
@@ -174,9 +183,10 @@ TEST(ManifestExamples, ThreeNodesValidatesAndGivesServeCommands) {
 
   auto gateway = to_serve_args(*m, *find_process(*m, "gateway"));
   ASSERT_TRUE(gateway.is_ok());
-  EXPECT_EQ(Lines(gateway->begin(), gateway->begin() + 13),
+  EXPECT_EQ(Lines(gateway->begin(), gateway->begin() + 17),
             (Lines{"serve", "--role", "gateway", "--model", "/models/deepseek-v4", "--listen",
-                   "10.0.0.1:7000", "--grpc-listen", "10.0.0.1:50051", "--prefill",
+                   "10.0.0.1:7000", "--process-name", "gateway", "--metrics-listen",
+                   "10.0.0.1:8000", "--grpc-listen", "10.0.0.1:50051", "--prefill",
                    "10.0.0.1:7001,10.0.0.1:7002,10.0.0.1:7003,10.0.0.1:7004", "--decode",
                    "10.0.0.2:7100,10.0.0.2:7101,dserve-c.cluster.internal:7100,"
                    "dserve-c.cluster.internal:7101"}));
@@ -190,6 +200,10 @@ TEST(ManifestExamples, ThreeNodesValidatesAndGivesServeCommands) {
                             "/models/deepseek-v4",
                             "--listen",
                             "dserve-c.cluster.internal:7100",
+                            "--process-name",
+                            "decode-2",
+                            "--metrics-listen",
+                            "dserve-c.cluster.internal:8100",
                             "--ucx-transports",
                             "rc,sm,self",
                             "--ucx-net-devices",
@@ -206,9 +220,9 @@ TEST(ManifestExamples, ThreeNodesValidatesAndGivesServeCommands) {
                             "45000"}));
 }
 
-// The commented-out kv_store and security sections of the three-node example validate, and a
-// launch refuses kv_store (no `dserve serve` flag yet) rather than dropping it.
-TEST(ManifestExamples, ThreeNodesWithKvStoreAndSecurityValidatesButCannotLaunchYet) {
+// The commented-out kv_store and security sections of the three-node example validate, and
+// the prefix store reaches the prefill processes as the --kv-* flags (and no other process).
+TEST(ManifestExamples, ThreeNodesWithKvStoreAndSecurityValidatesAndLaunches) {
   std::string text = read(DSERVE_SOURCE_DIR "/cluster/examples/three-nodes.yaml");
   const size_t from = text.find("# kv_store:");
   ASSERT_NE(from, std::string::npos);
@@ -224,11 +238,18 @@ TEST(ManifestExamples, ThreeNodesWithKvStoreAndSecurityValidatesButCannotLaunchY
   ASSERT_TRUE(m->kv_store->disk.has_value());
   EXPECT_EQ(m->kv_store->disk->path, "/var/lib/dserve/kv");
   auto args = to_serve_args(*m, *find_process(*m, "prefill-0"));
-  ASSERT_FALSE(args.is_ok());
-  EXPECT_EQ(args.status().code(), StatusCode::kUnimplemented);
-  EXPECT_EQ(args.status().message(),
-            "three-nodes-full.yaml: `dserve serve` has no flag yet for kv_store; "
-            "refusing to launch prefill-0 without them");
+  ASSERT_TRUE(args.is_ok()) << args.status().to_string();
+  EXPECT_EQ(
+      Lines(args->end() - 16, args->end()),
+      (Lines{"--token-budget", "4096", "--kv-device-mib", "8192", "--kv-host-mib", "65536",
+             "--kv-host-codec", "fp8", "--kv-disk-path", "/var/lib/dserve/kv", "--kv-disk-mib",
+             "1048576", "--kv-disk-codec", "fp8", "--kv-write-queue-mib", "256"}));
+  for (const char* other : {"gateway", "decode-0"}) {
+    auto o = to_serve_args(*m, *find_process(*m, other));
+    ASSERT_TRUE(o.is_ok()) << o.status().to_string();
+    for (const std::string& arg : *o)
+      EXPECT_EQ(arg.rfind("--kv-", 0) == 0, arg == "--kv-budget-mib") << other << ": " << arg;
+  }
   ASSERT_TRUE(m->security.has_value());
   EXPECT_EQ(m->security->tls_ca, "/etc/dserve/tls/ca.crt");
   EXPECT_EQ(m->limits.max_output_tokens, 16384);
@@ -283,12 +304,13 @@ TEST(ManifestServeArgs, ColocatedGivesBothHalvesAndTheGatewayNamesBoth) {
   ASSERT_TRUE(m.is_ok()) << m.status().to_string();
   auto c1 = to_serve_args(*m, *find_process(*m, "colocated-1"));
   ASSERT_TRUE(c1.is_ok());
-  EXPECT_EQ(Lines(c1->begin(), c1->begin() + 9),
+  EXPECT_EQ(Lines(c1->begin(), c1->begin() + 13),
             (Lines{"serve", "--role", "colocated", "--model", "/models/m", "--listen",
-                   "10.0.0.1:7200", "--decode-listen", "10.0.0.1:7201"}));
+                   "10.0.0.1:7200", "--process-name", "colocated-1", "--metrics-listen",
+                   "10.0.0.1:8200", "--decode-listen", "10.0.0.1:7201"}));
   auto gw = to_serve_args(*m, *find_process(*m, "gateway"));
   ASSERT_TRUE(gw.is_ok());
-  EXPECT_EQ(Lines(gw->begin() + 9, gw->begin() + 13),
+  EXPECT_EQ(Lines(gw->begin() + 13, gw->begin() + 17),
             (Lines{"--prefill", "10.0.0.1:7100,10.0.0.1:7200", "--decode",
                    "10.0.0.1:7101,10.0.0.1:7201"}));
 }

@@ -16,9 +16,10 @@ namespace dserve::cluster {
 // A gateway gets --prefill and --decode with the control addresses of every prefill and decode
 // (or co-located) replica, in replica order.
 //
-// Unimplemented when the manifest sets something this build's `dserve serve` has no flag for
-// (kv_store, security): launching anyway would silently run without it. The message names
-// every such field.
+// Every process gets --process-name with its manifest name (the `process` of its log lines);
+// prefill and co-located processes get the kv_store section as the --kv-* flags, the gateway
+// the security section. Every manifest field has a flag today; the Result stays so that a
+// field `dserve serve` cannot apply is refused (kUnimplemented, naming it) rather than dropped.
 // Precondition: `process` is one of `manifest.processes`.
 Result<std::vector<std::string>> to_serve_args(const Manifest& manifest, const Process& process);
 
