@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <latch>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -147,6 +148,69 @@ TEST(Auth, TokensOnGrpcAndHttpAndTheMaxTokensLimit) {
   auto ok = alice->generate(request_for(prompt, 6));
   ASSERT_TRUE(ok.is_ok()) << ok.status().to_string() << cluster.logs();
   EXPECT_EQ(ok->tokens, reference_tokens(prompt, 6));
+
+  // Every other RPC of both services wants the token too.
+  auto channel = grpc::CreateChannel(cluster.grpc_address(), grpc::InsecureChannelCredentials());
+  auto serving = v1::Serving::NewStub(channel);
+  auto admin = v1::Admin::NewStub(channel);
+  using Rpc = std::function<grpc::Status(grpc::ClientContext&)>;
+  const std::vector<std::pair<std::string, Rpc>> rpcs = {
+      {"Health",
+       [&](grpc::ClientContext& c) {
+         v1::HealthResponse r;
+         return serving->Health(&c, v1::HealthRequest(), &r);
+       }},
+      {"ListModels",
+       [&](grpc::ClientContext& c) {
+         v1::ListModelsResponse r;
+         return serving->ListModels(&c, v1::ListModelsRequest(), &r);
+       }},
+      {"Status",
+       [&](grpc::ClientContext& c) {
+         v1::ClusterStatus r;
+         return serving->Status(&c, v1::StatusRequest(), &r);
+       }},
+      {"Cancel",
+       [&](grpc::ClientContext& c) {
+         v1::CancelRequest req;
+         req.set_request_id("req-none");
+         v1::CancelResponse r;
+         return serving->Cancel(&c, req, &r);
+       }},
+      {"AddWorker",
+       [&](grpc::ClientContext& c) {
+         v1::AddWorkerRequest req;
+         req.set_role("decode");
+         req.set_address("127.0.0.1:1");
+         v1::AddWorkerResponse r;
+         return admin->AddWorker(&c, req, &r);
+       }},
+      {"RemoveWorker",
+       [&](grpc::ClientContext& c) {
+         v1::RemoveWorkerRequest req;
+         req.set_address("127.0.0.1:1");
+         v1::RemoveWorkerResponse r;
+         return admin->RemoveWorker(&c, req, &r);
+       }},
+  };
+  for (const auto& [name, rpc] : rpcs) {
+    for (const std::string token : {"", "alice-tok-wrong-000000"}) {
+      grpc::ClientContext c;
+      if (!token.empty()) c.AddMetadata("authorization", "Bearer " + token);
+      const grpc::Status st = rpc(c);
+      EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAUTHENTICATED)
+          << name << " with token '" << token << "': " << st.error_message();
+    }
+  }
+  for (const char* name : {"Health", "ListModels", "Status"}) {
+    for (const auto& [n, rpc] : rpcs) {
+      if (n != name) continue;
+      grpc::ClientContext c;
+      c.AddMetadata("authorization", std::string("Bearer ") + kBob);
+      const grpc::Status st = rpc(c);
+      EXPECT_TRUE(st.ok()) << name << ": " << st.error_message();
+    }
+  }
 
   // The max_tokens limit: 64 passes, 65 is refused naming the field and the limit.
   EXPECT_TRUE(alice->generate(request_for(prompt, 64)).is_ok());
