@@ -1,46 +1,59 @@
 #!/usr/bin/env bash
-# The first README command: install, build, generate a tiny model, start a local cluster (a
-# gateway, a prefill worker and a decode worker as separate processes on loopback) and answer a
-# prompt through it with `dserve submit`. Ports: DSERVE_DEMO_PORT (default 17400) and the next
-# three; logs in build/demo-logs/.
+# The first README command: install, build, generate a tiny model, start a local cluster from a
+# manifest with `dserve up` (a gateway, a prefill worker and a decode worker as separate
+# processes on loopback), show `dserve status`, answer a prompt with `dserve submit`, and stop
+# the cluster with `dserve down`. Ports: DSERVE_DEMO_PORT (default 17400) and the next few;
+# the manifest, state and logs in build/demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/build.sh
 BUILD_DIR=${DSERVE_BUILD_DIR:-build}
-MODEL_DIR=${DSERVE_DEMO_MODEL:-models/tiny}
+MODEL_DIR=$(realpath -m "${DSERVE_DEMO_MODEL:-models/tiny}")
 BASE=${DSERVE_DEMO_PORT:-17400}
 PROMPT=${DSERVE_DEMO_PROMPT:-The capital of France is}
-LOGS="$BUILD_DIR/demo-logs"
+DEMO="$BUILD_DIR/demo"
 DSERVE="$BUILD_DIR/dserve"
-mkdir -p "$LOGS"
+mkdir -p "$DEMO"
 
 "$DSERVE" model init --preset tiny --seed 1 --out "$MODEL_DIR"
 
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
+# The cluster: one CPU-only node; ports from BASE in launch order (gateway control, gateway
+# gRPC, prefill-0, decode-0), each process's /metrics 100 above its control port.
+cat >"$DEMO/cluster.yaml" <<YAML
+version: 1
+mode: disaggregated
+model:
+  path: $MODEL_DIR
+nodes:
+  - name: local
+    address: 127.0.0.1
+    devices: 0
+    base_port: $BASE
+gateway:
+  node: local
+pools:
+  prefill:
+    replicas: 1
+    placement: local
+    devices_per_replica: 0
+  decode:
+    replicas: 1
+    placement: local
+    devices_per_replica: 0
+    kv_budget_mib: 256
+network:
+  ucx_transports: [tcp]
+  ucx_net_devices: [lo]
+  metrics_port_offset: 100
+YAML
 
-# Starts one process of a role and waits (60 s at most) for its "dserve: serving" line.
-start() {
-  local name=$1; shift
-  "$DSERVE" serve "$@" >"$LOGS/$name.out" 2>"$LOGS/$name.err" &
-  pids+=($!)
-  for _ in $(seq 600); do
-    if grep -q "dserve: serving" "$LOGS/$name.out"; then cat "$LOGS/$name.out"; return 0; fi
-    if ! kill -0 "${pids[-1]}" 2>/dev/null; then break; fi
-    sleep 0.1
-  done
-  echo "dserve demo: the $name process did not start; its log:" >&2
-  cat "$LOGS/$name.err" >&2
-  exit 1
-}
-
-start prefill --role prefill --model "$MODEL_DIR" --listen "127.0.0.1:$((BASE + 1))"
-start decode --role decode --model "$MODEL_DIR" --listen "127.0.0.1:$((BASE + 2))"
-start gateway --role gateway --model "$MODEL_DIR" --listen "127.0.0.1:$BASE" \
-  --grpc-listen "127.0.0.1:$((BASE + 3))" \
-  --prefill "127.0.0.1:$((BASE + 1))" --decode "127.0.0.1:$((BASE + 2))"
+CLUSTER=(-f "$DEMO/cluster.yaml" --state-dir "$DEMO/state")
+# A cluster left over from an interrupted demo is stopped first.
+"$DSERVE" down "${CLUSTER[@]}" >/dev/null 2>&1 || true
+trap '"$DSERVE" down "${CLUSTER[@]}"' EXIT
+"$DSERVE" up "${CLUSTER[@]}"
+"$DSERVE" status "${CLUSTER[@]}"
 
 echo "dserve demo: prompt: $PROMPT"
-"$DSERVE" submit --gateway "127.0.0.1:$((BASE + 3))" --prompt "$PROMPT" --max-tokens 32
+"$DSERVE" submit --gateway "127.0.0.1:$((BASE + 1))" --prompt "$PROMPT" --max-tokens 32

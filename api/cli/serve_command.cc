@@ -78,6 +78,7 @@ struct ServeOptions {
   int64_t max_output_tokens = 32768;
   double max_requests_per_second_per_token = 0;  // 0: unlimited
   int64_t max_concurrent_per_token = 0;          // 0: unlimited
+  int64_t drain_timeout_ms = 30000;
   // every role: logs; prefill, colocated: the prefix store
   ServeOpsFlags ops;
 };
@@ -214,7 +215,12 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
     print_error(bound.status().to_string());
     return 1;
   }
+  const std::string model_name =
+      !o.served_model_name.empty()
+          ? o.served_model_name
+          : std::filesystem::path(o.model_dir).lexically_normal().filename().string();
   api::ServingOptions sopts;
+  sopts.model_name = model_name.empty() ? "dserve" : model_name;
   sopts.default_max_tokens = static_cast<uint32_t>(o.default_max_tokens);
   sopts.max_prompt_tokens = static_cast<uint32_t>(o.max_prompt_tokens);
   sopts.bos_token_id = static_cast<int32_t>(config->bos_token_id);
@@ -226,7 +232,8 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   grpc_opts.port = grpc_listen->second;
   grpc_opts.max_threads = static_cast<int>(o.max_running + o.max_queued + 16);
   grpc_opts.tls = tls;
-  auto server = api::GrpcServer::start(service, grpc_opts);
+  api::AdminService admin(**gateway, *auth);
+  auto server = api::GrpcServer::start({&service, &admin}, grpc_opts);
   if (!server.is_ok()) {
     print_error(server.status().to_string());
     return 1;
@@ -242,11 +249,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
     api::OpenAiOptions hopts;
     hopts.host = where->first;
     hopts.port = where->second;
-    hopts.model_name =
-        o.served_model_name.empty()
-            ? std::filesystem::path(o.model_dir).lexically_normal().filename().string()
-            : o.served_model_name;
-    if (hopts.model_name.empty()) hopts.model_name = "dserve";
+    hopts.model_name = sopts.model_name;
     hopts.default_max_tokens = static_cast<uint32_t>(o.default_max_tokens);
     hopts.max_prompt_tokens = static_cast<uint32_t>(o.max_prompt_tokens);
     hopts.bos_token_id = static_cast<int32_t>(config->bos_token_id);
@@ -292,7 +295,24 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
 
   int sig = 0;
   sigwait(&stop, &sig);
-  std::fprintf(stderr, "dserve: gateway stopping (signal %d)\n", sig);
+  // Graceful: admit nothing new, let the running requests finish (up to --drain-timeout-ms),
+  // then stop; a second signal stops at once.
+  (*gateway)->stop_accepting();
+  const auto snap = (*gateway)->snapshot();
+  std::fprintf(stderr,
+               "dserve: gateway stopping (signal %d): draining %zu running and %zu queued\n", sig,
+               snap.running, snap.queued);
+  const auto drain_until =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(o.drain_timeout_ms);
+  bool idle = false;
+  while (!(idle = (*gateway)->wait_idle(std::chrono::milliseconds(100))) &&
+         std::chrono::steady_clock::now() < drain_until) {
+    timespec now{0, 0};
+    if (sigtimedwait(&stop, nullptr, &now) > 0) break;  // a second signal: stop at once
+  }
+  if (!idle) {
+    std::fprintf(stderr, "dserve: gateway: cancelling the requests still running\n");
+  }
   http.reset();
   metrics_server.reset();
   server->reset();  // cancels the calls in flight: their requests are cancelled on the workers
@@ -651,6 +671,11 @@ Command add_serve_command(CLI::App& app) {
                   "(RESOURCE_EXHAUSTED, HTTP 429); 0: unlimited")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{UINT32_MAX}));
+  cmd->add_option("--drain-timeout-ms", o->drain_timeout_ms,
+                  "gateway: on SIGTERM/SIGINT, how long running requests may take to finish "
+                  "before they are cancelled (new ones are refused at once)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   return [o] { return run_serve(*o); };
 }
 

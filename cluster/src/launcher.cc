@@ -194,6 +194,11 @@ Status remove_state(const std::string& dir) {
 
 bool is_running(const ProcessRecord& record) {
   if (record.pid <= 0) return false;
+  // Without /proc (a chroot that does not mount it) the start time cannot be read: the pid
+  // alone decides, so that a process that runs is never taken for gone.
+  if (record.start_ticks == 0 || !fs::exists("/proc/self/stat")) {
+    return kill(record.pid, 0) == 0 || errno == EPERM;
+  }
   char state = '?';
   const uint64_t ticks = start_ticks_of(record.pid, &state);
   return ticks != 0 && ticks == record.start_ticks && state != 'Z' && state != 'X';

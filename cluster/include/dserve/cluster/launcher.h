@@ -24,7 +24,7 @@ struct ProcessRecord {
   Process process;
   std::vector<std::string> args;  // after the program name ("serve", ...)
   pid_t pid = 0;
-  uint64_t start_ticks = 0;  // /proc/<pid>/stat field 22: tells a recycled pid apart
+  uint64_t start_ticks = 0;  // /proc/<pid>/stat field 22 (a recycled pid differs); 0: unknown
   std::string log_path;      // stderr (the process's log lines)
   std::string out_path;      // stdout (its ready line)
   int64_t started_unix_ms = 0;
