@@ -76,6 +76,33 @@ TEST(Manifest, BaseIsValid) {
   EXPECT_EQ(m->processes[2].devices, (std::vector<int64_t>{1}));
   // The prompt limit defaults to the model's context.
   EXPECT_EQ(m->limits.max_prompt_tokens, 4096);
+  // /metrics: control port + network.metrics_port_offset (default 1000); no HTTP API unless
+  // gateway.http_port names one.
+  EXPECT_EQ(m->processes[0].metrics_port, 8000);
+  EXPECT_EQ(m->processes[1].metrics_port, 8002);
+  EXPECT_EQ(m->processes[2].metrics_port, 8003);
+  EXPECT_EQ(m->processes[0].http_port, 0);
+}
+
+TEST(Manifest, HttpPortAndMetricsOffset) {
+  auto m =
+      parse_manifest(replace(std::string(kBase) + "network:\n  metrics_port_offset: 0\n",
+                             "  node: node-a\npools:", "  node: node-a\n  http_port: 8080\npools:"),
+                     "m.yaml");
+  ASSERT_TRUE(m.is_ok()) << m.status().to_string();
+  EXPECT_EQ(m->processes[0].http_port, 8080);
+  for (const auto& p : m->processes)
+    EXPECT_EQ(p.metrics_port, 0) << p.name;
+  auto args = to_serve_args(*m, m->processes[0]);
+  ASSERT_TRUE(args.is_ok());
+  const std::string joined = [&] {
+    std::string j;
+    for (const auto& a : *args)
+      j += a + " ";
+    return j;
+  }();
+  EXPECT_NE(joined.find("--http-listen 10.0.0.1:8080 "), std::string::npos) << joined;
+  EXPECT_EQ(joined.find("--metrics-listen"), std::string::npos) << joined;
 }
 
 // --- The examples ------------------------------------------------------------------------
@@ -418,6 +445,29 @@ TEST(ManifestMistakes, AutomaticPortsSkipExplicitOnes) {
   EXPECT_EQ(m->processes[0].port, 7001);
   EXPECT_EQ(m->processes[0].second_port, 7000);
   EXPECT_EQ(m->processes[1].port, 7002);
+}
+
+TEST(ManifestMistakes, MetricsPortTakenByAnotherProcess) {
+  // Offset 1: the gateway's /metrics would land on its own gRPC port, prefill-0's on decode-0's.
+  EXPECT_EQ(problems(std::string(kBase) + "network:\n  metrics_port_offset: 1\n"),
+            (Lines{"m.yaml:22:24: network.metrics_port_offset (gateway): found port 7001 on node "
+                   "'node-a', already used by gateway (gateway.grpc_port, line 13); expected a "
+                   "port no other process on node 'node-a' uses",
+                   "m.yaml:22:24: network.metrics_port_offset (prefill-0): found port 7003 on "
+                   "node 'node-a', already used by decode-0 (pools.decode.ports, line 20); "
+                   "expected a port no other process on node 'node-a' uses"}));
+}
+
+TEST(ManifestMistakes, HttpPortTakenByAnotherProcess) {
+  // An automatic port skips the HTTP port; an explicit one that equals it is a problem.
+  std::string text =
+      replace(kBase, "  node: node-a\npools:", "  node: node-a\n  http_port: 7100\npools:");
+  text = replace(text, "    placement: node-a\n  decode:",
+                 "    placement: node-a\n    ports: [7100]\n  decode:");
+  EXPECT_EQ(problems(text),
+            (Lines{"m.yaml:19:13: pools.prefill.ports[0]: found port 7100 on node 'node-a', "
+                   "already used by gateway (gateway.http_port, line 14); expected a port no "
+                   "other process on node 'node-a' uses"}));
 }
 
 TEST(ManifestMistakes, PortMissingWithoutBasePort) {
