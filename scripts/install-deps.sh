@@ -11,7 +11,7 @@ PACKAGES=(
   libyaml-cpp-dev nlohmann-json3-dev libcpp-httplib-dev libcli11-dev libfmt-dev libspdlog-dev
   libpcre2-dev libopenblas-dev libzstd-dev liblz4-dev libxxhash-dev
   zlib1g-dev libssl-dev iproute2
-  openssl
+  openssl openssh-client openssh-server
   libgtest-dev libgmock-dev libbenchmark-dev
 )
 
@@ -27,6 +27,15 @@ if ! command -v node >/dev/null 2>&1; then missing+=(nodejs npm); fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   echo "dserve: installing ${#missing[@]} Debian packages: ${missing[*]}"
+  # No package may start a service while it installs (openssh-server's sshd would listen on
+  # every address; the ssh test starts its own on loopback): a policy-rc.d that says so, for
+  # this install only.
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+    $SUDO chmod +x "$policy"
+    trap '$SUDO rm -f "$policy"' EXIT
+  fi
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 else

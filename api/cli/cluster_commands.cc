@@ -22,6 +22,7 @@
 #include <map>
 #include <memory>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 
@@ -54,9 +55,19 @@ struct ClusterOptions {
   int64_t ready_timeout_ms = 0;  // 0: the manifest's timeouts.ready_ms
   int64_t stop_timeout_ms = 60000;
   int64_t drain_timeout_ms = 300000;
-  std::string scale;                      // POOL=N
-  std::string tls_ca, tls_cert, tls_key;  // override the manifest's security files
+  std::string scale;                         // POOL=N
+  std::string tls_ca, tls_cert, tls_key;     // override the manifest's security files
+  std::string ssh = "ssh -o BatchMode=yes";  // how nodes with `ssh` are reached
 };
+
+// The --ssh command split into words (no quoting: options are plain words).
+std::vector<std::string> ssh_words(const std::string& command) {
+  std::vector<std::string> words;
+  std::istringstream in(command);
+  for (std::string w; in >> w;)
+    words.push_back(w);
+  return words;
+}
 
 std::string state_dir_of(const ClusterOptions& o) {
   return o.state_dir.empty() ? cluster::default_state_dir(o.manifest) : o.state_dir;
@@ -131,12 +142,11 @@ Result<Manifest> load(const ClusterOptions& o) {
   auto m = cluster::load_manifest(o.manifest);
   if (!m.is_ok()) return m.status();
   for (const Process& p : m->processes) {
-    if (!cluster::is_local_host(p.host)) {
-      return unimplemented(o.manifest + ": " + p.name + " runs on node '" + p.node + "' (" +
-                           p.host +
-                           "), which is not this machine; `dserve up` starts processes on this "
-                           "machine only: run it on each node with a manifest of that node's "
-                           "processes");
+    if (p.ssh.empty() && !cluster::is_local_host(p.host)) {
+      return invalid_argument(o.manifest + ": " + p.name + " runs on node '" + p.node + "' (" +
+                              p.host +
+                              "), which is not this machine, and the node has no `ssh` "
+                              "destination to start it through");
     }
   }
   return m;
@@ -177,6 +187,7 @@ int run_up(const ClusterOptions& o) {
   cluster::LaunchOptions lopts;
   lopts.program = self_program();
   lopts.state_dir = dir;
+  lopts.ssh_command = ssh_words(o.ssh);
   const milliseconds ready(o.ready_timeout_ms > 0 ? o.ready_timeout_ms : m->timeouts.ready_ms);
   const auto started = std::chrono::steady_clock::now();
   std::fprintf(stderr, "dserve: up: %zu processes from %s (state and logs in %s)\n", plan.size(),
@@ -364,6 +375,8 @@ Result<Process> extra_replica(const Manifest& m, const cluster::Pool& pool, int6
   }
   if (!node) return internal_error("pool placement names unknown node " + p.node);
   p.host = node->address;
+  p.ssh = node->ssh.value_or("");
+  p.program = node->program.value_or("");
   // Devices: those the node's running processes do not use.
   std::set<int64_t> used;
   std::set<int64_t> ports;
@@ -395,7 +408,9 @@ Result<Process> extra_replica(const Manifest& m, const cluster::Pool& pool, int6
     if (two) want.push_back(port + 1);
     if (offset > 0) want.push_back(port + offset);
     const bool ok = std::all_of(want.begin(), want.end(), [&](int64_t x) {
-      return !ports.count(static_cast<uint16_t>(x)) && port_free(p.host, static_cast<uint16_t>(x));
+      // Another machine's ports cannot be probed from here: the state's record decides.
+      return !ports.count(static_cast<uint16_t>(x)) &&
+             (!p.ssh.empty() || port_free(p.host, static_cast<uint16_t>(x)));
     });
     if (!ok) continue;
     p.port = static_cast<uint16_t>(port);
@@ -456,6 +471,7 @@ int run_scale(const ClusterOptions& o) {
   cluster::LaunchOptions lopts;
   lopts.program = self_program();
   lopts.state_dir = dir;
+  lopts.ssh_command = ssh_words(o.ssh);
   // Grow: start, wait ready, add to the gateway; one at a time so a failure leaves a
   // consistent pool.
   while (static_cast<int64_t>(current.size()) < want) {
@@ -582,6 +598,10 @@ ClusterCommands add_cluster_commands(CLI::App& app) {
 
   CLI::App* up = app.add_subcommand("up", "start the cluster a manifest describes");
   add_common(up, *o);
+  up->add_option("--ssh", o->ssh,
+                 "the command that reaches nodes with an `ssh` destination (options; the "
+                 "destination is appended); recorded, so that scale and down use it too")
+      ->capture_default_str();
   up->add_option("--ready-timeout-ms", o->ready_timeout_ms,
                  "how long every process may take to be ready (default: the manifest's "
                  "timeouts.ready_ms)");
@@ -598,6 +618,8 @@ ClusterCommands add_cluster_commands(CLI::App& app) {
   add_common(scale, *o);
   scale->add_option("pool", o->scale, "POOL=N: prefill=N, decode=N or colocated=N (N >= 1)")
       ->required();
+  scale->add_option("--ssh", o->ssh, "as for up: how new workers' nodes are reached")
+      ->capture_default_str();
   scale
       ->add_option("--drain-timeout-ms", o->drain_timeout_ms,
                    "how long a removed worker may take to finish its requests")

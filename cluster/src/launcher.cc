@@ -40,12 +40,9 @@ std::optional<ProcessRole> role_from_name(const std::string& name) {
   return std::nullopt;
 }
 
-// Field 22 of /proc/<pid>/stat (start time in clock ticks) and field 3 (the state letter);
-// 0 when the process does not exist.
-uint64_t start_ticks_of(pid_t pid, char* state = nullptr) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(in, line)) return 0;
+// Field 22 of a /proc/<pid>/stat line (start time in clock ticks) and field 3 (the state
+// letter); 0 for an empty or malformed line.
+uint64_t parse_stat(const std::string& line, char* state = nullptr) {
   // The command name (field 2) is in parentheses and may hold spaces: fields follow the last ')'.
   const auto close = line.rfind(')');
   if (close == std::string::npos) return 0;
@@ -54,9 +51,55 @@ uint64_t start_ticks_of(pid_t pid, char* state = nullptr) {
   uint64_t ticks = 0;
   for (int i = 3; i <= 22 && rest >> field; ++i) {
     if (i == 3 && state) *state = field.empty() ? '?' : field[0];
-    if (i == 22) ticks = std::stoull(field);
+    if (i == 22) ticks = std::strtoull(field.c_str(), nullptr, 10);
   }
   return ticks;
+}
+
+// The same for a local process; 0 when it does not exist.
+uint64_t start_ticks_of(pid_t pid, char* state = nullptr) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return 0;
+  return parse_stat(line, state);
+}
+
+// `s` as one word for sh.
+std::string sh_quote(const std::string& s) {
+  std::string out = "'";
+  for (char c : s)
+    out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
+// Runs `script` (sh) on the node of `record` through its ssh command; its stdout and stderr.
+// kUnavailable, with what it printed, when ssh or the script fails.
+Result<std::string> run_remote(const std::vector<std::string>& ssh_command,
+                               const std::string& destination, const std::string& script) {
+  std::string cmd;
+  for (const auto& word : ssh_command)
+    cmd += sh_quote(word) + " ";
+  cmd += sh_quote(destination) + " " + sh_quote(script) + " 2>&1";
+  std::string out;
+  std::FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) return internal_error("cannot run ssh: " + std::string(std::strerror(errno)));
+  char buf[4096];
+  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;)
+    out.append(buf, n);
+  const int status = ::pclose(p);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    return unavailable("on " + destination + " over ssh: `" + script + "` failed (status " +
+                       std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1) + "): " + out);
+  }
+  return out;
+}
+
+bool is_remote(const ProcessRecord& r) {
+  return !r.process.ssh.empty();
+}
+
+Result<std::string> on_node(const ProcessRecord& r, const std::string& script) {
+  return run_remote(r.ssh_command, r.process.ssh, script);
 }
 
 json to_json(const ProcessRecord& r) {
@@ -71,6 +114,9 @@ json to_json(const ProcessRecord& r) {
               {"http_port", p.http_port},
               {"devices", p.devices},
               {"replica", p.replica},
+              {"ssh", p.ssh},
+              {"program", p.program},
+              {"ssh_command", r.ssh_command},
               {"args", r.args},
               {"pid", r.pid},
               {"start_ticks", r.start_ticks},
@@ -94,6 +140,9 @@ ProcessRecord from_json(const json& j) {
   p.http_port = j.at("http_port").get<uint16_t>();
   p.devices = j.at("devices").get<std::vector<int64_t>>();
   p.replica = j.at("replica").get<int64_t>();
+  p.ssh = j.at("ssh").get<std::string>();
+  p.program = j.at("program").get<std::string>();
+  r.ssh_command = j.at("ssh_command").get<std::vector<std::string>>();
   r.args = j.at("args").get<std::vector<std::string>>();
   r.pid = j.at("pid").get<pid_t>();
   r.start_ticks = j.at("start_ticks").get<uint64_t>();
@@ -194,6 +243,15 @@ Status remove_state(const std::string& dir) {
 
 bool is_running(const ProcessRecord& record) {
   if (record.pid <= 0) return false;
+  if (is_remote(record)) {
+    auto stat =
+        on_node(record, "cat /proc/" + std::to_string(record.pid) + "/stat 2>/dev/null; true");
+    // Unreachable: say it runs, so that nothing is forgotten while it may still run.
+    if (!stat.is_ok()) return true;
+    char state = '?';
+    const uint64_t ticks = parse_stat(*stat, &state);
+    return ticks != 0 && ticks == record.start_ticks && state != 'Z' && state != 'X';
+  }
   // Without /proc (a chroot that does not mount it) the start time cannot be read: the pid
   // alone decides, so that a process that runs is never taken for gone.
   if (record.start_ticks == 0 || !fs::exists("/proc/self/stat")) {
@@ -224,8 +282,44 @@ bool is_local_host(const std::string& host) {
   return found;
 }
 
+namespace {
+
+Result<ProcessRecord> start_remote(const Process& process, std::vector<std::string> args,
+                                   const LaunchOptions& options) {
+  const fs::path logs = fs::path(options.state_dir) / "logs";
+  ProcessRecord r;
+  r.process = process;
+  r.args = std::move(args);
+  r.ssh_command = options.ssh_command;
+  r.log_path = (logs / (process.name + ".log")).string();
+  r.out_path = (logs / (process.name + ".out")).string();
+  std::string command = sh_quote(process.program.empty() ? options.program : process.program);
+  for (const auto& a : r.args)
+    command += " " + sh_quote(a);
+  // setsid: its own session, so it outlives the ssh connection; $! is its pid (a background
+  // job of a shell without job control is no group leader, so setsid does not fork).
+  const std::string script = "mkdir -p " + sh_quote(logs.string()) + " && cd / && { setsid " +
+                             command + " >" + sh_quote(r.out_path) + " 2>>" + sh_quote(r.log_path) +
+                             " </dev/null & } && echo \"dserve-pid $!\" && cat /proc/$!/stat";
+  auto out = on_node(r, script);
+  if (!out.is_ok()) return out.status().with_context("starting " + process.name);
+  const auto at = out->find("dserve-pid ");
+  if (at == std::string::npos) {
+    return unavailable("starting " + process.name + " on " + process.ssh +
+                       ": no pid in the answer: " + *out);
+  }
+  r.pid = static_cast<pid_t>(std::strtol(out->c_str() + at + 11, nullptr, 10));
+  const auto eol = out->find('\n', at);
+  r.start_ticks = eol == std::string::npos ? 0 : parse_stat(out->substr(eol + 1));
+  r.started_unix_ms = unix_ms_now();
+  return r;
+}
+
+}  // namespace
+
 Result<ProcessRecord> start_process(const Process& process, std::vector<std::string> args,
                                     const LaunchOptions& options) {
+  if (!process.ssh.empty()) return start_remote(process, std::move(args), options);
   const fs::path logs = fs::path(options.state_dir) / "logs";
   std::error_code ec;
   fs::create_directories(logs, ec);
@@ -244,7 +338,7 @@ Result<ProcessRecord> start_process(const Process& process, std::vector<std::str
                             std::strerror(errno));
   }
   std::vector<std::string> argv_store;
-  argv_store.push_back(options.program);
+  argv_store.push_back(process.program.empty() ? options.program : process.program);
   argv_store.insert(argv_store.end(), r.args.begin(), r.args.end());
   std::vector<char*> argv;
   for (auto& a : argv_store)
@@ -283,6 +377,23 @@ Result<ProcessRecord> start_process(const Process& process, std::vector<std::str
 
 Status wait_ready(const ProcessRecord& record, std::chrono::milliseconds timeout) {
   const auto until = std::chrono::steady_clock::now() + timeout;
+  if (is_remote(record)) {
+    for (;;) {
+      auto out = on_node(record, "cat " + sh_quote(record.out_path) + " 2>/dev/null; true");
+      if (out.is_ok() && out->find("dserve: serving ") != std::string::npos) return Status::ok();
+      if (!is_running(record)) {
+        return unavailable(record.process.name + " on " + record.process.ssh +
+                           " exited before it was ready; the end of " + record.log_path +
+                           " there:\n" + tail_of(record));
+      }
+      if (std::chrono::steady_clock::now() >= until) {
+        return unavailable(record.process.name + " on " + record.process.ssh +
+                           " was not ready after " + std::to_string(timeout.count()) +
+                           " ms; the end of " + record.log_path + " there:\n" + tail_of(record));
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(250));
+    }
+  }
   for (;;) {
     if (has_ready_line(record.out_path)) return Status::ok();
     // Reap it if it is our child and has exited (a zombie is not running).
@@ -296,12 +407,12 @@ Status wait_ready(const ProcessRecord& record, std::chrono::milliseconds timeout
       if (reaped == record.pid && WIFSIGNALED(status))
         how = "was killed by signal " + std::to_string(WTERMSIG(status));
       return unavailable(record.process.name + " " + how + " before it was ready; the end of " +
-                         record.log_path + ":\n" + tail_of(record.log_path));
+                         record.log_path + ":\n" + tail_of(record));
     }
     if (std::chrono::steady_clock::now() >= until) {
       return unavailable(record.process.name + " was not ready after " +
                          std::to_string(timeout.count()) + " ms; the end of " + record.log_path +
-                         ":\n" + tail_of(record.log_path));
+                         ":\n" + tail_of(record));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
@@ -309,23 +420,43 @@ Status wait_ready(const ProcessRecord& record, std::chrono::milliseconds timeout
 
 std::string stop_process(const ProcessRecord& record, std::chrono::milliseconds timeout) {
   if (!is_running(record)) {
-    waitpid(record.pid, nullptr, WNOHANG);
+    if (!is_remote(record)) waitpid(record.pid, nullptr, WNOHANG);
     return "was not running";
   }
-  kill(record.pid, SIGTERM);
+  auto signal = [&](int sig) {
+    if (is_remote(record)) {
+      (void)on_node(record, "kill -" + std::to_string(sig) + " " + std::to_string(record.pid) +
+                                " 2>/dev/null; true");
+    } else {
+      kill(record.pid, sig);
+    }
+  };
+  signal(SIGTERM);
   const auto started = std::chrono::steady_clock::now();
   const auto until = started + timeout;
   while (std::chrono::steady_clock::now() < until) {
-    waitpid(record.pid, nullptr, WNOHANG);  // when it is our child
+    if (!is_remote(record)) waitpid(record.pid, nullptr, WNOHANG);  // when it is our child
     if (!is_running(record)) return "exited";
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::this_thread::sleep_for(std::chrono::milliseconds(is_remote(record) ? 200 : 20));
   }
-  kill(record.pid, SIGKILL);
+  signal(SIGKILL);
   for (int i = 0; i < 250 && is_running(record); ++i) {
-    waitpid(record.pid, nullptr, WNOHANG);
+    if (!is_remote(record)) waitpid(record.pid, nullptr, WNOHANG);
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   return "killed after " + std::to_string(timeout.count()) + " ms";
+}
+
+std::string tail_of(const ProcessRecord& record, size_t lines) {
+  if (!is_remote(record)) return tail_of(record.log_path, lines);
+  auto out = on_node(record, "tail -n " + std::to_string(lines) + " " + sh_quote(record.log_path) +
+                                 " 2>/dev/null; true");
+  if (!out.is_ok()) return "  (cannot read it: " + out.status().message() + ")\n";
+  std::string indented;
+  std::istringstream in(*out);
+  for (std::string line; std::getline(in, line);)
+    indented += "  " + line + "\n";
+  return indented;
 }
 
 std::string tail_of(const std::string& path, size_t lines) {

@@ -70,7 +70,7 @@ void read_nodes(const YAML::Node& node, Location at, ProblemSink& sink, std::vec
   for (size_t i = 0; i < node.size(); ++i) {
     const std::string path = "nodes[" + std::to_string(i) + "]";
     MapReader m(node[i], path, location_of(node, at), sink,
-                {"name", "address", "devices", "memory_gib", "base_port"});
+                {"name", "address", "devices", "memory_gib", "base_port", "ssh", "program"});
     Node n;
     n.at = m.at();
     if (auto name = m.string("name", true)) {
@@ -92,6 +92,26 @@ void read_nodes(const YAML::Node& node, Location at, ProblemSink& sink, std::vec
     n.devices = m.integer("devices", 0, 1024, false).value_or(0);
     n.memory_gib = m.integer("memory_gib", 1, kBig, false);
     n.base_port = m.integer("base_port", 1, kMaxPort, false);
+    if (auto ssh = m.string("ssh", false)) {
+      // An ssh destination: [user@]host or ssh://[user@]host[:port]; never an option.
+      const bool ok = !ssh->empty() && ssh->front() != '-' &&
+                      ssh->find_first_of(" \t'\"\\;&|$`") == std::string::npos;
+      if (ok) {
+        n.ssh = *ssh;
+      } else {
+        sink.add(m.at("ssh"), m.path("ssh"), "'" + *ssh + "'",
+                 "an ssh destination: [user@]host or ssh://[user@]host[:port]");
+      }
+    }
+    if (auto program = m.string("program", false)) {
+      if (!program->empty() && program->front() == '/' &&
+          program->find_first_of("'\n") == std::string::npos) {
+        n.program = *program;
+      } else {
+        sink.add(m.at("program"), m.path("program"), "'" + *program + "'",
+                 "the absolute path of the dserve program on the node");
+      }
+    }
     if (n.name.empty() || n.address.empty()) info.nodes_ok = false;
     nodes.push_back(std::move(n));
   }

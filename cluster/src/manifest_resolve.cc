@@ -297,8 +297,12 @@ void resolve_processes(Manifest& out, const SectionInfo& info, ProblemSink& sink
     }
   }
 
-  for (Process& p : processes)
-    p.host = out.nodes[by_name.at(p.node)].address;
+  for (Process& p : processes) {
+    const Node& node = out.nodes[by_name.at(p.node)];
+    p.host = node.address;
+    p.ssh = node.ssh.value_or("");
+    p.program = node.program.value_or("");
+  }
   out.processes = std::move(processes);
 }
 

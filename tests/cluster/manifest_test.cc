@@ -470,6 +470,25 @@ TEST(ManifestMistakes, HttpPortTakenByAnotherProcess) {
                    "other process on node 'node-a' uses"}));
 }
 
+TEST(ManifestMistakes, SshDestinationAndProgram) {
+  EXPECT_EQ(problems(replace(kBase, "    base_port: 7000\n",
+                             "    base_port: 7000\n    ssh: -oProxyCommand=x\n"
+                             "    program: bin/dserve\n")),
+            (Lines{"m.yaml:12:10: nodes[0].ssh: found '-oProxyCommand=x'; expected an ssh "
+                   "destination: [user@]host or ssh://[user@]host[:port]",
+                   "m.yaml:13:14: nodes[0].program: found 'bin/dserve'; expected the absolute "
+                   "path of the dserve program on the node"}));
+  auto m = parse_manifest(replace(kBase, "    base_port: 7000\n",
+                                  "    base_port: 7000\n    ssh: ssh://ops@node-a:2222\n    "
+                                  "program: /opt/dserve/bin/dserve\n"),
+                          "m.yaml");
+  ASSERT_TRUE(m.is_ok()) << m.status().to_string();
+  for (const auto& p : m->processes) {
+    EXPECT_EQ(p.ssh, "ssh://ops@node-a:2222") << p.name;
+    EXPECT_EQ(p.program, "/opt/dserve/bin/dserve") << p.name;
+  }
+}
+
 TEST(ManifestMistakes, PortMissingWithoutBasePort) {
   EXPECT_EQ(problems(replace(kBase, "    base_port: 7000\n", "")),
             (Lines{"m.yaml:12:3: gateway.port: found nothing, and node 'node-a' has no base_port; "

@@ -4,6 +4,9 @@
 // the only other outcome allowed is a refusal once `down` has begun. Everything is counted.
 
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -14,6 +17,7 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -45,6 +49,13 @@ CommandResult dserve(const std::string& args) {
     r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
   return r;
+}
+
+std::string read_file(const fs::path& path) {
+  std::ifstream in(path);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
 }
 
 // A base port unlikely to be in use: 21000..29900, from the pid.
@@ -258,6 +269,105 @@ TEST(Lifecycle, UpStatusScaleDownUnderSteadyStreamLosesNothing) {
   status = dserve("status " + common);
   EXPECT_NE(status.exit_code, 0);
   EXPECT_NE(status.output.find("no cluster is up"), std::string::npos) << status.output;
+  if (!HasFailure()) fs::remove_all(dir);
+}
+
+// A node with `ssh: root@127.0.0.1`: up, scale and down reach its processes through a real
+// sshd started here on loopback (needs root and openssh-server; skipped, saying why, without).
+TEST(Lifecycle, NodesWithSshAreStartedAndStoppedThroughSsh) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root (sshd, root login)";
+  if (!fs::exists("/usr/sbin/sshd")) GTEST_SKIP() << "needs /usr/sbin/sshd (openssh-server)";
+  const fs::path dir = fs::temp_directory_path() / ("dserve-ssh-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const int base = base_port() + 60;
+  const int ssh_port = base + 30;
+  const std::string d = dir.string();
+  ASSERT_EQ(
+      std::system(("ssh-keygen -q -t ed25519 -N '' -f " + d + "/host_key && " +
+                   "ssh-keygen -q -t ed25519 -N '' -f " + d + "/id && cp " + d + "/id.pub " + d +
+                   "/authorized_keys && chmod 600 " + d + "/authorized_keys && mkdir -p /run/sshd")
+                      .c_str()),
+      0);
+  std::ofstream(dir / "sshd_config") << "Port " << ssh_port << "\nListenAddress 127.0.0.1\n"
+                                     << "HostKey " << d << "/host_key\n"
+                                     << "AuthorizedKeysFile " << d << "/authorized_keys\n"
+                                     << "PidFile " << d << "/sshd.pid\n"
+                                     << "PermitRootLogin prohibit-password\n"
+                                     << "PasswordAuthentication no\n"
+                                     << "KbdInteractiveAuthentication no\nUsePAM no\n"
+                                     << "StrictModes no\n";
+  const pid_t sshd = ::fork();
+  if (sshd == 0) {
+    ::execl("/usr/sbin/sshd", "/usr/sbin/sshd", "-D", "-f", (d + "/sshd_config").c_str(), "-E",
+            (d + "/sshd.log").c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  struct StopSshd {
+    pid_t pid;
+    ~StopSshd() {
+      ::kill(pid, SIGTERM);
+      ::waitpid(pid, nullptr, 0);
+    }
+  } stop_sshd{sshd};
+  const std::string ssh =
+      "ssh -o BatchMode=yes -o StrictHostKeyChecking=no -o "
+      "UserKnownHostsFile=/dev/null -o LogLevel=ERROR -i " +
+      d + "/id -p " + std::to_string(ssh_port);
+  bool reachable = false;
+  for (int i = 0; i < 100 && !reachable; ++i) {
+    reachable = std::system((ssh + " root@127.0.0.1 true >/dev/null 2>&1").c_str()) == 0;
+    if (!reachable) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_TRUE(reachable) << "sshd on 127.0.0.1:" << ssh_port << " does not let us in";
+
+  std::string text = manifest_text(base);
+  text.replace(text.find("    base_port:"), 0,
+               "    ssh: root@127.0.0.1\n    program: " + std::string(DSERVE_BINARY) + "\n");
+  const std::string manifest = d + "/cluster.yaml";
+  std::ofstream(manifest) << text;
+  const std::string common = "-f " + manifest + " --state-dir " + d + "/state";
+  const std::string ssh_flag = " --ssh '" + ssh + "'";
+
+  const CommandResult up = dserve("up " + common + ssh_flag);
+  ASSERT_EQ(up.exit_code, 0) << up.output;
+  auto client = api::ServingClient::connect("127.0.0.1:" + std::to_string(base + 1),
+                                            std::chrono::seconds(10));
+  ASSERT_TRUE(client.is_ok()) << client.status().to_string();
+  const auto prompt = random_prompt(40, 7);
+  v1::GenerateRequest req;
+  for (int32_t t : prompt)
+    req.add_prompt_tokens(t);
+  req.set_max_tokens(5);
+  auto got = (*client)->generate(req, {}, std::chrono::seconds(60));
+  ASSERT_TRUE(got.is_ok()) << got.status().to_string();
+  EXPECT_EQ(got->tokens, reference_tokens(prompt, 5));
+
+  const CommandResult grow = dserve("scale decode=2 " + common + ssh_flag);
+  EXPECT_EQ(grow.exit_code, 0) << grow.output;
+  const CommandResult status = dserve("status " + common);
+  EXPECT_NE(status.output.find("pool decode   2 workers, 2 healthy"), std::string::npos)
+      << status.output;
+  // Every process was started through sshd (one accepted login per ssh command at least).
+  const std::string sshd_log = read_file(dir / "sshd.log");
+  EXPECT_NE(sshd_log.find("Accepted publickey for root"), std::string::npos) << sshd_log;
+  std::vector<pid_t> pids;
+  {
+    const std::string json = read_file(dir / "state" / "state.json");
+    for (size_t at = json.find("\"pid\": "); at != std::string::npos;
+         at = json.find("\"pid\": ", at + 1))
+      pids.push_back(static_cast<pid_t>(std::stol(json.substr(at + 7))));
+  }
+  EXPECT_EQ(pids.size(), 4u);
+  const CommandResult down = dserve("down " + common);
+  EXPECT_EQ(down.exit_code, 0) << down.output;
+  for (pid_t pid : pids) {
+    // Gone, or a zombie its new parent has not reaped yet.
+    const std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
+    const auto close = stat.rfind(')');
+    const char state = close == std::string::npos ? 'X' : stat[close + 2];
+    EXPECT_TRUE(state == 'Z' || state == 'X') << "pid " << pid << " still runs after down";
+  }
   if (!HasFailure()) fs::remove_all(dir);
 }
 

@@ -28,6 +28,9 @@ struct ProcessRecord {
   std::string log_path;      // stderr (the process's log lines)
   std::string out_path;      // stdout (its ready line)
   int64_t started_unix_ms = 0;
+  // How its node is reached when process.ssh is set: the ssh program and options, then the
+  // destination; everything below runs there through it (kill, /proc, the log files).
+  std::vector<std::string> ssh_command;
 };
 
 struct ClusterState {
@@ -60,12 +63,15 @@ bool is_running(const ProcessRecord& record);
 bool is_local_host(const std::string& host);
 
 struct LaunchOptions {
-  std::string program;    // the dserve executable
-  std::string state_dir;  // logs go to <state_dir>/logs/<name>.{log,out}
+  std::string program;    // the dserve executable (a process's own `program` wins)
+  std::string state_dir;  // logs go to <state_dir>/logs/<name>.{log,out} (on its node)
+  // For processes on nodes with `ssh`: the command that reaches them, before the destination.
+  std::vector<std::string> ssh_command = {"ssh", "-o", "BatchMode=yes"};
   std::chrono::milliseconds ready_timeout{120000};
 };
 
-// Starts `dserve <args>` for `process`, detached. Returns at once; wait_ready() waits for it.
+// Starts `dserve <args>` for `process`, detached: here, or over ssh on its node (in its own
+// session there, surviving the ssh connection). Returns at once; wait_ready() waits for it.
 Result<ProcessRecord> start_process(const Process& process, std::vector<std::string> args,
                                     const LaunchOptions& options);
 
@@ -77,7 +83,9 @@ Status wait_ready(const ProcessRecord& record, std::chrono::milliseconds timeout
 // ended: "exited", "killed after N ms" or "was not running".
 std::string stop_process(const ProcessRecord& record, std::chrono::milliseconds timeout);
 
-// The last `lines` lines of a file ("" when unreadable), for error messages.
+// The last `lines` lines of a file ("" when unreadable), for error messages; of a process's
+// log (on its node).
 std::string tail_of(const std::string& path, size_t lines = 20);
+std::string tail_of(const ProcessRecord& record, size_t lines = 20);
 
 }  // namespace dserve::cluster

@@ -42,6 +42,11 @@ struct Node {
   int64_t devices = 0;                // accelerators on the node (0: CPU only)
   std::optional<int64_t> memory_gib;  // host memory, bounds the KV host tier when given
   std::optional<int64_t> base_port;   // ports of processes without explicit ones start here
+  // Launch over ssh: the destination ([user@]host or ssh://[user@]host[:port]); `dserve up`
+  // starts the node's processes through it. Not set: on the machine that runs `dserve up`.
+  std::optional<std::string> ssh;
+  // The dserve program on the node (absolute); default: the path of the one running `up`.
+  std::optional<std::string> program;
   Location at;
 };
 
@@ -138,6 +143,8 @@ struct Process {
   uint16_t http_port = 0;        // gateway: the OpenAI-compatible API (gateway.http_port); 0: off
   std::vector<int64_t> devices;  // device indices on the node, devices_per_replica of them
   int64_t replica = 0;           // index in its pool (0 for the gateway)
+  std::string ssh;               // the node's ssh destination; empty: started locally
+  std::string program;           // the node's dserve program; empty: the launcher's own
 };
 
 struct Manifest {
