@@ -135,35 +135,6 @@ std::optional<Job> parse_job(const std::string& line, size_t line_no, const std:
   return job;
 }
 
-const char* code_name(StatusCode code) {
-  switch (code) {
-    case StatusCode::kOk:
-      return "OK";
-    case StatusCode::kInvalidArgument:
-      return "INVALID_ARGUMENT";
-    case StatusCode::kNotFound:
-      return "NOT_FOUND";
-    case StatusCode::kOutOfRange:
-      return "OUT_OF_RANGE";
-    case StatusCode::kDataLoss:
-      return "DATA_LOSS";
-    case StatusCode::kUnimplemented:
-      return "UNIMPLEMENTED";
-    case StatusCode::kUnavailable:
-      return "UNAVAILABLE";
-    case StatusCode::kInternal:
-      return "INTERNAL";
-    case StatusCode::kResourceExhausted:
-      return "RESOURCE_EXHAUSTED";
-    case StatusCode::kDeadlineExceeded:
-      return "DEADLINE_EXCEEDED";
-    case StatusCode::kCancelled:
-      return "CANCELLED";
-    default:
-      return "UNKNOWN";
-  }
-}
-
 // The progress line: "[#######.............] 35/100 jobs, 1 failed, 4.2 jobs/s, ETA 15 s".
 class Progress {
  public:
@@ -268,7 +239,7 @@ int run_jobs(api::ServingClient& client, const JobsOptions& o) {
                       {"time_to_first_token_ms", u.time_to_first_token_ms()},
                       {"total_ms", u.total_ms()}};
       } else {
-        r["error"] = {{"code", code_name(got.status().code())},
+        r["error"] = {{"code", std::string(status_code_name(got.status().code()))},
                       {"message", got.status().message()}};
       }
       std::lock_guard<std::mutex> lock(mu);

@@ -101,30 +101,39 @@ Status ServingClient::cancel(const std::string& request_id, std::chrono::millise
   return from_grpc(stub_->Cancel(context.get(), request, &response));
 }
 
-Result<dserve::v1::ClusterStatus> ServingClient::status(std::chrono::milliseconds timeout) {
-  dserve::v1::ClusterStatus response;
-  auto context = context_for(timeout);
-  const grpc::Status st = stub_->Status(context.get(), dserve::v1::StatusRequest{}, &response);
-  if (!st.ok()) return from_grpc(st).with_context("gateway " + address_);
+namespace {
+
+// One unary call: `call(context, &response)`; a failure carries the gateway's address.
+template <class Response, class Call>
+Result<Response> unary(const std::string& address, grpc::ClientContext* context, Call call) {
+  Response response;
+  const grpc::Status st = call(context, &response);
+  if (!st.ok()) return from_grpc(st).with_context("gateway " + address);
   return response;
+}
+
+}  // namespace
+
+Result<dserve::v1::ClusterStatus> ServingClient::status(std::chrono::milliseconds timeout) {
+  auto context = context_for(timeout);
+  return unary<dserve::v1::ClusterStatus>(address_, context.get(), [&](auto* c, auto* r) {
+    return stub_->Status(c, dserve::v1::StatusRequest{}, r);
+  });
 }
 
 Result<dserve::v1::ListModelsResponse> ServingClient::list_models(
     std::chrono::milliseconds timeout) {
-  dserve::v1::ListModelsResponse response;
   auto context = context_for(timeout);
-  const grpc::Status st =
-      stub_->ListModels(context.get(), dserve::v1::ListModelsRequest{}, &response);
-  if (!st.ok()) return from_grpc(st).with_context("gateway " + address_);
-  return response;
+  return unary<dserve::v1::ListModelsResponse>(address_, context.get(), [&](auto* c, auto* r) {
+    return stub_->ListModels(c, dserve::v1::ListModelsRequest{}, r);
+  });
 }
 
 Result<dserve::v1::HealthResponse> ServingClient::health(std::chrono::milliseconds timeout) {
-  dserve::v1::HealthResponse response;
   auto context = context_for(timeout);
-  const grpc::Status st = stub_->Health(context.get(), dserve::v1::HealthRequest{}, &response);
-  if (!st.ok()) return from_grpc(st).with_context("gateway " + address_);
-  return response;
+  return unary<dserve::v1::HealthResponse>(address_, context.get(), [&](auto* c, auto* r) {
+    return stub_->Health(c, dserve::v1::HealthRequest{}, r);
+  });
 }
 
 Status ServingClient::add_worker(const std::string& role, const std::string& address,

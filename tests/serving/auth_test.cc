@@ -37,14 +37,7 @@ constexpr const char* kBob = "bob-tok-0b8f2a6c91e4d7";
 constexpr const char* kModel = "tiny-v4";
 
 std::string run(const std::string& cmd) {
-  std::string out;
-  if (std::FILE* p = ::popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    for (size_t n; (n = std::fread(buf, 1, sizeof(buf), p)) > 0;)
-      out.append(buf, n);
-    ::pclose(p);
-  }
-  return out;
+  return testing_support::run_command(cmd).output;
 }
 
 // A token file private to its owner, as the gateway wants it.

@@ -29,14 +29,7 @@ v1::GenerateRequest request_for(const std::vector<int32_t>& prompt, uint32_t max
 }
 
 std::string run(const std::string& cmd) {
-  std::string out;
-  if (std::FILE* p = ::popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    for (size_t n; (n = std::fread(buf, 1, sizeof(buf), p)) > 0;)
-      out.append(buf, n);
-    ::pclose(p);
-  }
-  return out;
+  return testing_support::run_command(cmd).output;
 }
 
 TEST(Gateway, StreamsMatchGenerateAndBadRequestsAreRefused) {

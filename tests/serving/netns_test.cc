@@ -32,21 +32,11 @@ using testing_support::load_requests;
 using testing_support::run_load_and_check;
 using testing_support::ServeCluster;
 
-struct Ran {
-  int rc = -1;
-  std::string out;  // stdout and stderr
-};
+using Ran = testing_support::CommandResult;
 
+// `cmd` with its stderr.
 Ran sh(const std::string& cmd) {
-  Ran r;
-  std::FILE* p = ::popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return r;
-  char buf[4096];
-  for (size_t n; (n = std::fread(buf, 1, sizeof(buf), p)) > 0;)
-    r.out.append(buf, n);
-  const int status = ::pclose(p);
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return testing_support::run_command(cmd + " 2>&1");
 }
 
 bool pid_alive(long pid) {
@@ -92,7 +82,7 @@ class NetnsTopology {
   // privileges or tools (then `skip_reason` says why); otherwise the failing command and its
   // output. Whatever was made is deleted on destruction either way.
   std::string set_up(std::string* skip_reason) {
-    if (sh("ip -V").rc != 0) {
+    if (sh("ip -V").exit_code != 0) {
       *skip_reason = "iproute2's `ip` is not installed";
       return "";
     }
@@ -104,13 +94,13 @@ class NetnsTopology {
     }
     remove_leftovers();
     const Ran first = sh("ip netns add " + ns("x"));
-    if (first.rc != 0) {
-      if (first.out.find("Operation not permitted") != std::string::npos ||
-          first.out.find("Permission denied") != std::string::npos) {
-        *skip_reason = "`ip netns add` is not permitted here: " + first.out;
+    if (first.exit_code != 0) {
+      if (first.output.find("Operation not permitted") != std::string::npos ||
+          first.output.find("Permission denied") != std::string::npos) {
+        *skip_reason = "`ip netns add` is not permitted here: " + first.output;
         return "";
       }
-      return "ip netns add " + ns("x") + ": " + first.out;
+      return "ip netns add " + ns("x") + ": " + first.output;
     }
     created_.push_back(ns("x"));
     subnet_ = free_subnet();
@@ -124,8 +114,8 @@ class NetnsTopology {
     for (const char* n : {"a", "b", "c"}) {
       const std::string name = ns(n);
       const std::string port = std::string("port-") + n;
-      if (Ran r = sh("ip netns add " + name); r.rc != 0)
-        return "ip netns add " + name + ": " + r.out;
+      if (Ran r = sh("ip netns add " + name); r.exit_code != 0)
+        return "ip netns add " + name + ": " + r.output;
       created_.push_back(name);
       for (const std::string& c : {
                "ip -n " + name + " link set lo up",
@@ -143,7 +133,7 @@ class NetnsTopology {
     cmds.push_back("ip addr add " + address(1) + "/24 dev " + root_leg());
     cmds.push_back("ip link set " + root_leg() + " up");
     for (const std::string& c : cmds) {
-      if (Ran r = sh(c); r.rc != 0) return c + ": " + r.out;
+      if (Ran r = sh(c); r.exit_code != 0) return c + ": " + r.output;
     }
     return "";
   }
@@ -162,20 +152,20 @@ class NetnsTopology {
   // (a crash, a SIGKILL by ctest's timeout), and any of this pid.
   void remove_leftovers() const {
     const std::regex ns_name("^(dsv-([0-9]+)-[abcx])\\b");
-    std::istringstream list(sh("ip netns list").out);
+    std::istringstream list(sh("ip netns list").output);
     for (std::string line; std::getline(list, line);) {
       std::smatch m;
       if (!std::regex_search(line, m, ns_name)) continue;
       const long pid = std::stol(m[2]);
       if (m[2] != pid_ && pid_alive(pid)) continue;
       // Workers a killed test left running in it (its `dserve serve` children).
-      std::istringstream pids(sh("ip netns pids " + m[1].str()).out);
+      std::istringstream pids(sh("ip netns pids " + m[1].str()).output);
       for (long p; pids >> p;)
         ::kill(static_cast<pid_t>(p), SIGKILL);
       sh("ip netns del " + m[1].str());
     }
     const std::regex leg("^[0-9]+: (dsv([0-9]+)r)[@:]");
-    std::istringstream links(sh("ip -o link show").out);
+    std::istringstream links(sh("ip -o link show").output);
     for (std::string line; std::getline(links, line);) {
       std::smatch m;
       if (!std::regex_search(line, m, leg)) continue;
@@ -186,7 +176,7 @@ class NetnsTopology {
 
   // A third octet no route of this namespace uses, starting from one derived from the pid.
   std::string free_subnet() const {
-    const std::string routes = sh("ip -4 route show").out;
+    const std::string routes = sh("ip -4 route show").output;
     const int start = static_cast<int>(::getpid() % 250);
     for (int i = 0; i < 250; ++i) {
       const std::string s = std::to_string(1 + (start + i) % 250);

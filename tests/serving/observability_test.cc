@@ -32,21 +32,10 @@ using testing_support::ServeCluster;
 using testing_support::ServeProcess;
 using Json = nlohmann::json;
 
-struct CommandResult {
-  int status = -1;
-  std::string out;
-};
+using testing_support::CommandResult;
 
 CommandResult run(const std::string& cmd) {
-  CommandResult r;
-  if (std::FILE* p = ::popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    for (size_t n; (n = std::fread(buf, 1, sizeof(buf), p)) > 0;)
-      r.out.append(buf, n);
-    const int s = ::pclose(p);
-    r.status = WIFEXITED(s) ? WEXITSTATUS(s) : -1;
-  }
-  return r;
+  return testing_support::run_command(cmd);
 }
 
 // One scrape of a process's /metrics, parsed by parse-prometheus-text-format.
@@ -69,9 +58,9 @@ class Scrape {
     }
     const CommandResult parsed = run("node " + tool + "/parse.mjs < " + file + " 2>&1");
     fs::remove(file);
-    families_ = Json::parse(parsed.out, nullptr, false);
-    if (parsed.status != 0 || families_.is_discarded() || !families_.is_array()) {
-      error_ = "the Prometheus parser refused the exposition: " + parsed.out;
+    families_ = Json::parse(parsed.output, nullptr, false);
+    if (parsed.exit_code != 0 || families_.is_discarded() || !families_.is_array()) {
+      error_ = "the Prometheus parser refused the exposition: " + parsed.output;
       families_ = Json::array();
     }
   }
@@ -367,9 +356,9 @@ TEST(Observability, BadKvAndLogFlagsAreRefusedWithTheReason) {
   };
   for (const Case& c : cases) {
     const CommandResult r = run(serve + c.flags + " 2>&1");
-    EXPECT_EQ(r.status, 2) << c.flags << ": " << r.out;
-    EXPECT_NE(r.out.find(c.message), std::string::npos) << c.flags << ": " << r.out;
-    EXPECT_EQ(r.out.find("dserve: serving"), std::string::npos) << c.flags << ": " << r.out;
+    EXPECT_EQ(r.exit_code, 2) << c.flags << ": " << r.output;
+    EXPECT_NE(r.output.find(c.message), std::string::npos) << c.flags << ": " << r.output;
+    EXPECT_EQ(r.output.find("dserve: serving"), std::string::npos) << c.flags << ": " << r.output;
   }
   fs::remove_all(dir);
 }

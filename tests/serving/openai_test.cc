@@ -21,14 +21,7 @@ using testing_support::ClusterOptions;
 using testing_support::ServeCluster;
 
 std::string run(const std::string& cmd) {
-  std::string out;
-  if (std::FILE* p = ::popen(cmd.c_str(), "r")) {
-    char buf[4096];
-    for (size_t n; (n = std::fread(buf, 1, sizeof(buf), p)) > 0;)
-      out.append(buf, n);
-    ::pclose(p);
-  }
-  return out;
+  return testing_support::run_command(cmd).output;
 }
 
 // The gateway's /metrics parsed by parse-prometheus-text-format (tools/prom-parser): the value

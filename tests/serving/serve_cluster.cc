@@ -27,6 +27,18 @@
 namespace dserve::testing_support {
 namespace fs = std::filesystem;
 
+CommandResult run_command(const std::string& command) {
+  CommandResult r;
+  if (std::FILE* p = ::popen(command.c_str(), "r")) {
+    char buf[4096];
+    for (size_t n; (n = std::fread(buf, 1, sizeof(buf), p)) > 0;)
+      r.output.append(buf, n);
+    const int status = ::pclose(p);
+    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  return r;
+}
+
 std::string tiny_dir() {
   return model::testing_support::tiny_model_dir();
 }

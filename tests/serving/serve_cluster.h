@@ -105,6 +105,14 @@ class ServeCluster {
 // The tiny test model's directory (tests/model/test_model.h).
 std::string tiny_dir();
 
+struct CommandResult {
+  int exit_code = -1;  // -1: it did not exit normally, or could not run
+  std::string output;  // what it wrote on stdout (end the command with 2>&1 for stderr too)
+};
+
+// Runs `command` with sh and waits for it to end.
+CommandResult run_command(const std::string& command);
+
 // What `dserve generate --max-tokens n` produces for `prompt` with `params`, as token ids,
 // computed in this process with the same model library.
 std::vector<actors::TokenId> reference_tokens(const std::vector<actors::TokenId>& prompt, int64_t n,
