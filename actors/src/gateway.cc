@@ -1051,20 +1051,19 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
     bool replay = false;
     while (!replay) {
       std::optional<Event> ev = channel->pop(poll);
-      if (!ev) {
-        if (is_cancelled()) {
-          end_attempt(attempt, false, "cancelled by the client");
-          out.tokens = static_cast<uint32_t>(produced.size());
-          return finish(cancelled_error("cancelled by the client"));
-        }
-        if (SteadyClock::now() >= deadline) {
-          end_attempt(attempt, false, "deadline passed");
-          out.tokens = static_cast<uint32_t>(produced.size());
-          return finish(deadline_exceeded("the deadline passed after " +
-                                          std::to_string(produced.size()) + " tokens"));
-        }
-        continue;
+      // Checked on every event too: a stream that never pauses must still stop when asked.
+      if (is_cancelled()) {
+        end_attempt(attempt, false, "cancelled by the client");
+        out.tokens = static_cast<uint32_t>(produced.size());
+        return finish(cancelled_error("cancelled by the client"));
       }
+      if (SteadyClock::now() >= deadline) {
+        end_attempt(attempt, false, "deadline passed");
+        out.tokens = static_cast<uint32_t>(produced.size());
+        return finish(deadline_exceeded("the deadline passed after " +
+                                        std::to_string(produced.size()) + " tokens"));
+      }
+      if (!ev) continue;
       if (ev->attempt != attempt) continue;  // left over from an earlier attempt
       switch (ev->kind) {
         case Event::Kind::kChunk: {

@@ -34,8 +34,10 @@ std::string describe(const json& v) {
 }
 
 // Parses one job line; appends "FILE:LINE: ..." problems.
+// `ids` collects the ids seen so far (a repeat is a problem too).
 std::optional<Job> parse_job(const std::string& line, size_t line_no, const std::string& source,
-                             uint32_t default_max_tokens, std::vector<std::string>& problems) {
+                             uint32_t default_max_tokens, std::set<std::string>& ids,
+                             std::vector<std::string>& problems) {
   const std::string where = source + ":" + std::to_string(line_no) + ": ";
   json j;
   try {
@@ -72,6 +74,7 @@ std::optional<Job> parse_job(const std::string& line, size_t line_no, const std:
       bad("id", j["id"], "a non-empty string");
     }
   }
+  if (!ids.insert(job.id).second) bad("id", job.id, "an id used once");
   auto& req = job.request;
   const bool has_text = j.contains("prompt");
   const bool has_tokens = j.contains("prompt_tokens");
@@ -186,11 +189,7 @@ int run_jobs(api::ServingClient& client, const JobsOptions& o) {
   std::string line;
   for (size_t n = 1; std::getline(in, line); ++n) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-    if (auto job = parse_job(line, n, o.jobs_path, o.default_max_tokens, problems)) {
-      if (!ids.insert(job->id).second) {
-        problems.push_back(o.jobs_path + ":" + std::to_string(n) + ": field 'id': found \"" +
-                           job->id + "\" again; expected an id used once");
-      }
+    if (auto job = parse_job(line, n, o.jobs_path, o.default_max_tokens, ids, problems)) {
       jobs.push_back(std::move(*job));
     }
   }
