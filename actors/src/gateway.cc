@@ -876,7 +876,8 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
   out.queue_ms = ms_since(admitted_at);
   if (opt_.log) {
     opt_.log->info("admitted", out.request_id,
-                   {{"prompt_tokens", job.prompt.size()},
+                   {{"client", job.client},
+                    {"prompt_tokens", job.prompt.size()},
                     {"max_new_tokens", job.max_new_tokens},
                     {"queue_ms", out.queue_ms}});
   }

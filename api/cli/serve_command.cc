@@ -204,6 +204,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   ops::MetricsRegistry metrics;
   gopts.metrics = &metrics;
   gopts.log = logger->get();
+  (*auth)->set_logger(logger->get());
   gopts.probe_interval = std::chrono::milliseconds(o.probe_interval_ms);
   auto gateway = actors::Gateway::start(rt, gopts);
   if (!gateway.is_ok()) {

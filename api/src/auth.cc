@@ -1,5 +1,7 @@
 #include "dserve/api/auth.h"
 
+#include "dserve/ops/log.h"
+
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -175,6 +177,26 @@ Authenticator::~Authenticator() = default;
 
 Result<std::string> Authenticator::authenticate(
     std::optional<std::string_view> authorization) const {
+  auto client = check_token(authorization);
+  if (!client.is_ok() && log_)
+    log_->warn("auth_refused", "", {{"reason", client.status().message()}});
+  return client;
+}
+
+Result<Admission> Authenticator::admit(std::optional<std::string_view> authorization,
+                                       Clock::time_point now) {
+  auto client = authenticate(authorization);
+  if (!client.is_ok()) return client.status();
+  const std::string name = *client;
+  auto admitted = check_limits(std::move(client).value(), now);
+  if (!admitted.is_ok() && log_) {
+    log_->warn("limit_refused", "", {{"client", name}, {"reason", admitted.status().message()}});
+  }
+  return admitted;
+}
+
+Result<std::string> Authenticator::check_token(
+    std::optional<std::string_view> authorization) const {
   if (!required()) return std::string("anonymous");
   if (!authorization) {
     return unauthenticated("no credentials: send the header `Authorization: Bearer <token>`");
@@ -208,10 +230,8 @@ Authenticator::ClientState& Authenticator::state_of(const std::string& client,
   return *states_.back().second;
 }
 
-Result<Admission> Authenticator::admit(std::optional<std::string_view> authorization,
-                                       Clock::time_point now) {
-  auto client = authenticate(authorization);
-  if (!client.is_ok()) return client.status();
+Result<Admission> Authenticator::check_limits(std::string name, Clock::time_point now) {
+  std::optional<std::string> client = std::move(name);
   if (limits_.requests_per_second <= 0 && limits_.max_concurrent == 0) {
     return Admission(std::move(client).value(), nullptr);
   }

@@ -415,6 +415,9 @@ void OpenAiServer::Impl::handle(const httplib::Request& req, httplib::Response& 
   }
   const std::string id =
       std::string(chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id_.fetch_add(1));
+  // The response's id is the request's id in every process's logs.
+  parsed->job.request_id = id;
+  parsed->job.client = admission->client();
   const int64_t created = unix_seconds();
   const std::string object = chat ? "chat.completion" : "text_completion";
   auto usage_json = [parsed](const actors::GenerateOutcome& out) {

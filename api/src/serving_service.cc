@@ -124,6 +124,7 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
     return refused;
   actors::GenerateJob job;
   job.request_id = request->request_id().empty() ? new_request_id() : request->request_id();
+  job.client = admission.client();
   if (request->prompt_tokens_size() > 0) {
     const int64_t vocab = tokenizer_.vocab_size();
     for (int i = 0; i < request->prompt_tokens_size(); ++i) {

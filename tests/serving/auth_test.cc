@@ -260,6 +260,19 @@ TEST(Auth, TokensOnGrpcAndHttpAndTheMaxTokensLimit) {
     EXPECT_EQ(bad[call]["status"], 401);
     EXPECT_EQ(bad[call]["code"], "invalid_api_key");
   }
+
+  // The gateway's log names who sent each request and every refusal, never a token.
+  const std::string log = cluster.gateway->log();
+  EXPECT_NE(log.find("warn gateway auth_refused reason=\"no credentials"), std::string::npos)
+      << log;
+  EXPECT_NE(log.find("warn gateway auth_refused reason=\"the token is not valid\""),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find(" admitted request_id="), std::string::npos) << log;
+  EXPECT_NE(log.find(" client=alice "), std::string::npos) << log;
+  EXPECT_NE(log.find(" client=bob "), std::string::npos) << log;
+  for (const char* secret : {kAlice, kBob, "alice-tok-wrong-000000"})
+    EXPECT_EQ(log.find(secret), std::string::npos) << "a token in the log: " << secret;
 }
 
 // Rate 2 per second, burst 2: of 3 requests sent together, exactly 1 is refused; per token,
@@ -373,6 +386,9 @@ TEST(Auth, ConcurrencyLimitPerToken) {
   EXPECT_EQ(bobs->tokens, reference_tokens(prompt, 4));
   // The slot is released with the request.
   EXPECT_TRUE(alice2->generate(request_for(prompt, 4)).is_ok());
+  EXPECT_NE(cluster.gateway->log().find("warn gateway limit_refused client=alice reason="),
+            std::string::npos)
+      << cluster.gateway->log();
 }
 
 // A throw-away CA, a server certificate for 127.0.0.1 / localhost and a client certificate,

@@ -113,6 +113,8 @@ struct GenerateJob {
   // The caller's id for the request (what cancel() names and every process logs); unique among
   // running requests (kInvalidArgument otherwise). Empty: the gateway assigns one.
   std::string request_id;
+  // Who sent it (the client's name in the token file; "anonymous" without one), for the logs.
+  std::string client;
 };
 
 struct GenerateOutcome {

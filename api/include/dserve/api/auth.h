@@ -23,6 +23,10 @@
 
 #include "dserve/core/status.h"
 
+namespace dserve::ops {
+class Logger;
+}  // namespace dserve::ops
+
 namespace dserve::api {
 
 // One client's credential.
@@ -98,6 +102,10 @@ class Authenticator {
   Authenticator(std::vector<ClientToken> tokens, ClientLimits limits);
   ~Authenticator();
 
+  // Refusals (no or a wrong token: "auth_refused"; a spent limit: "limit_refused", with the
+  // client's name) go to `log` (never the token itself); null: not logged. Set before serving.
+  void set_logger(ops::Logger* log) { log_ = log; }
+
   bool required() const { return !tokens_.empty(); }
   const ClientLimits& limits() const { return limits_; }
   size_t clients() const { return tokens_.size(); }
@@ -112,6 +120,9 @@ class Authenticator {
                           Clock::time_point now = Clock::now());
 
  private:
+  Result<std::string> check_token(std::optional<std::string_view> authorization) const;
+  Result<Admission> check_limits(std::string client, Clock::time_point now);
+  ops::Logger* log_ = nullptr;
   struct ClientState;
   // The client's state, made (its bucket full at `now`) on its first request.
   ClientState& state_of(const std::string& client, Clock::time_point now);
