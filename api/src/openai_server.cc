@@ -5,8 +5,10 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -235,6 +237,14 @@ class OpenAiServer::Impl {
   uint16_t port_ = 0;
   int64_t started_ = unix_seconds();
   std::atomic<uint64_t> next_id_{1};
+  // Makes the ids of this process's responses (and so its requests' ids in the logs) unlike
+  // those of any other gateway process, or of this one before a restart.
+  const std::string id_tag_ = [] {
+    std::random_device rd;
+    char tag[16];
+    std::snprintf(tag, sizeof tag, "%08x", rd());
+    return std::string(tag);
+  }();
 };
 
 std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, Parsed& out) const {
@@ -413,8 +423,8 @@ void OpenAiServer::Impl::handle(const httplib::Request& req, httplib::Response& 
     reply_error(res, *error);
     return;
   }
-  const std::string id =
-      std::string(chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id_.fetch_add(1));
+  const std::string id = std::string(chat ? "chatcmpl-" : "cmpl-") + id_tag_ + "-" +
+                         std::to_string(next_id_.fetch_add(1));
   // The response's id is the request's id in every process's logs.
   parsed->job.request_id = id;
   parsed->job.client = admission->client();
