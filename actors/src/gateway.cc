@@ -294,14 +294,20 @@ class Gateway::Impl {
 
   // Takes worker i out of the pool: no more probes, its connection dropped.
   void retire_locked(size_t i) {
+    workers_[i].removed = true;
+    disconnect_locked(i);
+    stop_cv_.notify_all();
+  }
+
+  // Drops worker i's connection: not healthy, its watcher stopped, and whatever the old
+  // connection's watcher or prober still reports ignored (a new generation).
+  void disconnect_locked(size_t i) {
     Worker& w = workers_[i];
-    w.removed = true;
     w.healthy = false;
     if (w.watcher) caf::anon_send_exit(w.watcher, caf::exit_reason::user_shutdown);
     w.watcher = nullptr;
     w.handle = nullptr;
     ++w.generation;
-    stop_cv_.notify_all();
   }
 
   // Requests placed from now on are refused; the ones running go on.
@@ -534,13 +540,9 @@ class Gateway::Impl {
 
   void mark_down_locked(size_t i, const std::string& why) {
     Worker& w = workers_[i];
-    w.healthy = false;
     w.last_error = why;
     w.failures = 0;
-    if (w.watcher) caf::anon_send_exit(w.watcher, caf::exit_reason::user_shutdown);
-    w.watcher = nullptr;
-    w.handle = nullptr;
-    ++w.generation;
+    disconnect_locked(i);
     notify_down_locked(i, w.epoch, why);
   }
 

@@ -114,20 +114,11 @@ Result<std::unique_ptr<api::ServingClient>> connect_gateway(const Manifest& m,
   return api::ServingClient::connect(address, milliseconds(10000), copts);
 }
 
-// The workers a pool's process adds to the gateway: (role, address) of each half.
-std::vector<std::pair<std::string, std::string>> worker_addresses(const Process& p) {
-  const auto at = [&](uint16_t port) { return p.host + ":" + std::to_string(port); };
-  switch (p.role) {
-    case ProcessRole::kPrefill:
-      return {{"prefill", at(p.port)}};
-    case ProcessRole::kDecode:
-      return {{"decode", at(p.port)}};
-    case ProcessRole::kColocated:
-      return {{"prefill", at(p.port)}, {"decode", at(p.second_port)}};
-    case ProcessRole::kGateway:
-      break;
-  }
-  return {};
+// The command line `up` and `scale` start a process with: the manifest's, logging JSON lines.
+Result<std::vector<std::string>> launch_args(const Manifest& m, const Process& p) {
+  auto args = cluster::to_serve_args(m, p);
+  if (args.is_ok()) args->insert(args->end(), {"--log-format", "json"});
+  return args;
 }
 
 // Stops every running process of `records`, in order, printing how each ended.
@@ -174,12 +165,11 @@ int run_up(const ClusterOptions& o) {
   // Every command line first: a manifest this build cannot honour starts nothing.
   std::vector<std::pair<const Process*, std::vector<std::string>>> plan;
   for (const Process& p : m->processes) {
-    auto args = cluster::to_serve_args(*m, p);
+    auto args = launch_args(*m, p);
     if (!args.is_ok()) {
       print_error(args.status().message());
       return 2;
     }
-    args->insert(args->end(), {"--log-format", "json"});
     plan.emplace_back(&p, std::move(args).value());
   }
   ClusterState state;
@@ -228,7 +218,7 @@ int run_up(const ClusterOptions& o) {
   if (!client.is_ok()) return fail(client.status().message());
   size_t expected = 0;
   for (const auto& r : state.processes)
-    expected += worker_addresses(r.process).size();
+    expected += cluster::worker_addresses(r.process).size();
   for (;;) {
     auto st = (*client)->status();
     size_t healthy = 0;
@@ -282,7 +272,7 @@ int run_status(const ClusterOptions& o) {
   // Which process each worker address belongs to.
   std::map<std::string, const ProcessRecord*> by_address;
   for (const auto& r : state->processes) {
-    for (const auto& [role, address] : worker_addresses(r.process))
+    for (const auto& [role, address] : cluster::worker_addresses(r.process))
       by_address[address] = &r;
   }
   std::printf("cluster %s (%s)\n", state->manifest_path.c_str(),
@@ -490,12 +480,11 @@ int run_scale(const ClusterOptions& o) {
       print_error("cannot add a worker to pool " + pool_name + ": " + p.status().message());
       return 1;
     }
-    auto args = cluster::to_serve_args(*m, *p);
+    auto args = launch_args(*m, *p);
     if (!args.is_ok()) {
       print_error(args.status().message());
       return 2;
     }
-    args->insert(args->end(), {"--log-format", "json"});
     auto record = cluster::start_process(*p, *args, lopts);
     if (!record.is_ok()) {
       print_error(record.status().message());
@@ -507,7 +496,7 @@ int run_scale(const ClusterOptions& o) {
       return 1;
     }
     Status s = cluster::wait_ready(*record, milliseconds(m->timeouts.ready_ms));
-    for (const auto& [role, address] : worker_addresses(record->process)) {
+    for (const auto& [role, address] : cluster::worker_addresses(record->process)) {
       if (!s.is_ok()) break;
       s = (*client)->add_worker(role, address, milliseconds(m->timeouts.ready_ms));
     }
@@ -526,7 +515,7 @@ int run_scale(const ClusterOptions& o) {
   // Shrink: the newest workers first; each drained at the gateway before it stops.
   while (static_cast<int64_t>(current.size()) > want) {
     const ProcessRecord victim = *current.back();
-    for (const auto& [role, address] : worker_addresses(victim.process)) {
+    for (const auto& [role, address] : cluster::worker_addresses(victim.process)) {
       auto drained = (*client)->remove_worker(address, milliseconds(o.drain_timeout_ms));
       if (!drained.is_ok() && drained.status().code() != StatusCode::kNotFound) {
         print_error("cannot remove " + victim.process.name + " (" + address +

@@ -284,15 +284,22 @@ bool is_local_host(const std::string& host) {
 
 namespace {
 
-Result<ProcessRecord> start_remote(const Process& process, std::vector<std::string> args,
-                                   const LaunchOptions& options) {
+// The record of a process about to start: its command and its log files (on its node).
+ProcessRecord new_record(const Process& process, std::vector<std::string> args,
+                         const LaunchOptions& options) {
   const fs::path logs = fs::path(options.state_dir) / "logs";
   ProcessRecord r;
   r.process = process;
   r.args = std::move(args);
-  r.ssh_command = options.ssh_command;
+  if (!process.ssh.empty()) r.ssh_command = options.ssh_command;
   r.log_path = (logs / (process.name + ".log")).string();
   r.out_path = (logs / (process.name + ".out")).string();
+  return r;
+}
+
+Result<ProcessRecord> start_remote(ProcessRecord r, const LaunchOptions& options) {
+  const Process& process = r.process;
+  const fs::path logs = fs::path(r.log_path).parent_path();
   std::string command = sh_quote(process.program.empty() ? options.program : process.program);
   for (const auto& a : r.args)
     command += " " + sh_quote(a);
@@ -319,16 +326,12 @@ Result<ProcessRecord> start_remote(const Process& process, std::vector<std::stri
 
 Result<ProcessRecord> start_process(const Process& process, std::vector<std::string> args,
                                     const LaunchOptions& options) {
-  if (!process.ssh.empty()) return start_remote(process, std::move(args), options);
-  const fs::path logs = fs::path(options.state_dir) / "logs";
+  ProcessRecord r = new_record(process, std::move(args), options);
+  if (!process.ssh.empty()) return start_remote(std::move(r), options);
+  const fs::path logs = fs::path(r.log_path).parent_path();
   std::error_code ec;
   fs::create_directories(logs, ec);
   if (ec) return invalid_argument("cannot create " + logs.string() + ": " + ec.message());
-  ProcessRecord r;
-  r.process = process;
-  r.args = std::move(args);
-  r.log_path = (logs / (process.name + ".log")).string();
-  r.out_path = (logs / (process.name + ".out")).string();
   const int err_fd = ::open(r.log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
   const int out_fd = ::open(r.out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0640);
   if (err_fd < 0 || out_fd < 0) {

@@ -16,6 +16,20 @@ std::string address(const std::string& host, uint16_t port) {
 
 }  // namespace
 
+std::vector<std::pair<std::string, std::string>> worker_addresses(const Process& p) {
+  switch (p.role) {
+    case ProcessRole::kPrefill:
+      return {{"prefill", address(p.host, p.port)}};
+    case ProcessRole::kDecode:
+      return {{"decode", address(p.host, p.port)}};
+    case ProcessRole::kColocated:
+      return {{"prefill", address(p.host, p.port)}, {"decode", address(p.host, p.second_port)}};
+    case ProcessRole::kGateway:
+      break;
+  }
+  return {};
+}
+
 Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process& process) {
   // Every process logs under its manifest name, so that one request's lines can be told apart.
   std::vector<std::string> args = {
@@ -35,11 +49,8 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
   if (process.role == ProcessRole::kGateway) {
     std::vector<std::string> prefill, decode;
     for (const Process& p : m.processes) {
-      if (p.role == ProcessRole::kPrefill || p.role == ProcessRole::kColocated) {
-        prefill.push_back(address(p.host, p.port));
-      }
-      if (p.role == ProcessRole::kDecode) decode.push_back(address(p.host, p.port));
-      if (p.role == ProcessRole::kColocated) decode.push_back(address(p.host, p.second_port));
+      for (auto& [role, at] : worker_addresses(p))
+        (role == "prefill" ? prefill : decode).push_back(std::move(at));
     }
     args.insert(args.end(), {"--grpc-listen", address(process.host, process.second_port),
                              "--prefill", join(prefill, ','), "--decode", join(decode, ',')});

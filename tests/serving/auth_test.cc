@@ -30,6 +30,7 @@ using nlohmann::json;
 using testing_support::ClusterOptions;
 using testing_support::random_prompt;
 using testing_support::reference_tokens;
+using testing_support::request_for;
 using testing_support::ServeCluster;
 
 constexpr const char* kAlice = "alice-tok-7d1c0e9a55b3";
@@ -55,14 +56,6 @@ ClusterOptions cluster_with(std::vector<std::string> gateway_args) {
   o.gateway_args = {"--http-listen", "127.0.0.1:0", "--served-model-name", kModel};
   o.gateway_args.insert(o.gateway_args.end(), gateway_args.begin(), gateway_args.end());
   return o;
-}
-
-v1::GenerateRequest request_for(const std::vector<int32_t>& prompt, uint32_t max_tokens) {
-  v1::GenerateRequest req;
-  for (int32_t t : prompt)
-    req.add_prompt_tokens(t);
-  req.set_max_tokens(max_tokens);
-  return req;
 }
 
 std::unique_ptr<api::ServingClient> connect(const ServeCluster& cluster,

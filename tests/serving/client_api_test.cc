@@ -81,10 +81,7 @@ TEST_F(ClientApi, HealthListModelsAndStatus) {
 
 TEST_F(ClientApi, CancelByRequestId) {
   // A long request, cancelled by its id from another call once its first tokens arrived.
-  v1::GenerateRequest req;
-  for (int32_t t : random_prompt(50, 3))
-    req.add_prompt_tokens(t);
-  req.set_max_tokens(4000);
+  v1::GenerateRequest req = testing_support::request_for(random_prompt(50, 3), 4000);
   req.set_request_id("cancel-me");
   std::atomic<bool> streaming{false};
   std::string seen_id;

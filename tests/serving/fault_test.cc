@@ -46,10 +46,7 @@ struct Job {
 };
 
 v1::GenerateRequest request_for(const Job& job) {
-  v1::GenerateRequest req;
-  for (actors::TokenId t : job.prompt)
-    req.add_prompt_tokens(t);
-  req.set_max_tokens(job.max_tokens);
+  v1::GenerateRequest req = testing_support::request_for(job.prompt, job.max_tokens);
   if (job.params.temperature > 0) {
     req.set_temperature(job.params.temperature);
     req.set_top_k(static_cast<uint32_t>(job.params.top_k));

@@ -18,15 +18,8 @@ namespace {
 using testing_support::ClusterOptions;
 using testing_support::random_prompt;
 using testing_support::reference_tokens;
+using testing_support::request_for;
 using testing_support::ServeCluster;
-
-v1::GenerateRequest request_for(const std::vector<int32_t>& prompt, uint32_t max_tokens) {
-  v1::GenerateRequest req;
-  for (int32_t t : prompt)
-    req.add_prompt_tokens(t);
-  req.set_max_tokens(max_tokens);
-  return req;
-}
 
 std::string run(const std::string& cmd) {
   return testing_support::run_command(cmd).output;

@@ -129,10 +129,7 @@ TEST(Lifecycle, UpStatusScaleDownUnderSteadyStreamLosesNothing) {
       for (uint64_t i = 0; !stop.load(); ++i) {
         const uint64_t seed = 1000 * static_cast<uint64_t>(c) + i;
         const auto prompt = random_prompt(static_cast<int64_t>(1 + (seed * 37) % 300), seed);
-        v1::GenerateRequest req;
-        for (int32_t t : prompt)
-          req.add_prompt_tokens(t);
-        req.set_max_tokens(kMaxTokens);
+        v1::GenerateRequest req = testing_support::request_for(prompt, kMaxTokens);
         const std::string id = "life-" + std::to_string(c) + "-" + std::to_string(i);
         req.set_request_id(id);
         const bool during_down = down_begun.load();
@@ -342,11 +339,8 @@ TEST(Lifecycle, NodesWithSshAreStartedAndStoppedThroughSsh) {
                                             std::chrono::seconds(10));
   ASSERT_TRUE(client.is_ok()) << client.status().to_string();
   const auto prompt = random_prompt(40, 7);
-  v1::GenerateRequest req;
-  for (int32_t t : prompt)
-    req.add_prompt_tokens(t);
-  req.set_max_tokens(5);
-  auto got = (*client)->generate(req, {}, std::chrono::seconds(60));
+  auto got =
+      (*client)->generate(testing_support::request_for(prompt, 5), {}, std::chrono::seconds(60));
   ASSERT_TRUE(got.is_ok()) << got.status().to_string();
   EXPECT_EQ(got->tokens, reference_tokens(prompt, 5));
 

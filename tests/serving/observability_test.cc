@@ -214,10 +214,7 @@ TEST(Observability, RequestIdInEveryLogMetricsOnEveryProcessAndADiskTier) {
   const std::vector<std::string> ids = {"obs-first-" + std::to_string(::getpid()),
                                         "obs-second-" + std::to_string(::getpid())};
   for (const std::string& id : ids) {
-    v1::GenerateRequest req;
-    for (actors::TokenId t : prompt)
-      req.add_prompt_tokens(t);
-    req.set_max_tokens(max_tokens);
+    v1::GenerateRequest req = testing_support::request_for(prompt, max_tokens);
     req.set_request_id(id);
     auto done = (*client)->generate(req, {}, std::chrono::minutes(2));
     ASSERT_TRUE(done.is_ok()) << id << ": " << done.status().to_string() << "\n" << cluster.logs();

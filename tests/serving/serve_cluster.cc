@@ -27,6 +27,14 @@
 namespace dserve::testing_support {
 namespace fs = std::filesystem;
 
+v1::GenerateRequest request_for(const std::vector<actors::TokenId>& prompt, uint32_t max_tokens) {
+  v1::GenerateRequest req;
+  for (actors::TokenId t : prompt)
+    req.add_prompt_tokens(t);
+  req.set_max_tokens(max_tokens);
+  return req;
+}
+
 CommandResult run_command(const std::string& command) {
   CommandResult r;
   if (std::FILE* p = ::popen(command.c_str(), "r")) {
@@ -356,10 +364,7 @@ LoadReport run_load_and_check(const ServeCluster& cluster, const std::vector<Loa
   std::vector<std::thread> senders;
   for (size_t i = 0; i < n; ++i) {
     senders.emplace_back([&, i] {
-      v1::GenerateRequest req;
-      for (actors::TokenId t : requests[i].prompt)
-        req.add_prompt_tokens(t);
-      req.set_max_tokens(requests[i].max_tokens);  // temperature 0: greedy
+      const v1::GenerateRequest req = request_for(requests[i].prompt, requests[i].max_tokens);
       go.arrive_and_wait();
       // The client checks that each stream is contiguous from index 0 (kDataLoss if not).
       results[i] = (*client)->generate(req, {}, std::chrono::minutes(5));

@@ -14,6 +14,7 @@
 
 #include "dserve/actors/messages.h"
 #include "dserve/model/sampler.h"
+#include "dserve/v1/serving.pb.h"
 
 namespace dserve::actors {
 class ActorRuntime;
@@ -120,6 +121,9 @@ std::vector<actors::TokenId> reference_tokens(const std::vector<actors::TokenId>
 
 // A prompt of `n` tokens: BOS then ids drawn from `seed`.
 std::vector<actors::TokenId> random_prompt(int64_t n, uint64_t seed);
+
+// A greedy GenerateRequest for `prompt` as token ids, at most `max_tokens` new tokens.
+v1::GenerateRequest request_for(const std::vector<actors::TokenId>& prompt, uint32_t max_tokens);
 
 // ---- concurrent load (cluster_test, netns_test) --------------------------------------------
 

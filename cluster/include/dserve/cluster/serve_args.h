@@ -3,6 +3,7 @@
 // (`dserve up`) starts exactly what the manifest says.
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dserve/cluster/manifest.h"
@@ -22,5 +23,10 @@ namespace dserve::cluster {
 // field `dserve serve` cannot apply is refused (kUnimplemented, naming it) rather than dropped.
 // Precondition: `process` is one of `manifest.processes`.
 Result<std::vector<std::string>> to_serve_args(const Manifest& manifest, const Process& process);
+
+// The workers a process puts in the gateway's pools, as (role, HOST:PORT): one for a prefill or
+// decode process, both halves ("prefill" at its port, "decode" at its second port) for a
+// co-located one, none for the gateway.
+std::vector<std::pair<std::string, std::string>> worker_addresses(const Process& process);
 
 }  // namespace dserve::cluster
