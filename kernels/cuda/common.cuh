@@ -2,6 +2,7 @@
 // Shared by the kernels of kernels/cuda: CUDA/cuBLAS error codes turned into Status where the
 // call is made, the stream handle of the public API, and block-wide reductions.
 
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -30,10 +31,43 @@ inline Status launch_status(const char* kernel) {
   return cuda_status(cudaGetLastError(), kernel);
 }
 
+// OK, or INTERNAL "<call>: <cuBLAS's message>".
+inline Status cublas_status(cublasStatus_t status, const char* call) {
+  if (status == CUBLAS_STATUS_SUCCESS) return Status::ok();
+  return internal_error(std::string(call) + ": " + cublasGetStatusString(status));
+}
+
+inline cublasHandle_t handle_of(const BlasHandle& blas) {
+  return static_cast<cublasHandle_t>(blas.native());
+}
+
 constexpr int kWarpSize = 32;
 // Upper bound on blocks in a grid-stride launch: enough to fill any current GPU many times,
 // far below the 2^31 - 1 limit of gridDim.x.
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;
+
+// Blocks for a flat grid-stride loop over `total` items with `threads` per block.
+inline int blocks_for(int64_t total, int threads) {
+  return static_cast<int>(std::clamp<int64_t>((total + threads - 1) / threads, 1, kMaxBlocks));
+}
+
+// Runs f(i) for every i in [0, total), one thread per item in a grid-stride loop.
+template <typename F>
+__global__ void for_each_index_kernel(int64_t total, F f) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += stride)
+    f(i);
+}
+
+// Launches for_each_index_kernel with 256-thread blocks; `name` names it in a launch error.
+template <typename F>
+Status for_each_index(int64_t total, F f, CudaStream stream, const char* name) {
+  if (total <= 0) return Status::ok();
+  constexpr int kThreads = 256;
+  for_each_index_kernel<<<blocks_for(total, kThreads), kThreads, 0, native(stream)>>>(total, f);
+  return launch_status(name);
+}
 
 // Threads for a one-block-per-row kernel over rows of `work` items: whole warps, no more
 // than there are items (short rows waste fewer idle lanes), capped at `max_threads`.

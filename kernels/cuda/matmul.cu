@@ -13,15 +13,6 @@
 namespace dserve::kernels::cuda {
 namespace {
 
-Status cublas_status(cublasStatus_t status, const char* call) {
-  if (status == CUBLAS_STATUS_SUCCESS) return Status::ok();
-  return internal_error(std::string(call) + ": " + cublasGetStatusString(status));
-}
-
-cublasHandle_t handle_of(const BlasHandle& blas) {
-  return static_cast<cublasHandle_t>(blas.native());
-}
-
 void check_gemm_shape(const void* x, int64_t n, int64_t k, const void* w, int64_t m, const float* y,
                       int64_t y_stride) {
   DSERVE_CHECK(n >= 0 && k >= 0 && m >= 0 && y_stride >= m);

@@ -4,6 +4,7 @@
 
 #include <utility>
 
+#include "dserve/kernels/cuda_model_ops.h"
 #include "dserve/kernels/cuda_ops.h"
 
 namespace dserve::kernels::cuda {
@@ -88,6 +89,104 @@ Status rope_interleaved(float*, int64_t, int64_t, int64_t, const float*, const f
 }
 
 Status softmax(float*, int64_t, int64_t, CudaStream) {
+  return not_built();
+}
+
+// --- cuda_model_ops.h ---
+
+Status linear(const BlasHandle&, const float*, int64_t, const DeviceMatrix&, float*, int64_t,
+              uint16_t*, CudaStream) {
+  return not_built();
+}
+
+Status linear_grouped(const BlasHandle&, const float*, int64_t, int64_t, const DeviceMatrix&,
+                      float*, uint16_t*, CudaStream) {
+  return not_built();
+}
+
+Status round_to_bf16(const float*, int64_t, uint16_t*, CudaStream) {
+  return not_built();
+}
+
+Status rms_norm_to(const float*, float*, int64_t, int64_t, const float*, float, CudaStream) {
+  return not_built();
+}
+
+Status embed_streams(const void*, WeightType, const int32_t*, int64_t, int64_t, int64_t, float*,
+                     CudaStream) {
+  return not_built();
+}
+
+Status rope_at(float*, int64_t, int64_t, const RopeView&, int64_t, int64_t, bool, CudaStream) {
+  return not_built();
+}
+
+Status hyper_mix(const float*, const float*, const float*, int64_t, int64_t, int64_t, float, float*,
+                 float*, float*, CudaStream) {
+  return not_built();
+}
+
+Status hyper_collapse(const float*, const float*, int64_t, int64_t, int64_t, float*, CudaStream) {
+  return not_built();
+}
+
+Status hyper_expand(float*, const float*, const float*, const float*, int64_t, int64_t, int64_t,
+                    CudaStream) {
+  return not_built();
+}
+
+Status hyper_head_weights(const float*, const float*, const float*, int64_t, int64_t, float, float*,
+                          CudaStream) {
+  return not_built();
+}
+
+Status gather_rows(const PagedRowsView&, int64_t, int64_t, float*, CudaStream) {
+  return not_built();
+}
+
+Status compress_chunk(const float*, const float*, int64_t, int64_t, const CompressorView&,
+                      const PagedRowsView&, const RopeView&, float, CudaStream) {
+  return not_built();
+}
+
+Status indexer_scores(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                      int64_t, float, float, float*, CudaStream) {
+  return not_built();
+}
+
+Status top_k_indices(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int32_t*,
+                     int32_t*, CudaStream) {
+  return not_built();
+}
+
+Status sparse_attention(const AttentionInputs&, int64_t, int64_t, int64_t, int64_t, int64_t,
+                        int64_t, float, float*, CudaStream) {
+  return not_built();
+}
+
+Status store_window(const float*, int64_t, int64_t, int64_t, float*, int64_t, CudaStream) {
+  return not_built();
+}
+
+Status route_tokens(float*, const float*, const int32_t*, const int32_t*, int64_t, int64_t, int64_t,
+                    int, float, int32_t*, float*, CudaStream) {
+  return not_built();
+}
+
+Status swiglu(const float*, int64_t, int64_t, float, float*, CudaStream) {
+  return not_built();
+}
+
+Status gather_token_rows(const float*, const int32_t*, int64_t, int64_t, float*, CudaStream) {
+  return not_built();
+}
+
+Status moe_combine(const float*, const int32_t*, const float*, const float*, int64_t, int64_t,
+                   int64_t, float*, CudaStream) {
+  return not_built();
+}
+
+Status argmax_rows(const float*, int64_t, int64_t, int32_t*, CudaStream) {
   return not_built();
 }
 

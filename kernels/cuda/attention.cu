@@ -1,0 +1,125 @@
+// V4 sparse attention for a chunk of one request (the CPU twin is model/src/attention.cc): each
+// query attends its sliding window (the ring of earlier tokens plus this chunk's keys) and the
+// layer's compressed entries (the indexer's picks on CSA layers, every visible one on HCA
+// layers) read through the block table, with the head's sink in the softmax denominator. K = V
+// (one shared head, MQA).
+//
+// One block per (head, token): its warps take keys in turn for the dot products (lanes split
+// the channels), the block takes the softmax, then each thread sums its channels of the output
+// over all keys. Key row addresses are resolved once into shared memory.
+
+#include "common.cuh"
+#include "dserve/kernels/cuda_model_ops.h"
+
+namespace dserve::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 128;
+
+struct Shape {
+  int64_t first_pos, heads, head_dim, sliding_window;
+  float scale;
+};
+
+__global__ void sparse_attention_kernel(AttentionInputs in, Shape shape, float* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  __shared__ float scratch[kWarpSize];
+  const int64_t h = blockIdx.x;
+  const int64_t t = blockIdx.y;
+  const int64_t hd = shape.head_dim;
+  const int64_t pos = shape.first_pos + t;
+  const int64_t first_key = pos - shape.sliding_window + 1 > 0 ? pos - shape.sliding_window + 1 : 0;
+  const int64_t n_window = pos - first_key + 1;
+  int64_t n_comp = 0;
+  if (in.rate > 0) {
+    if (in.selected != nullptr) {
+      n_comp = in.selected_counts[t];
+    } else {
+      const int64_t complete = (pos + 1) / in.rate;
+      n_comp = complete < in.available ? complete : in.available;
+    }
+  }
+  const int64_t total = n_window + n_comp;
+
+  // Shared memory: key row pointers [total], then logits [total].
+  const float** keys = reinterpret_cast<const float**>(shared_bytes);
+  float* logits = reinterpret_cast<float*>(shared_bytes + sizeof(const float*) * total);
+  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+    if (i < n_window) {
+      const int64_t p = first_key + i;
+      keys[i] = p >= shape.first_pos ? in.chunk_kv + (p - shape.first_pos) * hd
+                                     : in.window + (p % in.window_slots) * hd;
+    } else {
+      const int64_t j = i - n_window;
+      const int64_t e = in.selected != nullptr ? in.selected[t * in.selected_stride + j] : j;
+      const PagedRowsView& c = in.compressed;
+      const int64_t page = c.block_table[e / c.rows_per_page];
+      keys[i] = c.pool + (page * c.rows_per_page + e % c.rows_per_page) * c.width;
+    }
+  }
+  __syncthreads();
+
+  const float* q = in.q + (t * shape.heads + h) * hd;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  for (int64_t i = warp; i < total; i += warps) {
+    const float* k = keys[i];
+    float dot = 0.0f;
+    for (int64_t c = lane; c < hd; c += kWarpSize)
+      dot += q[c] * k[c];
+    dot = warp_all_reduce(dot, SumOp{});
+    if (lane == 0) logits[i] = dot * shape.scale;
+  }
+  __syncthreads();
+
+  const float sink = in.sinks[h];
+  float local_max = sink;
+  for (int64_t i = threadIdx.x; i < total; i += blockDim.x)
+    local_max = fmaxf(local_max, logits[i]);
+  const float max_v = block_all_reduce(local_max, MaxOp{}, scratch);
+  float local_sum = 0.0f;
+  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+    const float e = expf(logits[i] - max_v);
+    logits[i] = e;
+    local_sum += e;
+  }
+  const float sum = block_all_reduce(local_sum, SumOp{}, scratch) + expf(sink - max_v);
+  const float inv = 1.0f / sum;
+  __syncthreads();
+
+  float* o = out + (t * shape.heads + h) * hd;
+  for (int64_t c = threadIdx.x; c < hd; c += blockDim.x) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < total; ++i)
+      acc += (logits[i] * inv) * keys[i][c];
+    o[c] = acc;
+  }
+}
+
+}  // namespace
+
+Status sparse_attention(const AttentionInputs& in, int64_t first_pos, int64_t n, int64_t heads,
+                        int64_t head_dim, int64_t sliding_window, int64_t max_compressed,
+                        float scale, float* out, CudaStream stream) {
+  DSERVE_CHECK(first_pos >= 0 && n >= 0 && heads >= 1 && head_dim >= 1 && sliding_window >= 1);
+  DSERVE_CHECK(in.window_slots == sliding_window && max_compressed >= 0);
+  DSERVE_CHECK(in.rate == 0 || in.compressed.width == head_dim);
+  if (n == 0) return Status::ok();
+  DSERVE_CHECK_MSG(n <= 65535, "a chunk of more than 65535 tokens exceeds the launch grid");
+  const int64_t max_keys = sliding_window + max_compressed;
+  const size_t shared = static_cast<size_t>(max_keys) * (sizeof(const float*) + sizeof(float));
+  static constexpr size_t kDefaultShared = 48 * 1024;
+  if (shared > kDefaultShared) {
+    DSERVE_RETURN_IF_ERROR(cuda_status(
+        cudaFuncSetAttribute(sparse_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(shared)),
+        "cudaFuncSetAttribute(sparse_attention_kernel shared memory)"));
+  }
+  const Shape shape{first_pos, heads, head_dim, sliding_window, scale};
+  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(n));
+  sparse_attention_kernel<<<grid, kThreads, shared, native(stream)>>>(in, shape, out);
+  return launch_status("sparse_attention_kernel launch");
+}
+
+}  // namespace dserve::kernels::cuda

@@ -1,0 +1,191 @@
+#pragma once
+// The CUDA backend's DeepSeek-V4 operations: the pieces of the forward pass that are not plain
+// linear algebra (embedding, mHC, compressors, Lightning Indexer, sparse attention with sinks,
+// MoE routing and combine, sampling), each the device twin of a step of model/src (the CPU
+// reference, MODEL-V4.md). Conventions are those of cuda_ops.h: every pointer is DEVICE memory,
+// row-major fp32 unless said otherwise, launchers enqueue on `stream` and return at once, shape
+// misuse aborts, and a build without the CUDA backend returns UNAVAILABLE.
+//
+// Positions index the RoPE tables; a chunk is n consecutive tokens of ONE request at positions
+// first_pos .. first_pos + n - 1 (prefill chunks and one-token decode alike).
+
+#include <cstdint>
+
+#include "dserve/core/status.h"
+#include "dserve/kernels/cuda_ops.h"
+
+namespace dserve::kernels::cuda {
+
+// Weights as the launchers take them: fp32, or bf16 bit patterns (upper half of an fp32).
+enum class WeightType { kFp32, kBf16 };
+
+// A [rows, cols] Linear weight (y = x . w^T) in device memory.
+struct DeviceMatrix {
+  const void* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  WeightType type = WeightType::kFp32;
+
+  size_t bytes() const {
+    return static_cast<size_t>(rows * cols) * (type == WeightType::kBf16 ? 2u : 4u);
+  }
+};
+
+// y[n, w.rows] = x[n, w.cols] . w^T with rows of y `y_stride` apart (SGEMM for fp32 weights;
+// for bf16 weights x is first rounded to bf16 into `x_scratch`, which must hold n * w.cols
+// values, then GemmEx with fp32 accumulation).
+Status linear(const BlasHandle& blas, const float* x, int64_t n, const DeviceMatrix& w, float* y,
+              int64_t y_stride, uint16_t* x_scratch, CudaStream stream);
+
+// The grouped output projection: for each of `groups` groups g, y[:, g*m:(g+1)*m] =
+// x[:, g*k:(g+1)*k] . w_g^T, where w holds the groups' [m, k] weights one after another
+// (w.rows = groups * m, w.cols = k) and x is [n, groups * k]. One strided-batched GEMM.
+Status linear_grouped(const BlasHandle& blas, const float* x, int64_t n, int64_t groups,
+                      const DeviceMatrix& w, float* y, uint16_t* x_scratch, CudaStream stream);
+
+// y[i] = bf16(x[i]) (round to nearest even), count values.
+Status round_to_bf16(const float* x, int64_t count, uint16_t* y, CudaStream stream);
+
+// y[n, d] = x[n, d] copied then RMS-normalised (rms_norm out of place; weight may be null).
+Status rms_norm_to(const float* x, float* y, int64_t n, int64_t d, const float* weight, float eps,
+                   CudaStream stream);
+
+// streams[t, k, :] = table[tokens[t], :] for k < hc (the residual's hc_mult copies of the
+// embedding); table is [vocab, hidden] of `type`.
+Status embed_streams(const void* table, WeightType type, const int32_t* tokens, int64_t n,
+                     int64_t hidden, int64_t hc, float* streams, CudaStream stream);
+
+// cos/sin of every position below `capacity`: [capacity, half] each (from RopeTable::angles on
+// the host, so both backends rotate by the same bits).
+struct RopeView {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t half = 0;
+  int64_t capacity = 0;
+};
+
+// Interleaved partial RoPE on x[rows, dim]: row r rotates its last 2 * half channels by the
+// angles of position first_pos + r / rows_per_position (or - when inverse). The positions must
+// be below rope.capacity (checked).
+Status rope_at(float* x, int64_t rows, int64_t dim, const RopeView& rope, int64_t first_pos,
+               int64_t rows_per_position, bool inverse, CudaStream stream);
+
+// --- mHC --------------------------------------------------------------------------------
+// From mix logits [n, (2 + hc) * hc] (the fn projection of the normed streams), base
+// [(2 + hc) * hc] and scale [3]: pre [n, hc], post [n, hc], comb [n, hc, hc]
+// (v4::hyper_mix, one thread per token).
+Status hyper_mix(const float* logits, const float* base, const float* scale, int64_t n, int64_t hc,
+                 int64_t sinkhorn_iters, float eps, float* pre, float* post, float* comb,
+                 CudaStream stream);
+// out[t, :] = sum_k pre[t, k] * streams[t, k, :].
+Status hyper_collapse(const float* streams, const float* pre, int64_t n, int64_t hc, int64_t hidden,
+                      float* out, CudaStream stream);
+// streams[t, k, :] <- post[t, k] * out[t, :] + sum_j comb[t, j, k] * streams[t, j, :].
+Status hyper_expand(float* streams, const float* out, const float* post, const float* comb,
+                    int64_t n, int64_t hc, int64_t hidden, CudaStream stream);
+// hc_head: pre[t, k] = sigmoid(logits[t, k] * scale[0] + base[k]) + eps.
+Status hyper_head_weights(const float* logits, const float* base, const float* scale, int64_t n,
+                          int64_t hc, float eps, float* pre, CudaStream stream);
+
+// --- Paged rows: a request's compressed entries or indexer keys -------------------------
+// Row e lives at pool + (block_table[e / rows_per_page] * rows_per_page + e % rows_per_page)
+// * width.
+struct PagedRowsView {
+  float* pool = nullptr;
+  const int32_t* block_table = nullptr;
+  int64_t rows_per_page = 0;
+  int64_t width = 0;
+};
+// out[i, :] = row (first + i) of `rows`, count rows.
+Status gather_rows(const PagedRowsView& rows, int64_t first, int64_t count, float* out,
+                   CudaStream stream);
+
+// --- Compressors --------------------------------------------------------------------------
+// One window compressor of one request (MODEL-V4.md "The compressors"). Windows are `rate`
+// tokens; `series` is 2 for the overlapping (CSA, indexer) compressors, 1 for HCA. The open
+// window's tokens wait in pending_kv/gate at slot position % rate; the last closed window's Ca
+// series (and its gate plus position bias) in overlap_kv/gate.
+struct CompressorView {
+  int64_t rate = 0;
+  int64_t width = 0;
+  int64_t series = 1;
+  float* pending_kv = nullptr;    // [rate, series * width]
+  float* pending_gate = nullptr;  // [rate, series * width], no position bias
+  float* overlap_kv = nullptr;    // [rate, width] (series 2)
+  float* overlap_gate = nullptr;  // [rate, width] (series 2), position bias added
+  const float* ape = nullptr;     // [rate, series * width] position bias
+  const float* norm = nullptr;    // [width]
+};
+// Consumes the chunk's projections kv, gate [n, series * width] (positions first_pos ..):
+// every window the chunk completes becomes one entry (softmax-pooled per channel, RMSNorm,
+// RoPE at the window's first position) appended to `entries` as rows first_pos / rate ..
+// (first_pos + n) / rate - 1 (their pages must be in the block table), then the pending and
+// overlap state move on. Returns nothing to the host: the caller knows how many entries were
+// added from the positions.
+Status compress_chunk(const float* kv, const float* gate, int64_t first_pos, int64_t n,
+                      const CompressorView& state, const PagedRowsView& entries,
+                      const RopeView& rope, float eps, CudaStream stream);
+
+// --- Lightning Indexer ------------------------------------------------------------------
+// scores[t, s] = sum_h relu(dots[t, h, s]) * score_scale * (weights[t, h] * weight_scale) for
+// s < visible(t) = min(available, (first_pos + t + 1) / rate), -inf after; dots is
+// [n, heads, entries_stride], scores [n, entries_stride].
+Status indexer_scores(const float* dots, const float* weights, int64_t n, int64_t heads,
+                      int64_t entries_stride, int64_t first_pos, int64_t rate, int64_t available,
+                      float score_scale, float weight_scale, float* scores, CudaStream stream);
+// For each row t of scores [n, stride] (its first `visible(t)` entries, as above): the indices
+// of the min(k, visible) best, highest score first and the lower index on ties, written in
+// ascending order to selected[t, 0..count) with count in counts[t].
+Status top_k_indices(const float* scores, int64_t n, int64_t stride, int64_t first_pos,
+                     int64_t rate, int64_t available, int64_t k, int32_t* selected, int32_t* counts,
+                     CudaStream stream);
+
+// --- Attention ----------------------------------------------------------------------------
+// One layer's attention for a chunk (MQA: one key/value head shared by all heads, K = V).
+struct AttentionInputs {
+  const float* q = nullptr;           // [n, heads, head_dim], normed and rotated
+  const float* chunk_kv = nullptr;    // [n, head_dim], this chunk's keys
+  const float* window = nullptr;      // [window_slots, head_dim]: position p at slot p % slots
+  int64_t window_slots = 0;           // = sliding_window
+  PagedRowsView compressed;           // the layer's compressed entries (width head_dim)
+  int64_t rate = 0;                   // 0: sliding only
+  int64_t available = 0;              // compressed entries that exist after this chunk
+  const int32_t* selected = nullptr;  // CSA: [n, selected_stride] picks; null: all visible
+  const int32_t* selected_counts = nullptr;
+  int64_t selected_stride = 0;
+  const float* sinks = nullptr;  // [heads]
+};
+// out[t, h, :] = softmax over (window keys of positions (pos - sliding_window, pos], then the
+// compressed entries: the picks, or all visible ones) of q . k * scale with the head's sink in
+// the denominator, times the same keys as values. `max_compressed` bounds the compressed
+// entries any token attends (it sizes shared memory).
+Status sparse_attention(const AttentionInputs& in, int64_t first_pos, int64_t n, int64_t heads,
+                        int64_t head_dim, int64_t sliding_window, int64_t max_compressed,
+                        float scale, float* out, CudaStream stream);
+// Stores the chunk's last min(n, slots) keys into the window ring (slot position % slots).
+Status store_window(const float* chunk_kv, int64_t first_pos, int64_t n, int64_t head_dim,
+                    float* window, int64_t slots, CudaStream stream);
+
+// --- MoE ----------------------------------------------------------------------------------
+// Routes each token: logits [n, experts] (overwritten with scores), bias [experts] or null,
+// tid2eid [vocab, k] and tokens [n] for a hash layer (else null); writes ids [n, k] and
+// weights [n, k] (v4::route_token). scoring is a v4::Scoring value.
+Status route_tokens(float* logits, const float* bias, const int32_t* tid2eid, const int32_t* tokens,
+                    int64_t n, int64_t experts, int64_t k, int scoring, float routed_scale,
+                    int32_t* ids, float* weights, CudaStream stream);
+// out[rows, inter] = swiglu(gate_up[:, :inter], gate_up[:, inter:], limit).
+Status swiglu(const float* gate_up, int64_t rows, int64_t inter, float limit, float* out,
+              CudaStream stream);
+// xs[i, :] = x[rows[i], :] for i < count.
+Status gather_token_rows(const float* x, const int32_t* rows, int64_t count, int64_t hidden,
+                         float* xs, CudaStream stream);
+// out[t, :] = shared[t, :] after sum_i weights[t, i] * ys[slots[t, i], :] over i < k, added
+// in that order (slots: [n, k]).
+Status moe_combine(const float* ys, const int32_t* slots, const float* weights, const float* shared,
+                   int64_t n, int64_t k, int64_t hidden, float* out, CudaStream stream);
+
+// --- Sampling -----------------------------------------------------------------------------
+// out[r] = argmax of row r of x[rows, n], the lowest index among equals.
+Status argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out, CudaStream stream);
+
+}  // namespace dserve::kernels::cuda

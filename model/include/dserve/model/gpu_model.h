@@ -1,0 +1,100 @@
+#pragma once
+// GpuModel: the DeepSeek-V4 forward pass on the CUDA backend (kernels/cuda_model_ops.h), the
+// device twin of Model (model.h): the same call consumes a chunk of tokens of one request,
+// advances that request's GpuRequestState and returns the same logits, to fp32 rounding with
+// fp32 weights and to bf16 rounding with bf16 weights (tests/model/gpu_forward_test.cc).
+//
+// Weights live on the device: Linear weights in the chosen WeightType, everything small (norms,
+// mHC, the router, biases, sinks, position biases) in fp32. A request's state lives on the
+// device too: its sliding-window ring, compressor buffers, and its compressed entries and
+// indexer keys in pages of per-layer page pools, read through per-request block tables.
+//
+// In a build without the CUDA backend, or on a machine without a usable GPU, create() fails
+// with UNAVAILABLE and the reason (kernels::probe_cuda_device()). Not thread-safe: one host
+// thread drives a GpuModel and all its states.
+
+#include <cstdint>
+#include <memory>
+#include <span>
+
+#include "dserve/core/status.h"
+#include "dserve/kernels/tensor.h"
+#include "dserve/model/config.h"
+#include "dserve/model/model.h"
+#include "dserve/model/weights.h"
+
+namespace dserve::model {
+
+enum class GpuWeights { kFp32, kBf16 };
+
+struct GpuModelOptions {
+  GpuWeights weights = GpuWeights::kBf16;
+  // The longest request (tokens, prompt and output): sizes the RoPE tables and a request's
+  // block tables. Forward calls past it fail with OUT_OF_RANGE.
+  int64_t max_positions = 16384;
+  // Requests whose pages the page pools can hold at once, each at max_positions.
+  int64_t max_requests = 4;
+  // Tokens one pass over the layers takes; longer chunks run as several passes (the result
+  // does not depend on the split). Sizes the activation scratch.
+  int64_t max_chunk_tokens = 1024;
+};
+
+class GpuModel;
+
+// The device-resident state of one request. Move-only; returns its pages to the model's pools
+// when destroyed, so it must not outlive its GpuModel.
+class GpuRequestState {
+ public:
+  GpuRequestState();
+  ~GpuRequestState();
+  GpuRequestState(GpuRequestState&&) noexcept;
+  GpuRequestState& operator=(GpuRequestState&&) noexcept;
+
+  // Tokens consumed so far.
+  int64_t position() const;
+
+ private:
+  friend class GpuModel;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class GpuModel {
+ public:
+  // Uploads the weights. Fails with UNAVAILABLE when there is no usable GPU (the reason says
+  // why), RESOURCE_EXHAUSTED when the weights, pools or scratch do not fit, INVALID_ARGUMENT
+  // for options out of range.
+  static Result<std::unique_ptr<GpuModel>> create(const ModelConfig& config,
+                                                  const ModelWeights& weights,
+                                                  GpuModelOptions options = {});
+  ~GpuModel();
+  GpuModel(const GpuModel&) = delete;
+  GpuModel& operator=(const GpuModel&) = delete;
+
+  const ModelConfig& config() const;
+  const GpuModelOptions& options() const;
+
+  // A fresh request state (its pages come as the request grows).
+  Result<GpuRequestState> new_state();
+
+  // Runs `tokens` at positions state.position() .. and advances the state, as Model::forward.
+  // Errors: an empty chunk, a token outside the vocabulary, a request past max_positions, the
+  // page pools full (RESOURCE_EXHAUSTED); the state is unchanged then, except after a device
+  // fault (INTERNAL), which leaves it unusable.
+  Result<Tensor> forward(std::span<const int32_t> tokens, GpuRequestState& state,
+                         LogitsFor which = LogitsFor::kAllTokens);
+  // The same pass, returning only the greedy choice after the last token (argmax on the device,
+  // the lowest id on ties, as model::argmax).
+  Result<int32_t> forward_greedy(std::span<const int32_t> tokens, GpuRequestState& state);
+
+  // Device bytes held by weights, and by the page pools of compressed entries and indexer keys.
+  size_t weight_bytes() const;
+  size_t pool_bytes() const;
+
+ private:
+  struct Impl;
+  explicit GpuModel(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dserve::model

@@ -1,0 +1,946 @@
+// GpuModel: Model::forward (model.cc and the sublayers in layers.h) as a sequence of CUDA
+// launches on the default stream. Each step names its CPU twin; the order of operations inside
+// every kernel follows the CPU code, so fp32 weights give the CPU's logits to rounding.
+
+#include "dserve/model/gpu_model.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "dserve/kernels/cuda_model_ops.h"
+#include "dserve/kernels/cuda_ops.h"
+#include "dserve/kernels/device.h"
+#include "dserve/kernels/rope.h"
+#include "dserve/kvstore/block.h"
+
+namespace dserve::model {
+namespace cuda = kernels::cuda;
+using cuda::DeviceBuffer;
+using cuda::DeviceMatrix;
+using cuda::WeightType;
+
+namespace {
+
+constexpr cuda::CudaStream kStream{};  // the legacy default stream: copies order with launches
+// Scratch the indexer's head products may take per query tile (floats).
+constexpr int64_t kIndexerTileFloats = int64_t{32} << 20;
+// Scratch the logits may take per tile of output rows (floats).
+constexpr int64_t kLogitsTileFloats = int64_t{64} << 20;
+
+uint16_t bf16_bits(float f) {
+  const auto u = std::bit_cast<uint32_t>(f);
+  if (std::isnan(f)) return 0x7fc0;
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// A device weight and its view.
+struct Weight {
+  DeviceBuffer buffer;
+  DeviceMatrix m;
+};
+
+class Uploader {
+ public:
+  explicit Uploader(WeightType type) : type_(type) {}
+
+  // One Linear weight [rows, cols]; `stack` (same cols) is appended below it when given.
+  Result<Weight> matrix(const Tensor& t, const Tensor* stack = nullptr, bool force_fp32 = false) {
+    const int64_t cols = t.cols();
+    const int64_t rows = t.rows() + (stack != nullptr ? stack->rows() : 0);
+    DSERVE_CHECK(stack == nullptr || stack->cols() == cols);
+    const WeightType type = force_fp32 ? WeightType::kFp32 : type_;
+    Weight w;
+    if (type == WeightType::kFp32) {
+      std::vector<float> host(t.span().begin(), t.span().end());
+      if (stack != nullptr) host.insert(host.end(), stack->span().begin(), stack->span().end());
+      DSERVE_ASSIGN_OR_RETURN(w.buffer, DeviceBuffer::from_host<float>(host));
+    } else {
+      std::vector<uint16_t> host;
+      host.reserve(static_cast<size_t>(rows * cols));
+      for (float v : t.span())
+        host.push_back(bf16_bits(v));
+      if (stack != nullptr) {
+        for (float v : stack->span())
+          host.push_back(bf16_bits(v));
+      }
+      DSERVE_ASSIGN_OR_RETURN(w.buffer, DeviceBuffer::from_host<uint16_t>(host));
+    }
+    w.m = DeviceMatrix{w.buffer.data(), rows, cols, type};
+    bytes_ += w.buffer.size_bytes();
+    return w;
+  }
+
+  Result<DeviceBuffer> floats(std::span<const float> v) {
+    DSERVE_ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::from_host<float>(v));
+    bytes_ += b.size_bytes();
+    return b;
+  }
+  Result<DeviceBuffer> ints(std::span<const int32_t> v) {
+    DSERVE_ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::from_host<int32_t>(v));
+    bytes_ += b.size_bytes();
+    return b;
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  WeightType type_;
+  size_t bytes_ = 0;
+};
+
+struct HyperDev {
+  Weight fn;  // fp32
+  DeviceBuffer base, scale;
+};
+
+struct CompressorDev {
+  Weight wkv, wgate;
+  DeviceBuffer ape, norm;
+  int64_t rate = 0, width = 0, series = 1;
+};
+
+struct LayerDev {
+  AttentionKind kind = AttentionKind::kSliding;
+  RoutingKind routing = RoutingKind::kTopK;
+  DeviceBuffer attn_norm, ffn_norm;
+  HyperDev hc_attn, hc_ffn;
+  Weight wq_a, wq_b, wkv, wo_a, wo_b;
+  DeviceBuffer q_norm, kv_norm, sinks;
+  std::optional<CompressorDev> compressor;
+  std::optional<CompressorDev> index_compressor;
+  Weight index_wq_b, index_weights_proj;
+  Weight router;  // fp32: routing decisions must not move with the weight format
+  DeviceBuffer router_bias, tid2eid;
+  std::vector<Weight> expert_w13, expert_w2;  // gate and up stacked: [2 * inter, hidden]
+  Weight shared_w13, shared_w2;
+  int64_t shared_inter = 0;
+};
+
+// Fixed-size pages of rows in one device slab, handed out by index.
+struct DevicePagePool {
+  DeviceBuffer slab;
+  int64_t rows_per_page = 0;
+  int64_t width = 0;
+  std::vector<int32_t> free;  // a stack of page indices
+
+  float* base() const { return slab.as<float>(); }
+};
+
+Result<std::unique_ptr<DevicePagePool>> make_pool(int64_t pages, int64_t rows_per_page,
+                                                  int64_t width) {
+  auto pool = std::make_unique<DevicePagePool>();
+  DSERVE_ASSIGN_OR_RETURN(
+      pool->slab,
+      DeviceBuffer::allocate(static_cast<size_t>(pages * rows_per_page * width) * sizeof(float)));
+  pool->rows_per_page = rows_per_page;
+  pool->width = width;
+  for (int64_t p = pages - 1; p >= 0; --p)
+    pool->free.push_back(static_cast<int32_t>(p));
+  return pool;
+}
+
+}  // namespace
+
+// --- request state -------------------------------------------------------------------------
+
+namespace {
+
+// A request's rows in one pool: its pages in order and their block table on the device.
+struct PagedList {
+  DevicePagePool* pool = nullptr;
+  std::vector<int32_t> pages;
+  DeviceBuffer table;  // int32 [max pages]
+  size_t uploaded = 0;
+
+  cuda::PagedRowsView view() const {
+    return cuda::PagedRowsView{pool->base(), table.as<int32_t>(), pool->rows_per_page, pool->width};
+  }
+};
+
+struct CompressorBuffers {
+  DeviceBuffer pending_kv, pending_gate, overlap_kv, overlap_gate;
+};
+
+struct LayerStateDev {
+  DeviceBuffer window;  // [sliding_window, head_dim] ring
+  CompressorBuffers kv_compressor, index_compressor;
+  PagedList compressed, index_keys;
+};
+
+}  // namespace
+
+struct GpuRequestState::Impl {
+  const void* owner = nullptr;
+  int64_t position = 0;
+  std::vector<LayerStateDev> layers;
+
+  ~Impl() {
+    for (LayerStateDev& l : layers) {
+      for (PagedList* list : {&l.compressed, &l.index_keys}) {
+        if (list->pool != nullptr) {
+          list->pool->free.insert(list->pool->free.end(), list->pages.begin(), list->pages.end());
+        }
+      }
+    }
+  }
+};
+
+GpuRequestState::GpuRequestState() = default;
+GpuRequestState::~GpuRequestState() = default;
+GpuRequestState::GpuRequestState(GpuRequestState&&) noexcept = default;
+GpuRequestState& GpuRequestState::operator=(GpuRequestState&&) noexcept = default;
+int64_t GpuRequestState::position() const {
+  return impl_ ? impl_->position : 0;
+}
+
+// --- the model -------------------------------------------------------------------------------
+
+struct GpuModel::Impl {
+  explicit Impl(cuda::BlasHandle handle) : blas(std::move(handle)) {}
+
+  ModelConfig config;
+  GpuModelOptions options;
+  cuda::BlasHandle blas;
+  size_t weight_bytes = 0;
+  size_t pool_bytes = 0;
+
+  // Weights.
+  DeviceBuffer embed;
+  WeightType embed_type = WeightType::kFp32;
+  Weight head;
+  DeviceBuffer norm;
+  Weight hc_head_fn;
+  DeviceBuffer hc_head_base, hc_head_scale;
+  std::vector<LayerDev> layers;
+
+  // RoPE tables [max_positions, half] (main, compress).
+  DeviceBuffer main_cos, main_sin, compress_cos, compress_sin;
+  cuda::RopeView main_rope, compress_rope;
+
+  // Page pools per layer (null where a layer has none).
+  std::vector<std::unique_ptr<DevicePagePool>> compressed_pools, index_pools;
+
+  // Activation scratch, sized for max_chunk_tokens (C) tokens.
+  int64_t chunk = 0;
+  int64_t indexer_tile = 0;
+  int64_t logits_tile = 0;
+  DeviceBuffer tokens;                                      // int32 [C]
+  DeviceBuffer streams, flat, mix, pre, post, comb;         // mHC
+  DeviceBuffer x, sublayer_out;                             // [C, hidden]
+  DeviceBuffer q_residual, q, chunk_kv, attn_out, grouped;  // attention
+  DeviceBuffer comp_kv, comp_gate;                          // [C, 2 * max compressor width]
+  DeviceBuffer index_q, index_weights, index_keys, index_dots, index_scores;
+  DeviceBuffer selected, selected_counts;
+  DeviceBuffer router, route_ids, route_weights;  // MoE
+  DeviceBuffer perm_rows, combine_slots, combine_weights;
+  DeviceBuffer xs, gate_up, hidden_act, ys, shared_gate_up, shared_act, shared_out;
+  DeviceBuffer final_hidden, logits, greedy;
+  DeviceBuffer bf16_scratch;
+
+  int64_t index_entries_max() const {
+    return config.csa_rate > 0 ? options.max_positions / config.csa_rate : 0;
+  }
+  uint16_t* scratch16() const { return bf16_scratch.as<uint16_t>(); }
+
+  Status linear(const float* x_in, int64_t n, const Weight& w, float* y) const {
+    return cuda::linear(blas, x_in, n, w.m, y, w.m.rows, scratch16(), kStream);
+  }
+
+  Status reserve_pages(GpuRequestState::Impl& s, int64_t end_pos,
+                       std::vector<std::pair<PagedList*, size_t>>& taken) const;
+  Status run_chunk(std::span<const int32_t> tokens, GpuRequestState::Impl& s);
+  Status attention(int64_t l, int64_t n, int64_t first_pos, LayerStateDev& ls);
+  Status moe(int64_t l, int64_t n);
+  Status hyper_in(const HyperDev& hc, const DeviceBuffer& norm_weight, int64_t n);
+  Status final_rows(int64_t first_row, int64_t rows, float* logits_out);
+};
+
+namespace {
+
+Result<DeviceBuffer> scratch_floats(int64_t count) {
+  return DeviceBuffer::allocate(static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(float));
+}
+
+Result<DeviceBuffer> scratch_ints(int64_t count) {
+  return DeviceBuffer::allocate(static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(int32_t));
+}
+
+Result<CompressorDev> upload_compressor(Uploader& up, const CompressorWeights& w, int64_t rate,
+                                        int64_t width, int64_t series) {
+  CompressorDev c;
+  DSERVE_ASSIGN_OR_RETURN(c.wkv, up.matrix(w.wkv));
+  DSERVE_ASSIGN_OR_RETURN(c.wgate, up.matrix(w.wgate));
+  DSERVE_ASSIGN_OR_RETURN(c.ape, up.floats(w.ape.span()));
+  DSERVE_ASSIGN_OR_RETURN(c.norm, up.floats(w.norm.span()));
+  c.rate = rate;
+  c.width = width;
+  c.series = series;
+  return c;
+}
+
+Result<HyperDev> upload_hyper(Uploader& up, const HyperConnectionWeights& w) {
+  HyperDev h;
+  DSERVE_ASSIGN_OR_RETURN(h.fn, up.matrix(w.fn, nullptr, /*force_fp32=*/true));
+  DSERVE_ASSIGN_OR_RETURN(h.base, up.floats(w.base.span()));
+  DSERVE_ASSIGN_OR_RETURN(h.scale, up.floats(w.scale.span()));
+  return h;
+}
+
+Result<DeviceBuffer> rope_table(const kernels::RopeTable& table, int64_t positions, bool cos) {
+  const int64_t half = table.rope_dim() / 2;
+  std::vector<float> c(static_cast<size_t>(positions * half)), s(c.size());
+  for (int64_t p = 0; p < positions; ++p)
+    table.angles(p, c.data() + p * half, s.data() + p * half);
+  return DeviceBuffer::from_host<float>(cos ? c : s);
+}
+
+std::optional<kernels::YarnParams> yarn_params(const ModelConfig& c) {
+  if (!c.compress_yarn) return std::nullopt;
+  return kernels::YarnParams{c.compress_yarn->factor,
+                             static_cast<double>(c.compress_yarn->original_max_position_embeddings),
+                             c.compress_yarn->beta_fast, c.compress_yarn->beta_slow};
+}
+
+}  // namespace
+
+Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
+                                                   const ModelWeights& weights,
+                                                   GpuModelOptions options) {
+  if (options.max_positions < 1 || options.max_requests < 1 || options.max_chunk_tokens < 1) {
+    return invalid_argument(
+        "GpuModelOptions: max_positions, max_requests and max_chunk_tokens must be at least 1");
+  }
+  if (options.max_chunk_tokens > 65535) {
+    return invalid_argument("GpuModelOptions: max_chunk_tokens is at most 65535, got " +
+                            std::to_string(options.max_chunk_tokens));
+  }
+  const kernels::DeviceInfo device = kernels::probe_cuda_device();
+  if (!device.available) return unavailable("no GPU for GpuModel: " + device.why_unavailable);
+  DSERVE_CHECK_MSG(static_cast<int64_t>(weights.layers.size()) == config.num_layers,
+                   "weights and config disagree on the number of layers");
+
+  DSERVE_ASSIGN_OR_RETURN(cuda::BlasHandle blas, cuda::BlasHandle::create());
+  auto impl = std::make_unique<Impl>(std::move(blas));
+  Impl& m = *impl;
+  m.config = config;
+  m.options = options;
+  const WeightType type =
+      options.weights == GpuWeights::kBf16 ? WeightType::kBf16 : WeightType::kFp32;
+  Uploader up(type);
+
+  // Global weights.
+  m.embed_type = type;
+  {
+    DSERVE_ASSIGN_OR_RETURN(Weight embed, up.matrix(weights.embed));
+    m.embed = std::move(embed.buffer);
+  }
+  DSERVE_ASSIGN_OR_RETURN(m.head, up.matrix(weights.head));
+  DSERVE_ASSIGN_OR_RETURN(m.norm, up.floats(weights.norm.span()));
+  DSERVE_ASSIGN_OR_RETURN(m.hc_head_fn, up.matrix(weights.hc_head.fn, nullptr, true));
+  DSERVE_ASSIGN_OR_RETURN(m.hc_head_base, up.floats(weights.hc_head.base.span()));
+  DSERVE_ASSIGN_OR_RETURN(m.hc_head_scale, up.floats(weights.hc_head.scale.span()));
+
+  int64_t max_inter = config.moe_intermediate_size;
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    const LayerWeights& lw = weights.layers[static_cast<size_t>(l)];
+    LayerDev d;
+    d.kind = config.layer_types[static_cast<size_t>(l)];
+    d.routing = config.mlp_types[static_cast<size_t>(l)];
+    DSERVE_ASSIGN_OR_RETURN(d.attn_norm, up.floats(lw.attn_norm.span()));
+    DSERVE_ASSIGN_OR_RETURN(d.ffn_norm, up.floats(lw.ffn_norm.span()));
+    DSERVE_ASSIGN_OR_RETURN(d.hc_attn, upload_hyper(up, lw.hc_attn));
+    DSERVE_ASSIGN_OR_RETURN(d.hc_ffn, upload_hyper(up, lw.hc_ffn));
+    const AttentionWeights& a = lw.attn;
+    DSERVE_ASSIGN_OR_RETURN(d.wq_a, up.matrix(a.wq_a));
+    DSERVE_ASSIGN_OR_RETURN(d.wq_b, up.matrix(a.wq_b));
+    DSERVE_ASSIGN_OR_RETURN(d.wkv, up.matrix(a.wkv));
+    DSERVE_ASSIGN_OR_RETURN(d.wo_a, up.matrix(a.wo_a));
+    DSERVE_ASSIGN_OR_RETURN(d.wo_b, up.matrix(a.wo_b));
+    DSERVE_ASSIGN_OR_RETURN(d.q_norm, up.floats(a.q_norm.span()));
+    DSERVE_ASSIGN_OR_RETURN(d.kv_norm, up.floats(a.kv_norm.span()));
+    DSERVE_ASSIGN_OR_RETURN(d.sinks, up.floats(a.sinks.span()));
+    const int64_t rate = config.compress_rate(d.kind);
+    if (a.compressor) {
+      const int64_t series = d.kind == AttentionKind::kCompressed ? 2 : 1;
+      DSERVE_ASSIGN_OR_RETURN(d.compressor,
+                              upload_compressor(up, *a.compressor, rate, config.head_dim, series));
+    }
+    if (a.indexer) {
+      DSERVE_ASSIGN_OR_RETURN(d.index_compressor, upload_compressor(up, a.indexer->compressor, rate,
+                                                                    config.index_head_dim, 2));
+      DSERVE_ASSIGN_OR_RETURN(d.index_wq_b, up.matrix(a.indexer->wq_b));
+      DSERVE_ASSIGN_OR_RETURN(d.index_weights_proj, up.matrix(a.indexer->weights_proj));
+    }
+    const MoeWeights& moe = lw.moe;
+    DSERVE_ASSIGN_OR_RETURN(d.router, up.matrix(moe.gate, nullptr, /*force_fp32=*/true));
+    if (!moe.bias.empty()) {
+      DSERVE_ASSIGN_OR_RETURN(d.router_bias, up.floats(moe.bias.span()));
+    }
+    if (d.routing == RoutingKind::kHash) {
+      DSERVE_ASSIGN_OR_RETURN(d.tid2eid, up.ints(moe.tid2eid));
+    }
+    for (const ExpertWeights& e : moe.experts) {
+      DSERVE_ASSIGN_OR_RETURN(Weight w13, up.matrix(e.w1, &e.w3));
+      DSERVE_ASSIGN_OR_RETURN(Weight w2, up.matrix(e.w2));
+      d.expert_w13.push_back(std::move(w13));
+      d.expert_w2.push_back(std::move(w2));
+    }
+    DSERVE_ASSIGN_OR_RETURN(d.shared_w13, up.matrix(moe.shared.w1, &moe.shared.w3));
+    DSERVE_ASSIGN_OR_RETURN(d.shared_w2, up.matrix(moe.shared.w2));
+    d.shared_inter = moe.shared.w1.dim(0);
+    max_inter = std::max(max_inter, d.shared_inter);
+    m.layers.push_back(std::move(d));
+  }
+  m.weight_bytes = up.bytes();
+
+  // RoPE tables.
+  const int64_t positions = options.max_positions;
+  const kernels::RopeTable main_table(config.rope_head_dim, config.rope_theta, std::nullopt);
+  const kernels::RopeTable compress_table(config.rope_head_dim, config.compress_rope_theta,
+                                          yarn_params(config));
+  DSERVE_ASSIGN_OR_RETURN(m.main_cos, rope_table(main_table, positions, true));
+  DSERVE_ASSIGN_OR_RETURN(m.main_sin, rope_table(main_table, positions, false));
+  DSERVE_ASSIGN_OR_RETURN(m.compress_cos, rope_table(compress_table, positions, true));
+  DSERVE_ASSIGN_OR_RETURN(m.compress_sin, rope_table(compress_table, positions, false));
+  const int64_t half = config.rope_head_dim / 2;
+  m.main_rope = {m.main_cos.as<float>(), m.main_sin.as<float>(), half, positions};
+  m.compress_rope = {m.compress_cos.as<float>(), m.compress_sin.as<float>(), half, positions};
+
+  // Page pools: one page per 128-token block of every request at max_positions.
+  const int64_t blocks = ceil_div(positions, kvstore::kBlockTokens) * options.max_requests;
+  m.compressed_pools.resize(static_cast<size_t>(config.num_layers));
+  m.index_pools.resize(static_cast<size_t>(config.num_layers));
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    const LayerDev& d = m.layers[static_cast<size_t>(l)];
+    const int64_t rate = config.compress_rate(d.kind);
+    if (rate == 0) continue;
+    const int64_t rows = std::max<int64_t>(kvstore::kBlockTokens / rate, 1);
+    DSERVE_ASSIGN_OR_RETURN(m.compressed_pools[static_cast<size_t>(l)],
+                            make_pool(blocks, rows, config.head_dim));
+    m.pool_bytes += m.compressed_pools[static_cast<size_t>(l)]->slab.size_bytes();
+    if (d.index_compressor) {
+      DSERVE_ASSIGN_OR_RETURN(m.index_pools[static_cast<size_t>(l)],
+                              make_pool(blocks, rows, config.index_head_dim));
+      m.pool_bytes += m.index_pools[static_cast<size_t>(l)]->slab.size_bytes();
+    }
+  }
+
+  // Scratch.
+  const int64_t c = options.max_chunk_tokens;
+  const int64_t hidden = config.hidden_size;
+  const int64_t hc = config.hc_mult;
+  const int64_t heads = config.num_heads;
+  const int64_t hd = config.head_dim;
+  const int64_t k = config.experts_per_token;
+  const int64_t ih = config.index_n_heads;
+  const int64_t ihd = config.index_head_dim;
+  const int64_t entries = m.index_entries_max();
+  m.chunk = c;
+  m.indexer_tile = std::clamp<int64_t>(
+      kIndexerTileFloats / std::max<int64_t>(ih * std::max<int64_t>(entries, 1), 1), 1, c);
+  m.logits_tile = std::clamp<int64_t>(kLogitsTileFloats / config.vocab_size, 1, c);
+  DSERVE_ASSIGN_OR_RETURN(m.tokens, scratch_ints(c));
+  DSERVE_ASSIGN_OR_RETURN(m.streams, scratch_floats(c * hc * hidden));
+  DSERVE_ASSIGN_OR_RETURN(m.flat, scratch_floats(c * hc * hidden));
+  DSERVE_ASSIGN_OR_RETURN(m.mix, scratch_floats(c * (2 + hc) * hc));
+  DSERVE_ASSIGN_OR_RETURN(m.pre, scratch_floats(c * hc));
+  DSERVE_ASSIGN_OR_RETURN(m.post, scratch_floats(c * hc));
+  DSERVE_ASSIGN_OR_RETURN(m.comb, scratch_floats(c * hc * hc));
+  DSERVE_ASSIGN_OR_RETURN(m.x, scratch_floats(c * hidden));
+  DSERVE_ASSIGN_OR_RETURN(m.sublayer_out, scratch_floats(c * hidden));
+  DSERVE_ASSIGN_OR_RETURN(m.q_residual, scratch_floats(c * config.q_lora_rank));
+  DSERVE_ASSIGN_OR_RETURN(m.q, scratch_floats(c * heads * hd));
+  DSERVE_ASSIGN_OR_RETURN(m.chunk_kv, scratch_floats(c * hd));
+  DSERVE_ASSIGN_OR_RETURN(m.attn_out, scratch_floats(c * heads * hd));
+  DSERVE_ASSIGN_OR_RETURN(m.grouped, scratch_floats(c * config.o_groups * config.o_lora_rank));
+  DSERVE_ASSIGN_OR_RETURN(m.comp_kv, scratch_floats(c * 2 * std::max(hd, ihd)));
+  DSERVE_ASSIGN_OR_RETURN(m.comp_gate, scratch_floats(c * 2 * std::max(hd, ihd)));
+  DSERVE_ASSIGN_OR_RETURN(m.index_q, scratch_floats(c * ih * ihd));
+  DSERVE_ASSIGN_OR_RETURN(m.index_weights, scratch_floats(c * ih));
+  DSERVE_ASSIGN_OR_RETURN(m.index_keys, scratch_floats(entries * ihd));
+  DSERVE_ASSIGN_OR_RETURN(m.index_dots, scratch_floats(m.indexer_tile * ih * entries));
+  DSERVE_ASSIGN_OR_RETURN(m.index_scores, scratch_floats(m.indexer_tile * entries));
+  DSERVE_ASSIGN_OR_RETURN(m.selected, scratch_ints(c * config.index_topk));
+  DSERVE_ASSIGN_OR_RETURN(m.selected_counts, scratch_ints(c));
+  DSERVE_ASSIGN_OR_RETURN(m.router, scratch_floats(c * config.n_routed_experts));
+  DSERVE_ASSIGN_OR_RETURN(m.route_ids, scratch_ints(c * k));
+  DSERVE_ASSIGN_OR_RETURN(m.route_weights, scratch_floats(c * k));
+  DSERVE_ASSIGN_OR_RETURN(m.perm_rows, scratch_ints(c * k));
+  DSERVE_ASSIGN_OR_RETURN(m.combine_slots, scratch_ints(c * k));
+  DSERVE_ASSIGN_OR_RETURN(m.combine_weights, scratch_floats(c * k));
+  DSERVE_ASSIGN_OR_RETURN(m.xs, scratch_floats(c * k * hidden));
+  DSERVE_ASSIGN_OR_RETURN(m.gate_up, scratch_floats(c * k * 2 * config.moe_intermediate_size));
+  DSERVE_ASSIGN_OR_RETURN(m.hidden_act, scratch_floats(c * k * config.moe_intermediate_size));
+  DSERVE_ASSIGN_OR_RETURN(m.ys, scratch_floats(c * k * hidden));
+  DSERVE_ASSIGN_OR_RETURN(m.shared_gate_up, scratch_floats(c * 2 * max_inter));
+  DSERVE_ASSIGN_OR_RETURN(m.shared_act, scratch_floats(c * max_inter));
+  DSERVE_ASSIGN_OR_RETURN(m.shared_out, scratch_floats(c * hidden));
+  DSERVE_ASSIGN_OR_RETURN(m.final_hidden, scratch_floats(m.logits_tile * hidden));
+  DSERVE_ASSIGN_OR_RETURN(m.logits, scratch_floats(m.logits_tile * config.vocab_size));
+  DSERVE_ASSIGN_OR_RETURN(m.greedy, scratch_ints(1));
+  if (type == WeightType::kBf16) {
+    // The widest input any bf16 linear rounds: n rows times its input width.
+    const int64_t widest =
+        std::max({c * hidden, c * config.q_lora_rank, c * heads * hd,
+                  c * config.o_groups * config.o_lora_rank, c * k * hidden,
+                  c * k * config.moe_intermediate_size, c * max_inter, m.logits_tile * hidden});
+    DSERVE_ASSIGN_OR_RETURN(m.bf16_scratch,
+                            DeviceBuffer::allocate(static_cast<size_t>(widest) * sizeof(uint16_t)));
+  }
+  return std::unique_ptr<GpuModel>(new GpuModel(std::move(impl)));
+}
+
+GpuModel::GpuModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GpuModel::~GpuModel() = default;
+const ModelConfig& GpuModel::config() const {
+  return impl_->config;
+}
+const GpuModelOptions& GpuModel::options() const {
+  return impl_->options;
+}
+size_t GpuModel::weight_bytes() const {
+  return impl_->weight_bytes;
+}
+size_t GpuModel::pool_bytes() const {
+  return impl_->pool_bytes;
+}
+
+Result<GpuRequestState> GpuModel::new_state() {
+  const Impl& m = *impl_;
+  const ModelConfig& c = m.config;
+  GpuRequestState state;
+  state.impl_ = std::make_unique<GpuRequestState::Impl>();
+  GpuRequestState::Impl& s = *state.impl_;
+  s.owner = impl_.get();
+  const int64_t max_blocks = ceil_div(m.options.max_positions, kvstore::kBlockTokens);
+  auto compressor_buffers = [](const CompressorDev& d) -> Result<CompressorBuffers> {
+    CompressorBuffers b;
+    const int64_t row = d.series * d.width;
+    DSERVE_ASSIGN_OR_RETURN(b.pending_kv, scratch_floats(d.rate * row));
+    DSERVE_ASSIGN_OR_RETURN(b.pending_gate, scratch_floats(d.rate * row));
+    DSERVE_ASSIGN_OR_RETURN(b.overlap_kv, scratch_floats(d.rate * d.width));
+    DSERVE_ASSIGN_OR_RETURN(b.overlap_gate, scratch_floats(d.rate * d.width));
+    return b;
+  };
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const LayerDev& d = m.layers[static_cast<size_t>(l)];
+    LayerStateDev ls;
+    DSERVE_ASSIGN_OR_RETURN(ls.window, scratch_floats(c.sliding_window * c.head_dim));
+    if (d.compressor) {
+      DSERVE_ASSIGN_OR_RETURN(ls.kv_compressor, compressor_buffers(*d.compressor));
+      ls.compressed.pool = m.compressed_pools[static_cast<size_t>(l)].get();
+      DSERVE_ASSIGN_OR_RETURN(ls.compressed.table, scratch_ints(max_blocks));
+    }
+    if (d.index_compressor) {
+      DSERVE_ASSIGN_OR_RETURN(ls.index_compressor, compressor_buffers(*d.index_compressor));
+      ls.index_keys.pool = m.index_pools[static_cast<size_t>(l)].get();
+      DSERVE_ASSIGN_OR_RETURN(ls.index_keys.table, scratch_ints(max_blocks));
+    }
+    s.layers.push_back(std::move(ls));
+  }
+  return state;
+}
+
+// Takes the pages every paged list needs to hold the rows of positions below end_pos; on
+// failure gives back what it took (listed in `taken`) and reports which pool ran out.
+Status GpuModel::Impl::reserve_pages(GpuRequestState::Impl& s, int64_t end_pos,
+                                     std::vector<std::pair<PagedList*, size_t>>& taken) const {
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    const int64_t rate = config.compress_rate(layers[static_cast<size_t>(l)].kind);
+    LayerStateDev& ls = s.layers[static_cast<size_t>(l)];
+    for (PagedList* list : {&ls.compressed, &ls.index_keys}) {
+      if (list->pool == nullptr) continue;
+      const int64_t rows = end_pos / rate;
+      const auto pages = static_cast<size_t>(ceil_div(rows, list->pool->rows_per_page));
+      const size_t before = list->pages.size();
+      while (list->pages.size() < pages) {
+        if (list->pool->free.empty()) {
+          for (auto& [l2, count] : taken) {
+            for (size_t i = count; i < l2->pages.size(); ++i)
+              l2->pool->free.push_back(l2->pages[i]);
+            l2->pages.resize(count);
+          }
+          for (size_t i = before; i < list->pages.size(); ++i)
+            list->pool->free.push_back(list->pages[i]);
+          list->pages.resize(before);
+          return resource_exhausted("GPU page pool of layer " + std::to_string(l) +
+                                    " is full (max_requests " +
+                                    std::to_string(options.max_requests) + " at max_positions " +
+                                    std::to_string(options.max_positions) + ")");
+        }
+        list->pages.push_back(list->pool->free.back());
+        list->pool->free.pop_back();
+      }
+      if (list->pages.size() > before) taken.emplace_back(list, before);
+    }
+  }
+  return Status::ok();
+}
+
+// mHC in around one sublayer (hyper_connection_in + the sublayer's RMSNorm): x = the normed
+// collapse of the streams; pre/post/comb for hyper_expand.
+Status GpuModel::Impl::hyper_in(const HyperDev& hcw, const DeviceBuffer& norm_weight, int64_t n) {
+  const int64_t hc = config.hc_mult;
+  const int64_t hidden = config.hidden_size;
+  DSERVE_RETURN_IF_ERROR(cuda::rms_norm_to(streams.as<float>(), flat.as<float>(), n, hc * hidden,
+                                           nullptr, static_cast<float>(config.rms_norm_eps),
+                                           kStream));
+  DSERVE_RETURN_IF_ERROR(linear(flat.as<float>(), n, hcw.fn, mix.as<float>()));
+  DSERVE_RETURN_IF_ERROR(cuda::hyper_mix(mix.as<float>(), hcw.base.as<float>(),
+                                         hcw.scale.as<float>(), n, hc, config.hc_sinkhorn_iters,
+                                         static_cast<float>(config.hc_eps), pre.as<float>(),
+                                         post.as<float>(), comb.as<float>(), kStream));
+  DSERVE_RETURN_IF_ERROR(cuda::hyper_collapse(streams.as<float>(), pre.as<float>(), n, hc, hidden,
+                                              x.as<float>(), kStream));
+  return cuda::rms_norm(x.as<float>(), n, hidden, norm_weight.as<float>(),
+                        static_cast<float>(config.rms_norm_eps), kStream);
+}
+
+// attention() of attention.cc: x -> sublayer_out.
+Status GpuModel::Impl::attention(int64_t l, int64_t n, int64_t first_pos, LayerStateDev& ls) {
+  const LayerDev& d = layers[static_cast<size_t>(l)];
+  const int64_t heads = config.num_heads;
+  const int64_t hd = config.head_dim;
+  const auto eps = static_cast<float>(config.rms_norm_eps);
+  const cuda::RopeView& rope = d.kind == AttentionKind::kSliding ? main_rope : compress_rope;
+
+  DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.wq_a, q_residual.as<float>()));
+  DSERVE_RETURN_IF_ERROR(cuda::rms_norm(q_residual.as<float>(), n, config.q_lora_rank,
+                                        d.q_norm.as<float>(), eps, kStream));
+  DSERVE_RETURN_IF_ERROR(linear(q_residual.as<float>(), n, d.wq_b, q.as<float>()));
+  DSERVE_RETURN_IF_ERROR(cuda::rms_norm(q.as<float>(), n * heads, hd, nullptr, eps, kStream));
+  DSERVE_RETURN_IF_ERROR(
+      cuda::rope_at(q.as<float>(), n * heads, hd, rope, first_pos, heads, false, kStream));
+  DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.wkv, chunk_kv.as<float>()));
+  DSERVE_RETURN_IF_ERROR(
+      cuda::rms_norm(chunk_kv.as<float>(), n, hd, d.kv_norm.as<float>(), eps, kStream));
+  DSERVE_RETURN_IF_ERROR(
+      cuda::rope_at(chunk_kv.as<float>(), n, hd, rope, first_pos, 1, false, kStream));
+
+  auto run_compressor = [&](const CompressorDev& c, CompressorBuffers& b,
+                            const PagedList& list) -> Status {
+    DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, c.wkv, comp_kv.as<float>()));
+    DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, c.wgate, comp_gate.as<float>()));
+    const cuda::CompressorView view{c.rate,
+                                    c.width,
+                                    c.series,
+                                    b.pending_kv.as<float>(),
+                                    b.pending_gate.as<float>(),
+                                    b.overlap_kv.as<float>(),
+                                    b.overlap_gate.as<float>(),
+                                    c.ape.as<float>(),
+                                    c.norm.as<float>()};
+    return cuda::compress_chunk(comp_kv.as<float>(), comp_gate.as<float>(), first_pos, n, view,
+                                list.view(), compress_rope, eps, kStream);
+  };
+
+  const int64_t rate = config.compress_rate(d.kind);
+  const int64_t entries_after = rate > 0 ? (first_pos + n) / rate : 0;
+  cuda::AttentionInputs in;
+  in.q = q.as<float>();
+  in.chunk_kv = chunk_kv.as<float>();
+  in.window = ls.window.as<float>();
+  in.window_slots = config.sliding_window;
+  in.rate = d.compressor ? rate : 0;
+  in.available = entries_after;
+  in.sinks = d.sinks.as<float>();
+  int64_t max_compressed = 0;
+  if (d.compressor) {
+    DSERVE_RETURN_IF_ERROR(run_compressor(*d.compressor, ls.kv_compressor, ls.compressed));
+    in.compressed = ls.compressed.view();
+    max_compressed = entries_after;
+  }
+  if (d.index_compressor) {
+    DSERVE_RETURN_IF_ERROR(run_compressor(*d.index_compressor, ls.index_compressor, ls.index_keys));
+    // select_entries(): scores of every visible key, then the top index_topk per query.
+    const int64_t ih = config.index_n_heads;
+    const int64_t ihd = config.index_head_dim;
+    const int64_t topk = config.index_topk;
+    DSERVE_RETURN_IF_ERROR(linear(q_residual.as<float>(), n, d.index_wq_b, index_q.as<float>()));
+    DSERVE_RETURN_IF_ERROR(cuda::rope_at(index_q.as<float>(), n * ih, ihd, compress_rope, first_pos,
+                                         ih, false, kStream));
+    DSERVE_RETURN_IF_ERROR(
+        linear(x.as<float>(), n, d.index_weights_proj, index_weights.as<float>()));
+    const int64_t available = entries_after;
+    if (available == 0) {
+      DSERVE_RETURN_IF_ERROR(
+          selected_counts.copy_from_host(std::vector<int32_t>(static_cast<size_t>(n), 0).data(),
+                                         static_cast<size_t>(n) * sizeof(int32_t)));
+    } else {
+      DSERVE_RETURN_IF_ERROR(
+          cuda::gather_rows(ls.index_keys.view(), 0, available, index_keys.as<float>(), kStream));
+      const float weight_scale = 1.0f / std::sqrt(static_cast<float>(ih));
+      const float score_scale = 1.0f / std::sqrt(static_cast<float>(ihd));
+      for (int64_t t0 = 0; t0 < n; t0 += indexer_tile) {
+        const int64_t rows = std::min(indexer_tile, n - t0);
+        DSERVE_RETURN_IF_ERROR(cuda::matmul(blas, index_q.as<float>() + t0 * ih * ihd, rows * ih,
+                                            ihd, index_keys.as<float>(), available,
+                                            index_dots.as<float>(), available, kStream));
+        DSERVE_RETURN_IF_ERROR(
+            cuda::indexer_scores(index_dots.as<float>(), index_weights.as<float>() + t0 * ih, rows,
+                                 ih, available, first_pos + t0, rate, available, score_scale,
+                                 weight_scale, index_scores.as<float>(), kStream));
+        DSERVE_RETURN_IF_ERROR(cuda::top_k_indices(
+            index_scores.as<float>(), rows, available, first_pos + t0, rate, available, topk,
+            selected.as<int32_t>() + t0 * topk, selected_counts.as<int32_t>() + t0, kStream));
+      }
+    }
+    in.selected = selected.as<int32_t>();
+    in.selected_counts = selected_counts.as<int32_t>();
+    in.selected_stride = topk;
+    max_compressed = std::min(topk, available);
+  }
+
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  DSERVE_RETURN_IF_ERROR(cuda::sparse_attention(in, first_pos, n, heads, hd, config.sliding_window,
+                                                max_compressed, scale, attn_out.as<float>(),
+                                                kStream));
+  DSERVE_RETURN_IF_ERROR(
+      cuda::rope_at(attn_out.as<float>(), n * heads, hd, rope, first_pos, heads, true, kStream));
+  DSERVE_RETURN_IF_ERROR(cuda::store_window(chunk_kv.as<float>(), first_pos, n, hd,
+                                            ls.window.as<float>(), config.sliding_window, kStream));
+  DSERVE_RETURN_IF_ERROR(cuda::linear_grouped(blas, attn_out.as<float>(), n, config.o_groups,
+                                              d.wo_a.m, grouped.as<float>(), scratch16(), kStream));
+  return linear(grouped.as<float>(), n, d.wo_b, sublayer_out.as<float>());
+}
+
+// moe() of moe.cc: x -> sublayer_out. Routing runs on the device; the grouping of rows by
+// expert is made on the host from the routed ids (one copy back per MoE layer), and each
+// expert with rows runs as two GEMMs over its contiguous rows.
+Status GpuModel::Impl::moe(int64_t l, int64_t n) {
+  const LayerDev& d = layers[static_cast<size_t>(l)];
+  const int64_t hidden = config.hidden_size;
+  const int64_t experts = config.n_routed_experts;
+  const int64_t k = config.experts_per_token;
+  const int64_t inter = config.moe_intermediate_size;
+  const auto limit = static_cast<float>(config.swiglu_limit);
+  const bool hash = d.routing == RoutingKind::kHash;
+
+  DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.router, router.as<float>()));
+  DSERVE_RETURN_IF_ERROR(cuda::route_tokens(
+      router.as<float>(), d.router_bias.size_bytes() > 0 ? d.router_bias.as<float>() : nullptr,
+      hash ? d.tid2eid.as<int32_t>() : nullptr, hash ? tokens.as<int32_t>() : nullptr, n, experts,
+      k, static_cast<int>(config.scoring_func), static_cast<float>(config.routed_scaling_factor),
+      route_ids.as<int32_t>(), route_weights.as<float>(), kStream));
+  std::vector<int32_t> ids(static_cast<size_t>(n * k));
+  std::vector<float> weights(ids.size());
+  DSERVE_RETURN_IF_ERROR(route_ids.copy_to_host<int32_t>(ids));
+  DSERVE_RETURN_IF_ERROR(route_weights.copy_to_host<float>(weights));
+
+  // Rows per expert in token order (as moe.cc pushes them); slot = position in that grouping.
+  std::vector<int64_t> count(static_cast<size_t>(experts), 0);
+  for (int32_t e : ids) {
+    DSERVE_CHECK_MSG(e >= 0 && e < experts, "routed expert id out of range");
+    ++count[static_cast<size_t>(e)];
+  }
+  std::vector<int64_t> offset(static_cast<size_t>(experts) + 1, 0);
+  for (int64_t e = 0; e < experts; ++e)
+    offset[static_cast<size_t>(e) + 1] =
+        offset[static_cast<size_t>(e)] + count[static_cast<size_t>(e)];
+  std::vector<int64_t> next(offset.begin(), offset.end() - 1);
+  std::vector<int32_t> perm(ids.size());
+  std::vector<int32_t> slot_of(ids.size());
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t i = 0; i < k; ++i) {
+      const auto e = static_cast<size_t>(ids[static_cast<size_t>(t * k + i)]);
+      const int64_t s = next[e]++;
+      perm[static_cast<size_t>(s)] = static_cast<int32_t>(t);
+      slot_of[static_cast<size_t>(t * k + i)] = static_cast<int32_t>(s);
+    }
+  }
+  // Per token, its k contributions in ascending expert order (moe.cc adds experts in id order).
+  std::vector<int32_t> slots(ids.size());
+  std::vector<float> slot_weights(ids.size());
+  std::vector<int64_t> order(static_cast<size_t>(k));
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t i = 0; i < k; ++i)
+      order[static_cast<size_t>(i)] = i;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+      return ids[static_cast<size_t>(t * k + a)] < ids[static_cast<size_t>(t * k + b)];
+    });
+    for (int64_t j = 0; j < k; ++j) {
+      const auto src = static_cast<size_t>(t * k + order[static_cast<size_t>(j)]);
+      slots[static_cast<size_t>(t * k + j)] = slot_of[src];
+      slot_weights[static_cast<size_t>(t * k + j)] = weights[src];
+    }
+  }
+  DSERVE_RETURN_IF_ERROR(perm_rows.copy_from_host(perm.data(), perm.size() * sizeof(int32_t)));
+  DSERVE_RETURN_IF_ERROR(
+      combine_slots.copy_from_host(slots.data(), slots.size() * sizeof(int32_t)));
+  DSERVE_RETURN_IF_ERROR(
+      combine_weights.copy_from_host(slot_weights.data(), slot_weights.size() * sizeof(float)));
+
+  const int64_t pairs = n * k;
+  DSERVE_RETURN_IF_ERROR(cuda::gather_token_rows(x.as<float>(), perm_rows.as<int32_t>(), pairs,
+                                                 hidden, xs.as<float>(), kStream));
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t rows = count[static_cast<size_t>(e)];
+    if (rows == 0) continue;
+    const int64_t first = offset[static_cast<size_t>(e)];
+    DSERVE_RETURN_IF_ERROR(linear(xs.as<float>() + first * hidden, rows,
+                                  d.expert_w13[static_cast<size_t>(e)],
+                                  gate_up.as<float>() + first * 2 * inter));
+  }
+  DSERVE_RETURN_IF_ERROR(
+      cuda::swiglu(gate_up.as<float>(), pairs, inter, limit, hidden_act.as<float>(), kStream));
+  for (int64_t e = 0; e < experts; ++e) {
+    const int64_t rows = count[static_cast<size_t>(e)];
+    if (rows == 0) continue;
+    const int64_t first = offset[static_cast<size_t>(e)];
+    DSERVE_RETURN_IF_ERROR(linear(hidden_act.as<float>() + first * inter, rows,
+                                  d.expert_w2[static_cast<size_t>(e)],
+                                  ys.as<float>() + first * hidden));
+  }
+  // The shared expert over every row.
+  DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.shared_w13, shared_gate_up.as<float>()));
+  DSERVE_RETURN_IF_ERROR(cuda::swiglu(shared_gate_up.as<float>(), n, d.shared_inter, limit,
+                                      shared_act.as<float>(), kStream));
+  DSERVE_RETURN_IF_ERROR(linear(shared_act.as<float>(), n, d.shared_w2, shared_out.as<float>()));
+  return cuda::moe_combine(ys.as<float>(), combine_slots.as<int32_t>(), combine_weights.as<float>(),
+                           shared_out.as<float>(), n, k, hidden, sublayer_out.as<float>(), kStream);
+}
+
+// hyper_head + final norm + lm_head for `rows` stream rows from first_row: logits_out (device,
+// [rows, vocab]).
+Status GpuModel::Impl::final_rows(int64_t first_row, int64_t rows, float* logits_out) {
+  const int64_t hc = config.hc_mult;
+  const int64_t hidden = config.hidden_size;
+  const auto eps = static_cast<float>(config.rms_norm_eps);
+  const float* s = streams.as<float>() + first_row * hc * hidden;
+  DSERVE_RETURN_IF_ERROR(
+      cuda::rms_norm_to(s, flat.as<float>(), rows, hc * hidden, nullptr, eps, kStream));
+  DSERVE_RETURN_IF_ERROR(linear(flat.as<float>(), rows, hc_head_fn, mix.as<float>()));
+  DSERVE_RETURN_IF_ERROR(cuda::hyper_head_weights(
+      mix.as<float>(), hc_head_base.as<float>(), hc_head_scale.as<float>(), rows, hc,
+      static_cast<float>(config.hc_eps), pre.as<float>(), kStream));
+  DSERVE_RETURN_IF_ERROR(cuda::hyper_collapse(s, pre.as<float>(), rows, hc, hidden,
+                                              final_hidden.as<float>(), kStream));
+  DSERVE_RETURN_IF_ERROR(
+      cuda::rms_norm(final_hidden.as<float>(), rows, hidden, norm.as<float>(), eps, kStream));
+  return linear(final_hidden.as<float>(), rows, head, logits_out);
+}
+
+// One pass of at most `chunk` tokens over the layers (Model::forward's loop).
+Status GpuModel::Impl::run_chunk(std::span<const int32_t> chunk_tokens, GpuRequestState::Impl& s) {
+  const auto n = static_cast<int64_t>(chunk_tokens.size());
+  const int64_t first_pos = s.position;
+  DSERVE_RETURN_IF_ERROR(
+      tokens.copy_from_host(chunk_tokens.data(), chunk_tokens.size() * sizeof(int32_t)));
+  DSERVE_RETURN_IF_ERROR(cuda::embed_streams(embed.data(), embed_type, tokens.as<int32_t>(), n,
+                                             config.hidden_size, config.hc_mult,
+                                             streams.as<float>(), kStream));
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    const LayerDev& d = layers[static_cast<size_t>(l)];
+    LayerStateDev& ls = s.layers[static_cast<size_t>(l)];
+    for (PagedList* list : {&ls.compressed, &ls.index_keys}) {
+      if (list->pool != nullptr && list->uploaded != list->pages.size()) {
+        DSERVE_RETURN_IF_ERROR(
+            list->table.copy_from_host(list->pages.data(), list->pages.size() * sizeof(int32_t)));
+        list->uploaded = list->pages.size();
+      }
+    }
+    DSERVE_RETURN_IF_ERROR(hyper_in(d.hc_attn, d.attn_norm, n));
+    DSERVE_RETURN_IF_ERROR(attention(l, n, first_pos, ls));
+    DSERVE_RETURN_IF_ERROR(cuda::hyper_expand(streams.as<float>(), sublayer_out.as<float>(),
+                                              post.as<float>(), comb.as<float>(), n, config.hc_mult,
+                                              config.hidden_size, kStream));
+    DSERVE_RETURN_IF_ERROR(hyper_in(d.hc_ffn, d.ffn_norm, n));
+    DSERVE_RETURN_IF_ERROR(moe(l, n));
+    DSERVE_RETURN_IF_ERROR(cuda::hyper_expand(streams.as<float>(), sublayer_out.as<float>(),
+                                              post.as<float>(), comb.as<float>(), n, config.hc_mult,
+                                              config.hidden_size, kStream));
+  }
+  s.position += n;
+  return Status::ok();
+}
+
+namespace {
+
+Status check_chunk(std::span<const int32_t> tokens, const GpuRequestState& state,
+                   const ModelConfig& config, int64_t max_positions) {
+  if (tokens.empty()) return invalid_argument("forward: the chunk has no tokens");
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= config.vocab_size) {
+      return out_of_range("token id " + std::to_string(tokens[i]) + " at index " +
+                          std::to_string(i) + " is outside the vocabulary [0, " +
+                          std::to_string(config.vocab_size) + ")");
+    }
+  }
+  const int64_t end = state.position() + static_cast<int64_t>(tokens.size());
+  if (end > max_positions) {
+    return out_of_range("forward: the request would reach position " + std::to_string(end) +
+                        ", past this GpuModel's max_positions " + std::to_string(max_positions));
+  }
+  return Status::ok();
+}
+
+}  // namespace
+
+Result<Tensor> GpuModel::forward(std::span<const int32_t> tokens, GpuRequestState& state,
+                                 LogitsFor which) {
+  Impl& m = *impl_;
+  DSERVE_CHECK_MSG(state.impl_ != nullptr && state.impl_->owner == impl_.get(),
+                   "the GPU request state was made by another GpuModel");
+  DSERVE_RETURN_IF_ERROR(check_chunk(tokens, state, m.config, m.options.max_positions));
+  GpuRequestState::Impl& s = *state.impl_;
+  std::vector<std::pair<PagedList*, size_t>> taken;
+  DSERVE_RETURN_IF_ERROR(
+      m.reserve_pages(s, s.position + static_cast<int64_t>(tokens.size()), taken));
+
+  const auto n = static_cast<int64_t>(tokens.size());
+  const int64_t vocab = m.config.vocab_size;
+  const int64_t n_out = which == LogitsFor::kLastToken ? 1 : n;
+  Tensor logits({n_out, vocab});
+  int64_t written = 0;
+  for (int64_t first = 0; first < n; first += m.chunk) {
+    const int64_t len = std::min(m.chunk, n - first);
+    DSERVE_RETURN_IF_ERROR(
+        m.run_chunk(tokens.subspan(static_cast<size_t>(first), static_cast<size_t>(len)), s));
+    // Rows of this pass whose logits are wanted.
+    const int64_t want_first =
+        which == LogitsFor::kLastToken ? (first + len == n ? len - 1 : len) : 0;
+    for (int64_t r = want_first; r < len; r += m.logits_tile) {
+      const int64_t rows = std::min(m.logits_tile, len - r);
+      DSERVE_RETURN_IF_ERROR(m.final_rows(r, rows, m.logits.as<float>()));
+      DSERVE_RETURN_IF_ERROR(m.logits.copy_to_host(
+          logits.data() + written * vocab, static_cast<size_t>(rows * vocab) * sizeof(float)));
+      written += rows;
+    }
+  }
+  DSERVE_CHECK(written == n_out);
+  return logits;
+}
+
+Result<int32_t> GpuModel::forward_greedy(std::span<const int32_t> tokens, GpuRequestState& state) {
+  Impl& m = *impl_;
+  DSERVE_CHECK_MSG(state.impl_ != nullptr && state.impl_->owner == impl_.get(),
+                   "the GPU request state was made by another GpuModel");
+  DSERVE_RETURN_IF_ERROR(check_chunk(tokens, state, m.config, m.options.max_positions));
+  GpuRequestState::Impl& s = *state.impl_;
+  std::vector<std::pair<PagedList*, size_t>> taken;
+  DSERVE_RETURN_IF_ERROR(
+      m.reserve_pages(s, s.position + static_cast<int64_t>(tokens.size()), taken));
+  const auto n = static_cast<int64_t>(tokens.size());
+  int64_t last_len = 0;
+  for (int64_t first = 0; first < n; first += m.chunk) {
+    last_len = std::min(m.chunk, n - first);
+    DSERVE_RETURN_IF_ERROR(
+        m.run_chunk(tokens.subspan(static_cast<size_t>(first), static_cast<size_t>(last_len)), s));
+  }
+  DSERVE_RETURN_IF_ERROR(m.final_rows(last_len - 1, 1, m.logits.as<float>()));
+  DSERVE_RETURN_IF_ERROR(cuda::argmax_rows(m.logits.as<float>(), 1, m.config.vocab_size,
+                                           m.greedy.as<int32_t>(), kStream));
+  int32_t token = 0;
+  DSERVE_RETURN_IF_ERROR(m.greedy.copy_to_host(&token, sizeof(token)));
+  return token;
+}
+
+}  // namespace dserve::model
