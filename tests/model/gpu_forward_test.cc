@@ -1,0 +1,266 @@
+// GpuModel against the CPU reference (Model) on the same checkpoints: logits of whole
+// forwards, of chunked prefills and of one-token decode, greedy generations, and the errors a
+// caller can act on. Runs where a GPU is usable; elsewhere every test reports SKIPPED with
+// kernels::probe_cuda_device()'s reason.
+//
+// Tolerances (largest |gpu - cpu| over a row of logits, relative to the row's largest |cpu|):
+// fp32 weights 1e-4 (the two backends differ by summation order only); bf16 weights 3e-2 (the
+// weights and every GEMM input are rounded to 8 bits of mantissa).
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dserve/core/random.h"
+#include "dserve/kernels/device.h"
+#include "dserve/model/checkpoint.h"
+#include "dserve/model/gpu_model.h"
+#include "dserve/model/model.h"
+#include "dserve/model/model_init.h"
+#include "dserve/model/sampler.h"
+#include "test_model.h"
+
+namespace dserve::model {
+namespace {
+
+constexpr double kFp32Tolerance = 1e-4;
+constexpr double kBf16Tolerance = 3e-2;
+
+double relative_row_diff(const float* a, const float* b, int64_t n) {
+  double diff = 0.0, scale = 1.0;
+  for (int64_t i = 0; i < n; ++i) {
+    diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
+    scale = std::max(scale, static_cast<double>(std::abs(b[i])));
+  }
+  return diff / scale;
+}
+
+std::vector<int32_t> prompt(int64_t n, uint64_t seed, int64_t vocab) {
+  SplitMix64 rng(seed);
+  std::vector<int32_t> ids{0};
+  while (static_cast<int64_t>(ids.size()) < n)
+    ids.push_back(static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab))));
+  return ids;
+}
+
+// Worst relative row difference between two [rows, vocab] logits.
+double worst_diff(const Tensor& a, const Tensor& b) {
+  EXPECT_EQ(a.shape(), b.shape());
+  double worst = 0.0;
+  for (int64_t t = 0; t < std::min(a.rows(), b.rows()); ++t)
+    worst = std::max(worst, relative_row_diff(a.row(t), b.row(t), a.cols()));
+  return worst;
+}
+
+Tensor cpu_logits(const Model& model, const std::vector<int32_t>& ids) {
+  RequestState state = model.new_state();
+  auto logits = model.forward(ids, state);
+  EXPECT_TRUE(logits.is_ok()) << logits.status().to_string();
+  return std::move(logits).value();
+}
+
+// The GPU's logits of every position, running the prompt in chunks of `chunk` tokens.
+Tensor gpu_logits(GpuModel& model, const std::vector<int32_t>& ids, int64_t chunk) {
+  auto state = model.new_state();
+  EXPECT_TRUE(state.is_ok()) << state.status().to_string();
+  const int64_t vocab = model.config().vocab_size;
+  Tensor all({static_cast<int64_t>(ids.size()), vocab});
+  for (size_t begin = 0; begin < ids.size(); begin += static_cast<size_t>(chunk)) {
+    const size_t end = std::min(ids.size(), begin + static_cast<size_t>(chunk));
+    auto logits = model.forward(std::span(ids).subspan(begin, end - begin), *state);
+    EXPECT_TRUE(logits.is_ok()) << logits.status().to_string();
+    if (!logits.is_ok()) return all;
+    std::copy(logits->data(), logits->data() + logits->numel(),
+              all.row(static_cast<int64_t>(begin)));
+  }
+  EXPECT_EQ(state->position(), static_cast<int64_t>(ids.size()));
+  return all;
+}
+
+std::vector<int32_t> cpu_greedy(const Model& model, const std::vector<int32_t>& ids, int steps) {
+  RequestState state = model.new_state();
+  std::vector<int32_t> out;
+  auto logits = model.forward(ids, state, LogitsFor::kLastToken);
+  for (int i = 0; i < steps && logits.is_ok(); ++i) {
+    out.push_back(argmax(logits->span()));
+    const int32_t next = out.back();
+    logits = model.forward(std::span(&next, 1), state, LogitsFor::kLastToken);
+  }
+  EXPECT_TRUE(logits.is_ok()) << logits.status().to_string();
+  return out;
+}
+
+std::vector<int32_t> gpu_greedy(GpuModel& model, const std::vector<int32_t>& ids, int steps) {
+  auto state = model.new_state();
+  EXPECT_TRUE(state.is_ok()) << state.status().to_string();
+  std::vector<int32_t> out;
+  auto token = model.forward_greedy(ids, *state);
+  for (int i = 0; i < steps && token.is_ok(); ++i) {
+    out.push_back(*token);
+    const int32_t next = out.back();
+    token = model.forward_greedy(std::span(&next, 1), *state);
+  }
+  EXPECT_TRUE(token.is_ok()) << token.status().to_string();
+  return out;
+}
+
+class GpuForwardTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const kernels::DeviceInfo device = kernels::probe_cuda_device();
+    if (!device.available) GTEST_SKIP() << "no usable GPU: " << device.why_unavailable;
+  }
+
+  static std::unique_ptr<GpuModel> gpu(const Model& cpu, GpuWeights weights,
+                                       int64_t max_chunk_tokens = 1024) {
+    GpuModelOptions options;
+    options.weights = weights;
+    options.max_positions = 2048;
+    options.max_requests = 2;
+    options.max_chunk_tokens = max_chunk_tokens;
+    auto model = GpuModel::create(cpu.config(), cpu.weights(), options);
+    EXPECT_TRUE(model.is_ok()) << model.status().to_string();
+    return model.is_ok() ? std::move(model).value() : nullptr;
+  }
+};
+
+TEST_F(GpuForwardTest, Fp32LogitsMatchCpuForWholeAndChunkedPrefill) {
+  const Model& cpu = testing_support::tiny_model();
+  auto model = gpu(cpu, GpuWeights::kFp32);
+  ASSERT_NE(model, nullptr);
+  // 70 tokens: 17 CSA entries against index_topk 8 (sparse selection), 4 HCA entries, the
+  // sliding window (16) wrapping several times.
+  const auto ids = prompt(70, 42, cpu.config().vocab_size);
+  const Tensor expected = cpu_logits(cpu, ids);
+  for (int64_t chunk : {70, 16, 3, 1}) {
+    const double diff = worst_diff(gpu_logits(*model, ids, chunk), expected);
+    EXPECT_LT(diff, kFp32Tolerance) << "chunk " << chunk;
+    std::cout << "[ figures  ] fp32 chunk " << chunk << ": worst relative logit diff " << diff
+              << "\n";
+  }
+}
+
+TEST_F(GpuForwardTest, PassesSplitByScratchSizeGiveTheSameLogits) {
+  const Model& cpu = testing_support::tiny_model();
+  auto small = gpu(cpu, GpuWeights::kFp32, /*max_chunk_tokens=*/5);
+  ASSERT_NE(small, nullptr);
+  const auto ids = prompt(37, 7, cpu.config().vocab_size);
+  EXPECT_LT(worst_diff(gpu_logits(*small, ids, 37), cpu_logits(cpu, ids)), kFp32Tolerance);
+}
+
+TEST_F(GpuForwardTest, Fp32GreedyGenerationsEqualCpu) {
+  const Model& cpu = testing_support::tiny_model();
+  auto model = gpu(cpu, GpuWeights::kFp32);
+  ASSERT_NE(model, nullptr);
+  int equal = 0;
+  for (uint64_t p = 0; p < 20; ++p) {
+    const auto ids = prompt(8 + static_cast<int64_t>(p) * 5, 1000 + p, cpu.config().vocab_size);
+    const auto want = cpu_greedy(cpu, ids, 256);
+    const auto got = gpu_greedy(*model, ids, 256);
+    EXPECT_EQ(got, want) << "prompt " << p;
+    equal += got == want ? 1 : 0;
+  }
+  std::cout << "[ figures  ] fp32 greedy: " << equal << "/20 prompts x 256 tokens equal\n";
+}
+
+TEST_F(GpuForwardTest, Bf16LogitsWithinTolerance) {
+  const Model& cpu = testing_support::tiny_model();
+  auto model = gpu(cpu, GpuWeights::kBf16);
+  ASSERT_NE(model, nullptr);
+  const auto ids = prompt(70, 43, cpu.config().vocab_size);
+  const double diff = worst_diff(gpu_logits(*model, ids, 70), cpu_logits(cpu, ids));
+  EXPECT_LT(diff, kBf16Tolerance);
+  std::cout << "[ figures  ] bf16: worst relative logit diff " << diff << "\n";
+  int equal = 0;
+  for (uint64_t p = 0; p < 20; ++p) {
+    const auto prompt_ids = prompt(16, 2000 + p, cpu.config().vocab_size);
+    equal += gpu_greedy(*model, prompt_ids, 256) == cpu_greedy(cpu, prompt_ids, 256) ? 1 : 0;
+  }
+  std::cout << "[ figures  ] bf16 greedy: " << equal << "/20 prompts x 256 tokens equal\n";
+}
+
+TEST_F(GpuForwardTest, V4WidthPresetMatchesCpu) {
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("dserve-v4-width-" + std::to_string(::getpid()));
+  ModelInitOptions opts;
+  opts.preset = "v4-width";
+  opts.seed = 5;
+  opts.out_dir = dir.string();
+  opts.tokenizer_json = testing_support::tokenizer_json();
+  ASSERT_TRUE(write_random_checkpoint(opts).is_ok());
+  auto config = load_model_config(dir.string());
+  ASSERT_TRUE(config.is_ok()) << config.status().to_string();
+  auto weights = load_checkpoint(dir.string(), *config);
+  ASSERT_TRUE(weights.is_ok()) << weights.status().to_string();
+  std::filesystem::remove_all(dir);
+  const Model cpu(std::move(config).value(), std::move(weights).value());
+  auto model = gpu(cpu, GpuWeights::kFp32);
+  ASSERT_NE(model, nullptr);
+  // 300 tokens: 75 CSA entries (top-k 512 takes them all), 2 HCA entries.
+  const auto ids = prompt(300, 9, cpu.config().vocab_size);
+  const double diff = worst_diff(gpu_logits(*model, ids, 300), cpu_logits(cpu, ids));
+  EXPECT_LT(diff, kFp32Tolerance);
+  std::cout << "[ figures  ] v4-width fp32: worst relative logit diff " << diff << "\n";
+  for (uint64_t p = 0; p < 4; ++p) {
+    const auto prompt_ids = prompt(64, 3000 + p, cpu.config().vocab_size);
+    EXPECT_EQ(gpu_greedy(*model, prompt_ids, 32), cpu_greedy(cpu, prompt_ids, 32))
+        << "prompt " << p;
+  }
+}
+
+TEST_F(GpuForwardTest, RefusesBadInputWithoutTouchingTheState) {
+  const Model& cpu = testing_support::tiny_model();
+  auto model = gpu(cpu, GpuWeights::kFp32);
+  ASSERT_NE(model, nullptr);
+  auto state = model->new_state();
+  ASSERT_TRUE(state.is_ok());
+  const std::vector<int32_t> bad = {0, static_cast<int32_t>(cpu.config().vocab_size)};
+  EXPECT_EQ(model->forward(bad, *state).status().code(), StatusCode::kOutOfRange);
+  EXPECT_EQ(model->forward({}, *state).status().code(), StatusCode::kInvalidArgument);
+  const std::vector<int32_t> too_long(2049, 3);
+  const auto past = model->forward(too_long, *state);
+  EXPECT_EQ(past.status().code(), StatusCode::kOutOfRange);
+  EXPECT_NE(past.status().message().find("max_positions 2048"), std::string::npos)
+      << past.status().to_string();
+  EXPECT_EQ(state->position(), 0);
+  // Three requests at max_positions in pools sized for two: the third runs out of pages.
+  std::vector<GpuRequestState> states;
+  const std::vector<int32_t> full(2048, 3);
+  Status last = Status::ok();
+  for (int r = 0; r < 3 && last.is_ok(); ++r) {
+    auto s = model->new_state();
+    ASSERT_TRUE(s.is_ok());
+    last = model->forward_greedy(full, *s).status();
+    states.push_back(std::move(s).value());
+  }
+  EXPECT_EQ(last.code(), StatusCode::kResourceExhausted) << last.to_string();
+  EXPECT_EQ(states.back().position(), 0);
+}
+
+// Where no GPU is usable (CI), create() says so with the probe's reason instead of failing
+// later; callers fall back to the CPU backend on UNAVAILABLE.
+TEST(GpuModelWithoutGpu, CreateIsUnavailableWithTheReason) {
+  const kernels::DeviceInfo device = kernels::probe_cuda_device();
+  if (device.available) GTEST_SKIP() << "a GPU is usable here (" << device.name << ")";
+  const Model& cpu = testing_support::tiny_model();
+  auto model = GpuModel::create(cpu.config(), cpu.weights());
+  ASSERT_FALSE(model.is_ok());
+  EXPECT_EQ(model.status().code(), StatusCode::kUnavailable);
+  EXPECT_NE(model.status().message().find(device.why_unavailable), std::string::npos)
+      << model.status().to_string();
+  GpuModelOptions bad;
+  bad.max_chunk_tokens = 0;
+  EXPECT_EQ(GpuModel::create(cpu.config(), cpu.weights(), bad).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace dserve::model
