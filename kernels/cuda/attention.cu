@@ -107,14 +107,16 @@ Status sparse_attention(const AttentionInputs& in, int64_t first_pos, int64_t n,
   DSERVE_CHECK(in.rate == 0 || in.compressed.width == head_dim);
   if (n == 0) return Status::ok();
   DSERVE_CHECK_MSG(n <= 65535, "a chunk of more than 65535 tokens exceeds the launch grid");
-  const int64_t max_keys = sliding_window + max_compressed;
-  const size_t shared = static_cast<size_t>(max_keys) * (sizeof(const float*) + sizeof(float));
-  static constexpr size_t kDefaultShared = 48 * 1024;
-  if (shared > kDefaultShared) {
+  const size_t shared = sparse_attention_shared_bytes(sliding_window, max_compressed);
+  // Above the default 48 KiB a kernel must opt in; the largest size granted so far is kept
+  // (one device per process, as everywhere in this backend).
+  static size_t granted = 48 * 1024;
+  if (shared > granted) {
     DSERVE_RETURN_IF_ERROR(cuda_status(
         cudaFuncSetAttribute(sparse_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(shared)),
         "cudaFuncSetAttribute(sparse_attention_kernel shared memory)"));
+    granted = shared;
   }
   const Shape shape{first_pos, heads, head_dim, sliding_window, scale};
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(n));

@@ -13,7 +13,13 @@ Status synchronize(CudaStream stream) {
 Result<DeviceBuffer> DeviceBuffer::allocate(size_t bytes) {
   if (bytes == 0) return DeviceBuffer();
   void* data = nullptr;
-  const Status status = cuda_status(cudaMalloc(&data, bytes), "cudaMalloc");
+  const cudaError_t err = cudaMalloc(&data, bytes);
+  if (err == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    return resource_exhausted("cudaMalloc: out of device memory allocating " +
+                              std::to_string(bytes) + " bytes");
+  }
+  const Status status = cuda_status(err, "cudaMalloc");
   if (!status.is_ok()) {
     return status.with_context("allocating " + std::to_string(bytes) + " device bytes");
   }

@@ -8,6 +8,9 @@
 
 namespace dserve::kernels::cuda {
 
+static_assert(v4_limits::kMaxHyperStreams == v4::kMaxHyperStreams,
+              "cuda_model_ops.h and v4_math.h disagree");
+
 Status hyper_mix(const float* logits, const float* base, const float* scale, int64_t n, int64_t hc,
                  int64_t sinkhorn_iters, float eps, float* pre, float* post, float* comb,
                  CudaStream stream) {

@@ -8,6 +8,9 @@
 
 namespace dserve::kernels::cuda {
 
+static_assert(v4_limits::kMaxRoutedPerToken == v4::kMaxRoutedPerToken,
+              "cuda_model_ops.h and v4_math.h disagree");
+
 Status route_tokens(float* logits, const float* bias, const int32_t* tid2eid, const int32_t* tokens,
                     int64_t n, int64_t experts, int64_t k, int scoring, float routed_scale,
                     int32_t* ids, float* weights, CudaStream stream) {

@@ -73,6 +73,7 @@ DeviceInfo probe_cuda_device() {
   info.compute_major = prop.major;
   info.compute_minor = prop.minor;
   info.memory_bytes = prop.totalGlobalMem;
+  info.shared_memory_per_block = prop.sharedMemPerBlockOptin;
   if (!arch_list_runs_on(DSERVE_CUDA_ARCHITECTURES, prop.major, prop.minor)) {
     info.why_unavailable = info.name + " has compute capability " + std::to_string(prop.major) +
                            "." + std::to_string(prop.minor) +

@@ -42,6 +42,11 @@ int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+// Pages one request at max_positions needs in a pool of rows_per_page rows for rate `rate`.
+int64_t max_pages_per_request(int64_t max_positions, int64_t rate, int64_t rows_per_page) {
+  return std::max<int64_t>(ceil_div(max_positions / rate, rows_per_page), 1);
+}
+
 // A device weight and its view.
 struct Weight {
   DeviceBuffer buffer;
@@ -326,6 +331,45 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
   if (!device.available) return unavailable("no GPU for GpuModel: " + device.why_unavailable);
   DSERVE_CHECK_MSG(static_cast<int64_t>(weights.layers.size()) == config.num_layers,
                    "weights and config disagree on the number of layers");
+  if (config.hc_mult > cuda::v4_limits::kMaxHyperStreams ||
+      config.experts_per_token > cuda::v4_limits::kMaxRoutedPerToken) {
+    return unimplemented(
+        "GpuModel supports hc_mult up to " + std::to_string(cuda::v4_limits::kMaxHyperStreams) +
+        " and experts_per_token up to " + std::to_string(cuda::v4_limits::kMaxRoutedPerToken) +
+        ", got " + std::to_string(config.hc_mult) + " and " +
+        std::to_string(config.experts_per_token));
+  }
+  // The attention block keeps a score per key in shared memory: the window plus the most
+  // compressed entries a query can see (every HCA entry up to max_positions, or the top-k).
+  int64_t most_compressed = 0;
+  for (const AttentionKind kind : config.layer_types) {
+    if (kind == AttentionKind::kHeavy) {
+      most_compressed = std::max(most_compressed, options.max_positions / config.hca_rate);
+    }
+    if (kind == AttentionKind::kCompressed) {
+      most_compressed = std::max(
+          most_compressed, std::min(config.index_topk, options.max_positions / config.csa_rate));
+    }
+  }
+  const size_t attention_shared =
+      cuda::sparse_attention_shared_bytes(config.sliding_window, most_compressed);
+  if (attention_shared > device.shared_memory_per_block) {
+    return out_of_range("GpuModelOptions.max_positions " + std::to_string(options.max_positions) +
+                        " lets a query attend " + std::to_string(most_compressed) +
+                        " compressed entries, which needs " + std::to_string(attention_shared) +
+                        " bytes of shared memory per block; " + device.name + " has " +
+                        std::to_string(device.shared_memory_per_block));
+  }
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    if (config.mlp_types[static_cast<size_t>(l)] != RoutingKind::kHash) continue;
+    for (const int32_t e : weights.layers[static_cast<size_t>(l)].moe.tid2eid) {
+      if (e < 0 || e >= config.n_routed_experts) {
+        return invalid_argument("layer " + std::to_string(l) + " tid2eid holds expert id " +
+                                std::to_string(e) + ", outside [0, " +
+                                std::to_string(config.n_routed_experts) + ")");
+      }
+    }
+  }
 
   DSERVE_ASSIGN_OR_RETURN(cuda::BlasHandle blas, cuda::BlasHandle::create());
   auto impl = std::make_unique<Impl>(std::move(blas));
@@ -414,8 +458,8 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
   m.main_rope = {m.main_cos.as<float>(), m.main_sin.as<float>(), half, positions};
   m.compress_rope = {m.compress_cos.as<float>(), m.compress_sin.as<float>(), half, positions};
 
-  // Page pools: one page per 128-token block of every request at max_positions.
-  const int64_t blocks = ceil_div(positions, kvstore::kBlockTokens) * options.max_requests;
+  // Page pools: a page holds one 128-token block's rows (one row at least), and there are
+  // pages for max_requests requests at max_positions.
   m.compressed_pools.resize(static_cast<size_t>(config.num_layers));
   m.index_pools.resize(static_cast<size_t>(config.num_layers));
   for (int64_t l = 0; l < config.num_layers; ++l) {
@@ -423,12 +467,13 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
     const int64_t rate = config.compress_rate(d.kind);
     if (rate == 0) continue;
     const int64_t rows = std::max<int64_t>(kvstore::kBlockTokens / rate, 1);
+    const int64_t pages = max_pages_per_request(positions, rate, rows) * options.max_requests;
     DSERVE_ASSIGN_OR_RETURN(m.compressed_pools[static_cast<size_t>(l)],
-                            make_pool(blocks, rows, config.head_dim));
+                            make_pool(pages, rows, config.head_dim));
     m.pool_bytes += m.compressed_pools[static_cast<size_t>(l)]->slab.size_bytes();
     if (d.index_compressor) {
       DSERVE_ASSIGN_OR_RETURN(m.index_pools[static_cast<size_t>(l)],
-                              make_pool(blocks, rows, config.index_head_dim));
+                              make_pool(pages, rows, config.index_head_dim));
       m.pool_bytes += m.index_pools[static_cast<size_t>(l)]->slab.size_bytes();
     }
   }
@@ -520,7 +565,6 @@ Result<GpuRequestState> GpuModel::new_state() {
   state.impl_ = std::make_unique<GpuRequestState::Impl>();
   GpuRequestState::Impl& s = *state.impl_;
   s.owner = impl_.get();
-  const int64_t max_blocks = ceil_div(m.options.max_positions, kvstore::kBlockTokens);
   auto compressor_buffers = [](const CompressorDev& d) -> Result<CompressorBuffers> {
     CompressorBuffers b;
     const int64_t row = d.series * d.width;
@@ -537,12 +581,17 @@ Result<GpuRequestState> GpuModel::new_state() {
     if (d.compressor) {
       DSERVE_ASSIGN_OR_RETURN(ls.kv_compressor, compressor_buffers(*d.compressor));
       ls.compressed.pool = m.compressed_pools[static_cast<size_t>(l)].get();
-      DSERVE_ASSIGN_OR_RETURN(ls.compressed.table, scratch_ints(max_blocks));
+      DSERVE_ASSIGN_OR_RETURN(ls.compressed.table, scratch_ints(max_pages_per_request(
+                                                       m.options.max_positions, d.compressor->rate,
+                                                       ls.compressed.pool->rows_per_page)));
     }
     if (d.index_compressor) {
       DSERVE_ASSIGN_OR_RETURN(ls.index_compressor, compressor_buffers(*d.index_compressor));
       ls.index_keys.pool = m.index_pools[static_cast<size_t>(l)].get();
-      DSERVE_ASSIGN_OR_RETURN(ls.index_keys.table, scratch_ints(max_blocks));
+      DSERVE_ASSIGN_OR_RETURN(
+          ls.index_keys.table,
+          scratch_ints(max_pages_per_request(m.options.max_positions, d.index_compressor->rate,
+                                             ls.index_keys.pool->rows_per_page)));
     }
     s.layers.push_back(std::move(ls));
   }

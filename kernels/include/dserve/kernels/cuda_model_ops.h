@@ -16,6 +16,13 @@
 
 namespace dserve::kernels::cuda {
 
+// The widest per-token state the kernels keep in registers: hc_mult streams of the mHC mix and
+// experts_per_token routed experts (V4: 4 and 6).
+namespace v4_limits {
+inline constexpr int64_t kMaxHyperStreams = 8;
+inline constexpr int64_t kMaxRoutedPerToken = 16;
+}  // namespace v4_limits
+
 // Weights as the launchers take them: fp32, or bf16 bit patterns (upper half of an fp32).
 enum class WeightType { kFp32, kBf16 };
 
@@ -162,6 +169,9 @@ struct AttentionInputs {
 Status sparse_attention(const AttentionInputs& in, int64_t first_pos, int64_t n, int64_t heads,
                         int64_t head_dim, int64_t sliding_window, int64_t max_compressed,
                         float scale, float* out, CudaStream stream);
+constexpr size_t sparse_attention_shared_bytes(int64_t sliding_window, int64_t max_compressed) {
+  return static_cast<size_t>(sliding_window + max_compressed) * (sizeof(void*) + sizeof(float));
+}
 // Stores the chunk's last min(n, slots) keys into the window ring (slot position % slots).
 Status store_window(const float* chunk_kv, int64_t first_pos, int64_t n, int64_t head_dim,
                     float* window, int64_t slots, CudaStream stream);

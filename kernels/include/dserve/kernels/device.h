@@ -16,7 +16,8 @@ struct DeviceInfo {
   int compute_major = 0;
   int compute_minor = 0;
   size_t memory_bytes = 0;
-  std::string why_unavailable;  // a sentence a person can act on
+  size_t shared_memory_per_block = 0;  // the opt-in maximum one block may use
+  std::string why_unavailable;         // a sentence a person can act on
 };
 
 // True when this build carries the CUDA backend (kernels/cuda); says nothing about whether a
