@@ -262,6 +262,8 @@ struct GpuModel::Impl {
   Status reserve_pages(GpuRequestState::Impl& s, int64_t end_pos,
                        std::vector<std::pair<PagedList*, size_t>>& taken) const;
   Status run_chunk(std::span<const int32_t> tokens, GpuRequestState::Impl& s);
+  template <typename AfterPass>
+  Status run_passes(std::span<const int32_t> tokens, GpuRequestState& state, AfterPass after_pass);
   Status attention(int64_t l, int64_t n, int64_t first_pos, LayerStateDev& ls);
   Status moe(int64_t l, int64_t n);
   Status hyper_in(const HyperDev& hc, const DeviceBuffer& norm_weight, int64_t n);
@@ -933,26 +935,35 @@ Status check_chunk(std::span<const int32_t> tokens, const GpuRequestState& state
 
 }  // namespace
 
+// Checks the chunk, takes the pages it needs, then runs it in passes of at most `chunk` tokens,
+// calling after_pass(first, len) after each (the pass's rows are still in the streams then).
+template <typename AfterPass>
+Status GpuModel::Impl::run_passes(std::span<const int32_t> input, GpuRequestState& state,
+                                  AfterPass after_pass) {
+  DSERVE_CHECK_MSG(state.impl_ != nullptr && state.impl_->owner == this,
+                   "the GPU request state was made by another GpuModel");
+  DSERVE_RETURN_IF_ERROR(check_chunk(input, state, config, options.max_positions));
+  GpuRequestState::Impl& s = *state.impl_;
+  std::vector<std::pair<PagedList*, size_t>> taken;
+  DSERVE_RETURN_IF_ERROR(reserve_pages(s, s.position + static_cast<int64_t>(input.size()), taken));
+  const auto n = static_cast<int64_t>(input.size());
+  for (int64_t first = 0; first < n; first += chunk) {
+    const int64_t len = std::min(chunk, n - first);
+    DSERVE_RETURN_IF_ERROR(
+        run_chunk(input.subspan(static_cast<size_t>(first), static_cast<size_t>(len)), s));
+    DSERVE_RETURN_IF_ERROR(after_pass(first, len));
+  }
+  return Status::ok();
+}
+
 Result<Tensor> GpuModel::forward(std::span<const int32_t> tokens, GpuRequestState& state,
                                  LogitsFor which) {
   Impl& m = *impl_;
-  DSERVE_CHECK_MSG(state.impl_ != nullptr && state.impl_->owner == impl_.get(),
-                   "the GPU request state was made by another GpuModel");
-  DSERVE_RETURN_IF_ERROR(check_chunk(tokens, state, m.config, m.options.max_positions));
-  GpuRequestState::Impl& s = *state.impl_;
-  std::vector<std::pair<PagedList*, size_t>> taken;
-  DSERVE_RETURN_IF_ERROR(
-      m.reserve_pages(s, s.position + static_cast<int64_t>(tokens.size()), taken));
-
   const auto n = static_cast<int64_t>(tokens.size());
   const int64_t vocab = m.config.vocab_size;
-  const int64_t n_out = which == LogitsFor::kLastToken ? 1 : n;
-  Tensor logits({n_out, vocab});
+  Tensor logits({which == LogitsFor::kLastToken ? 1 : n, vocab});
   int64_t written = 0;
-  for (int64_t first = 0; first < n; first += m.chunk) {
-    const int64_t len = std::min(m.chunk, n - first);
-    DSERVE_RETURN_IF_ERROR(
-        m.run_chunk(tokens.subspan(static_cast<size_t>(first), static_cast<size_t>(len)), s));
+  const Status status = m.run_passes(tokens, state, [&](int64_t first, int64_t len) -> Status {
     // Rows of this pass whose logits are wanted.
     const int64_t want_first =
         which == LogitsFor::kLastToken ? (first + len == n ? len - 1 : len) : 0;
@@ -963,27 +974,20 @@ Result<Tensor> GpuModel::forward(std::span<const int32_t> tokens, GpuRequestStat
           logits.data() + written * vocab, static_cast<size_t>(rows * vocab) * sizeof(float)));
       written += rows;
     }
-  }
-  DSERVE_CHECK(written == n_out);
+    return Status::ok();
+  });
+  if (!status.is_ok()) return status;
+  DSERVE_CHECK(written == logits.rows());
   return logits;
 }
 
 Result<int32_t> GpuModel::forward_greedy(std::span<const int32_t> tokens, GpuRequestState& state) {
   Impl& m = *impl_;
-  DSERVE_CHECK_MSG(state.impl_ != nullptr && state.impl_->owner == impl_.get(),
-                   "the GPU request state was made by another GpuModel");
-  DSERVE_RETURN_IF_ERROR(check_chunk(tokens, state, m.config, m.options.max_positions));
-  GpuRequestState::Impl& s = *state.impl_;
-  std::vector<std::pair<PagedList*, size_t>> taken;
-  DSERVE_RETURN_IF_ERROR(
-      m.reserve_pages(s, s.position + static_cast<int64_t>(tokens.size()), taken));
-  const auto n = static_cast<int64_t>(tokens.size());
   int64_t last_len = 0;
-  for (int64_t first = 0; first < n; first += m.chunk) {
-    last_len = std::min(m.chunk, n - first);
-    DSERVE_RETURN_IF_ERROR(
-        m.run_chunk(tokens.subspan(static_cast<size_t>(first), static_cast<size_t>(last_len)), s));
-  }
+  DSERVE_RETURN_IF_ERROR(m.run_passes(tokens, state, [&](int64_t, int64_t len) {
+    last_len = len;
+    return Status::ok();
+  }));
   DSERVE_RETURN_IF_ERROR(m.final_rows(last_len - 1, 1, m.logits.as<float>()));
   DSERVE_RETURN_IF_ERROR(cuda::argmax_rows(m.logits.as<float>(), 1, m.config.vocab_size,
                                            m.greedy.as<int32_t>(), kStream));

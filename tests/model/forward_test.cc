@@ -19,15 +19,7 @@
 namespace dserve::model {
 namespace {
 
-// Largest |a - b| over a row, relative to the row's largest |b| (at least 1).
-double relative_row_diff(const float* a, const float* b, int64_t n) {
-  double diff = 0.0, scale = 1.0;
-  for (int64_t i = 0; i < n; ++i) {
-    diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
-    scale = std::max(scale, static_cast<double>(std::abs(b[i])));
-  }
-  return diff / scale;
-}
+using testing_support::relative_row_diff;
 
 class ForwardTest : public ::testing::Test {
  protected:

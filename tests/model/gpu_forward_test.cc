@@ -34,14 +34,7 @@ namespace {
 constexpr double kFp32Tolerance = 1e-4;
 constexpr double kBf16Tolerance = 3e-2;
 
-double relative_row_diff(const float* a, const float* b, int64_t n) {
-  double diff = 0.0, scale = 1.0;
-  for (int64_t i = 0; i < n; ++i) {
-    diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
-    scale = std::max(scale, static_cast<double>(std::abs(b[i])));
-  }
-  return diff / scale;
-}
+using testing_support::relative_row_diff;
 
 std::vector<int32_t> prompt(int64_t n, uint64_t seed, int64_t vocab) {
   SplitMix64 rng(seed);

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <memory>
@@ -13,6 +15,15 @@
 #include "dserve/model/tokenizer.h"
 
 namespace dserve::model::testing_support {
+
+double relative_row_diff(const float* a, const float* b, int64_t n) {
+  double diff = 0.0, scale = 1.0;
+  for (int64_t i = 0; i < n; ++i) {
+    diff = std::max(diff, static_cast<double>(std::abs(a[i] - b[i])));
+    scale = std::max(scale, static_cast<double>(std::abs(b[i])));
+  }
+  return diff / scale;
+}
 
 std::string tokenizer_json() {
   return default_tokenizer_json_path(DSERVE_SOURCE_DIR);

