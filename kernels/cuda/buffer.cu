@@ -49,12 +49,15 @@ void DeviceBuffer::release() {
   bytes_ = 0;
 }
 
-Status DeviceBuffer::copy_from_host(const void* src, size_t bytes) {
-  DSERVE_CHECK_MSG(bytes <= bytes_, "copy of " + std::to_string(bytes) +
-                                        " bytes into a device buffer of " + std::to_string(bytes_));
+Status DeviceBuffer::copy_from_host(const void* src, size_t bytes, size_t offset) {
+  DSERVE_CHECK_MSG(offset <= bytes_ && bytes <= bytes_ - offset,
+                   "copy of " + std::to_string(bytes) + " bytes at offset " +
+                       std::to_string(offset) + " into a device buffer of " +
+                       std::to_string(bytes_));
   if (bytes == 0) return Status::ok();
-  return cuda_status(cudaMemcpy(data_, src, bytes, cudaMemcpyHostToDevice),
-                     "cudaMemcpy(host to device)");
+  return cuda_status(
+      cudaMemcpy(static_cast<char*>(data_) + offset, src, bytes, cudaMemcpyHostToDevice),
+      "cudaMemcpy(host to device)");
 }
 
 Status DeviceBuffer::copy_to_host(void* dst, size_t bytes) const {

@@ -1,7 +1,7 @@
 // Window compressors on the GPU (MODEL-V4.md "The compressors"; the CPU twin is
-// model/src/compressor.cc). A chunk's projections close zero or more windows; each closed
-// window becomes one entry written straight into the request's pages. Three launches in
-// stream order: pool (reads pending and overlap state), then the new overlap (reads pending),
+// model/src/compressor.cc). A batch's rows close zero or more windows of each request; each
+// closed window becomes one entry written straight into that request's pages. Three launches in
+// stream order: pool (reads pending and overlap rows), then the new overlap (reads pending),
 // then the new pending tokens (overwrites pending).
 
 #include "common.cuh"
@@ -12,53 +12,77 @@ namespace {
 
 constexpr int kThreads = 128;
 
-// Where the projected values of the token at position p come from: this chunk (p >= first_pos)
-// or the pending buffer of the open window (slot p % rate).
+// Where the projected values of one request's token at position p come from: this batch's
+// rows (p >= first_pos) or the pending rows of its slot (the open window, slot p % rate).
 struct TokenSource {
   const float* kv;
   const float* gate;
-  const float* pending_kv;
+  const float* pending_kv;  // of this request's slot
   const float* pending_gate;
   const float* ape;
   int64_t first_pos;
+  int64_t first_row;
   int64_t rate;
   int64_t row;  // series * width
 
+  __device__ int64_t batch_row(int64_t p) const { return first_row + (p - first_pos); }
   __device__ float value(int64_t p, int64_t col) const {
-    return p >= first_pos ? kv[(p - first_pos) * row + col] : pending_kv[(p % rate) * row + col];
+    return p >= first_pos ? kv[batch_row(p) * row + col] : pending_kv[(p % rate) * row + col];
   }
   // The gate logit with the position bias added.
   __device__ float logit(int64_t p, int64_t col) const {
     const float g =
-        p >= first_pos ? gate[(p - first_pos) * row + col] : pending_gate[(p % rate) * row + col];
+        p >= first_pos ? gate[batch_row(p) * row + col] : pending_gate[(p % rate) * row + col];
     return g + ape[(p % rate) * row + col];
   }
 };
+
+__device__ TokenSource source_of(const float* kv, const float* gate, const BatchRows& rows,
+                                 int64_t any_row, const CompressorView& state) {
+  const int64_t row = state.series * state.width;
+  const int64_t slot = rows.slot[any_row];
+  return TokenSource{kv,
+                     gate,
+                     state.pending_kv + slot * state.rate * row,
+                     state.pending_gate + slot * state.rate * row,
+                     state.ape,
+                     rows.first_pos[any_row],
+                     rows.first_row[any_row],
+                     state.rate,
+                     row};
+}
 
 // One block per closed window: each thread pools channels (softmax over the window's gate
 // logits per channel, the previous window's Ca first for overlapping compressors), then the
 // block RMS-normalises the entry, rotates its rope channels at the window's first position
 // and writes it into its page. Dynamic shared memory: width floats.
-__global__ void pool_windows_kernel(TokenSource src, CompressorView state, int64_t first_window,
-                                    PagedRowsView entries, RopeView rope, float eps) {
+__global__ void pool_windows_kernel(const float* __restrict__ kv, const float* __restrict__ gate,
+                                    BatchRows rows, const ClosedWindow* __restrict__ windows,
+                                    CompressorView state, PagedRowsView entries, RopeView rope,
+                                    float eps) {
   extern __shared__ float entry[];
   __shared__ float scratch[kWarpSize];
-  const int64_t w = first_window + blockIdx.x;
+  const ClosedWindow closed = windows[blockIdx.x];
+  const TokenSource src = source_of(kv, gate, rows, closed.row, state);
+  const int64_t slot = rows.slot[closed.row];
+  const int64_t w = closed.window;
   const int64_t rate = state.rate;
   const int64_t width = state.width;
   const bool overlapping = state.series == 2;
   const bool has_prior = overlapping && w >= 1;
-  // Window w - 1 is read from the overlap state when it closed before this chunk's windows.
-  const bool prior_in_state = has_prior && w - 1 < first_window;
+  // Window w - 1 is read from the overlap rows when it closed before this batch.
+  const bool prior_in_state = has_prior && w - 1 < src.first_pos / rate;
+  const float* overlap_kv = state.overlap_kv + slot * rate * width;
+  const float* overlap_gate = state.overlap_gate + slot * rate * width;
   const int64_t cb = overlapping ? width : 0;
 
   float sum_sq = 0.0f;
   for (int64_t c = threadIdx.x; c < width; c += blockDim.x) {
     auto prior_logit = [&](int64_t j) {
-      return prior_in_state ? state.overlap_gate[j * width + c] : src.logit((w - 1) * rate + j, c);
+      return prior_in_state ? overlap_gate[j * width + c] : src.logit((w - 1) * rate + j, c);
     };
     auto prior_value = [&](int64_t j) {
-      return prior_in_state ? state.overlap_kv[j * width + c] : src.value((w - 1) * rate + j, c);
+      return prior_in_state ? overlap_kv[j * width + c] : src.value((w - 1) * rate + j, c);
     };
     const int64_t prior = has_prior ? rate : 0;
     float max_v = -INFINITY;
@@ -88,7 +112,8 @@ __global__ void pool_windows_kernel(TokenSource src, CompressorView state, int64
     entry[c] = state.norm[c] * (entry[c] * inv_rms);
   __syncthreads();
 
-  const int64_t page = entries.block_table[w / entries.rows_per_page];
+  const int32_t* table = entries.block_tables + slot * entries.table_stride;
+  const int64_t page = table[w / entries.rows_per_page];
   float* out = entries.pool + (page * entries.rows_per_page + w % entries.rows_per_page) * width;
   const int64_t rope_start = width - 2 * rope.half;
   const int64_t angles = (w * rate) * rope.half;
@@ -108,56 +133,56 @@ __global__ void pool_windows_kernel(TokenSource src, CompressorView state, int64
 
 }  // namespace
 
-Status compress_chunk(const float* kv, const float* gate, int64_t first_pos, int64_t n,
+Status compress_batch(const float* kv, const float* gate, int64_t n, const BatchRows& rows,
+                      const ClosedWindow* windows, int64_t window_count,
                       const CompressorView& state, const PagedRowsView& entries,
                       const RopeView& rope, float eps, CudaStream stream) {
-  DSERVE_CHECK(first_pos >= 0 && n >= 0 && state.rate >= 1 && state.width >= 1);
+  DSERVE_CHECK(n >= 0 && window_count >= 0 && state.rate >= 1 && state.width >= 1);
   DSERVE_CHECK(state.series == 1 || state.series == 2);
   DSERVE_CHECK(entries.width == state.width && 2 * rope.half <= state.width);
   if (n == 0) return Status::ok();
   const int64_t rate = state.rate;
-  const int64_t row = state.series * state.width;
-  const int64_t first_window = first_pos / rate;
-  const int64_t windows = (first_pos + n) / rate - first_window;
-  const TokenSource src{kv,   gate, state.pending_kv, state.pending_gate, state.ape, first_pos,
-                        rate, row};
-  if (windows > 0) {
-    DSERVE_CHECK_MSG((first_window + windows - 1) * rate < rope.capacity,
-                     "a window position is past the RoPE table");
-    const size_t shared = static_cast<size_t>(state.width) * sizeof(float);
-    pool_windows_kernel<<<static_cast<unsigned>(windows), kThreads, shared, native(stream)>>>(
-        src, state, first_window, entries, rope, eps);
+  const int64_t width = state.width;
+  const int64_t row = state.series * width;
+  const CompressorView view = state;
+  const BatchRows r = rows;
+  if (window_count > 0) {
+    DSERVE_CHECK(windows != nullptr && window_count <= INT32_MAX);
+    const size_t shared = static_cast<size_t>(width) * sizeof(float);
+    pool_windows_kernel<<<static_cast<unsigned>(window_count), kThreads, shared, native(stream)>>>(
+        kv, gate, r, windows, view, entries, rope, eps);
     DSERVE_RETURN_IF_ERROR(launch_status("pool_windows_kernel launch"));
+    // Each request's last closed window's Ca series becomes its next window's prior (reads
+    // the pending rows before the next launch overwrites them).
+    if (state.series == 2) {
+      DSERVE_RETURN_IF_ERROR(for_each_index(
+          window_count * rate * width,
+          [=] __device__(int64_t i) {
+            const ClosedWindow closed = windows[i / (rate * width)];
+            if (closed.last == 0) return;
+            const int64_t j = (i / width) % rate;
+            const int64_t c = i % width;
+            const TokenSource src = source_of(kv, gate, r, closed.row, view);
+            const int64_t at =
+                static_cast<int64_t>(r.slot[closed.row]) * rate * width + j * width + c;
+            const int64_t p = static_cast<int64_t>(closed.window) * rate + j;
+            view.overlap_kv[at] = src.value(p, c);
+            view.overlap_gate[at] = src.logit(p, c);
+          },
+          stream, "compressor overlap launch"));
+    }
   }
-  // The last closed window's Ca series becomes the next window's prior.
-  if (windows > 0 && state.series == 2) {
-    const int64_t last = first_window + windows - 1;
-    const int64_t width = state.width;
-    float* overlap_kv = state.overlap_kv;
-    float* overlap_gate = state.overlap_gate;
-    DSERVE_RETURN_IF_ERROR(for_each_index(
-        rate * width,
-        [=] __device__(int64_t i) {
-          const int64_t j = i / width;
-          const int64_t c = i % width;
-          overlap_kv[i] = src.value(last * rate + j, c);
-          overlap_gate[i] = src.logit(last * rate + j, c);
-        },
-        stream, "compressor overlap launch"));
-  }
-  // Tokens of the window left open wait in the pending buffer.
-  const int64_t open_start = (first_pos + n) / rate * rate;
-  const int64_t first_pending = open_start > first_pos ? open_start : first_pos;
-  const int64_t pending = first_pos + n - first_pending;
-  float* pending_kv = state.pending_kv;
-  float* pending_gate = state.pending_gate;
+  // Tokens of each request's window left open wait in its pending rows.
   return for_each_index(
-      pending * row,
+      n * row,
       [=] __device__(int64_t i) {
-        const int64_t p = first_pending + i / row;
+        const int64_t t = i / row;
         const int64_t col = i % row;
-        pending_kv[(p % rate) * row + col] = kv[(p - first_pos) * row + col];
-        pending_gate[(p % rate) * row + col] = gate[(p - first_pos) * row + col];
+        const int64_t p = r.position[t];
+        if (p < static_cast<int64_t>(r.end_pos[t]) / rate * rate) return;
+        const int64_t at = (static_cast<int64_t>(r.slot[t]) * rate + p % rate) * row + col;
+        view.pending_kv[at] = kv[i];
+        view.pending_gate[at] = gate[i];
       },
       stream, "compressor pending launch");
 }

@@ -13,9 +13,9 @@ constexpr int kTopKThreads = 256;
 constexpr int kRadixBits = 8;
 constexpr int kBuckets = 1 << kRadixBits;
 
-__device__ int64_t visible_entries(int64_t pos, int64_t rate, int64_t available) {
-  const int64_t complete = (pos + 1) / rate;
-  return complete < available ? complete : available;
+// Entries a query at `pos` may see: entry w summarises tokens below (w + 1) * rate.
+__device__ int64_t visible_entries(int64_t pos, int64_t rate) {
+  return (pos + 1) / rate;
 }
 
 // An unsigned key that orders like the float: larger float, larger key.
@@ -55,8 +55,8 @@ __device__ int block_exclusive_scan(int v, int* scratch, int* total) {
 }
 
 // One block per query row.
-__global__ void top_k_kernel(const float* __restrict__ scores, int64_t stride, int64_t first_pos,
-                             int64_t rate, int64_t available, int64_t k,
+__global__ void top_k_kernel(const float* __restrict__ scores, int64_t stride,
+                             const int32_t* __restrict__ positions, int64_t rate, int64_t k,
                              int32_t* __restrict__ selected, int32_t* __restrict__ counts) {
   __shared__ int histogram[kBuckets];
   __shared__ int scan_scratch[kTopKThreads / kWarpSize + 1];
@@ -65,7 +65,7 @@ __global__ void top_k_kernel(const float* __restrict__ scores, int64_t stride, i
   const int64_t t = blockIdx.x;
   const float* row = scores + t * stride;
   int32_t* out = selected + t * k;
-  const int64_t visible = visible_entries(first_pos + t, rate, available);
+  const int64_t visible = visible_entries(positions[t], rate);
   if (visible <= k) {
     for (int64_t s = threadIdx.x; s < visible; s += blockDim.x)
       out[s] = static_cast<int32_t>(s);
@@ -122,39 +122,118 @@ __global__ void top_k_kernel(const float* __restrict__ scores, int64_t stride, i
   if (threadIdx.x == 0) counts[t] = static_cast<int32_t>(k);
 }
 
+// One block per (row, tile of kPagedEntries entries): the row's rotated queries and weights
+// sit in shared memory; each warp takes entries in turn, each lane whole heads (lane, lane +
+// 32, ...), reading the key through the block table.
+constexpr int kPagedThreads = 128;
+constexpr int kPagedEntries = 64;
+
+__global__ void indexer_scores_paged_kernel(const float* __restrict__ q,
+                                            const float* __restrict__ weights, int64_t heads,
+                                            int64_t dim, BatchRows rows, PagedRowsView keys,
+                                            int64_t stride, int64_t rate, float score_scale,
+                                            float weight_scale, float* __restrict__ scores) {
+  extern __shared__ float shared[];
+  float* q_row = shared;                      // [heads, dim + 1] (padded: no bank clash)
+  float* w_row = shared + heads * (dim + 1);  // [heads]
+  float* key = w_row + heads;                 // [warps, dim]
+  const int64_t t = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < heads * dim; i += blockDim.x)
+    q_row[(i / dim) * (dim + 1) + i % dim] = q[t * heads * dim + i];
+  for (int64_t h = threadIdx.x; h < heads; h += blockDim.x)
+    w_row[h] = weights[t * heads + h] * weight_scale;
+  __syncthreads();
+  const int64_t visible = visible_entries(rows.position[t], rate);
+  const int32_t* table = keys.block_tables + static_cast<int64_t>(rows.slot[t]) * keys.table_stride;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  float* my_key = key + warp * dim;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * kPagedEntries;
+  const int64_t last = first + kPagedEntries < stride ? first + kPagedEntries : stride;
+  for (int64_t s = first + warp; s < last; s += kPagedThreads / kWarpSize) {
+    if (s >= visible) {
+      if (lane == 0) scores[t * stride + s] = -INFINITY;
+      continue;
+    }
+    const int64_t page = table[s / keys.rows_per_page];
+    const float* k = keys.pool + (page * keys.rows_per_page + s % keys.rows_per_page) * keys.width;
+    for (int64_t c = lane; c < dim; c += kWarpSize)
+      my_key[c] = k[c];
+    __syncwarp();
+    float partial = 0.0f;
+    for (int64_t h = lane; h < heads; h += kWarpSize) {
+      float dot = 0.0f;
+      const float* qh = q_row + h * (dim + 1);
+      for (int64_t c = 0; c < dim; ++c)
+        dot += qh[c] * my_key[c];
+      partial += fmaxf(dot, 0.0f) * score_scale * w_row[h];
+    }
+    const float total = warp_all_reduce(partial, SumOp{});
+    if (lane == 0) scores[t * stride + s] = total;
+    __syncwarp();
+  }
+}
+
 }  // namespace
 
 Status indexer_scores(const float* dots, const float* weights, int64_t n, int64_t heads,
-                      int64_t entries_stride, int64_t first_pos, int64_t rate, int64_t available,
-                      float score_scale, float weight_scale, float* scores, CudaStream stream) {
-  DSERVE_CHECK(n >= 0 && heads >= 1 && entries_stride >= 0 && rate >= 1 && first_pos >= 0);
+                      int64_t stride, const int32_t* positions, int64_t rate, float score_scale,
+                      float weight_scale, float* scores, CudaStream stream) {
+  DSERVE_CHECK(n >= 0 && heads >= 1 && stride >= 0 && rate >= 1);
   return for_each_index(
-      n * entries_stride,
+      n * stride,
       [=] __device__(int64_t i) {
-        const int64_t t = i / entries_stride;
-        const int64_t s = i % entries_stride;
-        if (s >= visible_entries(first_pos + t, rate, available)) {
+        const int64_t t = i / stride;
+        const int64_t s = i % stride;
+        if (s >= visible_entries(positions[t], rate)) {
           scores[i] = -INFINITY;
           return;
         }
         float acc = 0.0f;
         for (int64_t h = 0; h < heads; ++h) {
           const float wh = weights[t * heads + h] * weight_scale;
-          acc += fmaxf(dots[(t * heads + h) * entries_stride + s], 0.0f) * score_scale * wh;
+          acc += fmaxf(dots[(t * heads + h) * stride + s], 0.0f) * score_scale * wh;
         }
         scores[i] = acc;
       },
       stream, "indexer_scores launch");
 }
 
-Status top_k_indices(const float* scores, int64_t n, int64_t stride, int64_t first_pos,
-                     int64_t rate, int64_t available, int64_t k, int32_t* selected, int32_t* counts,
+Status indexer_scores_paged(const float* q, const float* weights, int64_t n, int64_t heads,
+                            int64_t dim, const BatchRows& rows, const PagedRowsView& keys,
+                            int64_t stride, int64_t rate, float score_scale, float weight_scale,
+                            float* scores, CudaStream stream) {
+  DSERVE_CHECK(n >= 0 && heads >= 1 && dim >= 1 && stride >= 0 && rate >= 1);
+  DSERVE_CHECK(keys.width == dim);
+  if (n == 0 || stride == 0) return Status::ok();
+  DSERVE_CHECK_MSG(n <= INT32_MAX && stride / kPagedEntries < 65535,
+                   "indexer batch past the launch grid");
+  const size_t shared =
+      static_cast<size_t>(heads * (dim + 1) + heads + (kPagedThreads / kWarpSize) * dim) *
+      sizeof(float);
+  static size_t granted = 48 * 1024;
+  if (shared > granted) {
+    DSERVE_RETURN_IF_ERROR(cuda_status(
+        cudaFuncSetAttribute(indexer_scores_paged_kernel,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
+        "cudaFuncSetAttribute(indexer_scores_paged_kernel shared memory)"));
+    granted = shared;
+  }
+  const dim3 grid(static_cast<unsigned>(n),
+                  static_cast<unsigned>((stride + kPagedEntries - 1) / kPagedEntries));
+  indexer_scores_paged_kernel<<<grid, kPagedThreads, shared, native(stream)>>>(
+      q, weights, heads, dim, rows, keys, stride, rate, score_scale, weight_scale, scores);
+  return launch_status("indexer_scores_paged_kernel launch");
+}
+
+Status top_k_indices(const float* scores, int64_t n, int64_t stride, const int32_t* positions,
+                     int64_t rate, int64_t k, int32_t* selected, int32_t* counts,
                      CudaStream stream) {
-  DSERVE_CHECK(n >= 0 && k >= 1 && rate >= 1 && available <= stride);
+  DSERVE_CHECK(n >= 0 && k >= 1 && rate >= 1 && stride >= 0);
   if (n == 0) return Status::ok();
   DSERVE_CHECK_MSG(n <= INT32_MAX, "too many query rows for one launch");
   top_k_kernel<<<static_cast<unsigned>(n), kTopKThreads, 0, native(stream)>>>(
-      scores, stride, first_pos, rate, available, k, selected, counts);
+      scores, stride, positions, rate, k, selected, counts);
   return launch_status("top_k_kernel launch");
 }
 

@@ -36,12 +36,11 @@ Status embed_streams(const void* table, WeightType type, const int32_t* tokens, 
       stream, "embed_streams launch");
 }
 
-Status rope_at(float* x, int64_t rows, int64_t dim, const RopeView& rope, int64_t first_pos,
+Status rope_at(float* x, int64_t rows, int64_t dim, const RopeView& rope, const int32_t* positions,
                int64_t rows_per_position, bool inverse, CudaStream stream) {
-  DSERVE_CHECK(rows >= 0 && rows_per_position >= 1 && 2 * rope.half <= dim && first_pos >= 0);
+  DSERVE_CHECK(rows >= 0 && rows_per_position >= 1 && 2 * rope.half <= dim);
   if (rows == 0 || rope.half == 0) return Status::ok();
-  DSERVE_CHECK_MSG(first_pos + (rows - 1) / rows_per_position < rope.capacity,
-                   "a position is past the RoPE table");
+  DSERVE_CHECK(positions != nullptr);
   const int64_t half = rope.half;
   const float* cos = rope.cos;
   const float* sin = rope.sin;
@@ -50,7 +49,8 @@ Status rope_at(float* x, int64_t rows, int64_t dim, const RopeView& rope, int64_
       [=] __device__(int64_t i) {
         const int64_t row = i / half;
         const int64_t pair = i % half;
-        const int64_t angle = (first_pos + row / rows_per_position) * half + pair;
+        const int64_t angle =
+            static_cast<int64_t>(positions[row / rows_per_position]) * half + pair;
         const float c = cos[angle];
         const float s = inverse ? -sin[angle] : sin[angle];
         float* p = x + row * dim + (dim - 2 * half) + 2 * pair;
@@ -62,31 +62,35 @@ Status rope_at(float* x, int64_t rows, int64_t dim, const RopeView& rope, int64_
       stream, "rope_at launch");
 }
 
-Status store_window(const float* chunk_kv, int64_t first_pos, int64_t n, int64_t head_dim,
-                    float* window, int64_t slots, CudaStream stream) {
-  DSERVE_CHECK(n >= 0 && slots >= 1 && first_pos >= 0);
-  const int64_t keep = n < slots ? n : slots;
-  const int64_t first_kept = n - keep;
+Status store_window(const float* batch_kv, int64_t n, const BatchRows& rows, int64_t head_dim,
+                    float* windows, int64_t sliding_window, CudaStream stream) {
+  DSERVE_CHECK(n >= 0 && sliding_window >= 1 && head_dim >= 1);
+  const BatchRows r = rows;
   return for_each_index(
-      keep * head_dim,
+      n * head_dim,
       [=] __device__(int64_t i) {
-        const int64_t t = first_kept + i / head_dim;
+        const int64_t t = i / head_dim;
         const int64_t c = i % head_dim;
-        window[((first_pos + t) % slots) * head_dim + c] = chunk_kv[t * head_dim + c];
+        const int64_t pos = r.position[t];
+        // Only the request's last sliding_window rows: earlier ones would share their slots.
+        if (pos < static_cast<int64_t>(r.end_pos[t]) - sliding_window) return;
+        float* ring = windows + static_cast<int64_t>(r.slot[t]) * sliding_window * head_dim;
+        ring[(pos % sliding_window) * head_dim + c] = batch_kv[i];
       },
       stream, "store_window launch");
 }
 
-Status gather_rows(const PagedRowsView& rows, int64_t first, int64_t count, float* out,
-                   CudaStream stream) {
-  DSERVE_CHECK(first >= 0 && count >= 0 && rows.rows_per_page >= 1);
+Status gather_rows(const PagedRowsView& rows, int64_t slot, int64_t first, int64_t count,
+                   float* out, CudaStream stream) {
+  DSERVE_CHECK(slot >= 0 && first >= 0 && count >= 0 && rows.rows_per_page >= 1);
   const PagedRowsView r = rows;
+  const int32_t* table = rows.block_tables + slot * rows.table_stride;
   return for_each_index(
       count * r.width,
       [=] __device__(int64_t i) {
         const int64_t e = first + i / r.width;
         const int64_t c = i % r.width;
-        const int64_t page = r.block_table[e / r.rows_per_page];
+        const int64_t page = table[e / r.rows_per_page];
         out[i] = r.pool[(page * r.rows_per_page + e % r.rows_per_page) * r.width + c];
       },
       stream, "gather_rows launch");

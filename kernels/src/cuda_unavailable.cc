@@ -42,8 +42,8 @@ void DeviceBuffer::release() {
   bytes_ = 0;
 }
 
-Status DeviceBuffer::copy_from_host(const void*, size_t bytes) {
-  DSERVE_CHECK(bytes <= bytes_);
+Status DeviceBuffer::copy_from_host(const void*, size_t bytes, size_t offset) {
+  DSERVE_CHECK(offset <= bytes_ && bytes <= bytes_ - offset);
   return bytes == 0 ? Status::ok() : not_built();
 }
 
@@ -117,7 +117,8 @@ Status embed_streams(const void*, WeightType, const int32_t*, int64_t, int64_t, 
   return not_built();
 }
 
-Status rope_at(float*, int64_t, int64_t, const RopeView&, int64_t, int64_t, bool, CudaStream) {
+Status rope_at(float*, int64_t, int64_t, const RopeView&, const int32_t*, int64_t, bool,
+               CudaStream) {
   return not_built();
 }
 
@@ -140,31 +141,38 @@ Status hyper_head_weights(const float*, const float*, const float*, int64_t, int
   return not_built();
 }
 
-Status gather_rows(const PagedRowsView&, int64_t, int64_t, float*, CudaStream) {
+Status gather_rows(const PagedRowsView&, int64_t, int64_t, int64_t, float*, CudaStream) {
   return not_built();
 }
 
-Status compress_chunk(const float*, const float*, int64_t, int64_t, const CompressorView&,
-                      const PagedRowsView&, const RopeView&, float, CudaStream) {
+Status compress_batch(const float*, const float*, int64_t, const BatchRows&, const ClosedWindow*,
+                      int64_t, const CompressorView&, const PagedRowsView&, const RopeView&, float,
+                      CudaStream) {
   return not_built();
 }
 
-Status indexer_scores(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+Status indexer_scores(const float*, const float*, int64_t, int64_t, int64_t, const int32_t*,
                       int64_t, float, float, float*, CudaStream) {
   return not_built();
 }
 
-Status top_k_indices(const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int32_t*,
+Status indexer_scores_paged(const float*, const float*, int64_t, int64_t, int64_t, const BatchRows&,
+                            const PagedRowsView&, int64_t, int64_t, float, float, float*,
+                            CudaStream) {
+  return not_built();
+}
+
+Status top_k_indices(const float*, int64_t, int64_t, const int32_t*, int64_t, int64_t, int32_t*,
                      int32_t*, CudaStream) {
   return not_built();
 }
 
-Status sparse_attention(const AttentionInputs&, int64_t, int64_t, int64_t, int64_t, int64_t,
-                        int64_t, float, float*, CudaStream) {
+Status sparse_attention(const AttentionInputs&, const BatchRows&, int64_t, int64_t, int64_t,
+                        int64_t, int64_t, float, float*, CudaStream) {
   return not_built();
 }
 
-Status store_window(const float*, int64_t, int64_t, int64_t, float*, int64_t, CudaStream) {
+Status store_window(const float*, int64_t, const BatchRows&, int64_t, float*, int64_t, CudaStream) {
   return not_built();
 }
 

@@ -158,44 +158,40 @@ Result<std::unique_ptr<DevicePagePool>> make_pool(int64_t pages, int64_t rows_pe
 
 namespace {
 
-// A request's rows in one pool: its pages in order and their block table on the device.
-struct PagedList {
-  DevicePagePool* pool = nullptr;
+// A request's rows in one layer's pool: its pages in order, mirrored in its slot's row of the
+// layer's block-table slab (uploaded up to `uploaded`).
+struct PageList {
   std::vector<int32_t> pages;
-  DeviceBuffer table;  // int32 [max pages]
   size_t uploaded = 0;
-
-  cuda::PagedRowsView view() const {
-    return cuda::PagedRowsView{pool->base(), table.as<int32_t>(), pool->rows_per_page, pool->width};
-  }
 };
 
-struct CompressorBuffers {
+struct LayerPages {
+  PageList compressed, index_keys;
+};
+
+// Per layer, the slot-indexed device state of every request.
+struct CompressorSlab {
   DeviceBuffer pending_kv, pending_gate, overlap_kv, overlap_gate;
 };
-
-struct LayerStateDev {
-  DeviceBuffer window;  // [sliding_window, head_dim] ring
-  CompressorBuffers kv_compressor, index_compressor;
-  PagedList compressed, index_keys;
+struct TableSlab {
+  DeviceBuffer tables;  // int32 [slots, stride]
+  int64_t stride = 0;
+};
+struct LayerSlabs {
+  DeviceBuffer windows;  // [slots, sliding_window, head_dim]
+  CompressorSlab kv_compressor, index_compressor;
+  TableSlab compressed, index_keys;
 };
 
 }  // namespace
 
 struct GpuRequestState::Impl {
-  const void* owner = nullptr;
+  GpuModel::Impl* owner = nullptr;
+  int32_t slot = -1;
   int64_t position = 0;
-  std::vector<LayerStateDev> layers;
+  std::vector<LayerPages> layers;
 
-  ~Impl() {
-    for (LayerStateDev& l : layers) {
-      for (PagedList* list : {&l.compressed, &l.index_keys}) {
-        if (list->pool != nullptr) {
-          list->pool->free.insert(list->pool->free.end(), list->pages.begin(), list->pages.end());
-        }
-      }
-    }
-  }
+  ~Impl();  // gives the slot and the pages back (defined after GpuModel::Impl)
 };
 
 GpuRequestState::GpuRequestState() = default;
@@ -230,8 +226,18 @@ struct GpuModel::Impl {
   DeviceBuffer main_cos, main_sin, compress_cos, compress_sin;
   cuda::RopeView main_rope, compress_rope;
 
-  // Page pools per layer (null where a layer has none).
+  // Page pools per layer (null where a layer has none), and the slot-indexed request state.
   std::vector<std::unique_ptr<DevicePagePool>> compressed_pools, index_pools;
+  std::vector<LayerSlabs> slabs;
+  std::vector<int32_t> free_slots;
+
+  // The batch being run: per-row facts (BatchRows) and the windows it closes per rate.
+  DeviceBuffer row_position, row_slot, row_first_pos, row_first_row, row_end_pos;
+  DeviceBuffer csa_windows, hca_windows;  // ClosedWindow [chunk + max_requests]
+  int64_t csa_window_count = 0, hca_window_count = 0;
+  int64_t batch_requests = 0;     // requests in the batch
+  int64_t batch_max_end = 0;      // the largest end position of a request in it
+  int32_t batch_single_slot = 0;  // the slot, when batch_requests == 1
 
   // Activation scratch, sized for max_chunk_tokens (C) tokens.
   int64_t chunk = 0;
@@ -259,12 +265,33 @@ struct GpuModel::Impl {
     return cuda::linear(blas, x_in, n, w.m, y, w.m.rows, scratch16(), kStream);
   }
 
-  Status reserve_pages(GpuRequestState::Impl& s, int64_t end_pos,
-                       std::vector<std::pair<PagedList*, size_t>>& taken) const;
-  Status run_chunk(std::span<const int32_t> tokens, GpuRequestState::Impl& s);
+  // One request's share of a batch: its state and its next tokens.
+  struct Segment {
+    GpuRequestState::Impl* state;
+    std::span<const int32_t> tokens;
+  };
+
+  cuda::BatchRows batch_rows(int64_t first_row = 0) const {
+    return cuda::BatchRows{
+        row_position.as<int32_t>() + first_row, row_slot.as<int32_t>() + first_row,
+        row_first_pos.as<int32_t>() + first_row, row_first_row.as<int32_t>() + first_row,
+        row_end_pos.as<int32_t>() + first_row};
+  }
+  cuda::PagedRowsView paged(const DevicePagePool& pool, const TableSlab& table) const {
+    return cuda::PagedRowsView{pool.base(), table.tables.as<int32_t>(), table.stride,
+                               pool.rows_per_page, pool.width};
+  }
+  void release(GpuRequestState::Impl& state);
+  GpuRequestState::Impl& state_of(GpuRequestState& state) const;
+
+  Status check_tokens(std::span<const int32_t> input, int64_t position) const;
+  Status reserve_pages(std::span<const Segment> segments);
+  Status run_batch(std::span<const Segment> segments);
   template <typename AfterPass>
-  Status run_passes(std::span<const int32_t> tokens, GpuRequestState& state, AfterPass after_pass);
-  Status attention(int64_t l, int64_t n, int64_t first_pos, LayerStateDev& ls);
+  Status run_passes(std::span<const int32_t> input, GpuRequestState& state, AfterPass after_pass);
+  Status decode_rows(std::span<GpuRequestState* const> states, std::span<const int32_t> tokens);
+  Status attention(int64_t l, int64_t n);
+
   Status moe(int64_t l, int64_t n);
   Status hyper_in(const HyperDev& hc, const DeviceBuffer& norm_weight, int64_t n);
   Status final_rows(int64_t first_row, int64_t rows, float* logits_out);
@@ -480,6 +507,45 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
     }
   }
 
+  // Slot-indexed request state: window rings, compressor buffers, block tables.
+  const int64_t slots = options.max_requests;
+  for (int64_t s = slots - 1; s >= 0; --s)
+    m.free_slots.push_back(static_cast<int32_t>(s));
+  m.slabs.resize(static_cast<size_t>(config.num_layers));
+  auto compressor_slab = [slots](const CompressorDev& d) -> Result<CompressorSlab> {
+    CompressorSlab b;
+    const int64_t row = d.series * d.width;
+    DSERVE_ASSIGN_OR_RETURN(b.pending_kv, scratch_floats(slots * d.rate * row));
+    DSERVE_ASSIGN_OR_RETURN(b.pending_gate, scratch_floats(slots * d.rate * row));
+    DSERVE_ASSIGN_OR_RETURN(b.overlap_kv, scratch_floats(slots * d.rate * d.width));
+    DSERVE_ASSIGN_OR_RETURN(b.overlap_gate, scratch_floats(slots * d.rate * d.width));
+    return b;
+  };
+  auto table_slab = [slots, positions](int64_t rate,
+                                       const DevicePagePool& pool) -> Result<TableSlab> {
+    TableSlab t;
+    t.stride = max_pages_per_request(positions, rate, pool.rows_per_page);
+    DSERVE_ASSIGN_OR_RETURN(t.tables, scratch_ints(slots * t.stride));
+    return t;
+  };
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    const LayerDev& d = m.layers[static_cast<size_t>(l)];
+    LayerSlabs& slab = m.slabs[static_cast<size_t>(l)];
+    DSERVE_ASSIGN_OR_RETURN(slab.windows,
+                            scratch_floats(slots * config.sliding_window * config.head_dim));
+    if (d.compressor) {
+      DSERVE_ASSIGN_OR_RETURN(slab.kv_compressor, compressor_slab(*d.compressor));
+      DSERVE_ASSIGN_OR_RETURN(
+          slab.compressed,
+          table_slab(d.compressor->rate, *m.compressed_pools[static_cast<size_t>(l)]));
+    }
+    if (d.index_compressor) {
+      DSERVE_ASSIGN_OR_RETURN(slab.index_compressor, compressor_slab(*d.index_compressor));
+      DSERVE_ASSIGN_OR_RETURN(slab.index_keys, table_slab(d.index_compressor->rate,
+                                                          *m.index_pools[static_cast<size_t>(l)]));
+    }
+  }
+
   // Scratch.
   const int64_t c = options.max_chunk_tokens;
   const int64_t hidden = config.hidden_size;
@@ -495,6 +561,16 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
       kIndexerTileFloats / std::max<int64_t>(ih * std::max<int64_t>(entries, 1), 1), 1, c);
   m.logits_tile = std::clamp<int64_t>(kLogitsTileFloats / config.vocab_size, 1, c);
   DSERVE_ASSIGN_OR_RETURN(m.tokens, scratch_ints(c));
+  for (DeviceBuffer* rows :
+       {&m.row_position, &m.row_slot, &m.row_first_pos, &m.row_first_row, &m.row_end_pos}) {
+    DSERVE_ASSIGN_OR_RETURN(*rows, scratch_ints(c));
+  }
+  // A batch closes at most one window per row, plus one per request for a chunk whose first
+  // window started before it.
+  for (DeviceBuffer* windows : {&m.csa_windows, &m.hca_windows}) {
+    DSERVE_ASSIGN_OR_RETURN(*windows, DeviceBuffer::allocate((static_cast<size_t>(c + slots)) *
+                                                             sizeof(cuda::ClosedWindow)));
+  }
   DSERVE_ASSIGN_OR_RETURN(m.streams, scratch_floats(c * hc * hidden));
   DSERVE_ASSIGN_OR_RETURN(m.flat, scratch_floats(c * hc * hidden));
   DSERVE_ASSIGN_OR_RETURN(m.mix, scratch_floats(c * (2 + hc) * hc));
@@ -532,7 +608,7 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
   DSERVE_ASSIGN_OR_RETURN(m.shared_out, scratch_floats(c * hidden));
   DSERVE_ASSIGN_OR_RETURN(m.final_hidden, scratch_floats(m.logits_tile * hidden));
   DSERVE_ASSIGN_OR_RETURN(m.logits, scratch_floats(m.logits_tile * config.vocab_size));
-  DSERVE_ASSIGN_OR_RETURN(m.greedy, scratch_ints(1));
+  DSERVE_ASSIGN_OR_RETURN(m.greedy, scratch_ints(m.logits_tile));
   if (type == WeightType::kBf16) {
     // The widest input any bf16 linear rounds: n rows times its input width.
     const int64_t widest =
@@ -560,77 +636,118 @@ size_t GpuModel::pool_bytes() const {
   return impl_->pool_bytes;
 }
 
+GpuRequestState::Impl::~Impl() {
+  if (owner != nullptr) owner->release(*this);
+}
+
+void GpuModel::Impl::release(GpuRequestState::Impl& state) {
+  for (size_t l = 0; l < state.layers.size(); ++l) {
+    for (auto [list, pool] : {std::pair{&state.layers[l].compressed, compressed_pools[l].get()},
+                              std::pair{&state.layers[l].index_keys, index_pools[l].get()}}) {
+      if (pool != nullptr)
+        pool->free.insert(pool->free.end(), list->pages.begin(), list->pages.end());
+    }
+  }
+  free_slots.push_back(state.slot);
+}
+
 Result<GpuRequestState> GpuModel::new_state() {
-  const Impl& m = *impl_;
-  const ModelConfig& c = m.config;
+  Impl& m = *impl_;
+  if (m.free_slots.empty()) {
+    return resource_exhausted("every one of the GpuModel's " +
+                              std::to_string(m.options.max_requests) +
+                              " request slots is taken (GpuModelOptions.max_requests)");
+  }
   GpuRequestState state;
   state.impl_ = std::make_unique<GpuRequestState::Impl>();
-  GpuRequestState::Impl& s = *state.impl_;
-  s.owner = impl_.get();
-  auto compressor_buffers = [](const CompressorDev& d) -> Result<CompressorBuffers> {
-    CompressorBuffers b;
-    const int64_t row = d.series * d.width;
-    DSERVE_ASSIGN_OR_RETURN(b.pending_kv, scratch_floats(d.rate * row));
-    DSERVE_ASSIGN_OR_RETURN(b.pending_gate, scratch_floats(d.rate * row));
-    DSERVE_ASSIGN_OR_RETURN(b.overlap_kv, scratch_floats(d.rate * d.width));
-    DSERVE_ASSIGN_OR_RETURN(b.overlap_gate, scratch_floats(d.rate * d.width));
-    return b;
-  };
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const LayerDev& d = m.layers[static_cast<size_t>(l)];
-    LayerStateDev ls;
-    DSERVE_ASSIGN_OR_RETURN(ls.window, scratch_floats(c.sliding_window * c.head_dim));
-    if (d.compressor) {
-      DSERVE_ASSIGN_OR_RETURN(ls.kv_compressor, compressor_buffers(*d.compressor));
-      ls.compressed.pool = m.compressed_pools[static_cast<size_t>(l)].get();
-      DSERVE_ASSIGN_OR_RETURN(ls.compressed.table, scratch_ints(max_pages_per_request(
-                                                       m.options.max_positions, d.compressor->rate,
-                                                       ls.compressed.pool->rows_per_page)));
-    }
-    if (d.index_compressor) {
-      DSERVE_ASSIGN_OR_RETURN(ls.index_compressor, compressor_buffers(*d.index_compressor));
-      ls.index_keys.pool = m.index_pools[static_cast<size_t>(l)].get();
-      DSERVE_ASSIGN_OR_RETURN(
-          ls.index_keys.table,
-          scratch_ints(max_pages_per_request(m.options.max_positions, d.index_compressor->rate,
-                                             ls.index_keys.pool->rows_per_page)));
-    }
-    s.layers.push_back(std::move(ls));
-  }
+  state.impl_->owner = &m;
+  state.impl_->slot = m.free_slots.back();
+  m.free_slots.pop_back();
+  state.impl_->layers.resize(static_cast<size_t>(m.config.num_layers));
   return state;
 }
 
-// Takes the pages every paged list needs to hold the rows of positions below end_pos; on
-// failure gives back what it took (listed in `taken`) and reports which pool ran out.
-Status GpuModel::Impl::reserve_pages(GpuRequestState::Impl& s, int64_t end_pos,
-                                     std::vector<std::pair<PagedList*, size_t>>& taken) const {
-  for (int64_t l = 0; l < config.num_layers; ++l) {
-    const int64_t rate = config.compress_rate(layers[static_cast<size_t>(l)].kind);
-    LayerStateDev& ls = s.layers[static_cast<size_t>(l)];
-    for (PagedList* list : {&ls.compressed, &ls.index_keys}) {
-      if (list->pool == nullptr) continue;
-      const int64_t rows = end_pos / rate;
-      const auto pages = static_cast<size_t>(ceil_div(rows, list->pool->rows_per_page));
-      const size_t before = list->pages.size();
-      while (list->pages.size() < pages) {
-        if (list->pool->free.empty()) {
-          for (auto& [l2, count] : taken) {
-            for (size_t i = count; i < l2->pages.size(); ++i)
-              l2->pool->free.push_back(l2->pages[i]);
-            l2->pages.resize(count);
+Status GpuModel::Impl::check_tokens(std::span<const int32_t> input, int64_t position) const {
+  if (input.empty()) return invalid_argument("forward: the chunk has no tokens");
+  for (size_t i = 0; i < input.size(); ++i) {
+    if (input[i] < 0 || input[i] >= config.vocab_size) {
+      return out_of_range("token id " + std::to_string(input[i]) + " at index " +
+                          std::to_string(i) + " is outside the vocabulary [0, " +
+                          std::to_string(config.vocab_size) + ")");
+    }
+  }
+  const int64_t end = position + static_cast<int64_t>(input.size());
+  if (end > options.max_positions) {
+    return out_of_range("forward: the request would reach position " + std::to_string(end) +
+                        ", past this GpuModel's max_positions " +
+                        std::to_string(options.max_positions));
+  }
+  return Status::ok();
+}
+
+// Takes the pages every segment's lists need to hold the rows of its positions after the batch,
+// and uploads the new block-table entries. On failure gives back everything it took this call
+// and reports which pool ran out; the states are as before.
+Status GpuModel::Impl::reserve_pages(std::span<const Segment> segments) {
+  std::vector<std::pair<PageList*, size_t>> taken;  // list, its size before this call
+  std::vector<DevicePagePool*> taken_from;
+  Status failure = Status::ok();
+  for (const Segment& seg : segments) {
+    const int64_t end_pos = seg.state->position + static_cast<int64_t>(seg.tokens.size());
+    for (int64_t l = 0; l < config.num_layers && failure.is_ok(); ++l) {
+      const int64_t rate = config.compress_rate(layers[static_cast<size_t>(l)].kind);
+      LayerPages& lp = seg.state->layers[static_cast<size_t>(l)];
+      for (auto [list, pool] :
+           {std::pair{&lp.compressed, compressed_pools[static_cast<size_t>(l)].get()},
+            std::pair{&lp.index_keys, index_pools[static_cast<size_t>(l)].get()}}) {
+        if (pool == nullptr) continue;
+        const auto pages = static_cast<size_t>(ceil_div(end_pos / rate, pool->rows_per_page));
+        if (list->pages.size() >= pages) continue;
+        taken.emplace_back(list, list->pages.size());
+        taken_from.push_back(pool);
+        while (list->pages.size() < pages) {
+          if (pool->free.empty()) {
+            failure = resource_exhausted(
+                "GPU page pool of layer " + std::to_string(l) + " is full (max_requests " +
+                std::to_string(options.max_requests) + " at max_positions " +
+                std::to_string(options.max_positions) + ")");
+            break;
           }
-          for (size_t i = before; i < list->pages.size(); ++i)
-            list->pool->free.push_back(list->pages[i]);
-          list->pages.resize(before);
-          return resource_exhausted("GPU page pool of layer " + std::to_string(l) +
-                                    " is full (max_requests " +
-                                    std::to_string(options.max_requests) + " at max_positions " +
-                                    std::to_string(options.max_positions) + ")");
+          list->pages.push_back(pool->free.back());
+          pool->free.pop_back();
         }
-        list->pages.push_back(list->pool->free.back());
-        list->pool->free.pop_back();
+        if (!failure.is_ok()) break;
       }
-      if (list->pages.size() > before) taken.emplace_back(list, before);
+    }
+    if (!failure.is_ok()) break;
+  }
+  if (!failure.is_ok()) {
+    for (size_t i = taken.size(); i-- > 0;) {
+      auto [list, before] = taken[i];
+      DevicePagePool* pool = taken_from[i];
+      for (size_t k = before; k < list->pages.size(); ++k)
+        pool->free.push_back(list->pages[k]);
+      list->pages.resize(before);
+    }
+    return failure;
+  }
+  // The new entries of each slot's block-table row.
+  for (const Segment& seg : segments) {
+    for (int64_t l = 0; l < config.num_layers; ++l) {
+      LayerPages& lp = seg.state->layers[static_cast<size_t>(l)];
+      LayerSlabs& slab = slabs[static_cast<size_t>(l)];
+      for (auto [list, table] : {std::pair{&lp.compressed, &slab.compressed},
+                                 std::pair{&lp.index_keys, &slab.index_keys}}) {
+        if (list->uploaded == list->pages.size()) continue;
+        const size_t offset =
+            (static_cast<size_t>(seg.state->slot) * static_cast<size_t>(table->stride) +
+             list->uploaded) *
+            sizeof(int32_t);
+        DSERVE_RETURN_IF_ERROR(table->tables.copy_from_host(
+            list->pages.data() + list->uploaded,
+            (list->pages.size() - list->uploaded) * sizeof(int32_t), offset));
+        list->uploaded = list->pages.size();
+      }
     }
   }
   return Status::ok();
@@ -655,13 +772,16 @@ Status GpuModel::Impl::hyper_in(const HyperDev& hcw, const DeviceBuffer& norm_we
                         static_cast<float>(config.rms_norm_eps), kStream);
 }
 
-// attention() of attention.cc: x -> sublayer_out.
-Status GpuModel::Impl::attention(int64_t l, int64_t n, int64_t first_pos, LayerStateDev& ls) {
+// attention() of attention.cc for the batch: x -> sublayer_out.
+Status GpuModel::Impl::attention(int64_t l, int64_t n) {
   const LayerDev& d = layers[static_cast<size_t>(l)];
+  LayerSlabs& slab = slabs[static_cast<size_t>(l)];
   const int64_t heads = config.num_heads;
   const int64_t hd = config.head_dim;
   const auto eps = static_cast<float>(config.rms_norm_eps);
   const cuda::RopeView& rope = d.kind == AttentionKind::kSliding ? main_rope : compress_rope;
+  const int32_t* positions = row_position.as<int32_t>();
+  const cuda::BatchRows rows = batch_rows();
 
   DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.wq_a, q_residual.as<float>()));
   DSERVE_RETURN_IF_ERROR(cuda::rms_norm(q_residual.as<float>(), n, config.q_lora_rank,
@@ -669,15 +789,19 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n, int64_t first_pos, LayerS
   DSERVE_RETURN_IF_ERROR(linear(q_residual.as<float>(), n, d.wq_b, q.as<float>()));
   DSERVE_RETURN_IF_ERROR(cuda::rms_norm(q.as<float>(), n * heads, hd, nullptr, eps, kStream));
   DSERVE_RETURN_IF_ERROR(
-      cuda::rope_at(q.as<float>(), n * heads, hd, rope, first_pos, heads, false, kStream));
+      cuda::rope_at(q.as<float>(), n * heads, hd, rope, positions, heads, false, kStream));
   DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.wkv, chunk_kv.as<float>()));
   DSERVE_RETURN_IF_ERROR(
       cuda::rms_norm(chunk_kv.as<float>(), n, hd, d.kv_norm.as<float>(), eps, kStream));
   DSERVE_RETURN_IF_ERROR(
-      cuda::rope_at(chunk_kv.as<float>(), n, hd, rope, first_pos, 1, false, kStream));
+      cuda::rope_at(chunk_kv.as<float>(), n, hd, rope, positions, 1, false, kStream));
 
-  auto run_compressor = [&](const CompressorDev& c, CompressorBuffers& b,
-                            const PagedList& list) -> Status {
+  const int64_t rate = config.compress_rate(d.kind);
+  const DeviceBuffer& closed = d.kind == AttentionKind::kHeavy ? hca_windows : csa_windows;
+  const int64_t closed_count =
+      d.kind == AttentionKind::kHeavy ? hca_window_count : csa_window_count;
+  auto run_compressor = [&](const CompressorDev& c, CompressorSlab& b,
+                            const cuda::PagedRowsView& entries) -> Status {
     DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, c.wkv, comp_kv.as<float>()));
     DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, c.wgate, comp_gate.as<float>()));
     const cuda::CompressorView view{c.rate,
@@ -689,75 +813,79 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n, int64_t first_pos, LayerS
                                     b.overlap_gate.as<float>(),
                                     c.ape.as<float>(),
                                     c.norm.as<float>()};
-    return cuda::compress_chunk(comp_kv.as<float>(), comp_gate.as<float>(), first_pos, n, view,
-                                list.view(), compress_rope, eps, kStream);
+    return cuda::compress_batch(comp_kv.as<float>(), comp_gate.as<float>(), n, rows,
+                                closed.as<cuda::ClosedWindow>(), closed_count, view, entries,
+                                compress_rope, eps, kStream);
   };
 
-  const int64_t rate = config.compress_rate(d.kind);
-  const int64_t entries_after = rate > 0 ? (first_pos + n) / rate : 0;
   cuda::AttentionInputs in;
   in.q = q.as<float>();
-  in.chunk_kv = chunk_kv.as<float>();
-  in.window = ls.window.as<float>();
-  in.window_slots = config.sliding_window;
+  in.batch_kv = chunk_kv.as<float>();
+  in.windows = slab.windows.as<float>();
   in.rate = d.compressor ? rate : 0;
-  in.available = entries_after;
   in.sinks = d.sinks.as<float>();
+  // The most entries a row of the batch can see.
+  const int64_t most_visible = rate > 0 ? batch_max_end / rate : 0;
   int64_t max_compressed = 0;
   if (d.compressor) {
-    DSERVE_RETURN_IF_ERROR(run_compressor(*d.compressor, ls.kv_compressor, ls.compressed));
-    in.compressed = ls.compressed.view();
-    max_compressed = entries_after;
+    in.compressed = paged(*compressed_pools[static_cast<size_t>(l)], slab.compressed);
+    DSERVE_RETURN_IF_ERROR(run_compressor(*d.compressor, slab.kv_compressor, in.compressed));
+    max_compressed = most_visible;
   }
   if (d.index_compressor) {
-    DSERVE_RETURN_IF_ERROR(run_compressor(*d.index_compressor, ls.index_compressor, ls.index_keys));
+    const cuda::PagedRowsView keys = paged(*index_pools[static_cast<size_t>(l)], slab.index_keys);
+    DSERVE_RETURN_IF_ERROR(run_compressor(*d.index_compressor, slab.index_compressor, keys));
     // select_entries(): scores of every visible key, then the top index_topk per query.
     const int64_t ih = config.index_n_heads;
     const int64_t ihd = config.index_head_dim;
     const int64_t topk = config.index_topk;
     DSERVE_RETURN_IF_ERROR(linear(q_residual.as<float>(), n, d.index_wq_b, index_q.as<float>()));
-    DSERVE_RETURN_IF_ERROR(cuda::rope_at(index_q.as<float>(), n * ih, ihd, compress_rope, first_pos,
+    DSERVE_RETURN_IF_ERROR(cuda::rope_at(index_q.as<float>(), n * ih, ihd, compress_rope, positions,
                                          ih, false, kStream));
     DSERVE_RETURN_IF_ERROR(
         linear(x.as<float>(), n, d.index_weights_proj, index_weights.as<float>()));
-    const int64_t available = entries_after;
-    if (available == 0) {
+    const int64_t stride = most_visible;
+    const float weight_scale = 1.0f / std::sqrt(static_cast<float>(ih));
+    const float score_scale = 1.0f / std::sqrt(static_cast<float>(ihd));
+    if (stride > 0 && batch_requests == 1) {
+      // One request: its keys gathered once, the head products as one GEMM per query tile.
       DSERVE_RETURN_IF_ERROR(
-          selected_counts.copy_from_host(std::vector<int32_t>(static_cast<size_t>(n), 0).data(),
-                                         static_cast<size_t>(n) * sizeof(int32_t)));
-    } else {
-      DSERVE_RETURN_IF_ERROR(
-          cuda::gather_rows(ls.index_keys.view(), 0, available, index_keys.as<float>(), kStream));
-      const float weight_scale = 1.0f / std::sqrt(static_cast<float>(ih));
-      const float score_scale = 1.0f / std::sqrt(static_cast<float>(ihd));
-      for (int64_t t0 = 0; t0 < n; t0 += indexer_tile) {
-        const int64_t rows = std::min(indexer_tile, n - t0);
-        DSERVE_RETURN_IF_ERROR(cuda::matmul(blas, index_q.as<float>() + t0 * ih * ihd, rows * ih,
-                                            ihd, index_keys.as<float>(), available,
-                                            index_dots.as<float>(), available, kStream));
-        DSERVE_RETURN_IF_ERROR(
-            cuda::indexer_scores(index_dots.as<float>(), index_weights.as<float>() + t0 * ih, rows,
-                                 ih, available, first_pos + t0, rate, available, score_scale,
-                                 weight_scale, index_scores.as<float>(), kStream));
-        DSERVE_RETURN_IF_ERROR(cuda::top_k_indices(
-            index_scores.as<float>(), rows, available, first_pos + t0, rate, available, topk,
-            selected.as<int32_t>() + t0 * topk, selected_counts.as<int32_t>() + t0, kStream));
+          cuda::gather_rows(keys, batch_single_slot, 0, stride, index_keys.as<float>(), kStream));
+    }
+    for (int64_t t0 = 0; t0 < n; t0 += indexer_tile) {
+      const int64_t tile = std::min(indexer_tile, n - t0);
+      if (stride > 0 && batch_requests == 1) {
+        DSERVE_RETURN_IF_ERROR(cuda::matmul(blas, index_q.as<float>() + t0 * ih * ihd, tile * ih,
+                                            ihd, index_keys.as<float>(), stride,
+                                            index_dots.as<float>(), stride, kStream));
+        DSERVE_RETURN_IF_ERROR(cuda::indexer_scores(
+            index_dots.as<float>(), index_weights.as<float>() + t0 * ih, tile, ih, stride,
+            positions + t0, rate, score_scale, weight_scale, index_scores.as<float>(), kStream));
+      } else if (stride > 0) {
+        // Many requests (decode): scores straight from each row's keys.
+        DSERVE_RETURN_IF_ERROR(cuda::indexer_scores_paged(
+            index_q.as<float>() + t0 * ih * ihd, index_weights.as<float>() + t0 * ih, tile, ih, ihd,
+            batch_rows(t0), keys, stride, rate, score_scale, weight_scale, index_scores.as<float>(),
+            kStream));
       }
+      DSERVE_RETURN_IF_ERROR(cuda::top_k_indices(
+          index_scores.as<float>(), tile, stride, positions + t0, rate, topk,
+          selected.as<int32_t>() + t0 * topk, selected_counts.as<int32_t>() + t0, kStream));
     }
     in.selected = selected.as<int32_t>();
     in.selected_counts = selected_counts.as<int32_t>();
     in.selected_stride = topk;
-    max_compressed = std::min(topk, available);
+    max_compressed = std::min(topk, most_visible);
   }
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  DSERVE_RETURN_IF_ERROR(cuda::sparse_attention(in, first_pos, n, heads, hd, config.sliding_window,
+  DSERVE_RETURN_IF_ERROR(cuda::sparse_attention(in, rows, n, heads, hd, config.sliding_window,
                                                 max_compressed, scale, attn_out.as<float>(),
                                                 kStream));
   DSERVE_RETURN_IF_ERROR(
-      cuda::rope_at(attn_out.as<float>(), n * heads, hd, rope, first_pos, heads, true, kStream));
-  DSERVE_RETURN_IF_ERROR(cuda::store_window(chunk_kv.as<float>(), first_pos, n, hd,
-                                            ls.window.as<float>(), config.sliding_window, kStream));
+      cuda::rope_at(attn_out.as<float>(), n * heads, hd, rope, positions, heads, true, kStream));
+  DSERVE_RETURN_IF_ERROR(cuda::store_window(
+      chunk_kv.as<float>(), n, rows, hd, slab.windows.as<float>(), config.sliding_window, kStream));
   DSERVE_RETURN_IF_ERROR(cuda::linear_grouped(blas, attn_out.as<float>(), n, config.o_groups,
                                               d.wo_a.m, grouped.as<float>(), scratch16(), kStream));
   return linear(grouped.as<float>(), n, d.wo_b, sublayer_out.as<float>());
@@ -879,27 +1007,58 @@ Status GpuModel::Impl::final_rows(int64_t first_row, int64_t rows, float* logits
   return linear(final_hidden.as<float>(), rows, head, logits_out);
 }
 
-// One pass of at most `chunk` tokens over the layers (Model::forward's loop).
-Status GpuModel::Impl::run_chunk(std::span<const int32_t> chunk_tokens, GpuRequestState::Impl& s) {
-  const auto n = static_cast<int64_t>(chunk_tokens.size());
-  const int64_t first_pos = s.position;
+// One pass over the layers for a batch of segments (Model::forward's loop, for each
+// segment at once): at most `chunk` rows, each segment's state advanced by its tokens.
+Status GpuModel::Impl::run_batch(std::span<const Segment> segments) {
+  // Per-row facts and the windows each rate's compressors close, all known from positions.
+  std::vector<int32_t> ids, position, slot, first_pos, first_row, end_pos;
+  std::vector<cuda::ClosedWindow> csa, hca;
+  batch_max_end = 0;
+  for (const Segment& seg : segments) {
+    const auto row0 = static_cast<int32_t>(ids.size());
+    const int64_t start = seg.state->position;
+    const int64_t end = start + static_cast<int64_t>(seg.tokens.size());
+    batch_max_end = std::max(batch_max_end, end);
+    for (size_t i = 0; i < seg.tokens.size(); ++i) {
+      ids.push_back(seg.tokens[i]);
+      position.push_back(static_cast<int32_t>(start + static_cast<int64_t>(i)));
+      slot.push_back(seg.state->slot);
+      first_pos.push_back(static_cast<int32_t>(start));
+      first_row.push_back(row0);
+      end_pos.push_back(static_cast<int32_t>(end));
+    }
+    for (auto [rate, list] : {std::pair{config.csa_rate, &csa}, std::pair{config.hca_rate, &hca}}) {
+      for (int64_t w = start / rate; w < end / rate; ++w) {
+        list->push_back(
+            cuda::ClosedWindow{row0, static_cast<int32_t>(w), w + 1 == end / rate ? 1 : 0});
+      }
+    }
+  }
+  const auto n = static_cast<int64_t>(ids.size());
+  DSERVE_CHECK(n >= 1 && n <= chunk);
+  batch_requests = static_cast<int64_t>(segments.size());
+  batch_single_slot = segments.front().state->slot;
+  csa_window_count = static_cast<int64_t>(csa.size());
+  hca_window_count = static_cast<int64_t>(hca.size());
+  const size_t row_bytes = static_cast<size_t>(n) * sizeof(int32_t);
+  DSERVE_RETURN_IF_ERROR(tokens.copy_from_host(ids.data(), row_bytes));
+  DSERVE_RETURN_IF_ERROR(row_position.copy_from_host(position.data(), row_bytes));
+  DSERVE_RETURN_IF_ERROR(row_slot.copy_from_host(slot.data(), row_bytes));
+  DSERVE_RETURN_IF_ERROR(row_first_pos.copy_from_host(first_pos.data(), row_bytes));
+  DSERVE_RETURN_IF_ERROR(row_first_row.copy_from_host(first_row.data(), row_bytes));
+  DSERVE_RETURN_IF_ERROR(row_end_pos.copy_from_host(end_pos.data(), row_bytes));
   DSERVE_RETURN_IF_ERROR(
-      tokens.copy_from_host(chunk_tokens.data(), chunk_tokens.size() * sizeof(int32_t)));
+      csa_windows.copy_from_host(csa.data(), csa.size() * sizeof(cuda::ClosedWindow)));
+  DSERVE_RETURN_IF_ERROR(
+      hca_windows.copy_from_host(hca.data(), hca.size() * sizeof(cuda::ClosedWindow)));
+
   DSERVE_RETURN_IF_ERROR(cuda::embed_streams(embed.data(), embed_type, tokens.as<int32_t>(), n,
                                              config.hidden_size, config.hc_mult,
                                              streams.as<float>(), kStream));
   for (int64_t l = 0; l < config.num_layers; ++l) {
     const LayerDev& d = layers[static_cast<size_t>(l)];
-    LayerStateDev& ls = s.layers[static_cast<size_t>(l)];
-    for (PagedList* list : {&ls.compressed, &ls.index_keys}) {
-      if (list->pool != nullptr && list->uploaded != list->pages.size()) {
-        DSERVE_RETURN_IF_ERROR(
-            list->table.copy_from_host(list->pages.data(), list->pages.size() * sizeof(int32_t)));
-        list->uploaded = list->pages.size();
-      }
-    }
     DSERVE_RETURN_IF_ERROR(hyper_in(d.hc_attn, d.attn_norm, n));
-    DSERVE_RETURN_IF_ERROR(attention(l, n, first_pos, ls));
+    DSERVE_RETURN_IF_ERROR(attention(l, n));
     DSERVE_RETURN_IF_ERROR(cuda::hyper_expand(streams.as<float>(), sublayer_out.as<float>(),
                                               post.as<float>(), comb.as<float>(), n, config.hc_mult,
                                               config.hidden_size, kStream));
@@ -909,48 +1068,32 @@ Status GpuModel::Impl::run_chunk(std::span<const int32_t> chunk_tokens, GpuReque
                                               post.as<float>(), comb.as<float>(), n, config.hc_mult,
                                               config.hidden_size, kStream));
   }
-  s.position += n;
+  for (const Segment& seg : segments)
+    seg.state->position += static_cast<int64_t>(seg.tokens.size());
   return Status::ok();
 }
 
-namespace {
-
-Status check_chunk(std::span<const int32_t> tokens, const GpuRequestState& state,
-                   const ModelConfig& config, int64_t max_positions) {
-  if (tokens.empty()) return invalid_argument("forward: the chunk has no tokens");
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    if (tokens[i] < 0 || tokens[i] >= config.vocab_size) {
-      return out_of_range("token id " + std::to_string(tokens[i]) + " at index " +
-                          std::to_string(i) + " is outside the vocabulary [0, " +
-                          std::to_string(config.vocab_size) + ")");
-    }
-  }
-  const int64_t end = state.position() + static_cast<int64_t>(tokens.size());
-  if (end > max_positions) {
-    return out_of_range("forward: the request would reach position " + std::to_string(end) +
-                        ", past this GpuModel's max_positions " + std::to_string(max_positions));
-  }
-  return Status::ok();
+GpuRequestState::Impl& GpuModel::Impl::state_of(GpuRequestState& state) const {
+  DSERVE_CHECK_MSG(state.impl_ != nullptr && state.impl_->owner == this,
+                   "the GPU request state was made by another GpuModel");
+  return *state.impl_;
 }
 
-}  // namespace
-
-// Checks the chunk, takes the pages it needs, then runs it in passes of at most `chunk` tokens,
-// calling after_pass(first, len) after each (the pass's rows are still in the streams then).
+// Checks one request's chunk, takes the pages it needs, then runs it in passes of at most
+// `chunk` tokens, calling after_pass(first, len) after each (the pass's rows are still in the
+// streams then).
 template <typename AfterPass>
 Status GpuModel::Impl::run_passes(std::span<const int32_t> input, GpuRequestState& state,
                                   AfterPass after_pass) {
-  DSERVE_CHECK_MSG(state.impl_ != nullptr && state.impl_->owner == this,
-                   "the GPU request state was made by another GpuModel");
-  DSERVE_RETURN_IF_ERROR(check_chunk(input, state, config, options.max_positions));
-  GpuRequestState::Impl& s = *state.impl_;
-  std::vector<std::pair<PagedList*, size_t>> taken;
-  DSERVE_RETURN_IF_ERROR(reserve_pages(s, s.position + static_cast<int64_t>(input.size()), taken));
+  GpuRequestState::Impl& s = state_of(state);
+  DSERVE_RETURN_IF_ERROR(check_tokens(input, s.position));
+  const Segment whole{&s, input};
+  DSERVE_RETURN_IF_ERROR(reserve_pages(std::span(&whole, 1)));
   const auto n = static_cast<int64_t>(input.size());
   for (int64_t first = 0; first < n; first += chunk) {
     const int64_t len = std::min(chunk, n - first);
-    DSERVE_RETURN_IF_ERROR(
-        run_chunk(input.subspan(static_cast<size_t>(first), static_cast<size_t>(len)), s));
+    const Segment pass{&s, input.subspan(static_cast<size_t>(first), static_cast<size_t>(len))};
+    DSERVE_RETURN_IF_ERROR(run_batch(std::span(&pass, 1)));
     DSERVE_RETURN_IF_ERROR(after_pass(first, len));
   }
   return Status::ok();
@@ -994,6 +1137,69 @@ Result<int32_t> GpuModel::forward_greedy(std::span<const int32_t> tokens, GpuReq
   int32_t token = 0;
   DSERVE_RETURN_IF_ERROR(m.greedy.copy_to_host(&token, sizeof(token)));
   return token;
+}
+
+// One batch of one token per request.
+Status GpuModel::Impl::decode_rows(std::span<GpuRequestState* const> states,
+                                   std::span<const int32_t> next) {
+  if (states.size() != next.size() || states.empty()) {
+    return invalid_argument("decode: " + std::to_string(states.size()) + " states and " +
+                            std::to_string(next.size()) +
+                            " tokens; one token per state, at least one");
+  }
+  if (static_cast<int64_t>(states.size()) > chunk) {
+    return invalid_argument("decode: " + std::to_string(states.size()) +
+                            " requests in one step, past GpuModelOptions.max_chunk_tokens " +
+                            std::to_string(chunk));
+  }
+  std::vector<Segment> segments;
+  std::vector<int32_t> seen_slots;
+  for (size_t i = 0; i < states.size(); ++i) {
+    DSERVE_CHECK(states[i] != nullptr);
+    GpuRequestState::Impl& s = state_of(*states[i]);
+    if (std::find(seen_slots.begin(), seen_slots.end(), s.slot) != seen_slots.end()) {
+      return invalid_argument("decode: request " + std::to_string(i) +
+                              " appears twice in one step");
+    }
+    seen_slots.push_back(s.slot);
+    DSERVE_RETURN_IF_ERROR(check_tokens(next.subspan(i, 1), s.position));
+    segments.push_back(Segment{&s, next.subspan(i, 1)});
+  }
+  DSERVE_RETURN_IF_ERROR(reserve_pages(segments));
+  return run_batch(segments);
+}
+
+Result<Tensor> GpuModel::decode(std::span<GpuRequestState* const> states,
+                                std::span<const int32_t> tokens) {
+  Impl& m = *impl_;
+  DSERVE_RETURN_IF_ERROR(m.decode_rows(states, tokens));
+  const auto b = static_cast<int64_t>(states.size());
+  const int64_t vocab = m.config.vocab_size;
+  Tensor logits({b, vocab});
+  for (int64_t r = 0; r < b; r += m.logits_tile) {
+    const int64_t rows = std::min(m.logits_tile, b - r);
+    DSERVE_RETURN_IF_ERROR(m.final_rows(r, rows, m.logits.as<float>()));
+    DSERVE_RETURN_IF_ERROR(m.logits.copy_to_host(
+        logits.data() + r * vocab, static_cast<size_t>(rows * vocab) * sizeof(float)));
+  }
+  return logits;
+}
+
+Result<std::vector<int32_t>> GpuModel::decode_greedy(std::span<GpuRequestState* const> states,
+                                                     std::span<const int32_t> tokens) {
+  Impl& m = *impl_;
+  DSERVE_RETURN_IF_ERROR(m.decode_rows(states, tokens));
+  const auto b = static_cast<int64_t>(states.size());
+  std::vector<int32_t> out(static_cast<size_t>(b));
+  for (int64_t r = 0; r < b; r += m.logits_tile) {
+    const int64_t rows = std::min(m.logits_tile, b - r);
+    DSERVE_RETURN_IF_ERROR(m.final_rows(r, rows, m.logits.as<float>()));
+    DSERVE_RETURN_IF_ERROR(cuda::argmax_rows(m.logits.as<float>(), rows, m.config.vocab_size,
+                                             m.greedy.as<int32_t>(), kStream));
+    DSERVE_RETURN_IF_ERROR(
+        m.greedy.copy_to_host(out.data() + r, static_cast<size_t>(rows) * sizeof(int32_t)));
+  }
+  return out;
 }
 
 }  // namespace dserve::model

@@ -209,6 +209,73 @@ TEST_F(GpuForwardTest, V4WidthPresetMatchesCpu) {
   }
 }
 
+// Requests at different positions decode together in one batch: each gets the tokens and
+// logits it gets alone on the CPU.
+TEST_F(GpuForwardTest, BatchedDecodeMatchesEachRequestAlone) {
+  const Model& cpu = testing_support::tiny_model();
+  GpuModelOptions options;
+  options.weights = GpuWeights::kFp32;
+  options.max_positions = 1024;
+  options.max_requests = 6;
+  options.max_chunk_tokens = 256;
+  auto created = GpuModel::create(cpu.config(), cpu.weights(), options);
+  ASSERT_TRUE(created.is_ok()) << created.status().to_string();
+  GpuModel& model = **created;
+  const int64_t vocab = cpu.config().vocab_size;
+  constexpr int kRequests = 6;
+  constexpr int kSteps = 64;
+  std::vector<GpuRequestState> states;
+  std::vector<RequestState> cpu_states;
+  std::vector<int32_t> next;
+  for (int r = 0; r < kRequests; ++r) {
+    // Prompt lengths around window and compressor boundaries: 1, 15, 16, 17, 64, 130.
+    const int64_t len = std::vector<int64_t>{1, 15, 16, 17, 64, 130}[static_cast<size_t>(r)];
+    const auto ids = prompt(len, 500 + static_cast<uint64_t>(r), vocab);
+    auto s = model.new_state();
+    ASSERT_TRUE(s.is_ok()) << s.status().to_string();
+    auto first = model.forward_greedy(ids, *s);
+    ASSERT_TRUE(first.is_ok()) << first.status().to_string();
+    states.push_back(std::move(s).value());
+    cpu_states.push_back(cpu.new_state());
+    auto cpu_logits_first = cpu.forward(ids, cpu_states.back(), LogitsFor::kLastToken);
+    ASSERT_TRUE(cpu_logits_first.is_ok());
+    EXPECT_EQ(*first, argmax(cpu_logits_first->span())) << "request " << r;
+    next.push_back(*first);
+  }
+  std::vector<GpuRequestState*> batch;
+  for (GpuRequestState& s : states)
+    batch.push_back(&s);
+  double worst = 0.0;
+  for (int step = 0; step < kSteps; ++step) {
+    auto logits = model.decode(batch, next);
+    ASSERT_TRUE(logits.is_ok()) << logits.status().to_string();
+    for (int r = 0; r < kRequests; ++r) {
+      const int32_t token = next[static_cast<size_t>(r)];
+      auto want = cpu.forward(std::span(&token, 1), cpu_states[static_cast<size_t>(r)],
+                              LogitsFor::kLastToken);
+      ASSERT_TRUE(want.is_ok());
+      worst = std::max(worst, relative_row_diff(logits->row(r), want->data(), vocab));
+      const int32_t gpu_next =
+          argmax(std::span<const float>(logits->row(r), static_cast<size_t>(vocab)));
+      ASSERT_EQ(gpu_next, argmax(want->span())) << "request " << r << " step " << step;
+      next[static_cast<size_t>(r)] = gpu_next;
+    }
+  }
+  EXPECT_LT(worst, kFp32Tolerance);
+  std::cout << "[ figures  ] batched decode (" << kRequests << " requests x " << kSteps
+            << " steps): worst relative logit diff " << worst << "\n";
+  // decode_greedy picks the same tokens as decode's logits.
+  auto greedy = model.decode_greedy(batch, next);
+  ASSERT_TRUE(greedy.is_ok()) << greedy.status().to_string();
+  for (int r = 0; r < kRequests; ++r) {
+    const int32_t token = next[static_cast<size_t>(r)];
+    auto want = cpu.forward(std::span(&token, 1), cpu_states[static_cast<size_t>(r)],
+                            LogitsFor::kLastToken);
+    ASSERT_TRUE(want.is_ok());
+    EXPECT_EQ((*greedy)[static_cast<size_t>(r)], argmax(want->span())) << "request " << r;
+  }
+}
+
 TEST_F(GpuForwardTest, RefusesBadInputWithoutTouchingTheState) {
   const Model& cpu = testing_support::tiny_model();
   auto model = gpu(cpu, GpuWeights::kFp32);
@@ -224,18 +291,26 @@ TEST_F(GpuForwardTest, RefusesBadInputWithoutTouchingTheState) {
   EXPECT_NE(past.status().message().find("max_positions 2048"), std::string::npos)
       << past.status().to_string();
   EXPECT_EQ(state->position(), 0);
-  // Three requests at max_positions in pools sized for two: the third runs out of pages.
-  std::vector<GpuRequestState> states;
-  const std::vector<int32_t> full(2048, 3);
-  Status last = Status::ok();
-  for (int r = 0; r < 3 && last.is_ok(); ++r) {
-    auto s = model->new_state();
-    ASSERT_TRUE(s.is_ok());
-    last = model->forward_greedy(full, *s).status();
-    states.push_back(std::move(s).value());
-  }
-  EXPECT_EQ(last.code(), StatusCode::kResourceExhausted) << last.to_string();
-  EXPECT_EQ(states.back().position(), 0);
+  // Slots for max_requests (2) requests: a third state is refused while two are held, and
+  // granted again once one is gone.
+  std::vector<GpuRequestState> held;
+  auto second = model->new_state();
+  ASSERT_TRUE(second.is_ok());
+  held.push_back(std::move(state).value());
+  held.push_back(std::move(second).value());
+  EXPECT_EQ(model->new_state().status().code(), StatusCode::kResourceExhausted);
+  held.pop_back();
+  EXPECT_TRUE(model->new_state().is_ok());
+  // decode() checks every request before running any.
+  GpuRequestState* one = &held.front();
+  const std::vector<int32_t> token = {3};
+  EXPECT_EQ(model->decode(std::span(&one, 1), {}).status().code(), StatusCode::kInvalidArgument);
+  GpuRequestState* twice[] = {one, one};
+  const std::vector<int32_t> tokens2 = {3, 4};
+  EXPECT_EQ(model->decode(twice, tokens2).status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(one->position(), 0);
+  EXPECT_TRUE(model->decode(std::span(&one, 1), token).is_ok());
+  EXPECT_EQ(one->position(), 1);
 }
 
 // Where no GPU is usable (CI), create() says so with the probe's reason instead of failing

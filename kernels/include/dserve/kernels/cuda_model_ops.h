@@ -6,8 +6,10 @@
 // row-major fp32 unless said otherwise, launchers enqueue on `stream` and return at once, shape
 // misuse aborts, and a build without the CUDA backend returns UNAVAILABLE.
 //
-// Positions index the RoPE tables; a chunk is n consecutive tokens of ONE request at positions
-// first_pos .. first_pos + n - 1 (prefill chunks and one-token decode alike).
+// A batch is n token rows: the chunks of one or more requests, each request's rows contiguous
+// and at consecutive positions (a prefill chunk is one request's n rows; a decode step is one
+// row per request). BatchRows says, per row, where its token is and whose it is; a request's
+// state lives in its SLOT of per-layer slabs (window ring, compressor buffers, block table).
 
 #include <cstdint>
 
@@ -71,10 +73,19 @@ struct RopeView {
   int64_t capacity = 0;
 };
 
+// Per-row facts of a batch, device arrays of n int32 each.
+struct BatchRows {
+  const int32_t* position = nullptr;   // the row's absolute position
+  const int32_t* slot = nullptr;       // its request's state slot
+  const int32_t* first_pos = nullptr;  // position of the first row of its request in the batch
+  const int32_t* first_row = nullptr;  // index of that row
+  const int32_t* end_pos = nullptr;    // position after the last row of its request
+};
+
 // Interleaved partial RoPE on x[rows, dim]: row r rotates its last 2 * half channels by the
-// angles of position first_pos + r / rows_per_position (or - when inverse). The positions must
-// be below rope.capacity (checked).
-Status rope_at(float* x, int64_t rows, int64_t dim, const RopeView& rope, int64_t first_pos,
+// angles of position positions[r / rows_per_position] (negated when inverse). Positions must
+// be below rope.capacity.
+Status rope_at(float* x, int64_t rows, int64_t dim, const RopeView& rope, const int32_t* positions,
                int64_t rows_per_position, bool inverse, CudaStream stream);
 
 // --- mHC --------------------------------------------------------------------------------
@@ -94,87 +105,101 @@ Status hyper_expand(float* streams, const float* out, const float* post, const f
 Status hyper_head_weights(const float* logits, const float* base, const float* scale, int64_t n,
                           int64_t hc, float eps, float* pre, CudaStream stream);
 
-// --- Paged rows: a request's compressed entries or indexer keys -------------------------
-// Row e lives at pool + (block_table[e / rows_per_page] * rows_per_page + e % rows_per_page)
-// * width.
+// --- Paged rows: the compressed entries or indexer keys of every slot --------------------
+// Row e of slot s lives at pool + (block_tables[s * table_stride + e / rows_per_page] *
+// rows_per_page + e % rows_per_page) * width.
 struct PagedRowsView {
   float* pool = nullptr;
-  const int32_t* block_table = nullptr;
+  const int32_t* block_tables = nullptr;  // [slots, table_stride]
+  int64_t table_stride = 0;
   int64_t rows_per_page = 0;
   int64_t width = 0;
 };
-// out[i, :] = row (first + i) of `rows`, count rows.
-Status gather_rows(const PagedRowsView& rows, int64_t first, int64_t count, float* out,
-                   CudaStream stream);
+// out[i, :] = row (first + i) of slot `slot`, count rows.
+Status gather_rows(const PagedRowsView& rows, int64_t slot, int64_t first, int64_t count,
+                   float* out, CudaStream stream);
 
 // --- Compressors --------------------------------------------------------------------------
-// One window compressor of one request (MODEL-V4.md "The compressors"). Windows are `rate`
-// tokens; `series` is 2 for the overlapping (CSA, indexer) compressors, 1 for HCA. The open
-// window's tokens wait in pending_kv/gate at slot position % rate; the last closed window's Ca
-// series (and its gate plus position bias) in overlap_kv/gate.
+// One window compressor of a layer, for every slot (MODEL-V4.md "The compressors"). Windows
+// are `rate` tokens; `series` is 2 for the overlapping (CSA, indexer) compressors, 1 for HCA.
+// A request's open-window tokens wait in its pending slab rows at slot position % rate; the
+// last closed window's Ca series (and its gate plus position bias) in its overlap rows.
 struct CompressorView {
   int64_t rate = 0;
   int64_t width = 0;
   int64_t series = 1;
-  float* pending_kv = nullptr;    // [rate, series * width]
-  float* pending_gate = nullptr;  // [rate, series * width], no position bias
-  float* overlap_kv = nullptr;    // [rate, width] (series 2)
-  float* overlap_gate = nullptr;  // [rate, width] (series 2), position bias added
+  float* pending_kv = nullptr;    // [slots, rate, series * width]
+  float* pending_gate = nullptr;  // [slots, rate, series * width], no position bias
+  float* overlap_kv = nullptr;    // [slots, rate, width] (series 2)
+  float* overlap_gate = nullptr;  // [slots, rate, width] (series 2), position bias added
   const float* ape = nullptr;     // [rate, series * width] position bias
   const float* norm = nullptr;    // [width]
 };
-// Consumes the chunk's projections kv, gate [n, series * width] (positions first_pos ..):
-// every window the chunk completes becomes one entry (softmax-pooled per channel, RMSNorm,
-// RoPE at the window's first position) appended to `entries` as rows first_pos / rate ..
-// (first_pos + n) / rate - 1 (their pages must be in the block table), then the pending and
-// overlap state move on. Returns nothing to the host: the caller knows how many entries were
-// added from the positions.
-Status compress_chunk(const float* kv, const float* gate, int64_t first_pos, int64_t n,
+// A window some request's rows complete in this batch (the host lists them: it knows every
+// position). `last` marks the request's last completed window, whose Ca becomes the overlap.
+struct ClosedWindow {
+  int32_t row = 0;  // any row of the request (its BatchRows entries say the rest)
+  int32_t window = 0;
+  int32_t last = 0;
+};
+// Consumes the batch's projections kv, gate [n, series * width]: every listed window becomes
+// one entry (softmax-pooled per channel, RMSNorm, RoPE at the window's first position) written
+// as row `window` of its slot's entries (the page must be in the block table); then the
+// overlap and pending rows move on.
+Status compress_batch(const float* kv, const float* gate, int64_t n, const BatchRows& rows,
+                      const ClosedWindow* windows, int64_t window_count,
                       const CompressorView& state, const PagedRowsView& entries,
                       const RopeView& rope, float eps, CudaStream stream);
 
 // --- Lightning Indexer ------------------------------------------------------------------
+// Every row t sees the visible(t) = (position[t] + 1) / rate first entries of its request.
 // scores[t, s] = sum_h relu(dots[t, h, s]) * score_scale * (weights[t, h] * weight_scale) for
-// s < visible(t) = min(available, (first_pos + t + 1) / rate), -inf after; dots is
-// [n, heads, entries_stride], scores [n, entries_stride].
+// s < visible(t), -inf after; dots is [n, heads, stride] (one request's rows: the caller's GEMM
+// against its gathered keys), scores [n, stride].
 Status indexer_scores(const float* dots, const float* weights, int64_t n, int64_t heads,
-                      int64_t entries_stride, int64_t first_pos, int64_t rate, int64_t available,
-                      float score_scale, float weight_scale, float* scores, CudaStream stream);
-// For each row t of scores [n, stride] (its first `visible(t)` entries, as above): the indices
-// of the min(k, visible) best, highest score first and the lower index on ties, written in
-// ascending order to selected[t, 0..count) with count in counts[t].
-Status top_k_indices(const float* scores, int64_t n, int64_t stride, int64_t first_pos,
-                     int64_t rate, int64_t available, int64_t k, int32_t* selected, int32_t* counts,
+                      int64_t stride, const int32_t* positions, int64_t rate, float score_scale,
+                      float weight_scale, float* scores, CudaStream stream);
+// The same scores computed straight from the keys through the block tables, for batches of
+// many requests (decode): q [n, heads, dim] rotated, weights [n, heads].
+Status indexer_scores_paged(const float* q, const float* weights, int64_t n, int64_t heads,
+                            int64_t dim, const BatchRows& rows, const PagedRowsView& keys,
+                            int64_t stride, int64_t rate, float score_scale, float weight_scale,
+                            float* scores, CudaStream stream);
+// For each row t of scores [n, stride]: the indices of the min(k, visible(t)) best, highest
+// score first and the lower index on ties, written in ascending order to selected[t, 0..count)
+// with count in counts[t].
+Status top_k_indices(const float* scores, int64_t n, int64_t stride, const int32_t* positions,
+                     int64_t rate, int64_t k, int32_t* selected, int32_t* counts,
                      CudaStream stream);
 
 // --- Attention ----------------------------------------------------------------------------
-// One layer's attention for a chunk (MQA: one key/value head shared by all heads, K = V).
+// One layer's attention for a batch (MQA: one key/value head shared by all heads, K = V).
 struct AttentionInputs {
   const float* q = nullptr;           // [n, heads, head_dim], normed and rotated
-  const float* chunk_kv = nullptr;    // [n, head_dim], this chunk's keys
-  const float* window = nullptr;      // [window_slots, head_dim]: position p at slot p % slots
-  int64_t window_slots = 0;           // = sliding_window
+  const float* batch_kv = nullptr;    // [n, head_dim], this batch's keys
+  float* windows = nullptr;           // [slots, sliding_window, head_dim] rings: p at p % window
   PagedRowsView compressed;           // the layer's compressed entries (width head_dim)
   int64_t rate = 0;                   // 0: sliding only
-  int64_t available = 0;              // compressed entries that exist after this chunk
   const int32_t* selected = nullptr;  // CSA: [n, selected_stride] picks; null: all visible
   const int32_t* selected_counts = nullptr;
   int64_t selected_stride = 0;
   const float* sinks = nullptr;  // [heads]
 };
-// out[t, h, :] = softmax over (window keys of positions (pos - sliding_window, pos], then the
-// compressed entries: the picks, or all visible ones) of q . k * scale with the head's sink in
-// the denominator, times the same keys as values. `max_compressed` bounds the compressed
-// entries any token attends (it sizes shared memory).
-Status sparse_attention(const AttentionInputs& in, int64_t first_pos, int64_t n, int64_t heads,
+// out[t, h, :] = softmax over (the window keys of positions (pos - sliding_window, pos]: the
+// ring for positions before the request's first row in the batch, the batch's keys after;
+// then the compressed entries: the picks, or all (pos + 1) / rate visible ones) of
+// q . k * scale, with the head's sink in the denominator, times the same keys as values.
+// `max_compressed` bounds the compressed entries any row attends: the block takes
+// sparse_attention_shared_bytes() of shared memory, which must fit the device.
+Status sparse_attention(const AttentionInputs& in, const BatchRows& rows, int64_t n, int64_t heads,
                         int64_t head_dim, int64_t sliding_window, int64_t max_compressed,
                         float scale, float* out, CudaStream stream);
 constexpr size_t sparse_attention_shared_bytes(int64_t sliding_window, int64_t max_compressed) {
   return static_cast<size_t>(sliding_window + max_compressed) * (sizeof(void*) + sizeof(float));
 }
-// Stores the chunk's last min(n, slots) keys into the window ring (slot position % slots).
-Status store_window(const float* chunk_kv, int64_t first_pos, int64_t n, int64_t head_dim,
-                    float* window, int64_t slots, CudaStream stream);
+// Stores each request's last min(rows, sliding_window) keys of the batch into its ring.
+Status store_window(const float* batch_kv, int64_t n, const BatchRows& rows, int64_t head_dim,
+                    float* windows, int64_t sliding_window, CudaStream stream);
 
 // --- MoE ----------------------------------------------------------------------------------
 // Routes each token: logits [n, experts] (overwritten with scores), bias [experts] or null,

@@ -55,8 +55,9 @@ class DeviceBuffer {
     return static_cast<T*>(data_);
   }
 
-  // Copies `bytes` (at most size_bytes()) from host memory into the start of the buffer.
-  Status copy_from_host(const void* src, size_t bytes);
+  // Copies `bytes` from host memory into the buffer at byte `offset` (offset + bytes at most
+  // size_bytes()).
+  Status copy_from_host(const void* src, size_t bytes, size_t offset = 0);
   // Copies the first `bytes` (at most size_bytes()) of the buffer into host memory.
   Status copy_to_host(void* dst, size_t bytes) const;
   // Copies the first out.size() elements of the buffer into `out`.

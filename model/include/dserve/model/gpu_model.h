@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <vector>
 
 #include "dserve/core/status.h"
 #include "dserve/kernels/tensor.h"
@@ -76,7 +77,8 @@ class GpuModel {
   const ModelConfig& config() const;
   const GpuModelOptions& options() const;
 
-  // A fresh request state (its pages come as the request grows).
+  // A fresh request state in one of the max_requests slots (RESOURCE_EXHAUSTED when all are
+  // taken); its pages come as the request grows.
   Result<GpuRequestState> new_state();
 
   // Runs `tokens` at positions state.position() .. and advances the state, as Model::forward.
@@ -89,12 +91,22 @@ class GpuModel {
   // the lowest id on ties, as model::argmax).
   Result<int32_t> forward_greedy(std::span<const int32_t> tokens, GpuRequestState& state);
 
+  // One decode step for several requests at once: tokens[i] is states[i]'s next token (one
+  // row per request; distinct states, at most max_chunk_tokens). Returns the logits [B, vocab]
+  // of each request's new position. Errors as forward(), checked for every request before any
+  // runs.
+  Result<Tensor> decode(std::span<GpuRequestState* const> states, std::span<const int32_t> tokens);
+  // The same step, returning each request's greedy choice (argmax on the device).
+  Result<std::vector<int32_t>> decode_greedy(std::span<GpuRequestState* const> states,
+                                             std::span<const int32_t> tokens);
+
   // Device bytes held by weights, and by the page pools of compressed entries and indexer keys.
   size_t weight_bytes() const;
   size_t pool_bytes() const;
 
+  struct Impl;  // defined in gpu_model.cc; named here so request states can point at it
+
  private:
-  struct Impl;
   explicit GpuModel(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
