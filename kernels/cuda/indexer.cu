@@ -127,6 +127,7 @@ __global__ void top_k_kernel(const float* __restrict__ scores, int64_t stride,
 // 32, ...), reading the key through the block table.
 constexpr int kPagedThreads = 128;
 constexpr int kPagedEntries = 64;
+static_assert(kPagedThreads / kWarpSize == 4, "indexer_scores_paged_shared_bytes assumes 4 warps");
 
 __global__ void indexer_scores_paged_kernel(const float* __restrict__ q,
                                             const float* __restrict__ weights, int64_t heads,
@@ -137,6 +138,7 @@ __global__ void indexer_scores_paged_kernel(const float* __restrict__ q,
   float* q_row = shared;                      // [heads, dim + 1] (padded: no bank clash)
   float* w_row = shared + heads * (dim + 1);  // [heads]
   float* key = w_row + heads;                 // [warps, dim]
+  float* terms = key + (kPagedThreads / kWarpSize) * dim;  // [warps, heads]
   const int64_t t = blockIdx.x;
   for (int64_t i = threadIdx.x; i < heads * dim; i += blockDim.x)
     q_row[(i / dim) * (dim + 1) + i % dim] = q[t * heads * dim + i];
@@ -160,16 +162,23 @@ __global__ void indexer_scores_paged_kernel(const float* __restrict__ q,
     for (int64_t c = lane; c < dim; c += kWarpSize)
       my_key[c] = k[c];
     __syncwarp();
-    float partial = 0.0f;
+    float* my_terms = terms + warp * heads;
     for (int64_t h = lane; h < heads; h += kWarpSize) {
       float dot = 0.0f;
       const float* qh = q_row + h * (dim + 1);
       for (int64_t c = 0; c < dim; ++c)
         dot += qh[c] * my_key[c];
-      partial += fmaxf(dot, 0.0f) * score_scale * w_row[h];
+      my_terms[h] = fmaxf(dot, 0.0f) * score_scale * w_row[h];
     }
-    const float total = warp_all_reduce(partial, SumOp{});
-    if (lane == 0) scores[t * stride + s] = total;
+    __syncwarp();
+    // Heads summed in order, as the CPU and indexer_scores do: a request's picks must not
+    // depend on which path (or which batch) scored it.
+    if (lane == 0) {
+      float total = 0.0f;
+      for (int64_t h = 0; h < heads; ++h)
+        total += my_terms[h];
+      scores[t * stride + s] = total;
+    }
     __syncwarp();
   }
 }
@@ -208,9 +217,7 @@ Status indexer_scores_paged(const float* q, const float* weights, int64_t n, int
   if (n == 0 || stride == 0) return Status::ok();
   DSERVE_CHECK_MSG(n <= INT32_MAX && stride / kPagedEntries < 65535,
                    "indexer batch past the launch grid");
-  const size_t shared =
-      static_cast<size_t>(heads * (dim + 1) + heads + (kPagedThreads / kWarpSize) * dim) *
-      sizeof(float);
+  const size_t shared = indexer_scores_paged_shared_bytes(heads, dim);
   static size_t granted = 48 * 1024;
   if (shared > granted) {
     DSERVE_RETURN_IF_ERROR(cuda_status(

@@ -198,4 +198,28 @@ Status argmax_rows(const float*, int64_t, int64_t, int32_t*, CudaStream) {
   return not_built();
 }
 
+Status fill_random(void*, WeightType, int64_t, uint64_t, float, float, CudaStream) {
+  return not_built();
+}
+
+Status fill_random_ints(int32_t*, int64_t, uint64_t, int32_t, CudaStream) {
+  return not_built();
+}
+
+Result<double> measure_copy_bandwidth(size_t, int) {
+  return not_built();
+}
+
+Result<double> measure_bf16_gemm_flops(const BlasHandle&, int64_t, int64_t, int64_t, int) {
+  return not_built();
+}
+
+Result<DeviceMemory> device_memory() {
+  return not_built();
+}
+
+Result<double> time_seconds_synchronized(const std::function<Status()>&) {
+  return not_built();
+}
+
 }  // namespace dserve::kernels::cuda

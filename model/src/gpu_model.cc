@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <climits>
 #include <cmath>
 #include <optional>
 #include <string>
@@ -53,51 +54,95 @@ struct Weight {
   DeviceMatrix m;
 };
 
+// Where create() takes parameter values from: a loaded ModelWeights (converted and copied), or,
+// for benchmarks, a seeded generator writing straight into device memory. Shapes always come
+// from the config; host tensors must match them.
 class Uploader {
  public:
-  explicit Uploader(WeightType type) : type_(type) {}
+  Uploader(WeightType type, std::optional<uint64_t> random_seed)
+      : type_(type), random_seed_(random_seed) {}
 
-  // One Linear weight [rows, cols]; `stack` (same cols) is appended below it when given.
-  Result<Weight> matrix(const Tensor& t, const Tensor* stack = nullptr, bool force_fp32 = false) {
-    const int64_t cols = t.cols();
-    const int64_t rows = t.rows() + (stack != nullptr ? stack->rows() : 0);
-    DSERVE_CHECK(stack == nullptr || stack->cols() == cols);
+  bool random() const { return random_seed_.has_value(); }
+
+  // One Linear weight [rows, cols]: `t`, with `stack` (same cols) appended below it when given.
+  // Generated values are uniform with scale 1 / sqrt(cols).
+  Result<Weight> matrix(const Tensor* t, const Tensor* stack, int64_t rows, int64_t cols,
+                        bool force_fp32 = false) {
     const WeightType type = force_fp32 ? WeightType::kFp32 : type_;
     Weight w;
-    if (type == WeightType::kFp32) {
-      std::vector<float> host(t.span().begin(), t.span().end());
-      if (stack != nullptr) host.insert(host.end(), stack->span().begin(), stack->span().end());
-      DSERVE_ASSIGN_OR_RETURN(w.buffer, DeviceBuffer::from_host<float>(host));
+    if (random()) {
+      DSERVE_ASSIGN_OR_RETURN(w.buffer,
+                              DeviceBuffer::allocate(static_cast<size_t>(rows * cols) *
+                                                     (type == WeightType::kBf16 ? 2 : 4)));
+      DSERVE_RETURN_IF_ERROR(cuda::fill_random(w.buffer.data(), type, rows * cols, next_seed(),
+                                               1.0f / std::sqrt(static_cast<float>(cols)), 0.0f,
+                                               kStream));
     } else {
-      std::vector<uint16_t> host;
-      host.reserve(static_cast<size_t>(rows * cols));
-      for (float v : t.span())
-        host.push_back(bf16_bits(v));
-      if (stack != nullptr) {
-        for (float v : stack->span())
+      DSERVE_CHECK(t != nullptr);
+      DSERVE_CHECK_MSG(t->cols() == cols && (stack == nullptr || stack->cols() == cols) &&
+                           t->rows() + (stack != nullptr ? stack->rows() : 0) == rows,
+                       "a weight's shape " + t->shape_string() + " disagrees with the config");
+      if (type == WeightType::kFp32) {
+        std::vector<float> host(t->span().begin(), t->span().end());
+        if (stack != nullptr) host.insert(host.end(), stack->span().begin(), stack->span().end());
+        DSERVE_ASSIGN_OR_RETURN(w.buffer, DeviceBuffer::from_host<float>(host));
+      } else {
+        std::vector<uint16_t> host;
+        host.reserve(static_cast<size_t>(rows * cols));
+        for (float v : t->span())
           host.push_back(bf16_bits(v));
+        if (stack != nullptr) {
+          for (float v : stack->span())
+            host.push_back(bf16_bits(v));
+        }
+        DSERVE_ASSIGN_OR_RETURN(w.buffer, DeviceBuffer::from_host<uint16_t>(host));
       }
-      DSERVE_ASSIGN_OR_RETURN(w.buffer, DeviceBuffer::from_host<uint16_t>(host));
     }
     w.m = DeviceMatrix{w.buffer.data(), rows, cols, type};
     bytes_ += w.buffer.size_bytes();
     return w;
   }
 
-  Result<DeviceBuffer> floats(std::span<const float> v) {
-    DSERVE_ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::from_host<float>(v));
+  // `count` floats: `t`'s, or generated as offset + scale * uniform(-1, 1).
+  Result<DeviceBuffer> floats(const Tensor* t, int64_t count, float scale, float offset) {
+    DeviceBuffer b;
+    if (random()) {
+      DSERVE_ASSIGN_OR_RETURN(b, DeviceBuffer::allocate(static_cast<size_t>(count) * 4));
+      DSERVE_RETURN_IF_ERROR(cuda::fill_random(b.data(), WeightType::kFp32, count, next_seed(),
+                                               scale, offset, kStream));
+    } else {
+      DSERVE_CHECK(t != nullptr);
+      DSERVE_CHECK_MSG(t->numel() == count,
+                       "a parameter's shape " + t->shape_string() + " disagrees with the config");
+      DSERVE_ASSIGN_OR_RETURN(b, DeviceBuffer::from_host<float>(t->span()));
+    }
     bytes_ += b.size_bytes();
     return b;
   }
-  Result<DeviceBuffer> ints(std::span<const int32_t> v) {
-    DSERVE_ASSIGN_OR_RETURN(DeviceBuffer b, DeviceBuffer::from_host<int32_t>(v));
+
+  // `count` expert ids: `v`'s, or generated uniform in [0, bound).
+  Result<DeviceBuffer> ints(const std::vector<int32_t>* v, int64_t count, int32_t bound) {
+    DeviceBuffer b;
+    if (random()) {
+      DSERVE_ASSIGN_OR_RETURN(b, DeviceBuffer::allocate(static_cast<size_t>(count) * 4));
+      DSERVE_RETURN_IF_ERROR(
+          cuda::fill_random_ints(b.as<int32_t>(), count, next_seed(), bound, kStream));
+    } else {
+      DSERVE_CHECK(v != nullptr && static_cast<int64_t>(v->size()) == count);
+      DSERVE_ASSIGN_OR_RETURN(b, DeviceBuffer::from_host<int32_t>(*v));
+    }
     bytes_ += b.size_bytes();
     return b;
   }
+
   size_t bytes() const { return bytes_; }
 
  private:
+  uint64_t next_seed() { return *random_seed_ * 1000003u + ++tensors_; }
+
   WeightType type_;
+  std::optional<uint64_t> random_seed_;
+  uint64_t tensors_ = 0;
   size_t bytes_ = 0;
 };
 
@@ -230,14 +275,16 @@ struct GpuModel::Impl {
   std::vector<std::unique_ptr<DevicePagePool>> compressed_pools, index_pools;
   std::vector<LayerSlabs> slabs;
   std::vector<int32_t> free_slots;
+  bool random_state = false;  // made by create_random: states may assume a context
 
   // The batch being run: per-row facts (BatchRows) and the windows it closes per rate.
   DeviceBuffer row_position, row_slot, row_first_pos, row_first_row, row_end_pos;
   DeviceBuffer csa_windows, hca_windows;  // ClosedWindow [chunk + max_requests]
   int64_t csa_window_count = 0, hca_window_count = 0;
-  int64_t batch_requests = 0;     // requests in the batch
-  int64_t batch_max_end = 0;      // the largest end position of a request in it
-  int32_t batch_single_slot = 0;  // the slot, when batch_requests == 1
+  int64_t batch_requests = 0;          // requests in the batch
+  int64_t batch_max_end = 0;           // the largest end position of a request in it
+  int32_t batch_single_slot = 0;       // the slot, when batch_requests == 1
+  int64_t batch_distinct_experts = 0;  // routed experts with rows, summed over the layers
 
   // Activation scratch, sized for max_chunk_tokens (C) tokens.
   int64_t chunk = 0;
@@ -271,6 +318,8 @@ struct GpuModel::Impl {
     std::span<const int32_t> tokens;
   };
 
+  // The batch's per-row facts from row first_row on. The first_row values stay absolute batch
+  // indices: only views at 0 may be used where they matter (compressor, attention, window).
   cuda::BatchRows batch_rows(int64_t first_row = 0) const {
     return cuda::BatchRows{
         row_position.as<int32_t>() + first_row, row_slot.as<int32_t>() + first_row,
@@ -307,27 +356,6 @@ Result<DeviceBuffer> scratch_ints(int64_t count) {
   return DeviceBuffer::allocate(static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(int32_t));
 }
 
-Result<CompressorDev> upload_compressor(Uploader& up, const CompressorWeights& w, int64_t rate,
-                                        int64_t width, int64_t series) {
-  CompressorDev c;
-  DSERVE_ASSIGN_OR_RETURN(c.wkv, up.matrix(w.wkv));
-  DSERVE_ASSIGN_OR_RETURN(c.wgate, up.matrix(w.wgate));
-  DSERVE_ASSIGN_OR_RETURN(c.ape, up.floats(w.ape.span()));
-  DSERVE_ASSIGN_OR_RETURN(c.norm, up.floats(w.norm.span()));
-  c.rate = rate;
-  c.width = width;
-  c.series = series;
-  return c;
-}
-
-Result<HyperDev> upload_hyper(Uploader& up, const HyperConnectionWeights& w) {
-  HyperDev h;
-  DSERVE_ASSIGN_OR_RETURN(h.fn, up.matrix(w.fn, nullptr, /*force_fp32=*/true));
-  DSERVE_ASSIGN_OR_RETURN(h.base, up.floats(w.base.span()));
-  DSERVE_ASSIGN_OR_RETURN(h.scale, up.floats(w.scale.span()));
-  return h;
-}
-
 Result<DeviceBuffer> rope_table(const kernels::RopeTable& table, int64_t positions, bool cos) {
   const int64_t half = table.rope_dim() / 2;
   std::vector<float> c(static_cast<size_t>(positions * half)), s(c.size());
@@ -348,6 +376,20 @@ std::optional<kernels::YarnParams> yarn_params(const ModelConfig& c) {
 Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
                                                    const ModelWeights& weights,
                                                    GpuModelOptions options) {
+  DSERVE_CHECK_MSG(static_cast<int64_t>(weights.layers.size()) == config.num_layers,
+                   "weights and config disagree on the number of layers");
+  return create_on_device(config, &weights, options, std::nullopt);
+}
+
+Result<std::unique_ptr<GpuModel>> GpuModel::create_random(const ModelConfig& config,
+                                                          GpuModelOptions options, uint64_t seed) {
+  return create_on_device(config, nullptr, options, seed);
+}
+
+Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& config,
+                                                             const ModelWeights* weights,
+                                                             GpuModelOptions options,
+                                                             std::optional<uint64_t> seed) {
   if (options.max_positions < 1 || options.max_requests < 1 || options.max_chunk_tokens < 1) {
     return invalid_argument(
         "GpuModelOptions: max_positions, max_requests and max_chunk_tokens must be at least 1");
@@ -358,8 +400,6 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
   }
   const kernels::DeviceInfo device = kernels::probe_cuda_device();
   if (!device.available) return unavailable("no GPU for GpuModel: " + device.why_unavailable);
-  DSERVE_CHECK_MSG(static_cast<int64_t>(weights.layers.size()) == config.num_layers,
-                   "weights and config disagree on the number of layers");
   if (config.hc_mult > cuda::v4_limits::kMaxHyperStreams ||
       config.experts_per_token > cuda::v4_limits::kMaxRoutedPerToken) {
     return unimplemented(
@@ -380,6 +420,20 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
           most_compressed, std::min(config.index_topk, options.max_positions / config.csa_rate));
     }
   }
+  if (options.max_positions > INT32_MAX) {
+    return invalid_argument(
+        "GpuModelOptions.max_positions is at most 2^31 - 1 (positions are "
+        "int32 on the device), got " +
+        std::to_string(options.max_positions));
+  }
+  const size_t indexer_shared =
+      cuda::indexer_scores_paged_shared_bytes(config.index_n_heads, config.index_head_dim);
+  if (indexer_shared > device.shared_memory_per_block) {
+    return unimplemented("the indexer's " + std::to_string(config.index_n_heads) + " heads of " +
+                         std::to_string(config.index_head_dim) + " channels need " +
+                         std::to_string(indexer_shared) + " bytes of shared memory per block; " +
+                         device.name + " has " + std::to_string(device.shared_memory_per_block));
+  }
   const size_t attention_shared =
       cuda::sparse_attention_shared_bytes(config.sliding_window, most_compressed);
   if (attention_shared > device.shared_memory_per_block) {
@@ -389,9 +443,9 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
                         " bytes of shared memory per block; " + device.name + " has " +
                         std::to_string(device.shared_memory_per_block));
   }
-  for (int64_t l = 0; l < config.num_layers; ++l) {
+  for (int64_t l = 0; l < config.num_layers && weights != nullptr; ++l) {
     if (config.mlp_types[static_cast<size_t>(l)] != RoutingKind::kHash) continue;
-    for (const int32_t e : weights.layers[static_cast<size_t>(l)].moe.tid2eid) {
+    for (const int32_t e : weights->layers[static_cast<size_t>(l)].moe.tid2eid) {
       if (e < 0 || e >= config.n_routed_experts) {
         return invalid_argument("layer " + std::to_string(l) + " tid2eid holds expert id " +
                                 std::to_string(e) + ", outside [0, " +
@@ -407,69 +461,126 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
   m.options = options;
   const WeightType type =
       options.weights == GpuWeights::kBf16 ? WeightType::kBf16 : WeightType::kFp32;
-  Uploader up(type);
+  Uploader up(type, seed);
 
   // Global weights.
+  const int64_t hidden_w = config.hidden_size;
+  const int64_t hc_w = config.hc_mult;
   m.embed_type = type;
   {
-    DSERVE_ASSIGN_OR_RETURN(Weight embed, up.matrix(weights.embed));
+    DSERVE_ASSIGN_OR_RETURN(Weight embed, up.matrix(weights ? &weights->embed : nullptr, nullptr,
+                                                    config.vocab_size, hidden_w));
     m.embed = std::move(embed.buffer);
   }
-  DSERVE_ASSIGN_OR_RETURN(m.head, up.matrix(weights.head));
-  DSERVE_ASSIGN_OR_RETURN(m.norm, up.floats(weights.norm.span()));
-  DSERVE_ASSIGN_OR_RETURN(m.hc_head_fn, up.matrix(weights.hc_head.fn, nullptr, true));
-  DSERVE_ASSIGN_OR_RETURN(m.hc_head_base, up.floats(weights.hc_head.base.span()));
-  DSERVE_ASSIGN_OR_RETURN(m.hc_head_scale, up.floats(weights.hc_head.scale.span()));
+  DSERVE_ASSIGN_OR_RETURN(
+      m.head, up.matrix(weights ? &weights->head : nullptr, nullptr, config.vocab_size, hidden_w));
+  DSERVE_ASSIGN_OR_RETURN(m.norm, up.floats(weights ? &weights->norm : nullptr, hidden_w, 0, 1));
+  const HyperHeadWeights* hh = weights ? &weights->hc_head : nullptr;
+  DSERVE_ASSIGN_OR_RETURN(m.hc_head_fn, up.matrix(hh ? &hh->fn : nullptr, nullptr, hc_w,
+                                                  hc_w * hidden_w, /*force_fp32=*/true));
+  DSERVE_ASSIGN_OR_RETURN(m.hc_head_base, up.floats(hh ? &hh->base : nullptr, hc_w, 0, 0));
+  DSERVE_ASSIGN_OR_RETURN(m.hc_head_scale, up.floats(hh ? &hh->scale : nullptr, 1, 0, 1));
 
-  int64_t max_inter = config.moe_intermediate_size;
+  const int64_t inter = config.moe_intermediate_size;
+  const int64_t shared_inter = inter * config.n_shared_experts;
+  const int64_t max_inter = std::max(inter, shared_inter);
+  const int64_t mix_width = (2 + hc_w) * hc_w;
+  auto hyper = [&](const HyperConnectionWeights* w) -> Result<HyperDev> {
+    HyperDev h;
+    DSERVE_ASSIGN_OR_RETURN(h.fn, up.matrix(w ? &w->fn : nullptr, nullptr, mix_width,
+                                            hc_w * hidden_w, /*force_fp32=*/true));
+    DSERVE_ASSIGN_OR_RETURN(h.base, up.floats(w ? &w->base : nullptr, mix_width, 0, 0));
+    DSERVE_ASSIGN_OR_RETURN(h.scale, up.floats(w ? &w->scale : nullptr, 3, 0, 1));
+    return h;
+  };
+  auto compressor = [&](const CompressorWeights* w, int64_t rate, int64_t width,
+                        int64_t series) -> Result<CompressorDev> {
+    CompressorDev c;
+    DSERVE_ASSIGN_OR_RETURN(c.wkv,
+                            up.matrix(w ? &w->wkv : nullptr, nullptr, series * width, hidden_w));
+    DSERVE_ASSIGN_OR_RETURN(c.wgate,
+                            up.matrix(w ? &w->wgate : nullptr, nullptr, series * width, hidden_w));
+    DSERVE_ASSIGN_OR_RETURN(c.ape, up.floats(w ? &w->ape : nullptr, rate * series * width, 0, 0));
+    DSERVE_ASSIGN_OR_RETURN(c.norm, up.floats(w ? &w->norm : nullptr, width, 0, 1));
+    c.rate = rate;
+    c.width = width;
+    c.series = series;
+    return c;
+  };
   for (int64_t l = 0; l < config.num_layers; ++l) {
-    const LayerWeights& lw = weights.layers[static_cast<size_t>(l)];
+    const LayerWeights* lw = weights ? &weights->layers[static_cast<size_t>(l)] : nullptr;
+    const AttentionWeights* a = lw ? &lw->attn : nullptr;
+    const MoeWeights* moe = lw ? &lw->moe : nullptr;
     LayerDev d;
     d.kind = config.layer_types[static_cast<size_t>(l)];
     d.routing = config.mlp_types[static_cast<size_t>(l)];
-    DSERVE_ASSIGN_OR_RETURN(d.attn_norm, up.floats(lw.attn_norm.span()));
-    DSERVE_ASSIGN_OR_RETURN(d.ffn_norm, up.floats(lw.ffn_norm.span()));
-    DSERVE_ASSIGN_OR_RETURN(d.hc_attn, upload_hyper(up, lw.hc_attn));
-    DSERVE_ASSIGN_OR_RETURN(d.hc_ffn, upload_hyper(up, lw.hc_ffn));
-    const AttentionWeights& a = lw.attn;
-    DSERVE_ASSIGN_OR_RETURN(d.wq_a, up.matrix(a.wq_a));
-    DSERVE_ASSIGN_OR_RETURN(d.wq_b, up.matrix(a.wq_b));
-    DSERVE_ASSIGN_OR_RETURN(d.wkv, up.matrix(a.wkv));
-    DSERVE_ASSIGN_OR_RETURN(d.wo_a, up.matrix(a.wo_a));
-    DSERVE_ASSIGN_OR_RETURN(d.wo_b, up.matrix(a.wo_b));
-    DSERVE_ASSIGN_OR_RETURN(d.q_norm, up.floats(a.q_norm.span()));
-    DSERVE_ASSIGN_OR_RETURN(d.kv_norm, up.floats(a.kv_norm.span()));
-    DSERVE_ASSIGN_OR_RETURN(d.sinks, up.floats(a.sinks.span()));
     const int64_t rate = config.compress_rate(d.kind);
-    if (a.compressor) {
+    DSERVE_CHECK_MSG(!a || a->compressor.has_value() == (rate > 0),
+                     "layer " + std::to_string(l) + ": compressor weights disagree with its type");
+    DSERVE_CHECK_MSG(!a || a->indexer.has_value() == (d.kind == AttentionKind::kCompressed),
+                     "layer " + std::to_string(l) + ": indexer weights disagree with its type");
+    DSERVE_ASSIGN_OR_RETURN(d.attn_norm, up.floats(lw ? &lw->attn_norm : nullptr, hidden_w, 0, 1));
+    DSERVE_ASSIGN_OR_RETURN(d.ffn_norm, up.floats(lw ? &lw->ffn_norm : nullptr, hidden_w, 0, 1));
+    DSERVE_ASSIGN_OR_RETURN(d.hc_attn, hyper(lw ? &lw->hc_attn : nullptr));
+    DSERVE_ASSIGN_OR_RETURN(d.hc_ffn, hyper(lw ? &lw->hc_ffn : nullptr));
+    const int64_t heads_hd = config.num_heads * config.head_dim;
+    const int64_t grouped_width = config.o_groups * config.o_lora_rank;
+    DSERVE_ASSIGN_OR_RETURN(
+        d.wq_a, up.matrix(a ? &a->wq_a : nullptr, nullptr, config.q_lora_rank, hidden_w));
+    DSERVE_ASSIGN_OR_RETURN(
+        d.wq_b, up.matrix(a ? &a->wq_b : nullptr, nullptr, heads_hd, config.q_lora_rank));
+    DSERVE_ASSIGN_OR_RETURN(d.wkv,
+                            up.matrix(a ? &a->wkv : nullptr, nullptr, config.head_dim, hidden_w));
+    DSERVE_ASSIGN_OR_RETURN(d.wo_a, up.matrix(a ? &a->wo_a : nullptr, nullptr, grouped_width,
+                                              heads_hd / config.o_groups));
+    DSERVE_ASSIGN_OR_RETURN(d.wo_b,
+                            up.matrix(a ? &a->wo_b : nullptr, nullptr, hidden_w, grouped_width));
+    DSERVE_ASSIGN_OR_RETURN(d.q_norm,
+                            up.floats(a ? &a->q_norm : nullptr, config.q_lora_rank, 0, 1));
+    DSERVE_ASSIGN_OR_RETURN(d.kv_norm, up.floats(a ? &a->kv_norm : nullptr, config.head_dim, 0, 1));
+    DSERVE_ASSIGN_OR_RETURN(d.sinks, up.floats(a ? &a->sinks : nullptr, config.num_heads, 0, 0));
+    if (rate > 0) {
       const int64_t series = d.kind == AttentionKind::kCompressed ? 2 : 1;
-      DSERVE_ASSIGN_OR_RETURN(d.compressor,
-                              upload_compressor(up, *a.compressor, rate, config.head_dim, series));
+      DSERVE_ASSIGN_OR_RETURN(
+          d.compressor, compressor(a ? &*a->compressor : nullptr, rate, config.head_dim, series));
     }
-    if (a.indexer) {
-      DSERVE_ASSIGN_OR_RETURN(d.index_compressor, upload_compressor(up, a.indexer->compressor, rate,
-                                                                    config.index_head_dim, 2));
-      DSERVE_ASSIGN_OR_RETURN(d.index_wq_b, up.matrix(a.indexer->wq_b));
-      DSERVE_ASSIGN_OR_RETURN(d.index_weights_proj, up.matrix(a.indexer->weights_proj));
+    if (d.kind == AttentionKind::kCompressed) {
+      const IndexerWeights* ix = a ? &*a->indexer : nullptr;
+      DSERVE_ASSIGN_OR_RETURN(d.index_compressor, compressor(ix ? &ix->compressor : nullptr, rate,
+                                                             config.index_head_dim, 2));
+      DSERVE_ASSIGN_OR_RETURN(d.index_wq_b, up.matrix(ix ? &ix->wq_b : nullptr, nullptr,
+                                                      config.index_n_heads * config.index_head_dim,
+                                                      config.q_lora_rank));
+      DSERVE_ASSIGN_OR_RETURN(
+          d.index_weights_proj,
+          up.matrix(ix ? &ix->weights_proj : nullptr, nullptr, config.index_n_heads, hidden_w));
     }
-    const MoeWeights& moe = lw.moe;
-    DSERVE_ASSIGN_OR_RETURN(d.router, up.matrix(moe.gate, nullptr, /*force_fp32=*/true));
-    if (!moe.bias.empty()) {
-      DSERVE_ASSIGN_OR_RETURN(d.router_bias, up.floats(moe.bias.span()));
+    const int64_t experts = config.n_routed_experts;
+    DSERVE_ASSIGN_OR_RETURN(d.router, up.matrix(moe ? &moe->gate : nullptr, nullptr, experts,
+                                                hidden_w, /*force_fp32=*/true));
+    if (moe ? !moe->bias.empty() : d.routing == RoutingKind::kTopK) {
+      DSERVE_ASSIGN_OR_RETURN(d.router_bias, up.floats(moe ? &moe->bias : nullptr, experts, 0, 0));
     }
     if (d.routing == RoutingKind::kHash) {
-      DSERVE_ASSIGN_OR_RETURN(d.tid2eid, up.ints(moe.tid2eid));
+      DSERVE_ASSIGN_OR_RETURN(d.tid2eid, up.ints(moe ? &moe->tid2eid : nullptr,
+                                                 config.vocab_size * config.experts_per_token,
+                                                 static_cast<int32_t>(experts)));
     }
-    for (const ExpertWeights& e : moe.experts) {
-      DSERVE_ASSIGN_OR_RETURN(Weight w13, up.matrix(e.w1, &e.w3));
-      DSERVE_ASSIGN_OR_RETURN(Weight w2, up.matrix(e.w2));
+    for (int64_t e = 0; e < experts; ++e) {
+      const ExpertWeights* ew = moe ? &moe->experts[static_cast<size_t>(e)] : nullptr;
+      DSERVE_ASSIGN_OR_RETURN(Weight w13, up.matrix(ew ? &ew->w1 : nullptr, ew ? &ew->w3 : nullptr,
+                                                    2 * inter, hidden_w));
+      DSERVE_ASSIGN_OR_RETURN(Weight w2,
+                              up.matrix(ew ? &ew->w2 : nullptr, nullptr, hidden_w, inter));
       d.expert_w13.push_back(std::move(w13));
       d.expert_w2.push_back(std::move(w2));
     }
-    DSERVE_ASSIGN_OR_RETURN(d.shared_w13, up.matrix(moe.shared.w1, &moe.shared.w3));
-    DSERVE_ASSIGN_OR_RETURN(d.shared_w2, up.matrix(moe.shared.w2));
-    d.shared_inter = moe.shared.w1.dim(0);
-    max_inter = std::max(max_inter, d.shared_inter);
+    const ExpertWeights* sw = moe ? &moe->shared : nullptr;
+    DSERVE_ASSIGN_OR_RETURN(d.shared_w13, up.matrix(sw ? &sw->w1 : nullptr, sw ? &sw->w3 : nullptr,
+                                                    2 * shared_inter, hidden_w));
+    DSERVE_ASSIGN_OR_RETURN(d.shared_w2,
+                            up.matrix(sw ? &sw->w2 : nullptr, nullptr, hidden_w, shared_inter));
+    d.shared_inter = shared_inter;
     m.layers.push_back(std::move(d));
   }
   m.weight_bytes = up.bytes();
@@ -546,6 +657,32 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
     }
   }
 
+  // A generated model's request state is generated too, so that assume_context() can hand out
+  // long contexts without running them (the values only have to be finite).
+  if (seed) {
+    m.random_state = true;
+    uint64_t state_seed = *seed * 7919u;
+    auto fill = [&](DeviceBuffer& b) {
+      return cuda::fill_random(b.data(), WeightType::kFp32,
+                               static_cast<int64_t>(b.size_bytes() / sizeof(float)), ++state_seed,
+                               1.0f, 0.0f, kStream);
+    };
+    for (auto* pools : {&m.compressed_pools, &m.index_pools}) {
+      for (auto& pool : *pools) {
+        if (pool) DSERVE_RETURN_IF_ERROR(fill(pool->slab));
+      }
+    }
+    for (LayerSlabs& slab : m.slabs) {
+      DSERVE_RETURN_IF_ERROR(fill(slab.windows));
+      for (CompressorSlab* c : {&slab.kv_compressor, &slab.index_compressor}) {
+        for (DeviceBuffer* b :
+             {&c->pending_kv, &c->pending_gate, &c->overlap_kv, &c->overlap_gate}) {
+          if (b->size_bytes() > 0) DSERVE_RETURN_IF_ERROR(fill(*b));
+        }
+      }
+    }
+  }
+
   // Scratch.
   const int64_t c = options.max_chunk_tokens;
   const int64_t hidden = config.hidden_size;
@@ -565,8 +702,7 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create(const ModelConfig& config,
        {&m.row_position, &m.row_slot, &m.row_first_pos, &m.row_first_row, &m.row_end_pos}) {
     DSERVE_ASSIGN_OR_RETURN(*rows, scratch_ints(c));
   }
-  // A batch closes at most one window per row, plus one per request for a chunk whose first
-  // window started before it.
+  // A batch closes at most one window per row (c); the max_requests more are slack.
   for (DeviceBuffer* windows : {&m.csa_windows, &m.hca_windows}) {
     DSERVE_ASSIGN_OR_RETURN(*windows, DeviceBuffer::allocate((static_cast<size_t>(c + slots)) *
                                                              sizeof(cuda::ClosedWindow)));
@@ -920,6 +1056,8 @@ Status GpuModel::Impl::moe(int64_t l, int64_t n) {
     DSERVE_CHECK_MSG(e >= 0 && e < experts, "routed expert id out of range");
     ++count[static_cast<size_t>(e)];
   }
+  for (int64_t c : count)
+    batch_distinct_experts += c > 0 ? 1 : 0;
   std::vector<int64_t> offset(static_cast<size_t>(experts) + 1, 0);
   for (int64_t e = 0; e < experts; ++e)
     offset[static_cast<size_t>(e) + 1] =
@@ -1014,6 +1152,7 @@ Status GpuModel::Impl::run_batch(std::span<const Segment> segments) {
   std::vector<int32_t> ids, position, slot, first_pos, first_row, end_pos;
   std::vector<cuda::ClosedWindow> csa, hca;
   batch_max_end = 0;
+  batch_distinct_experts = 0;
   for (const Segment& seg : segments) {
     const auto row0 = static_cast<int32_t>(ids.size());
     const int64_t start = seg.state->position;
@@ -1155,18 +1294,62 @@ Status GpuModel::Impl::decode_rows(std::span<GpuRequestState* const> states,
   std::vector<Segment> segments;
   std::vector<int32_t> seen_slots;
   for (size_t i = 0; i < states.size(); ++i) {
-    DSERVE_CHECK(states[i] != nullptr);
+    if (states[i] == nullptr) {
+      return invalid_argument("decode: request " + std::to_string(i) + " has no state");
+    }
     GpuRequestState::Impl& s = state_of(*states[i]);
     if (std::find(seen_slots.begin(), seen_slots.end(), s.slot) != seen_slots.end()) {
       return invalid_argument("decode: request " + std::to_string(i) +
                               " appears twice in one step");
     }
     seen_slots.push_back(s.slot);
-    DSERVE_RETURN_IF_ERROR(check_tokens(next.subspan(i, 1), s.position));
+    const Status valid = check_tokens(next.subspan(i, 1), s.position);
+    if (!valid.is_ok()) return valid.with_context("decode: request " + std::to_string(i));
     segments.push_back(Segment{&s, next.subspan(i, 1)});
   }
   DSERVE_RETURN_IF_ERROR(reserve_pages(segments));
   return run_batch(segments);
+}
+
+int64_t GpuModel::last_batch_distinct_experts() const {
+  return impl_->batch_distinct_experts;
+}
+
+size_t GpuModel::kv_bytes(const GpuRequestState& state, int64_t layer) const {
+  const Impl& m = *impl_;
+  DSERVE_CHECK(state.impl_ != nullptr && state.impl_->owner == impl_.get());
+  DSERVE_CHECK(layer >= 0 && layer < m.config.num_layers);
+  const auto l = static_cast<size_t>(layer);
+  const LayerPages& pages = state.impl_->layers[l];
+  size_t bytes = 0;
+  for (auto [list, pool] : {std::pair{&pages.compressed, m.compressed_pools[l].get()},
+                            std::pair{&pages.index_keys, m.index_pools[l].get()}}) {
+    if (pool != nullptr) {
+      bytes += list->pages.size() * static_cast<size_t>(pool->rows_per_page * pool->width) *
+               sizeof(float);
+    }
+  }
+  return bytes;
+}
+
+Status GpuModel::assume_context(GpuRequestState& state, int64_t tokens) {
+  Impl& m = *impl_;
+  if (!m.random_state) {
+    return invalid_argument(
+        "assume_context: only a model made by create_random has generated "
+        "request state to assume");
+  }
+  GpuRequestState::Impl& s = m.state_of(state);
+  if (s.position != 0 || tokens < 0 || tokens > m.options.max_positions) {
+    return invalid_argument("assume_context: a fresh state and 0 <= tokens <= max_positions (" +
+                            std::to_string(m.options.max_positions) + "), got position " +
+                            std::to_string(s.position) + " and tokens " + std::to_string(tokens));
+  }
+  const std::vector<int32_t> placeholder(static_cast<size_t>(tokens), 0);
+  const Impl::Segment whole{&s, placeholder};
+  DSERVE_RETURN_IF_ERROR(m.reserve_pages(std::span(&whole, 1)));
+  s.position = tokens;
+  return Status::ok();
 }
 
 Result<Tensor> GpuModel::decode(std::span<GpuRequestState* const> states,

@@ -276,6 +276,40 @@ TEST_F(GpuForwardTest, BatchedDecodeMatchesEachRequestAlone) {
   }
 }
 
+// The benchmark path: generated weights and assumed contexts give finite logits at every
+// batch size the benchmark uses, and a loaded model refuses assume_context.
+TEST_F(GpuForwardTest, GeneratedModelDecodesAssumedContexts) {
+  const Model& cpu = testing_support::tiny_model();
+  GpuModelOptions options;
+  options.max_positions = 1024;
+  options.max_requests = 16;
+  options.max_chunk_tokens = 64;
+  auto created = GpuModel::create_random(cpu.config(), options, 3);
+  ASSERT_TRUE(created.is_ok()) << created.status().to_string();
+  GpuModel& model = **created;
+  std::vector<GpuRequestState> states;
+  for (int b = 0; b < 16; ++b) {
+    states.push_back(std::move(model.new_state()).value());
+    ASSERT_TRUE(model.assume_context(states.back(), 300 + b * 37).is_ok());
+  }
+  std::vector<GpuRequestState*> rows;
+  for (auto& s : states)
+    rows.push_back(&s);
+  const std::vector<int32_t> tokens(16, 5);
+  auto logits = model.decode(rows, tokens);
+  ASSERT_TRUE(logits.is_ok()) << logits.status().to_string();
+  for (float v : logits->span())
+    ASSERT_TRUE(std::isfinite(v));
+  EXPECT_GT(model.last_batch_distinct_experts(), 0);
+  EXPECT_GT(model.kv_bytes(states.front(), 1), size_t{0});
+
+  auto loaded = gpu(cpu, GpuWeights::kFp32);
+  ASSERT_NE(loaded, nullptr);
+  auto state = loaded->new_state();
+  ASSERT_TRUE(state.is_ok());
+  EXPECT_EQ(loaded->assume_context(*state, 10).code(), StatusCode::kInvalidArgument);
+}
+
 TEST_F(GpuForwardTest, RefusesBadInputWithoutTouchingTheState) {
   const Model& cpu = testing_support::tiny_model();
   auto model = gpu(cpu, GpuWeights::kFp32);

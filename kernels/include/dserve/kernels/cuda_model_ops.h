@@ -11,7 +11,9 @@
 // row per request). BatchRows says, per row, where its token is and whose it is; a request's
 // state lives in its SLOT of per-layer slabs (window ring, compressor buffers, block table).
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
 
 #include "dserve/core/status.h"
 #include "dserve/kernels/cuda_ops.h"
@@ -165,6 +167,10 @@ Status indexer_scores_paged(const float* q, const float* weights, int64_t n, int
                             int64_t dim, const BatchRows& rows, const PagedRowsView& keys,
                             int64_t stride, int64_t rate, float score_scale, float weight_scale,
                             float* scores, CudaStream stream);
+// Shared memory one block of indexer_scores_paged takes (must fit the device).
+constexpr size_t indexer_scores_paged_shared_bytes(int64_t heads, int64_t dim) {
+  return static_cast<size_t>(heads * (dim + 1) + heads + 4 * dim + 4 * heads) * sizeof(float);
+}
 // For each row t of scores [n, stride]: the indices of the min(k, visible(t)) best, highest
 // score first and the lower index on ties, written in ascending order to selected[t, 0..count)
 // with count in counts[t].
@@ -222,5 +228,27 @@ Status moe_combine(const float* ys, const int32_t* slots, const float* weights, 
 // --- Sampling -----------------------------------------------------------------------------
 // out[r] = argmax of row r of x[rows, n], the lowest index among equals.
 Status argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out, CudaStream stream);
+
+// --- Benchmarks ---------------------------------------------------------------------------
+// Seeded values in device memory: data[i] = offset + scale * u(seed, i), u uniform in [-1, 1)
+// and a function of (seed, i) only; `type` is the element type of data.
+Status fill_random(void* data, WeightType type, int64_t count, uint64_t seed, float scale,
+                   float offset, CudaStream stream);
+// data[i] uniform in [0, bound).
+Status fill_random_ints(int32_t* data, int64_t count, uint64_t seed, int32_t bound,
+                        CudaStream stream);
+// Device-to-device copy bandwidth (bytes read + written per second) over `repeats` copies of
+// `bytes`, timed with events.
+Result<double> measure_copy_bandwidth(size_t bytes, int repeats);
+// cuBLAS bf16 GEMM rate (flop/s) of y[n, m] = x[n, k] . w[m, k]^T over `repeats` runs.
+Result<double> measure_bf16_gemm_flops(const BlasHandle& blas, int64_t m, int64_t n, int64_t k,
+                                       int repeats);
+struct DeviceMemory {
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+};
+Result<DeviceMemory> device_memory();
+// Wall time of work() between two device-wide synchronisations.
+Result<double> time_seconds_synchronized(const std::function<Status()>& work);
 
 }  // namespace dserve::kernels::cuda

@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <vector>
 
@@ -70,6 +71,11 @@ class GpuModel {
   static Result<std::unique_ptr<GpuModel>> create(const ModelConfig& config,
                                                   const ModelWeights& weights,
                                                   GpuModelOptions options = {});
+  // A model of the config's shapes with seeded weights generated on the device (uniform,
+  // scaled by 1 / sqrt(fan-in); norms 1, biases 0): for benchmarks at widths whose weights
+  // could not be made on the host. Errors as create().
+  static Result<std::unique_ptr<GpuModel>> create_random(const ModelConfig& config,
+                                                         GpuModelOptions options, uint64_t seed);
   ~GpuModel();
   GpuModel(const GpuModel&) = delete;
   GpuModel& operator=(const GpuModel&) = delete;
@@ -100,6 +106,18 @@ class GpuModel {
   Result<std::vector<int32_t>> decode_greedy(std::span<GpuRequestState* const> states,
                                              std::span<const int32_t> tokens);
 
+  // Benchmarks: makes a fresh state of a create_random() model stand at position `tokens`, its
+  // pages taken and its window, compressor buffers and entries the generated values, without
+  // running the tokens (INVALID_ARGUMENT for other models or states).
+  Status assume_context(GpuRequestState& state, int64_t tokens);
+
+  // Routed experts that got rows in the last batch, summed over the layers (the expert weights
+  // that batch had to read).
+  int64_t last_batch_distinct_experts() const;
+  // Bytes of the pages a request holds in one layer's pools (compressed entries and indexer
+  // keys, fp32 rows; whole pages).
+  size_t kv_bytes(const GpuRequestState& state, int64_t layer) const;
+
   // Device bytes held by weights, and by the page pools of compressed entries and indexer keys.
   size_t weight_bytes() const;
   size_t pool_bytes() const;
@@ -107,6 +125,10 @@ class GpuModel {
   struct Impl;  // defined in gpu_model.cc; named here so request states can point at it
 
  private:
+  static Result<std::unique_ptr<GpuModel>> create_on_device(const ModelConfig& config,
+                                                            const ModelWeights* weights,
+                                                            GpuModelOptions options,
+                                                            std::optional<uint64_t> seed);
   explicit GpuModel(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
