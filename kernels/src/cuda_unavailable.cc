@@ -194,6 +194,16 @@ Status moe_combine(const float*, const int32_t*, const float*, const float*, int
   return not_built();
 }
 
+Status moe_group(const int32_t*, const float*, int64_t, int64_t, int64_t, const MoeGroups&,
+                 CudaStream) {
+  return not_built();
+}
+
+Status moe_experts_gemv(const float*, const MoeGroups&, int64_t, const void* const*, WeightType,
+                        int64_t, int64_t, float*, CudaStream) {
+  return not_built();
+}
+
 Status argmax_rows(const float*, int64_t, int64_t, int32_t*, CudaStream) {
   return not_built();
 }

@@ -32,6 +32,8 @@ constexpr cuda::CudaStream kStream{};  // the legacy default stream: copies orde
 constexpr int64_t kIndexerTileFloats = int64_t{32} << 20;
 // Scratch the logits may take per tile of output rows (floats).
 constexpr int64_t kLogitsTileFloats = int64_t{64} << 20;
+// Routed (token, expert) pairs up to which the grouping stays on the device (decode batches).
+constexpr int64_t kDeviceGroupingPairs = 2048;
 
 uint16_t bf16_bits(float f) {
   const auto u = std::bit_cast<uint32_t>(f);
@@ -169,7 +171,8 @@ struct LayerDev {
   Weight index_wq_b, index_weights_proj;
   Weight router;  // fp32: routing decisions must not move with the weight format
   DeviceBuffer router_bias, tid2eid;
-  std::vector<Weight> expert_w13, expert_w2;  // gate and up stacked: [2 * inter, hidden]
+  std::vector<Weight> expert_w13, expert_w2;     // gate and up stacked: [2 * inter, hidden]
+  DeviceBuffer expert_w13_ptrs, expert_w2_ptrs;  // their device addresses, for the decode path
   Weight shared_w13, shared_w2;
   int64_t shared_inter = 0;
 };
@@ -299,6 +302,7 @@ struct GpuModel::Impl {
   DeviceBuffer selected, selected_counts;
   DeviceBuffer router, route_ids, route_weights;  // MoE
   DeviceBuffer perm_rows, combine_slots, combine_weights;
+  DeviceBuffer moe_offsets, moe_active, moe_active_count, moe_slot_of, moe_active_total;
   DeviceBuffer xs, gate_up, hidden_act, ys, shared_gate_up, shared_act, shared_out;
   DeviceBuffer final_hidden, logits, greedy;
   DeviceBuffer bf16_scratch;
@@ -342,6 +346,8 @@ struct GpuModel::Impl {
   Status attention(int64_t l, int64_t n);
 
   Status moe(int64_t l, int64_t n);
+  Status routed_experts_on_device(const LayerDev& d, int64_t n);
+  Status routed_experts_through_host(const LayerDev& d, int64_t n);
   Status hyper_in(const HyperDev& hc, const DeviceBuffer& norm_weight, int64_t n);
   Status final_rows(int64_t first_row, int64_t rows, float* logits_out);
 };
@@ -575,6 +581,13 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
       d.expert_w13.push_back(std::move(w13));
       d.expert_w2.push_back(std::move(w2));
     }
+    std::vector<const void*> w13_ptrs, w2_ptrs;
+    for (int64_t e = 0; e < experts; ++e) {
+      w13_ptrs.push_back(d.expert_w13[static_cast<size_t>(e)].m.data);
+      w2_ptrs.push_back(d.expert_w2[static_cast<size_t>(e)].m.data);
+    }
+    DSERVE_ASSIGN_OR_RETURN(d.expert_w13_ptrs, DeviceBuffer::from_host<const void*>(w13_ptrs));
+    DSERVE_ASSIGN_OR_RETURN(d.expert_w2_ptrs, DeviceBuffer::from_host<const void*>(w2_ptrs));
     const ExpertWeights* sw = moe ? &moe->shared : nullptr;
     DSERVE_ASSIGN_OR_RETURN(d.shared_w13, up.matrix(sw ? &sw->w1 : nullptr, sw ? &sw->w3 : nullptr,
                                                     2 * shared_inter, hidden_w));
@@ -735,6 +748,11 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
   DSERVE_ASSIGN_OR_RETURN(m.perm_rows, scratch_ints(c * k));
   DSERVE_ASSIGN_OR_RETURN(m.combine_slots, scratch_ints(c * k));
   DSERVE_ASSIGN_OR_RETURN(m.combine_weights, scratch_floats(c * k));
+  DSERVE_ASSIGN_OR_RETURN(m.moe_offsets, scratch_ints(config.n_routed_experts + 1));
+  DSERVE_ASSIGN_OR_RETURN(m.moe_active, scratch_ints(config.n_routed_experts));
+  DSERVE_ASSIGN_OR_RETURN(m.moe_active_count, scratch_ints(1));
+  DSERVE_ASSIGN_OR_RETURN(m.moe_slot_of, scratch_ints(c * k));
+  DSERVE_ASSIGN_OR_RETURN(m.moe_active_total, scratch_ints(1));
   DSERVE_ASSIGN_OR_RETURN(m.xs, scratch_floats(c * k * hidden));
   DSERVE_ASSIGN_OR_RETURN(m.gate_up, scratch_floats(c * k * 2 * config.moe_intermediate_size));
   DSERVE_ASSIGN_OR_RETURN(m.hidden_act, scratch_floats(c * k * config.moe_intermediate_size));
@@ -1027,15 +1045,14 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
   return linear(grouped.as<float>(), n, d.wo_b, sublayer_out.as<float>());
 }
 
-// moe() of moe.cc: x -> sublayer_out. Routing runs on the device; the grouping of rows by
-// expert is made on the host from the routed ids (one copy back per MoE layer), and each
-// expert with rows runs as two GEMMs over its contiguous rows.
+// moe() of moe.cc: x -> sublayer_out. Routing runs on the device; the routed experts run on
+// the device path for small batches and through the host for large ones (below); then the
+// shared expert and the combine in moe.cc's order.
 Status GpuModel::Impl::moe(int64_t l, int64_t n) {
   const LayerDev& d = layers[static_cast<size_t>(l)];
   const int64_t hidden = config.hidden_size;
   const int64_t experts = config.n_routed_experts;
   const int64_t k = config.experts_per_token;
-  const int64_t inter = config.moe_intermediate_size;
   const auto limit = static_cast<float>(config.swiglu_limit);
   const bool hash = d.routing == RoutingKind::kHash;
 
@@ -1045,6 +1062,57 @@ Status GpuModel::Impl::moe(int64_t l, int64_t n) {
       hash ? d.tid2eid.as<int32_t>() : nullptr, hash ? tokens.as<int32_t>() : nullptr, n, experts,
       k, static_cast<int>(config.scoring_func), static_cast<float>(config.routed_scaling_factor),
       route_ids.as<int32_t>(), route_weights.as<float>(), kStream));
+  const int64_t pairs = n * k;
+  if (pairs <= kDeviceGroupingPairs) {
+    DSERVE_RETURN_IF_ERROR(routed_experts_on_device(d, n));
+  } else {
+    DSERVE_RETURN_IF_ERROR(routed_experts_through_host(d, n));
+  }
+  // The shared expert over every row.
+  DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.shared_w13, shared_gate_up.as<float>()));
+  DSERVE_RETURN_IF_ERROR(cuda::swiglu(shared_gate_up.as<float>(), n, d.shared_inter, limit,
+                                      shared_act.as<float>(), kStream));
+  DSERVE_RETURN_IF_ERROR(linear(shared_act.as<float>(), n, d.shared_w2, shared_out.as<float>()));
+  return cuda::moe_combine(ys.as<float>(), combine_slots.as<int32_t>(), combine_weights.as<float>(),
+                           shared_out.as<float>(), n, k, hidden, sublayer_out.as<float>(), kStream);
+}
+
+// Routed experts of a small batch (decode): grouping and products on the device, no copy back.
+Status GpuModel::Impl::routed_experts_on_device(const LayerDev& d, int64_t n) {
+  const int64_t hidden = config.hidden_size;
+  const int64_t experts = config.n_routed_experts;
+  const int64_t k = config.experts_per_token;
+  const int64_t inter = config.moe_intermediate_size;
+  const int64_t pairs = n * k;
+  const cuda::MoeGroups groups{moe_offsets.as<int32_t>(),      moe_active.as<int32_t>(),
+                               moe_active_count.as<int32_t>(), perm_rows.as<int32_t>(),
+                               moe_slot_of.as<int32_t>(),      combine_slots.as<int32_t>(),
+                               combine_weights.as<float>(),    moe_active_total.as<int32_t>()};
+  DSERVE_RETURN_IF_ERROR(cuda::moe_group(route_ids.as<int32_t>(), route_weights.as<float>(), n, k,
+                                         experts, groups, kStream));
+  DSERVE_RETURN_IF_ERROR(cuda::gather_token_rows(x.as<float>(), perm_rows.as<int32_t>(), pairs,
+                                                 hidden, xs.as<float>(), kStream));
+  const int64_t max_active = std::min(experts, pairs);
+  const WeightType type = d.expert_w13.front().m.type;
+  DSERVE_RETURN_IF_ERROR(cuda::moe_experts_gemv(xs.as<float>(), groups, max_active,
+                                                d.expert_w13_ptrs.as<const void* const>(), type,
+                                                2 * inter, hidden, gate_up.as<float>(), kStream));
+  DSERVE_RETURN_IF_ERROR(cuda::swiglu(gate_up.as<float>(), pairs, inter,
+                                      static_cast<float>(config.swiglu_limit),
+                                      hidden_act.as<float>(), kStream));
+  return cuda::moe_experts_gemv(hidden_act.as<float>(), groups, max_active,
+                                d.expert_w2_ptrs.as<const void* const>(), type, hidden, inter,
+                                ys.as<float>(), kStream);
+}
+
+// Routed experts of a large batch (prefill): the routed ids come back to the host, which groups
+// the rows by expert; each expert with rows runs as two cuBLAS GEMMs over its contiguous rows.
+Status GpuModel::Impl::routed_experts_through_host(const LayerDev& d, int64_t n) {
+  const int64_t hidden = config.hidden_size;
+  const int64_t experts = config.n_routed_experts;
+  const int64_t k = config.experts_per_token;
+  const int64_t inter = config.moe_intermediate_size;
+  const auto limit = static_cast<float>(config.swiglu_limit);
   std::vector<int32_t> ids(static_cast<size_t>(n * k));
   std::vector<float> weights(ids.size());
   DSERVE_RETURN_IF_ERROR(route_ids.copy_to_host<int32_t>(ids));
@@ -1116,13 +1184,7 @@ Status GpuModel::Impl::moe(int64_t l, int64_t n) {
                                   d.expert_w2[static_cast<size_t>(e)],
                                   ys.as<float>() + first * hidden));
   }
-  // The shared expert over every row.
-  DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.shared_w13, shared_gate_up.as<float>()));
-  DSERVE_RETURN_IF_ERROR(cuda::swiglu(shared_gate_up.as<float>(), n, d.shared_inter, limit,
-                                      shared_act.as<float>(), kStream));
-  DSERVE_RETURN_IF_ERROR(linear(shared_act.as<float>(), n, d.shared_w2, shared_out.as<float>()));
-  return cuda::moe_combine(ys.as<float>(), combine_slots.as<int32_t>(), combine_weights.as<float>(),
-                           shared_out.as<float>(), n, k, hidden, sublayer_out.as<float>(), kStream);
+  return Status::ok();
 }
 
 // hyper_head + final norm + lm_head for `rows` stream rows from first_row: logits_out (device,
@@ -1153,6 +1215,8 @@ Status GpuModel::Impl::run_batch(std::span<const Segment> segments) {
   std::vector<cuda::ClosedWindow> csa, hca;
   batch_max_end = 0;
   batch_distinct_experts = 0;
+  const int32_t zero = 0;
+  DSERVE_RETURN_IF_ERROR(moe_active_total.copy_from_host(&zero, sizeof(zero)));
   for (const Segment& seg : segments) {
     const auto row0 = static_cast<int32_t>(ids.size());
     const int64_t start = seg.state->position;
@@ -1311,8 +1375,11 @@ Status GpuModel::Impl::decode_rows(std::span<GpuRequestState* const> states,
   return run_batch(segments);
 }
 
-int64_t GpuModel::last_batch_distinct_experts() const {
-  return impl_->batch_distinct_experts;
+Result<int64_t> GpuModel::last_batch_distinct_experts() const {
+  // Counted on the host for batches grouped there, on the device for the others.
+  int32_t on_device = 0;
+  DSERVE_RETURN_IF_ERROR(impl_->moe_active_total.copy_to_host(&on_device, sizeof(on_device)));
+  return impl_->batch_distinct_experts + on_device;
 }
 
 size_t GpuModel::kv_bytes(const GpuRequestState& state, int64_t layer) const {

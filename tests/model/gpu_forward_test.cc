@@ -141,6 +141,20 @@ TEST_F(GpuForwardTest, Fp32LogitsMatchCpuForWholeAndChunkedPrefill) {
   }
 }
 
+// Up to 2048 routed pairs a batch groups its rows by expert on the device; a longer prefill
+// groups them on the host and runs each expert through cuBLAS. Both give the CPU's logits.
+TEST_F(GpuForwardTest, LongPrefillGroupsExpertsOnTheHost) {
+  const Model& cpu = testing_support::tiny_model();
+  auto model = gpu(cpu, GpuWeights::kFp32, /*max_chunk_tokens=*/2048);
+  ASSERT_NE(model, nullptr);
+  const int64_t n = 2048 / cpu.config().experts_per_token + 77;  // past the device grouping
+  const auto ids = prompt(n, 8, cpu.config().vocab_size);
+  const double diff = worst_diff(gpu_logits(*model, ids, n), cpu_logits(cpu, ids));
+  EXPECT_LT(diff, kFp32Tolerance);
+  std::cout << "[ figures  ] fp32 " << n << "-token prefill (host grouping): worst relative "
+            << "logit diff " << diff << "\n";
+}
+
 TEST_F(GpuForwardTest, PassesSplitByScratchSizeGiveTheSameLogits) {
   const Model& cpu = testing_support::tiny_model();
   auto small = gpu(cpu, GpuWeights::kFp32, /*max_chunk_tokens=*/5);
@@ -300,7 +314,9 @@ TEST_F(GpuForwardTest, GeneratedModelDecodesAssumedContexts) {
   ASSERT_TRUE(logits.is_ok()) << logits.status().to_string();
   for (float v : logits->span())
     ASSERT_TRUE(std::isfinite(v));
-  EXPECT_GT(model.last_batch_distinct_experts(), 0);
+  auto routed = model.last_batch_distinct_experts();
+  ASSERT_TRUE(routed.is_ok());
+  EXPECT_GT(*routed, 0);
   EXPECT_GT(model.kv_bytes(states.front(), 1), size_t{0});
 
   auto loaded = gpu(cpu, GpuWeights::kFp32);

@@ -225,6 +225,28 @@ Status gather_token_rows(const float* x, const int32_t* rows, int64_t count, int
 Status moe_combine(const float* ys, const int32_t* slots, const float* weights, const float* shared,
                    int64_t n, int64_t k, int64_t hidden, float* out, CudaStream stream);
 
+// Small batches (decode) keep the grouping of rows by expert on the device, so a step needs no
+// copy back to the host. The grouping of n tokens x k routed experts:
+struct MoeGroups {
+  int32_t* offsets = nullptr;        // [experts + 1]: expert e's slots are offsets[e] .. [e+1]
+  int32_t* active = nullptr;         // [experts]: experts with rows, ascending
+  int32_t* active_count = nullptr;   // [1]
+  int32_t* rows = nullptr;           // [n * k]: the token of each slot (slots in token order)
+  int32_t* slot_of = nullptr;        // [n * k]: the slot of pair (t, i)
+  int32_t* combine_slots = nullptr;  // [n, k]: token t's slots in ascending expert order
+  float* combine_weights = nullptr;  // [n, k]: their routing weights
+  int32_t* active_total = nullptr;   // [1] or null: active experts are added here (statistics)
+};
+// Groups the routed pairs ids/weights [n, k] (one block; meant for n * k up to a few thousand).
+Status moe_group(const int32_t* ids, const float* weights, int64_t n, int64_t k, int64_t experts,
+                 const MoeGroups& groups, CudaStream stream);
+// out[s, :] = x[s, :] . W_e^T for every slot s of every active expert e, W_e = expert_weights[e]
+// ([rows, cols] of `type`, a device array of device pointers); at most max_active experts are
+// active (min(experts, n * k)). Each weight row is read once per 8 slots of its expert.
+Status moe_experts_gemv(const float* x, const MoeGroups& groups, int64_t max_active,
+                        const void* const* expert_weights, WeightType type, int64_t rows,
+                        int64_t cols, float* out, CudaStream stream);
+
 // --- Sampling -----------------------------------------------------------------------------
 // out[r] = argmax of row r of x[rows, n], the lowest index among equals.
 Status argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out, CudaStream stream);

@@ -113,7 +113,7 @@ class GpuModel {
 
   // Routed experts that got rows in the last batch, summed over the layers (the expert weights
   // that batch had to read).
-  int64_t last_batch_distinct_experts() const;
+  Result<int64_t> last_batch_distinct_experts() const;
   // Bytes of the pages a request holds in one layer's pools (compressed entries and indexer
   // keys, fp32 rows; whole pages).
   size_t kv_bytes(const GpuRequestState& state, int64_t layer) const;
