@@ -96,7 +96,21 @@ __global__ void sparse_attention_kernel(AttentionInputs in, BatchRows rows, Shap
   }
 }
 
+// Above the default 48 KiB a kernel must opt in; the largest size granted so far is kept (one
+// device per process, as everywhere in this backend).
+size_t attention_granted = 48 * 1024;
+
 }  // namespace
+
+Status reserve_attention_shared(size_t bytes) {
+  if (bytes <= attention_granted) return Status::ok();
+  DSERVE_RETURN_IF_ERROR(cuda_status(
+      cudaFuncSetAttribute(sparse_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes)),
+      "cudaFuncSetAttribute(sparse_attention_kernel shared memory)"));
+  attention_granted = bytes;
+  return Status::ok();
+}
 
 Status sparse_attention(const AttentionInputs& in, const BatchRows& rows, int64_t n, int64_t heads,
                         int64_t head_dim, int64_t sliding_window, int64_t max_compressed,
@@ -107,16 +121,7 @@ Status sparse_attention(const AttentionInputs& in, const BatchRows& rows, int64_
   if (n == 0) return Status::ok();
   DSERVE_CHECK_MSG(n <= 65535, "a batch of more than 65535 rows exceeds the launch grid");
   const size_t shared = sparse_attention_shared_bytes(sliding_window, max_compressed);
-  // Above the default 48 KiB a kernel must opt in; the largest size granted so far is kept
-  // (one device per process, as everywhere in this backend).
-  static size_t granted = 48 * 1024;
-  if (shared > granted) {
-    DSERVE_RETURN_IF_ERROR(cuda_status(
-        cudaFuncSetAttribute(sparse_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(shared)),
-        "cudaFuncSetAttribute(sparse_attention_kernel shared memory)"));
-    granted = shared;
-  }
+  DSERVE_RETURN_IF_ERROR(reserve_attention_shared(shared));
   const Shape shape{heads, head_dim, sliding_window, scale};
   const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(n));
   sparse_attention_kernel<<<grid, kThreads, shared, native(stream)>>>(in, rows, shape, out);

@@ -41,6 +41,11 @@ inline cublasHandle_t handle_of(const BlasHandle& blas) {
   return static_cast<cublasHandle_t>(blas.native());
 }
 
+// Opt-in dynamic shared memory of the kernels that may need more than 48 KiB (attention.cu,
+// indexer.cu); a no-op when that much is already granted.
+Status reserve_attention_shared(size_t bytes);
+Status reserve_indexer_shared(size_t bytes);
+
 constexpr int kWarpSize = 32;
 // Upper bound on blocks in a grid-stride launch: enough to fill any current GPU many times,
 // far below the 2^31 - 1 limit of gridDim.x.

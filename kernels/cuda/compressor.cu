@@ -58,10 +58,11 @@ __device__ TokenSource source_of(const float* kv, const float* gate, const Batch
 // and writes it into its page. Dynamic shared memory: width floats.
 __global__ void pool_windows_kernel(const float* __restrict__ kv, const float* __restrict__ gate,
                                     BatchRows rows, const ClosedWindow* __restrict__ windows,
-                                    CompressorView state, PagedRowsView entries, RopeView rope,
-                                    float eps) {
+                                    const int32_t* __restrict__ window_count, CompressorView state,
+                                    PagedRowsView entries, RopeView rope, float eps) {
   extern __shared__ float entry[];
   __shared__ float scratch[kWarpSize];
+  if (static_cast<int32_t>(blockIdx.x) >= *window_count) return;
   const ClosedWindow closed = windows[blockIdx.x];
   const TokenSource src = source_of(kv, gate, rows, closed.row, state);
   const int64_t slot = rows.slot[closed.row];
@@ -134,10 +135,10 @@ __global__ void pool_windows_kernel(const float* __restrict__ kv, const float* _
 }  // namespace
 
 Status compress_batch(const float* kv, const float* gate, int64_t n, const BatchRows& rows,
-                      const ClosedWindow* windows, int64_t window_count,
+                      const ClosedWindow* windows, const int32_t* window_count, int64_t max_windows,
                       const CompressorView& state, const PagedRowsView& entries,
                       const RopeView& rope, float eps, CudaStream stream) {
-  DSERVE_CHECK(n >= 0 && window_count >= 0 && state.rate >= 1 && state.width >= 1);
+  DSERVE_CHECK(n >= 0 && max_windows >= 0 && state.rate >= 1 && state.width >= 1);
   DSERVE_CHECK(state.series == 1 || state.series == 2);
   DSERVE_CHECK(entries.width == state.width && 2 * rope.half <= state.width);
   if (n == 0) return Status::ok();
@@ -146,18 +147,19 @@ Status compress_batch(const float* kv, const float* gate, int64_t n, const Batch
   const int64_t row = state.series * width;
   const CompressorView view = state;
   const BatchRows r = rows;
-  if (window_count > 0) {
-    DSERVE_CHECK(windows != nullptr && window_count <= INT32_MAX);
+  if (max_windows > 0) {
+    DSERVE_CHECK(windows != nullptr && window_count != nullptr && max_windows <= INT32_MAX);
     const size_t shared = static_cast<size_t>(width) * sizeof(float);
-    pool_windows_kernel<<<static_cast<unsigned>(window_count), kThreads, shared, native(stream)>>>(
-        kv, gate, r, windows, view, entries, rope, eps);
+    pool_windows_kernel<<<static_cast<unsigned>(max_windows), kThreads, shared, native(stream)>>>(
+        kv, gate, r, windows, window_count, view, entries, rope, eps);
     DSERVE_RETURN_IF_ERROR(launch_status("pool_windows_kernel launch"));
     // Each request's last closed window's Ca series becomes its next window's prior (reads
     // the pending rows before the next launch overwrites them).
     if (state.series == 2) {
       DSERVE_RETURN_IF_ERROR(for_each_index(
-          window_count * rate * width,
+          max_windows * rate * width,
           [=] __device__(int64_t i) {
+            if (i / (rate * width) >= *window_count) return;
             const ClosedWindow closed = windows[i / (rate * width)];
             if (closed.last == 0) return;
             const int64_t j = (i / width) % rate;

@@ -183,7 +183,19 @@ __global__ void indexer_scores_paged_kernel(const float* __restrict__ q,
   }
 }
 
+size_t indexer_granted = 48 * 1024;
+
 }  // namespace
+
+Status reserve_indexer_shared(size_t bytes) {
+  if (bytes <= indexer_granted) return Status::ok();
+  DSERVE_RETURN_IF_ERROR(cuda_status(
+      cudaFuncSetAttribute(indexer_scores_paged_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes)),
+      "cudaFuncSetAttribute(indexer_scores_paged_kernel shared memory)"));
+  indexer_granted = bytes;
+  return Status::ok();
+}
 
 Status indexer_scores(const float* dots, const float* weights, int64_t n, int64_t heads,
                       int64_t stride, const int32_t* positions, int64_t rate, float score_scale,
@@ -218,14 +230,7 @@ Status indexer_scores_paged(const float* q, const float* weights, int64_t n, int
   DSERVE_CHECK_MSG(n <= INT32_MAX && stride / kPagedEntries < 65535,
                    "indexer batch past the launch grid");
   const size_t shared = indexer_scores_paged_shared_bytes(heads, dim);
-  static size_t granted = 48 * 1024;
-  if (shared > granted) {
-    DSERVE_RETURN_IF_ERROR(cuda_status(
-        cudaFuncSetAttribute(indexer_scores_paged_kernel,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)),
-        "cudaFuncSetAttribute(indexer_scores_paged_kernel shared memory)"));
-    granted = shared;
-  }
+  DSERVE_RETURN_IF_ERROR(reserve_indexer_shared(shared));
   const dim3 grid(static_cast<unsigned>(n),
                   static_cast<unsigned>((stride + kPagedEntries - 1) / kPagedEntries));
   indexer_scores_paged_kernel<<<grid, kPagedThreads, shared, native(stream)>>>(

@@ -146,8 +146,8 @@ Status gather_rows(const PagedRowsView&, int64_t, int64_t, int64_t, float*, Cuda
 }
 
 Status compress_batch(const float*, const float*, int64_t, const BatchRows&, const ClosedWindow*,
-                      int64_t, const CompressorView&, const PagedRowsView&, const RopeView&, float,
-                      CudaStream) {
+                      const int32_t*, int64_t, const CompressorView&, const PagedRowsView&,
+                      const RopeView&, float, CudaStream) {
   return not_built();
 }
 
@@ -205,6 +205,40 @@ Status moe_experts_gemv(const float*, const MoeGroups&, int64_t, const void* con
 }
 
 Status argmax_rows(const float*, int64_t, int64_t, int32_t*, CudaStream) {
+  return not_built();
+}
+
+Status reserve_shared_memory(size_t, size_t) {
+  return not_built();
+}
+
+Status set_blas_workspace(const BlasHandle&, void*, size_t) {
+  return not_built();
+}
+
+Result<OwnedStream> OwnedStream::create() {
+  return not_built();
+}
+
+OwnedStream& OwnedStream::operator=(OwnedStream&& other) noexcept {
+  std::swap(handle_, other.handle_);
+  return *this;
+}
+
+OwnedStream::~OwnedStream() = default;
+
+CapturedGraph& CapturedGraph::operator=(CapturedGraph&& other) noexcept {
+  std::swap(exec_, other.exec_);
+  return *this;
+}
+
+CapturedGraph::~CapturedGraph() = default;
+
+Result<CapturedGraph> CapturedGraph::capture(CudaStream, const std::function<Status()>&) {
+  return not_built();
+}
+
+Status CapturedGraph::launch(CudaStream) const {
   return not_built();
 }
 

@@ -8,6 +8,7 @@
 #include <bit>
 #include <climits>
 #include <cmath>
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
@@ -27,7 +28,9 @@ using cuda::WeightType;
 
 namespace {
 
-constexpr cuda::CudaStream kStream{};  // the legacy default stream: copies order with launches
+// The legacy default stream: weight generation at creation. Everything after runs on the
+// model's own (blocking) stream, which synchronous copies order with as well.
+constexpr cuda::CudaStream kDefaultStream{};
 // Scratch the indexer's head products may take per query tile (floats).
 constexpr int64_t kIndexerTileFloats = int64_t{32} << 20;
 // Scratch the logits may take per tile of output rows (floats).
@@ -78,7 +81,7 @@ class Uploader {
                                                      (type == WeightType::kBf16 ? 2 : 4)));
       DSERVE_RETURN_IF_ERROR(cuda::fill_random(w.buffer.data(), type, rows * cols, next_seed(),
                                                1.0f / std::sqrt(static_cast<float>(cols)), 0.0f,
-                                               kStream));
+                                               kDefaultStream));
     } else {
       DSERVE_CHECK(t != nullptr);
       DSERVE_CHECK_MSG(t->cols() == cols && (stack == nullptr || stack->cols() == cols) &&
@@ -111,7 +114,7 @@ class Uploader {
     if (random()) {
       DSERVE_ASSIGN_OR_RETURN(b, DeviceBuffer::allocate(static_cast<size_t>(count) * 4));
       DSERVE_RETURN_IF_ERROR(cuda::fill_random(b.data(), WeightType::kFp32, count, next_seed(),
-                                               scale, offset, kStream));
+                                               scale, offset, kDefaultStream));
     } else {
       DSERVE_CHECK(t != nullptr);
       DSERVE_CHECK_MSG(t->numel() == count,
@@ -128,7 +131,7 @@ class Uploader {
     if (random()) {
       DSERVE_ASSIGN_OR_RETURN(b, DeviceBuffer::allocate(static_cast<size_t>(count) * 4));
       DSERVE_RETURN_IF_ERROR(
-          cuda::fill_random_ints(b.as<int32_t>(), count, next_seed(), bound, kStream));
+          cuda::fill_random_ints(b.as<int32_t>(), count, next_seed(), bound, kDefaultStream));
     } else {
       DSERVE_CHECK(v != nullptr && static_cast<int64_t>(v->size()) == count);
       DSERVE_ASSIGN_OR_RETURN(b, DeviceBuffer::from_host<int32_t>(*v));
@@ -253,11 +256,24 @@ int64_t GpuRequestState::position() const {
 // --- the model -------------------------------------------------------------------------------
 
 struct GpuModel::Impl {
-  explicit Impl(cuda::BlasHandle handle) : blas(std::move(handle)) {}
+  Impl(cuda::BlasHandle handle, cuda::OwnedStream own_stream)
+      : blas(std::move(handle)), owned_stream(std::move(own_stream)), stream_(owned_stream.get()) {}
 
   ModelConfig config;
   GpuModelOptions options;
   cuda::BlasHandle blas;
+  cuda::OwnedStream owned_stream;
+  cuda::CudaStream stream_;
+  DeviceBuffer blas_workspace;
+  // Decode steps replayed as graphs, one per batch size, and whether the batch being built is
+  // one (its launches then take the fixed bounds below instead of this batch's own).
+  std::map<int64_t, cuda::CapturedGraph> decode_graphs;
+  bool graph_batch = false;
+  // The batch is a decode step: the indexer scores through the block tables whatever the batch
+  // size, so that a request's picks do not depend on how many others decode with it.
+  bool decode_batch = false;
+  int64_t bound_compressed = 0;  // most compressed entries any query may attend
+  DeviceBuffer window_counts;    // int32 [2]: windows closed per rate (CSA, HCA)
   size_t weight_bytes = 0;
   size_t pool_bytes = 0;
 
@@ -313,7 +329,7 @@ struct GpuModel::Impl {
   uint16_t* scratch16() const { return bf16_scratch.as<uint16_t>(); }
 
   Status linear(const float* x_in, int64_t n, const Weight& w, float* y) const {
-    return cuda::linear(blas, x_in, n, w.m, y, w.m.rows, scratch16(), kStream);
+    return cuda::linear(blas, x_in, n, w.m, y, w.m.rows, scratch16(), stream_);
   }
 
   // One request's share of a batch: its state and its next tokens.
@@ -340,9 +356,12 @@ struct GpuModel::Impl {
   Status check_tokens(std::span<const int32_t> input, int64_t position) const;
   Status reserve_pages(std::span<const Segment> segments);
   Status run_batch(std::span<const Segment> segments);
+  Result<int64_t> prepare_batch(std::span<const Segment> segments);
+  Status run_layers(int64_t n);
   template <typename AfterPass>
   Status run_passes(std::span<const int32_t> input, GpuRequestState& state, AfterPass after_pass);
   Status decode_rows(std::span<GpuRequestState* const> states, std::span<const int32_t> tokens);
+  Status decode_step(std::span<const Segment> segments);
   Status attention(int64_t l, int64_t n);
 
   Status moe(int64_t l, int64_t n);
@@ -461,10 +480,17 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
   }
 
   DSERVE_ASSIGN_OR_RETURN(cuda::BlasHandle blas, cuda::BlasHandle::create());
-  auto impl = std::make_unique<Impl>(std::move(blas));
+  DSERVE_ASSIGN_OR_RETURN(cuda::OwnedStream own_stream, cuda::OwnedStream::create());
+  auto impl = std::make_unique<Impl>(std::move(blas), std::move(own_stream));
   Impl& m = *impl;
   m.config = config;
   m.options = options;
+  m.bound_compressed = most_compressed;
+  // What a captured launch may need, granted now (nothing may be asked during a capture).
+  DSERVE_RETURN_IF_ERROR(cuda::reserve_shared_memory(attention_shared, indexer_shared));
+  constexpr size_t kBlasWorkspace = size_t{32} << 20;
+  DSERVE_ASSIGN_OR_RETURN(m.blas_workspace, DeviceBuffer::allocate(kBlasWorkspace));
+  DSERVE_RETURN_IF_ERROR(cuda::set_blas_workspace(m.blas, m.blas_workspace.data(), kBlasWorkspace));
   const WeightType type =
       options.weights == GpuWeights::kBf16 ? WeightType::kBf16 : WeightType::kFp32;
   Uploader up(type, seed);
@@ -678,7 +704,7 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
     auto fill = [&](DeviceBuffer& b) {
       return cuda::fill_random(b.data(), WeightType::kFp32,
                                static_cast<int64_t>(b.size_bytes() / sizeof(float)), ++state_seed,
-                               1.0f, 0.0f, kStream);
+                               1.0f, 0.0f, kDefaultStream);
     };
     for (auto* pools : {&m.compressed_pools, &m.index_pools}) {
       for (auto& pool : *pools) {
@@ -711,6 +737,7 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
       kIndexerTileFloats / std::max<int64_t>(ih * std::max<int64_t>(entries, 1), 1), 1, c);
   m.logits_tile = std::clamp<int64_t>(kLogitsTileFloats / config.vocab_size, 1, c);
   DSERVE_ASSIGN_OR_RETURN(m.tokens, scratch_ints(c));
+  DSERVE_ASSIGN_OR_RETURN(m.window_counts, scratch_ints(2));
   for (DeviceBuffer* rows :
        {&m.row_position, &m.row_slot, &m.row_first_pos, &m.row_first_row, &m.row_end_pos}) {
     DSERVE_ASSIGN_OR_RETURN(*rows, scratch_ints(c));
@@ -914,16 +941,16 @@ Status GpuModel::Impl::hyper_in(const HyperDev& hcw, const DeviceBuffer& norm_we
   const int64_t hidden = config.hidden_size;
   DSERVE_RETURN_IF_ERROR(cuda::rms_norm_to(streams.as<float>(), flat.as<float>(), n, hc * hidden,
                                            nullptr, static_cast<float>(config.rms_norm_eps),
-                                           kStream));
+                                           stream_));
   DSERVE_RETURN_IF_ERROR(linear(flat.as<float>(), n, hcw.fn, mix.as<float>()));
   DSERVE_RETURN_IF_ERROR(cuda::hyper_mix(mix.as<float>(), hcw.base.as<float>(),
                                          hcw.scale.as<float>(), n, hc, config.hc_sinkhorn_iters,
                                          static_cast<float>(config.hc_eps), pre.as<float>(),
-                                         post.as<float>(), comb.as<float>(), kStream));
+                                         post.as<float>(), comb.as<float>(), stream_));
   DSERVE_RETURN_IF_ERROR(cuda::hyper_collapse(streams.as<float>(), pre.as<float>(), n, hc, hidden,
-                                              x.as<float>(), kStream));
+                                              x.as<float>(), stream_));
   return cuda::rms_norm(x.as<float>(), n, hidden, norm_weight.as<float>(),
-                        static_cast<float>(config.rms_norm_eps), kStream);
+                        static_cast<float>(config.rms_norm_eps), stream_);
 }
 
 // attention() of attention.cc for the batch: x -> sublayer_out.
@@ -939,21 +966,23 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
 
   DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.wq_a, q_residual.as<float>()));
   DSERVE_RETURN_IF_ERROR(cuda::rms_norm(q_residual.as<float>(), n, config.q_lora_rank,
-                                        d.q_norm.as<float>(), eps, kStream));
+                                        d.q_norm.as<float>(), eps, stream_));
   DSERVE_RETURN_IF_ERROR(linear(q_residual.as<float>(), n, d.wq_b, q.as<float>()));
-  DSERVE_RETURN_IF_ERROR(cuda::rms_norm(q.as<float>(), n * heads, hd, nullptr, eps, kStream));
+  DSERVE_RETURN_IF_ERROR(cuda::rms_norm(q.as<float>(), n * heads, hd, nullptr, eps, stream_));
   DSERVE_RETURN_IF_ERROR(
-      cuda::rope_at(q.as<float>(), n * heads, hd, rope, positions, heads, false, kStream));
+      cuda::rope_at(q.as<float>(), n * heads, hd, rope, positions, heads, false, stream_));
   DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.wkv, chunk_kv.as<float>()));
   DSERVE_RETURN_IF_ERROR(
-      cuda::rms_norm(chunk_kv.as<float>(), n, hd, d.kv_norm.as<float>(), eps, kStream));
+      cuda::rms_norm(chunk_kv.as<float>(), n, hd, d.kv_norm.as<float>(), eps, stream_));
   DSERVE_RETURN_IF_ERROR(
-      cuda::rope_at(chunk_kv.as<float>(), n, hd, rope, positions, 1, false, kStream));
+      cuda::rope_at(chunk_kv.as<float>(), n, hd, rope, positions, 1, false, stream_));
 
   const int64_t rate = config.compress_rate(d.kind);
-  const DeviceBuffer& closed = d.kind == AttentionKind::kHeavy ? hca_windows : csa_windows;
-  const int64_t closed_count =
-      d.kind == AttentionKind::kHeavy ? hca_window_count : csa_window_count;
+  const bool heavy = d.kind == AttentionKind::kHeavy;
+  const DeviceBuffer& closed = heavy ? hca_windows : csa_windows;
+  const int32_t* closed_count = window_counts.as<int32_t>() + (heavy ? 1 : 0);
+  // A captured step launches for the most windows a one-token-per-request batch can close.
+  const int64_t closed_bound = graph_batch ? n : (heavy ? hca_window_count : csa_window_count);
   auto run_compressor = [&](const CompressorDev& c, CompressorSlab& b,
                             const cuda::PagedRowsView& entries) -> Status {
     DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, c.wkv, comp_kv.as<float>()));
@@ -968,8 +997,8 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
                                     c.ape.as<float>(),
                                     c.norm.as<float>()};
     return cuda::compress_batch(comp_kv.as<float>(), comp_gate.as<float>(), n, rows,
-                                closed.as<cuda::ClosedWindow>(), closed_count, view, entries,
-                                compress_rope, eps, kStream);
+                                closed.as<cuda::ClosedWindow>(), closed_count, closed_bound, view,
+                                entries, compress_rope, eps, stream_);
   };
 
   cuda::AttentionInputs in;
@@ -978,13 +1007,15 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
   in.windows = slab.windows.as<float>();
   in.rate = d.compressor ? rate : 0;
   in.sinks = d.sinks.as<float>();
-  // The most entries a row of the batch can see.
-  const int64_t most_visible = rate > 0 ? batch_max_end / rate : 0;
+  // The most entries a row of the batch can see (a captured step: of any batch).
+  const int64_t most_visible = rate == 0     ? 0
+                               : graph_batch ? options.max_positions / rate
+                                             : batch_max_end / rate;
   int64_t max_compressed = 0;
   if (d.compressor) {
     in.compressed = paged(*compressed_pools[static_cast<size_t>(l)], slab.compressed);
     DSERVE_RETURN_IF_ERROR(run_compressor(*d.compressor, slab.kv_compressor, in.compressed));
-    max_compressed = most_visible;
+    max_compressed = graph_batch ? bound_compressed : most_visible;
   }
   if (d.index_compressor) {
     const cuda::PagedRowsView keys = paged(*index_pools[static_cast<size_t>(l)], slab.index_keys);
@@ -995,53 +1026,54 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
     const int64_t topk = config.index_topk;
     DSERVE_RETURN_IF_ERROR(linear(q_residual.as<float>(), n, d.index_wq_b, index_q.as<float>()));
     DSERVE_RETURN_IF_ERROR(cuda::rope_at(index_q.as<float>(), n * ih, ihd, compress_rope, positions,
-                                         ih, false, kStream));
+                                         ih, false, stream_));
     DSERVE_RETURN_IF_ERROR(
         linear(x.as<float>(), n, d.index_weights_proj, index_weights.as<float>()));
     const int64_t stride = most_visible;
     const float weight_scale = 1.0f / std::sqrt(static_cast<float>(ih));
     const float score_scale = 1.0f / std::sqrt(static_cast<float>(ihd));
-    if (stride > 0 && batch_requests == 1) {
+    const bool one_request = batch_requests == 1 && !decode_batch;
+    if (stride > 0 && one_request) {
       // One request: its keys gathered once, the head products as one GEMM per query tile.
       DSERVE_RETURN_IF_ERROR(
-          cuda::gather_rows(keys, batch_single_slot, 0, stride, index_keys.as<float>(), kStream));
+          cuda::gather_rows(keys, batch_single_slot, 0, stride, index_keys.as<float>(), stream_));
     }
     for (int64_t t0 = 0; t0 < n; t0 += indexer_tile) {
       const int64_t tile = std::min(indexer_tile, n - t0);
-      if (stride > 0 && batch_requests == 1) {
+      if (stride > 0 && one_request) {
         DSERVE_RETURN_IF_ERROR(cuda::matmul(blas, index_q.as<float>() + t0 * ih * ihd, tile * ih,
                                             ihd, index_keys.as<float>(), stride,
-                                            index_dots.as<float>(), stride, kStream));
+                                            index_dots.as<float>(), stride, stream_));
         DSERVE_RETURN_IF_ERROR(cuda::indexer_scores(
             index_dots.as<float>(), index_weights.as<float>() + t0 * ih, tile, ih, stride,
-            positions + t0, rate, score_scale, weight_scale, index_scores.as<float>(), kStream));
+            positions + t0, rate, score_scale, weight_scale, index_scores.as<float>(), stream_));
       } else if (stride > 0) {
         // Many requests (decode): scores straight from each row's keys.
         DSERVE_RETURN_IF_ERROR(cuda::indexer_scores_paged(
             index_q.as<float>() + t0 * ih * ihd, index_weights.as<float>() + t0 * ih, tile, ih, ihd,
             batch_rows(t0), keys, stride, rate, score_scale, weight_scale, index_scores.as<float>(),
-            kStream));
+            stream_));
       }
       DSERVE_RETURN_IF_ERROR(cuda::top_k_indices(
           index_scores.as<float>(), tile, stride, positions + t0, rate, topk,
-          selected.as<int32_t>() + t0 * topk, selected_counts.as<int32_t>() + t0, kStream));
+          selected.as<int32_t>() + t0 * topk, selected_counts.as<int32_t>() + t0, stream_));
     }
     in.selected = selected.as<int32_t>();
     in.selected_counts = selected_counts.as<int32_t>();
     in.selected_stride = topk;
-    max_compressed = std::min(topk, most_visible);
+    max_compressed = graph_batch ? bound_compressed : std::min(topk, most_visible);
   }
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   DSERVE_RETURN_IF_ERROR(cuda::sparse_attention(in, rows, n, heads, hd, config.sliding_window,
                                                 max_compressed, scale, attn_out.as<float>(),
-                                                kStream));
+                                                stream_));
   DSERVE_RETURN_IF_ERROR(
-      cuda::rope_at(attn_out.as<float>(), n * heads, hd, rope, positions, heads, true, kStream));
+      cuda::rope_at(attn_out.as<float>(), n * heads, hd, rope, positions, heads, true, stream_));
   DSERVE_RETURN_IF_ERROR(cuda::store_window(
-      chunk_kv.as<float>(), n, rows, hd, slab.windows.as<float>(), config.sliding_window, kStream));
+      chunk_kv.as<float>(), n, rows, hd, slab.windows.as<float>(), config.sliding_window, stream_));
   DSERVE_RETURN_IF_ERROR(cuda::linear_grouped(blas, attn_out.as<float>(), n, config.o_groups,
-                                              d.wo_a.m, grouped.as<float>(), scratch16(), kStream));
+                                              d.wo_a.m, grouped.as<float>(), scratch16(), stream_));
   return linear(grouped.as<float>(), n, d.wo_b, sublayer_out.as<float>());
 }
 
@@ -1061,7 +1093,7 @@ Status GpuModel::Impl::moe(int64_t l, int64_t n) {
       router.as<float>(), d.router_bias.size_bytes() > 0 ? d.router_bias.as<float>() : nullptr,
       hash ? d.tid2eid.as<int32_t>() : nullptr, hash ? tokens.as<int32_t>() : nullptr, n, experts,
       k, static_cast<int>(config.scoring_func), static_cast<float>(config.routed_scaling_factor),
-      route_ids.as<int32_t>(), route_weights.as<float>(), kStream));
+      route_ids.as<int32_t>(), route_weights.as<float>(), stream_));
   const int64_t pairs = n * k;
   if (pairs <= kDeviceGroupingPairs) {
     DSERVE_RETURN_IF_ERROR(routed_experts_on_device(d, n));
@@ -1071,10 +1103,10 @@ Status GpuModel::Impl::moe(int64_t l, int64_t n) {
   // The shared expert over every row.
   DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, d.shared_w13, shared_gate_up.as<float>()));
   DSERVE_RETURN_IF_ERROR(cuda::swiglu(shared_gate_up.as<float>(), n, d.shared_inter, limit,
-                                      shared_act.as<float>(), kStream));
+                                      shared_act.as<float>(), stream_));
   DSERVE_RETURN_IF_ERROR(linear(shared_act.as<float>(), n, d.shared_w2, shared_out.as<float>()));
   return cuda::moe_combine(ys.as<float>(), combine_slots.as<int32_t>(), combine_weights.as<float>(),
-                           shared_out.as<float>(), n, k, hidden, sublayer_out.as<float>(), kStream);
+                           shared_out.as<float>(), n, k, hidden, sublayer_out.as<float>(), stream_);
 }
 
 // Routed experts of a small batch (decode): grouping and products on the device, no copy back.
@@ -1089,20 +1121,20 @@ Status GpuModel::Impl::routed_experts_on_device(const LayerDev& d, int64_t n) {
                                moe_slot_of.as<int32_t>(),      combine_slots.as<int32_t>(),
                                combine_weights.as<float>(),    moe_active_total.as<int32_t>()};
   DSERVE_RETURN_IF_ERROR(cuda::moe_group(route_ids.as<int32_t>(), route_weights.as<float>(), n, k,
-                                         experts, groups, kStream));
+                                         experts, groups, stream_));
   DSERVE_RETURN_IF_ERROR(cuda::gather_token_rows(x.as<float>(), perm_rows.as<int32_t>(), pairs,
-                                                 hidden, xs.as<float>(), kStream));
+                                                 hidden, xs.as<float>(), stream_));
   const int64_t max_active = std::min(experts, pairs);
   const WeightType type = d.expert_w13.front().m.type;
   DSERVE_RETURN_IF_ERROR(cuda::moe_experts_gemv(xs.as<float>(), groups, max_active,
                                                 d.expert_w13_ptrs.as<const void* const>(), type,
-                                                2 * inter, hidden, gate_up.as<float>(), kStream));
+                                                2 * inter, hidden, gate_up.as<float>(), stream_));
   DSERVE_RETURN_IF_ERROR(cuda::swiglu(gate_up.as<float>(), pairs, inter,
                                       static_cast<float>(config.swiglu_limit),
-                                      hidden_act.as<float>(), kStream));
+                                      hidden_act.as<float>(), stream_));
   return cuda::moe_experts_gemv(hidden_act.as<float>(), groups, max_active,
                                 d.expert_w2_ptrs.as<const void* const>(), type, hidden, inter,
-                                ys.as<float>(), kStream);
+                                ys.as<float>(), stream_);
 }
 
 // Routed experts of a large batch (prefill): the routed ids come back to the host, which groups
@@ -1165,7 +1197,7 @@ Status GpuModel::Impl::routed_experts_through_host(const LayerDev& d, int64_t n)
 
   const int64_t pairs = n * k;
   DSERVE_RETURN_IF_ERROR(cuda::gather_token_rows(x.as<float>(), perm_rows.as<int32_t>(), pairs,
-                                                 hidden, xs.as<float>(), kStream));
+                                                 hidden, xs.as<float>(), stream_));
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t rows = count[static_cast<size_t>(e)];
     if (rows == 0) continue;
@@ -1175,7 +1207,7 @@ Status GpuModel::Impl::routed_experts_through_host(const LayerDev& d, int64_t n)
                                   gate_up.as<float>() + first * 2 * inter));
   }
   DSERVE_RETURN_IF_ERROR(
-      cuda::swiglu(gate_up.as<float>(), pairs, inter, limit, hidden_act.as<float>(), kStream));
+      cuda::swiglu(gate_up.as<float>(), pairs, inter, limit, hidden_act.as<float>(), stream_));
   for (int64_t e = 0; e < experts; ++e) {
     const int64_t rows = count[static_cast<size_t>(e)];
     if (rows == 0) continue;
@@ -1195,21 +1227,31 @@ Status GpuModel::Impl::final_rows(int64_t first_row, int64_t rows, float* logits
   const auto eps = static_cast<float>(config.rms_norm_eps);
   const float* s = streams.as<float>() + first_row * hc * hidden;
   DSERVE_RETURN_IF_ERROR(
-      cuda::rms_norm_to(s, flat.as<float>(), rows, hc * hidden, nullptr, eps, kStream));
+      cuda::rms_norm_to(s, flat.as<float>(), rows, hc * hidden, nullptr, eps, stream_));
   DSERVE_RETURN_IF_ERROR(linear(flat.as<float>(), rows, hc_head_fn, mix.as<float>()));
   DSERVE_RETURN_IF_ERROR(cuda::hyper_head_weights(
       mix.as<float>(), hc_head_base.as<float>(), hc_head_scale.as<float>(), rows, hc,
-      static_cast<float>(config.hc_eps), pre.as<float>(), kStream));
+      static_cast<float>(config.hc_eps), pre.as<float>(), stream_));
   DSERVE_RETURN_IF_ERROR(cuda::hyper_collapse(s, pre.as<float>(), rows, hc, hidden,
-                                              final_hidden.as<float>(), kStream));
+                                              final_hidden.as<float>(), stream_));
   DSERVE_RETURN_IF_ERROR(
-      cuda::rms_norm(final_hidden.as<float>(), rows, hidden, norm.as<float>(), eps, kStream));
+      cuda::rms_norm(final_hidden.as<float>(), rows, hidden, norm.as<float>(), eps, stream_));
   return linear(final_hidden.as<float>(), rows, head, logits_out);
 }
 
-// One pass over the layers for a batch of segments (Model::forward's loop, for each
-// segment at once): at most `chunk` rows, each segment's state advanced by its tokens.
+// One pass over the layers for a batch of segments (Model::forward's loop, for each segment at
+// once): at most `chunk` rows, each segment's state advanced by its tokens.
 Status GpuModel::Impl::run_batch(std::span<const Segment> segments) {
+  DSERVE_ASSIGN_OR_RETURN(const int64_t n, prepare_batch(segments));
+  DSERVE_RETURN_IF_ERROR(run_layers(n));
+  for (const Segment& seg : segments)
+    seg.state->position += static_cast<int64_t>(seg.tokens.size());
+  return Status::ok();
+}
+
+// The host's part of a batch: per-row facts and the windows each rate's compressors close (all
+// known from positions), copied to the device. Returns the rows.
+Result<int64_t> GpuModel::Impl::prepare_batch(std::span<const Segment> segments) {
   // Per-row facts and the windows each rate's compressors close, all known from positions.
   std::vector<int32_t> ids, position, slot, first_pos, first_row, end_pos;
   std::vector<cuda::ClosedWindow> csa, hca;
@@ -1254,25 +1296,29 @@ Status GpuModel::Impl::run_batch(std::span<const Segment> segments) {
       csa_windows.copy_from_host(csa.data(), csa.size() * sizeof(cuda::ClosedWindow)));
   DSERVE_RETURN_IF_ERROR(
       hca_windows.copy_from_host(hca.data(), hca.size() * sizeof(cuda::ClosedWindow)));
+  const int32_t counts[2] = {static_cast<int32_t>(csa.size()), static_cast<int32_t>(hca.size())};
+  DSERVE_RETURN_IF_ERROR(window_counts.copy_from_host(counts, sizeof(counts)));
+  return n;
+}
 
+// The device's part of a batch: embedding and every layer, launches only (capturable).
+Status GpuModel::Impl::run_layers(int64_t n) {
   DSERVE_RETURN_IF_ERROR(cuda::embed_streams(embed.data(), embed_type, tokens.as<int32_t>(), n,
                                              config.hidden_size, config.hc_mult,
-                                             streams.as<float>(), kStream));
+                                             streams.as<float>(), stream_));
   for (int64_t l = 0; l < config.num_layers; ++l) {
     const LayerDev& d = layers[static_cast<size_t>(l)];
     DSERVE_RETURN_IF_ERROR(hyper_in(d.hc_attn, d.attn_norm, n));
     DSERVE_RETURN_IF_ERROR(attention(l, n));
     DSERVE_RETURN_IF_ERROR(cuda::hyper_expand(streams.as<float>(), sublayer_out.as<float>(),
                                               post.as<float>(), comb.as<float>(), n, config.hc_mult,
-                                              config.hidden_size, kStream));
+                                              config.hidden_size, stream_));
     DSERVE_RETURN_IF_ERROR(hyper_in(d.hc_ffn, d.ffn_norm, n));
     DSERVE_RETURN_IF_ERROR(moe(l, n));
     DSERVE_RETURN_IF_ERROR(cuda::hyper_expand(streams.as<float>(), sublayer_out.as<float>(),
                                               post.as<float>(), comb.as<float>(), n, config.hc_mult,
-                                              config.hidden_size, kStream));
+                                              config.hidden_size, stream_));
   }
-  for (const Segment& seg : segments)
-    seg.state->position += static_cast<int64_t>(seg.tokens.size());
   return Status::ok();
 }
 
@@ -1336,7 +1382,7 @@ Result<int32_t> GpuModel::forward_greedy(std::span<const int32_t> tokens, GpuReq
   }));
   DSERVE_RETURN_IF_ERROR(m.final_rows(last_len - 1, 1, m.logits.as<float>()));
   DSERVE_RETURN_IF_ERROR(cuda::argmax_rows(m.logits.as<float>(), 1, m.config.vocab_size,
-                                           m.greedy.as<int32_t>(), kStream));
+                                           m.greedy.as<int32_t>(), m.stream_));
   int32_t token = 0;
   DSERVE_RETURN_IF_ERROR(m.greedy.copy_to_host(&token, sizeof(token)));
   return token;
@@ -1372,7 +1418,37 @@ Status GpuModel::Impl::decode_rows(std::span<GpuRequestState* const> states,
     segments.push_back(Segment{&s, next.subspan(i, 1)});
   }
   DSERVE_RETURN_IF_ERROR(reserve_pages(segments));
-  return run_batch(segments);
+  decode_batch = true;
+  const Status stepped = decode_step(segments);
+  decode_batch = false;
+  return stepped;
+}
+
+Status GpuModel::Impl::decode_step(std::span<const Segment> segments) {
+  // Graphs need the device-side MoE grouping (no copy back inside the step).
+  const auto rows = static_cast<int64_t>(segments.size());
+  if (!options.decode_graphs || rows * config.experts_per_token > kDeviceGroupingPairs) {
+    return run_batch(segments);
+  }
+  // A captured step per batch size: the host's part runs as usual, the launches replay.
+  DSERVE_ASSIGN_OR_RETURN(const int64_t n, prepare_batch(segments));
+  graph_batch = true;
+  auto graph = decode_graphs.find(n);
+  if (graph == decode_graphs.end()) {
+    auto captured = cuda::CapturedGraph::capture(stream_, [&] { return run_layers(n); });
+    if (!captured.is_ok()) {
+      graph_batch = false;
+      return captured.status().with_context("capturing the decode step of " + std::to_string(n) +
+                                            " requests");
+    }
+    graph = decode_graphs.emplace(n, std::move(captured).value()).first;
+  }
+  const Status launched = graph->second.launch(stream_);
+  graph_batch = false;
+  DSERVE_RETURN_IF_ERROR(launched);
+  for (const Segment& seg : segments)
+    seg.state->position += static_cast<int64_t>(seg.tokens.size());
+  return Status::ok();
 }
 
 Result<int64_t> GpuModel::last_batch_distinct_experts() const {
@@ -1445,7 +1521,7 @@ Result<std::vector<int32_t>> GpuModel::decode_greedy(std::span<GpuRequestState* 
     const int64_t rows = std::min(m.logits_tile, b - r);
     DSERVE_RETURN_IF_ERROR(m.final_rows(r, rows, m.logits.as<float>()));
     DSERVE_RETURN_IF_ERROR(cuda::argmax_rows(m.logits.as<float>(), rows, m.config.vocab_size,
-                                             m.greedy.as<int32_t>(), kStream));
+                                             m.greedy.as<int32_t>(), m.stream_));
     DSERVE_RETURN_IF_ERROR(
         m.greedy.copy_to_host(out.data() + r, static_cast<size_t>(rows) * sizeof(int32_t)));
   }

@@ -290,6 +290,53 @@ TEST_F(GpuForwardTest, BatchedDecodeMatchesEachRequestAlone) {
   }
 }
 
+// A decode step replayed from its captured graph computes what the same step launched anew
+// computes, bit for bit, at several batch sizes (each captured on first use).
+TEST_F(GpuForwardTest, DecodeGraphsReplayTheEagerStep) {
+  const Model& cpu = testing_support::tiny_model();
+  GpuModelOptions options;
+  options.weights = GpuWeights::kBf16;
+  options.max_positions = 512;
+  options.max_requests = 4;
+  options.max_chunk_tokens = 128;
+  auto graphs = GpuModel::create(cpu.config(), cpu.weights(), options);
+  options.decode_graphs = false;
+  auto eager = GpuModel::create(cpu.config(), cpu.weights(), options);
+  ASSERT_TRUE(graphs.is_ok() && eager.is_ok());
+  std::vector<GpuRequestState> a, b;
+  std::vector<int32_t> next;
+  for (int r = 0; r < 4; ++r) {
+    const auto ids = prompt(20 + 9 * r, 700 + static_cast<uint64_t>(r), cpu.config().vocab_size);
+    a.push_back(std::move((*graphs)->new_state()).value());
+    b.push_back(std::move((*eager)->new_state()).value());
+    auto ta = (*graphs)->forward_greedy(ids, a.back());
+    auto tb = (*eager)->forward_greedy(ids, b.back());
+    ASSERT_TRUE(ta.is_ok() && tb.is_ok());
+    ASSERT_EQ(*ta, *tb);
+    next.push_back(*ta);
+  }
+  for (int step = 0; step < 24; ++step) {
+    const size_t batch = 1 + static_cast<size_t>(step) % 4;  // sizes 1..4, each replayed
+    std::vector<GpuRequestState*> ra, rb;
+    for (size_t r = 0; r < batch; ++r) {
+      ra.push_back(&a[r]);
+      rb.push_back(&b[r]);
+    }
+    const std::span<const int32_t> tokens(next.data(), batch);
+    auto la = (*graphs)->decode(ra, tokens);
+    auto lb = (*eager)->decode(rb, tokens);
+    ASSERT_TRUE(la.is_ok()) << la.status().to_string();
+    ASSERT_TRUE(lb.is_ok()) << lb.status().to_string();
+    ASSERT_EQ(la->span().size(), lb->span().size());
+    for (size_t i = 0; i < la->span().size(); ++i)
+      ASSERT_EQ(la->span()[i], lb->span()[i]) << "step " << step << " value " << i;
+    for (size_t r = 0; r < batch; ++r) {
+      next[r] = argmax(std::span<const float>(la->row(static_cast<int64_t>(r)),
+                                              static_cast<size_t>(cpu.config().vocab_size)));
+    }
+  }
+}
+
 // The benchmark path: generated weights and assumed contexts give finite logits at every
 // batch size the benchmark uses, and a loaded model refuses assume_context.
 TEST_F(GpuForwardTest, GeneratedModelDecodesAssumedContexts) {

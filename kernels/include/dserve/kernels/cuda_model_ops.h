@@ -144,12 +144,13 @@ struct ClosedWindow {
   int32_t window = 0;
   int32_t last = 0;
 };
-// Consumes the batch's projections kv, gate [n, series * width]: every listed window becomes
-// one entry (softmax-pooled per channel, RMSNorm, RoPE at the window's first position) written
-// as row `window` of its slot's entries (the page must be in the block table); then the
-// overlap and pending rows move on.
+// Consumes the batch's projections kv, gate [n, series * width]: every listed window (the
+// first *window_count of `windows`, at most max_windows: the launch size, fixed so that a
+// captured graph replays any batch) becomes one entry (softmax-pooled per channel, RMSNorm,
+// RoPE at the window's first position) written as row `window` of its slot's entries (the
+// page must be in the block table); then the overlap and pending rows move on.
 Status compress_batch(const float* kv, const float* gate, int64_t n, const BatchRows& rows,
-                      const ClosedWindow* windows, int64_t window_count,
+                      const ClosedWindow* windows, const int32_t* window_count, int64_t max_windows,
                       const CompressorView& state, const PagedRowsView& entries,
                       const RopeView& rope, float eps, CudaStream stream);
 
@@ -250,6 +251,50 @@ Status moe_experts_gemv(const float* x, const MoeGroups& groups, int64_t max_act
 // --- Sampling -----------------------------------------------------------------------------
 // out[r] = argmax of row r of x[rows, n], the lowest index among equals.
 Status argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out, CudaStream stream);
+
+// --- Launch set-up ----------------------------------------------------------------------
+// Grants the attention and paged-indexer kernels up to these bytes of dynamic shared memory
+// now, so that no launch has to ask later (not even one being captured into a graph).
+Status reserve_shared_memory(size_t attention_bytes, size_t indexer_bytes);
+// Gives cuBLAS a workspace of its own (so it allocates nothing while a graph is captured).
+Status set_blas_workspace(const BlasHandle& blas, void* workspace, size_t bytes);
+
+// A stream of the caller's, for work that is captured into graphs (the legacy default stream
+// cannot be). It is a blocking stream: synchronous copies still order with its work.
+class OwnedStream {
+ public:
+  static Result<OwnedStream> create();
+  OwnedStream(OwnedStream&& other) noexcept : handle_(other.handle_) { other.handle_ = nullptr; }
+  OwnedStream& operator=(OwnedStream&& other) noexcept;
+  OwnedStream(const OwnedStream&) = delete;
+  OwnedStream& operator=(const OwnedStream&) = delete;
+  ~OwnedStream();
+  CudaStream get() const { return CudaStream{handle_}; }
+
+ private:
+  explicit OwnedStream(void* handle) : handle_(handle) {}
+  void* handle_ = nullptr;
+};
+
+// An instantiated CUDA graph (cudaGraphExec_t).
+class CapturedGraph {
+ public:
+  CapturedGraph() = default;
+  CapturedGraph(CapturedGraph&& other) noexcept : exec_(other.exec_) { other.exec_ = nullptr; }
+  CapturedGraph& operator=(CapturedGraph&& other) noexcept;
+  CapturedGraph(const CapturedGraph&) = delete;
+  CapturedGraph& operator=(const CapturedGraph&) = delete;
+  ~CapturedGraph();
+
+  // Captures what work() enqueues on `stream` (thread-local capture mode) and instantiates it.
+  // work()'s own error, or the capture's, comes back; the stream is left out of capture.
+  static Result<CapturedGraph> capture(CudaStream stream, const std::function<Status()>& work);
+  Status launch(CudaStream stream) const;
+
+ private:
+  explicit CapturedGraph(void* exec) : exec_(exec) {}
+  void* exec_ = nullptr;
+};
 
 // --- Benchmarks ---------------------------------------------------------------------------
 // Seeded values in device memory: data[i] = offset + scale * u(seed, i), u uniform in [-1, 1)

@@ -39,6 +39,9 @@ struct GpuModelOptions {
   // Tokens one pass over the layers takes; longer chunks run as several passes (the result
   // does not depend on the split). Sizes the activation scratch.
   int64_t max_chunk_tokens = 1024;
+  // decode() and decode_greedy() replay each batch size's step as a captured CUDA graph (the
+  // first step of a size captures it). Off: every launch is made anew.
+  bool decode_graphs = true;
 };
 
 class GpuModel;
