@@ -96,20 +96,13 @@ __global__ void sparse_attention_kernel(AttentionInputs in, BatchRows rows, Shap
   }
 }
 
-// Above the default 48 KiB a kernel must opt in; the largest size granted so far is kept (one
-// device per process, as everywhere in this backend).
 size_t attention_granted = 48 * 1024;
 
 }  // namespace
 
 Status reserve_attention_shared(size_t bytes) {
-  if (bytes <= attention_granted) return Status::ok();
-  DSERVE_RETURN_IF_ERROR(cuda_status(
-      cudaFuncSetAttribute(sparse_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(bytes)),
-      "cudaFuncSetAttribute(sparse_attention_kernel shared memory)"));
-  attention_granted = bytes;
-  return Status::ok();
+  return grant_shared_memory(sparse_attention_kernel, bytes, attention_granted,
+                             "sparse_attention_kernel");
 }
 
 Status sparse_attention(const AttentionInputs& in, const BatchRows& rows, int64_t n, int64_t heads,

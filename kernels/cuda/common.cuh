@@ -46,6 +46,19 @@ inline cublasHandle_t handle_of(const BlasHandle& blas) {
 Status reserve_attention_shared(size_t bytes);
 Status reserve_indexer_shared(size_t bytes);
 
+// Above the default 48 KiB a kernel must opt in. `granted` keeps the largest size granted so
+// far (one device per process, as everywhere in this backend).
+template <typename Kernel>
+Status grant_shared_memory(Kernel kernel, size_t bytes, size_t& granted, const char* name) {
+  if (bytes <= granted) return Status::ok();
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(bytes));
+  DSERVE_RETURN_IF_ERROR(
+      cuda_status(err, (std::string("cudaFuncSetAttribute(") + name + " shared memory)").c_str()));
+  granted = bytes;
+  return Status::ok();
+}
+
 constexpr int kWarpSize = 32;
 // Upper bound on blocks in a grid-stride launch: enough to fill any current GPU many times,
 // far below the 2^31 - 1 limit of gridDim.x.

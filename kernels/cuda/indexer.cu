@@ -188,13 +188,8 @@ size_t indexer_granted = 48 * 1024;
 }  // namespace
 
 Status reserve_indexer_shared(size_t bytes) {
-  if (bytes <= indexer_granted) return Status::ok();
-  DSERVE_RETURN_IF_ERROR(cuda_status(
-      cudaFuncSetAttribute(indexer_scores_paged_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(bytes)),
-      "cudaFuncSetAttribute(indexer_scores_paged_kernel shared memory)"));
-  indexer_granted = bytes;
-  return Status::ok();
+  return grant_shared_memory(indexer_scores_paged_kernel, bytes, indexer_granted,
+                             "indexer_scores_paged_kernel");
 }
 
 Status indexer_scores(const float* dots, const float* weights, int64_t n, int64_t heads,
