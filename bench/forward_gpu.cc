@@ -76,6 +76,7 @@ ModelConfig flash_config(int64_t layers) {
 struct LayerBytes {
   double attention = 0;  // everything but the experts (attention path, router, shared expert)
   double expert = 0;
+  double attention_params = 0;  // parameters behind `attention` (bf16 and fp32 ones)
 };
 LayerBytes layer_bytes(const ModelConfig& c, AttentionKind kind) {
   const double h = static_cast<double>(c.hidden_size);
@@ -98,16 +99,17 @@ LayerBytes layer_bytes(const ModelConfig& c, AttentionKind kind) {
   bf16 += 3 * h * inter * static_cast<double>(c.n_shared_experts);
   const double fp32 = static_cast<double>(c.n_routed_experts) * h +  // router
                       2 * static_cast<double>((2 + c.hc_mult) * c.hc_mult) * c.hc_mult * h;
-  return LayerBytes{2 * bf16 + 4 * fp32, 2 * 3 * h * inter};
+  return LayerBytes{2 * bf16 + 4 * fp32, 2 * 3 * h * inter, bf16 + fp32};
 }
 
 // Forward flops of the token at position t (0-based) in one layer: the linear layers it runs
 // (6 routed experts and the shared one) and its attention and indexer products.
 double token_layer_flops(const ModelConfig& c, AttentionKind kind, int64_t t) {
   const LayerBytes b = layer_bytes(c, kind);
-  // Weight bytes -> multiply-adds: bf16 weights are 2 bytes; the fp32 router and mHC are counted
-  // with the rest (within 1%).
-  const double params = b.attention / 2 + static_cast<double>(c.experts_per_token) * b.expert / 2;
+  // One multiply-add per parameter used: the attention path, router, mHC and shared expert,
+  // and the routed experts (bf16, 2 bytes a parameter).
+  const double params =
+      b.attention_params + static_cast<double>(c.experts_per_token) * b.expert / 2;
   double flops = 2 * params;
   const double window = static_cast<double>(std::min<int64_t>(t + 1, c.sliding_window));
   double compressed = 0;
@@ -194,7 +196,8 @@ int main(int argc, char** argv) {
   const int64_t max_prompt = *std::max_element(prefills.begin(), prefills.end());
   dserve::model::GpuModelOptions options;
   options.weights = dserve::model::GpuWeights::kBf16;
-  options.max_positions = std::max(max_context + steps + 1, max_prompt);
+  // A decode point runs a warm-up step, the timed steps and as many untimed ones.
+  options.max_positions = std::max<int64_t>(max_context + 2 * steps + 1, max_prompt);
   options.max_requests = max_batch;
   options.max_chunk_tokens = std::max<int64_t>(4096, max_batch);
   if (layers == 0) {

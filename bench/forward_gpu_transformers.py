@@ -3,7 +3,8 @@
 
 Same config (the config.json `forward_gpu --config-out DIR` writes: V4-Flash widths, the same
 layer count), bf16, weights drawn by torch (speed does not depend on their values beyond the
-routing spread, which random weights give both). Prefill is the uncached full forward;
+routing spread: the hash layers' tid2eid tables, which transformers initialises to zeros, are
+drawn uniformly as forward_gpu draws them). Prefill is the uncached full forward;
 decode is one cached step after a prefill of the context. Points whose cache would not fit, or
 whose prefill would take longer than --max-prefill-tokens, are reported as skipped with the
 reason. Prints one JSON line per point, comparable with `forward_gpu --json`.
@@ -47,11 +48,19 @@ def main():
     config = transformers.AutoConfig.from_pretrained(args.config)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = transformers.DeepseekV4ForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
+        model = transformers.DeepseekV4ForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.eval()
+    # Hash-routed layers: every token to expert 0 with the zero table; draw it instead.
+    with torch.no_grad():
+        tables = [t for name, t in [*model.named_buffers(), *model.named_parameters()]
+                  if name.endswith("tid2eid")]
+        for table in tables:
+            table.copy_(torch.randint(0, config.n_routed_experts, table.shape,
+                                      device=table.device, dtype=table.dtype))
     print(json.dumps({"device": torch.cuda.get_device_name(), "transformers":
                       transformers.__version__, "torch": torch.__version__,
-                      "layers": config.num_hidden_layers}), flush=True)
+                      "layers": config.num_hidden_layers, "hash_tables_drawn": len(tables)}),
+          flush=True)
     vocab = config.vocab_size
 
     with torch.no_grad():
@@ -74,6 +83,7 @@ def main():
                                                  f"--max-prefill-tokens {args.max_prefill_tokens}"}),
                           flush=True)
                     continue
+                out = cache = step_ids = None
                 try:
                     ids = torch.randint(0, vocab, (batch, ctx), device="cuda")
                     out = model(ids, use_cache=True, logits_to_keep=1)
@@ -96,8 +106,11 @@ def main():
                     print(json.dumps({"kind": "decode", "context": ctx, "batch": batch,
                                       "skipped": f"out of memory: {str(err).splitlines()[0]}"}),
                           flush=True)
-                cache = None
-                torch.cuda.empty_cache()
+                finally:
+                    # The output holds the cache too: drop every reference before the next
+                    # point's prefill.
+                    ids = out = cache = step_ids = None
+                    torch.cuda.empty_cache()
     return 0
 
 

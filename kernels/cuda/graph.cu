@@ -11,7 +11,8 @@ Status reserve_shared_memory(size_t attention_bytes, size_t indexer_bytes) {
   return reserve_indexer_shared(indexer_bytes);
 }
 
-Status set_blas_workspace(const BlasHandle& blas, void* workspace, size_t bytes) {
+Status set_blas_workspace(BlasHandle& blas, void* workspace, size_t bytes) {
+  blas.use_workspace(workspace, bytes);
   return cublas_status(cublasSetWorkspace(handle_of(blas), workspace, bytes), "cublasSetWorkspace");
 }
 

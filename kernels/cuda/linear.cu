@@ -48,8 +48,7 @@ Status linear_grouped(const BlasHandle& blas, const float* x, int64_t n, int64_t
   if (n == 0 || m == 0) return Status::ok();
   DSERVE_CHECK(k > 0 && x != nullptr && y != nullptr && w.data != nullptr);
   check_int_range(n, groups * k, groups * m);
-  DSERVE_RETURN_IF_ERROR(
-      cublas_status(cublasSetStream(handle_of(blas), native(stream)), "cublasSetStream"));
+  DSERVE_RETURN_IF_ERROR(blas.bind(stream));
   // Column-major view: per group g, y_g^T[m, n] = w_g[m, k] . x_g^T[k, n], where x_g^T starts at
   // column offset g * k of x^T (ldb = groups * k) and y_g^T at g * m (ldc = groups * m).
   const float alpha = 1.0f;

@@ -52,9 +52,21 @@ BlasHandle& BlasHandle::operator=(BlasHandle&& other) noexcept {
   if (this != &other) {
     release();
     handle_ = other.handle_;
+    workspace_ = other.workspace_;
+    workspace_bytes_ = other.workspace_bytes_;
     other.handle_ = nullptr;
   }
   return *this;
+}
+
+Status BlasHandle::bind(CudaStream stream) const {
+  DSERVE_CHECK(handle_ != nullptr);
+  const auto handle = static_cast<cublasHandle_t>(handle_);
+  DSERVE_RETURN_IF_ERROR(
+      cublas_status(cublasSetStream(handle, cuda::native(stream)), "cublasSetStream"));
+  if (workspace_ == nullptr) return Status::ok();
+  return cublas_status(cublasSetWorkspace(handle, workspace_, workspace_bytes_),
+                       "cublasSetWorkspace");
 }
 
 BlasHandle::~BlasHandle() {
@@ -73,8 +85,7 @@ Status matmul(const BlasHandle& blas, const float* x, int64_t n, int64_t k, cons
   if (n == 0 || m == 0) return Status::ok();
   if (k == 0) return zero_output(n, m, y, y_stride, stream);
   DSERVE_CHECK(blas.native() != nullptr);
-  DSERVE_RETURN_IF_ERROR(
-      cublas_status(cublasSetStream(handle_of(blas), native(stream)), "cublasSetStream"));
+  DSERVE_RETURN_IF_ERROR(blas.bind(stream));
   const float alpha = 1.0f;
   const float beta = 0.0f;
   const int ik = static_cast<int>(k);
@@ -90,8 +101,7 @@ Status matmul_bf16(const BlasHandle& blas, const uint16_t* x, int64_t n, int64_t
   if (n == 0 || m == 0) return Status::ok();
   if (k == 0) return zero_output(n, m, y, y_stride, stream);
   DSERVE_CHECK(blas.native() != nullptr);
-  DSERVE_RETURN_IF_ERROR(
-      cublas_status(cublasSetStream(handle_of(blas), native(stream)), "cublasSetStream"));
+  DSERVE_RETURN_IF_ERROR(blas.bind(stream));
   const float alpha = 1.0f;
   const float beta = 0.0f;
   const int ik = static_cast<int>(k);

@@ -56,6 +56,10 @@ Result<BlasHandle> BlasHandle::create() {
   return not_built();
 }
 
+Status BlasHandle::bind(CudaStream) const {
+  return not_built();
+}
+
 BlasHandle& BlasHandle::operator=(BlasHandle&& other) noexcept {
   std::swap(handle_, other.handle_);
   return *this;
@@ -212,7 +216,7 @@ Status reserve_shared_memory(size_t, size_t) {
   return not_built();
 }
 
-Status set_blas_workspace(const BlasHandle&, void*, size_t) {
+Status set_blas_workspace(BlasHandle&, void*, size_t) {
   return not_built();
 }
 

@@ -256,14 +256,15 @@ int64_t GpuRequestState::position() const {
 // --- the model -------------------------------------------------------------------------------
 
 struct GpuModel::Impl {
-  Impl(cuda::BlasHandle handle, cuda::OwnedStream own_stream)
-      : blas(std::move(handle)), owned_stream(std::move(own_stream)), stream_(owned_stream.get()) {}
+  Impl(cuda::OwnedStream own_stream, cuda::BlasHandle handle)
+      : owned_stream(std::move(own_stream)), stream_(owned_stream.get()), blas(std::move(handle)) {}
 
   ModelConfig config;
   GpuModelOptions options;
-  cuda::BlasHandle blas;
+  // The stream outlives the cuBLAS handle that uses it (members die in reverse order).
   cuda::OwnedStream owned_stream;
   cuda::CudaStream stream_;
+  cuda::BlasHandle blas;
   DeviceBuffer blas_workspace;
   // Decode steps replayed as graphs, one per batch size, and whether the batch being built is
   // one (its launches then take the fixed bounds below instead of this batch's own).
@@ -272,8 +273,10 @@ struct GpuModel::Impl {
   // The batch is a decode step: the indexer scores through the block tables whatever the batch
   // size, so that a request's picks do not depend on how many others decode with it.
   bool decode_batch = false;
-  int64_t bound_compressed = 0;  // most compressed entries any query may attend
-  DeviceBuffer window_counts;    // int32 [2]: windows closed per rate (CSA, HCA)
+  // Most compressed entries a query may attend on CSA (the top-k) and HCA layers.
+  int64_t bound_csa = 0, bound_hca = 0;
+  std::map<int64_t, Status> graph_failures;  // batch sizes whose capture failed: run eagerly
+  DeviceBuffer window_counts;                // int32 [2]: windows closed per rate (CSA, HCA)
   size_t weight_bytes = 0;
   size_t pool_bytes = 0;
 
@@ -481,11 +484,12 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
 
   DSERVE_ASSIGN_OR_RETURN(cuda::BlasHandle blas, cuda::BlasHandle::create());
   DSERVE_ASSIGN_OR_RETURN(cuda::OwnedStream own_stream, cuda::OwnedStream::create());
-  auto impl = std::make_unique<Impl>(std::move(blas), std::move(own_stream));
+  auto impl = std::make_unique<Impl>(std::move(own_stream), std::move(blas));
   Impl& m = *impl;
   m.config = config;
   m.options = options;
-  m.bound_compressed = most_compressed;
+  m.bound_csa = std::min(config.index_topk, options.max_positions / config.csa_rate);
+  m.bound_hca = options.max_positions / config.hca_rate;
   // What a captured launch may need, granted now (nothing may be asked during a capture).
   DSERVE_RETURN_IF_ERROR(cuda::reserve_shared_memory(attention_shared, indexer_shared));
   constexpr size_t kBlasWorkspace = size_t{32} << 20;
@@ -1015,7 +1019,7 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
   if (d.compressor) {
     in.compressed = paged(*compressed_pools[static_cast<size_t>(l)], slab.compressed);
     DSERVE_RETURN_IF_ERROR(run_compressor(*d.compressor, slab.kv_compressor, in.compressed));
-    max_compressed = graph_batch ? bound_compressed : most_visible;
+    max_compressed = graph_batch ? (heavy ? bound_hca : bound_csa) : most_visible;
   }
   if (d.index_compressor) {
     const cuda::PagedRowsView keys = paged(*index_pools[static_cast<size_t>(l)], slab.index_keys);
@@ -1061,7 +1065,7 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
     in.selected = selected.as<int32_t>();
     in.selected_counts = selected_counts.as<int32_t>();
     in.selected_stride = topk;
-    max_compressed = graph_batch ? bound_compressed : std::min(topk, most_visible);
+    max_compressed = graph_batch ? bound_csa : std::min(topk, most_visible);
   }
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
@@ -1432,23 +1436,34 @@ Status GpuModel::Impl::decode_step(std::span<const Segment> segments) {
   }
   // A captured step per batch size: the host's part runs as usual, the launches replay.
   DSERVE_ASSIGN_OR_RETURN(const int64_t n, prepare_batch(segments));
-  graph_batch = true;
   auto graph = decode_graphs.find(n);
-  if (graph == decode_graphs.end()) {
+  if (graph == decode_graphs.end() && !graph_failures.contains(n)) {
+    graph_batch = true;
     auto captured = cuda::CapturedGraph::capture(stream_, [&] { return run_layers(n); });
-    if (!captured.is_ok()) {
-      graph_batch = false;
-      return captured.status().with_context("capturing the decode step of " + std::to_string(n) +
-                                            " requests");
+    graph_batch = false;
+    if (captured.is_ok()) {
+      graph = decode_graphs.emplace(n, std::move(captured).value()).first;
+    } else {
+      // Nothing ran; this batch size runs eagerly from now on (graph_failure() says why).
+      graph_failures.emplace(n, captured.status().with_context("capturing the decode step of " +
+                                                               std::to_string(n) + " requests"));
     }
-    graph = decode_graphs.emplace(n, std::move(captured).value()).first;
   }
-  const Status launched = graph->second.launch(stream_);
-  graph_batch = false;
-  DSERVE_RETURN_IF_ERROR(launched);
+  if (graph != decode_graphs.end()) {
+    DSERVE_RETURN_IF_ERROR(graph->second.launch(stream_));
+  } else {
+    DSERVE_RETURN_IF_ERROR(run_layers(n));
+  }
   for (const Segment& seg : segments)
     seg.state->position += static_cast<int64_t>(seg.tokens.size());
   return Status::ok();
+}
+
+Status GpuModel::decode_graph_status(int64_t batch) const {
+  const auto failed = impl_->graph_failures.find(batch);
+  if (failed != impl_->graph_failures.end()) return failed->second;
+  if (impl_->decode_graphs.contains(batch)) return Status::ok();
+  return not_found("no decode step of " + std::to_string(batch) + " requests was captured");
 }
 
 Result<int64_t> GpuModel::last_batch_distinct_experts() const {

@@ -335,6 +335,12 @@ TEST_F(GpuForwardTest, DecodeGraphsReplayTheEagerStep) {
                                               static_cast<size_t>(cpu.config().vocab_size)));
     }
   }
+  // The replays were graphs, not an eager fallback.
+  for (int64_t batch = 1; batch <= 4; ++batch) {
+    const Status captured = (*graphs)->decode_graph_status(batch);
+    EXPECT_TRUE(captured.is_ok()) << "batch " << batch << ": " << captured.to_string();
+    EXPECT_EQ((*eager)->decode_graph_status(batch).code(), StatusCode::kNotFound);
+  }
 }
 
 // The benchmark path: generated weights and assumed contexts give finite logits at every

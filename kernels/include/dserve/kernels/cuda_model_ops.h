@@ -256,8 +256,9 @@ Status argmax_rows(const float* x, int64_t rows, int64_t n, int32_t* out, CudaSt
 // Grants the attention and paged-indexer kernels up to these bytes of dynamic shared memory
 // now, so that no launch has to ask later (not even one being captured into a graph).
 Status reserve_shared_memory(size_t attention_bytes, size_t indexer_bytes);
-// Gives cuBLAS a workspace of its own (so it allocates nothing while a graph is captured).
-Status set_blas_workspace(const BlasHandle& blas, void* workspace, size_t bytes);
+// Gives cuBLAS a workspace of its own (so it allocates nothing while a graph is captured); every
+// later launcher keeps it (BlasHandle::bind).
+Status set_blas_workspace(BlasHandle& blas, void* workspace, size_t bytes);
 
 // A stream of the caller's, for work that is captured into graphs (the legacy default stream
 // cannot be). It is a blocking stream: synchronous copies still order with its work.

@@ -88,7 +88,12 @@ class BlasHandle {
   // Fails with INTERNAL (naming cublasCreate and cuBLAS's message) when no context can be made.
   static Result<BlasHandle> create();
 
-  BlasHandle(BlasHandle&& other) noexcept : handle_(other.handle_) { other.handle_ = nullptr; }
+  BlasHandle(BlasHandle&& other) noexcept
+      : handle_(other.handle_),
+        workspace_(other.workspace_),
+        workspace_bytes_(other.workspace_bytes_) {
+    other.handle_ = nullptr;
+  }
   BlasHandle& operator=(BlasHandle&& other) noexcept;
   BlasHandle(const BlasHandle&) = delete;
   BlasHandle& operator=(const BlasHandle&) = delete;
@@ -96,11 +101,22 @@ class BlasHandle {
 
   void* native() const { return handle_; }  // the cublasHandle_t
 
+  // Makes `stream` the handle's stream, keeping the workspace set by set_blas_workspace (cuBLAS
+  // drops it to its own pool at every stream change). Every launcher calls this first.
+  Status bind(CudaStream stream) const;
+  // The caller's device workspace (owned by the caller, alive as long as the handle is used).
+  void use_workspace(void* workspace, size_t bytes) {
+    workspace_ = workspace;
+    workspace_bytes_ = bytes;
+  }
+
  private:
   explicit BlasHandle(void* handle) : handle_(handle) {}
   void release();
 
   void* handle_ = nullptr;
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
 };
 
 // y[n, m] = x[n, k] . w[m, k]^T in fp32 (cuBLAS SGEMM, no TF32), the CUDA twin of

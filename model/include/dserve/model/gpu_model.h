@@ -114,6 +114,10 @@ class GpuModel {
   // running the tokens (INVALID_ARGUMENT for other models or states).
   Status assume_context(GpuRequestState& state, int64_t tokens);
 
+  // Whether decode steps of `batch` requests replay a captured graph: OK when they do, the
+  // capture's error when it failed (those steps then run eagerly), NOT_FOUND before the first.
+  Status decode_graph_status(int64_t batch) const;
+
   // Routed experts that got rows in the last batch, summed over the layers (the expert weights
   // that batch had to read).
   Result<int64_t> last_batch_distinct_experts() const;
