@@ -10,6 +10,7 @@
 #include <cmath>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -276,6 +277,7 @@ struct GpuModel::Impl {
   // Most compressed entries a query may attend on CSA (the top-k) and HCA layers.
   int64_t bound_csa = 0, bound_hca = 0;
   std::map<int64_t, Status> graph_failures;  // batch sizes whose capture failed: run eagerly
+  std::set<int64_t> eager_sizes;             // batch sizes that have run a step
   DeviceBuffer window_counts;                // int32 [2]: windows closed per rate (CSA, HCA)
   size_t weight_bytes = 0;
   size_t pool_bytes = 0;
@@ -464,7 +466,9 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
   }
   const size_t attention_shared =
       cuda::sparse_attention_shared_bytes(config.sliding_window, most_compressed);
-  if (attention_shared > device.shared_memory_per_block) {
+  // The kernel's own static shared memory (its reduction scratch) comes on top.
+  constexpr size_t kAttentionStaticShared = 32 * sizeof(float);
+  if (attention_shared + kAttentionStaticShared > device.shared_memory_per_block) {
     return out_of_range("GpuModelOptions.max_positions " + std::to_string(options.max_positions) +
                         " lets a query attend " + std::to_string(most_compressed) +
                         " compressed entries, which needs " + std::to_string(attention_shared) +
@@ -1437,7 +1441,10 @@ Status GpuModel::Impl::decode_step(std::span<const Segment> segments) {
   // A captured step per batch size: the host's part runs as usual, the launches replay.
   DSERVE_ASSIGN_OR_RETURN(const int64_t n, prepare_batch(segments));
   auto graph = decode_graphs.find(n);
-  if (graph == decode_graphs.end() && !graph_failures.contains(n)) {
+  // The first step of a size runs eagerly: every kernel it uses is then loaded before any
+  // capture (lazy module loading), and the second step captures.
+  const bool first_of_size = eager_sizes.insert(n).second;
+  if (graph == decode_graphs.end() && !first_of_size && !graph_failures.contains(n)) {
     graph_batch = true;
     auto captured = cuda::CapturedGraph::capture(stream_, [&] { return run_layers(n); });
     graph_batch = false;

@@ -40,7 +40,8 @@ struct GpuModelOptions {
   // does not depend on the split). Sizes the activation scratch.
   int64_t max_chunk_tokens = 1024;
   // decode() and decode_greedy() replay each batch size's step as a captured CUDA graph (the
-  // first step of a size captures it). Off: every launch is made anew.
+  // first step of a size runs as plain launches, the second captures). Off: every launch is
+  // made anew.
   bool decode_graphs = true;
 };
 
@@ -115,7 +116,8 @@ class GpuModel {
   Status assume_context(GpuRequestState& state, int64_t tokens);
 
   // Whether decode steps of `batch` requests replay a captured graph: OK when they do, the
-  // capture's error when it failed (those steps then run eagerly), NOT_FOUND before the first.
+  // capture's error when it failed (those steps then run eagerly), NOT_FOUND before the
+  // capture (the second step of that size).
   Status decode_graph_status(int64_t batch) const;
 
   // Routed experts that got rows in the last batch, summed over the layers (the expert weights
