@@ -5,7 +5,6 @@
 #include "dserve/model/gpu_model.h"
 
 #include <algorithm>
-#include <bit>
 #include <climits>
 #include <cmath>
 #include <map>
@@ -15,11 +14,14 @@
 #include <utility>
 #include <vector>
 
+#include "block_quant.h"
 #include "dserve/kernels/cuda_model_ops.h"
 #include "dserve/kernels/cuda_ops.h"
 #include "dserve/kernels/device.h"
 #include "dserve/kernels/rope.h"
 #include "dserve/kvstore/block.h"
+#include "layers.h"
+#include "number_formats.h"
 
 namespace dserve::model {
 namespace cuda = kernels::cuda;
@@ -38,16 +40,6 @@ constexpr int64_t kIndexerTileFloats = int64_t{32} << 20;
 constexpr int64_t kLogitsTileFloats = int64_t{64} << 20;
 // Routed (token, expert) pairs up to which the grouping stays on the device (decode batches).
 constexpr int64_t kDeviceGroupingPairs = 2048;
-
-uint16_t bf16_bits(float f) {
-  const auto u = std::bit_cast<uint32_t>(f);
-  if (std::isnan(f)) return 0x7fc0;
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
 
 // Pages one request at max_positions needs in a pool of rows_per_page rows for rate `rate`.
 int64_t max_pages_per_request(int64_t max_positions, int64_t rate, int64_t rows_per_page) {
@@ -96,10 +88,10 @@ class Uploader {
         std::vector<uint16_t> host;
         host.reserve(static_cast<size_t>(rows * cols));
         for (float v : t->span())
-          host.push_back(bf16_bits(v));
+          host.push_back(f32_to_bf16(v));
         if (stack != nullptr) {
           for (float v : stack->span())
-            host.push_back(bf16_bits(v));
+            host.push_back(f32_to_bf16(v));
         }
         DSERVE_ASSIGN_OR_RETURN(w.buffer, DeviceBuffer::from_host<uint16_t>(host));
       }
@@ -386,19 +378,16 @@ Result<DeviceBuffer> scratch_ints(int64_t count) {
   return DeviceBuffer::allocate(static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(int32_t));
 }
 
-Result<DeviceBuffer> rope_table(const kernels::RopeTable& table, int64_t positions, bool cos) {
+// cos and sin of `table` at every position below `positions`, [positions, half] each.
+Status upload_rope(const kernels::RopeTable& table, int64_t positions, DeviceBuffer& cos,
+                   DeviceBuffer& sin) {
   const int64_t half = table.rope_dim() / 2;
   std::vector<float> c(static_cast<size_t>(positions * half)), s(c.size());
   for (int64_t p = 0; p < positions; ++p)
     table.angles(p, c.data() + p * half, s.data() + p * half);
-  return DeviceBuffer::from_host<float>(cos ? c : s);
-}
-
-std::optional<kernels::YarnParams> yarn_params(const ModelConfig& c) {
-  if (!c.compress_yarn) return std::nullopt;
-  return kernels::YarnParams{c.compress_yarn->factor,
-                             static_cast<double>(c.compress_yarn->original_max_position_embeddings),
-                             c.compress_yarn->beta_fast, c.compress_yarn->beta_slow};
+  DSERVE_ASSIGN_OR_RETURN(cos, DeviceBuffer::from_host<float>(c));
+  DSERVE_ASSIGN_OR_RETURN(sin, DeviceBuffer::from_host<float>(s));
+  return Status::ok();
 }
 
 }  // namespace
@@ -634,13 +623,9 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
 
   // RoPE tables.
   const int64_t positions = options.max_positions;
-  const kernels::RopeTable main_table(config.rope_head_dim, config.rope_theta, std::nullopt);
-  const kernels::RopeTable compress_table(config.rope_head_dim, config.compress_rope_theta,
-                                          yarn_params(config));
-  DSERVE_ASSIGN_OR_RETURN(m.main_cos, rope_table(main_table, positions, true));
-  DSERVE_ASSIGN_OR_RETURN(m.main_sin, rope_table(main_table, positions, false));
-  DSERVE_ASSIGN_OR_RETURN(m.compress_cos, rope_table(compress_table, positions, true));
-  DSERVE_ASSIGN_OR_RETURN(m.compress_sin, rope_table(compress_table, positions, false));
+  const detail::RopeTables tables = detail::rope_tables(config);
+  DSERVE_RETURN_IF_ERROR(upload_rope(tables.main, positions, m.main_cos, m.main_sin));
+  DSERVE_RETURN_IF_ERROR(upload_rope(tables.compress, positions, m.compress_cos, m.compress_sin));
   const int64_t half = config.rope_head_dim / 2;
   m.main_rope = {m.main_cos.as<float>(), m.main_sin.as<float>(), half, positions};
   m.compress_rope = {m.compress_cos.as<float>(), m.compress_sin.as<float>(), half, positions};
@@ -858,13 +843,7 @@ Result<GpuRequestState> GpuModel::new_state() {
 
 Status GpuModel::Impl::check_tokens(std::span<const int32_t> input, int64_t position) const {
   if (input.empty()) return invalid_argument("forward: the chunk has no tokens");
-  for (size_t i = 0; i < input.size(); ++i) {
-    if (input[i] < 0 || input[i] >= config.vocab_size) {
-      return out_of_range("token id " + std::to_string(input[i]) + " at index " +
-                          std::to_string(i) + " is outside the vocabulary [0, " +
-                          std::to_string(config.vocab_size) + ")");
-    }
-  }
+  DSERVE_RETURN_IF_ERROR(detail::check_token_ids(input, config.vocab_size));
   const int64_t end = position + static_cast<int64_t>(input.size());
   if (end > options.max_positions) {
     return out_of_range("forward: the request would reach position " + std::to_string(end) +

@@ -7,6 +7,7 @@
 #include <span>
 #include <vector>
 
+#include "dserve/core/status.h"
 #include "dserve/kernels/rope.h"
 #include "dserve/model/config.h"
 #include "dserve/model/request_state.h"
@@ -30,11 +31,16 @@ void hyper_connection_out(float* streams, const float* out, const HyperMix& mix,
 void hyper_head(const float* streams, int64_t n, const ModelConfig& config,
                 const HyperHeadWeights& w, float* out);
 
+// OutOfRange naming the first token id outside [0, vocab_size) and its index; OK otherwise.
+Status check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size);
+
 // --- Attention (step 2) ----------------------------------------------------------------
 struct RopeTables {
   kernels::RopeTable main;      // sliding-only layers
   kernels::RopeTable compress;  // CSA / HCA layers, their compressors and indexers
 };
+// The config's two tables (the compress one YaRN-scaled when configured).
+RopeTables rope_tables(const ModelConfig& config);
 // x: [n, hidden] (already normed); tokens at positions first_pos .. first_pos + n - 1.
 // Reads and updates the layer's pools; writes out [n, hidden].
 void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& config,

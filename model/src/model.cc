@@ -11,14 +11,32 @@
 namespace dserve::model {
 namespace cpu = kernels::cpu;
 
-namespace {
-std::optional<kernels::YarnParams> yarn_of(const ModelConfig& c) {
-  if (!c.compress_yarn) return std::nullopt;
-  return kernels::YarnParams{c.compress_yarn->factor,
-                             static_cast<double>(c.compress_yarn->original_max_position_embeddings),
-                             c.compress_yarn->beta_fast, c.compress_yarn->beta_slow};
+namespace detail {
+
+RopeTables rope_tables(const ModelConfig& c) {
+  std::optional<kernels::YarnParams> yarn;
+  if (c.compress_yarn) {
+    yarn =
+        kernels::YarnParams{c.compress_yarn->factor,
+                            static_cast<double>(c.compress_yarn->original_max_position_embeddings),
+                            c.compress_yarn->beta_fast, c.compress_yarn->beta_slow};
+  }
+  return RopeTables{kernels::RopeTable(c.rope_head_dim, c.rope_theta, std::nullopt),
+                    kernels::RopeTable(c.rope_head_dim, c.compress_rope_theta, yarn)};
 }
-}  // namespace
+
+Status check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size) {
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= vocab_size) {
+      return out_of_range("token id " + std::to_string(tokens[i]) + " at index " +
+                          std::to_string(i) + " is outside the vocabulary [0, " +
+                          std::to_string(vocab_size) + ")");
+    }
+  }
+  return Status::ok();
+}
+
+}  // namespace detail
 
 struct Model::Tables {
   detail::RopeTables rope;
@@ -30,9 +48,7 @@ Model::Model(ModelConfig config, ModelWeights weights)
       pools_(KvPagePools::create(config_)) {
   DSERVE_CHECK_MSG(static_cast<int64_t>(weights_.layers.size()) == config_.num_layers,
                    "weights and config disagree on the number of layers");
-  tables_ = std::make_unique<Tables>(Tables{detail::RopeTables{
-      kernels::RopeTable(config_.rope_head_dim, config_.rope_theta, std::nullopt),
-      kernels::RopeTable(config_.rope_head_dim, config_.compress_rope_theta, yarn_of(config_))}});
+  tables_ = std::make_unique<Tables>(Tables{detail::rope_tables(config_)});
 }
 
 Model::~Model() = default;
@@ -43,13 +59,7 @@ Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& sta
                               LogitsFor which) const {
   const auto n = static_cast<int64_t>(tokens.size());
   if (n == 0) return invalid_argument("forward: the chunk has no tokens");
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    if (tokens[i] < 0 || tokens[i] >= config_.vocab_size) {
-      return out_of_range("token id " + std::to_string(tokens[i]) + " at index " +
-                          std::to_string(i) + " is outside the vocabulary [0, " +
-                          std::to_string(config_.vocab_size) + ")");
-    }
-  }
+  DSERVE_RETURN_IF_ERROR(detail::check_token_ids(tokens, config_.vocab_size));
   DSERVE_CHECK_MSG(static_cast<int64_t>(state.layers().size()) == config_.num_layers,
                    "the request state was made for another model");
   const int64_t hidden = config_.hidden_size;

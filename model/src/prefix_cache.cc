@@ -1,4 +1,5 @@
 #include "dserve/model/prefix_cache.h"
+#include "layers.h"
 
 #include <algorithm>
 #include <string>
@@ -34,13 +35,7 @@ Result<std::unique_ptr<PrefixCache>> PrefixCache::open(const Model& model,
 
 Result<PrefillJob> PrefixCache::begin(std::span<const int32_t> prompt) {
   if (prompt.empty()) return invalid_argument("prefill of an empty prompt");
-  for (size_t i = 0; i < prompt.size(); ++i) {
-    if (prompt[i] < 0 || prompt[i] >= model_.config().vocab_size) {
-      return out_of_range("token id " + std::to_string(prompt[i]) + " at index " +
-                          std::to_string(i) + " is outside the vocabulary [0, " +
-                          std::to_string(model_.config().vocab_size) + ")");
-    }
-  }
+  DSERVE_RETURN_IF_ERROR(detail::check_token_ids(prompt, model_.config().vocab_size));
   constexpr int64_t kBlock = kv::kBlockTokens;
   PrefillJob job;
   job.prompt_.assign(prompt.begin(), prompt.end());
