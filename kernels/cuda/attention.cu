@@ -4,9 +4,12 @@
 // layers) read through the block table, with the head's sink in the softmax denominator. K = V
 // (one shared head, MQA).
 //
-// One block per (head, row): its warps take keys in turn for the dot products (lanes split
-// the channels), the block takes the softmax, then each thread sums its channels of the output
-// over all keys. Key row addresses are resolved once into shared memory.
+// One block per (row, group of heads). The group shares each key: a tile of kTileKeys keys is
+// read from global memory once into shared memory, every (head, key) dot product of the tile is
+// taken from there (a warp per product, lanes split the channels), and each head keeps a running
+// maximum and sum (online softmax) so the keys are read once in all. Each thread owns output
+// channels and accumulates them for every head of the group. Small batches take small groups so
+// that there are still enough blocks to fill the device.
 
 #include "common.cuh"
 #include "dserve/kernels/cuda_model_ops.h"
@@ -14,109 +17,243 @@
 namespace dserve::kernels::cuda {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kMaxGroup = attention_limits::kMaxHeadsPerBlock;
+constexpr int kTileKeys = attention_limits::kTileKeys;
+constexpr int kMaxChannelsPerThread = 2;
+static_assert(attention_limits::kMaxHeadDim == kThreads * kMaxChannelsPerThread,
+              "cuda_model_ops.h's head_dim bound must match the kernel's channels per thread");
 
 struct Shape {
   int64_t heads, head_dim, sliding_window;
   float scale;
+  int group;  // heads per block
 };
 
-__global__ void sparse_attention_kernel(AttentionInputs in, BatchRows rows, Shape shape,
-                                        float* __restrict__ out) {
-  extern __shared__ __align__(16) unsigned char shared_bytes[];
-  __shared__ float scratch[kWarpSize];
-  const int64_t h = blockIdx.x;
-  const int64_t t = blockIdx.y;
-  const int64_t hd = shape.head_dim;
-  const int64_t pos = rows.position[t];
-  const int64_t first_pos = rows.first_pos[t];
-  const int64_t first_row = rows.first_row[t];
-  const int64_t slot = rows.slot[t];
-  const float* ring = in.windows + slot * shape.sliding_window * hd;
-  const int64_t first_key = pos - shape.sliding_window + 1 > 0 ? pos - shape.sliding_window + 1 : 0;
-  const int64_t n_window = pos - first_key + 1;
-  int64_t n_comp = 0;
-  if (in.rate > 0) n_comp = in.selected != nullptr ? in.selected_counts[t] : (pos + 1) / in.rate;
-  const int64_t total = n_window + n_comp;
-  const PagedRowsView& c = in.compressed;
-  const int32_t* table = in.rate > 0 ? c.block_tables + slot * c.table_stride : nullptr;
+// Where key i of row t lives: the first n_window keys are the window (the request's ring for
+// positions before its first row in the batch, the batch's keys after), then the compressed
+// entries (the indexer's picks, or every visible one) through the request's block table.
+struct RowKeys {
+  const float* ring;
+  const float* batch_kv;
+  const int32_t* table;
+  const int32_t* selected;  // this row's picks, or null
+  PagedRowsView compressed;
+  int64_t first_key, n_window, first_pos, first_row, sliding_window, head_dim;
 
-  // Shared memory: key row pointers [total], then logits [total].
-  const float** keys = reinterpret_cast<const float**>(shared_bytes);
-  float* logits = reinterpret_cast<float*>(shared_bytes + sizeof(const float*) * total);
-  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
+  __device__ const float* key(int64_t i) const {
     if (i < n_window) {
       const int64_t p = first_key + i;
-      keys[i] = p >= first_pos ? in.batch_kv + (first_row + p - first_pos) * hd
-                               : ring + (p % shape.sliding_window) * hd;
-    } else {
-      const int64_t j = i - n_window;
-      const int64_t e = in.selected != nullptr ? in.selected[t * in.selected_stride + j] : j;
-      const int64_t page = table[e / c.rows_per_page];
-      keys[i] = c.pool + (page * c.rows_per_page + e % c.rows_per_page) * c.width;
+      return p >= first_pos ? batch_kv + (first_row + p - first_pos) * head_dim
+                            : ring + (p % sliding_window) * head_dim;
+    }
+    const int64_t j = i - n_window;
+    const int64_t e = selected != nullptr ? selected[j] : j;
+    const int64_t page = table[e / compressed.rows_per_page];
+    return compressed.pool +
+           (page * compressed.rows_per_page + e % compressed.rows_per_page) * compressed.width;
+  }
+};
+
+__global__ void __launch_bounds__(kThreads, 2)
+    sparse_attention_kernel(AttentionInputs in, BatchRows rows, Shape shape,
+                            float* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  const int64_t hd = shape.head_dim;
+  const int64_t hd4 = hd / 4;
+  const int64_t h0 = static_cast<int64_t>(blockIdx.x) * shape.group;
+  const int group =
+      static_cast<int>(shape.heads - h0 < shape.group ? shape.heads - h0 : shape.group);
+  const int64_t t = blockIdx.y;
+  const int64_t pos = rows.position[t];
+  const int64_t slot = rows.slot[t];
+
+  RowKeys keys;
+  keys.ring = in.windows + slot * shape.sliding_window * hd;
+  keys.batch_kv = in.batch_kv;
+  keys.table =
+      in.rate > 0 ? in.compressed.block_tables + slot * in.compressed.table_stride : nullptr;
+  keys.selected = in.selected != nullptr ? in.selected + t * in.selected_stride : nullptr;
+  keys.compressed = in.compressed;
+  keys.first_key = pos - shape.sliding_window + 1 > 0 ? pos - shape.sliding_window + 1 : 0;
+  keys.n_window = pos - keys.first_key + 1;
+  keys.first_pos = rows.first_pos[t];
+  keys.first_row = rows.first_row[t];
+  keys.sliding_window = shape.sliding_window;
+  keys.head_dim = hd;
+  int64_t n_comp = 0;
+  if (in.rate > 0) n_comp = in.selected != nullptr ? in.selected_counts[t] : (pos + 1) / in.rate;
+  const int64_t total = keys.n_window + n_comp;
+
+  // Shared memory (sparse_attention_shared_bytes): the tile's key addresses, then the group's
+  // queries [kMaxGroup, hd], the tile's keys [kTileKeys, hd], its scores [kMaxGroup, kTileKeys]
+  // and per head the running maximum, running sum and this tile's rescale factor.
+  const float** tile_keys = reinterpret_cast<const float**>(shared_bytes);
+  float* q_s = reinterpret_cast<float*>(shared_bytes + kTileKeys * sizeof(const float*));
+  float* k_s = q_s + kMaxGroup * hd;
+  float* p_s = k_s + kTileKeys * hd;
+  float* run_max = p_s + kMaxGroup * kTileKeys;
+  float* run_sum = run_max + kMaxGroup;
+  float* rescale = run_sum + kMaxGroup;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  {
+    const float4* q4 = reinterpret_cast<const float4*>(in.q + (t * shape.heads + h0) * hd);
+    float4* q_s4 = reinterpret_cast<float4*>(q_s);
+    for (int64_t i = tid; i < group * hd4; i += kThreads)
+      q_s4[i] = q4[i];
+  }
+  // The sink starts each head's maximum, so exp(sink - max) stays finite throughout.
+  if (tid < group) {
+    run_max[tid] = in.sinks[h0 + tid];
+    run_sum[tid] = 0.0f;
+  }
+
+  float acc[kMaxGroup][kMaxChannelsPerThread];
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+#pragma unroll
+    for (int ci = 0; ci < kMaxChannelsPerThread; ++ci)
+      acc[h][ci] = 0.0f;
+  }
+
+  for (int64_t start = 0; start < total; start += kTileKeys) {
+    const int tile = static_cast<int>(total - start < kTileKeys ? total - start : kTileKeys);
+    if (tid < tile) tile_keys[tid] = keys.key(start + tid);
+    __syncthreads();  // also orders the previous tile's reads before these writes
+    {
+      float4* k_s4 = reinterpret_cast<float4*>(k_s);
+      for (int64_t i = tid; i < tile * hd4; i += kThreads) {
+        k_s4[i] = reinterpret_cast<const float4*>(tile_keys[i / hd4])[i % hd4];
+      }
+    }
+    __syncthreads();
+    for (int pair = warp; pair < group * tile; pair += kWarps) {
+      const int h = pair / tile;
+      const int j = pair % tile;
+      const float4* q4 = reinterpret_cast<const float4*>(q_s + h * hd);
+      const float4* k4 = reinterpret_cast<const float4*>(k_s + j * hd);
+      float dot = 0.0f;
+      for (int64_t c = lane; c < hd4; c += kWarpSize) {
+        const float4 a = q4[c];
+        const float4 b = k4[c];
+        dot += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+      }
+      dot = warp_all_reduce(dot, SumOp{});
+      if (lane == 0) p_s[h * kTileKeys + j] = dot * shape.scale;
+    }
+    __syncthreads();
+    if (tid < group) {
+      float* p = p_s + tid * kTileKeys;
+      const float old_max = run_max[tid];
+      float new_max = old_max;
+      for (int j = 0; j < tile; ++j)
+        new_max = fmaxf(new_max, p[j]);
+      float sum = 0.0f;
+      for (int j = 0; j < tile; ++j) {
+        p[j] = expf(p[j] - new_max);
+        sum += p[j];
+      }
+      for (int j = tile; j < kTileKeys; ++j)
+        p[j] = 0.0f;  // a short last tile adds nothing below
+      const float factor = expf(old_max - new_max);
+      run_sum[tid] = run_sum[tid] * factor + sum;
+      run_max[tid] = new_max;
+      rescale[tid] = factor;
+    }
+    __syncthreads();
+    // Scores four keys at a time; a short tile's missing keys have score 0 and read key 0.
+#pragma unroll
+    for (int ci = 0; ci < kMaxChannelsPerThread; ++ci) {
+      const int64_t c = tid + static_cast<int64_t>(ci) * kThreads;
+      if (c >= hd) break;
+#pragma unroll
+      for (int h = 0; h < kMaxGroup; ++h) {
+        if (h < group) acc[h][ci] *= rescale[h];
+      }
+      for (int j0 = 0; j0 < tile; j0 += 4) {
+        float v[4];
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+          v[jj] = k_s[(j0 + jj < tile ? j0 + jj : 0) * hd + c];
+#pragma unroll
+        for (int h = 0; h < kMaxGroup; ++h) {
+          if (h >= group) break;
+          const float4 p4 = reinterpret_cast<const float4*>(p_s + h * kTileKeys)[j0 / 4];
+          acc[h][ci] += p4.x * v[0] + p4.y * v[1] + p4.z * v[2] + p4.w * v[3];
+        }
+      }
     }
   }
-  __syncthreads();
+  __syncthreads();  // the last tile's sums are in run_sum and run_max
 
-  const float* q = in.q + (t * shape.heads + h) * hd;
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
-  for (int64_t i = warp; i < total; i += warps) {
-    const float* k = keys[i];
-    float dot = 0.0f;
-    for (int64_t c = lane; c < hd; c += kWarpSize)
-      dot += q[c] * k[c];
-    dot = warp_all_reduce(dot, SumOp{});
-    if (lane == 0) logits[i] = dot * shape.scale;
-  }
-  __syncthreads();
-
-  const float sink = in.sinks[h];
-  float local_max = sink;
-  for (int64_t i = threadIdx.x; i < total; i += blockDim.x)
-    local_max = fmaxf(local_max, logits[i]);
-  const float max_v = block_all_reduce(local_max, MaxOp{}, scratch);
-  float local_sum = 0.0f;
-  for (int64_t i = threadIdx.x; i < total; i += blockDim.x) {
-    const float e = expf(logits[i] - max_v);
-    logits[i] = e;
-    local_sum += e;
-  }
-  const float sum = block_all_reduce(local_sum, SumOp{}, scratch) + expf(sink - max_v);
-  const float inv = 1.0f / sum;
-  __syncthreads();
-
-  float* o = out + (t * shape.heads + h) * hd;
-  for (int64_t c = threadIdx.x; c < hd; c += blockDim.x) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < total; ++i)
-      acc += (logits[i] * inv) * keys[i][c];
-    o[c] = acc;
+#pragma unroll
+  for (int h = 0; h < kMaxGroup; ++h) {
+    if (h >= group) break;
+    const float denominator = run_sum[h] + expf(in.sinks[h0 + h] - run_max[h]);
+    const float inv = 1.0f / denominator;
+    float* o = out + (t * shape.heads + h0 + h) * hd;
+#pragma unroll
+    for (int ci = 0; ci < kMaxChannelsPerThread; ++ci) {
+      const int64_t c = tid + static_cast<int64_t>(ci) * kThreads;
+      if (c < hd) o[c] = acc[h][ci] * inv;
+    }
   }
 }
 
 size_t attention_granted = 48 * 1024;
+int device_multiprocessors = 0;  // of the current device, read when shared memory is reserved
+
+// Heads per block: the largest group (a power of two up to kMaxGroup) that still gives every
+// multiprocessor its blocks, so large batches read each key once per kMaxGroup heads and small
+// ones keep the device busy.
+int heads_per_block(int64_t n, int64_t heads) {
+  // Two blocks fit on a multiprocessor (__launch_bounds__ and the shared memory allow it).
+  const int64_t wanted = 2 * (device_multiprocessors > 0 ? device_multiprocessors : 132);
+  int group = kMaxGroup;
+  while (group > 1 && (group > heads || n * ((heads + group - 1) / group) < wanted))
+    group /= 2;
+  return group;
+}
 
 }  // namespace
 
 Status reserve_attention_shared(size_t bytes) {
+  if (device_multiprocessors == 0) {
+    int device = 0;
+    DSERVE_RETURN_IF_ERROR(cuda_status(cudaGetDevice(&device), "cudaGetDevice"));
+    DSERVE_RETURN_IF_ERROR(cuda_status(
+        cudaDeviceGetAttribute(&device_multiprocessors, cudaDevAttrMultiProcessorCount, device),
+        "cudaDeviceGetAttribute(multiprocessors)"));
+  }
   return grant_shared_memory(sparse_attention_kernel, bytes, attention_granted,
                              "sparse_attention_kernel");
 }
 
 Status sparse_attention(const AttentionInputs& in, const BatchRows& rows, int64_t n, int64_t heads,
-                        int64_t head_dim, int64_t sliding_window, int64_t max_compressed,
-                        float scale, float* out, CudaStream stream) {
-  DSERVE_CHECK(n >= 0 && heads >= 1 && head_dim >= 1 && sliding_window >= 1);
-  DSERVE_CHECK(max_compressed >= 0);
+                        int64_t head_dim, int64_t sliding_window, float scale, float* out,
+                        CudaStream stream) {
+  DSERVE_CHECK(n >= 0 && heads >= 1 && sliding_window >= 1);
+  DSERVE_CHECK_MSG(head_dim >= 4 && head_dim % 4 == 0 && head_dim <= attention_limits::kMaxHeadDim,
+                   "sparse_attention takes head_dim a multiple of 4 up to kMaxHeadDim");
   DSERVE_CHECK(in.rate == 0 || in.compressed.width == head_dim);
   if (n == 0) return Status::ok();
+  // Queries and keys are read as float4: every base must be 16-byte aligned.
+  for (const void* base :
+       {static_cast<const void*>(in.q), static_cast<const void*>(in.batch_kv),
+        static_cast<const void*>(in.windows), static_cast<const void*>(in.compressed.pool)}) {
+    DSERVE_CHECK_MSG(reinterpret_cast<uintptr_t>(base) % 16 == 0,
+                     "sparse_attention reads 16-byte vectors from a base that is not aligned");
+  }
   DSERVE_CHECK_MSG(n <= 65535, "a batch of more than 65535 rows exceeds the launch grid");
-  const size_t shared = sparse_attention_shared_bytes(sliding_window, max_compressed);
+  const size_t shared = sparse_attention_shared_bytes(head_dim);
   DSERVE_RETURN_IF_ERROR(reserve_attention_shared(shared));
-  const Shape shape{heads, head_dim, sliding_window, scale};
-  const dim3 grid(static_cast<unsigned>(heads), static_cast<unsigned>(n));
+  const int group = heads_per_block(n, heads);
+  const Shape shape{heads, head_dim, sliding_window, scale, group};
+  const dim3 grid(static_cast<unsigned>((heads + group - 1) / group), static_cast<unsigned>(n));
   sparse_attention_kernel<<<grid, kThreads, shared, native(stream)>>>(in, rows, shape, out);
   return launch_status("sparse_attention_kernel launch");
 }

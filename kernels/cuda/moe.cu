@@ -85,38 +85,45 @@ constexpr int kGroupThreads = 256;
 
 // One block: counts per expert, offsets, the active experts in id order, each pair's slot (its
 // expert's offset plus the number of earlier pairs routed there, so slots follow token order
-// as moe.cc's rows do), and per token its k (slot, weight) in ascending expert order.
+// as moe.cc's rows do), and per token its k (slot, weight) in ascending expert order. The ids
+// are staged in shared memory; each thread then walks them in order for its own experts.
 __global__ void moe_group_kernel(const int32_t* __restrict__ ids, const float* __restrict__ weights,
                                  int64_t n, int64_t k, int64_t experts, MoeGroups groups) {
-  extern __shared__ int counts[];  // [experts]
+  extern __shared__ int shared_ints[];
+  int* next_slot = shared_ints;           // [experts]: counts, then each expert's next slot
+  int* pair_ids = shared_ints + experts;  // [n * k]
   const int64_t pairs = n * k;
   for (int64_t e = threadIdx.x; e < experts; e += blockDim.x)
-    counts[e] = 0;
+    next_slot[e] = 0;
+  for (int64_t p = threadIdx.x; p < pairs; p += blockDim.x)
+    pair_ids[p] = ids[p];
   __syncthreads();
   for (int64_t p = threadIdx.x; p < pairs; p += blockDim.x)
-    atomicAdd(&counts[ids[p]], 1);
+    atomicAdd(&next_slot[pair_ids[p]], 1);
   __syncthreads();
   if (threadIdx.x == 0) {
     int running = 0;
     int active = 0;
     for (int64_t e = 0; e < experts; ++e) {
+      const int count = next_slot[e];
       groups.offsets[e] = running;
-      if (counts[e] > 0) groups.active[active++] = static_cast<int32_t>(e);
-      running += counts[e];
+      next_slot[e] = running;
+      if (count > 0) groups.active[active++] = static_cast<int32_t>(e);
+      running += count;
     }
     groups.offsets[experts] = running;
     *groups.active_count = active;
     if (groups.active_total != nullptr) *groups.active_total += active;
   }
   __syncthreads();
-  for (int64_t p = threadIdx.x; p < pairs; p += blockDim.x) {
-    const int32_t e = ids[p];
-    int rank = 0;
-    for (int64_t q = 0; q < p; ++q)
-      rank += ids[q] == e ? 1 : 0;
-    const int32_t slot = groups.offsets[e] + rank;
-    groups.rows[slot] = static_cast<int32_t>(p / k);
-    groups.slot_of[p] = slot;
+  for (int64_t e = threadIdx.x; e < experts; e += blockDim.x) {
+    int slot = next_slot[e];
+    for (int64_t p = 0; p < pairs; ++p) {
+      if (pair_ids[p] != e) continue;
+      groups.rows[slot] = static_cast<int32_t>(p / k);
+      groups.slot_of[p] = slot;
+      ++slot;
+    }
   }
   __syncthreads();
   for (int64_t t = threadIdx.x; t < n; t += blockDim.x) {
@@ -124,7 +131,7 @@ __global__ void moe_group_kernel(const int32_t* __restrict__ ids, const float* _
     int32_t order[v4::kMaxRoutedPerToken];
     for (int64_t i = 0; i < k; ++i) {
       int64_t j = i;
-      while (j > 0 && ids[t * k + order[j - 1]] > ids[t * k + i]) {
+      while (j > 0 && pair_ids[t * k + order[j - 1]] > pair_ids[t * k + i]) {
         order[j] = order[j - 1];
         --j;
       }
@@ -141,24 +148,44 @@ constexpr int kGemvThreads = 128;
 constexpr int kGemvRowsPerWarp = 4;
 constexpr int kGemvTokens = 8;  // tokens of one expert per pass over a weight row
 
+// 16 bytes of weights as floats: 4 fp32 values or 8 bf16 values (the upper halves of fp32).
 template <typename W>
-__device__ float weight_at(const W* w, int64_t i);
+struct WeightVector;
 template <>
-__device__ float weight_at<float>(const float* w, int64_t i) {
-  return w[i];
-}
+struct WeightVector<float> {
+  static constexpr int kWidth = 4;
+  __device__ static void load(const float* row, int64_t v, float* out) {
+    const float4 a = reinterpret_cast<const float4*>(row)[v];
+    out[0] = a.x;
+    out[1] = a.y;
+    out[2] = a.z;
+    out[3] = a.w;
+  }
+};
 template <>
-__device__ float weight_at<uint16_t>(const uint16_t* w, int64_t i) {
-  return __uint_as_float(static_cast<uint32_t>(w[i]) << 16);
-}
+struct WeightVector<uint16_t> {
+  static constexpr int kWidth = 8;
+  __device__ static void load(const uint16_t* row, int64_t v, float* out) {
+    const uint4 a = reinterpret_cast<const uint4*>(row)[v];
+    const uint32_t words[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = __uint_as_float(words[i] << 16);              // the lower address
+      out[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);  // the higher address
+    }
+  }
+};
 
 // out[s, r] = x[s, :] . W_e[r, :] for the rows s of each active expert e. Grid: (active slot,
-// row tile); a warp takes kGemvRowsPerWarp rows, reads each weight row once per kGemvTokens
-// tokens, lanes split the columns.
+// row tile). A warp takes kGemvRowsPerWarp weight rows and up to kGemvTokens of the expert's
+// tokens at a time; each lane walks 16-byte column vectors, holding the tokens' x values in
+// registers across the warp's rows, so every weight byte is read once per kGemvTokens tokens
+// with one 16-byte load. cols is a multiple of 8 and every weight row starts 16-byte aligned.
 template <typename W>
 __global__ void moe_gemv_kernel(const float* __restrict__ x, MoeGroups groups,
                                 const void* const* __restrict__ expert_weights, int64_t rows,
                                 int64_t cols, float* __restrict__ out) {
+  constexpr int V = WeightVector<W>::kWidth;
   if (static_cast<int>(blockIdx.x) >= *groups.active_count) return;
   const int32_t e = groups.active[blockIdx.x];
   const int64_t first = groups.offsets[e];
@@ -168,22 +195,49 @@ __global__ void moe_gemv_kernel(const float* __restrict__ x, MoeGroups groups,
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int64_t row0 =
       (static_cast<int64_t>(blockIdx.y) * (kGemvThreads / kWarpSize) + warp) * kGemvRowsPerWarp;
-  for (int64_t r = row0; r < row0 + kGemvRowsPerWarp && r < rows; ++r) {
-    const W* wr = w + r * cols;
-    for (int64_t s0 = 0; s0 < count; s0 += kGemvTokens) {
-      const int64_t tokens = count - s0 < kGemvTokens ? count - s0 : kGemvTokens;
-      float acc[kGemvTokens] = {};
-      for (int64_t c = lane; c < cols; c += kWarpSize) {
-        const float wv = weight_at<W>(wr, c);
+  if (row0 >= rows) return;
+  const int64_t warp_rows = rows - row0 < kGemvRowsPerWarp ? rows - row0 : kGemvRowsPerWarp;
+  const int64_t vectors = cols / V;
+  for (int64_t s0 = 0; s0 < count; s0 += kGemvTokens) {
+    const int64_t tokens = count - s0 < kGemvTokens ? count - s0 : kGemvTokens;
+    float acc[kGemvRowsPerWarp][kGemvTokens] = {};
+    for (int64_t v = lane; v < vectors; v += kWarpSize) {
+      float xv[kGemvTokens][V];
 #pragma unroll
-        for (int j = 0; j < kGemvTokens; ++j) {
-          if (j < tokens) acc[j] += wv * x[(first + s0 + j) * cols + c];
+      for (int j = 0; j < kGemvTokens; ++j) {
+#pragma unroll
+        for (int i = 0; i < V; i += 4) {
+          float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+          if (j < tokens) {
+            a = reinterpret_cast<const float4*>(x + (first + s0 + j) * cols + v * V)[i / 4];
+          }
+          xv[j][i] = a.x;
+          xv[j][i + 1] = a.y;
+          xv[j][i + 2] = a.z;
+          xv[j][i + 3] = a.w;
         }
       }
 #pragma unroll
+      for (int r = 0; r < kGemvRowsPerWarp; ++r) {
+        if (r >= warp_rows) break;
+        float wv[V];
+        WeightVector<W>::load(w + (row0 + r) * cols, v, wv);
+#pragma unroll
+        for (int j = 0; j < kGemvTokens; ++j) {
+#pragma unroll
+          for (int i = 0; i < V; ++i)
+            acc[r][j] += wv[i] * xv[j][i];
+        }
+      }
+    }
+    // warp_rows and tokens are the same in every lane, so whole warps reduce together.
+#pragma unroll
+    for (int r = 0; r < kGemvRowsPerWarp; ++r) {
+#pragma unroll
       for (int j = 0; j < kGemvTokens; ++j) {
-        const float total = warp_all_reduce(acc[j], SumOp{});
-        if (lane == 0 && j < tokens) out[(first + s0 + j) * rows + r] = total;
+        if (r >= warp_rows || j >= tokens) continue;
+        const float total = warp_all_reduce(acc[r][j], SumOp{});
+        if (lane == 0) out[(first + s0 + j) * rows + row0 + r] = total;
       }
     }
   }
@@ -194,8 +248,9 @@ __global__ void moe_gemv_kernel(const float* __restrict__ x, MoeGroups groups,
 Status moe_group(const int32_t* ids, const float* weights, int64_t n, int64_t k, int64_t experts,
                  const MoeGroups& groups, CudaStream stream) {
   DSERVE_CHECK(n >= 1 && k >= 1 && k <= v4::kMaxRoutedPerToken && experts >= 1);
-  const size_t shared = static_cast<size_t>(experts) * sizeof(int);
-  DSERVE_CHECK_MSG(shared <= 48 * 1024, "too many experts for moe_group's shared memory");
+  DSERVE_CHECK_MSG(experts + n * k <= kMoeGroupMaxInts,
+                   "too many experts or pairs for moe_group's shared memory");
+  const size_t shared = static_cast<size_t>(experts + n * k) * sizeof(int);
   moe_group_kernel<<<1, kGroupThreads, shared, native(stream)>>>(ids, weights, n, k, experts,
                                                                  groups);
   return launch_status("moe_group_kernel launch");
@@ -205,6 +260,10 @@ Status moe_experts_gemv(const float* x, const MoeGroups& groups, int64_t max_act
                         const void* const* expert_weights, WeightType type, int64_t rows,
                         int64_t cols, float* out, CudaStream stream) {
   DSERVE_CHECK(max_active >= 0 && rows >= 1 && cols >= 1);
+  DSERVE_CHECK_MSG(cols % 8 == 0,
+                   "moe_experts_gemv reads 16-byte vectors: cols must be a multiple of 8");
+  DSERVE_CHECK_MSG(reinterpret_cast<uintptr_t>(x) % 16 == 0,
+                   "moe_experts_gemv reads x as 16-byte vectors from a base that is not aligned");
   if (max_active == 0) return Status::ok();
   const int64_t rows_per_block = (kGemvThreads / kWarpSize) * kGemvRowsPerWarp;
   const dim3 grid(static_cast<unsigned>(max_active),

@@ -38,8 +38,12 @@ constexpr cuda::CudaStream kDefaultStream{};
 constexpr int64_t kIndexerTileFloats = int64_t{32} << 20;
 // Scratch the logits may take per tile of output rows (floats).
 constexpr int64_t kLogitsTileFloats = int64_t{64} << 20;
-// Routed (token, expert) pairs up to which the grouping stays on the device (decode batches).
+// Routed (token, expert) pairs up to which the grouping stays on the device (decode batches),
+// as far as moe_group's one block can hold them next to the expert counts.
 constexpr int64_t kDeviceGroupingPairs = 2048;
+int64_t device_grouping_pairs(int64_t experts) {
+  return std::clamp<int64_t>(cuda::kMoeGroupMaxInts - experts, 0, kDeviceGroupingPairs);
+}
 
 // Pages one request at max_positions needs in a pool of rows_per_page rows for rate `rate`.
 int64_t max_pages_per_request(int64_t max_positions, int64_t rate, int64_t rows_per_page) {
@@ -266,8 +270,6 @@ struct GpuModel::Impl {
   // The batch is a decode step: the indexer scores through the block tables whatever the batch
   // size, so that a request's picks do not depend on how many others decode with it.
   bool decode_batch = false;
-  // Most compressed entries a query may attend on CSA (the top-k) and HCA layers.
-  int64_t bound_csa = 0, bound_hca = 0;
   std::map<int64_t, Status> graph_failures;  // batch sizes whose capture failed: run eagerly
   std::set<int64_t> eager_sizes;             // batch sizes that have run a step
   DeviceBuffer window_counts;                // int32 [2]: windows closed per rate (CSA, HCA)
@@ -312,6 +314,7 @@ struct GpuModel::Impl {
   DeviceBuffer q_residual, q, chunk_kv, attn_out, grouped;  // attention
   DeviceBuffer comp_kv, comp_gate;                          // [C, 2 * max compressor width]
   DeviceBuffer index_q, index_weights, index_keys, index_dots, index_scores;
+  DeviceBuffer index_keys16;  // the gathered keys rounded to bf16 (bf16 weights only)
   DeviceBuffer selected, selected_counts;
   DeviceBuffer router, route_ids, route_weights;  // MoE
   DeviceBuffer perm_rows, combine_slots, combine_weights;
@@ -427,18 +430,6 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
         ", got " + std::to_string(config.hc_mult) + " and " +
         std::to_string(config.experts_per_token));
   }
-  // The attention block keeps a score per key in shared memory: the window plus the most
-  // compressed entries a query can see (every HCA entry up to max_positions, or the top-k).
-  int64_t most_compressed = 0;
-  for (const AttentionKind kind : config.layer_types) {
-    if (kind == AttentionKind::kHeavy) {
-      most_compressed = std::max(most_compressed, options.max_positions / config.hca_rate);
-    }
-    if (kind == AttentionKind::kCompressed) {
-      most_compressed = std::max(
-          most_compressed, std::min(config.index_topk, options.max_positions / config.csa_rate));
-    }
-  }
   if (options.max_positions > INT32_MAX) {
     return invalid_argument(
         "GpuModelOptions.max_positions is at most 2^31 - 1 (positions are "
@@ -453,16 +444,23 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
                          std::to_string(indexer_shared) + " bytes of shared memory per block; " +
                          device.name + " has " + std::to_string(device.shared_memory_per_block));
   }
-  const size_t attention_shared =
-      cuda::sparse_attention_shared_bytes(config.sliding_window, most_compressed);
-  // The kernel's own static shared memory (its reduction scratch) comes on top.
-  constexpr size_t kAttentionStaticShared = 32 * sizeof(float);
-  if (attention_shared + kAttentionStaticShared > device.shared_memory_per_block) {
-    return out_of_range("GpuModelOptions.max_positions " + std::to_string(options.max_positions) +
-                        " lets a query attend " + std::to_string(most_compressed) +
-                        " compressed entries, which needs " + std::to_string(attention_shared) +
-                        " bytes of shared memory per block; " + device.name + " has " +
-                        std::to_string(device.shared_memory_per_block));
+  if (config.hidden_size % 8 != 0 || config.moe_intermediate_size % 8 != 0) {
+    return unimplemented(
+        "GpuModel's expert products read 8 values at a time: hidden_size and "
+        "moe_intermediate_size must be multiples of 8, got " +
+        std::to_string(config.hidden_size) + " and " +
+        std::to_string(config.moe_intermediate_size));
+  }
+  if (config.head_dim % 4 != 0 || config.head_dim > cuda::attention_limits::kMaxHeadDim) {
+    return unimplemented("GpuModel's attention takes head_dim a multiple of 4 up to " +
+                         std::to_string(cuda::attention_limits::kMaxHeadDim) + ", got " +
+                         std::to_string(config.head_dim));
+  }
+  const size_t attention_shared = cuda::sparse_attention_shared_bytes(config.head_dim);
+  if (attention_shared > device.shared_memory_per_block) {
+    return unimplemented("attention over head_dim " + std::to_string(config.head_dim) + " needs " +
+                         std::to_string(attention_shared) + " bytes of shared memory per block; " +
+                         device.name + " has " + std::to_string(device.shared_memory_per_block));
   }
   for (int64_t l = 0; l < config.num_layers && weights != nullptr; ++l) {
     if (config.mlp_types[static_cast<size_t>(l)] != RoutingKind::kHash) continue;
@@ -481,8 +479,6 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
   Impl& m = *impl;
   m.config = config;
   m.options = options;
-  m.bound_csa = std::min(config.index_topk, options.max_positions / config.csa_rate);
-  m.bound_hca = options.max_positions / config.hca_rate;
   // What a captured launch may need, granted now (nothing may be asked during a capture).
   DSERVE_RETURN_IF_ERROR(cuda::reserve_shared_memory(attention_shared, indexer_shared));
   constexpr size_t kBlasWorkspace = size_t{32} << 20;
@@ -758,6 +754,12 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
   DSERVE_ASSIGN_OR_RETURN(m.index_q, scratch_floats(c * ih * ihd));
   DSERVE_ASSIGN_OR_RETURN(m.index_weights, scratch_floats(c * ih));
   DSERVE_ASSIGN_OR_RETURN(m.index_keys, scratch_floats(entries * ihd));
+  if (type == WeightType::kBf16) {
+    DSERVE_ASSIGN_OR_RETURN(
+        m.index_keys16,
+        DeviceBuffer::allocate(static_cast<size_t>(std::max<int64_t>(entries * ihd, 1)) *
+                               sizeof(uint16_t)));
+  }
   DSERVE_ASSIGN_OR_RETURN(m.index_dots, scratch_floats(m.indexer_tile * ih * entries));
   DSERVE_ASSIGN_OR_RETURN(m.index_scores, scratch_floats(m.indexer_tile * entries));
   DSERVE_ASSIGN_OR_RETURN(m.selected, scratch_ints(c * config.index_topk));
@@ -785,10 +787,10 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
   DSERVE_ASSIGN_OR_RETURN(m.greedy, scratch_ints(m.logits_tile));
   if (type == WeightType::kBf16) {
     // The widest input any bf16 linear rounds: n rows times its input width.
-    const int64_t widest =
-        std::max({c * hidden, c * config.q_lora_rank, c * heads * hd,
-                  c * config.o_groups * config.o_lora_rank, c * k * hidden,
-                  c * k * config.moe_intermediate_size, c * max_inter, m.logits_tile * hidden});
+    const int64_t widest = std::max({c * hidden, c * config.q_lora_rank, c * heads * hd,
+                                     c * config.o_groups * config.o_lora_rank, c * k * hidden,
+                                     c * k * config.moe_intermediate_size, c * max_inter,
+                                     m.logits_tile * hidden, m.indexer_tile * ih * ihd});
     DSERVE_ASSIGN_OR_RETURN(m.bf16_scratch,
                             DeviceBuffer::allocate(static_cast<size_t>(widest) * sizeof(uint16_t)));
   }
@@ -998,11 +1000,9 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
   const int64_t most_visible = rate == 0     ? 0
                                : graph_batch ? options.max_positions / rate
                                              : batch_max_end / rate;
-  int64_t max_compressed = 0;
   if (d.compressor) {
     in.compressed = paged(*compressed_pools[static_cast<size_t>(l)], slab.compressed);
     DSERVE_RETURN_IF_ERROR(run_compressor(*d.compressor, slab.kv_compressor, in.compressed));
-    max_compressed = graph_batch ? (heavy ? bound_hca : bound_csa) : most_visible;
   }
   if (d.index_compressor) {
     const cuda::PagedRowsView keys = paged(*index_pools[static_cast<size_t>(l)], slab.index_keys);
@@ -1020,17 +1020,35 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
     const float weight_scale = 1.0f / std::sqrt(static_cast<float>(ih));
     const float score_scale = 1.0f / std::sqrt(static_cast<float>(ihd));
     const bool one_request = batch_requests == 1 && !decode_batch;
+    const bool bf16 = index_keys16.data() != nullptr;
     if (stride > 0 && one_request) {
-      // One request: its keys gathered once, the head products as one GEMM per query tile.
+      // One request: its keys gathered once, the head products as one GEMM per query tile
+      // (bf16 inputs when the weights are bf16).
       DSERVE_RETURN_IF_ERROR(
           cuda::gather_rows(keys, batch_single_slot, 0, stride, index_keys.as<float>(), stream_));
+      if (bf16) {
+        DSERVE_RETURN_IF_ERROR(cuda::round_to_bf16(index_keys.as<float>(), stride * ihd,
+                                                   index_keys16.as<uint16_t>(), stream_));
+      }
     }
     for (int64_t t0 = 0; t0 < n; t0 += indexer_tile) {
       const int64_t tile = std::min(indexer_tile, n - t0);
       if (stride > 0 && one_request) {
-        DSERVE_RETURN_IF_ERROR(cuda::matmul(blas, index_q.as<float>() + t0 * ih * ihd, tile * ih,
-                                            ihd, index_keys.as<float>(), stride,
-                                            index_dots.as<float>(), stride, stream_));
+        // The rows are consecutive positions ending at batch_max_end - 1: the tile's last row
+        // sees the most entries, and no row reads a product past them.
+        const int64_t tile_visible = std::min(stride, (batch_max_end - n + t0 + tile) / rate);
+        const float* tile_q = index_q.as<float>() + t0 * ih * ihd;
+        if (tile_visible > 0 && bf16) {
+          DSERVE_RETURN_IF_ERROR(
+              cuda::round_to_bf16(tile_q, tile * ih * ihd, scratch16(), stream_));
+          DSERVE_RETURN_IF_ERROR(cuda::matmul_bf16(blas, scratch16(), tile * ih, ihd,
+                                                   index_keys16.as<uint16_t>(), tile_visible,
+                                                   index_dots.as<float>(), stride, stream_));
+        } else if (tile_visible > 0) {
+          DSERVE_RETURN_IF_ERROR(cuda::matmul(blas, tile_q, tile * ih, ihd, index_keys.as<float>(),
+                                              tile_visible, index_dots.as<float>(), stride,
+                                              stream_));
+        }
         DSERVE_RETURN_IF_ERROR(cuda::indexer_scores(
             index_dots.as<float>(), index_weights.as<float>() + t0 * ih, tile, ih, stride,
             positions + t0, rate, score_scale, weight_scale, index_scores.as<float>(), stream_));
@@ -1048,13 +1066,11 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
     in.selected = selected.as<int32_t>();
     in.selected_counts = selected_counts.as<int32_t>();
     in.selected_stride = topk;
-    max_compressed = graph_batch ? bound_csa : std::min(topk, most_visible);
   }
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   DSERVE_RETURN_IF_ERROR(cuda::sparse_attention(in, rows, n, heads, hd, config.sliding_window,
-                                                max_compressed, scale, attn_out.as<float>(),
-                                                stream_));
+                                                scale, attn_out.as<float>(), stream_));
   DSERVE_RETURN_IF_ERROR(
       cuda::rope_at(attn_out.as<float>(), n * heads, hd, rope, positions, heads, true, stream_));
   DSERVE_RETURN_IF_ERROR(cuda::store_window(
@@ -1082,7 +1098,7 @@ Status GpuModel::Impl::moe(int64_t l, int64_t n) {
       k, static_cast<int>(config.scoring_func), static_cast<float>(config.routed_scaling_factor),
       route_ids.as<int32_t>(), route_weights.as<float>(), stream_));
   const int64_t pairs = n * k;
-  if (pairs <= kDeviceGroupingPairs) {
+  if (pairs <= device_grouping_pairs(experts)) {
     DSERVE_RETURN_IF_ERROR(routed_experts_on_device(d, n));
   } else {
     DSERVE_RETURN_IF_ERROR(routed_experts_through_host(d, n));
@@ -1414,7 +1430,8 @@ Status GpuModel::Impl::decode_rows(std::span<GpuRequestState* const> states,
 Status GpuModel::Impl::decode_step(std::span<const Segment> segments) {
   // Graphs need the device-side MoE grouping (no copy back inside the step).
   const auto rows = static_cast<int64_t>(segments.size());
-  if (!options.decode_graphs || rows * config.experts_per_token > kDeviceGroupingPairs) {
+  if (!options.decode_graphs ||
+      rows * config.experts_per_token > device_grouping_pairs(config.n_routed_experts)) {
     return run_batch(segments);
   }
   // A captured step per batch size: the host's part runs as usual, the launches replay.

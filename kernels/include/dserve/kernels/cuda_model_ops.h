@@ -196,13 +196,22 @@ struct AttentionInputs {
 // ring for positions before the request's first row in the batch, the batch's keys after;
 // then the compressed entries: the picks, or all (pos + 1) / rate visible ones) of
 // q . k * scale, with the head's sink in the denominator, times the same keys as values.
-// `max_compressed` bounds the compressed entries any row attends: the block takes
-// sparse_attention_shared_bytes() of shared memory, which must fit the device.
+// head_dim is a multiple of 4 up to attention_limits::kMaxHeadDim; the block takes
+// sparse_attention_shared_bytes(head_dim) of shared memory whatever the number of keys.
+struct attention_limits {
+  static constexpr int64_t kMaxHeadDim = 512;
+  static constexpr int64_t kMaxHeadsPerBlock = 16;  // heads sharing one read of each key
+  static constexpr int64_t kTileKeys = 16;          // keys held in shared memory at once
+};
 Status sparse_attention(const AttentionInputs& in, const BatchRows& rows, int64_t n, int64_t heads,
-                        int64_t head_dim, int64_t sliding_window, int64_t max_compressed,
-                        float scale, float* out, CudaStream stream);
-constexpr size_t sparse_attention_shared_bytes(int64_t sliding_window, int64_t max_compressed) {
-  return static_cast<size_t>(sliding_window + max_compressed) * (sizeof(void*) + sizeof(float));
+                        int64_t head_dim, int64_t sliding_window, float scale, float* out,
+                        CudaStream stream);
+constexpr size_t sparse_attention_shared_bytes(int64_t head_dim) {
+  using L = attention_limits;
+  return static_cast<size_t>(L::kTileKeys) * sizeof(void*) +
+         static_cast<size_t>((L::kMaxHeadsPerBlock + L::kTileKeys) * head_dim +
+                             L::kMaxHeadsPerBlock * (L::kTileKeys + 3)) *
+             sizeof(float);
 }
 // Stores each request's last min(rows, sliding_window) keys of the batch into its ring.
 Status store_window(const float* batch_kv, int64_t n, const BatchRows& rows, int64_t head_dim,
@@ -238,12 +247,15 @@ struct MoeGroups {
   float* combine_weights = nullptr;  // [n, k]: their routing weights
   int32_t* active_total = nullptr;   // [1] or null: active experts are added here (statistics)
 };
-// Groups the routed pairs ids/weights [n, k] (one block; meant for n * k up to a few thousand).
+// Groups the routed pairs ids/weights [n, k] (one block; experts + n * k at most
+// kMoeGroupMaxInts).
+constexpr int64_t kMoeGroupMaxInts = 12288;  // 48 KiB of ints
 Status moe_group(const int32_t* ids, const float* weights, int64_t n, int64_t k, int64_t experts,
                  const MoeGroups& groups, CudaStream stream);
 // out[s, :] = x[s, :] . W_e^T for every slot s of every active expert e, W_e = expert_weights[e]
 // ([rows, cols] of `type`, a device array of device pointers); at most max_active experts are
-// active (min(experts, n * k)). Each weight row is read once per 8 slots of its expert.
+// active (min(experts, n * k)). cols is a multiple of 8 and each W_e is 16-byte aligned: every
+// weight row is read in 16-byte vectors, once per 8 slots of its expert.
 Status moe_experts_gemv(const float* x, const MoeGroups& groups, int64_t max_active,
                         const void* const* expert_weights, WeightType type, int64_t rows,
                         int64_t cols, float* out, CudaStream stream);

@@ -69,9 +69,9 @@ class GpuModel {
  public:
   // Uploads the weights. Fails with UNAVAILABLE when there is no usable GPU (the reason says
   // why), RESOURCE_EXHAUSTED when the weights, pools or scratch do not fit, INVALID_ARGUMENT
-  // for options out of range or a tid2eid entry naming no expert, OUT_OF_RANGE when
-  // max_positions would let a query attend more compressed entries than the attention kernel
-  // can hold in shared memory, UNIMPLEMENTED for hc_mult above 8 or experts_per_token above 16.
+  // for options out of range or a tid2eid entry naming no expert, UNIMPLEMENTED for hc_mult
+  // above 8, experts_per_token above 16, a head_dim that is not a multiple of 4 up to 512, or
+  // a hidden_size or moe_intermediate_size that is not a multiple of 8.
   static Result<std::unique_ptr<GpuModel>> create(const ModelConfig& config,
                                                   const ModelWeights& weights,
                                                   GpuModelOptions options = {});
