@@ -172,7 +172,7 @@ Status top_k_indices(const float*, int64_t, int64_t, const int32_t*, int64_t, in
 }
 
 Status sparse_attention(const AttentionInputs&, const BatchRows&, int64_t, int64_t, int64_t,
-                        int64_t, float, float*, CudaStream) {
+                        int64_t, float, AttentionMath, float*, CudaStream) {
   return not_built();
 }
 

