@@ -86,7 +86,11 @@ struct Gateway {
 
 TEST(Disaggregated, PrefillThenDecodeAcrossProcessesMatchesGenerate) {
   ServeProcess prefill("prefill", "127.0.0.1", 0, {"--token-budget", "256"});
-  ServeProcess decode("decode", "127.0.0.1", 0, {"--reservation-timeout-ms", "1500"});
+  // The 20 requests below reserve at once and wait for the prefill batches ahead of them:
+  // the timeout leaves room for a loaded machine, and the orphan check below waits it out.
+  constexpr int kReservationTimeoutMs = 6000;
+  ServeProcess decode("decode", "127.0.0.1", 0,
+                      {"--reservation-timeout-ms", std::to_string(kReservationTimeoutMs)});
   ASSERT_NE(prefill.port(), 0) << prefill.log();
   ASSERT_NE(decode.port(), 0) << decode.log();
   Gateway gw;
@@ -142,9 +146,15 @@ TEST(Disaggregated, PrefillThenDecodeAcrossProcessesMatchesGenerate) {
   // A reservation nobody hands off to is released after the timeout.
   auto orphan = gw.reserve(900, 10, 4, std::chrono::milliseconds(60000));
   ASSERT_TRUE(orphan.is_ok() && orphan->outcome == ReserveOutcome::kGranted);
+  const auto reserved_at = std::chrono::steady_clock::now();
   EXPECT_EQ(gw.decode_health().queued_requests, 1u);
-  std::this_thread::sleep_for(std::chrono::milliseconds(2000));
+  const auto give_up = reserved_at + std::chrono::milliseconds(kReservationTimeoutMs + 10000);
+  while (gw.decode_health().queued_requests != 0 && std::chrono::steady_clock::now() < give_up)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const double released_after =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - reserved_at).count();
   EXPECT_EQ(gw.decode_health().queued_requests, 0u) << decode.log();
+  EXPECT_GE(released_after, kReservationTimeoutMs / 1000.0 - 0.5) << "released before its timeout";
   // A late writer (a prefill whose put was slower than the reservation) still lands in mapped
   // memory: the expired region is quarantined for --region-grace-ms, and its HandoffDone is
   // refused. The decode process stays up and healthy.
