@@ -432,7 +432,9 @@ int device_multiprocessors = 0;  // of the current device, read when shared memo
 // ones keep the device busy.
 int heads_per_block(int64_t n, int64_t heads) {
   // Two blocks fit on a multiprocessor (__launch_bounds__ and the shared memory allow it).
-  const int64_t wanted = 2 * (device_multiprocessors > 0 ? device_multiprocessors : 132);
+  // sparse_attention reserves shared memory first, which reads the multiprocessor count.
+  DSERVE_CHECK(device_multiprocessors > 0);
+  const int64_t wanted = 2 * int64_t{device_multiprocessors};
   int group = kMaxGroup;
   while (group > 1 && (group > heads || n * ((heads + group - 1) / group) < wanted))
     group /= 2;

@@ -761,8 +761,7 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
   if (type == WeightType::kBf16) {
     DSERVE_ASSIGN_OR_RETURN(
         m.index_keys16,
-        DeviceBuffer::allocate(static_cast<size_t>(std::max<int64_t>(entries * ihd, 1)) *
-                               sizeof(uint16_t)));
+        DeviceBuffer::allocate(static_cast<size_t>(entries * ihd) * sizeof(uint16_t)));
   }
   DSERVE_ASSIGN_OR_RETURN(m.index_dots, scratch_floats(m.indexer_tile * ih * entries));
   DSERVE_ASSIGN_OR_RETURN(m.index_scores, scratch_floats(m.indexer_tile * entries));
@@ -1024,7 +1023,7 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
     const float weight_scale = 1.0f / std::sqrt(static_cast<float>(ih));
     const float score_scale = 1.0f / std::sqrt(static_cast<float>(ihd));
     const bool one_request = batch_requests == 1 && !decode_batch;
-    const bool bf16 = index_keys16.data() != nullptr;
+    const bool bf16 = options.weights == GpuWeights::kBf16;
     if (stride > 0 && one_request) {
       // One request: its keys gathered once, the head products as one GEMM per query tile
       // (bf16 inputs when the weights are bf16).
