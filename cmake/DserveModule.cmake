@@ -24,13 +24,14 @@ endfunction()
 
 # A test executable registered with CTest; `LABELS` become CTest labels.
 function(dserve_add_test name)
-  cmake_parse_arguments(ARG "" "TIMEOUT" "SOURCES;DEPS;LABELS" ${ARGN})
+  cmake_parse_arguments(ARG "" "TIMEOUT;TEST_PREFIX" "SOURCES;DEPS;LABELS" ${ARGN})
   add_executable(${name} ${ARG_SOURCES})
   target_link_libraries(${name} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main dserve_warnings)
   if(NOT ARG_TIMEOUT)
     set(ARG_TIMEOUT 300)
   endif()
   gtest_discover_tests(${name}
+    TEST_PREFIX "${ARG_TEST_PREFIX}"
     PROPERTIES TIMEOUT ${ARG_TIMEOUT} LABELS "${ARG_LABELS}"
     DISCOVERY_TIMEOUT 60)
 endfunction()

@@ -13,6 +13,7 @@ PACKAGES=(
   zlib1g-dev libssl-dev iproute2
   openssl openssh-client openssh-server
   libgtest-dev libgmock-dev libbenchmark-dev
+  python3 python3-torch python3-numpy
 )
 
 SUDO=""

@@ -12,6 +12,8 @@ using Command = std::function<int()>;
 
 // `dserve model init ...`
 Command add_model_init_command(CLI::App& model_app);
+// `dserve model trace ...` (developer tool: every forward stage as .npy)
+Command add_model_trace_command(CLI::App& model_app);
 // `dserve generate ...`
 Command add_generate_command(CLI::App& app);
 // `dserve serve --role gateway|prefill|decode ...`

@@ -55,8 +55,8 @@ Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 
-Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& state,
-                              LogitsFor which) const {
+Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& state, LogitsFor which,
+                              const ForwardObserver& observe) const {
   const auto n = static_cast<int64_t>(tokens.size());
   if (n == 0) return invalid_argument("forward: the chunk has no tokens");
   DSERVE_RETURN_IF_ERROR(detail::check_token_ids(tokens, config_.vocab_size));
@@ -73,6 +73,12 @@ Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& sta
     const float* e = weights_.embed.row(tokens[static_cast<size_t>(t)]);
     for (int64_t k = 0; k < hc; ++k)
       std::copy(e, e + hidden, streams.data() + (t * hc + k) * hidden);
+  }
+  if (observe) {
+    std::vector<float> embed(static_cast<size_t>(n * hidden));
+    for (int64_t t = 0; t < n; ++t)
+      std::copy_n(streams.data() + t * hc * hidden, hidden, embed.data() + t * hidden);
+    observe({"embed", {n, hidden}, embed});
   }
 
   std::vector<float> sublayer_out(static_cast<size_t>(n * hidden));
@@ -91,6 +97,7 @@ Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& sta
     detail::moe(mix.collapsed.data(), tokens, config_, lw.moe,
                 config_.mlp_types[static_cast<size_t>(l)], sublayer_out.data());
     detail::hyper_connection_out(streams.data(), sublayer_out.data(), mix, n, config_);
+    if (observe) observe({"layer" + std::to_string(l), {n, hc, hidden}, streams});
   }
   state.advance(n);
 
@@ -99,7 +106,9 @@ Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& sta
   std::vector<float> final_hidden(static_cast<size_t>(n_out * hidden));
   detail::hyper_head(streams.data() + first_out * hc * hidden, n_out, config_, weights_.hc_head,
                      final_hidden.data());
+  if (observe) observe({"hc_head", {n_out, hidden}, final_hidden});
   cpu::rms_norm(final_hidden.data(), n_out, hidden, weights_.norm.span(), eps);
+  if (observe) observe({"final_norm", {n_out, hidden}, final_hidden});
   Tensor logits({n_out, config_.vocab_size});
   cpu::matmul(final_hidden.data(), n_out, hidden, weights_.head, logits.data());
   return logits;

@@ -8,8 +8,11 @@
 // RequestState.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
+#include <string>
+#include <vector>
 
 #include "dserve/core/status.h"
 #include "dserve/kernels/tensor.h"
@@ -24,6 +27,18 @@ enum class LogitsFor {
   kLastToken,  // only the last token's: [1, vocab] (prefill before sampling)
 };
 
+// One stage of a forward pass as it was computed, for comparing ours with another
+// implementation layer by layer (`dserve model trace`, tools/oracle/compare.py). Stages, in
+// order: "embed" [n, hidden], "layer0".. [n, hc_mult, hidden] (the residual streams after each
+// decoder layer), "hc_head" [n_out, hidden], "final_norm" [n_out, hidden] (lm_head's input).
+// `values` is valid only during the call.
+struct ForwardStage {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::span<const float> values;
+};
+using ForwardObserver = std::function<void(const ForwardStage&)>;
+
 class Model {
  public:
   Model(ModelConfig config, ModelWeights weights);
@@ -36,9 +51,10 @@ class Model {
 
   // Runs `tokens` at positions state.position() .. + tokens.size() - 1 and advances the state.
   // Errors: an empty chunk or a token id outside [0, vocab_size) (InvalidArgument /
-  // OutOfRange); the state is left untouched then.
+  // OutOfRange); the state is left untouched then. `observe`, when given, sees every stage.
   Result<Tensor> forward(std::span<const int32_t> tokens, RequestState& state,
-                         LogitsFor which = LogitsFor::kAllTokens) const;
+                         LogitsFor which = LogitsFor::kAllTokens,
+                         const ForwardObserver& observe = {}) const;
 
   // A fresh state for one request; its pages come from the model's pools.
   RequestState new_state() const { return RequestState(config_, pools_); }
