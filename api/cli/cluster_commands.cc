@@ -423,8 +423,9 @@ int run_scale(const ClusterOptions& o) {
     } catch (const std::exception&) {
     }
   }
-  if (want < 1 || pool_name.empty()) {
-    print_error("scale takes POOL=N with N >= 1 (e.g. decode=3), got '" + o.scale + "'");
+  if (want < 1 || want > cluster::kMaxPoolReplicas || pool_name.empty()) {
+    print_error("scale takes POOL=N with 1 <= N <= " + std::to_string(cluster::kMaxPoolReplicas) +
+                " (e.g. decode=3), got '" + o.scale.substr(0, 64) + "'");
     return 2;
   }
   auto m = load(o);

@@ -1,5 +1,6 @@
 #include "dserve/api/auth.h"
 
+#include "dserve/core/files.h"
 #include "dserve/ops/log.h"
 
 #include <sys/stat.h>
@@ -98,13 +99,9 @@ Result<std::vector<ClientToken>> load_token_file(const std::string& path) {
 }
 
 Result<std::string> read_credential_file(const std::string& what, const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return not_found(what + " " + path + " cannot be opened for reading");
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) return data_loss(what + " " + path + ": read error");
-  if (text.str().empty()) return invalid_argument(what + " " + path + " is empty");
-  return text.str();
+  DSERVE_ASSIGN_OR_RETURN(std::string text, read_bounded_file(path, what, kMaxCredentialFileBytes));
+  if (text.empty()) return invalid_argument(what + " " + path + " is empty");
+  return text;
 }
 
 bool constant_time_equal(std::string_view secret, std::string_view presented) {

@@ -1,5 +1,7 @@
 #include "dserve/cluster/manifest.h"
 
+#include "dserve/core/files.h"
+
 #include <fstream>
 #include <sstream>
 
@@ -39,7 +41,15 @@ ManifestCheck check_manifest(std::string_view text, std::string_view source_name
   manifest.source = std::string(source_name);
   // yaml-cpp reports through exceptions; they stop here, at the edge, as problems.
   try {
-    const YAML::Node root = YAML::Load(std::string(text));
+    const std::vector<YAML::Node> documents = YAML::LoadAll(std::string(text));
+    const YAML::Node root = documents.empty() ? YAML::Node() : documents.front();
+    if (documents.size() > 1) {
+      // A second document would be ignored: say so rather than run half of what was written.
+      const YAML::Mark at = documents[1].Mark();
+      sink.add({at.line + 1, at.column + 1}, "",
+               std::to_string(documents.size()) + " YAML documents (separated by ---)",
+               "one manifest document per file");
+    }
     if (!root.IsDefined() || root.IsNull()) {
       sink.add({}, "", "an empty file",
                "a manifest mapping (version, mode, model, nodes, gateway, pools, ...)");
@@ -71,11 +81,9 @@ Result<Manifest> parse_manifest(std::string_view text, std::string_view source_n
 }
 
 Result<Manifest> load_manifest(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return not_found("cannot read manifest '" + path + "'");
-  std::ostringstream text;
-  text << in.rdbuf();
-  return parse_manifest(text.str(), path);
+  DSERVE_ASSIGN_OR_RETURN(const std::string text,
+                          read_bounded_file(path, "manifest", kMaxManifestBytes));
+  return parse_manifest(text, path);
 }
 
 const Process* find_process(const Manifest& manifest, std::string_view name) {

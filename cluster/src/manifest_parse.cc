@@ -137,7 +137,7 @@ void read_pool(const YAML::Node& node, const std::string& path, Location at, Pro
   MapReader m(node, path, at, sink, keys);
   pool.role = role;
   pool.at = m.at();
-  pool.replicas = m.integer("replicas", 1, 4096, true).value_or(0);
+  pool.replicas = m.integer("replicas", 1, kMaxPoolReplicas, true).value_or(0);
   pool.devices_per_replica = m.integer("devices_per_replica", 0, 1024, false).value_or(1);
   if (role != ProcessRole::kDecode) {
     pool.token_budget = m.integer("token_budget", 1, kBig, false).value_or(pool.token_budget);

@@ -89,6 +89,26 @@ TEST(TokenFile, FileMustBePrivateToItsOwner) {
   std::filesystem::remove(path);
 }
 
+// Its size is checked before it is read: a token file of comments larger than the limit used
+// to be read whole and accepted.
+TEST(TokenFile, LargerThanTheLimitIsRefusedUnread) {
+  const std::string path = ::testing::TempDir() + "/dserve-token-file-large";
+  {
+    std::ofstream out(path);
+    out << "alice " << kAlice << "\n";
+    const std::string comment = "# " + std::string(78, 'x') + "\n";
+    for (size_t written = 0; written <= kMaxCredentialFileBytes; written += comment.size())
+      out << comment;
+  }
+  ASSERT_EQ(::chmod(path.c_str(), 0600), 0);
+  auto big = load_token_file(path);
+  ASSERT_FALSE(big.is_ok());
+  EXPECT_EQ(big.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(big.status().message(),
+            "token file '" + path + "' is larger than 1048576 bytes, the limit");
+  std::filesystem::remove(path);
+}
+
 TEST(ConstantTimeEqual, EqualOnlyForTheSameBytes) {
   EXPECT_TRUE(constant_time_equal("secret-token", "secret-token"));
   EXPECT_FALSE(constant_time_equal("secret-token", "secret-tokem"));

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -695,7 +696,43 @@ TEST(ManifestReport, MissingFileIsNotFound) {
   auto m = load_manifest("/nonexistent/cluster.yaml");
   ASSERT_FALSE(m.is_ok());
   EXPECT_EQ(m.status().code(), StatusCode::kNotFound);
-  EXPECT_EQ(m.status().message(), "cannot read manifest '/nonexistent/cluster.yaml'");
+  EXPECT_EQ(m.status().message(),
+            "cannot read manifest '/nonexistent/cluster.yaml': No such file or directory");
+}
+
+// A second document used to be ignored silently: the cluster ran half of what was written.
+TEST(ManifestMistakes, SecondYamlDocument) {
+  EXPECT_EQ(problems(std::string(kBase) + "---\nversion: 2\n"),
+            Lines{"m.yaml:22:1: found 2 YAML documents (separated by ---); expected one manifest "
+                  "document per file"});
+  // A leading --- is one document, as YAML has it.
+  EXPECT_TRUE(problems(std::string("---\n") + kBase).empty());
+}
+
+// Size and type are checked before a byte is read: a huge file, a directory or a device is
+// refused at once (/dev/zero used to be read until memory ran out).
+TEST(ManifestReport, OnlyRegularFilesOfBoundedSize) {
+  const std::string dir = ::testing::TempDir() + "dserve-manifest-size";
+  std::filesystem::create_directories(dir);
+  const std::string big = dir + "/big.yaml";
+  {
+    std::ofstream out(big);
+    out << kBase << "# " << std::string(kMaxManifestBytes, 'x') << "\n";
+  }
+  auto m = load_manifest(big);
+  ASSERT_FALSE(m.is_ok());
+  EXPECT_EQ(m.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(m.status().message(), "manifest '" + big + "' is larger than 1048576 bytes, the limit");
+  for (const auto& [path, kind] :
+       {std::pair<std::string, std::string>{"/dev/zero", "a character device"},
+        {dir, "a directory"}}) {
+    m = load_manifest(path);
+    ASSERT_FALSE(m.is_ok()) << path;
+    EXPECT_EQ(m.status().code(), StatusCode::kInvalidArgument);
+    EXPECT_EQ(m.status().message(),
+              "manifest '" + path + "' is " + kind + "; expected a regular file");
+  }
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -396,9 +397,26 @@ TEST(Lifecycle, UpRefusesWhatItCannotRunAndStartsNothing) {
   EXPECT_NE(scale.output.find("the manifest has no pool 'experts' (it has prefill, decode)"),
             std::string::npos)
       << scale.output;
-  scale = dserve("scale decode=0 " + common);
-  EXPECT_EQ(scale.exit_code, 2) << scale.output;
-  EXPECT_NE(scale.output.find("N >= 1"), std::string::npos) << scale.output;
+  // Counts outside 1..4096 (the manifest's own cap on replicas) are refused before anything
+  // is started; 99999 used to be accepted and start workers one a second.
+  for (const char* count : {"0", "99999"}) {
+    scale = dserve(std::string("scale decode=") + count + " " + common);
+    EXPECT_EQ(scale.exit_code, 2) << scale.output;
+    EXPECT_NE(scale.output.find("1 <= N <= 4096"), std::string::npos) << scale.output;
+  }
+  // A manifest that is not a regular file is refused before a byte is read: /dev/zero used to
+  // be read until memory ran out, and a FIFO with no writer blocked `up` for good.
+  const fs::path fifo = dir / "cluster.fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  for (const auto& [path, kind] :
+       {std::pair<std::string, std::string>{"/dev/zero", "a character device"},
+        {fifo.string(), "a FIFO"}}) {
+    const CommandResult refused =
+        dserve("up -f " + path + " --state-dir " + (dir / "state").string());
+    EXPECT_EQ(refused.exit_code, 2) << refused.output;
+    EXPECT_NE(refused.output.find("manifest '" + path + "' is " + kind), std::string::npos)
+        << refused.output;
+  }
   const CommandResult down = dserve("down " + common);
   EXPECT_EQ(down.exit_code, 1);
   EXPECT_NE(down.output.find("no cluster is up"), std::string::npos) << down.output;

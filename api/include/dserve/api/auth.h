@@ -150,7 +150,11 @@ struct TlsFiles {
   bool enabled() const { return !cert.empty(); }
 };
 
-// The text of a credential file; `what` ("--tls-cert") names it in the message.
+// Token files, certificates and keys are small; a larger one is refused before it is read.
+inline constexpr size_t kMaxCredentialFileBytes = size_t{1} << 20;
+
+// The text of a credential file; `what` ("--tls-cert") names it in the message. It must be a
+// regular, non-empty file of at most kMaxCredentialFileBytes.
 Result<std::string> read_credential_file(const std::string& what, const std::string& path);
 
 }  // namespace dserve::api

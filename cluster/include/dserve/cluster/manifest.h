@@ -63,6 +63,9 @@ struct GatewaySpec {
   Location at, port_at, grpc_port_at, http_port_at;
 };
 
+// The most workers one pool may have, in a manifest or after `dserve scale`.
+inline constexpr int64_t kMaxPoolReplicas = 4096;
+
 // A pool of identical worker processes: `replicas` of them, replica i on node placement[i].
 struct Pool {
   ProcessRole role = ProcessRole::kPrefill;  // kPrefill, kDecode or kColocated
@@ -187,7 +190,12 @@ ManifestCheck check_manifest(std::string_view text, std::string_view source_name
 // ManifestProblem::to_string() per line.
 Result<Manifest> parse_manifest(std::string_view text, std::string_view source_name);
 
-// Reads and parses the file at `path`; NotFound when it cannot be read.
+// A manifest larger than this is refused before it is read (a real one is a few kB).
+inline constexpr size_t kMaxManifestBytes = size_t{1} << 20;
+
+// Reads and parses the file at `path`: NotFound when it cannot be opened, InvalidArgument when
+// it is not a regular file or is larger than kMaxManifestBytes, or when it is not a valid
+// manifest.
 Result<Manifest> load_manifest(const std::string& path);
 
 // The process called `name`, or nullptr. The pointer lives as long as `manifest`.
