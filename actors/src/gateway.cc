@@ -764,17 +764,21 @@ class Gateway::Impl {
 
 namespace {
 
+constexpr const char* kRequestIdRule =
+    "request_id must be at most 128 characters of [A-Za-z0-9._:-]";
+
 bool is_request_id_char(char c) {
   return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == ':' ||
          c == '-';
 }
 
+bool is_valid_request_id(const std::string& id) {
+  return id.size() <= 128 && std::all_of(id.begin(), id.end(), is_request_id_char);
+}
+
 Status validate_job(const GenerateJob& job) {
   std::string problems;
-  if (job.request_id.size() > 128 ||
-      !std::all_of(job.request_id.begin(), job.request_id.end(), is_request_id_char)) {
-    problems += "request_id must be at most 128 characters of [A-Za-z0-9._:-]; ";
-  }
+  if (!is_valid_request_id(job.request_id)) problems += std::string(kRequestIdRule) + "; ";
   if (job.prompt.empty()) problems += "the prompt is empty; ";
   if (!std::isfinite(job.temperature) || job.temperature < 0.0f)
     problems +=
@@ -1215,6 +1219,10 @@ GatewaySnapshot Gateway::snapshot() const {
 }
 
 Status Gateway::cancel(const std::string& request_id) {
+  // Checked before it is looked up or echoed: no running request can have another id.
+  if (request_id.empty() || !is_valid_request_id(request_id)) {
+    return invalid_argument(kRequestIdRule);
+  }
   return impl_->cancel(request_id);
 }
 

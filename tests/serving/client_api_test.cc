@@ -109,13 +109,43 @@ TEST_F(ClientApi, CancelByRequestId) {
   EXPECT_NE(again.message().find("no running request with id 'cancel-me'"), std::string::npos)
       << again.to_string();
   EXPECT_EQ(client_->cancel("").code(), StatusCode::kInvalidArgument);
-  // A malformed id is refused with the field named.
-  v1::GenerateRequest bad = req;
-  bad.set_request_id("has spaces");
-  auto refused = client_->generate(bad);
-  ASSERT_FALSE(refused.is_ok());
-  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
-  EXPECT_NE(refused.status().message().find("request_id"), std::string::npos);
+  // An id no request can have is refused as such, and not echoed back (a 10,000-character
+  // one used to come back inside the NOT_FOUND message).
+  for (const std::string& id : {std::string(10000, 'a'), std::string("bad id\n")}) {
+    const Status refused_cancel = client_->cancel(id);
+    EXPECT_EQ(refused_cancel.code(), StatusCode::kInvalidArgument) << refused_cancel.to_string();
+    EXPECT_NE(refused_cancel.message().find("at most 128 characters"), std::string::npos);
+    EXPECT_LT(refused_cancel.message().size(), 200u);
+  }
+  // A malformed id is refused with the field named, an id that is not UTF-8 as well (it used to
+  // fail inside gRPC's parser, as INTERNAL with no message).
+  for (const std::string& id : {std::string("has spaces"), std::string("id\xff")}) {
+    v1::GenerateRequest bad = req;
+    bad.set_request_id(id);
+    auto refused = client_->generate(bad);
+    ASSERT_FALSE(refused.is_ok());
+    EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument)
+        << refused.status().to_string();
+    EXPECT_NE(refused.status().message().find("request_id"), std::string::npos);
+  }
+}
+
+// A prompt that is not UTF-8 is refused with the byte where it stops being UTF-8; it used to
+// fail inside gRPC's parser, as INTERNAL with an empty message.
+TEST_F(ClientApi, PromptThatIsNotUtf8IsRefusedWithItsOffset) {
+  for (const bool chat : {false, true}) {
+    v1::GenerateRequest req;
+    req.set_prompt("abc\xff\xfe");
+    req.set_max_tokens(4);
+    req.set_chat(chat);
+    auto refused = client_->generate(req);
+    ASSERT_FALSE(refused.is_ok());
+    EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument)
+        << refused.status().to_string();
+    EXPECT_NE(refused.status().message().find("not valid UTF-8 at byte offset 3"),
+              std::string::npos)
+        << refused.status().to_string();
+  }
 }
 
 TEST_F(ClientApi, SubmitJobsWritesEveryResultInInputOrder) {
