@@ -56,20 +56,13 @@ int run_generate(const GenerateOptions& o) {
     print_error(tokenizer.status().to_string());
     return 2;
   }
-  std::string text = o.prompt;
-  if (o.chat) {
-    const std::vector<model::ChatMessage> messages{{"user", o.prompt}};
-    text = model::apply_chat_template(messages, /*add_generation_prompt=*/true);
-  }
-  auto encoded = tokenizer->encode(text);
+  auto encoded = model::encode_prompt(*tokenizer, o.prompt, o.chat,
+                                      static_cast<int32_t>(config->bos_token_id));
   if (!encoded.is_ok()) {
     print_error("the prompt cannot be tokenized: " + encoded.status().message());
     return 2;
   }
-  std::vector<int32_t> ids;
-  // The chat template begins with the BOS token itself; a plain prompt gets one here.
-  if (!o.chat) ids.push_back(static_cast<int32_t>(config->bos_token_id));
-  ids.insert(ids.end(), encoded->begin(), encoded->end());
+  const std::vector<int32_t> ids = std::move(encoded).value();
 
   auto weights = model::load_checkpoint(o.model_dir, *config);
   if (!weights.is_ok()) {
@@ -133,7 +126,9 @@ int run_generate(const GenerateOptions& o) {
   int64_t generated = 0;
   const auto eos = static_cast<int32_t>(model.config().eos_token_id);
   while (generated < o.max_tokens) {
-    const int32_t next = sampler.sample(logits.span());
+    // Only ids the tokenizer can turn into text: the embedding may have padding rows past them.
+    const int32_t next =
+        sampler.sample(model::sampleable_logits(logits.span(), tokenizer->vocab_size()));
     ++generated;
     if (next == eos) break;
     auto piece = stream.push(next);

@@ -411,6 +411,17 @@ int run_serve(const ServeOptions& o) {
     return 1;
   }
   const model::Model model(std::move(config).value(), std::move(weights).value());
+  // A decode worker samples only ids the tokenizer can turn into text (the embedding may have
+  // padding rows past them).
+  int64_t sampleable_ids = 0;
+  if (runs_decode) {
+    auto tokenizer = model::Tokenizer::load(o.model_dir + "/tokenizer.json");
+    if (!tokenizer.is_ok()) {
+      print_error(tokenizer.status().to_string());
+      return 2;
+    }
+    sampleable_ids = tokenizer->vocab_size();
+  }
 
   std::unique_ptr<model::PrefixCache> cache;
   if (runs_prefill) {
@@ -467,6 +478,7 @@ int run_serve(const ServeOptions& o) {
     decode_rt = std::move(runtime).value();
     decode::DecodeWorkerOptions dopts;
     dopts.max_batch = o.max_batch;
+    dopts.sampleable_ids = sampleable_ids;
     dopts.kv_budget_bytes = o.kv_budget_mib << 20;
     dopts.reservation_timeout = std::chrono::milliseconds(o.reservation_timeout_ms);
     dopts.region_grace = std::chrono::milliseconds(o.region_grace_ms);

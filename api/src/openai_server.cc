@@ -320,7 +320,8 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
       }
       turns.push_back({r, std::move(text)});
     }
-    auto encoded = tokenizer_.encode(model::apply_chat_template(turns, true));
+    // The messages' text is text: only the template inserts the chat's control tokens.
+    auto encoded = model::encode_chat(tokenizer_, turns, /*add_generation_prompt=*/true);
     if (!encoded.is_ok())
       return bad("messages", "the messages cannot be tokenized: " + encoded.status().message());
     ids = std::move(encoded).value();
@@ -345,11 +346,11 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
                  "`prompt` must be a string, a one-string array or an array of token ids");
     }
     if (text) {
-      auto encoded = tokenizer_.encode(text->get<std::string>());
+      auto encoded = model::encode_prompt(tokenizer_, text->get<std::string>(), /*chat=*/false,
+                                          options_.bos_token_id);
       if (!encoded.is_ok())
         return bad("prompt", "the prompt cannot be tokenized: " + encoded.status().message());
-      ids.push_back(options_.bos_token_id);
-      ids.insert(ids.end(), encoded->begin(), encoded->end());
+      ids = std::move(encoded).value();
     }
   }
   if (ids.empty()) return bad(chat ? "messages" : "prompt", "the prompt is empty");

@@ -141,19 +141,14 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
       return {grpc::StatusCode::INVALID_ARGUMENT,
               "the request has neither `prompt` text nor `prompt_tokens`"};
     }
-    std::string text = request->prompt();
-    if (request->chat()) {
-      const std::vector<model::ChatMessage> messages{{"user", request->prompt()}};
-      text = model::apply_chat_template(messages, /*add_generation_prompt=*/true);
-    }
-    auto ids = tokenizer_.encode(text);
+    // The prompt's text is text: a chat prompt's control tokens come from the template only.
+    auto ids =
+        model::encode_prompt(tokenizer_, request->prompt(), request->chat(), options_.bos_token_id);
     if (!ids.is_ok()) {
       return {grpc::StatusCode::INVALID_ARGUMENT,
               "`prompt` cannot be tokenized: " + ids.status().message()};
     }
-    // The chat template begins with the BOS token itself; a plain prompt gets one here.
-    if (!request->chat()) job.prompt.push_back(options_.bos_token_id);
-    job.prompt.insert(job.prompt.end(), ids->begin(), ids->end());
+    job.prompt = std::move(ids).value();
   }
   if (job.prompt.size() > options_.max_prompt_tokens) {
     return {grpc::StatusCode::INVALID_ARGUMENT,

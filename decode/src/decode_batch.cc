@@ -77,7 +77,8 @@ std::vector<TokenEvent> DecodeBatch::step() {
     } else if (s->request.deadline && now >= *s->request.deadline) {
       e.finished = FinishReason::kDeadline;
     } else {
-      const int32_t token = s->sampler.sample(s->logits.span());
+      const int32_t token =
+          s->sampler.sample(model::sampleable_logits(s->logits.span(), options_.sampleable_ids));
       ++s->produced;
       if (token == eos) {
         e.finished = FinishReason::kEndOfSequence;

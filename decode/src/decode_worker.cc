@@ -355,7 +355,8 @@ DecodeWorkerActor::behavior_type decode_worker(
   st.epoch = epoch;
   st.node_name = std::move(node_name);
   st.options = options;
-  st.batch = std::make_unique<DecodeBatch>(*model, DecodeOptions{options.max_batch});
+  st.batch = std::make_unique<DecodeBatch>(
+      *model, DecodeOptions{options.max_batch, options.sampleable_ids});
   if (options.metrics) st.metrics = std::make_unique<DecodeMetrics>(*options.metrics);
   st.refresh_gauges();
   auto kick = [self] {

@@ -23,6 +23,11 @@ Status validate_sampling_params(const SamplingParams& p) {
   return invalid_argument(problems);
 }
 
+std::span<const float> sampleable_logits(std::span<const float> logits, int64_t sampleable_ids) {
+  if (sampleable_ids <= 0) return logits;
+  return logits.first(std::min(logits.size(), static_cast<size_t>(sampleable_ids)));
+}
+
 int32_t argmax(std::span<const float> logits) {
   DSERVE_CHECK(!logits.empty());
   return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());

@@ -35,7 +35,7 @@ Result<Tokenizer> Tokenizer::load(const std::string& tokenizer_json_path) {
   return Tokenizer(std::make_shared<const detail::TokenizerState>(std::move(state)));
 }
 
-Result<std::vector<int32_t>> Tokenizer::encode(std::string_view text) const {
+Result<std::vector<int32_t>> Tokenizer::encode(std::string_view text, SpecialTokens special) const {
   const size_t bad = detail::first_invalid_utf8(text);
   if (bad != detail::kUtf8Valid) {
     return invalid_argument(fmt::format("text is not valid UTF-8 at byte offset {} (byte 0x{:02X})",
@@ -45,7 +45,11 @@ Result<std::vector<int32_t>> Tokenizer::encode(std::string_view text) const {
   ids.reserve(text.size() / 3 + 1);
   std::vector<detail::TextSection> sections;
   std::vector<detail::TextSpan> words;
-  state_->added.split(text, sections);
+  if (special == SpecialTokens::kRecognize) {
+    state_->added.split(text, sections);
+  } else {
+    sections.push_back({0, text.size(), -1});
+  }
   for (const detail::TextSection& section : sections) {
     if (section.token >= 0) {
       ids.push_back(state_->added.tokens()[static_cast<size_t>(section.token)].id);

@@ -152,5 +152,34 @@ TEST(DecodeBatch, RefusesBadRequestsWithTheReason) {
   EXPECT_EQ(batch.add(std::move(bad)).code(), StatusCode::kInvalidArgument);
 }
 
+// Ids past the tokenizer's vocabulary (the embedding's padding rows) are never sampled, greedy
+// or not, even where they hold the largest logits: one could not be decoded to text nor sent
+// back as a prompt. Without the bound (sampleable_ids = 0, as every batch ran before) the
+// padding id is what comes out.
+TEST(DecodeBatch, SamplesOnlyIdsTheTokenizerCanDecode) {
+  const model::Model& m = tiny_model();
+  const int64_t vocab = m.config().vocab_size;
+  const int64_t tokenizer_ids = vocab - 465;  // V4: 128,815 ids in 129,280 rows
+  for (const bool bounded : {false, true}) {
+    for (const uint64_t id : {1u, 2u}) {  // sampling (temperature, top-k, top-p), then greedy
+      SCOPED_TRACE(std::string(bounded ? "bounded" : "unbounded") + ", request " +
+                   std::to_string(id));
+      DecodeBatch batch(m, {.max_batch = 4, .sampleable_ids = bounded ? tokenizer_ids : 0});
+      DecodeRequest r = prefilled(id, prompt_of(20, 7), 1);
+      for (int64_t v = tokenizer_ids; v < vocab; ++v)
+        r.prompt_logits.data()[v] = 1000.0f;  // padding rows far above every real id
+      ASSERT_TRUE(batch.add(std::move(r)).is_ok());
+      const auto events = batch.step();
+      ASSERT_EQ(events.size(), 1u);
+      ASSERT_TRUE(events[0].token.has_value());
+      if (bounded) {
+        EXPECT_LT(*events[0].token, tokenizer_ids);
+      } else {
+        EXPECT_GE(*events[0].token, tokenizer_ids);
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace dserve::decode

@@ -22,6 +22,7 @@
 #include "dserve/api/serving_client.h"
 #include "dserve/core/random.h"
 #include "dserve/model/model.h"
+#include "dserve/model/tokenizer.h"
 #include "test_model.h"
 
 namespace dserve::testing_support {
@@ -210,10 +211,16 @@ std::vector<actors::TokenId> reference_tokens(const std::vector<actors::TokenId>
   auto logits = m.forward(prompt, state, model::LogitsFor::kLastToken);
   DSERVE_CHECK(logits.is_ok());
   model::Sampler sampler(params);
+  // As `dserve generate` and the decode workers: only ids the tokenizer has.
+  static const int64_t tokenizer_ids = [] {
+    auto tokenizer = model::Tokenizer::load(model::testing_support::tokenizer_json());
+    DSERVE_CHECK_MSG(tokenizer.is_ok(), "the test tokenizer does not load");
+    return tokenizer->vocab_size();
+  }();
   std::vector<actors::TokenId> out;
   const auto eos = static_cast<int32_t>(m.config().eos_token_id);
   for (int64_t made = 0; made < n;) {
-    const int32_t next = sampler.sample(logits->span());
+    const int32_t next = sampler.sample(model::sampleable_logits(logits->span(), tokenizer_ids));
     ++made;
     if (next == eos) break;
     out.push_back(next);

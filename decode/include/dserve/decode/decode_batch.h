@@ -49,6 +49,9 @@ struct TokenEvent {
 
 struct DecodeOptions {
   int64_t max_batch = 64;  // requests decoding at once
+  // Only ids below this are sampled (model::sampleable_logits): the tokenizer's vocabulary.
+  // 0: every row of the logits.
+  int64_t sampleable_ids = 0;
 };
 
 class DecodeBatch {

@@ -44,6 +44,7 @@ namespace dserve::decode {
 
 struct DecodeWorkerOptions {
   int64_t max_batch = 64;                 // reservations + decoding requests at once
+  int64_t sampleable_ids = 0;             // DecodeOptions::sampleable_ids (the tokenizer's size)
   uint64_t kv_budget_bytes = 1ull << 30;  // hand-off regions + states of decoding requests
   std::chrono::milliseconds reservation_timeout{30000};  // reserved, no HandoffDone yet
   // How long the region of an expired or cancelled reservation stays mapped (and counted)

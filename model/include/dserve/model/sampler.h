@@ -34,4 +34,9 @@ class Sampler {
 // Index of the largest value; the lowest index among equals.
 int32_t argmax(std::span<const float> logits);
 
+// The logits of the ids that may be sampled: the first `sampleable_ids`, the tokenizer's
+// vocabulary, which a model's embedding may pad past (V4: 128,815 ids in 129,280 rows; a
+// padding id could not be decoded to text nor sent back as a prompt). 0: all of them.
+std::span<const float> sampleable_logits(std::span<const float> logits, int64_t sampleable_ids);
+
 }  // namespace dserve::model

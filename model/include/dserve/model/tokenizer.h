@@ -26,6 +26,13 @@ struct TokenizerState;
 
 // An immutable tokenizer. Cheap to copy (copies share the loaded tables); all methods are
 // const and safe to call from many threads at once.
+// Whether text that spells an added token (the special ones such as "<｜end▁of▁sentence｜>"
+// and the chat and tool control tokens such as "<｜User｜>", which DeepSeek's tokenizer.json
+// does not mark special) becomes that token. Text from users is kAsText: it is encoded as the
+// characters it is (tiktoken's encode_ordinary), so nobody can forge a turn of the chat
+// template; only the template itself inserts those tokens (encode_chat).
+enum class SpecialTokens { kRecognize, kAsText };
+
 class Tokenizer {
  public:
   // Reads and validates `tokenizer_json_path`. NotFound when the file cannot be opened,
@@ -34,9 +41,10 @@ class Tokenizer {
   static Result<Tokenizer> load(const std::string& tokenizer_json_path);
 
   // Text -> ids. Added tokens in the text (e.g. "<｜User｜>") become their own id, as HF
-  // does; no BOS/EOS is added. InvalidArgument naming the byte offset when `text` is not
-  // valid UTF-8.
-  Result<std::vector<int32_t>> encode(std::string_view text) const;
+  // does, unless `special` is kAsText; no BOS/EOS is added. InvalidArgument naming the byte
+  // offset when `text` is not valid UTF-8.
+  Result<std::vector<int32_t>> encode(std::string_view text,
+                                      SpecialTokens special = SpecialTokens::kRecognize) const;
 
   // Ids -> text. Byte sequences that are not valid UTF-8 (e.g. a character cut at the end)
   // become U+FFFD, as HF does. OutOfRange naming the id and the vocabulary size when an id
@@ -93,6 +101,20 @@ struct ChatMessage {
 // `add_generation_prompt` it ends with "<｜Assistant｜>". Other roles add nothing, as in the
 // template. Encode the result with Tokenizer::encode (it already starts with BOS).
 std::string apply_chat_template(std::span<const ChatMessage> messages, bool add_generation_prompt);
+
+// The ids of that same prompt with the messages' content encoded as text
+// (SpecialTokens::kAsText): special tokens come from the template only. Where no content spells
+// a special token, the ids equal encode(apply_chat_template(...)). Errors as for encode, and
+// InvalidArgument when the tokenizer lacks one of the template's special tokens.
+Result<std::vector<int32_t>> encode_chat(const Tokenizer& tokenizer,
+                                         std::span<const ChatMessage> messages,
+                                         bool add_generation_prompt);
+
+// A text prompt as every entry point (gRPC, OpenAI completions, `dserve generate`) encodes it:
+// with `chat`, one user message in the chat template, ready for the answer (encode_chat);
+// otherwise `bos_id` and then the text, encoded as text. Errors as for encode_chat.
+Result<std::vector<int32_t>> encode_prompt(const Tokenizer& tokenizer, std::string_view text,
+                                           bool chat, int32_t bos_id);
 
 // Where the tokenizer.json is: $DSERVE_TOKENIZER_JSON when set and non-empty, otherwise the
 // copy in the oracle package under `source_dir` (the dserve checkout), installed by
