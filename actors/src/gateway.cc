@@ -321,13 +321,28 @@ class Gateway::Impl {
     return drained_cv_.wait_for(lock, timeout, [&] { return running_ + queued_ == 0; });
   }
 
-  Status cancel(const std::string& request_id) {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = active_ids_.find(request_id);
-    if (it == active_ids_.end())
-      return not_found("no running request with id '" + request_id + "'");
-    it->second->store(true);
-    return Status::ok();
+  Status cancel(const std::string& request_id, const std::string& client, bool admin) {
+    std::string owner;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = active_ids_.find(request_id);
+      if (it != active_ids_.end()) {
+        owner = it->second.client;
+        if (admin || owner == client) {
+          it->second.cancel->store(true);
+          if (ops::Logger* log = opt_.log) {
+            log->info("cancel", request_id, {{"client", client}, {"owner", owner}});
+          }
+          return Status::ok();
+        }
+      }
+    }
+    if (!owner.empty()) {
+      if (ops::Logger* log = opt_.log) {
+        log->warn("cancel_refused", request_id, {{"client", client}, {"owner", owner}});
+      }
+    }
+    return not_found("no running request with id '" + request_id + "'");
   }
 
   void start_threads() {
@@ -743,7 +758,12 @@ class Gateway::Impl {
   bool accepting_ = true;
   std::deque<Worker> workers_;  // grows by add_worker; removed workers stay, marked
   // The running and queued requests by id, with the flag cancel() sets.
-  std::map<std::string, std::shared_ptr<std::atomic<bool>>> active_ids_;
+  // The running requests by id: how to cancel each, and whose it is.
+  struct ActiveRequest {
+    std::shared_ptr<std::atomic<bool>> cancel;
+    std::string client;
+  };
+  std::map<std::string, ActiveRequest> active_ids_;
   std::map<RequestId, Placement> placements_;  // by attempt id
   size_t running_ = 0;
   size_t queued_ = 0;
@@ -812,7 +832,7 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
       out.status = unavailable("the gateway is shutting down and admits no new request");
       return out;
     }
-    if (!active_ids_.emplace(out.request_id, cancel_flag).second) {
+    if (!active_ids_.emplace(out.request_id, ActiveRequest{cancel_flag, job.client}).second) {
       out.status = invalid_argument("request_id '" + out.request_id +
                                     "' is already in use by a running request");
       return out;
@@ -990,6 +1010,15 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
     // One draw per sampled token: skipping the draws of the delivered tokens continues the
     // same random stream.
     rreq.seed = job.seed + static_cast<uint64_t>(offset) * kSplitMix64Gamma;
+    rreq.presence_penalty = job.presence_penalty;
+    rreq.frequency_penalty = job.frequency_penalty;
+    for (const auto& [id, bias] : job.logit_bias) {
+      rreq.logit_bias_ids.push_back(id);
+      rreq.logit_bias_values.push_back(bias);
+    }
+    // The penalties count what was generated before this placement too.
+    if (job.presence_penalty != 0.0f || job.frequency_penalty != 0.0f)
+      rreq.generated.assign(produced.begin(), produced.end());
     rreq.trace_id = out.request_id;
     std::optional<Reserved> reserved;
     for (;;) {
@@ -1218,12 +1247,12 @@ GatewaySnapshot Gateway::snapshot() const {
   return impl_->snapshot();
 }
 
-Status Gateway::cancel(const std::string& request_id) {
+Status Gateway::cancel(const std::string& request_id, const std::string& client, bool admin) {
   // Checked before it is looked up or echoed: no running request can have another id.
   if (request_id.empty() || !is_valid_request_id(request_id)) {
     return invalid_argument(kRequestIdRule);
   }
-  return impl_->cancel(request_id);
+  return impl_->cancel(request_id, client, admin);
 }
 
 Status Gateway::add_worker(Role role, const WorkerEndpoint& endpoint, milliseconds timeout) {

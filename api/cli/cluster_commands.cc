@@ -83,8 +83,8 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
-// How the operator commands reach the gateway: its gRPC address, with the first token of the
-// manifest's token file and its TLS files.
+// How the operator commands reach the gateway: its gRPC address, with the first admin token of
+// the manifest's token file (pool changes need one) and its TLS files.
 Result<std::unique_ptr<api::ServingClient>> connect_gateway(const Manifest& m,
                                                             const ClusterState& state,
                                                             const ClusterOptions& o) {
@@ -95,7 +95,15 @@ Result<std::unique_ptr<api::ServingClient>> connect_gateway(const Manifest& m,
     if (m.security->token_file) {
       auto tokens = api::load_token_file(*m.security->token_file);
       if (!tokens.is_ok()) return tokens.status();
-      copts.token = tokens->front().token;
+      const auto admin = std::find_if(tokens->begin(), tokens->end(), [](const auto& t) {
+        return t.role == api::ClientRole::kAdmin;
+      });
+      if (admin == tokens->end()) {
+        return invalid_argument("the token file " + *m.security->token_file +
+                                " has no admin token, which up, scale and down need: give one "
+                                "line the role admin (`NAME TOKEN admin`)");
+      }
+      copts.token = admin->token;
     }
     if (m.security->tls_cert) {
       // The gateway's own certificate is the root to trust when no CA is given (self-signed);

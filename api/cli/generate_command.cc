@@ -90,6 +90,8 @@ int run_generate(const GenerateOptions& o) {
       return 1;
     }
     cache = std::move(opened).value();
+    if (const std::string note = cache->store().disk_quarantined(); !note.empty())
+      std::fprintf(stderr, "dserve: warning: --kv-store: %s\n", note.c_str());
   }
 
   model::RequestState state = model.new_state();

@@ -70,6 +70,7 @@ struct ServeOptions {
   int64_t probe_interval_ms = 250;
   int64_t default_max_tokens = 256;
   int64_t max_prompt_tokens = 1 << 20;
+  size_t http_max_body_bytes = size_t{1} << 20;
   // gateway: client security and per-token limits
   std::string token_file;  // empty: no authentication
   std::string tls_cert;
@@ -258,6 +259,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
     hopts.auth = *auth;
     hopts.tls = tls;
     hopts.threads = static_cast<int>(o.max_running + o.max_queued + 16);
+    hopts.max_body_bytes = o.http_max_body_bytes;
     auto started = api::OpenAiServer::start(**gateway, *tokenizer, hopts);
     if (!started.is_ok()) {
       print_error(started.status().message());
@@ -436,6 +438,9 @@ int run_serve(const ServeOptions& o) {
       return 1;
     }
     cache = std::move(opened).value();
+    // A corrupt store is a cache lost: moved aside, started empty, and said loudly.
+    if (const std::string note = cache->store().disk_quarantined(); !note.empty())
+      (*logger)->warn("kv_store_quarantined", "", {{"detail", note}});
   }
 
   // One engine per role, as in separate processes (a co-located process hands off through
@@ -617,6 +622,10 @@ Command add_serve_command(CLI::App& app) {
   cmd->add_option("--http-listen", o->http_listen,
                   "gateway: OpenAI-compatible HTTP API address HOST:PORT (/v1/completions, "
                   "/v1/chat/completions, /v1/models); off when not given");
+  cmd->add_option("--http-max-body-bytes", o->http_max_body_bytes,
+                  "gateway: largest HTTP request body, chunked or not (larger: 413)")
+      ->capture_default_str()
+      ->check(CLI::Range(size_t{1}, size_t{1} << 30));
   cmd->add_option(
       "--metrics-listen", o->metrics_listen,
       "every role: Prometheus /metrics and /healthz address HOST:PORT; off when not given");

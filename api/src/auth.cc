@@ -30,6 +30,10 @@ std::string format_rate(double rate) {
 
 }  // namespace
 
+std::string_view client_role_name(ClientRole role) {
+  return role == ClientRole::kAdmin ? "admin" : "client";
+}
+
 Result<std::vector<ClientToken>> parse_token_file(std::string_view text, std::string_view source) {
   std::vector<ClientToken> out;
   std::vector<size_t> lines;
@@ -44,13 +48,22 @@ Result<std::vector<ClientToken>> parse_token_file(std::string_view text, std::st
       fields.push_back(w);
     if (fields.empty() || fields[0][0] == '#') continue;
     const std::string where = src + ":" + std::to_string(number);
-    if (fields.size() > 2) {
-      return invalid_argument(where + ": expected `TOKEN` or `NAME TOKEN`, found " +
+    if (fields.size() > 3) {
+      return invalid_argument(where +
+                              ": expected `TOKEN`, `NAME TOKEN` or `NAME TOKEN ROLE`, found " +
                               std::to_string(fields.size()) + " fields");
     }
     ClientToken t;
-    t.token = fields.back();
-    t.name = fields.size() == 2 ? fields[0] : "token-" + std::to_string(number);
+    t.token = fields.size() == 1 ? fields[0] : fields[1];
+    t.name = fields.size() >= 2 ? fields[0] : "token-" + std::to_string(number);
+    if (fields.size() == 3) {
+      if (fields[2] == "admin") {
+        t.role = ClientRole::kAdmin;
+      } else if (fields[2] != "client") {
+        return invalid_argument(where + ": the role is '" + fields[2].substr(0, 32) +
+                                "'; expected client or admin");
+      }
+    }
     if (t.token.size() < kMinTokenChars || t.token.size() > kMaxTokenChars) {
       return invalid_argument(where + ": the token has " + std::to_string(t.token.size()) +
                               " characters; expected " + std::to_string(kMinTokenChars) + " to " +
@@ -74,7 +87,8 @@ Result<std::vector<ClientToken>> parse_token_file(std::string_view text, std::st
   }
   if (out.empty()) {
     return invalid_argument(src +
-                            ": no token (expected one client per line, `TOKEN` or `NAME TOKEN`)");
+                            ": no token (expected one client per line, `TOKEN`, `NAME TOKEN` "
+                            "or `NAME TOKEN ROLE`)");
   }
   return out;
 }
@@ -145,12 +159,12 @@ struct Authenticator::ClientState {
 };
 
 Admission::Admission(Admission&& other) noexcept
-    : client_(std::move(other.client_)), slot_(std::move(other.slot_)) {}
+    : caller_(std::move(other.caller_)), slot_(std::move(other.slot_)) {}
 
 Admission& Admission::operator=(Admission&& other) noexcept {
   if (this != &other) {
     release();
-    client_ = std::move(other.client_);
+    caller_ = std::move(other.caller_);
     slot_ = std::move(other.slot_);
   }
   return *this;
@@ -172,29 +186,27 @@ Authenticator::Authenticator(std::vector<ClientToken> tokens, ClientLimits limit
 
 Authenticator::~Authenticator() = default;
 
-Result<std::string> Authenticator::authenticate(
-    std::optional<std::string_view> authorization) const {
-  auto client = check_token(authorization);
-  if (!client.is_ok() && log_)
-    log_->warn("auth_refused", "", {{"reason", client.status().message()}});
-  return client;
+Result<Caller> Authenticator::authenticate(std::optional<std::string_view> authorization) const {
+  auto caller = check_token(authorization);
+  if (!caller.is_ok() && log_)
+    log_->warn("auth_refused", "", {{"reason", caller.status().message()}});
+  return caller;
 }
 
 Result<Admission> Authenticator::admit(std::optional<std::string_view> authorization,
                                        Clock::time_point now) {
-  auto client = authenticate(authorization);
-  if (!client.is_ok()) return client.status();
-  const std::string name = *client;
-  auto admitted = check_limits(std::move(client).value(), now);
+  auto caller = authenticate(authorization);
+  if (!caller.is_ok()) return caller.status();
+  const std::string name = caller->name;
+  auto admitted = check_limits(std::move(caller).value(), now);
   if (!admitted.is_ok() && log_) {
     log_->warn("limit_refused", "", {{"client", name}, {"reason", admitted.status().message()}});
   }
   return admitted;
 }
 
-Result<std::string> Authenticator::check_token(
-    std::optional<std::string_view> authorization) const {
-  if (!required()) return std::string("anonymous");
+Result<Caller> Authenticator::check_token(std::optional<std::string_view> authorization) const {
+  if (!required()) return Caller{};
   if (!authorization) {
     return unauthenticated("no credentials: send the header `Authorization: Bearer <token>`");
   }
@@ -215,7 +227,7 @@ Result<std::string> Authenticator::check_token(
     if (constant_time_equal(tokens_[i].token, value)) match = i;
   }
   if (match == tokens_.size()) return unauthenticated("the token is not valid");
-  return tokens_[match].name;
+  return Caller{tokens_[match].name, tokens_[match].role};
 }
 
 Authenticator::ClientState& Authenticator::state_of(const std::string& client,
@@ -227,11 +239,11 @@ Authenticator::ClientState& Authenticator::state_of(const std::string& client,
   return *states_.back().second;
 }
 
-Result<Admission> Authenticator::check_limits(std::string name, Clock::time_point now) {
-  std::optional<std::string> client = std::move(name);
+Result<Admission> Authenticator::check_limits(Caller caller, Clock::time_point now) {
   if (limits_.requests_per_second <= 0 && limits_.max_concurrent == 0) {
-    return Admission(std::move(client).value(), nullptr);
+    return Admission(std::move(caller), nullptr);
   }
+  const std::string* client = &caller.name;
   std::shared_ptr<Admission::Slot> slot;
   {
     std::lock_guard lock(mu_);
@@ -257,7 +269,7 @@ Result<Admission> Authenticator::check_limits(std::string name, Clock::time_poin
       slot = state.slot;
     }
   }
-  return Admission(std::move(client).value(), std::move(slot));
+  return Admission(std::move(caller), std::move(slot));
 }
 
 namespace {
@@ -271,13 +283,36 @@ std::optional<std::string_view> authorization_of(const grpc::ServerContext& cont
 
 }  // namespace
 
-grpc::Status authorize_call(const Authenticator* auth, const grpc::ServerContext& context) {
-  if (auth == nullptr) return grpc::Status::OK;
+grpc::Status authorize_call(const Authenticator* auth, const grpc::ServerContext& context,
+                            Caller* caller) {
+  if (auth == nullptr) {
+    if (caller) *caller = Caller{};
+    return grpc::Status::OK;
+  }
   auto client = auth->authenticate(authorization_of(context));
   if (!client.is_ok()) {
     return {grpc::StatusCode::UNAUTHENTICATED,
             client.status().message() + " (gRPC metadata `authorization: Bearer <token>`)"};
   }
+  if (caller) *caller = std::move(client).value();
+  return grpc::Status::OK;
+}
+
+grpc::Status authorize_admin_call(const Authenticator* auth, const grpc::ServerContext& context,
+                                  std::string_view call, std::string_view detail) {
+  Caller caller;
+  if (grpc::Status denied = authorize_call(auth, context, &caller); !denied.ok()) return denied;
+  ops::Logger* log = auth ? auth->logger() : nullptr;
+  if (!caller.admin()) {
+    if (log) {
+      log->warn("admin_refused", "", {{"client", caller.name}, {"call", call}, {"detail", detail}});
+    }
+    return {grpc::StatusCode::PERMISSION_DENIED,
+            std::string(call) + " needs a token with role admin; client '" + caller.name +
+                "' has role " + std::string(client_role_name(caller.role))};
+  }
+  if (log)
+    log->info("admin_call", "", {{"client", caller.name}, {"call", call}, {"detail", detail}});
   return grpc::Status::OK;
 }
 

@@ -12,6 +12,9 @@
 #include <thread>
 #include <vector>
 
+#include "dserve/model/sampler.h"
+#include "job_checks.h"
+
 namespace dserve::api {
 namespace {
 
@@ -187,13 +190,16 @@ class OpenAiServer::Impl {
                                           {"owned_by", "dserve"}}})}};
       res.set_content(body.dump(), "application/json");
     });
-    server.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-      handle(req, res, /*chat=*/false);
-    });
-    server.Post("/v1/chat/completions",
-                [this](const httplib::Request& req, httplib::Response& res) {
-                  handle(req, res, /*chat=*/true);
-                });
+    // Bodies are read by the handlers, counted as they arrive (httplib bounds only a
+    // Content-Length, not a chunked body).
+    server.set_payload_max_length(options_.max_body_bytes);
+    for (const auto& [path, chat] :
+         {std::pair{"/v1/completions", false}, std::pair{"/v1/chat/completions", true}}) {
+      server.Post(path, [this, chat = chat](const httplib::Request& req, httplib::Response& res,
+                                            const httplib::ContentReader& content) {
+        if (auto body = read_body(req, res, content)) handle(req, *body, res, chat);
+      });
+    }
     server.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
       if (!res.body.empty()) return;
       ApiError e;
@@ -227,7 +233,12 @@ class OpenAiServer::Impl {
 
  private:
   std::optional<ApiError> parse(const json& body, bool chat, Parsed& out) const;
-  void handle(const httplib::Request& req, httplib::Response& res, bool chat);
+  void handle(const httplib::Request& req, const std::string& request_body, httplib::Response& res,
+              bool chat);
+  // The body of a POST, read through `content` up to options_.max_body_bytes; nullopt (and a
+  // 413 reply, closing the connection) past it.
+  std::optional<std::string> read_body(const httplib::Request& req, httplib::Response& res,
+                                       const httplib::ContentReader& content) const;
 
   actors::Gateway& gateway_;
   const model::Tokenizer& tokenizer_;
@@ -392,6 +403,41 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
     if (!v->is_number_integer()) return bad("seed", "`seed` must be an integer");
     out.job.seed = static_cast<uint64_t>(v->get<int64_t>());
   }
+  // Penalties and logit bias: their types here, their ranges where the sampler defines them.
+  for (const auto& [name, target] : {std::pair{"presence_penalty", &out.job.presence_penalty},
+                                     std::pair{"frequency_penalty", &out.job.frequency_penalty}}) {
+    if (const json* v = field(name)) {
+      if (!v->is_number()) return bad(name, std::string("`") + name + "` must be a number");
+      *target = v->get<float>();
+    }
+  }
+  if (const json* v = field("logit_bias")) {
+    if (!v->is_object() || v->size() > model::kMaxLogitBiasEntries)
+      return bad("logit_bias", "`logit_bias` must be an object of at most " +
+                                   std::to_string(model::kMaxLogitBiasEntries) +
+                                   " token id -> bias entries");
+    for (const auto& [key, bias] : v->items()) {
+      const bool digits =
+          !key.empty() && key.size() <= 9 &&
+          std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; });
+      if (!digits || !bias.is_number())
+        return bad("logit_bias", "`logit_bias` maps token ids (\"123\") to numbers; got \"" +
+                                     key.substr(0, 32) + "\": " + bias.dump().substr(0, 32));
+      out.job.logit_bias.emplace_back(std::stoi(key), bias.get<float>());
+    }
+    std::sort(out.job.logit_bias.begin(), out.job.logit_bias.end());
+  }
+  if (Status s = check_penalties(out.job, tokenizer_.vocab_size()); !s.is_ok())
+    return bad(s.message().substr(0, s.message().find(' ')), s.message());
+  if (const json* v = field("response_format")) {
+    // Plain text is what every answer is; constrained output (JSON mode, schemas) is not done,
+    // and is refused rather than ignored.
+    const json* type = v->is_object() && v->contains("type") ? &(*v)["type"] : nullptr;
+    if (!type || !type->is_string() || type->get<std::string>() != "text")
+      return bad("response_format",
+                 "only `response_format` {\"type\": \"text\"} is supported, got " +
+                     v->dump().substr(0, 80));
+  }
   if (const json* v = field("stream")) {
     if (!v->is_boolean()) return bad("stream", "`stream` must be a boolean");
     out.stream = v->get<bool>();
@@ -403,7 +449,33 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
   return std::nullopt;
 }
 
-void OpenAiServer::Impl::handle(const httplib::Request& req, httplib::Response& res, bool chat) {
+std::optional<std::string> OpenAiServer::Impl::read_body(
+    const httplib::Request& req, httplib::Response& res,
+    const httplib::ContentReader& content) const {
+  const size_t limit = options_.max_body_bytes;
+  std::string body;
+  bool over = req.get_header_value<uint64_t>("Content-Length") > limit;
+  if (!over) {
+    content([&](const char* data, size_t n) {
+      over = body.size() + n > limit;
+      if (!over) body.append(data, n);
+      return !over;
+    });
+  }
+  if (!over) return body;
+  ApiError e = bad("",
+                   "the request body is larger than " + std::to_string(limit) +
+                       " bytes, the limit (--http-max-body-bytes)",
+                   "request_too_large");
+  e.http = 413;
+  reply_error(res, e);
+  // What is left of the body is never read: the connection cannot carry another request.
+  res.set_header("Connection", "close");
+  return std::nullopt;
+}
+
+void OpenAiServer::Impl::handle(const httplib::Request& req, const std::string& request_body,
+                                httplib::Response& res, bool chat) {
   // The client's concurrency slot, held until the reply (a stream: its last event) is sent.
   auto admission = std::make_shared<Admission>();
   if (options_.auth) {
@@ -414,7 +486,7 @@ void OpenAiServer::Impl::handle(const httplib::Request& req, httplib::Response& 
     }
     *admission = std::move(admitted).value();
   }
-  json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
+  json body = json::parse(request_body, nullptr, /*allow_exceptions=*/false);
   if (body.is_discarded()) {
     reply_error(res, bad("", "the request body is not valid JSON"));
     return;

@@ -6,6 +6,9 @@
 #include <random>
 #include <vector>
 
+#include "dserve/model/sampler.h"
+#include "job_checks.h"
+
 namespace dserve::api {
 namespace {
 
@@ -166,6 +169,17 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
   job.top_k = request->top_k();
   job.top_p = request->top_p() == 0.0f ? 1.0f : request->top_p();
   job.seed = request->seed();
+  job.presence_penalty = request->presence_penalty();
+  job.frequency_penalty = request->frequency_penalty();
+  if (request->logit_bias_size() > static_cast<int>(model::kMaxLogitBiasEntries)) {
+    return {grpc::StatusCode::INVALID_ARGUMENT,
+            "logit_bias has " + std::to_string(request->logit_bias_size()) + " entries; at most " +
+                std::to_string(model::kMaxLogitBiasEntries)};
+  }
+  job.logit_bias.assign(request->logit_bias().begin(), request->logit_bias().end());
+  std::sort(job.logit_bias.begin(), job.logit_bias.end());  // a map's order is unspecified
+  if (dserve::Status s = check_penalties(job, tokenizer_.vocab_size()); !s.is_ok())
+    return {grpc::StatusCode::INVALID_ARGUMENT, s.message()};
   if (request->timeout_ms() > 0) {
     job.deadline_unix_ms = unix_ms_now() + request->timeout_ms();
   } else if (context->deadline() != std::chrono::system_clock::time_point::max()) {
@@ -225,12 +239,13 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
 grpc::Status ServingService::Cancel(grpc::ServerContext* context,
                                     const dserve::v1::CancelRequest* request,
                                     dserve::v1::CancelResponse*) {
-  if (grpc::Status denied = authorize_call(options_.auth.get(), *context); !denied.ok())
+  Caller caller;
+  if (grpc::Status denied = authorize_call(options_.auth.get(), *context, &caller); !denied.ok())
     return denied;
   if (request->request_id().empty()) {
     return {grpc::StatusCode::INVALID_ARGUMENT, "request_id is empty"};
   }
-  return to_grpc(gateway_.cancel(request->request_id()));
+  return to_grpc(gateway_.cancel(request->request_id(), caller.name, caller.admin()));
 }
 
 dserve::v1::ClusterStatus to_cluster_status(const actors::GatewaySnapshot& snap,
@@ -313,7 +328,11 @@ grpc::Status ServingService::Health(grpc::ServerContext* context, const dserve::
 grpc::Status AdminService::AddWorker(grpc::ServerContext* context,
                                      const dserve::v1::AddWorkerRequest* request,
                                      dserve::v1::AddWorkerResponse*) {
-  if (grpc::Status denied = authorize_call(auth_.get(), *context); !denied.ok()) return denied;
+  if (grpc::Status denied = authorize_admin_call(
+          auth_.get(), *context, "Admin.AddWorker",
+          request->role().substr(0, 16) + " " + request->address().substr(0, 256));
+      !denied.ok())
+    return denied;
   actors::Role role;
   if (request->role() == "prefill") {
     role = actors::Role::kPrefill;
@@ -333,7 +352,10 @@ grpc::Status AdminService::AddWorker(grpc::ServerContext* context,
 grpc::Status AdminService::RemoveWorker(grpc::ServerContext* context,
                                         const dserve::v1::RemoveWorkerRequest* request,
                                         dserve::v1::RemoveWorkerResponse* response) {
-  if (grpc::Status denied = authorize_call(auth_.get(), *context); !denied.ok()) return denied;
+  if (grpc::Status denied = authorize_admin_call(auth_.get(), *context, "Admin.RemoveWorker",
+                                                 request->address().substr(0, 256));
+      !denied.ok())
+    return denied;
   const auto timeout =
       std::chrono::milliseconds(request->timeout_ms() == 0 ? 300000 : request->timeout_ms());
   auto drained = gateway_.remove_worker(request->address(), timeout);

@@ -48,10 +48,12 @@ Status DecodeBatch::add(DecodeRequest request) {
   if (request.max_tokens < 1) {
     return invalid_argument("request " + std::to_string(request.id) + ": max_tokens must be >= 1");
   }
-  DSERVE_RETURN_IF_ERROR(model::validate_sampling_params(request.sampling));
+  DSERVE_RETURN_IF_ERROR(
+      model::validate_sampling_params(request.sampling, model_.config().vocab_size));
   auto slot =
       std::make_unique<Slot>(Slot{std::move(request), model::Sampler({}), Tensor(), 0, false});
   slot->sampler = model::Sampler(slot->request.sampling);
+  slot->sampler.add_history(slot->request.generated);
   slot->logits = std::move(slot->request.prompt_logits);
   slots_.push_back(std::move(slot));
   return Status::ok();

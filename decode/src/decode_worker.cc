@@ -42,6 +42,7 @@ struct Reservation {
   uint32_t max_new_tokens = 0;
   int64_t deadline_unix_ms = 0;
   model::SamplingParams sampling;
+  std::vector<int32_t> generated;  // before this placement, for the penalties
   TokenSinkActor sink;
   kvstore::MemoryRegion region;
 };
@@ -190,6 +191,7 @@ Result<DecodeRequest> take_handoff(WorkerState& st, ReservationId id, const Rese
   std::memcpy(req.prompt_logits.data(), bytes + state_bytes, logit_bytes);
   req.max_tokens = r.max_new_tokens;
   req.sampling = r.sampling;
+  req.generated = r.generated;
   if (r.deadline_unix_ms > 0) {
     req.deadline = Clock::now() + std::chrono::milliseconds(
                                       std::max<int64_t>(0, r.deadline_unix_ms - unix_ms_now()));
@@ -262,8 +264,17 @@ HandoffAck accept_handoff(WorkerState& s, const HandoffDone& done) {
 ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, ReserveRequest& req) {
   auto& s = self->state;
   if (req.prompt_tokens == 0) return refuse(req, s.epoch, "empty prompt", false);
-  const model::SamplingParams sampling{req.temperature, req.top_k, req.top_p, req.seed};
-  if (Status ok = model::validate_sampling_params(sampling); !ok.is_ok()) {
+  if (req.logit_bias_ids.size() != req.logit_bias_values.size() ||
+      req.generated.size() > req.max_new_tokens + req.prompt_tokens) {
+    return refuse(req, s.epoch, "malformed sampling lists", false);
+  }
+  model::SamplingParams sampling{
+      req.temperature,       req.top_k, req.top_p, req.seed, req.presence_penalty,
+      req.frequency_penalty, {}};
+  for (size_t i = 0; i < req.logit_bias_ids.size() && i <= model::kMaxLogitBiasEntries; ++i)
+    sampling.logit_bias.emplace_back(req.logit_bias_ids[i], req.logit_bias_values[i]);
+  if (Status ok = model::validate_sampling_params(sampling, s.model->config().vocab_size);
+      !ok.is_ok()) {
     return refuse(req, s.epoch, "bad sampling parameters: " + ok.message(), false);
   }
   const auto held = static_cast<int64_t>(s.reservations.size() + s.decoding.size());
@@ -305,10 +316,11 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
   reply.transfer_keys =
       kvstore::encode_handoff_keys({s.engine->local_address(), std::move(remote).value()});
   s.used_bytes += region->bytes();
-  s.reservations.emplace(reply.reservation_id,
-                         Reservation{req.request_id, req.trace_id, req.prompt_tokens,
-                                     req.max_new_tokens, req.deadline_unix_ms, sampling,
-                                     std::move(req.stream_to), std::move(region).value()});
+  s.reservations.emplace(
+      reply.reservation_id,
+      Reservation{req.request_id, req.trace_id, req.prompt_tokens, req.max_new_tokens,
+                  req.deadline_unix_ms, sampling, std::move(req.generated),
+                  std::move(req.stream_to), std::move(region).value()});
   auto expiry = s.options.reservation_timeout;
   if (req.deadline_unix_ms > 0) {
     expiry = std::min(expiry, std::chrono::milliseconds(

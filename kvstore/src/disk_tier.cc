@@ -3,9 +3,11 @@
 #include <rocksdb/write_batch.h>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <list>
 #include <mutex>
 #include <thread>
@@ -385,12 +387,34 @@ Result<std::unique_ptr<DiskTier>> DiskTier::open(DiskTierOptions options) {
     return invalid_argument("disk tier at '" + options.path +
                             "': capacity_bytes and write_queue_bytes must be positive");
   }
-  DSERVE_ASSIGN_OR_RETURN(internal::OpenedDb opened, internal::open_rocksdb(options));
-  auto impl =
-      std::make_unique<Impl>(std::move(options), std::move(opened.db), std::move(opened.handles));
-  DSERVE_RETURN_IF_ERROR(impl->load_catalogue());
-  impl->start();
-  return std::unique_ptr<DiskTier>(new DiskTier(std::move(impl)));
+  const auto open_store = [](const DiskTierOptions& o) -> Result<std::unique_ptr<Impl>> {
+    DSERVE_ASSIGN_OR_RETURN(internal::OpenedDb opened, internal::open_rocksdb(o));
+    auto impl = std::make_unique<Impl>(o, std::move(opened.db), std::move(opened.handles));
+    DSERVE_RETURN_IF_ERROR(impl->load_catalogue());
+    return impl;
+  };
+  auto impl = open_store(options);
+  std::string quarantined;
+  if (!impl.is_ok() && impl.status().code() == StatusCode::kDataLoss) {
+    const auto seconds = std::chrono::duration_cast<std::chrono::seconds>(
+                             std::chrono::system_clock::now().time_since_epoch())
+                             .count();
+    const std::string aside = options.path + ".corrupt-" + std::to_string(seconds);
+    std::error_code ec;
+    std::filesystem::rename(options.path, aside, ec);
+    if (ec) {
+      return data_loss(impl.status().message() + "; moving it aside to '" + aside +
+                       "' failed: " + ec.message());
+    }
+    quarantined = "the store at '" + options.path + "' was corrupt (" + impl.status().message() +
+                  "); moved it to '" + aside + "' and started an empty one";
+    impl = open_store(options);
+  }
+  if (!impl.is_ok()) return impl.status();
+  (*impl)->start();
+  std::unique_ptr<DiskTier> tier(new DiskTier(std::move(impl).value()));
+  tier->quarantined_ = std::move(quarantined);
+  return tier;
 }
 
 DiskTier::DiskTier(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}

@@ -422,6 +422,11 @@ void PrefixStore::insert(const BlockKey& parent, const BlockKey& key, BlockConte
   ops.enforce_capacity();
 }
 
+std::string PrefixStore::disk_quarantined() const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->disk ? impl_->disk->quarantined() : std::string();
+}
+
 PrefixStoreMetrics PrefixStore::metrics() const {
   std::lock_guard lock(impl_->mu);
   const Impl& s = *impl_;

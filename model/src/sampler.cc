@@ -8,8 +8,32 @@
 
 namespace dserve::model {
 
-Status validate_sampling_params(const SamplingParams& p) {
+Status validate_sampling_params(const SamplingParams& p, int64_t vocab) {
   std::string problems;
+  for (const auto& [name, value] : {std::pair{"presence_penalty", p.presence_penalty},
+                                    std::pair{"frequency_penalty", p.frequency_penalty}}) {
+    if (!(value >= -kMaxPenalty && value <= kMaxPenalty)) {
+      problems += std::string(name) + " must be in [-2, 2] (got " + std::to_string(value) + ")\n";
+    }
+  }
+  if (p.logit_bias.size() > kMaxLogitBiasEntries) {
+    problems += "logit_bias has " + std::to_string(p.logit_bias.size()) + " entries; at most " +
+                std::to_string(kMaxLogitBiasEntries) + "\n";
+  } else {
+    for (const auto& [id, bias] : p.logit_bias) {
+      if (id < 0 || (vocab > 0 && id >= vocab)) {
+        problems += "logit_bias names token " + std::to_string(id) + ", not an id of the " +
+                    (vocab > 0 ? std::to_string(vocab) + "-token " : std::string()) +
+                    "vocabulary\n";
+        break;
+      }
+      if (!(bias >= -kMaxLogitBias && bias <= kMaxLogitBias)) {
+        problems += "logit_bias of token " + std::to_string(id) + " must be in [-100, 100] (got " +
+                    std::to_string(bias) + ")\n";
+        break;
+      }
+    }
+  }
   if (!(p.temperature >= 0.0f) || !std::isfinite(p.temperature)) {
     problems +=
         "temperature must be a finite number >= 0 (got " + std::to_string(p.temperature) + ")\n";
@@ -34,6 +58,31 @@ int32_t argmax(std::span<const float> logits) {
 }
 
 int32_t Sampler::sample(std::span<const float> logits) {
+  const bool penalized = params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f;
+  if (params_.logit_bias.empty() && !penalized) return pick(logits);
+  adjusted_.assign(logits.begin(), logits.end());
+  const auto size = static_cast<int32_t>(adjusted_.size());
+  for (const auto& [id, bias] : params_.logit_bias) {
+    if (id >= 0 && id < size) adjusted_[static_cast<size_t>(id)] += bias;
+  }
+  for (const auto& [id, times] : generated_) {
+    if (id < size) {
+      adjusted_[static_cast<size_t>(id)] -=
+          params_.presence_penalty + params_.frequency_penalty * static_cast<float>(times);
+    }
+  }
+  const int32_t token = pick(adjusted_);
+  if (penalized) ++generated_[token];
+  return token;
+}
+
+void Sampler::add_history(std::span<const int32_t> tokens) {
+  if (params_.presence_penalty == 0.0f && params_.frequency_penalty == 0.0f) return;
+  for (const int32_t t : tokens)
+    ++generated_[t];
+}
+
+int32_t Sampler::pick(std::span<const float> logits) {
   if (params_.temperature == 0.0f) return argmax(logits);
   // Candidates by descending logit (lower id first among equals).
   std::vector<int32_t> ids(logits.size());

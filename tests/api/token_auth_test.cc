@@ -35,6 +35,27 @@ TEST(TokenFile, NamedAndUnnamedTokensCommentsAndBlankLines) {
   EXPECT_EQ((*tokens)[0].token, kAlice);
   EXPECT_EQ((*tokens)[1].name, "token-5");  // unnamed: called by its line
   EXPECT_EQ((*tokens)[1].token, kBob);
+  for (const auto& t : *tokens)
+    EXPECT_EQ(t.role, ClientRole::kClient) << t.name;  // without a role: a client
+}
+
+TEST(TokenFile, RolesAndTheCallerTheyGive) {
+  auto tokens = parse_token_file(
+      std::string("alice ") + kAlice + " client\nops " + kBob + " admin\n", "tokens");
+  ASSERT_TRUE(tokens.is_ok()) << tokens.status().to_string();
+  ASSERT_EQ(tokens->size(), 2u);
+  EXPECT_EQ((*tokens)[0].role, ClientRole::kClient);
+  EXPECT_EQ((*tokens)[1].role, ClientRole::kAdmin);
+  const Authenticator auth(*tokens, {});
+  const Caller alice = auth.authenticate(bearer(kAlice)).value();
+  EXPECT_EQ(alice.name, "alice");
+  EXPECT_FALSE(alice.admin());
+  const Caller ops = auth.authenticate(bearer(kBob)).value();
+  EXPECT_EQ(ops.name, "ops");
+  EXPECT_TRUE(ops.admin());
+  // Without a token file nobody is told apart: the one caller may do everything.
+  const Authenticator open({}, {});
+  EXPECT_TRUE(open.authenticate(std::nullopt).value().admin());
 }
 
 TEST(TokenFile, Refusals) {
@@ -43,11 +64,16 @@ TEST(TokenFile, Refusals) {
     std::string message;
   };
   const std::vector<Case> cases = {
-      {"", "tokens: no token (expected one client per line, `TOKEN` or `NAME TOKEN`)"},
+      {"",
+       "tokens: no token (expected one client per line, `TOKEN`, `NAME TOKEN` or `NAME TOKEN "
+       "ROLE`)"},
       {"# only a comment\n\n",
-       "tokens: no token (expected one client per line, `TOKEN` or "
-       "`NAME TOKEN`)"},
-      {"a b c\n", "tokens:1: expected `TOKEN` or `NAME TOKEN`, found 3 fields"},
+       "tokens: no token (expected one client per line, `TOKEN`, `NAME TOKEN` or `NAME TOKEN "
+       "ROLE`)"},
+      {"a b c d\n",
+       "tokens:1: expected `TOKEN`, `NAME TOKEN` or `NAME TOKEN ROLE`, found 4 fields"},
+      {std::string("alice ") + kAlice + " root\n",
+       "tokens:1: the role is 'root'; expected client or admin"},
       {"alice short\n",
        "tokens:1: the token has 5 characters; expected 16 to 4096 (a short "
        "token can be guessed)"},
@@ -148,8 +174,8 @@ std::vector<ClientToken> two_clients() {
 TEST(Authenticator, ChecksTheBearerToken) {
   Authenticator auth(two_clients(), {});
   EXPECT_TRUE(auth.required());
-  EXPECT_EQ(auth.authenticate(bearer(kAlice)).value(), "alice");
-  EXPECT_EQ(auth.authenticate(std::string("bearer  ") + kBob).value(), "bob");
+  EXPECT_EQ(auth.authenticate(bearer(kAlice)).value().name, "alice");
+  EXPECT_EQ(auth.authenticate(std::string("bearer  ") + kBob).value().name, "bob");
   for (const std::optional<std::string>& header :
        {std::optional<std::string>{}, std::optional<std::string>{"Bearer"},
         std::optional<std::string>{std::string("Basic ") + kAlice},
@@ -171,8 +197,8 @@ TEST(Authenticator, ChecksTheBearerToken) {
 TEST(Authenticator, WithoutTokensEveryoneIsAnonymous) {
   Authenticator auth({}, {});
   EXPECT_FALSE(auth.required());
-  EXPECT_EQ(auth.authenticate(std::nullopt).value(), "anonymous");
-  EXPECT_EQ(auth.authenticate(bearer("anything")).value(), "anonymous");
+  EXPECT_EQ(auth.authenticate(std::nullopt).value().name, "anonymous");
+  EXPECT_EQ(auth.authenticate(bearer("anything")).value().name, "anonymous");
 }
 
 TEST(Authenticator, RateLimitPerTokenCountedExactly) {

@@ -438,6 +438,56 @@ TEST_F(DiskTierTest, CorruptValuesAreRefusedAndRemoved) {
               static_cast<unsigned long long>(kBlocks - tampered.size()));
 }
 
+// A corrupt store is a cache lost, not a reason to stop serving: workers used to refuse to start
+// on a damaged MANIFEST or SST until the directory was deleted by hand. It is moved aside (kept
+// for inspection) and an empty store opens, saying so.
+TEST_F(DiskTierTest, CorruptStoreIsMovedAsideAndAnEmptyOneOpens) {
+  auto original = [](uint64_t i) { return test_value(i, Pool::kCompressed, Codec::kLossless); };
+  {
+    auto tier = open();
+    ASSERT_NE(tier, nullptr);
+    for (uint64_t i = 0; i < 20; ++i)
+      ASSERT_TRUE(tier->put_async(test_key(i), Pool::kCompressed, original(i)));
+    tier->flush();
+  }
+  std::string manifest;
+  for (const auto& e : fs::directory_iterator(dir_)) {
+    if (e.path().filename().string().rfind("MANIFEST-", 0) == 0) manifest = e.path().string();
+  }
+  ASSERT_FALSE(manifest.empty());
+  {
+    std::fstream f(manifest, std::ios::in | std::ios::out | std::ios::binary);
+    const auto size = static_cast<std::streamoff>(fs::file_size(manifest));
+    for (std::streamoff at = 0; at < size; at += 7) {
+      f.seekp(at);
+      f.put('\x5a');
+    }
+  }
+  auto tier = open();
+  ASSERT_NE(tier, nullptr);
+  EXPECT_NE(tier->quarantined().find("was corrupt"), std::string::npos) << tier->quarantined();
+  EXPECT_EQ(tier->stats().blocks, 0u);
+  EXPECT_FALSE(tier->get(test_key(1), Pool::kCompressed).has_value());
+  std::vector<fs::path> aside;
+  for (const auto& e : fs::directory_iterator(dir_.parent_path())) {
+    if (e.path().filename().string().rfind(dir_.filename().string() + ".corrupt-", 0) == 0)
+      aside.push_back(e.path());
+  }
+  ASSERT_EQ(aside.size(), 1u);
+  EXPECT_NE(tier->quarantined().find(aside[0].string()), std::string::npos);
+  EXPECT_TRUE(fs::exists(aside[0] / fs::path(manifest).filename()));
+  // The new store works, and a later open finds nothing to move.
+  ASSERT_TRUE(tier->put_async(test_key(3), Pool::kCompressed, original(3)));
+  tier->flush();
+  tier.reset();
+  tier = open();
+  ASSERT_NE(tier, nullptr);
+  EXPECT_TRUE(tier->quarantined().empty()) << tier->quarantined();
+  EXPECT_EQ(tier->get(test_key(3), Pool::kCompressed), original(3));
+  for (const auto& p : aside)
+    fs::remove_all(p);
+}
+
 TEST_F(DiskTierTest, OpenErrorsNameThePath) {
   DiskTierOptions options;
   options.path = (dir_ / "a-file").string();

@@ -268,6 +268,101 @@ TEST(Auth, TokensOnGrpcAndHttpAndTheMaxTokensLimit) {
     EXPECT_EQ(log.find(secret), std::string::npos) << "a token in the log: " << secret;
 }
 
+// Roles: a client token may not change the pools (any token used to: a client drained workers
+// and added its own), and a request belongs to the client that made it: another client cannot
+// cancel it (ids are guessable), an admin can. Every Admin call and refusal is logged by name.
+TEST(Auth, AdminCallsNeedAnAdminAndRequestsBelongToTheirClient) {
+  constexpr const char* kOps = "ops-tok-5e2a9c7b14d3f8";
+  const std::string path = ::testing::TempDir() + "/dserve-auth-role-tokens";
+  std::ofstream(path) << "alice " << kAlice << "\nbob " << kBob << " client\nops " << kOps
+                      << " admin\n";
+  ::chmod(path.c_str(), 0600);
+  ServeCluster cluster(cluster_with({"--token-file", path}));
+  ASSERT_TRUE(cluster.ready()) << cluster.logs();
+
+  const auto admin_call = [&](const std::string& token, bool add) {
+    auto channel = grpc::CreateChannel(cluster.grpc_address(), grpc::InsecureChannelCredentials());
+    auto admin = v1::Admin::NewStub(channel);
+    grpc::ClientContext context;
+    context.AddMetadata("authorization", "Bearer " + token);
+    context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    if (add) {
+      v1::AddWorkerRequest req;
+      req.set_role("prefill");
+      req.set_address("127.0.0.1:1");
+      req.set_timeout_ms(200);
+      v1::AddWorkerResponse r;
+      return admin->AddWorker(&context, req, &r);
+    }
+    v1::RemoveWorkerRequest req;
+    req.set_address(cluster.prefill[0]->address());
+    req.set_timeout_ms(5000);
+    v1::RemoveWorkerResponse r;
+    return admin->RemoveWorker(&context, req, &r);
+  };
+  for (const bool add : {true, false}) {
+    const grpc::Status refused = admin_call(kAlice, add);
+    EXPECT_EQ(refused.error_code(), grpc::StatusCode::PERMISSION_DENIED) << refused.error_message();
+    EXPECT_NE(refused.error_message().find("needs a token with role admin; client 'alice' has "
+                                           "role client"),
+              std::string::npos)
+        << refused.error_message();
+  }
+  // The pool is as it was: alice's RemoveWorker did not drain the prefill worker.
+  auto alice = connect(cluster, with_token(kAlice));
+  auto bob = connect(cluster, with_token(kBob));
+  auto ops = connect(cluster, with_token(kOps));
+  ASSERT_TRUE(alice && bob && ops);
+  auto status = ops->status();
+  ASSERT_TRUE(status.is_ok()) << status.status().to_string();
+  for (const auto& w : status->workers())
+    EXPECT_FALSE(w.draining()) << w.address();
+  // An admin passes (the worker at port 1 never answers: UNAVAILABLE after its timeout).
+  const grpc::Status by_ops = admin_call(kOps, /*add=*/true);
+  EXPECT_NE(by_ops.error_code(), grpc::StatusCode::PERMISSION_DENIED) << by_ops.error_message();
+
+  // alice's long request: bob cannot cancel it, and is told what he would be told of an id
+  // that does not exist; ops can.
+  v1::GenerateRequest req = request_for(random_prompt(40, 9), 4000);
+  req.set_request_id("alice-long");
+  std::atomic<int> messages{0};
+  Result<api::Completion> got = internal_error("unset");
+  std::thread call([&] {
+    got = alice->generate(req, [&](const v1::GenerateResponse&) {
+      ++messages;
+      return true;
+    });
+  });
+  const auto wait_for_messages = [&](int n) {
+    for (int i = 0; i < 2000 && messages.load() < n; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return messages.load() >= n;
+  };
+  ASSERT_TRUE(wait_for_messages(1));
+  const Status by_bob = bob->cancel("alice-long");
+  EXPECT_EQ(by_bob.code(), StatusCode::kNotFound) << by_bob.to_string();
+  EXPECT_EQ(by_bob.message(), "no running request with id 'alice-long'");
+  // ... and alice's request goes on streaming.
+  EXPECT_TRUE(wait_for_messages(messages.load() + 3));
+  const Status by_ops_cancel = ops->cancel("alice-long");
+  call.join();
+  EXPECT_TRUE(by_ops_cancel.is_ok()) << by_ops_cancel.to_string();
+  ASSERT_FALSE(got.is_ok());
+  EXPECT_EQ(got.status().code(), StatusCode::kCancelled) << got.status().to_string();
+
+  const std::string log = cluster.gateway->log();
+  for (const char* line :
+       {"warn gateway admin_refused client=alice call=Admin.AddWorker",
+        "warn gateway admin_refused client=alice call=Admin.RemoveWorker",
+        "info gateway admin_call client=ops call=Admin.AddWorker",
+        "warn gateway cancel_refused request_id=alice-long client=bob owner=alice",
+        "info gateway cancel request_id=alice-long client=ops owner=alice"}) {
+    EXPECT_NE(log.find(line), std::string::npos) << line << "\n" << log;
+  }
+  for (const char* secret : {kAlice, kBob, kOps})
+    EXPECT_EQ(log.find(secret), std::string::npos) << "a token in the log: " << secret;
+}
+
 // Rate 2 per second, burst 2: of 3 requests sent together, exactly 1 is refused; per token,
 // on gRPC and on HTTP alike.
 TEST(Auth, RateLimitPerToken) {

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -128,6 +129,65 @@ TEST_F(ClientApi, CancelByRequestId) {
         << refused.status().to_string();
     EXPECT_NE(refused.status().message().find("request_id"), std::string::npos);
   }
+}
+
+// Penalties and logit bias reach the decode worker's sampler: each request's tokens equal the
+// reference sampler's with the same parameters (they used to be absent from the API; the HTTP
+// API accepted and ignored them).
+TEST_F(ClientApi, PenaltiesAndLogitBiasShapeTheTokens) {
+  const auto prompt = random_prompt(30, 11);
+  std::vector<model::SamplingParams> cases(3);
+  cases[0].presence_penalty = 2.0f;
+  cases[1].frequency_penalty = 1.0f;
+  cases[1].temperature = 0.9f;
+  cases[1].top_k = 40;
+  cases[1].seed = 5;
+  cases[2].logit_bias = {{7777, 100.0f}};
+  for (const auto& params : cases) {
+    v1::GenerateRequest req = testing_support::request_for(prompt, 12);
+    req.set_presence_penalty(params.presence_penalty);
+    req.set_frequency_penalty(params.frequency_penalty);
+    req.set_temperature(params.temperature);
+    req.set_top_k(static_cast<uint32_t>(params.top_k));
+    req.set_seed(params.seed);
+    for (const auto& [id, bias] : params.logit_bias)
+      (*req.mutable_logit_bias())[id] = bias;
+    auto got = client_->generate(req);
+    ASSERT_TRUE(got.is_ok()) << got.status().to_string();
+    EXPECT_EQ(got->tokens, reference_tokens(prompt, 12, params));
+  }
+  // The bias is not a no-op: it decides every token.
+  auto biased = client_->generate([&] {
+    v1::GenerateRequest req = testing_support::request_for(prompt, 6);
+    (*req.mutable_logit_bias())[7777] = 100.0f;
+    return req;
+  }());
+  ASSERT_TRUE(biased.is_ok());
+  EXPECT_EQ(biased->tokens, std::vector<int32_t>(6, 7777));
+  // Nor is the presence penalty: a bias that makes 7777 win by less than the penalty gives
+  // another stream with the penalty than without, and the cluster gives the penalized one.
+  std::optional<model::SamplingParams> decisive;
+  for (float bias = 2.0f; bias <= 12.0f && !decisive; bias += 0.5f) {
+    model::SamplingParams with, without;
+    with.logit_bias = without.logit_bias = {{7777, bias}};
+    with.presence_penalty = 2.0f;
+    if (reference_tokens(prompt, 8, with) != reference_tokens(prompt, 8, without)) decisive = with;
+  }
+  ASSERT_TRUE(decisive.has_value()) << "no bias in 2..12 lets the penalty decide a token";
+  v1::GenerateRequest penalized = testing_support::request_for(prompt, 8);
+  penalized.set_presence_penalty(decisive->presence_penalty);
+  (*penalized.mutable_logit_bias())[7777] = decisive->logit_bias[0].second;
+  auto got = client_->generate(penalized);
+  ASSERT_TRUE(got.is_ok()) << got.status().to_string();
+  EXPECT_EQ(got->tokens, reference_tokens(prompt, 8, *decisive))
+      << "bias " << decisive->logit_bias[0].second;
+  // Out of range: refused naming the parameter.
+  v1::GenerateRequest bad = testing_support::request_for(prompt, 4);
+  bad.set_presence_penalty(3.0f);
+  auto refused = client_->generate(bad);
+  ASSERT_FALSE(refused.is_ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("presence_penalty"), std::string::npos);
 }
 
 // A prompt that is not UTF-8 is refused with the byte where it stops being UTF-8; it used to

@@ -4,15 +4,22 @@
 // with the right HTTP status for a wrong model, a bad parameter and an unsupported one. The
 // gateway's /metrics, read by a Prometheus text parser nobody here wrote, moves with them.
 
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "dserve/model/tokenizer.h"
 #include "serve_cluster.h"
+#include "test_model.h"
 
 namespace dserve {
 namespace {
@@ -48,6 +55,126 @@ double metric(uint16_t port, const std::string& name, const nlohmann::json& labe
     }
   }
   return -3;
+}
+
+// Sends `request` as it is over a fresh connection to 127.0.0.1:`port` and returns what comes
+// back until the server closes the connection (or 30 s pass).
+std::string raw_http(uint16_t port, const std::string& request) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
+    ::close(fd);
+    return "connect failed";
+  }
+  for (size_t sent = 0; sent < request.size();) {
+    const ssize_t n = ::send(fd, request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) break;  // the server may refuse before it has read everything
+    sent += static_cast<size_t>(n);
+  }
+  std::string reply;
+  char buf[4096];
+  pollfd p{fd, POLLIN, 0};
+  while (::poll(&p, 1, 30000) > 0) {
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) break;
+    reply.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  return reply;
+}
+
+std::string chunked(const std::string& body, size_t chunk) {
+  std::string out;
+  for (size_t at = 0; at < body.size(); at += chunk) {
+    const std::string piece = body.substr(at, chunk);
+    char size[32];
+    std::snprintf(size, sizeof(size), "%zx\r\n", piece.size());
+    out += size + piece + "\r\n";
+  }
+  return out + "0\r\n\r\n";
+}
+
+// A request body is bounded however it is sent: a chunked one used to be read whole (100 MiB,
+// then tokenized), as only a Content-Length was checked.
+TEST(OpenAi, RequestBodiesAreBoundedWhateverTheirEncoding) {
+  ClusterOptions o;
+  o.prefill = 1;
+  o.decode = 1;
+  o.gateway_args = {"--http-listen", "127.0.0.1:0",           "--served-model-name",
+                    "tiny-v4",       "--http-max-body-bytes", "65536"};
+  ServeCluster cluster(o);
+  ASSERT_TRUE(cluster.ready()) << cluster.logs();
+  const uint16_t port = cluster.gateway->http_port();
+  const auto body = [](size_t prompt_chars) {
+    return R"({"model":"tiny-v4","max_tokens":1,"prompt":")" + std::string(prompt_chars, 'a') +
+           R"("})";
+  };
+  const std::string head =
+      "POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+      "Content-Type: application/json\r\n";
+  // Under the bound, chunked: served.
+  std::string reply =
+      raw_http(port, head + "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" +
+                         chunked(body(1000), 300));
+  EXPECT_EQ(reply.substr(0, 12), "HTTP/1.1 200") << reply.substr(0, 400);
+  // Over it, chunked or with a Content-Length: 413, naming the bound.
+  const std::string big = body(200000);
+  for (const std::string& request :
+       {head + "Transfer-Encoding: chunked\r\n\r\n" + chunked(big, 4096),
+        head + "Content-Length: " + std::to_string(big.size()) + "\r\n\r\n" + big}) {
+    reply = raw_http(port, request);
+    EXPECT_EQ(reply.substr(0, 12), "HTTP/1.1 413") << reply.substr(0, 400);
+    EXPECT_NE(reply.find("larger than 65536 bytes"), std::string::npos) << reply.substr(0, 400);
+  }
+  // The gateway serves on.
+  reply = raw_http(port, head + "Content-Length: " + std::to_string(body(10).size()) +
+                             "\r\nConnection: close\r\n\r\n" + body(10));
+  EXPECT_EQ(reply.substr(0, 12), "HTTP/1.1 200") << reply.substr(0, 400);
+}
+
+// logit_bias and the penalties are done, not ignored (they used to return 200 with the output of
+// their absence); a response_format other than text is refused.
+TEST(OpenAi, LogitBiasAndPenaltiesAreAppliedAndResponseFormatChecked) {
+  ClusterOptions o;
+  o.prefill = 1;
+  o.decode = 1;
+  o.gateway_args = {"--http-listen", "127.0.0.1:0", "--served-model-name", "tiny-v4"};
+  ServeCluster cluster(o);
+  ASSERT_TRUE(cluster.ready()) << cluster.logs();
+  httplib::Client http("127.0.0.1", cluster.gateway->http_port());
+  http.set_read_timeout(60, 0);
+  const auto post = [&](nlohmann::json extra) {
+    nlohmann::json body = {{"model", "tiny-v4"},
+                           {"prompt", "The quick brown fox"},
+                           {"max_tokens", 3},
+                           {"temperature", 0}};
+    body.update(extra);
+    auto res = http.Post("/v1/completions", body.dump(), "application/json");
+    return res ? std::make_pair(res->status, nlohmann::json::parse(res->body, nullptr, false))
+               : std::make_pair(0, nlohmann::json());
+  };
+  auto tokenizer = model::Tokenizer::load(model::testing_support::tokenizer_json());
+  ASSERT_TRUE(tokenizer.is_ok());
+  const std::string word = tokenizer->decode(std::vector<int32_t>{7777}).value();
+  auto [status, body] = post({{"logit_bias", {{"7777", 100}}}});
+  ASSERT_EQ(status, 200) << body.dump();
+  EXPECT_EQ(body["choices"][0]["text"], word + word + word) << body.dump();
+  std::tie(status, body) = post({{"presence_penalty", 1.0}, {"frequency_penalty", -0.5}});
+  EXPECT_EQ(status, 200) << body.dump();
+  std::tie(status, body) = post({{"presence_penalty", 2.5}});
+  EXPECT_EQ(status, 400) << body.dump();
+  EXPECT_EQ(body["error"]["param"], "presence_penalty") << body.dump();
+  std::tie(status, body) = post({{"logit_bias", {{"not-an-id", 1}}}});
+  EXPECT_EQ(status, 400) << body.dump();
+  EXPECT_EQ(body["error"]["param"], "logit_bias") << body.dump();
+  std::tie(status, body) = post({{"response_format", {{"type", "json_object"}}}});
+  EXPECT_EQ(status, 400) << body.dump();
+  EXPECT_EQ(body["error"]["param"], "response_format") << body.dump();
+  std::tie(status, body) = post({{"response_format", {{"type", "text"}}}});
+  EXPECT_EQ(status, 200) << body.dump();
 }
 
 TEST(OpenAi, OfficialClientStreamsCompletionsAndChat) {

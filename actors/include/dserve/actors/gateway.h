@@ -108,6 +108,11 @@ struct GenerateJob {
   int64_t top_k = 0;
   float top_p = 1.0f;
   uint64_t seed = 0;
+  // model::SamplingParams's penalties and logit bias: checked by the API that made the job
+  // (model::validate_sampling_params) and again by the decode worker.
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  std::vector<std::pair<int32_t, float>> logit_bias;
   // Absolute wall-clock deadline in ms since the Unix epoch; 0: now + default_deadline.
   int64_t deadline_unix_ms = 0;
   // The caller's id for the request (what cancel() names and every process logs); unique among
@@ -194,9 +199,13 @@ class Gateway {
   // The pool members (workers removed by remove_worker are not shown).
   GatewaySnapshot snapshot() const;
 
-  // Cancels the running or queued request with this id: its generate() returns kCancelled and
-  // what it holds on the workers is released. kNotFound when no such request runs.
-  Status cancel(const std::string& request_id);
+  // Cancels the running or queued request with this id on behalf of `client` (a
+  // GenerateJob::client): its generate() returns kCancelled and what it holds on the workers is
+  // released. A request belongs to the client that made it; only it, or an `admin`, may cancel
+  // it. kNotFound when no such request runs, or it is another client's (the same answer, so
+  // that ids of others' requests cannot be probed; the refusal is logged); kInvalidArgument for
+  // an id no request can have.
+  Status cancel(const std::string& request_id, const std::string& client, bool admin);
 
   // Adds a running worker process to the prefill or decode pool; returns once the gateway has
   // seen it healthy. kInvalidArgument when the address is already in a pool; kUnavailable

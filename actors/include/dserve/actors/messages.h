@@ -81,6 +81,13 @@ struct ReserveRequest {
   int64_t top_k = 0;
   float top_p = 1.0f;
   uint64_t seed = 0;
+  // Penalties and logit bias (model::SamplingParams), the bias as two parallel lists; and the
+  // tokens generated before this placement, which the penalties count (empty without one).
+  float presence_penalty = 0.0f;
+  float frequency_penalty = 0.0f;
+  std::vector<int32_t> logit_bias_ids{};
+  std::vector<float> logit_bias_values{};
+  std::vector<int32_t> generated{};
   // The client's request id (GenerateJob::request_id), the same on every attempt, for the
   // worker's logs only: nothing is keyed by it. At most kMaxTraceIdBytes; may be empty.
   std::string trace_id{};
@@ -267,7 +274,8 @@ template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, ReserveRequest& x) {
   return f(caf::meta::type_name("dserve.ReserveRequest"), x.request_id, x.prompt_tokens,
            x.max_new_tokens, x.deadline_unix_ms, x.stream_to, x.temperature, x.top_k, x.top_p,
-           x.seed, x.trace_id);
+           x.seed, x.presence_penalty, x.frequency_penalty, x.logit_bias_ids, x.logit_bias_values,
+           x.generated, x.trace_id);
 }
 
 template <class Inspector>

@@ -4,11 +4,17 @@
 // Authenticator serves the gRPC and the HTTP API together, so a client's limits count its
 // requests on both.
 //
-// Token file (--token-file): one client per line, `TOKEN` or `NAME TOKEN`; blank lines and
-// lines starting with `#` are ignored. NAME is what logs and limit messages call the client
-// (the token itself never appears in a message); a token without a name is called
-// "token-<line>". Tokens are 16 to 4096 visible ASCII characters; names and tokens are unique.
-// The file must not be readable or writable by group or others (chmod 600).
+// Token file (--token-file): one client per line, `TOKEN`, `NAME TOKEN` or `NAME TOKEN ROLE`;
+// blank lines and lines starting with `#` are ignored. NAME is what logs and limit messages call
+// the client (the token itself never appears in a message); a token without a name is called
+// "token-<line>". ROLE is `client` (the default) or `admin`. Tokens are 16 to 4096 visible ASCII
+// characters; names and tokens are unique. The file must not be readable or writable by group
+// or others (chmod 600).
+//
+// Roles: a client generates, and sees and cancels only its own requests; an admin may also
+// change the pools (Admin.AddWorker/RemoveWorker: `dserve up`, `scale`, `down`) and cancel any
+// request. Every Admin call, and every refusal, is logged with the caller's name. Without a
+// token file nobody is told apart: every caller is "anonymous", an admin.
 
 #include <chrono>
 #include <cstdint>
@@ -29,14 +35,26 @@ class Logger;
 
 namespace dserve::api {
 
+enum class ClientRole { kClient, kAdmin };
+std::string_view client_role_name(ClientRole role);  // "client", "admin"
+
 // One client's credential.
 struct ClientToken {
   std::string name;  // how logs and messages name the client
   std::string token;
+  ClientRole role = ClientRole::kClient;
+};
+
+// Who made a call, as its token says.
+struct Caller {
+  std::string name = "anonymous";
+  ClientRole role = ClientRole::kAdmin;  // without a token file everyone is an admin
+  bool admin() const { return role == ClientRole::kAdmin; }
 };
 
 // The clients in a token file's `text`; `source` names the file in the messages. Invalid
-// (with the line) on a malformed line, a short token, a repeated name or token, or no token.
+// (with the line) on a malformed line, a short token, an unknown role, a repeated name or
+// token, or no token.
 Result<std::vector<ClientToken>> parse_token_file(std::string_view text, std::string_view source);
 
 // Reads and parses the token file at `path`; also refused when it cannot be read or when group
@@ -80,16 +98,17 @@ class Admission {
   Admission& operator=(const Admission&) = delete;
   ~Admission();
 
-  const std::string& client() const { return client_; }  // "anonymous" when auth is off
+  const std::string& client() const { return caller_.name; }  // "anonymous" when auth is off
+  const Caller& caller() const { return caller_; }
 
   struct Slot;
 
  private:
   friend class Authenticator;
-  Admission(std::string client, std::shared_ptr<Slot> slot)
-      : client_(std::move(client)), slot_(std::move(slot)) {}
+  Admission(Caller caller, std::shared_ptr<Slot> slot)
+      : caller_(std::move(caller)), slot_(std::move(slot)) {}
   void release();
-  std::string client_;
+  Caller caller_;
   std::shared_ptr<Slot> slot_;  // null: no concurrency limit to release
 };
 
@@ -106,13 +125,15 @@ class Authenticator {
   // client's name) go to `log` (never the token itself); null: not logged. Set before serving.
   void set_logger(ops::Logger* log) { log_ = log; }
 
+  ops::Logger* logger() const { return log_; }
   bool required() const { return !tokens_.empty(); }
   const ClientLimits& limits() const { return limits_; }
   size_t clients() const { return tokens_.size(); }
 
-  // The client's name for an Authorization value (nullopt: none sent); kUnauthenticated,
-  // saying what is wrong, when no token matches. Every token is compared, in constant time.
-  Result<std::string> authenticate(std::optional<std::string_view> authorization) const;
+  // The client (name and role) of an Authorization value (nullopt: none sent);
+  // kUnauthenticated, saying what is wrong, when no token matches. Every token is compared, in
+  // constant time.
+  Result<Caller> authenticate(std::optional<std::string_view> authorization) const;
 
   // authenticate(), then one request of the client's rate and a concurrency slot:
   // kResourceExhausted naming the limit and its value when either is spent.
@@ -120,8 +141,8 @@ class Authenticator {
                           Clock::time_point now = Clock::now());
 
  private:
-  Result<std::string> check_token(std::optional<std::string_view> authorization) const;
-  Result<Admission> check_limits(std::string client, Clock::time_point now);
+  Result<Caller> check_token(std::optional<std::string_view> authorization) const;
+  Result<Admission> check_limits(Caller caller, Clock::time_point now);
   ops::Logger* log_ = nullptr;
   struct ClientState;
   // The client's state, made (its bucket full at `now`) on its first request.
@@ -134,8 +155,15 @@ class Authenticator {
 };
 
 // For the gRPC handlers, called first in each: the call's `authorization` metadata checked by
-// `auth` (null: everyone is let in). UNAUTHENTICATED with a readable message otherwise.
-grpc::Status authorize_call(const Authenticator* auth, const grpc::ServerContext& context);
+// `auth` (null: everyone is let in, as an admin). UNAUTHENTICATED with a readable message
+// otherwise. `caller`, when given, receives who called.
+grpc::Status authorize_call(const Authenticator* auth, const grpc::ServerContext& context,
+                            Caller* caller = nullptr);
+// The same for an Admin call (`call`: "Admin.AddWorker"), which needs the admin role:
+// PERMISSION_DENIED otherwise. Both outcomes are logged ("admin_call" / "admin_refused") with
+// the caller's name, the call and `detail` (what it asked for).
+grpc::Status authorize_admin_call(const Authenticator* auth, const grpc::ServerContext& context,
+                                  std::string_view call, std::string_view detail);
 // The same, then admission (rate and concurrency): RESOURCE_EXHAUSTED when a limit is spent.
 // `admission` receives the slot to hold while the call runs.
 grpc::Status admit_call(Authenticator* auth, const grpc::ServerContext& context,

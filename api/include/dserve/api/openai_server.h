@@ -36,6 +36,9 @@ struct OpenAiOptions {
   uint32_t max_prompt_tokens = 1 << 20;
   int32_t bos_token_id = 0;  // prepended to completion prompts given as text
   int threads = 256;         // requests served at once (a stream holds one thread)
+  // A request body larger than this is refused (413) whatever its encoding: a Content-Length
+  // over it before the body is read, a chunked body as soon as it passes the bound.
+  size_t max_body_bytes = size_t{1} << 20;
   // Tokens and per-token limits (shared with the gRPC API); null: open, no limits.
   std::shared_ptr<Authenticator> auth;
   // HTTPS when cert and key are given; with `ca`, clients must present a certificate it signed.

@@ -30,6 +30,8 @@ struct DecodeRequest {
   model::RequestState state;  // after the prompt
   Tensor prompt_logits;       // [1, vocab]: the prompt's last token
   model::SamplingParams sampling;
+  // Tokens the request generated before it was placed here (a replay): the penalties count them.
+  std::vector<int32_t> generated;
   int64_t max_tokens = 64;  // tokens to sample at most, the end-of-sequence token included
   std::optional<Clock::time_point> deadline;
 };

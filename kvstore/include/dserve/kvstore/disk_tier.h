@@ -63,8 +63,11 @@ class DiskTier {
  public:
   // Opens or creates the store at options.path and rebuilds the index from its catalogue,
   // evicting down to capacity_bytes if the store is over it (a smaller capacity than last
-  // time). Errors name the path and carry RocksDB's message: Unavailable for I/O errors and a
-  // directory locked by another process, DataLoss for a corrupt DB, Internal otherwise.
+  // time). A store RocksDB finds corrupt (a damaged MANIFEST, SST or catalogue) is a cache
+  // lost, not a reason to stop: its directory is moved aside to `<path>.corrupt-<unix time>`
+  // (kept for inspection) and an empty store is opened; quarantined() says so. Errors name the
+  // path and carry RocksDB's message: Unavailable for I/O errors and a directory locked by
+  // another process, DataLoss when a corrupt store cannot be moved aside, Internal otherwise.
   // InvalidArgument for an empty path or a zero capacity or queue.
   static Result<std::unique_ptr<DiskTier>> open(DiskTierOptions options);
 
@@ -102,11 +105,14 @@ class DiskTier {
 
   // The store's directory.
   const std::string& path() const;
+  // Empty, or what open() did with a corrupt store (where it moved it, and why).
+  const std::string& quarantined() const { return quarantined_; }
 
  private:
   class Impl;
   explicit DiskTier(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
+  std::string quarantined_;
 };
 
 }  // namespace dserve::kvstore

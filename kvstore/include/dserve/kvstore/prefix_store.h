@@ -127,6 +127,8 @@ class PrefixStore {
   void insert(const BlockKey& parent, const BlockKey& key, BlockContent content);
 
   PrefixStoreMetrics metrics() const;
+  // DiskTier::quarantined() of the disk tier: empty, or the corrupt store open() moved aside.
+  std::string disk_quarantined() const;
   // Waits until the disk tier has written everything queued.
   void flush();
 

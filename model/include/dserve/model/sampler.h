@@ -1,34 +1,53 @@
 #pragma once
-// Sampler: picks the next token from a row of logits. Greedy at temperature 0; otherwise
-// temperature, then top-k, then top-p (nucleus) filtering, then a draw from a seeded
-// generator, so that the same seed gives the same tokens on every machine.
-// One Sampler per request; not thread-safe.
+// Sampler: picks the next token from a row of logits. First the logits are adjusted: the
+// request's logit_bias is added, and each token this sampler has already picked loses
+// presence_penalty once and frequency_penalty per time picked (OpenAI's definitions, over the
+// generated tokens). Then greedy at temperature 0; otherwise temperature, then top-k, then
+// top-p (nucleus) filtering, then a draw from a seeded generator, so that the same seed gives
+// the same tokens on every machine. One Sampler per request; not thread-safe.
 
 #include <cstdint>
+#include <map>
 #include <span>
+#include <utility>
+#include <vector>
 
 #include "dserve/core/random.h"
 #include "dserve/core/status.h"
 
 namespace dserve::model {
 
+inline constexpr size_t kMaxLogitBiasEntries = 300;  // as OpenAI's API
+inline constexpr float kMaxPenalty = 2.0f;           // penalties lie in [-2, 2]
+inline constexpr float kMaxLogitBias = 100.0f;       // biases lie in [-100, 100]
+
 struct SamplingParams {
   float temperature = 0.0f;  // 0: greedy (argmax, lowest id on ties)
   int64_t top_k = 0;         // 0: no limit
   float top_p = 1.0f;        // 1: no limit; keep the smallest set with mass >= top_p
   uint64_t seed = 0;
+  float presence_penalty = 0.0f;   // subtracted from a generated token's logit once
+  float frequency_penalty = 0.0f;  // subtracted per time the token was generated
+  std::vector<std::pair<int32_t, float>> logit_bias{};  // (id, added to its logit)
 };
 
-Status validate_sampling_params(const SamplingParams& params);
+// InvalidArgument naming every parameter out of range. `vocab` > 0 also bounds logit_bias ids.
+Status validate_sampling_params(const SamplingParams& params, int64_t vocab = 0);
 
 class Sampler {
  public:
-  explicit Sampler(SamplingParams params) : params_(params), rng_(params.seed) {}
+  explicit Sampler(SamplingParams params) : params_(std::move(params)), rng_(params_.seed) {}
   int32_t sample(std::span<const float> logits);
+  // Counts `tokens` as generated already (for the penalties): a request placed again after a
+  // failure continues with the tokens it had delivered.
+  void add_history(std::span<const int32_t> tokens);
 
  private:
+  int32_t pick(std::span<const float> logits);
   SamplingParams params_;
   SplitMix64 rng_;
+  std::map<int32_t, int32_t> generated_;  // id -> times picked (only with a penalty)
+  std::vector<float> adjusted_;           // the logits after bias and penalties
 };
 
 // Index of the largest value; the lowest index among equals.
