@@ -1,8 +1,7 @@
-// The bundle's tar.gz writer and SHA-256 (OpenSSL's EVP digest).
+// The bundle's tar.gz writer.
 
 #include "bundle_archive.h"
 
-#include <openssl/evp.h>
 #include <sys/stat.h>
 
 #include <array>
@@ -12,42 +11,14 @@
 #include <fstream>
 #include <vector>
 
+#include "sha256.h"
+
 namespace dserve::cli {
 namespace {
 
 constexpr size_t kBlock = 512;
 // Entries are dated 2020-01-01 UTC: a fixed date keeps the archive reproducible.
 constexpr uint64_t kMtime = 1577836800;
-
-std::string to_hex(const unsigned char* bytes, unsigned int n) {
-  static const char* kDigits = "0123456789abcdef";
-  std::string out;
-  out.reserve(2 * n);
-  for (unsigned int i = 0; i < n; ++i) {
-    out += kDigits[bytes[i] >> 4];
-    out += kDigits[bytes[i] & 15];
-  }
-  return out;
-}
-
-// One SHA-256 computation over data given in pieces.
-class Sha256 {
- public:
-  Sha256() : ctx_(EVP_MD_CTX_new()) { EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr); }
-  ~Sha256() { EVP_MD_CTX_free(ctx_); }
-  Sha256(const Sha256&) = delete;
-  Sha256& operator=(const Sha256&) = delete;
-  void update(const void* data, size_t n) { EVP_DigestUpdate(ctx_, data, n); }
-  std::string hex() {
-    std::array<unsigned char, EVP_MAX_MD_SIZE> md{};
-    unsigned int n = 0;
-    EVP_DigestFinal_ex(ctx_, md.data(), &n);
-    return to_hex(md.data(), n);
-  }
-
- private:
-  EVP_MD_CTX* ctx_;
-};
 
 // Writes `value` as `width - 1` octal digits and a NUL, as ustar numeric fields are.
 void put_octal(char* field, size_t width, uint64_t value) {
@@ -59,12 +30,6 @@ void put_octal(char* field, size_t width, uint64_t value) {
 }
 
 }  // namespace
-
-std::string sha256_hex(std::string_view data) {
-  Sha256 h;
-  h.update(data.data(), data.size());
-  return h.hex();
-}
 
 Result<std::unique_ptr<TarGzWriter>> TarGzWriter::open(const std::string& path, int level) {
   if (level < 1 || level > 9) {

@@ -15,9 +15,6 @@
 
 namespace dserve::cli {
 
-// "<64 lowercase hex digits>" of SHA-256 over `data`.
-std::string sha256_hex(std::string_view data);
-
 // Owns the open output file; not thread-safe. Destroying an unfinished writer removes the
 // partial file.
 class TarGzWriter {

@@ -35,6 +35,7 @@
 #include "bundle_texts.h"
 #include "commands.h"
 #include "dserve/model/tokenizer.h"
+#include "sha256.h"
 
 namespace dserve::cli {
 namespace {

@@ -12,6 +12,8 @@ using Command = std::function<int()>;
 
 // `dserve model init ...`
 Command add_model_init_command(CLI::App& model_app);
+// `dserve model verify ...` (a checkpoint against its checksums.sha256)
+Command add_model_verify_command(CLI::App& model_app);
 // `dserve model trace ...` (developer tool: every forward stage as .npy)
 Command add_model_trace_command(CLI::App& model_app);
 // `dserve generate ...`

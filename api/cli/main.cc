@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   CLI::App* model = app.add_subcommand("model", "create and inspect model checkpoints");
   model->require_subcommand(1);
   const dserve::cli::Command model_init = dserve::cli::add_model_init_command(*model);
+  const dserve::cli::Command model_verify = dserve::cli::add_model_verify_command(*model);
   const dserve::cli::Command model_trace = dserve::cli::add_model_trace_command(*model);
   const dserve::cli::Command generate = dserve::cli::add_generate_command(app);
   const dserve::cli::Command serve = dserve::cli::add_serve_command(app);
@@ -27,6 +28,7 @@ int main(int argc, char** argv) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   if (model->got_subcommand("init")) return model_init();
+  if (model->got_subcommand("verify")) return model_verify();
   if (model->got_subcommand("trace")) return model_trace();
   if (app.got_subcommand("generate")) return generate();
   if (app.got_subcommand("serve")) return serve();

@@ -7,6 +7,7 @@
 #include "commands.h"
 #include "dserve/model/model_init.h"
 #include "dserve/model/tokenizer.h"
+#include "model_digests.h"
 
 namespace dserve::cli {
 
@@ -63,6 +64,13 @@ Command add_model_init_command(CLI::App& model_app) {
     std::fprintf(stderr, "dserve: wrote the %s model (seed %llu) to %s in %.1f s\n",
                  opts->preset.c_str(), static_cast<unsigned long long>(opts->seed),
                  opts->out_dir.c_str(), secs);
+    auto digest = write_model_digests(opts->out_dir);
+    if (!digest.is_ok()) {
+      print_error(digest.status().to_string());
+      return 1;
+    }
+    std::fprintf(stderr, "dserve: %s/%s has SHA-256 %s (pin it as the manifest's model.sha256)\n",
+                 opts->out_dir.c_str(), std::string(kModelDigestsFile).c_str(), digest->c_str());
     return 0;
   };
 }

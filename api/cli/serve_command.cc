@@ -34,6 +34,7 @@
 #include "dserve/ops/metrics.h"
 #include "dserve/ops/metrics_server.h"
 #include "dserve/prefill/prefill_worker.h"
+#include "model_digests.h"
 #include "serve_ops.h"
 
 namespace dserve::cli {
@@ -42,6 +43,7 @@ namespace {
 struct ServeOptions {
   std::string role;
   std::string model_dir;
+  std::string model_sha256;  // pinned checksums.sha256 of model_dir; empty: not checked
   std::string listen = "127.0.0.1:0";
   std::string transports = "tcp";
   std::string net_devices = "lo";
@@ -335,6 +337,16 @@ int run_serve(const ServeOptions& o) {
   // A peer that dies mid-transfer closes its sockets: writing to them must fail the put with
   // an error, not kill this process with SIGPIPE.
   std::signal(SIGPIPE, SIG_IGN);
+  // A pinned checkpoint is checked file by file before anything is loaded: a flipped byte in a
+  // weight file would otherwise change outputs with no error.
+  if (!o.model_sha256.empty()) {
+    auto verified = verify_model_digests(o.model_dir, o.model_sha256, digest_progress_on_stderr());
+    if (!verified.is_ok()) {
+      print_error("--model-sha256: " + verified.status().message());
+      return 2;
+    }
+    std::fprintf(stderr, "dserve: %s\n", verified->c_str());
+  }
   if (o.role == "gateway") return run_gateway(o, stop);
 
   const auto colon = o.listen.rfind(':');
@@ -577,6 +589,9 @@ Command add_serve_command(CLI::App& app) {
   cmd->add_option("--model", o->model_dir,
                   "model directory (config.json, safetensors, tokenizer.json)")
       ->required();
+  cmd->add_option("--model-sha256", o->model_sha256,
+                  "refuse to start unless the model directory matches its checksums.sha256 and "
+                  "that file has this SHA-256 (dserve model init prints it)");
   cmd->add_option("--listen", o->listen, "control address HOST:PORT (port 0: any free port)")
       ->capture_default_str();
   cmd->add_option("--ucx-transports", o->transports, "UCX transports for KV transfer (UCX_TLS)")

@@ -54,9 +54,22 @@ std::optional<std::string> absolute_path(MapReader& m, std::string_view key, boo
 }
 
 void read_model(const YAML::Node& node, Location at, ProblemSink& sink, ModelSpec& model) {
-  MapReader m(node, "model", at, sink, {"path", "context_tokens"});
+  MapReader m(node, "model", at, sink, {"path", "context_tokens", "sha256"});
   if (auto p = absolute_path(m, "path", true, sink)) model.path = *p;
   model.context_tokens = m.integer("context_tokens", 1, kBig, false);
+  if (auto digest = m.string("sha256", false)) {
+    const bool hex =
+        digest->size() == 64 && std::all_of(digest->begin(), digest->end(), [](char c) {
+          return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+        });
+    if (hex) {
+      model.sha256 = *digest;
+    } else {
+      sink.add(m.at("sha256"), m.path("sha256"), "'" + digest->substr(0, 80) + "'",
+               "64 lowercase hex digits (the SHA-256 `dserve model init` prints for "
+               "checksums.sha256)");
+    }
+  }
 }
 
 void read_nodes(const YAML::Node& node, Location at, ProblemSink& sink, std::vector<Node>& nodes,

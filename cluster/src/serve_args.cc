@@ -40,6 +40,7 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
     args.push_back(flag);
     args.push_back(std::to_string(value));
   };
+  if (!m.model.sha256.empty()) args.insert(args.end(), {"--model-sha256", m.model.sha256});
   if (process.metrics_port != 0) {
     args.insert(args.end(), {"--metrics-listen", address(process.host, process.metrics_port)});
   }

@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <regex>
 #include <string>
 
@@ -102,6 +103,67 @@ TEST(GenerateCli, BadInputsFailWithAClearMessage) {
   EXPECT_EQ(missing.status, 2);
   EXPECT_NE(missing.err.find("/nonexistent/config.json"), std::string::npos) << missing.err;
   fs::remove(err);
+}
+
+// A checkpoint carries its digests: `model init` writes checksums.sha256 and prints its SHA-256;
+// `model verify` finds a flipped byte in a weight file (which used to change outputs with no
+// error) or a file nobody listed; `serve --model-sha256` refuses such a checkpoint at start.
+TEST(ModelVerify, FlippedByteUnlistedFileAndAPinnedServe) {
+  const fs::path dir = fs::temp_directory_path() / ("dserve-verify-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const fs::path err = dir / "stderr.txt";
+  const std::string model = (dir / "tiny").string();
+  const Output init =
+      run_dserve({"model", "init", "--preset", "tiny", "--seed", "4", "--out", model}, err);
+  ASSERT_EQ(init.status, 0) << init.err;
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(init.err, m, std::regex("has SHA-256 ([0-9a-f]{64})"))) << init.err;
+  const std::string pinned = m[1];
+  ASSERT_TRUE(fs::exists(fs::path(model) / "checksums.sha256"));
+
+  Output v = run_dserve({"model", "verify", "--model", model, "--sha256", pinned}, err);
+  EXPECT_EQ(v.status, 0) << v.err;
+  EXPECT_NE(v.err.find("files,"), std::string::npos) << v.err;
+  v = run_dserve({"model", "verify", "--model", model, "--sha256", std::string(64, '0')}, err);
+  EXPECT_EQ(v.status, 1) << v.err;
+  EXPECT_NE(v.err.find("not the one pinned"), std::string::npos) << v.err;
+
+  // One flipped byte in the weights.
+  fs::path weights;
+  for (const auto& e : fs::directory_iterator(model)) {
+    if (e.path().extension() == ".safetensors") weights = e.path();
+  }
+  ASSERT_FALSE(weights.empty());
+  const auto flip = [&] {
+    std::fstream f(weights, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(fs::file_size(weights) / 2));
+    char byte = 0;
+    f.get(byte);
+    f.seekp(static_cast<std::streamoff>(fs::file_size(weights) / 2));
+    f.put(static_cast<char>(byte ^ 0x10));
+  };
+  flip();
+  v = run_dserve({"model", "verify", "--model", model}, err);
+  EXPECT_EQ(v.status, 1) << v.err;
+  EXPECT_NE(v.err.find(weights.filename().string() + " (SHA-256 differs)"), std::string::npos)
+      << v.err;
+  const Output serve = run_dserve({"serve", "--role", "prefill", "--model", model, "--listen",
+                                   "127.0.0.1:0", "--model-sha256", pinned},
+                                  err);
+  EXPECT_EQ(serve.status, 2) << serve.err;
+  EXPECT_NE(serve.err.find("--model-sha256: "), std::string::npos) << serve.err;
+  EXPECT_NE(serve.err.find("(SHA-256 differs)"), std::string::npos) << serve.err;
+  flip();  // back as it was
+  v = run_dserve({"model", "verify", "--model", model, "--sha256", pinned}, err);
+  EXPECT_EQ(v.status, 0) << v.err;
+
+  // A weight file the digests do not cover.
+  fs::copy_file(weights, fs::path(model) / "extra.safetensors");
+  v = run_dserve({"model", "verify", "--model", model}, err);
+  EXPECT_EQ(v.status, 1) << v.err;
+  EXPECT_NE(v.err.find("extra.safetensors (not listed)"), std::string::npos) << v.err;
+  fs::remove_all(dir);
 }
 
 }  // namespace

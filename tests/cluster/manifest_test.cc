@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -698,6 +699,27 @@ TEST(ManifestReport, MissingFileIsNotFound) {
   EXPECT_EQ(m.status().code(), StatusCode::kNotFound);
   EXPECT_EQ(m.status().message(),
             "cannot read manifest '/nonexistent/cluster.yaml': No such file or directory");
+}
+
+// model.sha256 pins the checkpoint: every process gets --model-sha256; anything but 64 lowercase
+// hex digits is refused.
+TEST(ManifestServeArgs, ModelSha256GoesToEveryProcess) {
+  const std::string digest(64, 'a');
+  auto m = parse_manifest(replace(kBase, "  context_tokens: 4096\n",
+                                  "  context_tokens: 4096\n  sha256: " + digest + "\n"),
+                          "m.yaml");
+  ASSERT_TRUE(m.is_ok()) << m.status().to_string();
+  for (const Process& p : m->processes) {
+    auto args = to_serve_args(*m, p);
+    ASSERT_TRUE(args.is_ok());
+    const auto at = std::find(args->begin(), args->end(), "--model-sha256");
+    ASSERT_NE(at, args->end()) << p.name;
+    EXPECT_EQ(*(at + 1), digest);
+  }
+  EXPECT_EQ(problems(replace(kBase, "  context_tokens: 4096\n",
+                             "  context_tokens: 4096\n  sha256: ABC\n")),
+            Lines{"m.yaml:6:11: model.sha256: found 'ABC'; expected 64 lowercase hex digits (the "
+                  "SHA-256 `dserve model init` prints for checksums.sha256)"});
 }
 
 // A second document used to be ignored silently: the cluster ran half of what was written.

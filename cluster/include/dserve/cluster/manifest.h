@@ -53,6 +53,9 @@ struct Node {
 struct ModelSpec {
   std::string path;                       // absolute model directory (config.json, weights...)
   std::optional<int64_t> context_tokens;  // the model's context, bounds the prompt limits
+  // SHA-256 of the directory's checksums.sha256: every process checks the checkpoint against
+  // it before loading (serve --model-sha256). Empty: not checked.
+  std::string sha256;
 };
 
 struct GatewaySpec {
