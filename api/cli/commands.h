@@ -5,6 +5,10 @@
 #include <CLI/CLI.hpp>
 
 #include <functional>
+#include <optional>
+#include <string>
+
+#include "dserve/model/model.h"
 
 namespace dserve::cli {
 
@@ -33,5 +37,9 @@ ClusterCommands add_cluster_commands(CLI::App& app);
 
 // Prints "dserve: error: <message>" to stderr.
 void print_error(const std::string& message);
+
+// The model at `dir` (config.json, then the checkpoint), or nullopt after print_error; then
+// `exit_code` is 2 for a bad config and 1 for weights that cannot be loaded.
+std::optional<model::Model> load_model_or_print(const std::string& dir, int& exit_code);
 
 }  // namespace dserve::cli

@@ -173,6 +173,22 @@ void print_error(const std::string& message) {
   std::fprintf(stderr, "dserve: error: %s\n", message.c_str());
 }
 
+std::optional<model::Model> load_model_or_print(const std::string& dir, int& exit_code) {
+  auto config = model::load_model_config(dir);
+  if (!config.is_ok()) {
+    print_error(config.status().to_string());
+    exit_code = 2;
+    return std::nullopt;
+  }
+  auto weights = model::load_checkpoint(dir, *config);
+  if (!weights.is_ok()) {
+    print_error(weights.status().to_string());
+    exit_code = 1;
+    return std::nullopt;
+  }
+  return model::Model(std::move(config).value(), std::move(weights).value());
+}
+
 Command add_generate_command(CLI::App& app) {
   auto o = std::make_shared<GenerateOptions>();
   CLI::App* cmd = app.add_subcommand("generate", "generate a continuation of a prompt");

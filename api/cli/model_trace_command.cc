@@ -12,8 +12,6 @@
 #include <vector>
 
 #include "commands.h"
-#include "dserve/model/checkpoint.h"
-#include "dserve/model/config.h"
 #include "dserve/model/model.h"
 
 namespace dserve::cli {
@@ -112,17 +110,10 @@ int run_trace(const TraceOptions& o) {
     print_error("--chunk must be >= 0 (0: the whole prompt at once)");
     return 2;
   }
-  auto config = model::load_model_config(o.model_dir);
-  if (!config.is_ok()) {
-    print_error(config.status().to_string());
-    return 2;
-  }
-  auto weights = model::load_checkpoint(o.model_dir, *config);
-  if (!weights.is_ok()) {
-    print_error(weights.status().to_string());
-    return 1;
-  }
-  const model::Model model(std::move(config).value(), std::move(weights).value());
+  int exit_code = 0;
+  const std::optional<model::Model> loaded = load_model_or_print(o.model_dir, exit_code);
+  if (!loaded) return exit_code;
+  const model::Model& model = *loaded;
 
   std::map<std::string, StageRows> stages;
   std::vector<std::string> order;

@@ -414,17 +414,10 @@ int run_serve(const ServeOptions& o) {
   }
   ops::MetricsRegistry metrics;
 
-  auto config = model::load_model_config(o.model_dir);
-  if (!config.is_ok()) {
-    print_error(config.status().to_string());
-    return 2;
-  }
-  auto weights = model::load_checkpoint(o.model_dir, *config);
-  if (!weights.is_ok()) {
-    print_error(weights.status().to_string());
-    return 1;
-  }
-  const model::Model model(std::move(config).value(), std::move(weights).value());
+  int exit_code = 0;
+  const std::optional<model::Model> loaded = load_model_or_print(o.model_dir, exit_code);
+  if (!loaded) return exit_code;
+  const model::Model& model = *loaded;
   // A decode worker samples only ids the tokenizer can turn into text (the embedding may have
   // padding rows past them).
   int64_t sampleable_ids = 0;
