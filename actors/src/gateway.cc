@@ -322,26 +322,23 @@ class Gateway::Impl {
   }
 
   Status cancel(const std::string& request_id, const std::string& client, bool admin) {
-    std::string owner;
+    std::optional<std::string> owner;  // set when a request has this id
+    bool allowed = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = active_ids_.find(request_id);
       if (it != active_ids_.end()) {
         owner = it->second.client;
-        if (admin || owner == client) {
-          it->second.cancel->store(true);
-          if (ops::Logger* log = opt_.log) {
-            log->info("cancel", request_id, {{"client", client}, {"owner", owner}});
-          }
-          return Status::ok();
-        }
+        allowed = admin || *owner == client;
+        if (allowed) it->second.cancel->store(true);
       }
     }
-    if (!owner.empty()) {
-      if (ops::Logger* log = opt_.log) {
-        log->warn("cancel_refused", request_id, {{"client", client}, {"owner", owner}});
-      }
+    if (owner && opt_.log) {
+      opt_.log->log(allowed ? ops::LogLevel::kInfo : ops::LogLevel::kWarn,
+                    allowed ? "cancel" : "cancel_refused", request_id,
+                    {{"client", client}, {"owner", *owner}});
     }
+    if (allowed) return Status::ok();
     return not_found("no running request with id '" + request_id + "'");
   }
 
