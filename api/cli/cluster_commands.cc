@@ -83,28 +83,32 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
-// How the operator commands reach the gateway: its gRPC address, with the first admin token of
-// the manifest's token file (pool changes need one) and its TLS files.
+// The token the operator commands send: the first admin token of the manifest's token file
+// (pool changes need one); empty without a token file.
+Result<std::string> operator_token(const Manifest& m) {
+  if (!m.security || !m.security->token_file) return std::string();
+  auto tokens = api::load_token_file(*m.security->token_file);
+  if (!tokens.is_ok()) return tokens.status();
+  const auto admin = std::find_if(tokens->begin(), tokens->end(),
+                                  [](const auto& t) { return t.role == api::ClientRole::kAdmin; });
+  if (admin == tokens->end()) {
+    return invalid_argument("the token file " + *m.security->token_file +
+                            " has no admin token, which up, status, scale and down need: give "
+                            "one line the role admin (`NAME TOKEN admin`)");
+  }
+  return admin->token;
+}
+
+// How the operator commands reach the gateway: its gRPC address, with operator_token() and the
+// manifest's TLS files.
 Result<std::unique_ptr<api::ServingClient>> connect_gateway(const Manifest& m,
                                                             const ClusterState& state,
                                                             const ClusterOptions& o) {
   const ProcessRecord* gw = state.gateway();
   if (!gw) return not_found("the cluster state has no gateway");
   api::ClientOptions copts;
+  DSERVE_ASSIGN_OR_RETURN(copts.token, operator_token(m));
   if (m.security) {
-    if (m.security->token_file) {
-      auto tokens = api::load_token_file(*m.security->token_file);
-      if (!tokens.is_ok()) return tokens.status();
-      const auto admin = std::find_if(tokens->begin(), tokens->end(), [](const auto& t) {
-        return t.role == api::ClientRole::kAdmin;
-      });
-      if (admin == tokens->end()) {
-        return invalid_argument("the token file " + *m.security->token_file +
-                                " has no admin token, which up, scale and down need: give one "
-                                "line the role admin (`NAME TOKEN admin`)");
-      }
-      copts.token = admin->token;
-    }
     if (m.security->tls_cert) {
       // The gateway's own certificate is the root to trust when no CA is given (self-signed);
       // under mutual TLS the operator presents the gateway's certificate too.
@@ -140,6 +144,8 @@ void stop_all(const std::vector<ProcessRecord>& records, milliseconds timeout) {
 Result<Manifest> load(const ClusterOptions& o) {
   auto m = cluster::load_manifest(o.manifest);
   if (!m.is_ok()) return m.status();
+  // Checked before anything starts: without an admin token the commands cannot manage the pools.
+  if (auto token = operator_token(*m); !token.is_ok()) return token.status();
   for (const Process& p : m->processes) {
     if (p.ssh.empty() && !cluster::is_local_host(p.host)) {
       return invalid_argument(o.manifest + ": " + p.name + " runs on node '" + p.node + "' (" +

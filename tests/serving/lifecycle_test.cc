@@ -404,6 +404,18 @@ TEST(Lifecycle, UpRefusesWhatItCannotRunAndStartsNothing) {
     EXPECT_EQ(scale.exit_code, 2) << scale.output;
     EXPECT_NE(scale.output.find("1 <= N <= 4096"), std::string::npos) << scale.output;
   }
+  // A token file without an admin token: the commands could not manage the pools, so up refuses
+  // before starting anything.
+  const fs::path tokens = dir / "tokens";
+  std::ofstream(tokens) << "alice alice-tok-7d1c0e9a55b3\n";
+  ASSERT_EQ(::chmod(tokens.c_str(), 0600), 0);
+  std::ofstream(manifest) << manifest_text(base_port() + 50)
+                          << "security:\n  token_file: " << tokens.string() << "\n";
+  const CommandResult no_admin = dserve("up " + common);
+  EXPECT_EQ(no_admin.exit_code, 2) << no_admin.output;
+  EXPECT_NE(no_admin.output.find("has no admin token"), std::string::npos) << no_admin.output;
+  EXPECT_FALSE(fs::exists(dir / "state" / "state.json"));
+  std::ofstream(manifest) << manifest_text(base_port() + 50);
   // A manifest that is not a regular file is refused before a byte is read: /dev/zero used to
   // be read until memory ran out, and a FIFO with no writer blocked `up` for good.
   const fs::path fifo = dir / "cluster.fifo";
