@@ -83,8 +83,9 @@ Result<std::string> verify_model_digests(const std::string& dir, std::string_vie
       const std::string text,
       read_bounded_file(list_path.string(), "digest file", kMaxDigestsFileBytes));
   const std::string where = list_path.string();
-  if (!pinned.empty() && sha256_hex(text) != pinned) {
-    return data_loss(where + " has SHA-256 " + sha256_hex(text) + ", not the pinned " +
+  const std::string text_sha256 = sha256_hex(text);
+  if (!pinned.empty() && text_sha256 != pinned) {
+    return data_loss(where + " has SHA-256 " + text_sha256 + ", not the pinned " +
                      std::string(pinned.substr(0, 64)) + ": the checkpoint is not the one pinned");
   }
   std::map<std::string, std::string> listed;  // name -> digest
@@ -135,7 +136,7 @@ Result<std::string> verify_model_digests(const std::string& dir, std::string_vie
                      (bad.size() > 1 ? " and " + std::to_string(bad.size() - 1) + " more" : ""));
   }
   return std::to_string(listed.size()) + " files, " + std::to_string(total) + " bytes, match " +
-         where + " (SHA-256 " + sha256_hex(text) + ")";
+         where + " (SHA-256 " + text_sha256 + ")";
 }
 
 }  // namespace dserve::cli

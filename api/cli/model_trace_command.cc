@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "commands.h"
+#include "dserve/core/files.h"
 #include "dserve/model/model.h"
 
 namespace dserve::cli {
@@ -31,16 +32,8 @@ constexpr size_t kMaxIdsFileBytes = size_t{64} << 20;
 Result<std::vector<int32_t>> parse_ids(const std::string& spec) {
   std::string text = spec;
   if (!spec.empty() && spec[0] == '@') {
-    const fs::path path = spec.substr(1);
-    std::error_code ec;
-    if (!fs::is_regular_file(path, ec)) {
-      return invalid_argument("--ids: " + path.string() + " is not a regular file");
-    }
-    if (fs::file_size(path, ec) > kMaxIdsFileBytes) {
-      return invalid_argument("--ids: " + path.string() + " is larger than 64 MiB");
-    }
-    std::ifstream in(path, std::ios::binary);
-    text.assign(std::istreambuf_iterator<char>(in), {});
+    DSERVE_ASSIGN_OR_RETURN(text,
+                            read_bounded_file(spec.substr(1), "--ids file", kMaxIdsFileBytes));
   }
   std::vector<int32_t> ids;
   size_t pos = 0;

@@ -243,15 +243,15 @@ Result<Admission> Authenticator::check_limits(Caller caller, Clock::time_point n
   if (limits_.requests_per_second <= 0 && limits_.max_concurrent == 0) {
     return Admission(std::move(caller), nullptr);
   }
-  const std::string* client = &caller.name;
+  const std::string& client = caller.name;
   std::shared_ptr<Admission::Slot> slot;
   {
     std::lock_guard lock(mu_);
-    ClientState& state = state_of(*client, now);
+    ClientState& state = state_of(client, now);
     if (limits_.max_concurrent > 0) {
       std::lock_guard slot_lock(state.slot->mu);
       if (state.slot->running >= limits_.max_concurrent) {
-        return resource_exhausted("client '" + *client + "' has " +
+        return resource_exhausted("client '" + client + "' has " +
                                   std::to_string(state.slot->running) +
                                   " requests running: the concurrency limit is " +
                                   std::to_string(limits_.max_concurrent) + " per token");
@@ -259,7 +259,7 @@ Result<Admission> Authenticator::check_limits(Caller caller, Clock::time_point n
     }
     if (limits_.requests_per_second > 0 && !state.bucket.try_take(now)) {
       return resource_exhausted(
-          "client '" + *client + "' is over the rate limit of " +
+          "client '" + client + "' is over the rate limit of " +
           format_rate(limits_.requests_per_second) + " requests per second per token (burst " +
           format_rate(std::max(1.0, limits_.requests_per_second)) + "); retry later");
     }
@@ -302,17 +302,16 @@ grpc::Status authorize_admin_call(const Authenticator* auth, const grpc::ServerC
                                   std::string_view call, std::string_view detail) {
   Caller caller;
   if (grpc::Status denied = authorize_call(auth, context, &caller); !denied.ok()) return denied;
-  ops::Logger* log = auth ? auth->logger() : nullptr;
+  if (ops::Logger* log = auth ? auth->logger() : nullptr) {
+    log->log(caller.admin() ? ops::LogLevel::kInfo : ops::LogLevel::kWarn,
+             caller.admin() ? "admin_call" : "admin_refused", "",
+             {{"client", caller.name}, {"call", call}, {"detail", detail}});
+  }
   if (!caller.admin()) {
-    if (log) {
-      log->warn("admin_refused", "", {{"client", caller.name}, {"call", call}, {"detail", detail}});
-    }
     return {grpc::StatusCode::PERMISSION_DENIED,
             std::string(call) + " needs a token with role admin; client '" + caller.name +
                 "' has role " + std::string(client_role_name(caller.role))};
   }
-  if (log)
-    log->info("admin_call", "", {{"client", caller.name}, {"call", call}, {"detail", detail}});
   return grpc::Status::OK;
 }
 

@@ -6,7 +6,6 @@
 #include <random>
 #include <vector>
 
-#include "dserve/model/sampler.h"
 #include "job_checks.h"
 
 namespace dserve::api {
@@ -171,11 +170,6 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
   job.seed = request->seed();
   job.presence_penalty = request->presence_penalty();
   job.frequency_penalty = request->frequency_penalty();
-  if (request->logit_bias_size() > static_cast<int>(model::kMaxLogitBiasEntries)) {
-    return {grpc::StatusCode::INVALID_ARGUMENT,
-            "logit_bias has " + std::to_string(request->logit_bias_size()) + " entries; at most " +
-                std::to_string(model::kMaxLogitBiasEntries)};
-  }
   job.logit_bias.assign(request->logit_bias().begin(), request->logit_bias().end());
   std::sort(job.logit_bias.begin(), job.logit_bias.end());  // a map's order is unspecified
   if (dserve::Status s = check_penalties(job, tokenizer_.vocab_size()); !s.is_ok())
