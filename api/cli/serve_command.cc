@@ -367,13 +367,13 @@ int run_serve(const ServeOptions& o) {
   const bool colocated = o.role == "colocated";
   const bool runs_decode = o.role == "decode" || colocated;
   const bool runs_prefill = o.role == "prefill" || colocated;
-  // A put still in flight when its reservation is dropped lands in the region until the
-  // sender's transfer timeout; freeing the region earlier would let it land in freed memory.
+  // A put still in flight when its reservation is dropped may land until the sender's transfer
+  // timeout; the range stays fenced until then, so that it lands where no other request reads.
   if (runs_decode && o.region_grace_ms <= o.transfer_timeout_ms) {
     print_error("--region-grace-ms (" + std::to_string(o.region_grace_ms) +
                 ") must be longer than --transfer-timeout-ms (" +
                 std::to_string(o.transfer_timeout_ms) +
-                ", the cluster's): a put still in flight would land in freed memory");
+                ", the cluster's): a put still in flight could land in another request's region");
     return 2;
   }
   std::string decode_host = host;
@@ -495,9 +495,14 @@ int run_serve(const ServeOptions& o) {
     dopts.compute_lock = compute_lock;
     dopts.log = logger->get();
     dopts.metrics = metrics_at ? &metrics : nullptr;
-    auto bound = decode_rt->publish(decode::spawn_decode_worker(
+    auto worker = decode::spawn_decode_worker(
         decode_rt->system(), model, *decode_engine, decode_rt->epoch(),
-        "decode@" + rcfg.listen_host + ":" + std::to_string(rcfg.listen_port), dopts));
+        "decode@" + rcfg.listen_host + ":" + std::to_string(rcfg.listen_port), dopts);
+    if (!worker.is_ok()) {
+      print_error("decode worker: " + worker.status().to_string());
+      return 1;
+    }
+    auto bound = decode_rt->publish(*worker);
     if (!bound.is_ok()) {
       print_error(bound.status().to_string());
       return 1;
@@ -606,7 +611,8 @@ Command add_serve_command(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   cmd->add_option("--region-grace-ms", o->region_grace_ms,
                   "decode: how long the region of an expired or cancelled reservation stays "
-                  "mapped before it is freed (longer than the prefill's transfer timeout)")
+                  "fenced before another reservation may use it (longer than the prefill's "
+                  "transfer timeout)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--token-budget", o->token_budget, "prefill: prompt tokens per step")

@@ -404,7 +404,7 @@ void read_timeouts(const YAML::Node& node, Location at, ProblemSink& sink, Timeo
   if (t.region_grace_ms <= t.transfer_ms) {
     sink.add(m.at("region_grace_ms"), m.path("region_grace_ms"), std::to_string(t.region_grace_ms),
              "more than timeouts.transfer_ms (" + std::to_string(t.transfer_ms) +
-                 "): a put still in flight would land in freed memory");
+                 "): a put still in flight could land in another request's region");
   }
 }
 

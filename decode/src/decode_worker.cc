@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cstring>
-#include <deque>
 #include <map>
 #include <string>
 #include <utility>
@@ -11,6 +10,7 @@
 #include <caf/all.hpp>
 
 #include "dserve/decode/decode_batch.h"
+#include "dserve/decode/handoff_arena.h"
 #include "dserve/kvstore/handoff_keys.h"
 #include "dserve/model/state_packing.h"
 #include "dserve/ops/log.h"
@@ -44,7 +44,7 @@ struct Reservation {
   model::SamplingParams sampling;
   std::vector<int32_t> generated;  // before this placement, for the penalties
   TokenSinkActor sink;
-  kvstore::MemoryRegion region;
+  HandoffArena::Lease lease;  // where the prefill worker writes the state
 };
 
 struct Decoding {
@@ -95,12 +95,12 @@ struct WorkerState {
   DecodeWorkerOptions options;
   std::unique_ptr<DecodeBatch> batch;
   ReservationId next_reservation = 1;
-  std::map<ReservationId, Reservation> reservations;  // each owns one region
+  // Every reservation's region is a lease of the arena; the ranges of reservations that expired
+  // or were cancelled before their hand-off stay fenced (and counted in used_bytes) for the
+  // region grace: see handoff_arena.h for why late puts can do no harm.
+  std::shared_ptr<HandoffArena> arena;
+  std::map<ReservationId, Reservation> reservations;  // each holds one lease
   std::map<ReservationId, Decoding> decoding;         // keyed like the batch
-  // Regions of reservations that expired or were cancelled before their hand-off: a prefill
-  // worker may still be writing into them (its put is bounded by its transfer timeout), so
-  // they stay mapped, and counted in used_bytes, until their grace period has passed.
-  std::deque<std::pair<std::chrono::steady_clock::time_point, kvstore::MemoryRegion>> quarantine;
   uint64_t used_bytes = 0;
   uint64_t handoffs_rejected = 0;  // HandoffDone answered with accepted = false
   uint64_t handoffs_corrupt = 0;   // of those, landed bytes that failed verification
@@ -137,25 +137,22 @@ ReserveReply refuse(const ReserveRequest& req, Epoch epoch, std::string reason,
   return reply;
 }
 
-// After a completed hand-off: the prefill's put has finished, the region can go at once.
+// After a completed hand-off: the prefill's put has finished, the range is free at once.
 void release_reservation(WorkerState& st, std::map<ReservationId, Reservation>::iterator it) {
-  st.used_bytes -= it->second.region.bytes();
-  st.reservations.erase(it);  // deregisters and frees the region
+  st.used_bytes -= it->second.lease.bytes;
+  st.arena->release(std::move(it->second.lease));
+  st.reservations.erase(it);
 }
 
-// Before a hand-off (expiry, cancel): a late put may still land, so the region is quarantined.
+// Before a hand-off (expiry, cancel): a late put may still land, so the range is fenced.
 void abandon_reservation(WorkerState& st, std::map<ReservationId, Reservation>::iterator it) {
-  st.quarantine.emplace_back(std::chrono::steady_clock::now() + st.options.region_grace,
-                             std::move(it->second.region));
+  st.arena->abandon(std::move(it->second.lease),
+                    std::chrono::steady_clock::now() + st.options.region_grace);
   st.reservations.erase(it);
 }
 
 void purge_quarantine(WorkerState& st) {
-  const auto now = std::chrono::steady_clock::now();
-  while (!st.quarantine.empty() && st.quarantine.front().first <= now) {
-    st.used_bytes -= st.quarantine.front().second.bytes();
-    st.quarantine.pop_front();  // deregisters and frees the region
-  }
+  st.used_bytes -= st.arena->reclaim(std::chrono::steady_clock::now());
 }
 
 // Checks the landed bytes and turns them into a batch entry.
@@ -172,12 +169,17 @@ Result<DecodeRequest> take_handoff(WorkerState& st, ReservationId id, const Rese
       (*digests)[1].bytes != logit_bytes) {
     return data_loss("hand-off digests do not cover the state and logits spans of the region");
   }
-  const std::span<const std::byte> region(r.region.data(), r.region.bytes());
-  if (Status landed = kvstore::verify_landed(region, *digests); !landed.is_ok()) {
+  // Copied first, then verified and read from the copy: bytes a late put (of an earlier,
+  // abandoned lease of this range) writes after this point cannot reach the request.
+  std::vector<uint8_t> landed_bytes(state_bytes + logit_bytes);
+  std::memcpy(landed_bytes.data(), r.lease.region.data(), landed_bytes.size());
+  const std::span<const std::byte> copy(reinterpret_cast<const std::byte*>(landed_bytes.data()),
+                                        landed_bytes.size());
+  if (Status landed = kvstore::verify_landed(copy, *digests); !landed.is_ok()) {
     ++st.handoffs_corrupt;
     return landed;
   }
-  const auto* bytes = reinterpret_cast<const uint8_t*>(r.region.data());
+  const uint8_t* bytes = landed_bytes.data();
   auto state = model::unpack_state(config, st.model->page_pools(), {bytes, state_bytes});
   if (!state.is_ok()) return state.status();
   if (state->position() != r.prompt_tokens) {
@@ -300,14 +302,19 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
                   "KV byte budget full: needs " + std::to_string(need) + " bytes, " +
                       std::to_string(s.options.kv_budget_bytes - s.used_bytes) + " free");
   }
-  auto region = s.engine->allocate_memory(region_bytes);
-  if (!region.is_ok())
-    return refuse(req, s.epoch,
-                  "cannot allocate a transfer region: " + region.status().to_string());
-  auto remote = s.engine->describe(*region);
-  if (!remote.is_ok())
+  auto lease = s.arena->lease(region_bytes);
+  if (!lease.is_ok())
+    return refuse(req, s.epoch, "cannot lease a transfer region: " + lease.status().to_string());
+  if (s.used_bytes + lease->bytes > s.options.kv_budget_bytes) {
+    s.arena->release(std::move(lease).value());
+    return refuse(req, s.epoch, "KV byte budget full (hand-off region in whole pages)");
+  }
+  auto remote = s.engine->describe(lease->region);
+  if (!remote.is_ok()) {
+    s.arena->release(std::move(lease).value());
     return refuse(req, s.epoch,
                   "cannot describe the transfer region: " + remote.status().to_string());
+  }
   ReserveReply reply;
   reply.request_id = req.request_id;
   reply.decode_epoch = s.epoch;
@@ -315,12 +322,12 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
   reply.reservation_id = s.next_reservation++;
   reply.transfer_keys =
       kvstore::encode_handoff_keys({s.engine->local_address(), std::move(remote).value()});
-  s.used_bytes += region->bytes();
+  s.used_bytes += lease->bytes;
   s.reservations.emplace(
       reply.reservation_id,
       Reservation{req.request_id, req.trace_id, req.prompt_tokens, req.max_new_tokens,
                   req.deadline_unix_ms, sampling, std::move(req.generated),
-                  std::move(req.stream_to), std::move(region).value()});
+                  std::move(req.stream_to), std::move(lease).value()});
   auto expiry = s.options.reservation_timeout;
   if (req.deadline_unix_ms > 0) {
     expiry = std::min(expiry, std::chrono::milliseconds(
@@ -359,11 +366,12 @@ CancelReply cancel_request(DecodeWorkerActor::stateful_pointer<WorkerState> self
 
 DecodeWorkerActor::behavior_type decode_worker(
     DecodeWorkerActor::stateful_pointer<WorkerState> self, const model::Model* model,
-    kvstore::TransferEngine* engine, Epoch epoch, std::string node_name,
-    DecodeWorkerOptions options) {
+    kvstore::TransferEngine* engine, std::shared_ptr<HandoffArena> arena, Epoch epoch,
+    std::string node_name, DecodeWorkerOptions options) {
   auto& st = self->state;
   st.model = model;
   st.engine = engine;
+  st.arena = std::move(arena);
   st.epoch = epoch;
   st.node_name = std::move(node_name);
   st.options = options;
@@ -464,8 +472,9 @@ DecodeWorkerActor::behavior_type decode_worker(
             report.kv_page_bytes_in_use += pool->bytes_in_use();
           }
         }
-        report.handoff_regions = static_cast<uint32_t>(s.reservations.size() + s.quarantine.size());
-        report.quarantined_regions = static_cast<uint32_t>(s.quarantine.size());
+        report.handoff_regions =
+            static_cast<uint32_t>(s.reservations.size() + s.arena->fenced_ranges());
+        report.quarantined_regions = static_cast<uint32_t>(s.arena->fenced_ranges());
         report.handoffs_rejected = s.handoffs_rejected;
         report.handoffs_corrupt = s.handoffs_corrupt;
         return report;
@@ -537,10 +546,14 @@ uint64_t handoff_region_bytes(const model::ModelConfig& config, int64_t prompt_t
          static_cast<uint64_t>(config.vocab_size) * sizeof(float);
 }
 
-DecodeActor spawn_decode_worker(caf::actor_system& system, const model::Model& model,
-                                kvstore::TransferEngine& engine, Epoch epoch, std::string node_name,
-                                DecodeWorkerOptions options) {
-  auto worker = system.spawn(decode_worker, &model, &engine, epoch, std::move(node_name), options);
+Result<DecodeActor> spawn_decode_worker(caf::actor_system& system, const model::Model& model,
+                                        kvstore::TransferEngine& engine, Epoch epoch,
+                                        std::string node_name, DecodeWorkerOptions options) {
+  auto arena = HandoffArena::create(engine, options.kv_budget_bytes);
+  if (!arena.is_ok()) return arena.status();
+  auto worker = system.spawn(decode_worker, &model, &engine,
+                             std::shared_ptr<HandoffArena>(std::move(arena).value()), epoch,
+                             std::move(node_name), options);
   return caf::actor_cast<DecodeActor>(worker);
 }
 

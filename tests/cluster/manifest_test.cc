@@ -656,8 +656,8 @@ TEST(ManifestMistakes, RegionGraceNotLongerThanTransferTimeout) {
   EXPECT_EQ(
       problems(std::string(kBase) + "timeouts:\n  transfer_ms: 20000\n  region_grace_ms: 15000\n"),
       (Lines{"m.yaml:23:20: timeouts.region_grace_ms: found 15000; expected more than "
-             "timeouts.transfer_ms (20000): a put still in flight would land in freed "
-             "memory"}));
+             "timeouts.transfer_ms (20000): a put still in flight could land in another "
+             "request's region"}));
 }
 
 TEST(ManifestMistakes, DuplicateKey) {

@@ -156,7 +156,7 @@ TEST(Disaggregated, PrefillThenDecodeAcrossProcessesMatchesGenerate) {
   EXPECT_EQ(gw.decode_health().queued_requests, 0u) << decode.log();
   EXPECT_GE(released_after, kReservationTimeoutMs / 1000.0 - 0.5) << "released before its timeout";
   // A late writer (a prefill whose put was slower than the reservation) still lands in mapped
-  // memory: the expired region is quarantined for --region-grace-ms, and its HandoffDone is
+  // memory: the expired range is fenced for --region-grace-ms, and its HandoffDone is
   // refused. The decode process stays up and healthy.
   {
     auto keys = kvstore::decode_handoff_keys(orphan->transfer_keys);

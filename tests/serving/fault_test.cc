@@ -1,12 +1,14 @@
 // Faults in a real cluster of `dserve serve` processes, driven through the gateway's gRPC
 // service: a decode worker killed mid-stream, a prefill worker killed mid-prefill, a prefill
-// worker restarted on its port under load, hand-offs corrupted in flight
+// worker stopped mid-hand-off past the decode worker's region grace, a prefill worker restarted
+// on its port under load, hand-offs corrupted in flight
 // (--inject-corrupt-handoffs), and a thousand requests cancelled at random points. Every
 // request must end (completed, cancelled or failed with a Status, within its deadline), a
 // completed one with exactly the tokens `dserve generate` makes (reference_tokens), and the
 // workers must hold no pages, regions or budget once the requests are gone.
 
 #include <gtest/gtest.h>
+#include <signal.h>
 
 #include <algorithm>
 #include <atomic>
@@ -15,6 +17,7 @@
 #include <latch>
 #include <mutex>
 #include <optional>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -229,6 +232,115 @@ TEST(Faults, PrefillKilledMidPrefillReplaysElsewhere) {
                "[ info ] prefill killed mid-prefill: %zu requests of 1500..2000 prompt tokens, "
                "%zu replayed, all token-exact; %.1f s\n",
                jobs.size(), replayed, seconds_since(t0));
+}
+
+// ---- 2b. a prefill worker stopped mid-hand-off for longer than the region grace ------------
+
+// The red team's remote crash: a prefill worker is stopped (SIGSTOP) while it serves a
+// request, for longer than the decode worker's --region-grace-ms; the gateway replays the
+// request elsewhere and drops its reservation; requests keep flowing, so the dropped range is
+// leased again; then the stopped worker resumes and puts the state it computed into the keys
+// it still holds. The decode worker must stay up, no request may see those bytes (every one is
+// token-exact, the replayed one included), and the late hand-off is refused.
+TEST(Faults, PrefillStoppedPastTheRegionGraceCannotHarmTheDecodeWorker) {
+  const auto t0 = Clock::now();
+  ClusterOptions o;
+  o.prefill = 2;
+  o.decode = 1;
+  // One step takes the victim's whole prompt (about 2 s here), so a stop lands inside it.
+  o.prefill_args = {"--transfer-timeout-ms", "1000", "--token-budget", "16384"};
+  o.decode_args = {"--transfer-timeout-ms", "1000", "--region-grace-ms", "1500"};
+  ServeCluster cluster(o);
+  ASSERT_TRUE(cluster.ready()) << cluster.logs();
+  auto client = connect_client(cluster);
+  ASSERT_TRUE(client);
+  WorkerHealth health;
+
+  struct Sent {
+    Job job;
+    std::optional<Result<api::Completion>> result;
+  };
+  std::mutex mu;
+  std::vector<Sent> sent;
+  auto send = [&](Job job) {
+    auto r = client->generate(request_for(job), {}, std::chrono::seconds(90));
+    std::lock_guard<std::mutex> lock(mu);
+    sent.push_back(Sent{std::move(job), std::move(r)});
+  };
+
+  // The victim: one long prefill step; its worker is stopped 300 ms after the placement.
+  Job victim;
+  victim.prompt = random_prompt(12000, 4100);
+  victim.max_tokens = 6;
+  std::thread victim_thread([&] { send(victim); });
+  const ServeProcess* stopped = nullptr;
+  for (const auto until = Clock::now() + std::chrono::seconds(30);
+       stopped == nullptr && Clock::now() < until;) {
+    std::this_thread::sleep_for(milliseconds(5));
+    std::istringstream log(cluster.gateway->log());
+    for (std::string line; stopped == nullptr && std::getline(log, line);) {
+      if (line.find(" placed ") == std::string::npos ||
+          line.find("prompt_tokens=12000") == std::string::npos)
+        continue;
+      for (const auto& p : cluster.prefill) {
+        if (line.find("prefill=" + p->address() + " ") != std::string::npos) stopped = p.get();
+      }
+    }
+  }
+  if (stopped == nullptr) victim_thread.join();
+  ASSERT_NE(stopped, nullptr) << "the victim was never placed\n" << cluster.logs();
+  std::this_thread::sleep_for(milliseconds(300));
+  ::kill(stopped->pid(), SIGSTOP);
+
+  // While it is stopped: the gateway gives up on it (missed probes), replays the victim on the
+  // other worker and drops the reservation; short requests keep leasing decode ranges, the
+  // dropped one among them once its grace (1.5 s) has passed.
+  std::atomic<bool> stop{false};
+  std::thread stream([&] {
+    for (uint64_t n = 0; !stop.load(); ++n) {
+      Job job;
+      job.prompt = random_prompt(300, 4200 + n);
+      job.max_tokens = 4;
+      send(std::move(job));
+      std::this_thread::sleep_for(milliseconds(100));
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::seconds(12));
+  ::kill(stopped->pid(), SIGCONT);
+  // The resumed worker finishes its step and puts into the keys it kept; its HandoffDone is
+  // refused (the reservation is gone). Wait for that line, with requests still flowing.
+  const auto resumed = Clock::now();
+  bool late_put_refused = false;
+  while (!late_put_refused && Clock::now() - resumed < std::chrono::seconds(30)) {
+    std::this_thread::sleep_for(milliseconds(200));
+    late_put_refused = stopped->log().find("no live reservation") != std::string::npos;
+  }
+  std::this_thread::sleep_for(std::chrono::seconds(2));
+  stop = true;
+  stream.join();
+  victim_thread.join();
+
+  EXPECT_TRUE(late_put_refused) << "the resumed worker's late hand-off was not seen\n"
+                                << cluster.logs();
+  std::vector<Job> jobs;
+  std::vector<Result<api::Completion>> results;
+  for (auto& s : sent) {
+    jobs.push_back(s.job);
+    results.push_back(std::move(*s.result));
+  }
+  const size_t replayed = expect_all_correct(jobs, results, cluster);
+  EXPECT_GE(replayed, 1u) << "the victim was not replayed";
+  for (const ServeProcess* p : {cluster.prefill[0].get(), cluster.prefill[1].get(),
+                                cluster.decode[0].get(), cluster.gateway.get()}) {
+    EXPECT_TRUE(p->alive()) << p->role() << " " << p->address() << " died\n" << cluster.logs();
+  }
+  auto d = health.report(*cluster.decode[0]);
+  ASSERT_TRUE(d.is_ok()) << d.status().to_string() << "\n" << cluster.logs();
+  std::fprintf(stderr,
+               "[ info ] prefill stopped 12 s mid-hand-off (grace 1.5 s): %zu requests, %zu "
+               "replayed, all token-exact; decode refused %llu hand-offs (%llu corrupt); %.1f s\n",
+               jobs.size(), replayed, static_cast<unsigned long long>(d->handoffs_rejected),
+               static_cast<unsigned long long>(d->handoffs_corrupt), seconds_since(t0));
 }
 
 // ---- 3. a prefill worker restarted on its port under load -----------------------------------

@@ -3,16 +3,17 @@
 //
 // The hand-off, as this worker runs it:
 //   ReserveRequest -> refused with a reason when the batch (reservations + decoding requests)
-//     or the KV byte budget is full; else a transfer region of hand-off size is allocated with
-//     TransferEngine::allocate_memory and its keys (engine address + region, encoded with
-//     kvstore/handoff_keys.h) go back in ReserveReply::transfer_keys.
-//   HandoffDone -> the region is checked against the span digests (verify_landed), the state
-//     unpacked (unpack_state) and the request joins the DecodeBatch; the region is released.
+//     or the KV byte budget is full; else a transfer region of hand-off size is leased from the
+//     worker's HandoffArena (registered with the TransferEngine) and its keys (engine address +
+//     region, encoded with kvstore/handoff_keys.h) go back in ReserveReply::transfer_keys.
+//   HandoffDone -> the region is copied, the copy checked against the span digests
+//     (verify_landed), the state unpacked from it (unpack_state) and the request joins the
+//     DecodeBatch; the lease is released.
 //   A self-sent step message drives DecodeBatch::step() while the batch is not empty; every
 //     step's tokens go to the request's sink as TokenChunk messages, the last one finished.
-//   CancelRequest -> drops a reservation (and its region) or ends a decoding request.
-//   A reservation that gets no HandoffDone within min(reservation_timeout, its deadline) expires
-//   and releases its region.
+//   CancelRequest -> drops a reservation or ends a decoding request.
+//   A reservation that gets no HandoffDone within min(reservation_timeout, its deadline) expires.
+//   Either way a dropped reservation's range stays fenced for region_grace (handoff_arena.h).
 //
 // Region layout (what prefill writes): [packed state of prompt_tokens tokens, exactly
 // model::packed_state_bytes bytes][logits of the prompt's last token, vocab floats]. The logits
@@ -47,9 +48,10 @@ struct DecodeWorkerOptions {
   int64_t sampleable_ids = 0;             // DecodeOptions::sampleable_ids (the tokenizer's size)
   uint64_t kv_budget_bytes = 1ull << 30;  // hand-off regions + states of decoding requests
   std::chrono::milliseconds reservation_timeout{30000};  // reserved, no HandoffDone yet
-  // How long the region of an expired or cancelled reservation stays mapped (and counted)
-  // before it is freed: longer than a prefill worker's transfer timeout, so that a put still in
-  // flight never lands in freed memory.
+  // How long the range of an expired or cancelled reservation stays fenced (and counted) before
+  // another reservation may use it: longer than a prefill worker's transfer timeout, so that a
+  // put still in flight lands where no other hand-off reads. A later put is harmless too (the
+  // arena stays mapped, and a hand-off reads only bytes it verified): see handoff_arena.h.
   std::chrono::milliseconds region_grace{30000};
   // Co-located mode: held around every batch step, shared with the process's prefill worker,
   // so that the two take turns on one compute device as they would on one GPU. Null: none.
@@ -67,10 +69,13 @@ struct DecodeWorkerOptions {
 // Bytes of the hand-off region for a prompt of `prompt_tokens` tokens (state + logits).
 uint64_t handoff_region_bytes(const model::ModelConfig& config, int64_t prompt_tokens);
 
-// Spawns the worker. `model` and `engine` must outlive the actor (the process owns them);
-// `epoch` is the process's (ActorRuntime::epoch()), checked on every HandoffDone.
-actors::DecodeActor spawn_decode_worker(caf::actor_system& system, const model::Model& model,
-                                        kvstore::TransferEngine& engine, actors::Epoch epoch,
-                                        std::string node_name, DecodeWorkerOptions options);
+// Spawns the worker with a hand-off arena of kv_budget_bytes (handoff_arena.h). `model` and
+// `engine` must outlive the actor (the process owns them); `epoch` is the process's
+// (ActorRuntime::epoch()), checked on every HandoffDone. Fails when the arena cannot be mapped.
+Result<actors::DecodeActor> spawn_decode_worker(caf::actor_system& system,
+                                                const model::Model& model,
+                                                kvstore::TransferEngine& engine,
+                                                actors::Epoch epoch, std::string node_name,
+                                                DecodeWorkerOptions options);
 
 }  // namespace dserve::decode
