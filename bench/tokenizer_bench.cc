@@ -61,6 +61,32 @@ void BM_EncodeCorpus(benchmark::State& state) {
 }
 BENCHMARK(BM_EncodeCorpus)->Unit(benchmark::kMillisecond)->MinTime(3.0);
 
+// One word of state.range(0) random lowercase letters (the poison-pill prompt of the red-team
+// report: no pre-tokenizer split, so BPE merges run over the whole word). Time per byte stays
+// flat from 10 kB to 1 MB when encoding is linear (n log n with the merge heap).
+void BM_EncodeOneLongWord(benchmark::State& state) {
+  std::string word(static_cast<size_t>(state.range(0)), 'a');
+  uint64_t x = 1;
+  for (char& c : word) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    c = static_cast<char>('a' + (x >> 33) % 26);
+  }
+  const auto& tok = tokenizer();
+  int64_t tokens = 0;
+  for (auto _ : state) {
+    auto ids = tok.encode(word);
+    tokens = static_cast<int64_t>(ids->size());
+    benchmark::DoNotOptimize(ids);
+  }
+  state.SetBytesProcessed(state.range(0) * state.iterations());
+  state.counters["tokens"] = static_cast<double>(tokens);
+}
+BENCHMARK(BM_EncodeOneLongWord)
+    ->Unit(benchmark::kMillisecond)
+    ->Arg(10000)
+    ->Arg(100000)
+    ->Arg(1000000);
+
 void BM_LoadTokenizerJson(benchmark::State& state) {
   const std::string path = dserve::model::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
   for (auto _ : state) {

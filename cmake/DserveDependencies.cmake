@@ -34,15 +34,19 @@ pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 find_package(ucx CONFIG REQUIRED)
 
 # actors: CAF 0.17 (libcaf-dev) ships no CMake config and no .pc file: find the headers and the
-# two libraries by hand and wrap them in one INTERFACE target. Its headers are marked SYSTEM so
+# three libraries (core, io, and openssl for the control plane's mutual TLS) by hand and wrap
+# them in one INTERFACE target. Its headers are marked SYSTEM so
 # their warnings do not fail our -Werror build.
 find_path(DSERVE_CAF_INCLUDE caf/all.hpp REQUIRED)
 find_library(DSERVE_CAF_CORE caf_core REQUIRED)
 find_library(DSERVE_CAF_IO caf_io REQUIRED)
+find_library(DSERVE_CAF_OPENSSL caf_openssl REQUIRED)
+find_package(OpenSSL REQUIRED)
 add_library(dserve_caf INTERFACE)
 add_library(dserve::caf ALIAS dserve_caf)
 target_include_directories(dserve_caf SYSTEM INTERFACE ${DSERVE_CAF_INCLUDE})
-target_link_libraries(dserve_caf INTERFACE ${DSERVE_CAF_IO} ${DSERVE_CAF_CORE} Threads::Threads)
+target_link_libraries(dserve_caf INTERFACE ${DSERVE_CAF_OPENSSL} ${DSERVE_CAF_IO} ${DSERVE_CAF_CORE}
+  OpenSSL::SSL OpenSSL::Crypto Threads::Threads)
 
 # api: protobuf 3.21 (CMake's FindProtobuf: Debian ships no protobuf CMake config) and gRPC 1.51
 # (its config; needs protobuf-compiler-grpc for gRPC::grpc_cpp_plugin).

@@ -10,9 +10,12 @@
 #include <caf/exit_reason.hpp>
 #include <caf/io/middleman.hpp>
 #include <caf/io/middleman_actor.hpp>
+#include <caf/openssl/manager.hpp>
 #include <caf/scoped_actor.hpp>
 #include <caf/sec.hpp>
 #include <caf/send.hpp>
+
+#include "control_tls_check.h"
 
 namespace dserve::actors {
 namespace {
@@ -52,6 +55,11 @@ bool is_dead(caf::scoped_actor& self, const caf::strong_actor_ptr& actor) {
 
 }  // namespace
 
+caf::io::middleman_actor control_connector(caf::actor_system& system) {
+  return system.has_openssl_manager() ? system.openssl_manager().actor_handle()
+                                      : system.middleman().actor_handle();
+}
+
 Result<std::unique_ptr<ActorRuntime>> ActorRuntime::start(RuntimeConfig config) {
   if (config.listen_host.empty())
     return invalid_argument(
@@ -68,6 +76,13 @@ Result<std::unique_ptr<ActorRuntime>> ActorRuntime::start(RuntimeConfig config) 
   // Deserialize in the multiplexer thread: control messages are small, and no extra threads.
   cfg->set("middleman.workers", size_t{0});
   cfg->load<caf::io::middleman>();
+  if (config.tls.enabled()) {
+    if (Status ok = check_control_tls(config.tls); !ok.is_ok()) return ok;
+    cfg->set("openssl.certificate", config.tls.cert);
+    cfg->set("openssl.key", config.tls.key);
+    cfg->set("openssl.cafile", config.tls.ca);
+    cfg->load<caf::openssl::manager>();
+  }
   register_message_types(*cfg);
   return std::unique_ptr<ActorRuntime>(new ActorRuntime(std::move(config), std::move(cfg)));
 }
@@ -81,7 +96,7 @@ ActorRuntime::ActorRuntime(RuntimeConfig config, std::unique_ptr<caf::actor_syst
 
 ActorRuntime::~ActorRuntime() {
   if (published_port_) {
-    caf::anon_send(system_->middleman().actor_handle(), caf::close_atom::value, *published_port_);
+    caf::anon_send(control_connector(*system_), caf::close_atom::value, *published_port_);
   }
   std::vector<caf::actor> to_stop;
   {
@@ -116,9 +131,9 @@ Result<uint16_t> ActorRuntime::publish_impl(caf::strong_actor_ptr whom,
   caf::scoped_actor self{*system_};
   std::optional<uint16_t> port;
   caf::error err;
-  self->request(system_->middleman().actor_handle(), config_.request_timeout,
-                caf::publish_atom::value, config_.listen_port, whom, std::move(sigs),
-                config_.listen_host, config_.reuse_address)
+  self->request(control_connector(*system_), config_.request_timeout, caf::publish_atom::value,
+                config_.listen_port, whom, std::move(sigs), config_.listen_host,
+                config_.reuse_address)
       .receive([&](uint16_t p) { port = p; }, [&](caf::error& e) { err = e; });
   if (!port) {
     return unavailable("cannot publish the " + std::string(role_name(config_.role)) + " actor at " +
@@ -151,7 +166,7 @@ Result<caf::strong_actor_ptr> ActorRuntime::connect_impl(const std::string& host
     bool replied = false;
     // The middleman actor instead of middleman().remote_actor(): the latter blocks without a
     // bound; a request carries our timeout.
-    self->request(system_->middleman().actor_handle(), left, caf::connect_atom::value, host, port)
+    self->request(control_connector(*system_), left, caf::connect_atom::value, host, port)
         .receive(
             [&](caf::node_id&, caf::strong_actor_ptr& p, std::set<std::string>& sigs) {
               replied = true;

@@ -103,7 +103,14 @@ struct Worker {
   HealthReport report;
   std::string last_error;
   std::unique_ptr<PrefixAffinity> affinity;  // prefill workers only
+  // Attempts abandoned here while the worker was unreachable (missed probes, connection lost):
+  // cancelled as soon as it is connected again, so that work nobody waits for stops at its
+  // next step instead of running to its deadline. Bounded: the oldest are dropped.
+  std::deque<std::pair<RequestId, std::string>> cancels_owed;
 };
+
+// Cancels owed to one worker at most (each is a few dozen bytes).
+constexpr size_t kMaxCancelsOwed = 4096;
 
 }  // namespace
 
@@ -481,6 +488,7 @@ class Gateway::Impl {
       role = workers_[i].role;
     }
     if (!handle) {
+      std::deque<std::pair<RequestId, std::string>> owed;
       Worker copy_for_connect;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -499,7 +507,10 @@ class Gateway::Impl {
         handle = *connected;
         workers_[i].handle = handle;
         gen = ++workers_[i].generation;
+        owed.swap(workers_[i].cancels_owed);
       }
+      for (const auto& [attempt, reason] : owed)
+        send_cancel(role, handle, attempt, reason);
       // Outside the lock: the watcher's callback takes it.
       caf::actor watcher = rt_.watch(handle, [this, i, gen](std::string why) {
         std::lock_guard<std::mutex> l(mu_);
@@ -694,14 +705,27 @@ class Gateway::Impl {
 
   void cancel_on(size_t worker, Epoch epoch, RequestId attempt, const std::string& reason) {
     caf::actor handle;
+    Role role;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      const Worker& w = workers_[worker];
-      if (!w.handle || w.epoch != epoch) return;  // gone: nothing of ours is left there
+      Worker& w = workers_[worker];
+      if (w.epoch != epoch) return;  // restarted: nothing of ours is left there
+      role = w.role;
+      if (!w.handle) {
+        // Unreachable now (a hung or busy process keeps computing): owed until it is back.
+        if (w.cancels_owed.size() >= kMaxCancelsOwed) w.cancels_owed.pop_front();
+        w.cancels_owed.emplace_back(attempt, reason);
+        return;
+      }
       handle = w.handle;
     }
+    send_cancel(role, handle, attempt, reason);
+  }
+
+  void send_cancel(Role role, const caf::actor& handle, RequestId attempt,
+                   const std::string& reason) {
     auto ignore = [](Result<CancelReply>) {};
-    if (workers_[worker].role == Role::kPrefill) {
+    if (role == Role::kPrefill) {
       rt_.call_async<CancelReply>(caf::actor_cast<PrefillActor>(handle),
                                   CancelRequest{attempt, reason}, opt_.reserve_timeout, ignore);
     } else {
@@ -923,6 +947,9 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
   std::vector<TokenId> produced;
   produced.reserve(job.max_new_tokens);
   std::string last_error;
+  // Prefill workers lost (hung past their probes, crashed, restarted) while they computed this
+  // request's prompt: a prompt that takes down every worker it is given is not replayed on and on.
+  int prefill_losses = 0;
   auto channel = std::make_shared<Channel>();
 
   for (uint32_t attempt_no = 0;; ++attempt_no) {
@@ -955,6 +982,17 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
     // The prompt this placement prefills: the request's prompt plus what was delivered.
     std::vector<TokenId> prompt = job.prompt;
     prompt.insert(prompt.end(), produced.begin(), produced.end());
+    // Counts a prefill worker lost while it computed this attempt's prompt; past the bound,
+    // the request's end (a prompt that stops every worker it is given is not replayed).
+    auto count_prefill_loss = [&]() -> std::optional<GenerateOutcome> {
+      if (++prefill_losses < opt_.max_prefill_losses) return std::nullopt;
+      out.tokens = static_cast<uint32_t>(produced.size());
+      return finish(resource_exhausted(
+          "not placed again: " + std::to_string(prefill_losses) +
+          " prefill workers were lost while they computed this prompt (" +
+          std::to_string(prompt.size()) +
+          " tokens), so the prompt itself may be what stops them; the last: " + last_error));
+    };
 
     // Register the route first: a token may arrive before reserve() returns to us.
     {
@@ -1159,12 +1197,20 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
           last_error = "prefill on " + workers_[prefill->index].endpoint.to_string() +
                        " failed: " + (r.is_ok() ? r->reason : r.status().message());
           end_attempt(attempt, false, "prefill failed");
+          // No reply at all (the worker died or hung past the call's bound), as opposed to a
+          // worker's own refusal: the worker was lost while computing this prompt.
+          if (!r.is_ok()) {
+            if (auto lost = count_prefill_loss()) return *lost;
+          }
           replay = true;
           break;
         }
         case Event::Kind::kWorkerDown: {
           last_error = ev->why;
           end_attempt(attempt, false, "a worker of this request failed");
+          if (ev->worker == prefill->index) {
+            if (auto lost = count_prefill_loss()) return *lost;
+          }
           replay = true;
           break;
         }
@@ -1187,6 +1233,7 @@ Result<std::unique_ptr<Gateway>> Gateway::start(ActorRuntime& runtime, GatewayOp
   if (options.decode_workers.empty()) problems += "no decode workers; ";
   if (options.max_running == 0) problems += "max_running must be at least 1; ";
   if (options.max_attempts < 1) problems += "max_attempts must be at least 1; ";
+  if (options.max_prefill_losses < 1) problems += "max_prefill_losses must be at least 1; ";
   if (options.probe_interval.count() <= 0 || options.probe_timeout.count() <= 0)
     problems += "probe_interval and probe_timeout must be positive; ";
   if (options.probe_failures_before_down < 1)

@@ -53,6 +53,7 @@ struct ServeOptions {
   int64_t region_grace_ms = 30000;
   int64_t transfer_timeout_ms = 10000;
   int64_t token_budget = 2048;
+  int64_t step_ms = 250;
   uint64_t inject_corrupt_handoffs = 0;  // fault injection, tests only
   // colocated: where the decode half listens (--listen is the prefill half's)
   std::string decode_listen = "127.0.0.1:0";
@@ -68,13 +69,16 @@ struct ServeOptions {
   int64_t max_running = 256;
   int64_t max_queued = 1024;
   int64_t max_attempts = 4;
+  int64_t max_prefill_losses = 2;
   int64_t max_prefill_queue_tokens = 8192;
   int64_t probe_interval_ms = 250;
   int64_t default_max_tokens = 256;
   int64_t max_prompt_tokens = 1 << 20;
   size_t http_max_body_bytes = size_t{1} << 20;
+  int64_t http_backlog = 1024;
   // gateway: client security and per-token limits
-  std::string token_file;  // empty: no authentication
+  std::string token_file;          // empty: no authentication
+  actors::ControlTls control_tls;  // every role: mutual TLS between the cluster's processes
   std::string tls_cert;
   std::string tls_key;
   std::string tls_ca;
@@ -188,6 +192,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
 
   actors::RuntimeConfig rcfg;
   rcfg.role = actors::Role::kGateway;
+  rcfg.tls = o.control_tls;
   rcfg.listen_host = listen->first;
   rcfg.listen_port = listen->second;
   auto runtime = actors::ActorRuntime::start(rcfg);
@@ -203,6 +208,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   gopts.max_running = static_cast<size_t>(o.max_running);
   gopts.max_queued = static_cast<size_t>(o.max_queued);
   gopts.max_attempts = static_cast<int>(o.max_attempts);
+  gopts.max_prefill_losses = static_cast<int>(o.max_prefill_losses);
   gopts.max_prefill_queue_tokens = static_cast<uint64_t>(o.max_prefill_queue_tokens);
   ops::MetricsRegistry metrics;
   gopts.metrics = &metrics;
@@ -262,6 +268,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
     hopts.tls = tls;
     hopts.threads = static_cast<int>(o.max_running + o.max_queued + 16);
     hopts.max_body_bytes = o.http_max_body_bytes;
+    hopts.backlog = static_cast<int>(o.http_backlog);
     auto started = api::OpenAiServer::start(**gateway, *tokenizer, hopts);
     if (!started.is_ok()) {
       print_error(started.status().message());
@@ -478,6 +485,7 @@ int run_serve(const ServeOptions& o) {
   if (runs_decode) {
     actors::RuntimeConfig rcfg;
     rcfg.role = actors::Role::kDecode;
+    rcfg.tls = o.control_tls;
     rcfg.listen_host = colocated ? decode_host : host;
     rcfg.listen_port = static_cast<uint16_t>(colocated ? decode_port : port);
     auto runtime = actors::ActorRuntime::start(rcfg);
@@ -512,6 +520,7 @@ int run_serve(const ServeOptions& o) {
   if (runs_prefill) {
     actors::RuntimeConfig rcfg;
     rcfg.role = actors::Role::kPrefill;
+    rcfg.tls = o.control_tls;
     rcfg.listen_host = host;
     rcfg.listen_port = static_cast<uint16_t>(port);
     auto runtime = actors::ActorRuntime::start(rcfg);
@@ -522,6 +531,7 @@ int run_serve(const ServeOptions& o) {
     prefill_rt = std::move(runtime).value();
     prefill::PrefillWorkerOptions popts;
     popts.scheduler.token_budget = o.token_budget;
+    popts.scheduler.max_step_time = std::chrono::milliseconds(o.step_ms);
     popts.inject_corrupt_handoffs = o.inject_corrupt_handoffs;
     popts.compute_lock = compute_lock;
     popts.log = logger->get();
@@ -618,6 +628,12 @@ Command add_serve_command(CLI::App& app) {
   cmd->add_option("--token-budget", o->token_budget, "prefill: prompt tokens per step")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--step-ms", o->step_ms,
+                  "prefill: a step ends after the 256-token slice that passes this many ms, so "
+                  "that a long prompt leaves the worker answering health probes and cancels "
+                  "(0: the token budget alone)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   cmd->add_option("--decode-listen", o->decode_listen,
                   "colocated: the decode half's control address HOST:PORT (--listen is the "
                   "prefill half's)")
@@ -640,6 +656,11 @@ Command add_serve_command(CLI::App& app) {
                   "gateway: largest HTTP request body, chunked or not (larger: 413)")
       ->capture_default_str()
       ->check(CLI::Range(size_t{1}, size_t{1} << 30));
+  cmd->add_option("--http-backlog", o->http_backlog,
+                  "gateway: listen backlog of the HTTP API (connections the kernel holds while "
+                  "every HTTP thread is busy and as many connections wait; beyond it, refused)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 65535));
   cmd->add_option(
       "--metrics-listen", o->metrics_listen,
       "every role: Prometheus /metrics and /healthz address HOST:PORT; off when not given");
@@ -664,6 +685,12 @@ Command add_serve_command(CLI::App& app) {
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--max-attempts", o->max_attempts,
                   "gateway: placements per request (the first and replays after failures)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--max-prefill-losses", o->max_prefill_losses,
+                  "gateway: a request whose prefill worker is lost (hung past its probes, "
+                  "crashed, restarted) this many times while computing its prompt fails "
+                  "(RESOURCE_EXHAUSTED) instead of being placed again")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_option("--max-prefill-queue-tokens", o->max_prefill_queue_tokens,
@@ -696,6 +723,14 @@ Command add_serve_command(CLI::App& app) {
   cmd->add_option("--tls-key", o->tls_key, "gateway: PEM private key of --tls-cert");
   cmd->add_option("--tls-ca", o->tls_ca,
                   "gateway: PEM CA; clients must present a certificate it signed (mutual TLS)");
+  cmd->add_option("--control-tls-cert", o->control_tls.cert,
+                  "every role: PEM certificate this process presents to the cluster's other "
+                  "processes; with --control-tls-key and --control-tls-ca the control plane is "
+                  "mutual TLS: only processes holding a key the CA signed can connect");
+  cmd->add_option("--control-tls-key", o->control_tls.key,
+                  "every role: PEM private key of --control-tls-cert");
+  cmd->add_option("--control-tls-ca", o->control_tls.ca,
+                  "every role: PEM CA of the cluster; a peer's certificate must chain to it");
   cmd->add_option("--max-requests-per-second-per-token", o->max_requests_per_second_per_token,
                   "gateway: generation requests per second per token (burst max(1, rate)); "
                   "more are refused (RESOURCE_EXHAUSTED, HTTP 429); 0: unlimited. Without "

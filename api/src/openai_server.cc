@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "dserve/model/sampler.h"
+#include "http_limits.h"
 #include "job_checks.h"
 
 namespace dserve::api {
@@ -169,10 +170,15 @@ class OpenAiServer::Impl {
       server_ = std::make_unique<httplib::Server>();
     }
     httplib::Server& server = *server_;
-    const int threads = std::max(1, options_.threads);
-    server.new_task_queue = [threads] {
-      return new httplib::ThreadPool(static_cast<size_t>(threads));
-    };
+    // Threads start as connections need them, up to options_.threads; as many accepted
+    // connections again may wait for one, the rest wait in the kernel's backlog.
+    const auto threads = static_cast<size_t>(std::max(1, options_.threads));
+    server.new_task_queue = [threads] { return new BoundedTaskQueue(threads, threads); };
+    server.set_socket_options(listen_socket_.options());
+    // One request per connection: httplib 0.11 drops a request pipelined behind another on a
+    // keep-alive connection (its read buffer goes with the first), so every response closes
+    // the connection instead, and a client that pipelined sends the rest again (RFC 9112 9.3.2).
+    server.set_keep_alive_max_count(1);
     // Every route wants a valid token when the Authenticator requires one.
     server.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (!options_.auth) return httplib::Server::HandlerResponse::Unhandled;
@@ -219,6 +225,8 @@ class OpenAiServer::Impl {
                          std::to_string(options_.port) +
                          " (address in use, or not an address of this host)");
     }
+    if (Status backlog = listen_socket_.set_backlog(options_.backlog); !backlog.is_ok())
+      return backlog.with_context("OpenAI HTTP server");
     port_ = static_cast<uint16_t>(port);
     thread_ = std::thread([this] { server_->listen_after_bind(); });
     return port_;
@@ -243,6 +251,7 @@ class OpenAiServer::Impl {
   actors::Gateway& gateway_;
   const model::Tokenizer& tokenizer_;
   OpenAiOptions options_;
+  ListenSocket listen_socket_;
   std::unique_ptr<httplib::Server> server_;  // an SSLServer with TLS
   std::thread thread_;
   uint16_t port_ = 0;

@@ -145,7 +145,7 @@ void read_gateway(const YAML::Node& node, Location at, ProblemSink& sink, Gatewa
 void read_pool(const YAML::Node& node, const std::string& path, Location at, ProcessRole role,
                ProblemSink& sink, Pool& pool) {
   std::vector<std::string_view> keys = {"replicas", "placement", "ports", "devices_per_replica"};
-  if (role != ProcessRole::kDecode) keys.push_back("token_budget");
+  if (role != ProcessRole::kDecode) keys.insert(keys.end(), {"token_budget", "step_ms"});
   if (role != ProcessRole::kPrefill) keys.insert(keys.end(), {"max_batch", "kv_budget_mib"});
   MapReader m(node, path, at, sink, keys);
   pool.role = role;
@@ -154,6 +154,7 @@ void read_pool(const YAML::Node& node, const std::string& path, Location at, Pro
   pool.devices_per_replica = m.integer("devices_per_replica", 0, 1024, false).value_or(1);
   if (role != ProcessRole::kDecode) {
     pool.token_budget = m.integer("token_budget", 1, kBig, false).value_or(pool.token_budget);
+    pool.step_ms = m.integer("step_ms", 0, kBig, false).value_or(pool.step_ms);
   }
   if (role != ProcessRole::kPrefill) {
     pool.max_batch = m.integer("max_batch", 1, kBig, false).value_or(pool.max_batch);
@@ -325,7 +326,8 @@ void read_kv_store(const YAML::Node& node, Location at, ProblemSink& sink, KvSto
 }
 
 void read_security(const YAML::Node& node, Location at, ProblemSink& sink, SecuritySpec& sec) {
-  MapReader m(node, "security", at, sink, {"token_file", "tls_cert", "tls_key", "tls_ca"});
+  MapReader m(node, "security", at, sink,
+              {"token_file", "tls_cert", "tls_key", "tls_ca", "control_tls"});
   sec.token_file = absolute_path(m, "token_file", false, sink);
   sec.tls_cert = absolute_path(m, "tls_cert", false, sink);
   sec.tls_key = absolute_path(m, "tls_key", false, sink);
@@ -342,17 +344,29 @@ void read_security(const YAML::Node& node, Location at, ProblemSink& sink, Secur
     m.missing("tls_cert", "a certificate: security.tls_ca checks peers, which needs TLS on",
               m.at("tls_ca"));
   }
+  // The control plane between the cluster's processes: all three files, or no section.
+  if (m.has("control_tls")) {
+    MapReader c(m.child("control_tls"), m.path("control_tls"), m.at("control_tls"), sink,
+                {"cert", "key", "ca"});
+    ControlTlsSpec tls;
+    tls.cert = absolute_path(c, "cert", true, sink).value_or("");
+    tls.key = absolute_path(c, "key", true, sink).value_or("");
+    tls.ca = absolute_path(c, "ca", true, sink).value_or("");
+    sec.control_tls = std::move(tls);
+  }
 }
 
 void read_limits(const YAML::Node& node, Location at, ProblemSink& sink, const ModelSpec& model,
                  Limits& limits) {
   MapReader m(node, "limits", at, sink,
-              {"max_running", "max_queued", "max_attempts", "max_prefill_queue_tokens",
-               "default_max_tokens", "max_prompt_tokens", "max_output_tokens",
-               "requests_per_second_per_token", "concurrent_per_token"});
+              {"max_running", "max_queued", "max_attempts", "max_prefill_losses",
+               "max_prefill_queue_tokens", "default_max_tokens", "max_prompt_tokens",
+               "max_output_tokens", "requests_per_second_per_token", "concurrent_per_token"});
   limits.max_running = m.integer("max_running", 1, kBig, false).value_or(limits.max_running);
   limits.max_queued = m.integer("max_queued", 0, kBig, false).value_or(limits.max_queued);
   limits.max_attempts = m.integer("max_attempts", 1, kBig, false).value_or(limits.max_attempts);
+  limits.max_prefill_losses =
+      m.integer("max_prefill_losses", 1, kBig, false).value_or(limits.max_prefill_losses);
   limits.max_prefill_queue_tokens = m.integer("max_prefill_queue_tokens", 1, kBig, false)
                                         .value_or(limits.max_prefill_queue_tokens);
   const int64_t context = model.context_tokens.value_or(kBig);

@@ -41,6 +41,11 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
     args.push_back(std::to_string(value));
   };
   if (!m.model.sha256.empty()) args.insert(args.end(), {"--model-sha256", m.model.sha256});
+  if (m.security && m.security->control_tls) {
+    const ControlTlsSpec& tls = *m.security->control_tls;
+    args.insert(args.end(), {"--control-tls-cert", tls.cert, "--control-tls-key", tls.key,
+                             "--control-tls-ca", tls.ca});
+  }
   if (process.metrics_port != 0) {
     args.insert(args.end(), {"--metrics-listen", address(process.host, process.metrics_port)});
   }
@@ -61,13 +66,15 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
     add("--max-running", m.limits.max_running);
     add("--max-queued", m.limits.max_queued);
     add("--max-attempts", m.limits.max_attempts);
+    add("--max-prefill-losses", m.limits.max_prefill_losses);
     add("--max-prefill-queue-tokens", m.limits.max_prefill_queue_tokens);
     add("--default-max-tokens", m.limits.default_max_tokens);
     add("--max-prompt-tokens", m.limits.max_prompt_tokens);
     add("--max-output-tokens", m.limits.max_output_tokens);
     add("--max-requests-per-second-per-token", m.limits.requests_per_second_per_token);
     add("--max-concurrent-per-token", m.limits.concurrent_per_token);
-    // Client security is the gateway's alone: workers take no client tokens.
+    // Client security is the gateway's alone: workers take no client tokens (control_tls,
+    // above, goes to every process).
     if (m.security) {
       for (const auto& [flag, path] : {std::pair{"--token-file", &m.security->token_file},
                                        std::pair{"--tls-cert", &m.security->tls_cert},
@@ -92,6 +99,7 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
   add("--transfer-timeout-ms", m.timeouts.transfer_ms);
   if (process.role != ProcessRole::kDecode) {
     add("--token-budget", pool->token_budget);
+    add("--step-ms", pool->step_ms);
     // The prefix store; without a kv_store section the flags' defaults are the section's.
     if (m.kv_store) {
       const KvStoreSpec& kv = *m.kv_store;

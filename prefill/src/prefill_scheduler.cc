@@ -34,6 +34,9 @@ std::vector<PrefillOutcome> PrefillScheduler::step() {
   const auto now = Clock::now();
   int64_t budget = options_.token_budget;
   last_step_tokens_ = 0;
+  last_step_timed_out_ = false;
+  const bool timed = options_.max_step_time.count() > 0;
+  const int64_t slice = std::max<int64_t>(1, options_.slice_tokens);
   for (auto it = queue_.begin(); it != queue_.end();) {
     Entry& e = *it;
     Status status = Status::ok();
@@ -44,11 +47,12 @@ std::vector<PrefillOutcome> PrefillScheduler::step() {
                                  std::to_string(e.job.position()) + " of " +
                                  std::to_string(e.job.length()) + " prompt tokens");
     } else {
-      while (budget > 0 && !e.job.done() && status.is_ok()) {
+      while (budget > 0 && !last_step_timed_out_ && !e.job.done() && status.is_ok()) {
         const int64_t before = e.job.position();
-        status = cache_.advance(e.job, budget);
+        status = cache_.advance(e.job, timed ? std::min(budget, slice) : budget);
         budget -= e.job.position() - before;
         last_step_tokens_ += e.job.position() - before;
+        last_step_timed_out_ = timed && Clock::now() - now >= options_.max_step_time;
       }
     }
     if (!status.is_ok() || e.job.done()) {

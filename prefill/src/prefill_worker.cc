@@ -12,6 +12,7 @@
 #include <caf/all.hpp>
 #include <caf/io/all.hpp>
 
+#include "dserve/actors/actor_runtime.h"
 #include "dserve/actors/decode_interface.h"
 #include "dserve/kvstore/handoff_keys.h"
 #include "dserve/model/state_packing.h"
@@ -214,8 +215,9 @@ void send_handoff(PrefillWorkerActor::stateful_pointer<WorkerState> self, Pendin
                   HandoffDone done, PrefillReply reply, Clock::time_point transfer_start) {
   const std::string where = p.request.target.host + ":" + std::to_string(p.request.target.port);
   auto shared = std::make_shared<Pending>(std::move(p));
-  // The middleman's connect request instead of remote_actor(): the latter has no bound.
-  self->request(self->system().middleman().actor_handle(), left_until(shared->deadline),
+  // The middleman's connect request instead of remote_actor(): the latter has no bound. Over
+  // the control plane's TLS when the process runs with it (control_connector).
+  self->request(actors::control_connector(self->system()), left_until(shared->deadline),
                 caf::connect_atom::value, shared->request.target.host, shared->request.target.port)
       .then(
           [self, shared, where, done, reply, transfer_start](

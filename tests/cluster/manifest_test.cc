@@ -148,6 +148,8 @@ TEST(ManifestExamples, SingleNodeValidatesAndGivesServeCommands) {
                              "1024",
                              "--max-attempts",
                              "4",
+                             "--max-prefill-losses",
+                             "2",
                              "--max-prefill-queue-tokens",
                              "8192",
                              "--default-max-tokens",
@@ -163,11 +165,27 @@ TEST(ManifestExamples, SingleNodeValidatesAndGivesServeCommands) {
 
   auto prefill = to_serve_args(*m, *find_process(*m, "prefill-1"));
   ASSERT_TRUE(prefill.is_ok());
-  EXPECT_EQ(*prefill,
-            (Lines{"serve", "--role", "prefill", "--model", "/models/deepseek-v4", "--listen",
-                   "127.0.0.1:7002", "--process-name", "prefill-1", "--metrics-listen",
-                   "127.0.0.1:8002", "--ucx-transports", "sm,self,tcp", "--ucx-net-devices", "lo",
-                   "--transfer-timeout-ms", "10000", "--token-budget", "2048"}));
+  EXPECT_EQ(*prefill, (Lines{"serve",
+                             "--role",
+                             "prefill",
+                             "--model",
+                             "/models/deepseek-v4",
+                             "--listen",
+                             "127.0.0.1:7002",
+                             "--process-name",
+                             "prefill-1",
+                             "--metrics-listen",
+                             "127.0.0.1:8002",
+                             "--ucx-transports",
+                             "sm,self,tcp",
+                             "--ucx-net-devices",
+                             "lo",
+                             "--transfer-timeout-ms",
+                             "10000",
+                             "--token-budget",
+                             "2048",
+                             "--step-ms",
+                             "250"}));
   EXPECT_EQ(find_process(*m, "prefill-1")->devices, (std::vector<int64_t>{2, 3}));
 
   auto decode = to_serve_args(*m, *find_process(*m, "decode-0"));
@@ -268,11 +286,11 @@ TEST(ManifestExamples, ThreeNodesWithKvStoreAndSecurityValidatesAndLaunches) {
   EXPECT_EQ(m->kv_store->disk->path, "/var/lib/dserve/kv");
   auto args = to_serve_args(*m, *find_process(*m, "prefill-0"));
   ASSERT_TRUE(args.is_ok()) << args.status().to_string();
-  EXPECT_EQ(
-      Lines(args->end() - 16, args->end()),
-      (Lines{"--token-budget", "4096", "--kv-device-mib", "8192", "--kv-host-mib", "65536",
-             "--kv-host-codec", "fp8", "--kv-disk-path", "/var/lib/dserve/kv", "--kv-disk-mib",
-             "1048576", "--kv-disk-codec", "fp8", "--kv-write-queue-mib", "256"}));
+  EXPECT_EQ(Lines(args->end() - 18, args->end()),
+            (Lines{"--token-budget", "4096", "--step-ms", "250", "--kv-device-mib", "8192",
+                   "--kv-host-mib", "65536", "--kv-host-codec", "fp8", "--kv-disk-path",
+                   "/var/lib/dserve/kv", "--kv-disk-mib", "1048576", "--kv-disk-codec", "fp8",
+                   "--kv-write-queue-mib", "256"}));
   for (const char* other : {"gateway", "decode-0"}) {
     auto o = to_serve_args(*m, *find_process(*m, other));
     ASSERT_TRUE(o.is_ok()) << o.status().to_string();
@@ -281,6 +299,18 @@ TEST(ManifestExamples, ThreeNodesWithKvStoreAndSecurityValidatesAndLaunches) {
   }
   ASSERT_TRUE(m->security.has_value());
   EXPECT_EQ(m->security->tls_ca, "/etc/dserve/tls/ca.crt");
+  ASSERT_TRUE(m->security->control_tls.has_value());
+  // The control plane's TLS goes to every process, the gateway's client TLS to the gateway.
+  for (const char* process : {"gateway", "prefill-0", "decode-0"}) {
+    auto o = to_serve_args(*m, *find_process(*m, process));
+    ASSERT_TRUE(o.is_ok()) << o.status().to_string();
+    const auto at = std::find(o->begin(), o->end(), "--control-tls-cert");
+    ASSERT_LE(at + 6, o->end()) << process;
+    EXPECT_EQ(Lines(at, at + 6), (Lines{"--control-tls-cert", "/etc/dserve/cluster/node.pem",
+                                        "--control-tls-key", "/etc/dserve/cluster/node.key",
+                                        "--control-tls-ca", "/etc/dserve/cluster/ca.pem"}))
+        << process;
+  }
   EXPECT_EQ(m->limits.max_output_tokens, 16384);
   EXPECT_EQ(m->limits.requests_per_second_per_token, 20);
   EXPECT_EQ(m->limits.concurrent_per_token, 64);
@@ -384,7 +414,7 @@ TEST(ManifestMistakes, KeyOfAnotherPool) {
                              "    placement: node-a\n    max_batch: 8\n  decode:")),
             (Lines{"m.yaml:18:5: pools.prefill.max_batch: found unknown key 'max_batch'; "
                    "expected one of replicas, placement, ports, devices_per_replica, "
-                   "token_budget"}));
+                   "token_budget, step_ms"}));
 }
 
 TEST(ManifestMistakes, MissingRequiredField) {
@@ -618,6 +648,15 @@ TEST(ManifestMistakes, TlsCertWithoutKeyAndRelativeTokenFile) {
                    "path (starting with '/')",
                    "m.yaml:23:13: security.tls_key: found nothing (the field is missing); "
                    "expected the private key of security.tls_cert"}));
+}
+
+TEST(ManifestMistakes, ControlTlsNeedsAllThreeFiles) {
+  EXPECT_EQ(problems(std::string(kBase) + "security:\n  control_tls:\n    cert: /etc/c.pem\n"
+                                          "    ca: ca.pem\n"),
+            (Lines{"m.yaml:23:5: security.control_tls.key: found nothing (the field is missing); "
+                   "expected a string",
+                   "m.yaml:24:9: security.control_tls.ca: found 'ca.pem'; expected an absolute "
+                   "path (starting with '/')"}));
 }
 
 TEST(ManifestMistakes, LimitsInconsistent) {

@@ -33,7 +33,8 @@ std::unique_ptr<model::PrefixCache> cache() {
 
 TEST(PrefillScheduler, SpendsTheBudgetOldestFirstAndMatchesAOneRequestPrefill) {
   auto c = cache();
-  PrefillScheduler s(*c, {.token_budget = 256, .max_queued = 16});
+  // No time bound: the steps this test counts depend on the token budget alone.
+  PrefillScheduler s(*c, {.token_budget = 256, .max_queued = 16, .max_step_time = {}});
   std::map<uint64_t, std::vector<int32_t>> prompts{
       {1, prompt_of(600, 1)}, {2, prompt_of(40, 2)}, {3, prompt_of(90, 3)}, {4, prompt_of(300, 4)}};
   for (const auto& [id, p] : prompts)
@@ -68,6 +69,46 @@ TEST(PrefillScheduler, SpendsTheBudgetOldestFirstAndMatchesAOneRequestPrefill) {
               0)
         << "request " << id;
     EXPECT_EQ(model::argmax(got.last_logits.span()), model::argmax(want->span())) << id;
+  }
+}
+
+// A step ends on its time bound (after at least one slice) long before its token budget, and
+// where the steps end changes no bit of the results.
+TEST(PrefillScheduler, AStepEndsOnItsTimeBoundAndTheResultsDoNotChange) {
+  auto c = cache();
+  PrefillScheduler s(*c, {.token_budget = 4096,
+                          .max_queued = 16,
+                          .max_step_time = std::chrono::milliseconds(1),
+                          .slice_tokens = 128});
+  std::map<uint64_t, std::vector<int32_t>> prompts{{1, prompt_of(700, 11)},
+                                                   {2, prompt_of(200, 12)}};
+  for (const auto& [id, p] : prompts)
+    ASSERT_TRUE(s.submit(id, p).is_ok());
+  std::map<uint64_t, model::PrefillResult> done;
+  int steps = 0, timed_out = 0;
+  while (!s.empty()) {
+    auto outcomes = s.step();
+    ++steps;
+    EXPECT_GT(s.last_step_tokens(), 0) << "a step computed nothing";
+    if (s.last_step_timed_out()) ++timed_out;
+    for (auto& o : outcomes) {
+      ASSERT_TRUE(o.status.is_ok()) << o.status.to_string();
+      done.emplace(o.id, std::move(*o.result));
+    }
+  }
+  // The token budget alone would take both prompts (900 tokens) in one step; a 128-token slice
+  // of the tiny model takes far more than 1 ms.
+  EXPECT_GE(steps, 2);
+  EXPECT_GE(timed_out, 1);
+  const model::Model& m = tiny_model();
+  for (const auto& [id, p] : prompts) {
+    model::RequestState state = m.new_state();
+    const auto want = m.forward(p, state, model::LogitsFor::kLastToken);
+    ASSERT_TRUE(want.is_ok());
+    EXPECT_EQ(std::memcmp(done.at(id).last_logits.data(), want->data(),
+                          static_cast<size_t>(want->numel()) * sizeof(float)),
+              0)
+        << "request " << id;
   }
 }
 

@@ -350,6 +350,9 @@ TEST(Faults, PrefillRestartedUnderLoadIsUsedAgain) {
   ClusterOptions o;
   o.prefill = 2;
   o.decode = 2;
+  // A request may lose both prefill workers here (one restarted, then the other killed): it
+  // is replayed on, as the default bound of 2 lost workers per prompt would fail it.
+  o.gateway_args = {"--max-prefill-losses", "3"};
   ServeCluster cluster(o);
   ASSERT_TRUE(cluster.ready()) << cluster.logs();
   auto client = connect_client(cluster);

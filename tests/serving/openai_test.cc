@@ -12,10 +12,14 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "dserve/model/tokenizer.h"
 #include "serve_cluster.h"
@@ -133,6 +137,85 @@ TEST(OpenAi, RequestBodiesAreBoundedWhateverTheirEncoding) {
   reply = raw_http(port, head + "Content-Length: " + std::to_string(body(10).size()) +
                              "\r\nConnection: close\r\n\r\n" + body(10));
   EXPECT_EQ(reply.substr(0, 12), "HTTP/1.1 200") << reply.substr(0, 400);
+}
+
+// Threads of process `pid` now (/proc/PID/status).
+int thread_count(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("Threads:", 0) == 0) return std::stoi(line.substr(8));
+  }
+  return -1;
+}
+
+size_t count_of(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1))
+    ++n;
+  return n;
+}
+
+// The HTTP server's connections are bounded and answered plainly: its threads start as
+// connections need them, up to a bound (httplib's pool started them all: 1,296 with the
+// defaults); its listen backlog is the configured one (httplib's is 5); a malformed request is
+// answered and the connection closed at once (it used to stay open for the 5 s keep-alive); a
+// request pipelined behind another is refused by closing the connection after the first
+// response (httplib dropped it silently and kept the connection open).
+TEST(OpenAi, ConnectionsAreBoundedAndAnsweredPlainly) {
+  ClusterOptions o;
+  o.prefill = 1;
+  o.decode = 1;
+  // HTTP threads: max_running + max_queued + 16 = 144.
+  o.gateway_args = {"--http-listen",  "127.0.0.1:0", "--served-model-name", "tiny-v4",
+                    "--max-running",  "64",          "--max-queued",        "64",
+                    "--http-backlog", "700"};
+  ServeCluster cluster(o);
+  ASSERT_TRUE(cluster.ready()) << cluster.logs();
+  const uint16_t port = cluster.gateway->http_port();
+  const pid_t pid = cluster.gateway->pid();
+
+  // The backlog, as the kernel reports it for the listening socket (ss: Send-Q).
+  const std::string ss = run("ss -ltnH 'sport = :" + std::to_string(port) + "' | awk '{print $3}'");
+  EXPECT_EQ(ss, "700\n") << ss;
+
+  // Malformed: answered 400, and the connection closed with it.
+  std::string reply = raw_http(port, "GARBAGE\r\n\r\n");
+  EXPECT_EQ(reply.substr(0, 12), "HTTP/1.1 400") << reply;
+  EXPECT_NE(reply.find("Connection: close"), std::string::npos) << reply;
+
+  // Pipelined: the first answered, the connection then closed (the client sends the second
+  // again); never a second request silently dropped on an open connection.
+  const std::string get = "GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n";
+  reply = raw_http(port, get + get);
+  const size_t responses = count_of(reply, "HTTP/1.1 200");
+  EXPECT_TRUE(responses == 2 ||
+              (responses == 1 && reply.find("Connection: close") != std::string::npos))
+      << reply;
+
+  // Idle connections hold at most the bound of threads; the rest wait, and all are served.
+  const int before = thread_count(pid);
+  EXPECT_LT(before, 144) << "the HTTP threads were started before any connection needed them";
+  std::vector<int> idle;
+  for (int i = 0; i < 200; ++i) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(port);
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    idle.push_back(fd);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const int during = thread_count(pid);
+  EXPECT_LE(during - before, 144) << before << " threads before, " << during << " with 200 idle";
+  for (int fd : idle)
+    ::close(fd);
+  reply = raw_http(port, get);
+  EXPECT_EQ(reply.substr(0, 12), "HTTP/1.1 200") << reply;
+  std::fprintf(stderr,
+               "[ info ] HTTP: %d gateway threads idle, %d with 200 idle connections (HTTP "
+               "bound 144)\n",
+               before, during);
 }
 
 // logit_bias and the penalties are done, not ignored (they used to return 200 with the output of

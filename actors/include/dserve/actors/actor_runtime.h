@@ -8,7 +8,11 @@
 //     exactly there;
 //   - connecting to a remote actor is bounded by a timeout and checks the remote interface;
 //   - every failure comes back as a Status naming the address and what failed;
-//   - each start gets a fresh random epoch, so peers can tell a restarted process apart.
+//   - each start gets a fresh random epoch, so peers can tell a restarted process apart;
+//   - with ControlTls set, every control connection is mutual TLS (CAF's OpenSSL module): this
+//     process publishes and connects over TLS only, presents its certificate, and accepts only
+//     peers presenting one the cluster CA signed; a process without such a certificate cannot
+//     connect to a worker, send it a message or be added to the cluster.
 
 #include <atomic>
 #include <chrono>
@@ -30,12 +34,23 @@
 #include <caf/actor_system_config.hpp>
 #include <caf/error.hpp>
 #include <caf/event_based_actor.hpp>
+#include <caf/io/middleman_actor.hpp>
 #include <caf/system_messages.hpp>
 
 #include "dserve/actors/messages.h"
 #include "dserve/core/status.h"
 
 namespace dserve::actors {
+
+// The control plane's mutual TLS: all three PEM files, or none (plain TCP: one host, or a
+// network the operator trusts). Every process of a cluster may share one certificate and key:
+// holding a key the CA signed is what makes a process a member (names are not checked).
+struct ControlTls {
+  std::string cert;  // this process's certificate chain
+  std::string key;   // its private key
+  std::string ca;    // the cluster CA: a peer's certificate must chain to it
+  bool enabled() const { return !cert.empty() || !key.empty() || !ca.empty(); }
+};
 
 struct RuntimeConfig {
   Role role = Role::kGateway;
@@ -55,7 +70,13 @@ struct RuntimeConfig {
   // Default bound for connect() and call().
   std::chrono::milliseconds connect_timeout{3000};
   std::chrono::milliseconds request_timeout{5000};
+  ControlTls tls;
 };
+
+// The actor that publishes and connects for `system`: the OpenSSL module's when the system
+// runs with ControlTls, the plain middleman's otherwise. Actors that connect to peers
+// themselves (request(handle, timeout, connect_atom, host, port)) must use this one.
+caf::io::middleman_actor control_connector(caf::actor_system& system);
 
 // Ownership: one per process, owned by main(); outlives every actor handle it gave out.
 // Thread-safety: publish() is called once, at startup, before other threads use the runtime;
@@ -63,7 +84,9 @@ struct RuntimeConfig {
 // an actor's (they block).
 class ActorRuntime {
  public:
-  // Starts the actor system and the middleman. Fails on an invalid configuration.
+  // Starts the actor system and the middleman. Fails on an invalid configuration, and with
+  // ControlTls, on a missing, unreadable or mismatched certificate, key or CA (checked here:
+  // CAF reads them only when the first peer connects, and then aborts on an error).
   static Result<std::unique_ptr<ActorRuntime>> start(RuntimeConfig config);
 
   // Closes the published port, asks every actor registered with own() to quit, then waits for

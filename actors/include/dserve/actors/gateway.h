@@ -23,7 +23,9 @@
 //      mid-stream, a corrupted transfer) releases what the attempt holds and replays the
 //      request on other workers: the prompt plus the tokens already delivered, the remaining
 //      token budget, and the sampling seed advanced past the tokens drawn, so the continuation
-//      is the one the first placement would have produced. At most `max_attempts` placements.
+//      is the one the first placement would have produced. At most `max_attempts` placements,
+//      and at most `max_prefill_losses` prefill workers lost while computing its prompt (a
+//      prompt that hangs or kills every worker it is given fails rather than go round the pool).
 //   6. Cancellation by the caller or the deadline releases everything on both workers.
 // Every request therefore ends: completed, or failed with a Status that says why, no later
 // than its deadline.
@@ -80,6 +82,10 @@ struct GatewayOptions {
   size_t max_running = 256;
   size_t max_queued = 1024;
   int max_attempts = 4;
+  // A request whose prefill worker was lost (hung past its probes, crashed, restarted) while
+  // it computed the prompt this many times fails (RESOURCE_EXHAUSTED) instead of being placed
+  // again: one prompt must not take down the pool worker by worker.
+  int max_prefill_losses = 2;
   // Pause before asking again when every decode worker refused for lack of room.
   std::chrono::milliseconds capacity_retry{25};
   // Prompt tokens placed on one prefill worker and not yet prefilled; a request waits at the

@@ -35,7 +35,10 @@ struct OpenAiOptions {
   uint32_t max_tokens_limit = 32768;
   uint32_t max_prompt_tokens = 1 << 20;
   int32_t bos_token_id = 0;  // prepended to completion prompts given as text
-  int threads = 256;         // requests served at once (a stream holds one thread)
+  // Connections served at once (a stream holds one thread); threads start when needed and
+  // end after 30 s idle. As many accepted connections again may wait for a thread.
+  int threads = 256;
+  int backlog = 1024;  // the listen backlog: connections the kernel holds beyond those
   // A request body larger than this is refused (413) whatever its encoding: a Content-Length
   // over it before the body is read, a chunked body as soon as it passes the bound.
   size_t max_body_bytes = size_t{1} << 20;

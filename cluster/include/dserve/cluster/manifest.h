@@ -77,6 +77,7 @@ struct Pool {
   std::vector<int64_t> ports;          // empty, or one control port per replica
   int64_t devices_per_replica = 1;
   int64_t token_budget = 2048;   // prefill, colocated: prompt tokens per step
+  int64_t step_ms = 250;         // prefill, colocated: a step ends after the slice passing it
   int64_t max_batch = 64;        // decode, colocated: reservations + decoding requests
   int64_t kv_budget_mib = 1024;  // decode, colocated: KV bytes of the decode batch
   Location at;
@@ -108,11 +109,19 @@ struct KvStoreSpec {
   std::optional<KvDiskTier> disk;
 };
 
+// Mutual TLS between the cluster's processes (every role's --control-tls-cert/-key/-ca).
+struct ControlTlsSpec {
+  std::string cert;  // absolute paths, the same on every node
+  std::string key;
+  std::string ca;
+};
+
 struct SecuritySpec {
   std::optional<std::string> token_file;  // absolute; clients must present a token from it
   std::optional<std::string> tls_cert;    // absolute; given together with tls_key
   std::optional<std::string> tls_key;
   std::optional<std::string> tls_ca;  // absolute; peers' certificates are checked against it
+  std::optional<ControlTlsSpec> control_tls;  // every process; none: plain TCP
 };
 
 // Gateway admission limits (the `dserve serve --role gateway` flags of the same names).
@@ -120,6 +129,7 @@ struct Limits {
   int64_t max_running = 256;
   int64_t max_queued = 1024;
   int64_t max_attempts = 4;
+  int64_t max_prefill_losses = 2;
   int64_t max_prefill_queue_tokens = 8192;
   int64_t default_max_tokens = 256;
   int64_t max_prompt_tokens = 1 << 20;

@@ -7,6 +7,13 @@
 // store: its longest stored prefix is restored when it is submitted, and the blocks it computes
 // are stored for the next.
 //
+// A step is bounded in time as well as in tokens: attention over a long context makes a
+// token late in a 100k-token prompt far dearer than an early one, so a fixed token budget
+// alone lets one step run for seconds, and the worker (one actor) answers nothing meanwhile,
+// health probes included. The step therefore computes in slices of at most `slice_tokens` and
+// ends after the slice that passes `max_step_time` (it always computes at least one slice).
+// Where a step ends changes nothing in the results: the forward is chunking-invariant.
+//
 // Not thread-safe: one owner (the worker's loop) calls it.
 
 #include <chrono>
@@ -25,6 +32,9 @@ using Clock = std::chrono::steady_clock;
 struct PrefillOptions {
   int64_t token_budget = 2048;  // prompt tokens computed per step, over all requests
   int64_t max_queued = 256;     // requests waiting or in progress
+  // A step ends after the slice that passes this (0: no time bound, token_budget alone).
+  std::chrono::milliseconds max_step_time{250};
+  int64_t slice_tokens = 256;  // tokens computed between two looks at the clock
 };
 
 // A request that left the scheduler: its prefill (status ok) or why not.
@@ -51,6 +61,8 @@ class PrefillScheduler {
   bool empty() const { return queue_.empty(); }
   // Prompt tokens computed by the last step (<= token_budget).
   int64_t last_step_tokens() const { return last_step_tokens_; }
+  // Whether the last step ended on max_step_time rather than on its token budget or its work.
+  bool last_step_timed_out() const { return last_step_timed_out_; }
 
  private:
   struct Entry {
@@ -63,6 +75,7 @@ class PrefillScheduler {
   PrefillOptions options_;
   std::deque<Entry> queue_;
   int64_t last_step_tokens_ = 0;
+  bool last_step_timed_out_ = false;
 };
 
 }  // namespace dserve::prefill

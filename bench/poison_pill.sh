@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# A poison-pill prompt against a local cluster (2 prefill workers, 1 decode worker, gateway):
+# one short request a second, first alone (phase A), then while one prompt of one long word
+# runs (phase B). Prints the short requests' failures and TTFT p50/p99 in each phase, and what
+# became of the long prompt (completed, or its error) with its placements.
+#
+#   bench/poison_pill.sh [MODEL_DIR] [CHARS] [SHORTS_A] [SHORTS_B]
+#   defaults: models/tiny, 1000000 characters, 30 and 120 short requests
+#
+# Every process listens on a free port on 127.0.0.1; logs go to a temporary directory that is
+# printed (and kept) at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DSERVE=${DSERVE:-build/dserve}
+MODEL=${1:-models/tiny}
+CHARS=${2:-1000000}
+SHORTS_A=${3:-30}
+SHORTS_B=${4:-120}
+WORK=$(mktemp -d /tmp/dserve-poison-pill.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+# Starts `dserve serve ARGS...` logging to $WORK/NAME.log; prints the address it serves on.
+serve() {
+  local name=$1
+  shift
+  "$DSERVE" serve "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
+  pids+=($!)
+  for _ in $(seq 1 600); do
+    local line
+    line=$(grep -m1 "^dserve: serving" "$WORK/$name.out" 2>/dev/null || true)
+    if [ -n "$line" ]; then
+      echo "$line"
+      return
+    fi
+    sleep 0.1
+  done
+  echo "$name did not start; its log:" >&2
+  cat "$WORK/$name.log" >&2
+  exit 1
+}
+addr() { grep -o '127\.0\.0\.1:[0-9]*' <<<"$1" | head -1; }
+
+p1=$(addr "$(serve prefill-1 --role prefill --model "$MODEL" --listen 127.0.0.1:0)")
+p2=$(addr "$(serve prefill-2 --role prefill --model "$MODEL" --listen 127.0.0.1:0)")
+d1=$(addr "$(serve decode-1 --role decode --model "$MODEL" --listen 127.0.0.1:0)")
+gline=$(serve gateway --role gateway --model "$MODEL" --listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 \
+  --prefill "$p1,$p2" --decode "$d1")
+grpc=$(grep -o 'grpc 127\.0\.0\.1:[0-9]*' <<<"$gline" | cut -d' ' -f2)
+echo "cluster: prefill $p1 $p2, decode $d1, gateway gRPC $grpc; logs in $WORK"
+
+# N short requests, one a second; one line per request: exit code and TTFT in ms.
+shorts() {
+  local out=$1 n=$2
+  for i in $(seq 1 "$n"); do
+    local rc=0
+    timeout 60 "$DSERVE" submit --gateway "$grpc" --prompt "Hello" --max-tokens 4 \
+      >/dev/null 2>"$WORK/one.err" || rc=$?
+    local ttft
+    ttft=$(grep -o 'first token [0-9.]* ms' "$WORK/one.err" | tail -1 | cut -d' ' -f3)
+    echo "$rc ${ttft:-none}" >>"$out"
+    sleep 1
+  done
+}
+report() {
+  local name=$1 file=$2
+  local n failed
+  n=$(wc -l <"$file")
+  failed=$(awk '$1 != 0' "$file" | wc -l)
+  awk '$1 == 0 {print $2}' "$file" | sort -n | awk -v name="$name" -v n="$n" -v failed="$failed" '
+    {v[NR] = $1}
+    END {
+      if (NR == 0) { printf "%s: %d requests, %d failed\n", name, n, failed; exit }
+      i50 = int(NR * 0.50 + 0.999); i99 = int(NR * 0.99 + 0.999)
+      printf "%s: %d requests, %d failed; TTFT p50 %.1f ms, p99 %.1f ms, max %.1f ms\n",
+             name, n, failed, v[i50], v[i99], v[NR]
+    }'
+}
+
+shorts "$WORK/phase-a.txt" "$SHORTS_A"
+/usr/bin/python3 -c "
+import json, random, sys
+random.seed(1)
+word = ''.join(random.choice('abcdefghijklmnopqrstuvwxyz') for _ in range($CHARS))
+print(json.dumps({'id': 'long', 'prompt': word, 'max_tokens': 4}))" >"$WORK/long.jsonl"
+start=$(date +%s.%N)
+("$DSERVE" submit --gateway "$grpc" --jobs "$WORK/long.jsonl" --out "$WORK/long.out" \
+  2>"$WORK/long.err" || true; date +%s.%N >"$WORK/long.end") &
+long_pid=$!
+shorts "$WORK/phase-b.txt" "$SHORTS_B"
+wait "$long_pid"
+
+report "phase A (alone)" "$WORK/phase-a.txt"
+report "phase B (with a $CHARS-character word)" "$WORK/phase-b.txt"
+tokens=$(grep -o 'prompt_tokens=[0-9]*' "$WORK/gateway.log" | sort -t= -k2 -n | tail -1)
+placements=$(grep -c "placed .*${tokens} *$" "$WORK/gateway.log" || true)
+echo "long prompt ($tokens): $(cut -c1-300 "$WORK/long.out"); $placements placement(s);" \
+  "$(awk -v s="$start" '{printf "%.1f s", $1 - s}' "$WORK/long.end")"
+echo "replays in the gateway log: $(grep -c ' replayed ' "$WORK/gateway.log" || true)"
