@@ -6,6 +6,7 @@
 #
 #   bench/poison_pill.sh [MODEL_DIR] [CHARS] [SHORTS_A] [SHORTS_B]
 #   defaults: models/tiny, 1000000 characters, 30 and 120 short requests
+#   LONG_TIMEOUT_MS=N gives the long prompt that deadline (default: the gateway's, 300 s)
 #
 # Every process listens on a free port on 127.0.0.1; logs go to a temporary directory that is
 # printed (and kept) at the end.
@@ -83,7 +84,10 @@ shorts "$WORK/phase-a.txt" "$SHORTS_A"
 import json, random, sys
 random.seed(1)
 word = ''.join(random.choice('abcdefghijklmnopqrstuvwxyz') for _ in range($CHARS))
-print(json.dumps({'id': 'long', 'prompt': word, 'max_tokens': 4}))" >"$WORK/long.jsonl"
+job = {'id': 'long', 'prompt': word, 'max_tokens': 4}
+if '${LONG_TIMEOUT_MS:-}':
+    job['timeout_ms'] = int('${LONG_TIMEOUT_MS:-0}')
+print(json.dumps(job))" >"$WORK/long.jsonl"
 start=$(date +%s.%N)
 ("$DSERVE" submit --gateway "$grpc" --jobs "$WORK/long.jsonl" --out "$WORK/long.out" \
   2>"$WORK/long.err" || true; date +%s.%N >"$WORK/long.end") &

@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <thread>
 #include <utility>
 
@@ -947,9 +948,11 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
   std::vector<TokenId> produced;
   produced.reserve(job.max_new_tokens);
   std::string last_error;
-  // Prefill workers lost (hung past their probes, crashed, restarted) while they computed this
-  // request's prompt: a prompt that takes down every worker it is given is not replayed on and on.
-  int prefill_losses = 0;
+  // Prefill workers (by endpoint) lost (hung past their probes, crashed, restarted) while they
+  // computed this request's prompt: a prompt that takes down every worker it is given is not
+  // replayed on and on. One loss is often seen twice (the call fails, the connection drops) and
+  // may be seen again by the next attempt if it was placed there before the loss was known.
+  std::set<size_t> prefill_lost;
   auto channel = std::make_shared<Channel>();
 
   for (uint32_t attempt_no = 0;; ++attempt_no) {
@@ -984,11 +987,12 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
     prompt.insert(prompt.end(), produced.begin(), produced.end());
     // Counts a prefill worker lost while it computed this attempt's prompt; past the bound,
     // the request's end (a prompt that stops every worker it is given is not replayed).
-    auto count_prefill_loss = [&]() -> std::optional<GenerateOutcome> {
-      if (++prefill_losses < opt_.max_prefill_losses) return std::nullopt;
+    auto count_prefill_loss = [&](size_t worker) -> std::optional<GenerateOutcome> {
+      prefill_lost.insert(worker);
+      if (prefill_lost.size() < static_cast<size_t>(opt_.max_prefill_losses)) return std::nullopt;
       out.tokens = static_cast<uint32_t>(produced.size());
       return finish(resource_exhausted(
-          "not placed again: " + std::to_string(prefill_losses) +
+          "not placed again: " + std::to_string(prefill_lost.size()) +
           " prefill workers were lost while they computed this prompt (" +
           std::to_string(prompt.size()) +
           " tokens), so the prompt itself may be what stops them; the last: " + last_error));
@@ -1200,7 +1204,7 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
           // No reply at all (the worker died or hung past the call's bound), as opposed to a
           // worker's own refusal: the worker was lost while computing this prompt.
           if (!r.is_ok()) {
-            if (auto lost = count_prefill_loss()) return *lost;
+            if (auto lost = count_prefill_loss(prefill->index)) return *lost;
           }
           replay = true;
           break;
@@ -1209,7 +1213,7 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
           last_error = ev->why;
           end_attempt(attempt, false, "a worker of this request failed");
           if (ev->worker == prefill->index) {
-            if (auto lost = count_prefill_loss()) return *lost;
+            if (auto lost = count_prefill_loss(prefill->index)) return *lost;
           }
           replay = true;
           break;

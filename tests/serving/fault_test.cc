@@ -14,6 +14,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <fstream>
 #include <latch>
 #include <mutex>
 #include <optional>
@@ -236,6 +237,23 @@ TEST(Faults, PrefillKilledMidPrefillReplaysElsewhere) {
 
 // ---- 2b. a prefill worker stopped mid-hand-off for longer than the region grace ------------
 
+// CPU time process `pid` has used (utime + stime, in clock ticks of 10 ms).
+uint64_t cpu_ticks(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text;
+  std::getline(stat, text);
+  const size_t close = text.rfind(')');  // the command name may hold spaces
+  if (close == std::string::npos) return 0;
+  std::istringstream fields(text.substr(close + 2));
+  std::string field;
+  uint64_t utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && fields >> field; ++i) {
+    if (i == 14) utime = std::stoull(field);
+    if (i == 15) stime = std::stoull(field);
+  }
+  return utime + stime;
+}
+
 // The red team's remote crash: a prefill worker is stopped (SIGSTOP) while it serves a
 // request, for longer than the decode worker's --region-grace-ms; the gateway replays the
 // request elsewhere and drops its reservation; requests keep flowing, so the dropped range is
@@ -247,8 +265,9 @@ TEST(Faults, PrefillStoppedPastTheRegionGraceCannotHarmTheDecodeWorker) {
   ClusterOptions o;
   o.prefill = 2;
   o.decode = 1;
-  // One step takes the victim's whole prompt (about 2 s here), so a stop lands inside it.
-  o.prefill_args = {"--transfer-timeout-ms", "1000", "--token-budget", "16384"};
+  // One step takes the victim's whole prompt (about 2 s here, no time bound), so a stop lands
+  // inside it and the put follows the resume before any cancel can be read.
+  o.prefill_args = {"--transfer-timeout-ms", "1000", "--token-budget", "16384", "--step-ms", "0"};
   o.decode_args = {"--transfer-timeout-ms", "1000", "--region-grace-ms", "1500"};
   ServeCluster cluster(o);
   ASSERT_TRUE(cluster.ready()) << cluster.logs();
@@ -268,7 +287,7 @@ TEST(Faults, PrefillStoppedPastTheRegionGraceCannotHarmTheDecodeWorker) {
     sent.push_back(Sent{std::move(job), std::move(r)});
   };
 
-  // The victim: one long prefill step; its worker is stopped 300 ms after the placement.
+  // The victim: one long prefill step; its worker is stopped while it computes it.
   Job victim;
   victim.prompt = random_prompt(12000, 4100);
   victim.max_tokens = 6;
@@ -289,7 +308,13 @@ TEST(Faults, PrefillStoppedPastTheRegionGraceCannotHarmTheDecodeWorker) {
   }
   if (stopped == nullptr) victim_thread.join();
   ASSERT_NE(stopped, nullptr) << "the victim was never placed\n" << cluster.logs();
-  std::this_thread::sleep_for(milliseconds(300));
+  // Stopped once it computes (it burns CPU; idle, it answers a probe now and then): the put
+  // comes at the end of that step, after the resume.
+  for (const auto until = Clock::now() + std::chrono::seconds(20); Clock::now() < until;) {
+    const uint64_t before = cpu_ticks(stopped->pid());
+    std::this_thread::sleep_for(milliseconds(100));
+    if (cpu_ticks(stopped->pid()) >= before + 3) break;  // >= 30 ms of CPU in 100 ms
+  }
   ::kill(stopped->pid(), SIGSTOP);
 
   // While it is stopped: the gateway gives up on it (missed probes), replays the victim on the
