@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "dserve/core/check.h"
+#include "dserve/kernels/invariant_gemm.h"
 #include "row_pool.h"
 
 namespace dserve::kernels::cpu {
@@ -43,20 +44,12 @@ void matmul_rows(const float* x, int64_t n, int64_t k, const float* w, int64_t m
       std::fill(y + i * y_stride, y + i * y_stride + m, 0.0f);
     return;
   }
-  // One matrix-vector product per row, never a matrix-matrix product: BLAS GEMM results
-  // depend on the number of rows and on a row's place among them (its kernels block and
-  // split differently), so a token's output would depend on which other tokens shared the
-  // call. Row by row, a token gets the same bits alone, in any chunk, or in any batch: the
-  // property every serving path's equality with the plain forward rests on.
-  // Rows are spread over the cores (row_pool.h) once a part is worth a thread.
-  use_single_threaded_blas();
-  const int64_t min_rows = std::max<int64_t>(1, kMinMacsPerPart / std::max<int64_t>(1, m * k));
-  detail::for_each_row_part(n, min_rows, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(m), static_cast<int>(k), 1.0f, w,
-                  static_cast<int>(k), x + i * k, 1, 0.0f, y + i * y_stride, 1);
-    }
-  });
+  // Never a BLAS GEMM: its results depend on the number of rows and on a row's place among
+  // them (its kernels block and split differently), so a token's output would depend on which
+  // other tokens shared the call. The batch-invariant product (invariant_gemm.h) gives a
+  // token the same bits alone, in any chunk, or in any batch, the property every serving
+  // path's equality with the plain forward rests on, and reads each weight once for all rows.
+  invariant_matmul(x, n, k, w, m, y, y_stride);
 }
 
 void gemm(bool b_transposed, int64_t n, int64_t m, int64_t k, const float* a, int64_t lda,

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The batch-invariant product against OpenBLAS sgemm, with OpenBLAS on each core type it may
+# pick here (its default guess, Haswell, SkylakeX): bench/RESULTS.md keeps the best OpenBLAS.
+#   bench/gemm_bench.sh [build-dir] [extra gemm_bench flags]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+build="${1:-build}"
+shift || true
+cmake --build "$build" --target gemm_bench
+echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; date: $(date -u +%F)"
+"$build/bench/gemm_bench" --benchmark_filter=BM_Invariant "$@"
+for core in "" Haswell SkylakeX; do
+  OPENBLAS_CORETYPE=$core "$build/bench/gemm_bench" --benchmark_filter='BM_OpenBlas|BM_Stream' "$@"
+done
