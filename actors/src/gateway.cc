@@ -1123,9 +1123,24 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
                                  });
 
     // ---- the stream ----
+    // While the prefill runs, the decode reservation's lease is renewed (a long prompt takes
+    // longer than the decode worker's reservation timeout).
+    caf::actor decode_handle;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      decode_handle = workers_[reserved->decode].handle;
+    }
+    auto next_renewal = SteadyClock::now() + opt_.reservation_renewal;
+    bool prefill_replied = false;
     bool replay = false;
     while (!replay) {
       std::optional<Event> ev = channel->pop(poll);
+      if (!prefill_replied && decode_handle && SteadyClock::now() >= next_renewal) {
+        next_renewal = SteadyClock::now() + opt_.reservation_renewal;
+        rt_.call_async<RenewReply>(caf::actor_cast<DecodeActor>(decode_handle),
+                                   RenewReservation{attempt, grant.reservation_id},
+                                   opt_.reserve_timeout, [](Result<RenewReply>) {});
+      }
       // Checked on every event too: a stream that never pauses must still stop when asked.
       if (is_cancelled()) {
         end_attempt(attempt, false, "cancelled by the client");
@@ -1182,6 +1197,7 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
           break;
         }
         case Event::Kind::kPrefillReply: {
+          prefill_replied = true;
           const Result<PrefillReply>& r = *ev->prefill;
           if (r.is_ok() && r->outcome == PrefillOutcome::kDone) {
             std::lock_guard<std::mutex> lock(mu_);
@@ -1238,6 +1254,8 @@ Result<std::unique_ptr<Gateway>> Gateway::start(ActorRuntime& runtime, GatewayOp
   if (options.max_running == 0) problems += "max_running must be at least 1; ";
   if (options.max_attempts < 1) problems += "max_attempts must be at least 1; ";
   if (options.max_prefill_losses < 1) problems += "max_prefill_losses must be at least 1; ";
+  if (options.reservation_renewal.count() <= 0)
+    problems += "reservation_renewal must be positive; ";
   if (options.probe_interval.count() <= 0 || options.probe_timeout.count() <= 0)
     problems += "probe_interval and probe_timeout must be positive; ";
   if (options.probe_failures_before_down < 1)

@@ -101,6 +101,8 @@ void register_message_types(caf::actor_system_config& cfg) {
   cfg.add_message_type<PrefillReply>("dserve.PrefillReply");
   cfg.add_message_type<HandoffDone>("dserve.HandoffDone");
   cfg.add_message_type<HandoffAck>("dserve.HandoffAck");
+  cfg.add_message_type<RenewReservation>("dserve.RenewReservation");
+  cfg.add_message_type<RenewReply>("dserve.RenewReply");
   cfg.add_message_type<CancelRequest>("dserve.CancelRequest");
   cfg.add_message_type<CancelReply>("dserve.CancelReply");
   cfg.add_message_type<HealthProbe>("dserve.HealthProbe");

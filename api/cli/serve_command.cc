@@ -72,6 +72,7 @@ struct ServeOptions {
   int64_t max_prefill_losses = 2;
   int64_t max_prefill_queue_tokens = 8192;
   int64_t probe_interval_ms = 250;
+  int64_t reservation_renewal_ms = 5000;
   int64_t default_max_tokens = 256;
   int64_t max_prompt_tokens = 1 << 20;
   size_t http_max_body_bytes = size_t{1} << 20;
@@ -215,6 +216,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   gopts.log = logger->get();
   (*auth)->set_logger(logger->get());
   gopts.probe_interval = std::chrono::milliseconds(o.probe_interval_ms);
+  gopts.reservation_renewal = std::chrono::milliseconds(o.reservation_renewal_ms);
   auto gateway = actors::Gateway::start(rt, gopts);
   if (!gateway.is_ok()) {
     print_error(gateway.status().to_string());
@@ -699,6 +701,11 @@ Command add_serve_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_option("--probe-interval-ms", o->probe_interval_ms, "gateway: worker health probes")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--reservation-renewal-ms", o->reservation_renewal_ms,
+                  "gateway: while a prefill runs, its decode reservation is renewed this often "
+                  "(keep it well under the decode workers' --reservation-timeout-ms)")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   cmd->add_option("--default-max-tokens", o->default_max_tokens,

@@ -63,6 +63,8 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
     add("--ready-timeout-ms", m.timeouts.ready_ms);
     add("--request-timeout-ms", m.timeouts.request_ms);
     add("--probe-interval-ms", m.timeouts.probe_interval_ms);
+    // A third of the decode workers' reservation timeout: two renewals may be lost.
+    add("--reservation-renewal-ms", std::max<int64_t>(1, m.timeouts.reservation_ms / 3));
     add("--max-running", m.limits.max_running);
     add("--max-queued", m.limits.max_queued);
     add("--max-attempts", m.limits.max_attempts);

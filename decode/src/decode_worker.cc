@@ -45,6 +45,9 @@ struct Reservation {
   std::vector<int32_t> generated;  // before this placement, for the penalties
   TokenSinkActor sink;
   HandoffArena::Lease lease;  // where the prefill worker writes the state
+  // When it expires without a HandoffDone: reservation_timeout after the grant or the last
+  // RenewReservation, never past the deadline.
+  std::chrono::steady_clock::time_point expires;
 };
 
 struct Decoding {
@@ -262,6 +265,16 @@ HandoffAck accept_handoff(WorkerState& s, const HandoffDone& done) {
   return ack;
 }
 
+// How long a reservation is held from now: the reservation timeout, never past the deadline.
+std::chrono::milliseconds lease_time(const DecodeWorkerOptions& options, int64_t deadline_unix_ms) {
+  auto expiry = options.reservation_timeout;
+  if (deadline_unix_ms > 0) {
+    expiry = std::min(
+        expiry, std::chrono::milliseconds(std::max<int64_t>(0, deadline_unix_ms - unix_ms_now())));
+  }
+  return expiry;
+}
+
 // Grants or refuses `req` (the ReserveRequest handler, before logging and counting).
 ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, ReserveRequest& req) {
   auto& s = self->state;
@@ -323,18 +336,31 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
   reply.transfer_keys =
       kvstore::encode_handoff_keys({s.engine->local_address(), std::move(remote).value()});
   s.used_bytes += lease->bytes;
-  s.reservations.emplace(
-      reply.reservation_id,
-      Reservation{req.request_id, req.trace_id, req.prompt_tokens, req.max_new_tokens,
-                  req.deadline_unix_ms, sampling, std::move(req.generated),
-                  std::move(req.stream_to), std::move(lease).value()});
-  auto expiry = s.options.reservation_timeout;
-  if (req.deadline_unix_ms > 0) {
-    expiry = std::min(expiry, std::chrono::milliseconds(
-                                  std::max<int64_t>(0, req.deadline_unix_ms - unix_ms_now())));
-  }
+  s.reservations.emplace(reply.reservation_id, Reservation{req.request_id,
+                                                           req.trace_id,
+                                                           req.prompt_tokens,
+                                                           req.max_new_tokens,
+                                                           req.deadline_unix_ms,
+                                                           sampling,
+                                                           std::move(req.generated),
+                                                           std::move(req.stream_to),
+                                                           std::move(lease).value(),
+                                                           {}});
+  const auto expiry = lease_time(s.options, req.deadline_unix_ms);
+  s.reservations.at(reply.reservation_id).expires = std::chrono::steady_clock::now() + expiry;
   self->delayed_send(self, expiry, expire_atom::value, reply.reservation_id);
   return reply;
+}
+
+// Moves the expiry of the reservation `renew` names (RenewReservation).
+RenewReply renew_reservation(WorkerState& s, const RenewReservation& renew) {
+  auto it = s.reservations.find(renew.reservation_id);
+  if (it == s.reservations.end() || it->second.request_id != renew.request_id) {
+    return RenewReply{renew.request_id, false};
+  }
+  it->second.expires =
+      std::chrono::steady_clock::now() + lease_time(s.options, it->second.deadline_unix_ms);
+  return RenewReply{renew.request_id, true};
 }
 
 // Drops the reservation or ends the decoding request `cancel` names.
@@ -447,6 +473,7 @@ DecodeWorkerActor::behavior_type decode_worker(
         kick();
         return ack;
       },
+      [self](RenewReservation& renew) { return renew_reservation(self->state, renew); },
       [self](CancelRequest& cancel) {
         auto& s = self->state;
         CancelReply reply = cancel_request(self, cancel);
@@ -526,6 +553,13 @@ DecodeWorkerActor::behavior_type decode_worker(
       [self](expire_atom, ReservationId id) {
         auto it = self->state.reservations.find(id);
         if (it == self->state.reservations.end()) return;
+        const auto now = std::chrono::steady_clock::now();
+        if (it->second.expires > now) {  // renewed meanwhile: look again when the lease ends
+          self->delayed_send(self,
+                             std::chrono::ceil<std::chrono::milliseconds>(it->second.expires - now),
+                             expire_atom::value, id);
+          return;
+        }
         self->state.log(ops::LogLevel::kWarn, "reservation_expired", it->second.trace_id,
                         {{"attempt_id", it->second.request_id}, {"reservation_id", id}});
         abandon_reservation(self->state, it);

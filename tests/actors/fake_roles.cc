@@ -83,6 +83,11 @@ DecodeActor::behavior_type fake_decode(DecodeActor::stateful_pointer<FakeDecodeS
         }
         return ack;
       },
+      [self](RenewReservation& renew) {
+        auto it = self->state.reservations.find(renew.reservation_id);
+        return RenewReply{renew.request_id, it != self->state.reservations.end() &&
+                                                it->second.request_id == renew.request_id};
+      },
       [self](CancelRequest& cancel) {
         CancelReply reply{cancel.request_id, false};
         for (auto it = self->state.reservations.begin(); it != self->state.reservations.end();

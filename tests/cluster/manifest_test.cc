@@ -142,6 +142,8 @@ TEST(ManifestExamples, SingleNodeValidatesAndGivesServeCommands) {
                              "300000",
                              "--probe-interval-ms",
                              "250",
+                             "--reservation-renewal-ms",
+                             "10000",
                              "--max-running",
                              "256",
                              "--max-queued",

@@ -2,6 +2,7 @@
 // processes: the gateway stops replaying it after --max-prefill-losses lost workers and says
 // why, and a worker that was unreachable while its request was replayed elsewhere stops that
 // request's work within a step of being reachable again (the gateway owes it the cancel).
+// A prefill longer than the decode reservation timeout keeps its reservation (renewed).
 // The long-prompt case itself (steps bounded in time, probes answered) is measured by
 // bench/poison_pill.sh; prefill_scheduler_test checks the time bound.
 
@@ -157,6 +158,34 @@ TEST(PoisonPill, AnAbandonedPrefillStopsWithinAStepOfItsWorkerComingBack) {
                "[ info ] abandoned prefill: dropped %.2f s after its worker resumed; the request "
                "completed on attempt %u, token-exact\n",
                drop_s, (*result)->usage.attempts());
+}
+
+// A prefill longer than the decode workers' reservation timeout: the gateway renews the
+// reservation while it runs, so the hand-off is accepted on the first placement (it used to
+// expire, be refused, and the request be placed again).
+TEST(PoisonPill, ALongPrefillKeepsItsDecodeReservation) {
+  ClusterOptions o;
+  o.prefill = 1;
+  o.decode = 1;
+  o.decode_args = {"--reservation-timeout-ms", "1500"};
+  o.gateway_args = {"--reservation-renewal-ms", "300"};
+  ServeCluster cluster(o);
+  ASSERT_TRUE(cluster.ready()) << cluster.logs();
+  auto client = connect_client(cluster);
+  ASSERT_TRUE(client);
+  const auto prompt = random_prompt(20000, 5300);
+  auto r = client->generate(testing_support::request_for(prompt, 3), {}, std::chrono::seconds(180));
+  ASSERT_TRUE(r.is_ok()) << r.status().to_string() << "\n" << cluster.logs();
+  EXPECT_EQ(r->tokens, reference_tokens(prompt, 3));
+  // The prefill took longer than the reservation timeout (or this test proves nothing).
+  ASSERT_GT(r->usage.time_to_first_token_ms(), 1500.0) << "the prompt was prefilled too fast";
+  EXPECT_EQ(r->usage.attempts(), 1u) << cluster.logs();
+  EXPECT_EQ(cluster.decode[0]->log().find("reservation_expired"), std::string::npos)
+      << cluster.decode[0]->log();
+  std::fprintf(stderr,
+               "[ info ] long prefill: %.0f ms to the first token, reservation timeout 1500 ms, "
+               "%u placement(s)\n",
+               r->usage.time_to_first_token_ms(), r->usage.attempts());
 }
 
 }  // namespace

@@ -77,6 +77,9 @@ struct GatewayOptions {
   int probe_failures_before_down = 3;
   // Bound on one ReserveRequest round trip.
   std::chrono::milliseconds reserve_timeout{5000};
+  // While an attempt's prefill runs, its decode reservation is renewed this often
+  // (RenewReservation); keep it well under the decode workers' --reservation-timeout-ms.
+  std::chrono::milliseconds reservation_renewal{5000};
   // Deadline of a request that names none.
   std::chrono::milliseconds default_deadline{300000};
   size_t max_running = 256;

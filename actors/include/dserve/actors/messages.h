@@ -68,7 +68,9 @@ using TokenSinkActor = caf::typed_actor<caf::reacts_to<TokenChunk>>;
 // Sent by the gateway to a decode worker before any prefill starts: "hold KV pages for request
 // R with `prompt_tokens` prompt tokens and up to `max_new_tokens` outputs, and stream its
 // tokens to `stream_to`". Answered with ReserveReply. A granted reservation is released by
-// CancelRequest, by its deadline passing without a HandoffDone, or when the request finishes.
+// CancelRequest, by its lease (the decode worker's reservation timeout, moved on by each
+// RenewReservation, never past the deadline) running out without a HandoffDone, or when the
+// request finishes.
 struct ReserveRequest {
   RequestId request_id = 0;
   uint32_t prompt_tokens = 0;
@@ -181,6 +183,23 @@ struct HandoffAck {
   RequestId request_id = 0;
   bool accepted = false;
   std::string reason;  // why not accepted
+};
+
+// ---- gateway -> decode: a reservation's lease ----------------------------------------------
+
+// Sent by the gateway every few seconds while the prefill of the attempt holding reservation
+// `reservation_id` runs: the reservation's expiry moves to the decode worker's reservation
+// timeout from now (never past the request's deadline). A long prefill (a 100k-token prompt
+// takes minutes on a CPU) keeps its reservation; a gateway that died stops renewing and the
+// reservation expires. Answered with RenewReply; renewed = false for an unknown reservation.
+struct RenewReservation {
+  RequestId request_id = 0;
+  ReservationId reservation_id = 0;
+};
+
+struct RenewReply {
+  RequestId request_id = 0;
+  bool renewed = false;
 };
 
 // ---- gateway -> prefill / decode: cancellation --------------------------------------------
@@ -312,6 +331,16 @@ typename Inspector::result_type inspect(Inspector& f, HandoffDone& x) {
 template <class Inspector>
 typename Inspector::result_type inspect(Inspector& f, HandoffAck& x) {
   return f(caf::meta::type_name("dserve.HandoffAck"), x.request_id, x.accepted, x.reason);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, RenewReservation& x) {
+  return f(caf::meta::type_name("dserve.RenewReservation"), x.request_id, x.reservation_id);
+}
+
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, RenewReply& x) {
+  return f(caf::meta::type_name("dserve.RenewReply"), x.request_id, x.renewed);
 }
 
 template <class Inspector>

@@ -12,7 +12,10 @@
 //   A self-sent step message drives DecodeBatch::step() while the batch is not empty; every
 //     step's tokens go to the request's sink as TokenChunk messages, the last one finished.
 //   CancelRequest -> drops a reservation or ends a decoding request.
-//   A reservation that gets no HandoffDone within min(reservation_timeout, its deadline) expires.
+//   RenewReservation -> the reservation's expiry moves to reservation_timeout from now (the
+//     gateway renews while the prefill runs).
+//   A reservation that gets no HandoffDone within min(reservation_timeout since its grant or
+//   last renewal, its deadline) expires.
 //   Either way a dropped reservation's range stays fenced for region_grace (handoff_arena.h).
 //
 // Region layout (what prefill writes): [packed state of prompt_tokens tokens, exactly
