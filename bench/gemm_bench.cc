@@ -1,7 +1,9 @@
 // The batch-invariant product (kernels/invariant_gemm.h) against OpenBLAS sgemm at the
 // model's Linear shapes, M = 1..512 rows, both on every core, in one run: GFLOP/s of each and
-// the ratio. Also the memory bandwidth of a plain streaming read (for the small-M points,
-// which read the whole weight once). See bench/gemm_bench.sh (it sets OPENBLAS_CORETYPE).
+// the ratio. Also the CPU backend's previous way to batch invariance: one single-threaded
+// OpenBLAS sgemv per row, rows split over the cores (it reads the weight once per row). Also the
+// memory bandwidth of a plain streaming read (for the small-M points, which read the whole weight
+// once). See bench/gemm_bench.sh (it sets OPENBLAS_CORETYPE).
 //
 //   gemm_bench [--benchmark_filter=...]
 
@@ -9,11 +11,13 @@
 #include <cblas.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dserve/kernels/invariant_gemm.h"
@@ -51,15 +55,38 @@ const std::vector<float>& weight(int shape) {
   return it->second;
 }
 
-void run(benchmark::State& state, bool invariant) {
+enum class Impl { kInvariant, kSgemm, kSgemvPerRow };
+
+// y[i] = W x[i] for rows [begin, end), one sgemv each.
+void sgemv_rows(const Shape& s, const float* w, const float* x, float* y, int64_t begin,
+                int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(s.m), static_cast<int>(s.k), 1.0f, w,
+                static_cast<int>(s.k), x + i * s.k, 1, 0.0f, y + i * s.m, 1);
+  }
+}
+
+void run(benchmark::State& state, Impl impl) {
   const Shape& s = kShapes[state.range(0)];
   const int64_t n = state.range(1);
   const auto& w = weight(static_cast<int>(state.range(0)));
   const auto x = random_floats(static_cast<size_t>(n * s.k), 2);
   std::vector<float> y(static_cast<size_t>(n * s.m));
+  const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  openblas_set_num_threads(impl == Impl::kSgemvPerRow ? 1 : static_cast<int>(cores));
   for (auto _ : state) {
-    if (invariant) {
+    if (impl == Impl::kInvariant) {
       dserve::kernels::cpu::invariant_matmul(x.data(), n, s.k, w.data(), s.m, y.data(), s.m);
+    } else if (impl == Impl::kSgemvPerRow) {
+      const int64_t parts = std::min<int64_t>(cores, n);
+      std::vector<std::thread> threads;
+      for (int64_t p = 1; p < parts; ++p) {
+        threads.emplace_back(sgemv_rows, s, w.data(), x.data(), y.data(), n * p / parts,
+                             n * (p + 1) / parts);
+      }
+      sgemv_rows(s, w.data(), x.data(), y.data(), 0, n / parts);
+      for (auto& t : threads)
+        t.join();
     } else {
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(n),
                   static_cast<int>(s.m), static_cast<int>(s.k), 1.0f, x.data(),
@@ -78,10 +105,13 @@ void run(benchmark::State& state, bool invariant) {
 }
 
 void BM_Invariant(benchmark::State& state) {
-  run(state, true);
+  run(state, Impl::kInvariant);
 }
 void BM_OpenBlasSgemm(benchmark::State& state) {
-  run(state, false);
+  run(state, Impl::kSgemm);
+}
+void BM_SgemvPerRow(benchmark::State& state) {
+  run(state, Impl::kSgemvPerRow);
 }
 
 void shapes(benchmark::internal::Benchmark* b) {
@@ -93,11 +123,13 @@ void shapes(benchmark::internal::Benchmark* b) {
 }
 BENCHMARK(BM_Invariant)->Apply(shapes);
 BENCHMARK(BM_OpenBlasSgemm)->Apply(shapes);
+BENCHMARK(BM_SgemvPerRow)->Apply(shapes);
 
 // A streaming read of 512 MiB (sum of floats, on every core through OpenBLAS's sasum): the
 // machine's memory bandwidth as the products see it.
 void BM_StreamRead(benchmark::State& state) {
   static const std::vector<float> big = random_floats(size_t{128} << 20, 3);
+  openblas_set_num_threads(static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)));
   for (auto _ : state) {
     float s = cblas_sasum(static_cast<int>(big.size()), big.data(), 1);
     benchmark::DoNotOptimize(s);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The batch-invariant product against OpenBLAS sgemm, with OpenBLAS on each core type it may
-# pick here (its default guess, Haswell, SkylakeX): bench/RESULTS.md keeps the best OpenBLAS.
+# use here (its own guess, Haswell, SkylakeX, Cooperlake): bench/RESULTS.md keeps the best
+# OpenBLAS time of each point.
 #   bench/gemm_bench.sh [build-dir] [extra gemm_bench flags]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +9,11 @@ build="${1:-build}"
 shift || true
 cmake --build "$build" --target gemm_bench
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores; date: $(date -u +%F)"
-"$build/bench/gemm_bench" --benchmark_filter=BM_Invariant "$@"
-for core in "" Haswell SkylakeX; do
-  OPENBLAS_CORETYPE=$core "$build/bench/gemm_bench" --benchmark_filter='BM_OpenBlas|BM_Stream' "$@"
+"$build/bench/gemm_bench" --benchmark_filter='BM_Invariant|BM_SgemvPerRow' "$@"
+for core in default Haswell SkylakeX Cooperlake; do
+  if [ "$core" = default ]; then
+    env -u OPENBLAS_CORETYPE "$build/bench/gemm_bench" --benchmark_filter='BM_OpenBlas|BM_Stream' "$@"
+  else
+    OPENBLAS_CORETYPE=$core "$build/bench/gemm_bench" --benchmark_filter='BM_OpenBlas|BM_Stream' "$@"
+  fi
 done

@@ -3,6 +3,9 @@
 // over one K block; tiles of any shape (the edges use smaller R and C) run the same per-element
 // operations, so a row's results do not depend on the tile it fell in, hence not on n.
 //
+// The loops over a tile's rows and columns are unrolled (#pragma GCC unroll): at -O2 GCC would
+// keep the accumulators in memory otherwise.
+//
 // Blocking: the columns (rows of w) are split across the cores; each part walks the K blocks,
 // then panels of kRowPanel rows of x (a panel's K block stays in L2), then C rows of w at a time
 // (their K block stays in L1) against every R rows of the panel.
@@ -27,7 +30,9 @@ constexpr int64_t kMinMacsPerPart = int64_t{1} << 18;
 // What one tile writes: the K block's sum of element (r, c), added to y or stored in it.
 template <int R, int C>
 inline void write_tile(const float (&sums)[R][C], float* y, int64_t ldy, bool first) {
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       float& out = y[r * ldy + c];
       out = first ? sums[r][c] : out + sums[r][c];
@@ -43,7 +48,9 @@ void tile_portable(const float* x, int64_t ldx, const float* w, int64_t ldw, int
   float acc[R][C][8] = {};
   for (int64_t kk = 0; kk < kc; kk += 8) {
     const int lanes = static_cast<int>(std::min<int64_t>(8, kc - kk));
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
       for (int c = 0; c < C; ++c) {
         for (int l = 0; l < lanes; ++l) {
           const float p = x[r * ldx + kk + l] * w[c * ldw + kk + l];
@@ -53,7 +60,9 @@ void tile_portable(const float* x, int64_t ldx, const float* w, int64_t ldw, int
     }
   }
   float sums[R][C];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const float* a = acc[r][c];
       const float s4[4] = {a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]};
@@ -84,17 +93,22 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t ldx, 
                                                    int64_t ldw, int64_t kc, float* y, int64_t ldy,
                                                    bool first) {
   __m256 acc[R][C];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c)
       acc[r][c] = _mm256_setzero_ps();
   }
   int64_t kk = 0;
   for (; kk + 8 <= kc; kk += 8) {
     __m256 xv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
       xv[r] = _mm256_loadu_ps(x + r * ldx + kk);
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const __m256 wv = _mm256_loadu_ps(w + c * ldw + kk);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
         acc[r][c] = _mm256_fmadd_ps(xv[r], wv, acc[r][c]);
     }
@@ -103,16 +117,21 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t ldx, 
     const __m256i mask = tail_mask8(kc - kk);
     const __m256 keep = _mm256_castsi256_ps(mask);
     __m256 xv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
       xv[r] = _mm256_maskload_ps(x + r * ldx + kk, mask);
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const __m256 wv = _mm256_maskload_ps(w + c * ldw + kk, mask);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
         acc[r][c] = _mm256_blendv_ps(acc[r][c], _mm256_fmadd_ps(xv[r], wv, acc[r][c]), keep);
     }
   }
   float sums[R][C];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c)
       sums[r][c] = reduce8(acc[r][c]);
   }
@@ -138,17 +157,22 @@ __attribute__((target("avx512f"))) void tile_avx512(const float* x, int64_t ldx,
                                                     int64_t ldw, int64_t kc, float* y, int64_t ldy,
                                                     bool first) {
   __m512 acc[R][C];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c)
       acc[r][c] = _mm512_setzero_ps();
   }
   int64_t kk = 0;
   for (; kk + 16 <= kc; kk += 16) {
     __m512 xv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
       xv[r] = _mm512_loadu_ps(x + r * ldx + kk);
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const __m512 wv = _mm512_loadu_ps(w + c * ldw + kk);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
         acc[r][c] = _mm512_fmadd_ps(xv[r], wv, acc[r][c]);
     }
@@ -156,16 +180,21 @@ __attribute__((target("avx512f"))) void tile_avx512(const float* x, int64_t ldx,
   if (kk < kc) {  // the lanes past the block's end keep their value
     const auto mask = static_cast<__mmask16>((1u << (kc - kk)) - 1u);
     __m512 xv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
       xv[r] = _mm512_maskz_loadu_ps(mask, x + r * ldx + kk);
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       const __m512 wv = _mm512_maskz_loadu_ps(mask, w + c * ldw + kk);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
         acc[r][c] = _mm512_mask3_fmadd_ps(xv[r], wv, acc[r][c], mask);
     }
   }
   float sums[R][C];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
     for (int c = 0; c < C; ++c)
       sums[r][c] = reduce16(acc[r][c]);
   }
