@@ -74,6 +74,57 @@ void BM_Decode(benchmark::State& state, const char* preset) {
   state.counters["tok/s"] = benchmark::Counter(1.0, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// One decode step for B requests (each after a 256-token prompt): one batched forward over all
+// of them (what DecodeBatch::step runs), or one forward per request (what it ran before).
+// tok/s is the step's aggregate: B tokens per iteration.
+void decode_step(benchmark::State& state, const char* preset, bool batched) {
+  const model::Model& m = preset_model(preset);
+  const auto b = static_cast<size_t>(state.range(0));
+  std::vector<model::RequestState> states;
+  const auto prompt = tokens(256);
+  for (size_t i = 0; i < b; ++i) {
+    states.push_back(m.new_state());
+    (void)m.forward(prompt, states.back(), model::LogitsFor::kLastToken);
+  }
+  const int32_t one[1] = {42};
+  std::vector<model::Model::StepRequest> step;
+  for (auto& s : states)
+    step.push_back({one, &s, model::LogitsFor::kLastToken});
+  for (auto _ : state) {
+    if (batched) {
+      auto logits = m.forward_batch(step);
+      benchmark::DoNotOptimize(logits->front().data());
+    } else {
+      for (auto& s : states) {
+        auto logits = m.forward(one, s, model::LogitsFor::kLastToken);
+        benchmark::DoNotOptimize(logits->data());
+      }
+    }
+  }
+  state.counters["tok/s"] =
+      benchmark::Counter(static_cast<double>(b), benchmark::Counter::kIsIterationInvariantRate);
+}
+void BM_DecodeBatched(benchmark::State& state, const char* preset) {
+  decode_step(state, preset, true);
+}
+void BM_DecodeOneByOne(benchmark::State& state, const char* preset) {
+  decode_step(state, preset, false);
+}
+BENCHMARK_CAPTURE(BM_DecodeBatched, small, "small")
+    ->Arg(1)
+    ->Arg(4)
+    ->Arg(16)
+    ->Arg(64)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_CAPTURE(BM_DecodeOneByOne, small, "small")
+    ->Arg(1)
+    ->Arg(4)
+    ->Arg(16)
+    ->Arg(64)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
 BENCHMARK_CAPTURE(BM_Prefill, tiny, "tiny")
     ->Arg(512)
     ->Arg(4096)

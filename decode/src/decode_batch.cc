@@ -70,37 +70,52 @@ std::vector<TokenEvent> DecodeBatch::step() {
   events.reserve(slots_.size());
   const auto now = Clock::now();
   const auto eos = static_cast<int32_t>(model_.config().eos_token_id);
-  for (auto& s : slots_) {
+  // First every request's next token; then one forward step over all that go on.
+  std::vector<int32_t> next(slots_.size());
+  std::vector<model::Model::StepRequest> step;
+  std::vector<size_t> stepping;  // slot index of each step request
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    Slot& s = *slots_[i];
     TokenEvent e;
-    e.request_id = s->request.id;
-    e.index = s->produced;
-    if (s->cancelled) {
+    e.request_id = s.request.id;
+    e.index = s.produced;
+    if (s.cancelled) {
       e.finished = FinishReason::kCancelled;
-    } else if (s->request.deadline && now >= *s->request.deadline) {
+    } else if (s.request.deadline && now >= *s.request.deadline) {
       e.finished = FinishReason::kDeadline;
     } else {
       const int32_t token =
-          s->sampler.sample(model::sampleable_logits(s->logits.span(), options_.sampleable_ids));
-      ++s->produced;
+          s.sampler.sample(model::sampleable_logits(s.logits.span(), options_.sampleable_ids));
+      ++s.produced;
       if (token == eos) {
         e.finished = FinishReason::kEndOfSequence;
       } else {
         e.token = token;
-        if (s->produced >= s->request.max_tokens) {
+        if (s.produced >= s.request.max_tokens) {
           e.finished = FinishReason::kMaxTokens;
         } else {
-          const int32_t one[1] = {token};
-          auto logits = model_.forward(one, s->request.state, model::LogitsFor::kLastToken);
-          if (logits.is_ok()) {
-            s->logits = std::move(logits).value();
-          } else {
-            e.finished = FinishReason::kError;
-            e.error = logits.status();
-          }
+          next[i] = token;
+          stepping.push_back(i);
         }
       }
     }
     events.push_back(std::move(e));
+  }
+  for (const size_t i : stepping) {
+    step.push_back(
+        {std::span(&next[i], 1), &slots_[i]->request.state, model::LogitsFor::kLastToken});
+  }
+  if (!step.empty()) {
+    auto logits = model_.forward_batch(step);
+    for (size_t j = 0; j < stepping.size(); ++j) {
+      const size_t i = stepping[j];
+      if (logits.is_ok()) {
+        slots_[i]->logits = std::move((*logits)[j]);
+      } else {
+        events[i].finished = FinishReason::kError;
+        events[i].error = logits.status();
+      }
+    }
   }
   // Finished requests leave now; their states (and pages) go with them.
   size_t i = 0;

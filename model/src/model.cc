@@ -57,15 +57,46 @@ Model& Model::operator=(Model&&) noexcept = default;
 
 Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& state, LogitsFor which,
                               const ForwardObserver& observe) const {
-  const auto n = static_cast<int64_t>(tokens.size());
-  if (n == 0) return invalid_argument("forward: the chunk has no tokens");
-  DSERVE_RETURN_IF_ERROR(detail::check_token_ids(tokens, config_.vocab_size));
-  DSERVE_CHECK_MSG(static_cast<int64_t>(state.layers().size()) == config_.num_layers,
-                   "the request state was made for another model");
+  const StepRequest one{tokens, &state, which};
+  auto logits = run_step(std::span(&one, 1), observe);
+  if (!logits.is_ok()) return logits.status();
+  return std::move(logits->front());
+}
+
+Result<std::vector<Tensor>> Model::forward_batch(std::span<const StepRequest> requests) const {
+  return run_step(requests, {});
+}
+
+Result<std::vector<Tensor>> Model::run_step(std::span<const StepRequest> requests,
+                                            const ForwardObserver& observe) const {
+  if (requests.empty()) return invalid_argument("forward: the step has no requests");
+  // Every request is checked before any state moves: a bad one fails the step untouched.
+  int64_t n = 0;
+  std::vector<int64_t> first_row, first_pos;
+  for (size_t r = 0; r < requests.size(); ++r) {
+    const StepRequest& q = requests[r];
+    const std::string which = requests.size() > 1 ? "request " + std::to_string(r) + ": " : "";
+    if (q.tokens.empty()) return invalid_argument("forward: " + which + "the chunk has no tokens");
+    if (Status ids = detail::check_token_ids(q.tokens, config_.vocab_size); !ids.is_ok()) {
+      return which.empty() ? ids : ids.with_context("forward: request " + std::to_string(r));
+    }
+    DSERVE_CHECK_MSG(
+        q.state != nullptr && static_cast<int64_t>(q.state->layers().size()) == config_.num_layers,
+        "the request state was made for another model");
+    for (size_t o = 0; o < r; ++o) {
+      DSERVE_CHECK_MSG(requests[o].state != q.state, "one request state twice in a step");
+    }
+    first_row.push_back(n);
+    first_pos.push_back(q.state->position());
+    n += static_cast<int64_t>(q.tokens.size());
+  }
   const int64_t hidden = config_.hidden_size;
   const int64_t hc = config_.hc_mult;
   const auto eps = static_cast<float>(config_.rms_norm_eps);
-  const int64_t first_pos = state.position();
+  std::vector<int32_t> tokens;  // every row's token, in step order (hash routing)
+  tokens.reserve(static_cast<size_t>(n));
+  for (const StepRequest& q : requests)
+    tokens.insert(tokens.end(), q.tokens.begin(), q.tokens.end());
 
   // The residual: the token embedding copied into hc_mult streams, [n, hc, hidden].
   std::vector<float> streams(static_cast<size_t>(n * hc * hidden));
@@ -81,15 +112,21 @@ Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& sta
     observe({"embed", {n, hidden}, embed});
   }
 
+  // Row-wise work runs over every row of the step at once (each row's bits do not depend on
+  // the others: kernels/invariant_gemm.h); attention runs per request over its own rows.
   std::vector<float> sublayer_out(static_cast<size_t>(n * hidden));
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     const LayerWeights& lw = weights_.layers[static_cast<size_t>(l)];
-    LayerState& ls = state.layers()[static_cast<size_t>(l)];
 
     detail::HyperMix mix = detail::hyper_connection_in(streams.data(), n, config_, lw.hc_attn);
     cpu::rms_norm(mix.collapsed.data(), n, hidden, lw.attn_norm.span(), eps);
-    detail::attention(mix.collapsed.data(), n, first_pos, config_, lw.attn, tables_->rope, ls,
-                      sublayer_out.data());
+    for (size_t r = 0; r < requests.size(); ++r) {
+      const int64_t row = first_row[r];
+      detail::attention(mix.collapsed.data() + row * hidden,
+                        static_cast<int64_t>(requests[r].tokens.size()), first_pos[r], config_,
+                        lw.attn, tables_->rope, requests[r].state->layers()[static_cast<size_t>(l)],
+                        sublayer_out.data() + row * hidden);
+    }
     detail::hyper_connection_out(streams.data(), sublayer_out.data(), mix, n, config_);
 
     mix = detail::hyper_connection_in(streams.data(), n, config_, lw.hc_ffn);
@@ -99,18 +136,41 @@ Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& sta
     detail::hyper_connection_out(streams.data(), sublayer_out.data(), mix, n, config_);
     if (observe) observe({"layer" + std::to_string(l), {n, hc, hidden}, streams});
   }
-  state.advance(n);
+  for (const StepRequest& q : requests)
+    q.state->advance(static_cast<int64_t>(q.tokens.size()));
 
-  const int64_t first_out = which == LogitsFor::kLastToken ? n - 1 : 0;
-  const int64_t n_out = n - first_out;
+  // The rows whose logits are asked for, gathered: [n_out, hc, hidden].
+  std::vector<int64_t> out_rows;
+  std::vector<int64_t> out_count;
+  for (size_t r = 0; r < requests.size(); ++r) {
+    const auto len = static_cast<int64_t>(requests[r].tokens.size());
+    const int64_t from = requests[r].which == LogitsFor::kLastToken ? len - 1 : 0;
+    for (int64_t t = from; t < len; ++t)
+      out_rows.push_back(first_row[r] + t);
+    out_count.push_back(len - from);
+  }
+  const auto n_out = static_cast<int64_t>(out_rows.size());
+  std::vector<float> out_streams(static_cast<size_t>(n_out * hc * hidden));
+  for (int64_t o = 0; o < n_out; ++o) {
+    std::copy_n(streams.data() + out_rows[static_cast<size_t>(o)] * hc * hidden, hc * hidden,
+                out_streams.data() + o * hc * hidden);
+  }
   std::vector<float> final_hidden(static_cast<size_t>(n_out * hidden));
-  detail::hyper_head(streams.data() + first_out * hc * hidden, n_out, config_, weights_.hc_head,
-                     final_hidden.data());
+  detail::hyper_head(out_streams.data(), n_out, config_, weights_.hc_head, final_hidden.data());
   if (observe) observe({"hc_head", {n_out, hidden}, final_hidden});
   cpu::rms_norm(final_hidden.data(), n_out, hidden, weights_.norm.span(), eps);
   if (observe) observe({"final_norm", {n_out, hidden}, final_hidden});
-  Tensor logits({n_out, config_.vocab_size});
-  cpu::matmul(final_hidden.data(), n_out, hidden, weights_.head, logits.data());
+  Tensor all({n_out, config_.vocab_size});
+  cpu::matmul(final_hidden.data(), n_out, hidden, weights_.head, all.data());
+  if (requests.size() == 1) return std::vector<Tensor>{std::move(all)};
+  std::vector<Tensor> logits;
+  int64_t at = 0;
+  for (const int64_t count : out_count) {
+    Tensor t({count, config_.vocab_size});
+    std::copy_n(all.data() + at * config_.vocab_size, count * config_.vocab_size, t.data());
+    logits.push_back(std::move(t));
+    at += count;
+  }
   return logits;
 }
 

@@ -83,6 +83,95 @@ TEST_F(ForwardTest, ChunkingChangesNoBit) {
   }
 }
 
+// Batched steps: random mixes of requests (1 to 12 of them), each step giving every live
+// request a prefill chunk of 1 to 40 tokens or one decode token, the requests in a shuffled
+// order each step, some asking all logits and some the last: every request's logits are
+// bit-identical to the request run alone in one forward call over its whole prompt, and a
+// request's stream does not change when others join or leave between steps.
+TEST_F(ForwardTest, BatchedStepsEqualEachRequestAlone) {
+  SplitMix64 rng(7);
+  const int64_t vocab = model_->config().vocab_size;
+  for (int round = 0; round < 6; ++round) {
+    struct Live {
+      std::vector<int32_t> ids;  // everything it will run
+      size_t done = 0;
+      RequestState state;
+      Tensor got;  // logits of every position, filled as the steps run
+    };
+    const auto count = static_cast<size_t>(1 + rng.below(12));
+    std::vector<Live> live;
+    for (size_t r = 0; r < count; ++r) {
+      std::vector<int32_t> ids(static_cast<size_t>(1 + rng.below(90)));
+      for (int32_t& id : ids)
+        id = static_cast<int32_t>(rng.below(static_cast<uint64_t>(vocab)));
+      Tensor got({static_cast<int64_t>(ids.size()), vocab});
+      live.push_back(Live{std::move(ids), 0, model_->new_state(), std::move(got)});
+    }
+    for (;;) {
+      std::vector<size_t> order;
+      std::vector<Model::StepRequest> step;
+      std::vector<size_t> which_last;  // 1: asked only the last row's logits
+      for (size_t r = 0; r < live.size(); ++r) {
+        // Requests join late and skip steps at random: the batch changes around each one.
+        if (live[r].done < live[r].ids.size() && rng.below(4) != 0) order.push_back(r);
+      }
+      if (order.empty()) {
+        bool all_done = true;
+        for (const Live& l : live)
+          all_done = all_done && l.done == l.ids.size();
+        if (all_done) break;
+        continue;
+      }
+      for (size_t i = order.size(); i > 1; --i)
+        std::swap(order[i - 1], order[static_cast<size_t>(rng.below(i))]);
+      for (const size_t r : order) {
+        Live& l = live[r];
+        const size_t left = l.ids.size() - l.done;
+        const size_t len = rng.below(3) == 0 ? 1 : std::min(left, 1 + rng.below(40));
+        const bool last_only = len == 1 || rng.below(2) == 0;
+        step.push_back({std::span(l.ids).subspan(l.done, len), &l.state,
+                        last_only ? LogitsFor::kLastToken : LogitsFor::kAllTokens});
+        which_last.push_back(last_only ? 1 : 0);
+      }
+      auto logits = model_->forward_batch(step);
+      ASSERT_TRUE(logits.is_ok()) << logits.status().to_string();
+      for (size_t j = 0; j < order.size(); ++j) {
+        Live& l = live[order[j]];
+        const auto len = static_cast<int64_t>(step[j].tokens.size());
+        const Tensor& t = (*logits)[j];
+        ASSERT_EQ(t.rows(), which_last[j] ? 1 : len);
+        const int64_t first = static_cast<int64_t>(l.done) + (which_last[j] ? len - 1 : 0);
+        std::copy(t.data(), t.data() + t.numel(), l.got.row(first));
+        l.done += static_cast<size_t>(len);
+      }
+    }
+    for (size_t r = 0; r < live.size(); ++r) {
+      const Tensor alone = run_chunked(live[r].ids, static_cast<int64_t>(live[r].ids.size()));
+      // Compare the rows that were asked for (the last of each step at least).
+      for (int64_t t = 0; t < alone.rows(); ++t) {
+        const float* got = live[r].got.row(t);
+        if (std::all_of(got, got + vocab, [](float v) { return v == 0.0f; })) continue;
+        ASSERT_EQ(std::memcmp(got, alone.row(t), static_cast<size_t>(vocab) * sizeof(float)), 0)
+            << "round " << round << " request " << r << " position " << t;
+      }
+    }
+  }
+}
+
+TEST_F(ForwardTest, ABatchedStepRefusesABadRequestWithoutTouchingAnyState) {
+  RequestState a = model_->new_state(), b = model_->new_state();
+  const std::vector<int32_t> good{1, 2, 3};
+  const std::vector<int32_t> bad{4, static_cast<int32_t>(model_->config().vocab_size)};
+  const Model::StepRequest step[2] = {{good, &a, LogitsFor::kLastToken},
+                                      {bad, &b, LogitsFor::kLastToken}};
+  auto r = model_->forward_batch(step);
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kOutOfRange);
+  EXPECT_NE(r.status().message().find("request 1"), std::string::npos) << r.status().to_string();
+  EXPECT_EQ(a.position(), 0);
+  EXPECT_EQ(b.position(), 0);
+}
+
 TEST_F(ForwardTest, DecodeAfterChunkedPrefillMatchesWholeForward) {
   const auto ids = prompt(70);
   const Tensor whole = run_chunked(ids, static_cast<int64_t>(ids.size()));

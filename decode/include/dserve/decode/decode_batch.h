@@ -5,9 +5,11 @@
 // reach their token limit or deadline, are cancelled, or fail. A request that leaves drops
 // its state at once, so its pages go back to the model's pools before the next step.
 //
-// Each request's forward runs on its own state exactly as `dserve generate` runs it (one
-// token per call), so the tokens are the same as a generate of the same prompt with the same
-// sampling parameters. Not thread-safe: one owner (the worker's loop) calls it.
+// A step samples every request's next token, then runs one batched forward over all the
+// requests that go on (Model::forward_batch: each weight read once per step, attention per
+// request). A request's logits are bit-identical to a forward of it alone, so its tokens are
+// the same as a `dserve generate` of the same prompt with the same sampling parameters, whoever
+// else is in the batch. Not thread-safe: one owner (the worker's loop) calls it.
 
 #include <chrono>
 #include <cstdint>

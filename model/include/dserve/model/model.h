@@ -1,6 +1,7 @@
 #pragma once
 // Model: the DeepSeek-V4 forward pass on the CPU reference backend. One call consumes a chunk
-// of tokens of one request, updates that request's RequestState and returns logits. Prefill
+// of tokens of one request (forward) or of several (forward_batch), updates their
+// RequestStates and returns logits. Prefill
 // in chunks of any size and one-token decode are the same call: the result does not depend on
 // how a prompt is split (tests/model/forward_test.cc).
 //
@@ -56,12 +57,30 @@ class Model {
                          LogitsFor which = LogitsFor::kAllTokens,
                          const ForwardObserver& observe = {}) const;
 
+  // One request's part of a batched step: its tokens (a prefill chunk, or one decode token)
+  // at positions state->position() onwards, and which of their logits it wants.
+  struct StepRequest {
+    std::span<const int32_t> tokens;
+    RequestState* state = nullptr;
+    LogitsFor which = LogitsFor::kLastToken;
+  };
+  // Runs the tokens of several requests in one step: the row-wise work (embedding, mHC, norms,
+  // MoE, hc_head, lm_head) over every row of the step at once, so each weight is read once per
+  // step, and attention and the compressors per request over that request's rows. Element i of
+  // the result is bit-identical to forward(requests[i].tokens, *requests[i].state,
+  // requests[i].which): a request's logits do not depend on the others in the step or its place
+  // among them (kernels/invariant_gemm.h). Errors as forward(), naming the request; no state
+  // moves then. Each state at most once per step.
+  Result<std::vector<Tensor>> forward_batch(std::span<const StepRequest> requests) const;
+
   // A fresh state for one request; its pages come from the model's pools.
   RequestState new_state() const { return RequestState(config_, pools_); }
   // The page pools every request of this model draws from (shared with a prefix store).
   const KvPagePools& page_pools() const { return pools_; }
 
  private:
+  Result<std::vector<Tensor>> run_step(std::span<const StepRequest> requests,
+                                       const ForwardObserver& observe) const;
   struct Tables;
   ModelConfig config_;
   ModelWeights weights_;
