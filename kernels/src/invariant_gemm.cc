@@ -307,11 +307,18 @@ void invariant_matmul(const float* x, int64_t n, int64_t k, const float* w, int6
   invariant_matmul_with(cpu_isa(), x, n, k, w, m, y, ldy);
 }
 
+void invariant_matmul_strided(const float* x, int64_t ldx, int64_t n, int64_t k, const float* w,
+                              int64_t m, float* y, int64_t ldy) {
+  invariant_matmul_with(cpu_isa(), x, n, k, w, m, y, ldy, ldx);
+}
+
 void invariant_matmul_with(CpuIsa isa, const float* x, int64_t n, int64_t k, const float* w,
-                           int64_t m, float* y, int64_t ldy) {
+                           int64_t m, float* y, int64_t ldy, int64_t ldx) {
+  if (ldx == 0) ldx = k;
   DSERVE_CHECK_MSG(has_isa(isa),
                    "invariant_matmul: this CPU has no " + std::string(cpu_isa_name(isa)));
-  DSERVE_CHECK_MSG(n >= 0 && m >= 0 && k >= 0 && ldy >= m, "invariant_matmul: bad shape");
+  DSERVE_CHECK_MSG(n >= 0 && m >= 0 && k >= 0 && ldy >= m && ldx >= k,
+                   "invariant_matmul: bad shape");
   if (n == 0 || m == 0) return;
   if (k == 0) {
     for (int64_t i = 0; i < n; ++i)
@@ -335,8 +342,8 @@ void invariant_matmul_with(CpuIsa isa, const float* x, int64_t n, int64_t k, con
           const int cols = static_cast<int>(std::min<int64_t>(t.cols, j_end - j));
           for (int64_t i = ib; i < i_end; i += t.rows) {
             const int rows = static_cast<int>(std::min<int64_t>(t.rows, i_end - i));
-            t.fn[rows - 1][cols - 1](x + i * k + kb, k, w + j * k + kb, k, kc, y + i * ldy + j, ldy,
-                                     first);
+            t.fn[rows - 1][cols - 1](x + i * ldx + kb, ldx, w + j * k + kb, k, kc, y + i * ldy + j,
+                                     ldy, first);
           }
         }
       }

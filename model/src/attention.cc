@@ -11,6 +11,7 @@
 
 #include "dserve/core/check.h"
 #include "dserve/kernels/cpu_ops.h"
+#include "dserve/kernels/invariant_gemm.h"
 #include "layers.h"
 
 namespace dserve::model::detail {
@@ -125,36 +126,51 @@ void softmax_with_sink(float* logits, int64_t count, float sink) {
 
 }  // namespace
 
-void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& config,
-               const AttentionWeights& w, const RopeTables& rope, LayerState& state, float* out) {
+AttentionRows attention_project(const float* x, int64_t n, const ModelConfig& config,
+                                const AttentionWeights& w) {
   const int64_t hidden = config.hidden_size;
+  const int64_t heads = config.num_heads;
+  const int64_t hd = config.head_dim;
+  const auto eps = static_cast<float>(config.rms_norm_eps);
+  AttentionRows rows;
+  // Queries: q = rmsnorm_per_head(wq_b(rmsnorm(wq_a x))); RoPE comes per request.
+  rows.q_residual.resize(static_cast<size_t>(n * config.q_lora_rank));
+  cpu::matmul(x, n, hidden, w.wq_a, rows.q_residual.data());
+  cpu::rms_norm(rows.q_residual.data(), n, config.q_lora_rank, w.q_norm.span(), eps);
+  rows.q.resize(static_cast<size_t>(n * heads * hd));
+  cpu::matmul(rows.q_residual.data(), n, config.q_lora_rank, w.wq_b, rows.q.data());
+  cpu::rms_norm(rows.q.data(), n * heads, hd, {}, eps);
+  // The shared key/value head.
+  rows.kv.resize(static_cast<size_t>(n * hd));
+  cpu::matmul(x, n, hidden, w.wkv, rows.kv.data());
+  cpu::rms_norm(rows.kv.data(), n, hd, w.kv_norm.span(), eps);
+  rows.attn_out.resize(static_cast<size_t>(n * heads * hd));
+  return rows;
+}
+
+void attention_core(const float* x, int64_t row, int64_t n, int64_t first_pos,
+                    const ModelConfig& config, const AttentionWeights& w, const RopeTables& rope,
+                    LayerState& state, AttentionRows& rows) {
   const int64_t heads = config.num_heads;
   const int64_t hd = config.head_dim;
   const auto eps = static_cast<float>(config.rms_norm_eps);
   const bool sliding_only = state.kind == AttentionKind::kSliding;
   const ChunkAngles angles = angles_for(sliding_only ? rope.main : rope.compress, first_pos, n);
 
-  // Queries: q = rmsnorm_per_head(wq_b(rmsnorm(wq_a x))), RoPE on the last rope channels.
-  std::vector<float> q_residual(static_cast<size_t>(n * config.q_lora_rank));
-  cpu::matmul(x, n, hidden, w.wq_a, q_residual.data());
-  cpu::rms_norm(q_residual.data(), n, config.q_lora_rank, w.q_norm.span(), eps);
-  std::vector<float> q(static_cast<size_t>(n * heads * hd));
-  cpu::matmul(q_residual.data(), n, config.q_lora_rank, w.wq_b, q.data());
-  cpu::rms_norm(q.data(), n * heads, hd, {}, eps);
+  float* q = rows.q.data() + row * heads * hd;
   for (int64_t t = 0; t < n; ++t) {
     for (int64_t h = 0; h < heads; ++h) {
-      cpu::rope_interleaved(q.data() + (t * heads + h) * hd, hd, angles.cos_at(t), angles.sin_at(t),
+      cpu::rope_interleaved(q + (t * heads + h) * hd, hd, angles.cos_at(t), angles.sin_at(t),
                             false);
     }
   }
 
-  // The shared key/value head of the chunk, appended after the window's cached tokens.
+  // The chunk's key/value head, appended after the window's cached tokens.
   const int64_t cached = state.window_tokens();
   std::vector<float> keys(state.window);
   keys.resize(static_cast<size_t>((cached + n) * hd));
   float* kv = keys.data() + cached * hd;
-  cpu::matmul(x, n, hidden, w.wkv, kv);
-  cpu::rms_norm(kv, n, hd, w.kv_norm.span(), eps);
+  std::copy_n(rows.kv.data() + row * hd, n * hd, kv);
   for (int64_t t = 0; t < n; ++t) {
     cpu::rope_interleaved(kv + t * hd, hd, angles.cos_at(t), angles.sin_at(t), false);
   }
@@ -169,13 +185,13 @@ void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& 
   if (w.indexer) {
     compress(x, n, w.indexer->compressor, eps, rope.compress, state.index_compressor,
              state.index_keys);
-    selected =
-        select_entries(x, q_residual.data(), n, first_pos, config, *w.indexer, angles, state);
+    selected = select_entries(x, rows.q_residual.data() + row * config.q_lora_rank, n, first_pos,
+                              config, *w.indexer, angles, state);
   }
   const int64_t entries = state.compressed_entries();
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  std::vector<float> attn_out(static_cast<size_t>(n * heads * hd));
+  float* attn_out = rows.attn_out.data() + row * heads * hd;
   std::vector<float> logits;
   std::vector<float> gathered;
   for (int64_t t = 0; t < n; ++t) {
@@ -198,18 +214,18 @@ void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& 
     const float* comp_keys = gathered.data();
     const int64_t total = n_window + n_comp;
     logits.resize(static_cast<size_t>(heads * total));
-    const float* qt = q.data() + t * heads * hd;
+    const float* qt = q + t * heads * hd;
     cpu::gemm(true, heads, n_window, hd, qt, hd, window_keys, hd, 0.0f, logits.data(), total);
     cpu::gemm(true, heads, n_comp, hd, qt, hd, comp_keys, hd, 0.0f, logits.data() + n_window,
               total);
     for (int64_t h = 0; h < heads; ++h) {
-      float* row = logits.data() + h * total;
+      float* lrow = logits.data() + h * total;
       for (int64_t i = 0; i < total; ++i)
-        row[i] *= scale;
-      softmax_with_sink(row, total, w.sinks.data()[h]);
+        lrow[i] *= scale;
+      softmax_with_sink(lrow, total, w.sinks.data()[h]);
     }
     // Values are the keys (K = V).
-    float* ot = attn_out.data() + t * heads * hd;
+    float* ot = attn_out + t * heads * hd;
     cpu::gemm(false, heads, hd, n_window, logits.data(), total, window_keys, hd, 0.0f, ot, hd);
     cpu::gemm(false, heads, hd, n_comp, logits.data() + n_window, total, comp_keys, hd, 1.0f, ot,
               hd);
@@ -220,20 +236,26 @@ void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& 
     }
   }
 
+  // Keep the last sliding_window - 1 tokens for the next call.
+  const int64_t keep = std::min<int64_t>(cached + n, config.sliding_window - 1);
+  state.window.assign(keys.end() - keep * hd, keys.end());
+}
+
+void attention_output(const AttentionRows& rows, int64_t n, const ModelConfig& config,
+                      const AttentionWeights& w, float* out) {
   // Grouped output projection: each group of heads -> o_lora_rank, then all groups -> hidden.
+  const int64_t heads = config.num_heads;
+  const int64_t hd = config.head_dim;
   const int64_t group_in = heads * hd / config.o_groups;
   const int64_t grouped_width = config.o_groups * config.o_lora_rank;
   std::vector<float> grouped(static_cast<size_t>(n * grouped_width));
   for (int64_t g = 0; g < config.o_groups; ++g) {
-    cpu::gemm(true, n, config.o_lora_rank, group_in, attn_out.data() + g * group_in, heads * hd,
-              w.wo_a.data() + g * config.o_lora_rank * group_in, group_in, 0.0f,
-              grouped.data() + g * config.o_lora_rank, grouped_width);
+    kernels::cpu::invariant_matmul_strided(
+        rows.attn_out.data() + g * group_in, heads * hd, n, group_in,
+        w.wo_a.data() + g * config.o_lora_rank * group_in, config.o_lora_rank,
+        grouped.data() + g * config.o_lora_rank, grouped_width);
   }
   cpu::matmul(grouped.data(), n, grouped_width, w.wo_b, out);
-
-  // Keep the last sliding_window - 1 tokens for the next call.
-  const int64_t keep = std::min<int64_t>(cached + n, config.sliding_window - 1);
-  state.window.assign(keys.end() - keep * hd, keys.end());
 }
 
 }  // namespace dserve::model::detail

@@ -41,10 +41,27 @@ struct RopeTables {
 };
 // The config's two tables (the compress one YaRN-scaled when configured).
 RopeTables rope_tables(const ModelConfig& config);
-// x: [n, hidden] (already normed); tokens at positions first_pos .. first_pos + n - 1.
-// Reads and updates the layer's pools; writes out [n, hidden].
-void attention(const float* x, int64_t n, int64_t first_pos, const ModelConfig& config,
-               const AttentionWeights& w, const RopeTables& rope, LayerState& state, float* out);
+// Attention in three parts, so that a step's projections run over all of its rows at once
+// (each weight read once per step) and only the part that needs a request's state runs per
+// request. x: [n, hidden], already normed, every row of the step.
+struct AttentionRows {
+  std::vector<float> q_residual;  // [n, q_lora_rank], normed (the indexer reads it too)
+  std::vector<float> q;           // [n, heads * head_dim], normed per head; rotated by the core
+  std::vector<float> kv;          // [n, head_dim], normed, not rotated
+  std::vector<float> attn_out;    // [n, heads * head_dim], written by the core
+};
+// Row-wise: wq_a, q_norm, wq_b, the per-head norm, wkv, kv_norm.
+AttentionRows attention_project(const float* x, int64_t n, const ModelConfig& config,
+                                const AttentionWeights& w);
+// One request's rows [row, row + n) of the step, its tokens at positions first_pos ..: RoPE,
+// the window, the compressors and the indexer (which project x, the request's rows), and the
+// attention itself into rows.attn_out. Reads and updates the layer's state.
+void attention_core(const float* x, int64_t row, int64_t n, int64_t first_pos,
+                    const ModelConfig& config, const AttentionWeights& w, const RopeTables& rope,
+                    LayerState& state, AttentionRows& rows);
+// Row-wise: the grouped output projection (wo_a per group, wo_b), out [n, hidden].
+void attention_output(const AttentionRows& rows, int64_t n, const ModelConfig& config,
+                      const AttentionWeights& w, float* out);
 
 // --- Compressors (MODEL-V4.md "The compressors") ---------------------------------------
 // Projects x [n, hidden] with the compressor, appends the tokens to its pending buffer,

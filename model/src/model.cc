@@ -113,20 +113,24 @@ Result<std::vector<Tensor>> Model::run_step(std::span<const StepRequest> request
   }
 
   // Row-wise work runs over every row of the step at once (each row's bits do not depend on
-  // the others: kernels/invariant_gemm.h); attention runs per request over its own rows.
+  // the others: kernels/invariant_gemm.h), attention's projections included; the attention
+  // itself, the compressors and the indexer run per request over its own rows.
   std::vector<float> sublayer_out(static_cast<size_t>(n * hidden));
   for (int64_t l = 0; l < config_.num_layers; ++l) {
     const LayerWeights& lw = weights_.layers[static_cast<size_t>(l)];
 
     detail::HyperMix mix = detail::hyper_connection_in(streams.data(), n, config_, lw.hc_attn);
     cpu::rms_norm(mix.collapsed.data(), n, hidden, lw.attn_norm.span(), eps);
+    detail::AttentionRows rows =
+        detail::attention_project(mix.collapsed.data(), n, config_, lw.attn);
     for (size_t r = 0; r < requests.size(); ++r) {
       const int64_t row = first_row[r];
-      detail::attention(mix.collapsed.data() + row * hidden,
-                        static_cast<int64_t>(requests[r].tokens.size()), first_pos[r], config_,
-                        lw.attn, tables_->rope, requests[r].state->layers()[static_cast<size_t>(l)],
-                        sublayer_out.data() + row * hidden);
+      detail::attention_core(mix.collapsed.data() + row * hidden, row,
+                             static_cast<int64_t>(requests[r].tokens.size()), first_pos[r], config_,
+                             lw.attn, tables_->rope,
+                             requests[r].state->layers()[static_cast<size_t>(l)], rows);
     }
+    detail::attention_output(rows, n, config_, lw.attn, sublayer_out.data());
     detail::hyper_connection_out(streams.data(), sublayer_out.data(), mix, n, config_);
 
     mix = detail::hyper_connection_in(streams.data(), n, config_, lw.hc_ffn);

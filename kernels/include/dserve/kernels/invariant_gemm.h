@@ -40,9 +40,13 @@ inline constexpr int64_t kInvariantKBlock = 512;
 void invariant_matmul(const float* x, int64_t n, int64_t k, const float* w, int64_t m, float* y,
                       int64_t ldy);
 
+// The same with x's rows `ldx` apart (a column block of a wider x), same bits.
+void invariant_matmul_strided(const float* x, int64_t ldx, int64_t n, int64_t k, const float* w,
+                              int64_t m, float* y, int64_t ldy);
+
 // The same product with the instruction set given (tests compare the ones the machine has;
 // a set the machine lacks is a programmer error and aborts).
 void invariant_matmul_with(CpuIsa isa, const float* x, int64_t n, int64_t k, const float* w,
-                           int64_t m, float* y, int64_t ldy);
+                           int64_t m, float* y, int64_t ldy, int64_t ldx = 0);
 
 }  // namespace dserve::kernels::cpu
