@@ -52,17 +52,17 @@ int64_t visible_entries(int64_t pos, int64_t rate, int64_t available) {
 
 // Lightning Indexer (paper §2.3.1, eqs. 13-17): for each query, the indices of the top-k
 // causally visible compressed entries by score(t, s) = sum_h w[t,h] * relu(q[t,h] . K[s]).
-std::vector<std::vector<int64_t>> select_entries(const float* x, const float* q_residual, int64_t n,
-                                                 int64_t first_pos, const ModelConfig& config,
-                                                 const IndexerWeights& w, const ChunkAngles& angles,
+// q_proj: the chunk's indexer queries (wq_b of q_residual), [n, heads * dim], not rotated;
+// weights: its head weights (weights_proj of x), [n, heads].
+std::vector<std::vector<int64_t>> select_entries(const float* q_proj, const float* weights,
+                                                 int64_t n, int64_t first_pos,
+                                                 const ModelConfig& config,
+                                                 const ChunkAngles& angles,
                                                  const LayerState& state) {
   const int64_t heads = config.index_n_heads;
   const int64_t dim = config.index_head_dim;
   const int64_t available = state.index_keys.rows();
-  std::vector<float> q(static_cast<size_t>(n * heads * dim));
-  cpu::matmul(q_residual, n, config.q_lora_rank, w.wq_b, q.data());
-  std::vector<float> weights(static_cast<size_t>(n * heads));
-  cpu::matmul(x, n, config.hidden_size, w.weights_proj, weights.data());
+  std::vector<float> q(q_proj, q_proj + n * heads * dim);
   const float weight_scale = 1.0f / std::sqrt(static_cast<float>(heads));
   const float score_scale = 1.0f / std::sqrt(static_cast<float>(dim));
 
@@ -87,7 +87,7 @@ std::vector<std::vector<int64_t>> select_entries(const float* x, const float* q_
     }
     scores.assign(static_cast<size_t>(visible), 0.0f);
     for (int64_t h = 0; h < heads; ++h) {
-      const float wh = weights[static_cast<size_t>(t * heads + h)] * weight_scale;
+      const float wh = weights[t * heads + h] * weight_scale;
       for (int64_t s = 0; s < visible; ++s) {
         scores[static_cast<size_t>(s)] +=
             std::max(dots[static_cast<size_t>(h * visible + s)], 0.0f) * score_scale * wh;
@@ -145,12 +145,22 @@ AttentionRows attention_project(const float* x, int64_t n, const ModelConfig& co
   cpu::matmul(x, n, hidden, w.wkv, rows.kv.data());
   cpu::rms_norm(rows.kv.data(), n, hd, w.kv_norm.span(), eps);
   rows.attn_out.resize(static_cast<size_t>(n * heads * hd));
+  if (w.compressor) rows.compressor = project_compressor(x, n, *w.compressor);
+  if (w.indexer) {
+    rows.index_compressor = project_compressor(x, n, w.indexer->compressor);
+    const int64_t index_width = config.index_n_heads * config.index_head_dim;
+    rows.index_q.resize(static_cast<size_t>(n * index_width));
+    cpu::matmul(rows.q_residual.data(), n, config.q_lora_rank, w.indexer->wq_b,
+                rows.index_q.data());
+    rows.index_weights.resize(static_cast<size_t>(n * config.index_n_heads));
+    cpu::matmul(x, n, hidden, w.indexer->weights_proj, rows.index_weights.data());
+  }
   return rows;
 }
 
-void attention_core(const float* x, int64_t row, int64_t n, int64_t first_pos,
-                    const ModelConfig& config, const AttentionWeights& w, const RopeTables& rope,
-                    LayerState& state, AttentionRows& rows) {
+void attention_core(int64_t row, int64_t n, int64_t first_pos, const ModelConfig& config,
+                    const AttentionWeights& w, const RopeTables& rope, LayerState& state,
+                    AttentionRows& rows) {
   const int64_t heads = config.num_heads;
   const int64_t hd = config.head_dim;
   const auto eps = static_cast<float>(config.rms_norm_eps);
@@ -180,13 +190,16 @@ void attention_core(const float* x, int64_t row, int64_t n, int64_t first_pos,
   std::vector<std::vector<int64_t>> selected;
   if (w.compressor) {
     rate = config.compress_rate(state.kind);
-    compress(x, n, *w.compressor, eps, rope.compress, state.kv_compressor, state.compressed);
+    compress(rows.compressor, row, n, *w.compressor, eps, rope.compress, state.kv_compressor,
+             state.compressed);
   }
   if (w.indexer) {
-    compress(x, n, w.indexer->compressor, eps, rope.compress, state.index_compressor,
-             state.index_keys);
-    selected = select_entries(x, rows.q_residual.data() + row * config.q_lora_rank, n, first_pos,
-                              config, *w.indexer, angles, state);
+    compress(rows.index_compressor, row, n, w.indexer->compressor, eps, rope.compress,
+             state.index_compressor, state.index_keys);
+    const int64_t index_width = config.index_n_heads * config.index_head_dim;
+    selected = select_entries(rows.index_q.data() + row * index_width,
+                              rows.index_weights.data() + row * config.index_n_heads, n, first_pos,
+                              config, angles, state);
   }
   const int64_t entries = state.compressed_entries();
 

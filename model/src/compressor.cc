@@ -64,20 +64,27 @@ void pool_window(const float* kv, const float* gate, const float* ape, Compresso
 
 }  // namespace
 
-int64_t compress(const float* x, int64_t n, const CompressorWeights& w, float norm_eps,
-                 const kernels::RopeTable& rope, CompressorState& state,
-                 kvstore::PagedRows& entries) {
+CompressorRows project_compressor(const float* x, int64_t n, const CompressorWeights& w) {
+  const int64_t row = w.wkv.dim(0);
+  const int64_t hidden = w.wkv.dim(1);
+  CompressorRows out{row, std::vector<float>(static_cast<size_t>(n * row)),
+                     std::vector<float>(static_cast<size_t>(n * row))};
+  cpu::matmul(x, n, hidden, w.wkv, out.kv.data());
+  cpu::matmul(x, n, hidden, w.wgate, out.gate.data());
+  return out;
+}
+
+int64_t compress(const CompressorRows& rows, int64_t first_row, int64_t n,
+                 const CompressorWeights& w, float norm_eps, const kernels::RopeTable& rope,
+                 CompressorState& state, kvstore::PagedRows& entries) {
   const int64_t width = state.width;
   const int64_t row = state.series * width;
-  DSERVE_CHECK(w.wkv.dim(0) == row && w.ape.dim(0) == state.rate);
-  const int64_t hidden = w.wkv.dim(1);
-
-  std::vector<float> kv(static_cast<size_t>(n * row));
-  std::vector<float> gate(static_cast<size_t>(n * row));
-  cpu::matmul(x, n, hidden, w.wkv, kv.data());
-  cpu::matmul(x, n, hidden, w.wgate, gate.data());
-  state.pending_kv.insert(state.pending_kv.end(), kv.begin(), kv.end());
-  state.pending_gate.insert(state.pending_gate.end(), gate.begin(), gate.end());
+  DSERVE_CHECK(rows.width == row && w.wkv.dim(0) == row && w.ape.dim(0) == state.rate);
+  const auto from = static_cast<std::ptrdiff_t>(first_row * row);
+  const auto to = static_cast<std::ptrdiff_t>((first_row + n) * row);
+  state.pending_kv.insert(state.pending_kv.end(), rows.kv.begin() + from, rows.kv.begin() + to);
+  state.pending_gate.insert(state.pending_gate.end(), rows.gate.begin() + from,
+                            rows.gate.begin() + to);
 
   const int64_t windows = state.pending_tokens() / state.rate;
   if (windows == 0) return 0;

@@ -34,6 +34,22 @@ void hyper_head(const float* streams, int64_t n, const ModelConfig& config,
 // OutOfRange naming the first token id outside [0, vocab_size) and its index; OK otherwise.
 Status check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size);
 
+// --- Compressors (MODEL-V4.md "The compressors") ---------------------------------------
+// A compressor's projections of a step's rows (row-wise): kv and gate logits, [n, width].
+struct CompressorRows {
+  int64_t width = 0;  // series * entry width
+  std::vector<float> kv;
+  std::vector<float> gate;
+};
+CompressorRows project_compressor(const float* x, int64_t n, const CompressorWeights& w);
+// Appends rows [first_row, first_row + n) of `rows` (one request's chunk) to the compressor's
+// pending buffer, closes every complete window and appends the new entries (normed, RoPE at
+// the window's first position) to `entries` ([*, width]). Returns the number of entries
+// appended.
+int64_t compress(const CompressorRows& rows, int64_t first_row, int64_t n,
+                 const CompressorWeights& w, float norm_eps, const kernels::RopeTable& rope,
+                 CompressorState& state, kvstore::PagedRows& entries);
+
 // --- Attention (step 2) ----------------------------------------------------------------
 struct RopeTables {
   kernels::RopeTable main;      // sliding-only layers
@@ -45,31 +61,28 @@ RopeTables rope_tables(const ModelConfig& config);
 // (each weight read once per step) and only the part that needs a request's state runs per
 // request. x: [n, hidden], already normed, every row of the step.
 struct AttentionRows {
-  std::vector<float> q_residual;  // [n, q_lora_rank], normed (the indexer reads it too)
-  std::vector<float> q;           // [n, heads * head_dim], normed per head; rotated by the core
-  std::vector<float> kv;          // [n, head_dim], normed, not rotated
-  std::vector<float> attn_out;    // [n, heads * head_dim], written by the core
+  std::vector<float> q_residual;     // [n, q_lora_rank], normed (the indexer reads it too)
+  std::vector<float> q;              // [n, heads * head_dim], normed per head; rotated by the core
+  std::vector<float> kv;             // [n, head_dim], normed, not rotated
+  std::vector<float> attn_out;       // [n, heads * head_dim], written by the core
+  CompressorRows compressor;         // CSA / HCA layers
+  CompressorRows index_compressor;   // CSA layers: the indexer's keys
+  std::vector<float> index_q;        // CSA: [n, index_heads * index_head_dim], not rotated
+  std::vector<float> index_weights;  // CSA: [n, index_heads]
 };
-// Row-wise: wq_a, q_norm, wq_b, the per-head norm, wkv, kv_norm.
+// Row-wise: wq_a, q_norm, wq_b, the per-head norm, wkv, kv_norm, and the compressors' and the
+// indexer's projections.
 AttentionRows attention_project(const float* x, int64_t n, const ModelConfig& config,
                                 const AttentionWeights& w);
 // One request's rows [row, row + n) of the step, its tokens at positions first_pos ..: RoPE,
-// the window, the compressors and the indexer (which project x, the request's rows), and the
-// attention itself into rows.attn_out. Reads and updates the layer's state.
-void attention_core(const float* x, int64_t row, int64_t n, int64_t first_pos,
-                    const ModelConfig& config, const AttentionWeights& w, const RopeTables& rope,
-                    LayerState& state, AttentionRows& rows);
+// the window, the compressors' windows and the indexer's choice, and the attention itself into
+// rows.attn_out. Reads and updates the layer's state.
+void attention_core(int64_t row, int64_t n, int64_t first_pos, const ModelConfig& config,
+                    const AttentionWeights& w, const RopeTables& rope, LayerState& state,
+                    AttentionRows& rows);
 // Row-wise: the grouped output projection (wo_a per group, wo_b), out [n, hidden].
 void attention_output(const AttentionRows& rows, int64_t n, const ModelConfig& config,
                       const AttentionWeights& w, float* out);
-
-// --- Compressors (MODEL-V4.md "The compressors") ---------------------------------------
-// Projects x [n, hidden] with the compressor, appends the tokens to its pending buffer,
-// closes every complete window and appends the new entries (normed, RoPE at the window's
-// first position) to `entries` ([*, width]). Returns the number of entries appended.
-int64_t compress(const float* x, int64_t n, const CompressorWeights& w, float norm_eps,
-                 const kernels::RopeTable& rope, CompressorState& state,
-                 kvstore::PagedRows& entries);
 
 // --- MoE (step 4) -----------------------------------------------------------------------
 // x: [n, hidden] (already normed); tokens: the chunk's token ids (hash routing).

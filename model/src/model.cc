@@ -125,9 +125,8 @@ Result<std::vector<Tensor>> Model::run_step(std::span<const StepRequest> request
         detail::attention_project(mix.collapsed.data(), n, config_, lw.attn);
     for (size_t r = 0; r < requests.size(); ++r) {
       const int64_t row = first_row[r];
-      detail::attention_core(mix.collapsed.data() + row * hidden, row,
-                             static_cast<int64_t>(requests[r].tokens.size()), first_pos[r], config_,
-                             lw.attn, tables_->rope,
+      detail::attention_core(row, static_cast<int64_t>(requests[r].tokens.size()), first_pos[r],
+                             config_, lw.attn, tables_->rope,
                              requests[r].state->layers()[static_cast<size_t>(l)], rows);
     }
     detail::attention_output(rows, n, config_, lw.attn, sublayer_out.data());
