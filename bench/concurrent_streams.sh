@@ -13,32 +13,13 @@ MODEL=${1:-models/small}
 STREAMS=${2:-16}
 PER_STREAM=${3:-4}
 WORK=$(mktemp -d /tmp/dserve-streams.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
-
-serve() {
-  local name=$1
-  shift
-  "$DSERVE" serve "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
-  pids+=($!)
-  for _ in $(seq 1 600); do
-    if grep -q "^dserve: serving" "$WORK/$name.out" 2>/dev/null; then
-      grep -m1 "^dserve: serving" "$WORK/$name.out"
-      return
-    fi
-    sleep 0.1
-  done
-  echo "$name did not start:" >&2
-  cat "$WORK/$name.log" >&2
-  exit 1
-}
-addr() { grep -o '127\.0\.0\.1:[0-9]*' <<<"$1" | head -1; }
-p=$(addr "$(serve prefill --role prefill --model "$MODEL" --listen 127.0.0.1:0)")
-d=$(addr "$(serve decode --role decode --model "$MODEL" --listen 127.0.0.1:0)")
-g=$(serve gateway --role gateway --model "$MODEL" --listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 \
-  --prefill "$p" --decode "$d")
-grpc=$(grep -o 'grpc 127\.0\.0\.1:[0-9]*' <<<"$g" | cut -d' ' -f2)
+# shellcheck source=bench/local_cluster.sh
+source bench/local_cluster.sh
+serve prefill --role prefill --model "$MODEL" --listen 127.0.0.1:0
+serve decode --role decode --model "$MODEL" --listen 127.0.0.1:0
+serve gateway --role gateway --model "$MODEL" --listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 \
+  --prefill "$(address prefill)" --decode "$(address decode)"
+grpc=$(grpc_address gateway)
 total=$((STREAMS * PER_STREAM))
 /usr/bin/python3 -c "
 import json

@@ -18,37 +18,18 @@ CHARS=${2:-1000000}
 SHORTS_A=${3:-30}
 SHORTS_B=${4:-120}
 WORK=$(mktemp -d /tmp/dserve-poison-pill.XXXXXX)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
+# shellcheck source=bench/local_cluster.sh
+source bench/local_cluster.sh
 
-# Starts `dserve serve ARGS...` logging to $WORK/NAME.log; prints the address it serves on.
-serve() {
-  local name=$1
-  shift
-  "$DSERVE" serve "$@" >"$WORK/$name.out" 2>"$WORK/$name.log" &
-  pids+=($!)
-  for _ in $(seq 1 600); do
-    local line
-    line=$(grep -m1 "^dserve: serving" "$WORK/$name.out" 2>/dev/null || true)
-    if [ -n "$line" ]; then
-      echo "$line"
-      return
-    fi
-    sleep 0.1
-  done
-  echo "$name did not start; its log:" >&2
-  cat "$WORK/$name.log" >&2
-  exit 1
-}
-addr() { grep -o '127\.0\.0\.1:[0-9]*' <<<"$1" | head -1; }
-
-p1=$(addr "$(serve prefill-1 --role prefill --model "$MODEL" --listen 127.0.0.1:0)")
-p2=$(addr "$(serve prefill-2 --role prefill --model "$MODEL" --listen 127.0.0.1:0)")
-d1=$(addr "$(serve decode-1 --role decode --model "$MODEL" --listen 127.0.0.1:0)")
-gline=$(serve gateway --role gateway --model "$MODEL" --listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 \
-  --prefill "$p1,$p2" --decode "$d1")
-grpc=$(grep -o 'grpc 127\.0\.0\.1:[0-9]*' <<<"$gline" | cut -d' ' -f2)
+serve prefill-1 --role prefill --model "$MODEL" --listen 127.0.0.1:0
+serve prefill-2 --role prefill --model "$MODEL" --listen 127.0.0.1:0
+serve decode-1 --role decode --model "$MODEL" --listen 127.0.0.1:0
+p1=$(address prefill-1)
+p2=$(address prefill-2)
+d1=$(address decode-1)
+serve gateway --role gateway --model "$MODEL" --listen 127.0.0.1:0 --grpc-listen 127.0.0.1:0 \
+  --prefill "$p1,$p2" --decode "$d1"
+grpc=$(grpc_address gateway)
 echo "cluster: prefill $p1 $p2, decode $d1, gateway gRPC $grpc; logs in $WORK"
 
 # N short requests, one a second; one line per request: exit code and TTFT in ms.
