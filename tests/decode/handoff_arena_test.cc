@@ -99,6 +99,20 @@ TEST(HandoffArena, AbandonedRangesStayFencedUntilTheirTime) {
   a.release(std::move(next).value());
 }
 
+// A worker that stops with reservations still held: their leases are destroyed (deregistering
+// themselves), then the arena; nothing aborts.
+TEST(HandoffArena, StopsWithLeasesStillHeld) {
+  auto engine = make_engine("decode");
+  ASSERT_TRUE(engine);
+  auto arena = HandoffArena::create(*engine, 4 * kPage);
+  ASSERT_TRUE(arena.is_ok());
+  {
+    auto lease = (*arena)->lease(kPage);
+    ASSERT_TRUE(lease.is_ok());
+  }
+  arena->reset();
+}
+
 // The remote crash of the red-team report, in one process: a sender keeps the keys of a region
 // whose reservation was dropped and puts after the range was given up (and after it was reused).
 // With a region freed on abandon, that put wrote into unmapped memory (SIGSEGV in UCX's put

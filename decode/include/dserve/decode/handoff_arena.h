@@ -21,7 +21,8 @@
 //   copy (decode_worker.cc: take_handoff copies, then verifies), so late bytes can only make a
 //   hand-off fail its digests and be replayed, never change a live request.
 //
-// Not thread-safe: the decode worker's actor owns it. Leases must end before the arena does.
+// Not thread-safe: the decode worker's actor owns it. Leases must end (release, abandon, or
+// their destruction, which deregisters them) before the arena is destroyed.
 
 #include <chrono>
 #include <cstdint>
