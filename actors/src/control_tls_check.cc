@@ -6,9 +6,10 @@
 #include <openssl/x509.h>
 #include <openssl/x509_vfy.h>
 
-#include <cstdio>
 #include <memory>
 #include <string>
+
+#include "dserve/core/files.h"
 
 namespace dserve::actors {
 namespace {
@@ -22,13 +23,8 @@ std::string openssl_reason() {
   return buf;
 }
 
-// Whether `path` names a readable regular file; "" or what is wrong with it.
-std::string unreadable(const std::string& path) {
-  std::FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) return "cannot be read";
-  std::fclose(f);
-  return "";
-}
+// PEM files are small; anything larger is not one.
+constexpr size_t kMaxPemFileBytes = size_t{1} << 20;
 
 }  // namespace
 
@@ -39,10 +35,12 @@ Status check_control_tls(const ControlTls& tls) {
         std::string(tls.cert.empty() ? "no certificate" : "a certificate") + ", " +
         (tls.key.empty() ? "no key" : "a key") + ", " + (tls.ca.empty() ? "no CA" : "a CA"));
   }
-  for (const auto& [what, path] : {std::pair{"certificate", &tls.cert}, std::pair{"key", &tls.key},
-                                   std::pair{"CA", &tls.ca}}) {
-    if (std::string why = unreadable(*path); !why.empty()) {
-      return invalid_argument("control-plane TLS " + std::string(what) + " " + *path + ": " + why);
+  // Through read_bounded_file first: a FIFO or a device would block OpenSSL's reader.
+  for (const auto& [what, path] :
+       {std::pair{"control-plane TLS certificate", &tls.cert},
+        std::pair{"control-plane TLS key", &tls.key}, std::pair{"control-plane TLS CA", &tls.ca}}) {
+    if (auto text = read_bounded_file(*path, what, kMaxPemFileBytes); !text.is_ok()) {
+      return invalid_argument(text.status().message());
     }
   }
   ERR_clear_error();

@@ -298,7 +298,9 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
                   "batch full: " + std::to_string(held) + " of " +
                       std::to_string(s.options.max_batch) + " slots held");
   }
-  const uint64_t region_bytes = handoff_region_bytes(s.model->config(), req.prompt_tokens);
+  // What the region takes of the budget while reserved: whole pages of the arena.
+  const uint64_t region_bytes =
+      HandoffArena::lease_bytes(handoff_region_bytes(s.model->config(), req.prompt_tokens));
   const uint64_t need = std::max<uint64_t>(
       region_bytes,
       model::packed_state_bytes(s.model->config(),
@@ -318,10 +320,6 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
   auto lease = s.arena->lease(region_bytes);
   if (!lease.is_ok())
     return refuse(req, s.epoch, "cannot lease a transfer region: " + lease.status().to_string());
-  if (s.used_bytes + lease->bytes > s.options.kv_budget_bytes) {
-    s.arena->release(std::move(lease).value());
-    return refuse(req, s.epoch, "KV byte budget full (hand-off region in whole pages)");
-  }
   auto remote = s.engine->describe(lease->region);
   if (!remote.is_ok()) {
     s.arena->release(std::move(lease).value());
@@ -336,18 +334,13 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
   reply.transfer_keys =
       kvstore::encode_handoff_keys({s.engine->local_address(), std::move(remote).value()});
   s.used_bytes += lease->bytes;
-  s.reservations.emplace(reply.reservation_id, Reservation{req.request_id,
-                                                           req.trace_id,
-                                                           req.prompt_tokens,
-                                                           req.max_new_tokens,
-                                                           req.deadline_unix_ms,
-                                                           sampling,
-                                                           std::move(req.generated),
-                                                           std::move(req.stream_to),
-                                                           std::move(lease).value(),
-                                                           {}});
   const auto expiry = lease_time(s.options, req.deadline_unix_ms);
-  s.reservations.at(reply.reservation_id).expires = std::chrono::steady_clock::now() + expiry;
+  s.reservations.emplace(
+      reply.reservation_id,
+      Reservation{req.request_id, req.trace_id, req.prompt_tokens, req.max_new_tokens,
+                  req.deadline_unix_ms, sampling, std::move(req.generated),
+                  std::move(req.stream_to), std::move(lease).value(),
+                  std::chrono::steady_clock::now() + expiry});
   self->delayed_send(self, expiry, expire_atom::value, reply.reservation_id);
   return reply;
 }

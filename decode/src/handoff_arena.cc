@@ -49,9 +49,13 @@ HandoffArena::~HandoffArena() {
   munmap(base_, bytes_);
 }
 
+uint64_t HandoffArena::lease_bytes(uint64_t bytes) {
+  return round_to_pages(bytes);
+}
+
 Result<HandoffArena::Lease> HandoffArena::lease(uint64_t bytes) {
   if (bytes == 0) return invalid_argument("an empty hand-off lease");
-  const uint64_t want = round_to_pages(bytes);
+  const uint64_t want = lease_bytes(bytes);
   auto it = std::find_if(free_.begin(), free_.end(),
                          [want](const auto& range) { return range.second >= want; });
   if (it == free_.end()) {

@@ -9,15 +9,12 @@
 
 #include "dserve/core/check.h"
 #include "dserve/kernels/invariant_gemm.h"
-#include "row_pool.h"
 
 namespace dserve::kernels::cpu {
 namespace {
-// Multiply-adds below which a product runs on the calling thread alone.
-constexpr int64_t kMinMacsPerPart = int64_t{1} << 18;
-
-// The cores are used by spreading rows (row_pool.h); OpenBLAS's own threads would only
-// compete with them (measured: 2.2x slower prefill on 2 cores), so BLAS runs single-threaded.
+// The cores are used by the products' own row and column splits (row_pool.h); OpenBLAS's own
+// threads would only compete with them (measured: 2.2x slower prefill on 2 cores), so the BLAS
+// that remains (gemm below) runs single-threaded.
 void use_single_threaded_blas() {
   static const bool once = [] {
     openblas_set_num_threads(1);
@@ -38,17 +35,12 @@ void matmul_rows(const float* x, int64_t n, int64_t k, const float* w, int64_t m
                  int64_t y_stride) {
   DSERVE_CHECK_MSG(n <= INT32_MAX && m <= INT32_MAX && k <= INT32_MAX && y_stride <= INT32_MAX,
                    "matmul sizes exceed the BLAS integer range");
-  if (n == 0 || m == 0) return;
-  if (k == 0) {
-    for (int64_t i = 0; i < n; ++i)
-      std::fill(y + i * y_stride, y + i * y_stride + m, 0.0f);
-    return;
-  }
   // Never a BLAS GEMM: its results depend on the number of rows and on a row's place among
   // them (its kernels block and split differently), so a token's output would depend on which
   // other tokens shared the call. The batch-invariant product (invariant_gemm.h) gives a
   // token the same bits alone, in any chunk, or in any batch, the property every serving
   // path's equality with the plain forward rests on, and reads each weight once for all rows.
+  // It handles the empty shapes (k = 0: zeros) itself.
   invariant_matmul(x, n, k, w, m, y, y_stride);
 }
 

@@ -153,13 +153,19 @@ Result<std::vector<Tensor>> Model::run_step(std::span<const StepRequest> request
     out_count.push_back(len - from);
   }
   const auto n_out = static_cast<int64_t>(out_rows.size());
-  std::vector<float> out_streams(static_cast<size_t>(n_out * hc * hidden));
-  for (int64_t o = 0; o < n_out; ++o) {
-    std::copy_n(streams.data() + out_rows[static_cast<size_t>(o)] * hc * hidden, hc * hidden,
-                out_streams.data() + o * hc * hidden);
+  // Gathered only when they are not already one run of rows (one request's, as forward() asks).
+  const float* head_in = streams.data() + out_rows.front() * hc * hidden;
+  std::vector<float> out_streams;
+  if (out_rows.back() - out_rows.front() + 1 != n_out) {
+    out_streams.resize(static_cast<size_t>(n_out * hc * hidden));
+    for (int64_t o = 0; o < n_out; ++o) {
+      std::copy_n(streams.data() + out_rows[static_cast<size_t>(o)] * hc * hidden, hc * hidden,
+                  out_streams.data() + o * hc * hidden);
+    }
+    head_in = out_streams.data();
   }
   std::vector<float> final_hidden(static_cast<size_t>(n_out * hidden));
-  detail::hyper_head(out_streams.data(), n_out, config_, weights_.hc_head, final_hidden.data());
+  detail::hyper_head(head_in, n_out, config_, weights_.hc_head, final_hidden.data());
   if (observe) observe({"hc_head", {n_out, hidden}, final_hidden});
   cpu::rms_norm(final_hidden.data(), n_out, hidden, weights_.norm.span(), eps);
   if (observe) observe({"final_norm", {n_out, hidden}, final_hidden});

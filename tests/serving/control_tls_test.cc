@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -133,11 +134,17 @@ TEST(ControlTls, BadFilesAreRefusedAtStart) {
       cmd += " '" + a + "'";
     return testing_support::run_command(cmd + " 2>&1");
   };
+  // A FIFO where the CA should be: refused at once (an fopen of it would block the start).
+  const std::string fifo = ::testing::TempDir() + "/dserve-control-tls-bad/ca.fifo";
+  std::filesystem::remove(fifo);
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
   for (const auto& [tls, expected] :
-       {std::pair{tls_args(pki.cert, pki.other_key, pki.ca),
+       {std::pair{tls_args(pki.cert, pki.key, fifo), "is a FIFO; expected a regular file"},
+        std::pair{tls_args(pki.cert, pki.other_key, pki.ca),
                   "is not the PEM private key of certificate"},
         std::pair{tls_args(pki.other_cert, pki.other_key, pki.ca), "is not accepted by CA"},
-        std::pair{tls_args(pki.cert, pki.key, "/nonexistent/ca.pem"), "cannot be read"},
+        std::pair{tls_args(pki.cert, pki.key, "/nonexistent/ca.pem"),
+                  "cannot read control-plane TLS CA '/nonexistent/ca.pem'"},
         std::pair{std::vector<std::string>{"--control-tls-cert", pki.cert},
                   "needs a certificate, "
                   "its key and the "

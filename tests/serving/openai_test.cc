@@ -61,9 +61,8 @@ double metric(uint16_t port, const std::string& name, const nlohmann::json& labe
   return -3;
 }
 
-// Sends `request` as it is over a fresh connection to 127.0.0.1:`port` and returns what comes
-// back until the server closes the connection (or 30 s pass).
-std::string raw_http(uint16_t port, const std::string& request) {
+// A TCP connection to 127.0.0.1:`port`; -1 when it cannot be made.
+int connect_loopback(uint16_t port) {
   const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -71,8 +70,16 @@ std::string raw_http(uint16_t port, const std::string& request) {
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   if (::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
     ::close(fd);
-    return "connect failed";
+    return -1;
   }
+  return fd;
+}
+
+// Sends `request` as it is over a fresh connection to 127.0.0.1:`port` and returns what comes
+// back until the server closes the connection (or 30 s pass).
+std::string raw_http(uint16_t port, const std::string& request) {
+  const int fd = connect_loopback(port);
+  if (fd < 0) return "connect failed";
   for (size_t sent = 0; sent < request.size();) {
     const ssize_t n = ::send(fd, request.data() + sent, request.size() - sent, MSG_NOSIGNAL);
     if (n <= 0) break;  // the server may refuse before it has read everything
@@ -197,12 +204,8 @@ TEST(OpenAi, ConnectionsAreBoundedAndAnsweredPlainly) {
   EXPECT_LT(before, 144) << "the HTTP threads were started before any connection needed them";
   std::vector<int> idle;
   for (int i = 0; i < 200; ++i) {
-    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(port);
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    const int fd = connect_loopback(port);
+    ASSERT_GE(fd, 0);
     idle.push_back(fd);
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(500));

@@ -54,6 +54,8 @@ class HandoffArena {
   HandoffArena(const HandoffArena&) = delete;
   HandoffArena& operator=(const HandoffArena&) = delete;
 
+  // What a lease of `bytes` takes of the arena: `bytes` rounded up to whole pages.
+  static uint64_t lease_bytes(uint64_t bytes);
   // The lowest free range of at least `bytes` (first fit), registered. kResourceExhausted when
   // no free range is large enough (the arena's free bytes may still add up to more: fragments);
   // kUnavailable when registration fails.
