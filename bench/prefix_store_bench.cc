@@ -21,6 +21,7 @@
 #include "dserve/core/random.h"
 #include "dserve/model/checkpoint.h"
 #include "dserve/model/config.h"
+#include "dserve/model/engine.h"
 #include "dserve/model/model.h"
 #include "dserve/model/prefix_cache.h"
 #include "dserve/model/sampler.h"
@@ -127,7 +128,8 @@ void print_store(const kv::PrefixStoreMetrics& m) {
 
 // The effect of the FP8 codec: a prompt whose first `blocks` blocks come back from the host
 // tier through `codec`, against the same prompt computed cold. Logits of every tail position.
-void fp8_effect(const model::Model& m, const std::string& fingerprint, int64_t blocks) {
+void fp8_effect(const model::Model& m, model::Engine& engine, const std::string& fingerprint,
+                int64_t blocks) {
   SplitMix64 rng(77);
   std::vector<int32_t> prompt;
   const int64_t tail = 32;
@@ -143,7 +145,7 @@ void fp8_effect(const model::Model& m, const std::string& fingerprint, int64_t b
     o.device_capacity_bytes = 0;  // every block comes back from the host tier, decoded
     o.host_codec = codec;
     o.snapshot_every_blocks = 1;
-    auto cache = model::PrefixCache::open(m, fingerprint, o);
+    auto cache = model::PrefixCache::open(engine, fingerprint, o);
     if (!cache.is_ok()) throw std::runtime_error(cache.status().to_string());
     (void)(*cache)->prefill(std::span(prompt).first(head.size() + 1));
     auto r = (*cache)->prefill(std::span(prompt).first(head.size() + 1));
@@ -151,7 +153,9 @@ void fp8_effect(const model::Model& m, const std::string& fingerprint, int64_t b
       throw std::runtime_error("fp8 effect: the prefix was not reused");
     }
     // r->state stands after head + 1 token; continue with the rest of the tail.
-    auto got_rest = m.forward(rest.subspan(1), r->state, model::LogitsFor::kAllTokens);
+    auto state = engine.release_state(std::move(r->request));
+    if (!state.is_ok()) throw std::runtime_error(state.status().to_string());
+    auto got_rest = m.forward(rest.subspan(1), *state, model::LogitsFor::kAllTokens);
     const int64_t vocab = m.config().vocab_size;
     double max_abs = 0, max_logit = 0;
     int64_t agree = 0;
@@ -219,7 +223,11 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "cannot load %s\n", model_dir.c_str());
     return 1;
   }
-  const model::Model m(*config, std::move(*weights));
+  const auto shared = std::make_shared<const model::Model>(*config, std::move(*weights));
+  const model::Model& m = *shared;
+  auto made = model::make_engine(shared, {});
+  if (!made.is_ok()) throw std::runtime_error(made.status().to_string());
+  model::Engine& engine = **made;
   const std::time_t now = std::time(nullptr);
   char date[32];
   std::strftime(date, sizeof(date), "%F", std::gmtime(&now));
@@ -232,7 +240,7 @@ int main(int argc, char** argv) {
       std::thread::hardware_concurrency());
 
   std::printf("FP8 codec against lossless, host tier:\n");
-  fp8_effect(m, *fingerprint, fp8_blocks);
+  fp8_effect(m, engine, *fingerprint, fp8_blocks);
   if (only_fp8) return 0;
   const Workload w = make_workload(requests, system_tokens, tail_tokens);
   auto make_cache = [&](int64_t every) {
@@ -242,7 +250,7 @@ int main(int argc, char** argv) {
     o.host_capacity_bytes = host_mib << 20;
     o.disk_path = disk_dir;
     o.snapshot_every_blocks = every;
-    auto cache = model::PrefixCache::open(m, *fingerprint, o);
+    auto cache = model::PrefixCache::open(engine, *fingerprint, o);
     if (!cache.is_ok()) throw std::runtime_error(cache.status().to_string());
     return std::move(*cache);
   };

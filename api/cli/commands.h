@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 
 #include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -40,6 +41,6 @@ void print_error(const std::string& message);
 
 // The model at `dir` (config.json, then the checkpoint), or nullopt after print_error; then
 // `exit_code` is 2 for a bad config and 1 for weights that cannot be loaded.
-std::optional<model::Model> load_model_or_print(const std::string& dir, int& exit_code);
+std::shared_ptr<const model::Model> load_model_or_print(const std::string& dir, int& exit_code);
 
 }  // namespace dserve::cli

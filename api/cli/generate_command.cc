@@ -1,6 +1,7 @@
 // `dserve generate`: load a model, prefill a prompt in chunks, decode token by token and
 // stream the text; end with a line of timings.
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -10,6 +11,7 @@
 #include "commands.h"
 #include "dserve/model/checkpoint.h"
 #include "dserve/model/config.h"
+#include "dserve/model/engine.h"
 #include "dserve/model/model.h"
 #include "dserve/model/prefix_cache.h"
 #include "dserve/model/sampler.h"
@@ -29,6 +31,7 @@ struct GenerateOptions {
   std::string kv_store_dir;
   uint64_t kv_store_mib = 4096;
   int64_t kv_snapshot_every = 4;
+  std::string device = "cpu";
 };
 
 using Clock = std::chrono::steady_clock;
@@ -43,6 +46,11 @@ int run_generate(const GenerateOptions& o) {
   }
   if (o.max_tokens < 0 || o.prefill_chunk < 1) {
     print_error("--max-tokens must be >= 0 and --prefill-chunk >= 1");
+    return 2;
+  }
+  auto device = model::parse_device(o.device);
+  if (!device.is_ok()) {
+    print_error("--device: " + device.status().message());
     return 2;
   }
   const auto load_start = Clock::now();
@@ -69,9 +77,23 @@ int run_generate(const GenerateOptions& o) {
     print_error(weights.status().to_string());
     return 1;
   }
-  const model::Model model(std::move(config).value(), std::move(weights).value());
-  std::fprintf(stderr, "dserve: loaded %s in %.2f s; prompt: %zu tokens\n", o.model_dir.c_str(),
-               seconds_since(load_start), ids.size());
+  model::EngineOptions engine_options;
+  engine_options.device = *device;
+  engine_options.max_requests = 1;
+  engine_options.max_step_tokens = o.prefill_chunk;
+  engine_options.max_positions =
+      static_cast<int64_t>(ids.size()) + std::max<int64_t>(o.max_tokens, 1);
+  auto made = model::make_engine(
+      std::make_shared<const model::Model>(std::move(config).value(), std::move(weights).value()),
+      engine_options);
+  if (!made.is_ok()) {
+    print_error("--device " + o.device + ": " + made.status().to_string());
+    return 1;
+  }
+  model::Engine& engine = **made;
+  std::fprintf(stderr, "dserve: loaded %s in %.2f s on %s; prompt: %zu tokens\n",
+               o.model_dir.c_str(), seconds_since(load_start), engine.describe().c_str(),
+               ids.size());
 
   std::unique_ptr<model::PrefixCache> cache;
   if (!o.kv_store_dir.empty()) {
@@ -84,7 +106,7 @@ int run_generate(const GenerateOptions& o) {
     options.disk_path = o.kv_store_dir;
     options.disk_capacity_bytes = o.kv_store_mib << 20;
     options.snapshot_every_blocks = o.kv_snapshot_every;
-    auto opened = model::PrefixCache::open(model, *fingerprint, options);
+    auto opened = model::PrefixCache::open(engine, *fingerprint, options);
     if (!opened.is_ok()) {
       print_error("--kv-store " + o.kv_store_dir + ": " + opened.status().to_string());
       return 1;
@@ -94,7 +116,7 @@ int run_generate(const GenerateOptions& o) {
       std::fprintf(stderr, "dserve: warning: --kv-store: %s\n", note.c_str());
   }
 
-  model::RequestState state = model.new_state();
+  model::RequestHandle request;
   model::Sampler sampler(o.sampling);
   model::StreamDecoder stream(*tokenizer);
 
@@ -107,26 +129,38 @@ int run_generate(const GenerateOptions& o) {
       print_error(r.status().to_string());
       return 2;
     }
-    state = std::move(r->state);
+    request = std::move(r->request);
     logits = std::move(r->last_logits);
     reused = r->reused_tokens;
+  } else {
+    auto fresh = engine.new_request();
+    if (!fresh.is_ok()) {
+      print_error(fresh.status().to_string());
+      return 1;
+    }
+    request = std::move(fresh).value();
   }
-  for (size_t begin = static_cast<size_t>(state.position()); begin < ids.size();
+  // One step of the engine: this request's rows, its last logits.
+  auto step = [&](std::span<const int32_t> tokens) -> Status {
+    const model::StepRows rows{request.get(), tokens, model::LogitsFor::kLastToken};
+    auto r = engine.step(std::span(&rows, 1));
+    if (!r.is_ok()) return r.status();
+    logits = std::move(r->front());
+    return Status::ok();
+  };
+  for (size_t begin = static_cast<size_t>(request->position()); begin < ids.size();
        begin += static_cast<size_t>(o.prefill_chunk)) {
     const size_t count = std::min(ids.size() - begin, static_cast<size_t>(o.prefill_chunk));
-    auto r =
-        model.forward(std::span(ids).subspan(begin, count), state, model::LogitsFor::kLastToken);
-    if (!r.is_ok()) {
-      print_error(r.status().to_string());
+    if (Status s = step(std::span(ids).subspan(begin, count)); !s.is_ok()) {
+      print_error(s.to_string());
       return 2;
     }
-    logits = std::move(r).value();
   }
   const double prefill_s = seconds_since(prefill_start);
 
   const auto decode_start = Clock::now();
   int64_t generated = 0;
-  const auto eos = static_cast<int32_t>(model.config().eos_token_id);
+  const auto eos = static_cast<int32_t>(engine.config().eos_token_id);
   while (generated < o.max_tokens) {
     // Only ids the tokenizer can turn into text: the embedding may have padding rows past them.
     const int32_t next =
@@ -142,12 +176,10 @@ int run_generate(const GenerateOptions& o) {
     std::fflush(stdout);
     if (generated == o.max_tokens) break;
     const int32_t token[1] = {next};
-    auto r = model.forward(token, state, model::LogitsFor::kLastToken);
-    if (!r.is_ok()) {
-      print_error(r.status().to_string());
+    if (Status s = step(token); !s.is_ok()) {
+      print_error(s.to_string());
       return 1;
     }
-    logits = std::move(r).value();
   }
   std::fputs(stream.flush().c_str(), stdout);
   std::fputs("\n", stdout);
@@ -173,20 +205,21 @@ void print_error(const std::string& message) {
   std::fprintf(stderr, "dserve: error: %s\n", message.c_str());
 }
 
-std::optional<model::Model> load_model_or_print(const std::string& dir, int& exit_code) {
+std::shared_ptr<const model::Model> load_model_or_print(const std::string& dir, int& exit_code) {
   auto config = model::load_model_config(dir);
   if (!config.is_ok()) {
     print_error(config.status().to_string());
     exit_code = 2;
-    return std::nullopt;
+    return nullptr;
   }
   auto weights = model::load_checkpoint(dir, *config);
   if (!weights.is_ok()) {
     print_error(weights.status().to_string());
     exit_code = 1;
-    return std::nullopt;
+    return nullptr;
   }
-  return model::Model(std::move(config).value(), std::move(weights).value());
+  return std::make_shared<const model::Model>(std::move(config).value(),
+                                              std::move(weights).value());
 }
 
 Command add_generate_command(CLI::App& app) {
@@ -206,6 +239,8 @@ Command add_generate_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--seed", o->sampling.seed, "sampling seed")->capture_default_str();
   cmd->add_option("--prefill-chunk", o->prefill_chunk, "prompt tokens per forward call")
+      ->capture_default_str();
+  cmd->add_option("--device", o->device, "where the model computes: cpu, or cuda:N")
       ->capture_default_str();
   cmd->add_option("--kv-store", o->kv_store_dir,
                   "prefix store directory (RocksDB): reuse and keep the prompt's 128-token blocks "

@@ -25,9 +25,11 @@
 #include "dserve/api/openai_server.h"
 #include "dserve/api/serving_service.h"
 #include "dserve/decode/decode_worker.h"
+#include "dserve/kernels/device.h"
 #include "dserve/kvstore/transfer.h"
 #include "dserve/model/checkpoint.h"
 #include "dserve/model/config.h"
+#include "dserve/model/engine.h"
 #include "dserve/model/model.h"
 #include "dserve/model/prefix_cache.h"
 #include "dserve/model/tokenizer.h"
@@ -54,6 +56,8 @@ struct ServeOptions {
   int64_t transfer_timeout_ms = 10000;
   int64_t token_budget = 2048;
   int64_t step_ms = 250;
+  std::string device = "cpu";            // prefill, decode, colocated: cpu or cuda:N
+  int64_t device_max_context = 16384;    // cuda: the longest request a GPU state holds
   uint64_t inject_corrupt_handoffs = 0;  // fault injection, tests only
   // colocated: where the decode half listens (--listen is the prefill half's)
   std::string decode_listen = "127.0.0.1:0";
@@ -385,6 +389,28 @@ int run_serve(const ServeOptions& o) {
                 ", the cluster's): a put still in flight could land in another request's region");
     return 2;
   }
+  // The device first: a GPU this machine cannot use is refused before anything loads.
+  model::EngineOptions engine_options;
+  if (runs_prefill || runs_decode) {
+    auto device = model::parse_device(o.device);
+    if (!device.is_ok()) {
+      print_error("--device: " + device.status().message());
+      return 2;
+    }
+    if (o.device_max_context < 1 || o.device_max_context > (int64_t{1} << 30)) {
+      print_error("--device-max-context must be in 1..2^30, got " +
+                  std::to_string(o.device_max_context));
+      return 2;
+    }
+    engine_options.device = *device;
+    engine_options.max_positions = o.device_max_context;
+    if (device->kind == model::Device::Kind::kCuda) {
+      if (const std::string why = kernels::select_cuda_device(device->index); !why.empty()) {
+        print_error("--device " + device->name() + ": " + why);
+        return 1;
+      }
+    }
+  }
   std::string decode_host = host;
   int decode_port = -1;
   if (colocated) {
@@ -424,9 +450,30 @@ int run_serve(const ServeOptions& o) {
   ops::MetricsRegistry metrics;
 
   int exit_code = 0;
-  const std::optional<model::Model> loaded = load_model_or_print(o.model_dir, exit_code);
-  if (!loaded) return exit_code;
-  const model::Model& model = *loaded;
+  const std::shared_ptr<const model::Model> model = load_model_or_print(o.model_dir, exit_code);
+  if (!model) return exit_code;
+  // One compute engine per worker (a co-located process's two take turns on the device). On a
+  // GPU each holds the weights and its requests' states there; the prefill worker's queue is
+  // bounded by the requests its engine holds.
+  const bool on_gpu = engine_options.device.kind == model::Device::Kind::kCuda;
+  constexpr int64_t kGpuPrefillRequests = 16;
+  std::unique_ptr<model::Engine> prefill_compute, decode_compute;
+  for (auto [wanted, slot, requests, step_tokens] :
+       {std::tuple{runs_prefill, &prefill_compute, kGpuPrefillRequests, o.token_budget},
+        std::tuple{runs_decode, &decode_compute, o.max_batch, o.max_batch}}) {
+    if (!wanted) continue;
+    model::EngineOptions eo = engine_options;
+    eo.max_requests = std::max<int64_t>(requests, 1);
+    eo.max_step_tokens = std::max<int64_t>(step_tokens, 1);
+    auto made = model::make_engine(model, eo);
+    if (!made.is_ok()) {
+      print_error("--device " + o.device + ": " + made.status().to_string());
+      return 1;
+    }
+    *slot = std::move(made).value();
+  }
+  std::fprintf(stderr, "dserve: computing on %s\n",
+               (prefill_compute ? prefill_compute : decode_compute)->describe().c_str());
   // A decode worker samples only ids the tokenizer can turn into text (the embedding may have
   // padding rows past them).
   int64_t sampleable_ids = 0;
@@ -446,7 +493,7 @@ int run_serve(const ServeOptions& o) {
       print_error(fingerprint.status().to_string());
       return 1;
     }
-    auto opened = model::PrefixCache::open(model, *fingerprint, store_options);
+    auto opened = model::PrefixCache::open(*prefill_compute, *fingerprint, store_options);
     if (!opened.is_ok()) {
       print_error(opened.status().to_string());
       return 1;
@@ -506,7 +553,7 @@ int run_serve(const ServeOptions& o) {
     dopts.log = logger->get();
     dopts.metrics = metrics_at ? &metrics : nullptr;
     auto worker = decode::spawn_decode_worker(
-        decode_rt->system(), model, *decode_engine, decode_rt->epoch(),
+        decode_rt->system(), *decode_compute, *decode_engine, decode_rt->epoch(),
         "decode@" + rcfg.listen_host + ":" + std::to_string(rcfg.listen_port), dopts);
     if (!worker.is_ok()) {
       print_error("decode worker: " + worker.status().to_string());
@@ -534,12 +581,13 @@ int run_serve(const ServeOptions& o) {
     prefill::PrefillWorkerOptions popts;
     popts.scheduler.token_budget = o.token_budget;
     popts.scheduler.max_step_time = std::chrono::milliseconds(o.step_ms);
+    if (on_gpu) popts.scheduler.max_queued = kGpuPrefillRequests;
     popts.inject_corrupt_handoffs = o.inject_corrupt_handoffs;
     popts.compute_lock = compute_lock;
     popts.log = logger->get();
     popts.metrics = metrics_at ? &metrics : nullptr;
     auto bound = prefill_rt->publish(
-        prefill::spawn_prefill_worker(prefill_rt->system(), *cache, model, *prefill_engine,
+        prefill::spawn_prefill_worker(prefill_rt->system(), *cache, *prefill_engine,
                                       prefill_rt->epoch(), "prefill@" + o.listen, popts));
     if (!bound.is_ok()) {
       print_error(bound.status().to_string());
@@ -627,6 +675,14 @@ Command add_serve_command(CLI::App& app) {
                   "transfer timeout)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--device", o->device,
+                  "prefill, decode, colocated: where the model computes: cpu, or cuda:N (refused "
+                  "at start, with the reason, when this machine or build cannot use that GPU)")
+      ->capture_default_str();
+  cmd->add_option("--device-max-context", o->device_max_context,
+                  "cuda: the longest request (prompt and output tokens) a GPU request state "
+                  "holds; sizes the GPU's page pools")
+      ->capture_default_str();
   cmd->add_option("--token-budget", o->token_budget, "prefill: prompt tokens per step")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

@@ -23,8 +23,8 @@ std::string_view finish_reason_name(FinishReason reason) {
   return "?";
 }
 
-DecodeBatch::DecodeBatch(const model::Model& model, DecodeOptions options)
-    : model_(model), options_(options) {}
+DecodeBatch::DecodeBatch(model::Engine& engine, DecodeOptions options)
+    : engine_(engine), options_(options) {}
 
 Status DecodeBatch::add(DecodeRequest request) {
   if (static_cast<int64_t>(slots_.size()) >= options_.max_batch) {
@@ -36,12 +36,12 @@ Status DecodeBatch::add(DecodeRequest request) {
       return invalid_argument("request " + std::to_string(request.id) + " is already decoding");
     }
   }
-  if (request.prompt_logits.numel() != model_.config().vocab_size) {
+  if (request.prompt_logits.numel() != engine_.config().vocab_size) {
     return invalid_argument("request " + std::to_string(request.id) + ": prompt logits of " +
                             std::to_string(request.prompt_logits.numel()) + " values, expected " +
-                            std::to_string(model_.config().vocab_size));
+                            std::to_string(engine_.config().vocab_size));
   }
-  if (request.state.position() == 0) {
+  if (request.request == nullptr || request.request->position() == 0) {
     return invalid_argument("request " + std::to_string(request.id) +
                             ": its state has seen no prompt");
   }
@@ -49,7 +49,7 @@ Status DecodeBatch::add(DecodeRequest request) {
     return invalid_argument("request " + std::to_string(request.id) + ": max_tokens must be >= 1");
   }
   DSERVE_RETURN_IF_ERROR(
-      model::validate_sampling_params(request.sampling, model_.config().vocab_size));
+      model::validate_sampling_params(request.sampling, engine_.config().vocab_size));
   auto slot =
       std::make_unique<Slot>(Slot{std::move(request), model::Sampler({}), Tensor(), 0, false});
   slot->sampler = model::Sampler(slot->request.sampling);
@@ -69,10 +69,10 @@ std::vector<TokenEvent> DecodeBatch::step() {
   std::vector<TokenEvent> events;
   events.reserve(slots_.size());
   const auto now = Clock::now();
-  const auto eos = static_cast<int32_t>(model_.config().eos_token_id);
+  const auto eos = static_cast<int32_t>(engine_.config().eos_token_id);
   // First every request's next token; then one forward step over all that go on.
   std::vector<int32_t> next(slots_.size());
-  std::vector<model::Model::StepRequest> step;
+  std::vector<model::StepRows> step;
   std::vector<size_t> stepping;  // slot index of each step request
   for (size_t i = 0; i < slots_.size(); ++i) {
     Slot& s = *slots_[i];
@@ -103,10 +103,10 @@ std::vector<TokenEvent> DecodeBatch::step() {
   }
   for (const size_t i : stepping) {
     step.push_back(
-        {std::span(&next[i], 1), &slots_[i]->request.state, model::LogitsFor::kLastToken});
+        {slots_[i]->request.request.get(), std::span(&next[i], 1), model::LogitsFor::kLastToken});
   }
   if (!step.empty()) {
-    auto logits = model_.forward_batch(step);
+    auto logits = engine_.step(step);
     for (size_t j = 0; j < stepping.size(); ++j) {
       const size_t i = stepping[j];
       if (logits.is_ok()) {

@@ -91,7 +91,7 @@ struct DecodeMetrics {
 };
 
 struct WorkerState {
-  const model::Model* model = nullptr;
+  model::Engine* compute = nullptr;  // the model, on its device
   kvstore::TransferEngine* engine = nullptr;
   Epoch epoch = 0;
   std::string node_name;
@@ -161,7 +161,7 @@ void purge_quarantine(WorkerState& st) {
 // Checks the landed bytes and turns them into a batch entry.
 Result<DecodeRequest> take_handoff(WorkerState& st, ReservationId id, const Reservation& r,
                                    const HandoffDone& done) {
-  const model::ModelConfig& config = st.model->config();
+  const model::ModelConfig& config = st.compute->config();
   auto digests = kvstore::decode_digests(done.span_digests);
   if (!digests.is_ok()) return digests.status();
   const uint64_t state_bytes = model::packed_state_bytes(config, r.prompt_tokens);
@@ -183,15 +183,15 @@ Result<DecodeRequest> take_handoff(WorkerState& st, ReservationId id, const Rese
     return landed;
   }
   const uint8_t* bytes = landed_bytes.data();
-  auto state = model::unpack_state(config, st.model->page_pools(), {bytes, state_bytes});
+  auto state = model::unpack_request(*st.compute, {bytes, state_bytes});
   if (!state.is_ok()) return state.status();
-  if (state->position() != r.prompt_tokens) {
-    return data_loss("hand-off state at position " + std::to_string(state->position()) +
+  if ((*state)->position() != r.prompt_tokens) {
+    return data_loss("hand-off state at position " + std::to_string((*state)->position()) +
                      ", reserved for " + std::to_string(r.prompt_tokens) + " prompt tokens");
   }
   DecodeRequest req;
   req.id = id;
-  req.state = std::move(state).value();
+  req.request = std::move(state).value();
   req.prompt_logits = Tensor({1, config.vocab_size});
   std::memcpy(req.prompt_logits.data(), bytes + state_bytes, logit_bytes);
   req.max_tokens = r.max_new_tokens;
@@ -248,7 +248,7 @@ HandoffAck accept_handoff(WorkerState& s, const HandoffDone& done) {
   }
   auto req = take_handoff(s, it->first, it->second, done);
   Decoding d{it->second.request_id, it->second.trace_id, it->second.sink, 0,
-             decoding_bytes(s.model->config(), it->second)};
+             decoding_bytes(s.compute->config(), it->second)};
   release_reservation(s, it);
   if (!req.is_ok()) {
     ack.reason = "hand-off refused: " + req.status().to_string();
@@ -288,7 +288,7 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
       req.frequency_penalty, {}};
   for (size_t i = 0; i < req.logit_bias_ids.size() && i <= model::kMaxLogitBiasEntries; ++i)
     sampling.logit_bias.emplace_back(req.logit_bias_ids[i], req.logit_bias_values[i]);
-  if (Status ok = model::validate_sampling_params(sampling, s.model->config().vocab_size);
+  if (Status ok = model::validate_sampling_params(sampling, s.compute->config().vocab_size);
       !ok.is_ok()) {
     return refuse(req, s.epoch, "bad sampling parameters: " + ok.message(), false);
   }
@@ -300,10 +300,10 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
   }
   // What the region takes of the budget while reserved: whole pages of the arena.
   const uint64_t region_bytes =
-      HandoffArena::lease_bytes(handoff_region_bytes(s.model->config(), req.prompt_tokens));
+      HandoffArena::lease_bytes(handoff_region_bytes(s.compute->config(), req.prompt_tokens));
   const uint64_t need = std::max<uint64_t>(
       region_bytes,
-      model::packed_state_bytes(s.model->config(),
+      model::packed_state_bytes(s.compute->config(),
                                 static_cast<int64_t>(req.prompt_tokens) + req.max_new_tokens));
   if (need > s.options.kv_budget_bytes) {
     return refuse(req, s.epoch,
@@ -384,18 +384,18 @@ CancelReply cancel_request(DecodeWorkerActor::stateful_pointer<WorkerState> self
 }
 
 DecodeWorkerActor::behavior_type decode_worker(
-    DecodeWorkerActor::stateful_pointer<WorkerState> self, const model::Model* model,
+    DecodeWorkerActor::stateful_pointer<WorkerState> self, model::Engine* compute,
     kvstore::TransferEngine* engine, std::shared_ptr<HandoffArena> arena, Epoch epoch,
     std::string node_name, DecodeWorkerOptions options) {
   auto& st = self->state;
-  st.model = model;
+  st.compute = compute;
   st.engine = engine;
   st.arena = std::move(arena);
   st.epoch = epoch;
   st.node_name = std::move(node_name);
   st.options = options;
   st.batch = std::make_unique<DecodeBatch>(
-      *model, DecodeOptions{options.max_batch, options.sampleable_ids});
+      *compute, DecodeOptions{options.max_batch, options.sampleable_ids});
   if (options.metrics) st.metrics = std::make_unique<DecodeMetrics>(*options.metrics);
   st.refresh_gauges();
   auto kick = [self] {
@@ -484,7 +484,7 @@ DecodeWorkerActor::behavior_type decode_worker(
         report.queued_requests = static_cast<uint32_t>(s.reservations.size());
         report.free_kv_bytes = s.options.kv_budget_bytes - s.used_bytes;
         report.kv_budget_bytes_in_use = s.used_bytes;
-        const model::KvPagePools& pools = s.model->page_pools();
+        const model::KvPagePools& pools = s.compute->page_pools();
         for (const auto* group : {&pools.compressed, &pools.index_keys}) {
           for (const auto& pool : *group) {
             if (!pool) continue;  // a sliding-window layer has no pool
@@ -573,12 +573,12 @@ uint64_t handoff_region_bytes(const model::ModelConfig& config, int64_t prompt_t
          static_cast<uint64_t>(config.vocab_size) * sizeof(float);
 }
 
-Result<DecodeActor> spawn_decode_worker(caf::actor_system& system, const model::Model& model,
+Result<DecodeActor> spawn_decode_worker(caf::actor_system& system, model::Engine& compute,
                                         kvstore::TransferEngine& engine, Epoch epoch,
                                         std::string node_name, DecodeWorkerOptions options) {
   auto arena = HandoffArena::create(engine, options.kv_budget_bytes);
   if (!arena.is_ok()) return arena.status();
-  auto worker = system.spawn(decode_worker, &model, &engine,
+  auto worker = system.spawn(decode_worker, &compute, &engine,
                              std::shared_ptr<HandoffArena>(std::move(arena).value()), epoch,
                              std::move(node_name), options);
   return caf::actor_cast<DecodeActor>(worker);

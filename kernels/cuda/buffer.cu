@@ -60,13 +60,15 @@ Status DeviceBuffer::copy_from_host(const void* src, size_t bytes, size_t offset
       "cudaMemcpy(host to device)");
 }
 
-Status DeviceBuffer::copy_to_host(void* dst, size_t bytes) const {
-  DSERVE_CHECK_MSG(bytes <= bytes_, "copy of " + std::to_string(bytes) +
-                                        " bytes out of a device buffer of " +
-                                        std::to_string(bytes_));
+Status DeviceBuffer::copy_to_host(void* dst, size_t bytes, size_t offset) const {
+  DSERVE_CHECK_MSG(offset <= bytes_ && bytes <= bytes_ - offset,
+                   "copy of " + std::to_string(bytes) + " bytes at offset " +
+                       std::to_string(offset) + " out of a device buffer of " +
+                       std::to_string(bytes_));
   if (bytes == 0) return Status::ok();
-  return cuda_status(cudaMemcpy(dst, data_, bytes, cudaMemcpyDeviceToHost),
-                     "cudaMemcpy(device to host)");
+  return cuda_status(
+      cudaMemcpy(dst, static_cast<const char*>(data_) + offset, bytes, cudaMemcpyDeviceToHost),
+      "cudaMemcpy(device to host)");
 }
 
 }  // namespace dserve::kernels::cuda

@@ -47,8 +47,8 @@ Status DeviceBuffer::copy_from_host(const void*, size_t bytes, size_t offset) {
   return bytes == 0 ? Status::ok() : not_built();
 }
 
-Status DeviceBuffer::copy_to_host(void*, size_t bytes) const {
-  DSERVE_CHECK(bytes <= bytes_);
+Status DeviceBuffer::copy_to_host(void*, size_t bytes, size_t offset) const {
+  DSERVE_CHECK(offset <= bytes_ && bytes <= bytes_ - offset);
   return bytes == 0 ? Status::ok() : not_built();
 }
 

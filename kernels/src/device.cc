@@ -41,7 +41,7 @@ bool cuda_backend_built() {
   return true;
 }
 
-DeviceInfo probe_cuda_device() {
+DeviceInfo probe_cuda_device(int index) {
   DeviceInfo info;
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
@@ -61,12 +61,18 @@ DeviceInfo probe_cuda_device() {
     info.why_unavailable = "the CUDA runtime sees no device";
     return info;
   }
+  if (index < 0 || index >= count) {
+    info.why_unavailable = "there is no CUDA device " + std::to_string(index) +
+                           ": the runtime sees " + std::to_string(count) +
+                           " (cuda:0 to cuda:" + std::to_string(count - 1) + ")";
+    return info;
+  }
   cudaDeviceProp prop{};
-  const cudaError_t prop_err = cudaGetDeviceProperties(&prop, 0);
+  const cudaError_t prop_err = cudaGetDeviceProperties(&prop, index);
   if (prop_err != cudaSuccess) {
     cudaGetLastError();
-    info.why_unavailable =
-        "cudaGetDeviceProperties(0) failed (" + runtime_error_text(prop_err) + ")";
+    info.why_unavailable = "cudaGetDeviceProperties(" + std::to_string(index) + ") failed (" +
+                           runtime_error_text(prop_err) + ")";
     return info;
   }
   info.name = prop.name;
@@ -85,16 +91,43 @@ DeviceInfo probe_cuda_device() {
   return info;
 }
 
+std::string select_cuda_device(int index) {
+  const DeviceInfo info = probe_cuda_device(index);
+  if (!info.available) return info.why_unavailable;
+  const cudaError_t err = cudaSetDevice(index);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return "cudaSetDevice(" + std::to_string(index) + ") failed (" + runtime_error_text(err) + ")";
+  }
+  return {};
+}
+
+bool make_cuda_device_current(int index) {
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current == index) return true;
+  if (cudaSetDevice(index) == cudaSuccess) return true;
+  cudaGetLastError();
+  return false;
+}
+
 #else
 
 bool cuda_backend_built() {
   return false;
 }
 
-DeviceInfo probe_cuda_device() {
+DeviceInfo probe_cuda_device(int /*index*/) {
   DeviceInfo info;
   info.why_unavailable = "built without the CUDA backend";
   return info;
+}
+
+std::string select_cuda_device(int index) {
+  return probe_cuda_device(index).why_unavailable;
+}
+
+bool make_cuda_device_current(int /*index*/) {
+  return false;
 }
 
 #endif

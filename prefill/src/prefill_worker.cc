@@ -122,7 +122,7 @@ struct PrefillMetrics {
 
 struct WorkerState {
   model::PrefixCache* cache = nullptr;
-  const model::Model* model = nullptr;
+  model::Engine* compute = nullptr;  // the cache's engine: the model on its device
   kvstore::TransferEngine* engine = nullptr;
   Epoch epoch = 0;
   std::string node_name;
@@ -175,7 +175,9 @@ Result<HandoffDone> write_state(WorkerState& st, const PrefillRequest& req,
                                 const model::PrefillResult& result) {
   auto keys = kvstore::decode_handoff_keys(req.target.transfer_keys);
   if (!keys.is_ok()) return keys.status();
-  const std::vector<uint8_t> packed = model::pack_state(st.model->config(), result.state);
+  auto packing = model::pack_request(*st.compute, *result.request);
+  if (!packing.is_ok()) return packing.status();
+  const std::vector<uint8_t> packed = std::move(packing).value();
   const uint64_t logit_bytes = static_cast<uint64_t>(result.last_logits.numel()) * sizeof(float);
   if (packed.size() + logit_bytes > keys->region.bytes) {
     return invalid_argument("the decode region holds " + std::to_string(keys->region.bytes) +
@@ -200,7 +202,7 @@ Result<HandoffDone> write_state(WorkerState& st, const PrefillRequest& req,
   done.request_id = req.request_id;
   done.reservation_id = req.target.reservation_id;
   done.decode_epoch = req.target.epoch;
-  done.kv_tokens = static_cast<uint32_t>(result.state.position());
+  done.kv_tokens = static_cast<uint32_t>(result.request->position());
   done.state_checksum = (*digests)[0].xxh3;
   // Informational (the greedy choice); the decode side samples from the logits itself.
   done.first_token =
@@ -273,11 +275,11 @@ void send_handoff(PrefillWorkerActor::stateful_pointer<WorkerState> self, Pendin
 
 PrefillWorkerActor::behavior_type prefill_worker(
     PrefillWorkerActor::stateful_pointer<WorkerState> self, model::PrefixCache* cache,
-    const model::Model* model, kvstore::TransferEngine* engine, Epoch epoch, std::string node_name,
+    kvstore::TransferEngine* engine, Epoch epoch, std::string node_name,
     PrefillWorkerOptions options) {
   auto& st = self->state;
   st.cache = cache;
-  st.model = model;
+  st.compute = &cache->engine();
   st.engine = engine;
   st.epoch = epoch;
   st.node_name = std::move(node_name);
@@ -334,7 +336,7 @@ PrefillWorkerActor::behavior_type prefill_worker(
         report.node_name = s.node_name;
         report.active_requests = static_cast<uint32_t>(s.pending.size());
         report.queued_requests = static_cast<uint32_t>(s.scheduler->queued());
-        const model::KvPagePools& pools = s.model->page_pools();
+        const model::KvPagePools& pools = s.compute->page_pools();
         auto count = [&report](const kvstore::PagePool& pool) {
           report.kv_pages_in_use += static_cast<uint64_t>(pool.pages_in_use());
           report.kv_page_bytes_in_use += pool.bytes_in_use();
@@ -389,7 +391,7 @@ PrefillWorkerActor::behavior_type prefill_worker(
           reply.computed_tokens = static_cast<uint32_t>(out.result->computed_tokens);
           reply.prefill_ms = elapsed_us(p.accepted) / 1000;
           reply.transfer_bytes =
-              model::packed_state_bytes(s.model->config(), out.result->state.position()) +
+              model::packed_state_bytes(s.compute->config(), out.result->request->position()) +
               static_cast<uint64_t>(out.result->last_logits.numel()) * sizeof(float);
           const auto transfer_start = Clock::now();
           auto done = write_state(s, p.request, *out.result);
@@ -416,11 +418,9 @@ PrefillWorkerActor::behavior_type prefill_worker(
 }  // namespace
 
 PrefillActor spawn_prefill_worker(caf::actor_system& system, model::PrefixCache& cache,
-                                  const model::Model& model, kvstore::TransferEngine& engine,
-                                  Epoch epoch, std::string node_name,
-                                  PrefillWorkerOptions options) {
-  auto worker =
-      system.spawn(prefill_worker, &cache, &model, &engine, epoch, std::move(node_name), options);
+                                  kvstore::TransferEngine& engine, Epoch epoch,
+                                  std::string node_name, PrefillWorkerOptions options) {
+  auto worker = system.spawn(prefill_worker, &cache, &engine, epoch, std::move(node_name), options);
   return caf::actor_cast<PrefillActor>(worker);
 }
 

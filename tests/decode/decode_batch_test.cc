@@ -14,6 +14,7 @@
 namespace dserve::decode {
 namespace {
 
+using model::testing_support::tiny_engine;
 using model::testing_support::tiny_model;
 
 std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
@@ -35,18 +36,30 @@ model::SamplingParams sampling_for(uint64_t i) {
   return p;
 }
 
-DecodeRequest prefilled(uint64_t id, const std::vector<int32_t>& prompt, int64_t max_tokens) {
+// A prompt run alone through the model, in chunks of 512: its state and last logits.
+std::pair<model::RequestState, Tensor> prefill_alone(const std::vector<int32_t>& prompt) {
   const model::Model& m = tiny_model();
-  DecodeRequest r;
-  r.id = id;
-  r.state = m.new_state();
+  model::RequestState state = m.new_state();
+  Tensor last;
   for (size_t begin = 0; begin < prompt.size(); begin += 512) {
     const size_t n = std::min<size_t>(512, prompt.size() - begin);
     auto logits =
-        m.forward(std::span(prompt).subspan(begin, n), r.state, model::LogitsFor::kLastToken);
+        m.forward(std::span(prompt).subspan(begin, n), state, model::LogitsFor::kLastToken);
     EXPECT_TRUE(logits.is_ok());
-    r.prompt_logits = std::move(*logits);
+    last = std::move(*logits);
   }
+  return {std::move(state), std::move(last)};
+}
+
+// The same prompt as a request of the engine the batches run on (a hand-off's import).
+DecodeRequest prefilled(uint64_t id, const std::vector<int32_t>& prompt, int64_t max_tokens) {
+  auto [state, logits] = prefill_alone(prompt);
+  DecodeRequest r;
+  r.id = id;
+  auto imported = tiny_engine().import_state(std::move(state));
+  EXPECT_TRUE(imported.is_ok());
+  r.request = std::move(imported).value();
+  r.prompt_logits = std::move(logits);
   r.sampling = sampling_for(id);
   r.max_tokens = max_tokens;
   return r;
@@ -56,9 +69,8 @@ DecodeRequest prefilled(uint64_t id, const std::vector<int32_t>& prompt, int64_t
 std::vector<int32_t> generate_alone(const std::vector<int32_t>& prompt, uint64_t id,
                                     int64_t max_tokens) {
   const model::Model& m = tiny_model();
-  DecodeRequest r = prefilled(id, prompt, max_tokens);
-  model::Sampler sampler(r.sampling);
-  Tensor logits = std::move(r.prompt_logits);
+  auto [state, logits] = prefill_alone(prompt);
+  model::Sampler sampler(sampling_for(id));
   std::vector<int32_t> out;
   for (int64_t produced = 0; produced < max_tokens;) {
     const int32_t t = sampler.sample(logits.span());
@@ -67,14 +79,13 @@ std::vector<int32_t> generate_alone(const std::vector<int32_t>& prompt, uint64_t
     out.push_back(t);
     if (produced == max_tokens) break;
     const int32_t one[1] = {t};
-    logits = std::move(*m.forward(one, r.state, model::LogitsFor::kLastToken));
+    logits = std::move(*m.forward(one, state, model::LogitsFor::kLastToken));
   }
   return out;
 }
 
 TEST(DecodeBatch, RequestsJoiningBetweenStepsGetTheTokensOfAGenerateAlone) {
-  const model::Model& m = tiny_model();
-  DecodeBatch batch(m, {.max_batch = 8});
+  DecodeBatch batch(tiny_engine(), {.max_batch = 8});
   std::map<uint64_t, std::vector<int32_t>> prompts, got;
   std::map<uint64_t, int64_t> limits;
   for (uint64_t id = 1; id <= 6; ++id) {
@@ -108,7 +119,7 @@ TEST(DecodeBatch, CancelledAndExpiredRequestsLeaveAndReturnTheirPages) {
   const model::Model& m = tiny_model();
   const uint64_t before = m.page_pools().bytes_in_use();
   {
-    DecodeBatch batch(m, {.max_batch = 4});
+    DecodeBatch batch(tiny_engine(), {.max_batch = 4});
     for (uint64_t id = 1; id <= 3; ++id)
       ASSERT_TRUE(batch.add(prefilled(id, prompt_of(300, id), 1000)).is_ok());
     DecodeRequest late = prefilled(4, prompt_of(300, 4), 1000);
@@ -137,14 +148,14 @@ TEST(DecodeBatch, CancelledAndExpiredRequestsLeaveAndReturnTheirPages) {
 
 TEST(DecodeBatch, RefusesBadRequestsWithTheReason) {
   const model::Model& m = tiny_model();
-  DecodeBatch batch(m, {});
+  DecodeBatch batch(tiny_engine(), {});
   ASSERT_TRUE(batch.add(prefilled(1, prompt_of(10, 1), 3)).is_ok());
   const Status dup = batch.add(prefilled(1, prompt_of(10, 1), 3));
   EXPECT_EQ(dup.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(dup.message().find("already decoding"), std::string::npos);
   DecodeRequest empty;
   empty.id = 2;
-  empty.state = m.new_state();
+  empty.request = std::move(tiny_engine().new_request()).value();
   empty.prompt_logits = Tensor({1, m.config().vocab_size});
   EXPECT_EQ(batch.add(std::move(empty)).code(), StatusCode::kInvalidArgument);
   DecodeRequest bad = prefilled(3, prompt_of(10, 3), 3);
@@ -164,7 +175,8 @@ TEST(DecodeBatch, SamplesOnlyIdsTheTokenizerCanDecode) {
     for (const uint64_t id : {1u, 2u}) {  // sampling (temperature, top-k, top-p), then greedy
       SCOPED_TRACE(std::string(bounded ? "bounded" : "unbounded") + ", request " +
                    std::to_string(id));
-      DecodeBatch batch(m, {.max_batch = 4, .sampleable_ids = bounded ? tokenizer_ids : 0});
+      DecodeBatch batch(tiny_engine(),
+                        {.max_batch = 4, .sampleable_ids = bounded ? tokenizer_ids : 0});
       DecodeRequest r = prefilled(id, prompt_of(20, 7), 1);
       for (int64_t v = tokenizer_ids; v < vocab; ++v)
         r.prompt_logits.data()[v] = 1000.0f;  // padding rows far above every real id

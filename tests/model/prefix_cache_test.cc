@@ -64,7 +64,9 @@ Continuation cold(const Model& model, std::span<const int32_t> prompt) {
 Continuation warm(const Model& model, PrefixCache& cache, std::span<const int32_t> prompt) {
   auto r = cache.prefill(prompt, 100);
   EXPECT_TRUE(r.is_ok()) << r.status().to_string();
-  Continuation run = greedy_decode(model, r->state, std::move(r->last_logits));
+  auto state = cache.engine().release_state(std::move(r->request));
+  EXPECT_TRUE(state.is_ok()) << state.status().to_string();
+  Continuation run = greedy_decode(model, *state, std::move(r->last_logits));
   run.reused = r->reused_tokens;
   run.from_tier = r->reused_blocks_from_tier;
   return run;
@@ -85,7 +87,7 @@ class PrefixCacheTest : public ::testing::Test {
 
   std::unique_ptr<PrefixCache> open(kv::PrefixStoreOptions options) {
     options.snapshot_every_blocks = 1;
-    auto cache = PrefixCache::open(testing_support::tiny_model(), fingerprint_, options);
+    auto cache = PrefixCache::open(testing_support::tiny_engine(), fingerprint_, options);
     EXPECT_TRUE(cache.is_ok()) << cache.status().to_string();
     return cache.is_ok() ? std::move(*cache) : nullptr;
   }
@@ -162,7 +164,7 @@ TEST_F(PrefixCacheTest, OtherCheckpointNeverShares) {
   ASSERT_NE(cache, nullptr);
   const auto prompt = random_tokens(3 * kBlock + 5, 9);
   ASSERT_TRUE(cache->prefill(prompt).is_ok());
-  auto other = PrefixCache::open(testing_support::tiny_model(), fingerprint_ + "-other", {});
+  auto other = PrefixCache::open(testing_support::tiny_engine(), fingerprint_ + "-other", {});
   ASSERT_TRUE(other.is_ok());
   EXPECT_NE((*other)->store().root(), cache->store().root());
   const auto r = cache->prefill(prompt);
@@ -172,7 +174,7 @@ TEST_F(PrefixCacheTest, OtherCheckpointNeverShares) {
 
 TEST_F(PrefixCacheTest, SnapshotsEveryKBlocksShortenHitsToTheLastSnapshot) {
   const Model& model = testing_support::tiny_model();
-  auto cache = PrefixCache::open(model, fingerprint_, [] {
+  auto cache = PrefixCache::open(testing_support::tiny_engine(), fingerprint_, [] {
     kv::PrefixStoreOptions o;
     o.snapshot_every_blocks = 4;
     return o;
@@ -190,7 +192,9 @@ TEST_F(PrefixCacheTest, SnapshotsEveryKBlocksShortenHitsToTheLastSnapshot) {
     auto r = (*cache)->prefill(prompt);
     ASSERT_TRUE(r.is_ok());
     EXPECT_EQ(r->reused_tokens, want * kBlock) << "shared " << shared;
-    const Continuation a = greedy_decode(model, r->state, r->last_logits);
+    auto state = (*cache)->engine().release_state(std::move(r->request));
+    ASSERT_TRUE(state.is_ok());
+    const Continuation a = greedy_decode(model, *state, r->last_logits);
     const Continuation b = cold(model, prompt);
     EXPECT_EQ(a.generated, b.generated) << "shared " << shared;
   }

@@ -49,8 +49,8 @@ const std::string& tiny_model_dir() {
   return dir;
 }
 
-const Model& tiny_model() {
-  static const std::unique_ptr<Model> model = [] {
+const std::shared_ptr<const Model>& tiny_model_shared() {
+  static const std::shared_ptr<const Model> model = [] {
     auto config = load_model_config(tiny_model_dir());
     if (!config.is_ok()) {
       ADD_FAILURE() << config.status().to_string();
@@ -61,9 +61,25 @@ const Model& tiny_model() {
       ADD_FAILURE() << weights.status().to_string();
       std::abort();
     }
-    return std::make_unique<Model>(std::move(config).value(), std::move(weights).value());
+    return std::make_shared<const Model>(std::move(config).value(), std::move(weights).value());
   }();
-  return *model;
+  return model;
+}
+
+const Model& tiny_model() {
+  return *tiny_model_shared();
+}
+
+Engine& tiny_engine() {
+  static const std::unique_ptr<Engine> engine = [] {
+    auto made = make_engine(tiny_model_shared(), EngineOptions{});
+    if (!made.is_ok()) {
+      ADD_FAILURE() << made.status().to_string();
+      std::abort();
+    }
+    return std::move(made).value();
+  }();
+  return *engine;
 }
 
 }  // namespace dserve::model::testing_support

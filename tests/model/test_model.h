@@ -5,6 +5,9 @@
 #include <cstdint>
 #include <string>
 
+#include <memory>
+
+#include "dserve/model/engine.h"
 #include "dserve/model/model.h"
 
 namespace dserve::model::testing_support {
@@ -13,6 +16,9 @@ namespace dserve::model::testing_support {
 const std::string& tiny_model_dir();
 // The tiny model loaded from tiny_model_dir().
 const Model& tiny_model();
+const std::shared_ptr<const Model>& tiny_model_shared();
+// The CPU engine over tiny_model(), one per test binary.
+Engine& tiny_engine();
 // Largest |a - b| over a row of n values, relative to the row's largest |b| (at least 1).
 double relative_row_diff(const float* a, const float* b, int64_t n);
 

@@ -15,6 +15,7 @@
 namespace dserve::prefill {
 namespace {
 
+using model::testing_support::tiny_engine;
 using model::testing_support::tiny_model;
 
 std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
@@ -26,7 +27,7 @@ std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
 }
 
 std::unique_ptr<model::PrefixCache> cache() {
-  auto c = model::PrefixCache::open(tiny_model(), "prefill-scheduler-test", {});
+  auto c = model::PrefixCache::open(tiny_engine(), "prefill-scheduler-test", {});
   EXPECT_TRUE(c.is_ok()) << c.status().to_string();
   return std::move(c).value();
 }
@@ -63,7 +64,7 @@ TEST(PrefillScheduler, SpendsTheBudgetOldestFirstAndMatchesAOneRequestPrefill) {
     const auto want = m.forward(p, state, model::LogitsFor::kLastToken);
     ASSERT_TRUE(want.is_ok());
     const auto& got = done.at(id);
-    EXPECT_EQ(got.state.position(), static_cast<int64_t>(p.size()));
+    EXPECT_EQ(got.request->position(), static_cast<int64_t>(p.size()));
     EXPECT_EQ(std::memcmp(got.last_logits.data(), want->data(),
                           static_cast<size_t>(want->numel()) * sizeof(float)),
               0)

@@ -6,10 +6,10 @@
 // its state at once, so its pages go back to the model's pools before the next step.
 //
 // A step samples every request's next token, then runs one batched forward over all the
-// requests that go on (Model::forward_batch: each weight read once per step, attention per
-// request). A request's logits are bit-identical to a forward of it alone, so its tokens are
-// the same as a `dserve generate` of the same prompt with the same sampling parameters, whoever
-// else is in the batch. Not thread-safe: one owner (the worker's loop) calls it.
+// requests that go on (Engine::step: each weight read once per step, attention per request).
+// On the CPU engine a request's logits are bit-identical to a forward of it alone, so its tokens
+// are the same as a `dserve generate` of the same prompt with the same sampling parameters,
+// whoever else is in the batch. Not thread-safe: one owner (the worker's loop) calls it.
 
 #include <chrono>
 #include <cstdint>
@@ -19,8 +19,7 @@
 
 #include "dserve/core/status.h"
 #include "dserve/kernels/tensor.h"
-#include "dserve/model/model.h"
-#include "dserve/model/request_state.h"
+#include "dserve/model/engine.h"
 #include "dserve/model/sampler.h"
 
 namespace dserve::decode {
@@ -29,8 +28,8 @@ using Clock = std::chrono::steady_clock;
 
 struct DecodeRequest {
   uint64_t id = 0;
-  model::RequestState state;  // after the prompt
-  Tensor prompt_logits;       // [1, vocab]: the prompt's last token
+  model::RequestHandle request;  // the engine's request, after the prompt
+  Tensor prompt_logits;          // [1, vocab]: the prompt's last token
   model::SamplingParams sampling;
   // Tokens the request generated before it was placed here (a replay): the penalties count them.
   std::vector<int32_t> generated;
@@ -60,7 +59,7 @@ struct DecodeOptions {
 
 class DecodeBatch {
  public:
-  DecodeBatch(const model::Model& model, DecodeOptions options);
+  DecodeBatch(model::Engine& engine, DecodeOptions options);
 
   // ResourceExhausted when max_batch requests are decoding; InvalidArgument for an id that is
   // already in the batch, a state of another position than its logits' prompt, or bad
@@ -83,7 +82,7 @@ class DecodeBatch {
     int64_t produced = 0;
     bool cancelled = false;
   };
-  const model::Model& model_;
+  model::Engine& engine_;
   DecodeOptions options_;
   std::vector<std::unique_ptr<Slot>> slots_;
 };

@@ -37,7 +37,7 @@
 
 #include "dserve/actors/decode_interface.h"
 #include "dserve/kvstore/transfer.h"
-#include "dserve/model/model.h"
+#include "dserve/model/engine.h"
 
 namespace dserve::ops {
 class Logger;
@@ -72,11 +72,11 @@ struct DecodeWorkerOptions {
 // Bytes of the hand-off region for a prompt of `prompt_tokens` tokens (state + logits).
 uint64_t handoff_region_bytes(const model::ModelConfig& config, int64_t prompt_tokens);
 
-// Spawns the worker with a hand-off arena of kv_budget_bytes (handoff_arena.h). `model` and
-// `engine` must outlive the actor (the process owns them); `epoch` is the process's
-// (ActorRuntime::epoch()), checked on every HandoffDone. Fails when the arena cannot be mapped.
-Result<actors::DecodeActor> spawn_decode_worker(caf::actor_system& system,
-                                                const model::Model& model,
+// Spawns the worker with a hand-off arena of kv_budget_bytes (handoff_arena.h). `compute` (the
+// model on its device) and `engine` must outlive the actor (the process owns them); `epoch` is the
+// process's (ActorRuntime::epoch()), checked on every HandoffDone. Fails when the arena cannot be
+// mapped.
+Result<actors::DecodeActor> spawn_decode_worker(caf::actor_system& system, model::Engine& compute,
                                                 kvstore::TransferEngine& engine,
                                                 actors::Epoch epoch, std::string node_name,
                                                 DecodeWorkerOptions options);

@@ -58,8 +58,9 @@ class DeviceBuffer {
   // Copies `bytes` from host memory into the buffer at byte `offset` (offset + bytes at most
   // size_bytes()).
   Status copy_from_host(const void* src, size_t bytes, size_t offset = 0);
-  // Copies the first `bytes` (at most size_bytes()) of the buffer into host memory.
-  Status copy_to_host(void* dst, size_t bytes) const;
+  // Copies `bytes` of the buffer from byte `offset` on (offset + bytes at most size_bytes())
+  // into host memory.
+  Status copy_to_host(void* dst, size_t bytes, size_t offset = 0) const;
   // Copies the first out.size() elements of the buffer into `out`.
   template <typename T>
   Status copy_to_host(std::span<T> out) const {

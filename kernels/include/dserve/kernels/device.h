@@ -9,7 +9,7 @@
 namespace dserve::kernels {
 
 // What probe_cuda_device() found. When `available` is false only `why_unavailable` is
-// meaningful; when true it is empty and the other fields describe device 0.
+// meaningful; when true it is empty and the other fields describe the device probed.
 struct DeviceInfo {
   bool available = false;
   std::string name;
@@ -24,9 +24,19 @@ struct DeviceInfo {
 // GPU is present at run time.
 bool cuda_backend_built();
 
-// Looks for a usable CUDA device (device 0). Never aborts: a build without the CUDA backend,
-// a machine without a driver or GPU, and a GPU this build has no code for all come back as
-// unavailable with the reason. Thread-safe; each call asks the runtime again.
-DeviceInfo probe_cuda_device();
+// Looks for a usable CUDA device: device `index` (cuda:N) of those the runtime sees. Never
+// aborts: a build without the CUDA backend, a machine without a driver or GPU, an index past
+// the devices present, and a GPU this build has no code for all come back as unavailable with
+// the reason. Thread-safe; each call asks the runtime again.
+DeviceInfo probe_cuda_device(int index = 0);
+
+// Makes device `index` the calling thread's current device (cudaSetDevice), after probing it:
+// the probe's reason when it is unusable.
+std::string select_cuda_device(int index);  // empty on success
+
+// The cheap part of select_cuda_device for a device already probed: makes it current on the
+// calling thread (the CUDA runtime's current device is per thread, and actors move between
+// threads). False when the runtime refuses.
+bool make_cuda_device_current(int index);
 
 }  // namespace dserve::kernels

@@ -23,6 +23,7 @@
 #include "dserve/kernels/tensor.h"
 #include "dserve/model/config.h"
 #include "dserve/model/model.h"
+#include "dserve/model/request_state.h"
 #include "dserve/model/weights.h"
 
 namespace dserve::model {
@@ -38,6 +39,8 @@ enum class GpuWeights { kFp32, kBf16 };
 enum class GpuAttention { kAuto, kCudaCores, kTensorCores };
 
 struct GpuModelOptions {
+  // The CUDA device (cuda:N) the model lives on; made current on the creating thread.
+  int device = 0;
   GpuWeights weights = GpuWeights::kBf16;
   // The longest request (tokens, prompt and output): sizes the RoPE tables and a request's
   // block tables. Forward calls past it fail with OUT_OF_RANGE.
@@ -119,6 +122,30 @@ class GpuModel {
   // The same step, returning each request's greedy choice (argmax on the device).
   Result<std::vector<int32_t>> decode_greedy(std::span<GpuRequestState* const> states,
                                              std::span<const int32_t> tokens);
+
+  // One step over the rows of several requests at once (Model::forward_batch's contract): a
+  // prefill chunk of any length, one decode token, or several rows to verify, per request.
+  // Element i of the result holds requests[i]'s logits (its last row, or all its rows). A step
+  // of one-row requests that want their last logits runs as decode() (captured graphs); any
+  // other packs the rows into passes of at most max_chunk_tokens, a request's rows splitting
+  // across passes when they must. Errors as forward(), checked for every request before any
+  // runs; the states are unchanged then. Not batch-invariant (cuBLAS picks its kernels by the
+  // number of rows): a request's logits match it run alone to the weight format's rounding.
+  struct StepRequest {
+    std::span<const int32_t> tokens;
+    GpuRequestState* state = nullptr;
+    LogitsFor which = LogitsFor::kLastToken;
+  };
+  Result<std::vector<Tensor>> step(std::span<const StepRequest> requests);
+
+  // A request's state copied to the host: the RequestState Model::forward would hold at the
+  // same position (its pages drawn from `pools`), for the hand-off and the prefix store. The
+  // device state is unchanged. INTERNAL after a device fault.
+  Result<RequestState> export_state(const GpuRequestState& state, const KvPagePools& pools) const;
+  // A new device state holding `host`: a slot and its pages taken, everything uploaded.
+  // INVALID_ARGUMENT when `host` is not a state of this model's shapes, OUT_OF_RANGE past
+  // max_positions, RESOURCE_EXHAUSTED when no slot or pages are free.
+  Result<GpuRequestState> import_state(const RequestState& host);
 
   // Benchmarks: makes a fresh state of a create_random() model stand at position `tokens`, its
   // pages taken and its window, compressor buffers and entries the generated values, without

@@ -3,15 +3,17 @@
 // spends a token budget on them, first come first served: the oldest request gets as many of
 // its remaining prompt tokens as the budget allows, the next one the rest, and so on, so that
 // short prompts behind a long one still finish in the same step and a long prompt never holds
-// a step for longer than the budget (chunked prefill). Every request goes through the prefix
-// store: its longest stored prefix is restored when it is submitted, and the blocks it computes
-// are stored for the next.
+// a step for longer than the budget (chunked prefill). The chunks of one round run as one
+// engine step (PrefixCache::advance_batch): several requests' rows, each weight read once. Every
+// request goes through the prefix store: its longest stored prefix is restored when it is
+// submitted, and the blocks it computes are stored for the next.
 //
 // A step is bounded in time as well as in tokens: attention over a long context makes a
 // token late in a 100k-token prompt far dearer than an early one, so a fixed token budget
 // alone lets one step run for seconds, and the worker (one actor) answers nothing meanwhile,
-// health probes included. The step therefore computes in slices of at most `slice_tokens` and
-// ends after the slice that passes `max_step_time` (it always computes at least one slice).
+// health probes included. The step therefore computes in rounds (engine steps) of at most
+// `slice_tokens` and ends after the round that passes `max_step_time` (it always computes at
+// least one).
 // Where a step ends changes nothing in the results: the forward is chunking-invariant.
 //
 // Not thread-safe: one owner (the worker's loop) calls it.
@@ -70,6 +72,7 @@ class PrefillScheduler {
     model::PrefillJob job;
     std::optional<Clock::time_point> deadline;
     bool cancelled = false;
+    Status status;  // set when the request fails or is ended; it leaves at the step's end
   };
   model::PrefixCache& cache_;
   PrefillOptions options_;

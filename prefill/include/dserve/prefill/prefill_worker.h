@@ -62,10 +62,9 @@ struct PrefillWorkerOptions {
   ops::MetricsRegistry* metrics = nullptr;
 };
 
-// Spawns the worker. `cache` (and its model) and `engine` must outlive the actor (the process
-// owns them); `epoch` is the process's (ActorRuntime::epoch()).
+// Spawns the worker. `cache` (and its compute engine) and `engine` must outlive the actor (the
+// process owns them); `epoch` is the process's (ActorRuntime::epoch()).
 actors::PrefillActor spawn_prefill_worker(caf::actor_system& system, model::PrefixCache& cache,
-                                          const model::Model& model,
                                           kvstore::TransferEngine& engine, actors::Epoch epoch,
                                           std::string node_name, PrefillWorkerOptions options);
 
