@@ -38,6 +38,7 @@ namespace fs = std::filesystem;
 struct Options {
   std::string model = "models/small";
   std::string binary = DSERVE_BINARY;
+  std::string device = "cpu";  // the workers' --device
   double seconds = 40;
   double short_per_second = 1.0;
   int short_prompt = 192;
@@ -227,6 +228,10 @@ int main(int argc, char** argv) {
   app.add_option("--ttft-bound-ms", o.ttft_bound_ms)->capture_default_str();
   app.add_option("--tpot-bound-ms", o.tpot_bound_ms)->capture_default_str();
   app.add_option("--modes", o.modes, "disaggregated, colocated or both")->capture_default_str();
+  app.add_option("--device", o.device, "where the workers compute: cpu or cuda:N (they share it)")
+      ->capture_default_str();
+  app.add_option("--binary", o.binary, "the dserve binary the processes run")
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   if (!fs::exists(o.model + "/config.json")) {
     std::fprintf(stderr,
@@ -235,17 +240,18 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::printf(
-      "serving_bench: %s, %u cores; %.0f s of load: %.2f short req/s (%d prompt, %d out), a "
+      "serving_bench: %s on %s, %u cores; %.0f s of load: %.2f short req/s (%d prompt, %d out), a "
       "%d-token prompt (%d out) every %.0f s; prefill token budget %d; goodput bounds: TTFT <= "
       "%.0f ms and TPOT <= %.0f ms (short requests)\n\n",
-      o.model.c_str(), std::thread::hardware_concurrency(), o.seconds, o.short_per_second,
-      o.short_prompt, o.short_tokens, o.long_prompt, o.long_tokens, o.long_every_seconds,
-      o.token_budget, o.ttft_bound_ms, o.tpot_bound_ms);
+      o.model.c_str(), o.device.c_str(), std::thread::hardware_concurrency(), o.seconds,
+      o.short_per_second, o.short_prompt, o.short_tokens, o.long_prompt, o.long_tokens,
+      o.long_every_seconds, o.token_budget, o.ttft_bound_ms, o.tpot_bound_ms);
   std::printf(
       "| mode | completed | short TTFT p50 / p99 ms | short TPOT p50 / p99 ms | p99 worst gap ms | "
       "long TTFT p50 ms | goodput |\n|---|---|---|---|---|---|---|\n");
   const std::string budget = std::to_string(o.token_budget);
-  const std::vector<std::string> common{"--model", o.model, "--token-budget", budget};
+  const std::vector<std::string> common{"--model", o.model,    "--token-budget",
+                                        budget,    "--device", o.device};
   auto args = [&](std::vector<std::string> a) {
     a.insert(a.end(), common.begin(), common.end());
     return a;

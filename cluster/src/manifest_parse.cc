@@ -144,7 +144,8 @@ void read_gateway(const YAML::Node& node, Location at, ProblemSink& sink, Gatewa
 
 void read_pool(const YAML::Node& node, const std::string& path, Location at, ProcessRole role,
                ProblemSink& sink, Pool& pool) {
-  std::vector<std::string_view> keys = {"replicas", "placement", "ports", "devices_per_replica"};
+  std::vector<std::string_view> keys = {"replicas", "placement", "ports", "devices_per_replica",
+                                        "device"};
   if (role != ProcessRole::kDecode) keys.insert(keys.end(), {"token_budget", "step_ms"});
   if (role != ProcessRole::kPrefill) keys.insert(keys.end(), {"max_batch", "kv_budget_mib"});
   MapReader m(node, path, at, sink, keys);
@@ -152,6 +153,11 @@ void read_pool(const YAML::Node& node, const std::string& path, Location at, Pro
   pool.at = m.at();
   pool.replicas = m.integer("replicas", 1, kMaxPoolReplicas, true).value_or(0);
   pool.devices_per_replica = m.integer("devices_per_replica", 0, 1024, false).value_or(1);
+  pool.device = m.choice("device", {"cpu", "cuda"}, false).value_or(pool.device);
+  if (pool.device == "cuda" && pool.devices_per_replica < 1) {
+    sink.add(m.at("device"), path + ".device", "cuda with devices_per_replica 0",
+             "devices_per_replica of at least 1 (the GPU a replica computes on)");
+  }
   if (role != ProcessRole::kDecode) {
     pool.token_budget = m.integer("token_budget", 1, kBig, false).value_or(pool.token_budget);
     pool.step_ms = m.integer("step_ms", 0, kBig, false).value_or(pool.step_ms);

@@ -99,6 +99,9 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
   args.insert(args.end(), {"--ucx-transports", join(m.network.ucx_transports, ','),
                            "--ucx-net-devices", join(m.network.ucx_net_devices, ',')});
   add("--transfer-timeout-ms", m.timeouts.transfer_ms);
+  if (pool->device == "cuda" && !process.devices.empty()) {
+    args.insert(args.end(), {"--device", "cuda:" + std::to_string(process.devices.front())});
+  }
   if (process.role != ProcessRole::kDecode) {
     add("--token-budget", pool->token_budget);
     add("--step-ms", pool->step_ms);

@@ -176,7 +176,16 @@ Result<ModelConfig> preset_config(std::string_view name) {
 }
 
 Status write_random_checkpoint(const ModelInitOptions& opts) {
-  DSERVE_ASSIGN_OR_RETURN(const ModelConfig config, preset_config(opts.preset));
+  DSERVE_ASSIGN_OR_RETURN(ModelConfig config, preset_config(opts.preset));
+  if (opts.vocab_size != 0) {
+    if (opts.vocab_size < 2 || opts.vocab_size > config.vocab_size) {
+      return invalid_argument("vocab_size must be in 2.." + std::to_string(config.vocab_size) +
+                              ", got " + std::to_string(opts.vocab_size));
+    }
+    config.vocab_size = opts.vocab_size;
+    config.bos_token_id = std::min(config.bos_token_id, opts.vocab_size - 1);
+    config.eos_token_id = std::min(config.eos_token_id, opts.vocab_size - 1);
+  }
   if (opts.out_dir.empty()) return invalid_argument("no output directory given");
   if (opts.shard_bytes <= 0) return invalid_argument("shard_bytes must be positive");
   std::error_code ec;

@@ -13,6 +13,8 @@
 #include <regex>
 #include <string>
 
+#include "dserve/kernels/device.h"
+
 namespace {
 
 namespace fs = std::filesystem;
@@ -94,6 +96,40 @@ TEST(GenerateCli, PrefixStoreSurvivesRestartsAndChangesNoOutput) {
   EXPECT_LT(reused, total);
   EXPECT_EQ(first.out, cold.out);
   EXPECT_EQ(second.out, cold.out);
+  fs::remove_all(dir);
+}
+
+// `--device cuda:N` where this machine or build has no usable GPU: serve and generate exit 1 at
+// start with the probe's reason, before the model loads; a device name nobody knows exits 2.
+TEST(DeviceCli, AGpuThisMachineCannotUseIsRefusedAtStartWithTheReason) {
+  const dserve::kernels::DeviceInfo probe = dserve::kernels::probe_cuda_device(0);
+  if (probe.available) GTEST_SKIP() << "a GPU is here: " << probe.name;
+  const fs::path dir = fs::temp_directory_path() / ("dserve-device-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const fs::path err = dir / "stderr.txt";
+  const std::string model = (dir / "tiny").string();
+  ASSERT_EQ(
+      run_dserve({"model", "init", "--preset", "tiny", "--seed", "3", "--out", model}, err).status,
+      0);
+  for (const char* role : {"prefill", "decode", "colocated"}) {
+    const Output serve =
+        run_dserve({"serve", "--role", role, "--model", model, "--device", "cuda:0"}, err);
+    EXPECT_EQ(serve.status, 1) << role << ": " << serve.err;
+    EXPECT_NE(serve.err.find("--device cuda:0: " + probe.why_unavailable), std::string::npos)
+        << role << ": " << serve.err;
+    EXPECT_EQ(serve.err.find("loaded"), std::string::npos) << serve.err;
+  }
+  const Output generate =
+      run_dserve({"generate", "--model", model, "--prompt", "hi", "--device", "cuda:0"}, err);
+  EXPECT_EQ(generate.status, 1) << generate.err;
+  EXPECT_NE(generate.err.find(probe.why_unavailable), std::string::npos) << generate.err;
+  const Output unknown =
+      run_dserve({"serve", "--role", "decode", "--model", model, "--device", "tpu:0"}, err);
+  EXPECT_EQ(unknown.status, 2) << unknown.err;
+  EXPECT_NE(unknown.err.find("--device: device 'tpu:0': expected cpu, cuda or cuda:N"),
+            std::string::npos)
+      << unknown.err;
   fs::remove_all(dir);
 }
 

@@ -398,8 +398,8 @@ TEST(ManifestMistakes, UnknownKeyDidYouMean) {
   text.replace(text.rfind("    replicas: 1"), 15, "    replicass: 1");
   EXPECT_EQ(problems(text),
             (Lines{"m.yaml:19:5: pools.decode.replicass: found unknown key 'replicass'; expected "
-                   "one of replicas, placement, ports, devices_per_replica, max_batch, "
-                   "kv_budget_mib (did you mean 'replicas'?)",
+                   "one of replicas, placement, ports, devices_per_replica, device, "
+                   "max_batch, kv_budget_mib (did you mean 'replicas'?)",
                    "m.yaml:19:5: pools.decode.replicas: found nothing (the field is missing); "
                    "expected an integer in 1..4096"}));
 }
@@ -415,8 +415,36 @@ TEST(ManifestMistakes, KeyOfAnotherPool) {
   EXPECT_EQ(problems(replace(kBase, "    placement: node-a\n  decode:",
                              "    placement: node-a\n    max_batch: 8\n  decode:")),
             (Lines{"m.yaml:18:5: pools.prefill.max_batch: found unknown key 'max_batch'; "
-                   "expected one of replicas, placement, ports, devices_per_replica, "
+                   "expected one of replicas, placement, ports, devices_per_replica, device, "
                    "token_budget, step_ms"}));
+}
+
+// A pool on the GPU: each replica is told the first of its devices; a device name the schema
+// does not know, and cuda without a device, are refused with the line.
+TEST(Manifest, APoolOnTheGpuComputesOnItsFirstDevice) {
+  auto m = parse_manifest(replace(kBase, "  decode:\n    replicas: 1\n",
+                                  "  decode:\n    replicas: 1\n    device: cuda\n"),
+                          "m.yaml");
+  ASSERT_TRUE(m.is_ok()) << m.status().to_string();
+  auto decode = to_serve_args(*m, *find_process(*m, "decode-0"));
+  ASSERT_TRUE(decode.is_ok());
+  const auto at = std::find(decode->begin(), decode->end(), "--device");
+  ASSERT_NE(at, decode->end());
+  EXPECT_EQ(*(at + 1), "cuda:1");  // the prefill replica took device 0
+  auto prefill = to_serve_args(*m, *find_process(*m, "prefill-0"));
+  ASSERT_TRUE(prefill.is_ok());
+  EXPECT_EQ(std::find(prefill->begin(), prefill->end(), "--device"), prefill->end());
+
+  EXPECT_EQ(problems(replace(kBase, "    placement: node-a\n  decode:",
+                             "    placement: node-a\n    device: gpu\n  decode:")),
+            (Lines{"m.yaml:18:13: pools.prefill.device: found 'gpu'; expected one of cpu, cuda "
+                   "(did you mean 'cpu'?)"}));
+  EXPECT_EQ(
+      problems(replace(kBase, "    placement: node-a\n  decode:",
+                       "    placement: node-a\n    device: cuda\n    devices_per_replica: 0\n"
+                       "  decode:")),
+      (Lines{"m.yaml:18:13: pools.prefill.device: found cuda with devices_per_replica 0; expected "
+             "devices_per_replica of at least 1 (the GPU a replica computes on)"}));
 }
 
 TEST(ManifestMistakes, MissingRequiredField) {

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <latch>
 #include <mutex>
 #include <optional>
@@ -48,6 +49,11 @@ CommandResult run_command(const std::string& command) {
   return r;
 }
 
+std::string dserve_binary() {
+  const char* packed = std::getenv("DSERVE_TEST_BINARY");
+  return packed != nullptr && *packed != '\0' ? packed : DSERVE_BINARY;
+}
+
 std::string tiny_dir() {
   return model::testing_support::tiny_model_dir();
 }
@@ -56,8 +62,12 @@ ServeProcess::ServeProcess(std::string role, std::string host, uint16_t port,
                            std::vector<std::string> extra, std::vector<std::string> wrapper,
                            std::chrono::milliseconds timeout)
     : role_(std::move(role)), host_(std::move(host)), wrapper_(std::move(wrapper)) {
-  args_ = {DSERVE_BINARY, "serve",    "--role",   role_,
-           "--model",     tiny_dir(), "--listen", host_ + ":" + std::to_string(port)};
+  args_ = {dserve_binary(), "serve",    "--role",   role_,
+           "--model",       tiny_dir(), "--listen", host_ + ":" + std::to_string(port)};
+  // The device check runs the cluster tests with every worker on the lent GPU.
+  if (const char* device = std::getenv("DSERVE_TEST_DEVICE");
+      device != nullptr && role_ != "gateway")
+    args_.insert(args_.end(), {"--device", device});
   args_.insert(args_.end(), extra.begin(), extra.end());
   static int counter = 0;
   err_file_ =

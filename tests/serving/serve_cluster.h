@@ -105,6 +105,9 @@ class ServeCluster {
 
 // The tiny test model's directory (tests/model/test_model.h).
 std::string tiny_dir();
+// The dserve binary the fixture starts: $DSERVE_TEST_BINARY (the device check's packed one),
+// else this build's. $DSERVE_TEST_DEVICE, when set, is every worker's --device.
+std::string dserve_binary();
 
 struct CommandResult {
   int exit_code = -1;  // -1: it did not exit normally, or could not run

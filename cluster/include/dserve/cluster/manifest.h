@@ -76,6 +76,9 @@ struct Pool {
   std::vector<std::string> placement;  // one node name per replica
   std::vector<int64_t> ports;          // empty, or one control port per replica
   int64_t devices_per_replica = 1;
+  // Where a replica computes: "cpu", or "cuda" (on the first of its devices: serve --device
+  // cuda:N, N that device's index on its node).
+  std::string device = "cpu";
   int64_t token_budget = 2048;   // prefill, colocated: prompt tokens per step
   int64_t step_ms = 250;         // prefill, colocated: a step ends after the slice passing it
   int64_t max_batch = 64;        // decode, colocated: reservations + decoding requests

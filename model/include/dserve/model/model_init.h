@@ -38,6 +38,9 @@ struct ModelInitOptions {
   // Files larger than this are split into model-0000K-of-0000N.safetensors plus
   // model.safetensors.index.json; otherwise one model.safetensors.
   int64_t shard_bytes = int64_t{2} << 30;
+  // Rows of the embedding and lm_head; 0: the preset's. Tests shrink it to run a model of V4's
+  // widths without V4's 129,280-row vocabulary (the ids past it are then not tokenizable).
+  int64_t vocab_size = 0;
 };
 
 // The config of a named preset: "tiny" (CI-sized), "small", "v4-width" (V4-Flash widths,
