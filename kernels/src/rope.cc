@@ -54,12 +54,29 @@ RopeTable::RopeTable(int64_t rope_dim, double theta, std::optional<YarnParams> y
 }
 
 void RopeTable::angles(int64_t pos, float* cos_out, float* sin_out) const {
+  const auto half = static_cast<int64_t>(inv_freq_.size());
+  if (pos >= 0 && pos < cached_positions_) {
+    std::copy_n(cached_cos_.data() + pos * half, half, cos_out);
+    std::copy_n(cached_sin_.data() + pos * half, half, sin_out);
+    return;
+  }
   const float p = static_cast<float>(pos);
   for (size_t i = 0; i < inv_freq_.size(); ++i) {
     const float angle = inv_freq_[i] * p;
     cos_out[i] = std::cos(angle);
     sin_out[i] = std::sin(angle);
   }
+}
+
+void RopeTable::precompute(int64_t positions) {
+  const auto half = static_cast<int64_t>(inv_freq_.size());
+  std::vector<float> c(static_cast<size_t>(positions * half)), s(c.size());
+  cached_positions_ = 0;  // angles() below computes
+  for (int64_t p = 0; p < positions; ++p)
+    angles(p, c.data() + p * half, s.data() + p * half);
+  cached_cos_ = std::move(c);
+  cached_sin_ = std::move(s);
+  cached_positions_ = positions;
 }
 
 }  // namespace dserve::kernels

@@ -27,10 +27,17 @@ class RopeTable {
   const std::vector<float>& inv_freq() const { return inv_freq_; }
   // cos/sin of position `pos` for each of the rope_dim/2 pairs, written into out (size rope_dim/2).
   void angles(int64_t pos, float* cos_out, float* sin_out) const;
+  // Keeps the angles of positions [0, positions) computed once (the same values angles() would
+  // compute): a forward step then copies them instead of calling cos and sin per pair, row and
+  // layer. Positions past them are computed as before. Not thread-safe against angles(); call
+  // before the table is shared.
+  void precompute(int64_t positions);
 
  private:
   int64_t rope_dim_;
   std::vector<float> inv_freq_;  // rope_dim / 2
+  int64_t cached_positions_ = 0;
+  std::vector<float> cached_cos_, cached_sin_;  // [cached_positions_, rope_dim / 2]
 };
 
 }  // namespace dserve::kernels
