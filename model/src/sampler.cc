@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "dserve/kernels/cpu_ops.h"
+
 namespace dserve::model {
 
 Status validate_sampling_params(const SamplingParams& p, int64_t vocab) {
@@ -54,7 +56,8 @@ std::span<const float> sampleable_logits(std::span<const float> logits, int64_t 
 
 int32_t argmax(std::span<const float> logits) {
   DSERVE_CHECK(!logits.empty());
-  return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+  return static_cast<int32_t>(
+      kernels::cpu::argmax_row(logits.data(), static_cast<int64_t>(logits.size())));
 }
 
 int32_t Sampler::sample(std::span<const float> logits) {

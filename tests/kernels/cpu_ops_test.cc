@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -14,6 +15,27 @@
 
 namespace dserve::kernels {
 namespace {
+
+// The vector argmax answers what std::max_element answers: the first of equal largest values
+// (+0 and -0 are equal), at every length around the vector widths, and on rows with a NaN.
+TEST(CpuOps, ArgmaxRowIsTheFirstLargestAsMaxElement) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> value(-8.0f, 8.0f);
+  std::uniform_int_distribution<int> small(-3, 3);
+  for (const int64_t n : {1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 100, 129280}) {
+    for (int trial = 0; trial < 20; ++trial) {
+      std::vector<float> x(static_cast<size_t>(n));
+      for (float& v : x)
+        v = trial % 2 == 0 ? value(rng) : static_cast<float>(small(rng));  // odd: many ties
+      if (trial == 4) std::fill(x.begin(), x.end(), -0.0f);
+      if (trial == 5 && n > 3) x[2] = 0.0f, x[1] = -0.0f, std::fill(x.begin() + 3, x.end(), -1.0f);
+      if (trial == 6) x[static_cast<size_t>(n / 2)] = std::numeric_limits<float>::quiet_NaN();
+      if (trial == 7) x[static_cast<size_t>(n - 1)] = std::numeric_limits<float>::infinity();
+      const int64_t want = std::max_element(x.begin(), x.end()) - x.begin();
+      EXPECT_EQ(cpu::argmax_row(x.data(), n), want) << "n " << n << " trial " << trial;
+    }
+  }
+}
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 

@@ -46,4 +46,8 @@ float softplus(float x);  // log(1 + e^x), linear above 20 as torch does
 // Dot product of two vectors of length n, accumulated in fp32 in order.
 float dot(const float* a, const float* b, int64_t n);
 
+// The first index of the largest of x[0..n) (n >= 1): std::max_element's answer, found with the
+// CPU's vector instructions (argmax.cc).
+int64_t argmax_row(const float* x, int64_t n);
+
 }  // namespace dserve::kernels::cpu
