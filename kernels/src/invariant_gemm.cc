@@ -27,15 +27,16 @@ constexpr int64_t kRowPanel = 64;
 // Multiply-adds below which a part runs on the calling thread alone (as cpu_ops.cc).
 constexpr int64_t kMinMacsPerPart = int64_t{1} << 18;
 
-// What one tile writes: the K block's sum of element (r, c), added to y or stored in it.
+// What one tile writes: the K block's sum of element (r, c) (sums[r * C + c]), added to y or
+// stored in it.
 template <int R, int C>
-inline void write_tile(const float (&sums)[R][C], float* y, int64_t ldy, bool first) {
+inline void write_tile(const float* sums, float* y, int64_t ldy, bool first) {
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
     for (int c = 0; c < C; ++c) {
       float& out = y[r * ldy + c];
-      out = first ? sums[r][c] : out + sums[r][c];
+      out = first ? sums[r * C + c] : out + sums[r * C + c];
     }
   }
 }
@@ -70,7 +71,7 @@ void tile_portable(const float* x, int64_t ldx, const float* w, int64_t ldw, int
       sums[r][c] = s2[0] + s2[1];
     }
   }
-  write_tile<R, C>(sums, y, ldy, first);
+  write_tile<R, C>(&sums[0][0], y, ldy, first);
 }
 
 // ---- AVX2 + FMA: 8 lanes ---------------------------------------------------------------------
@@ -135,21 +136,45 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const float* x, int64_t ldx, 
     for (int c = 0; c < C; ++c)
       sums[r][c] = reduce8(acc[r][c]);
   }
-  write_tile<R, C>(sums, y, ldy, first);
+  write_tile<R, C>(&sums[0][0], y, ldy, first);
 }
 
 // ---- AVX-512: 16 lanes -----------------------------------------------------------------------
 
-__attribute__((target("avx512f"))) inline float reduce16(__m512 a) {
-  // lane l + lane l + 8, then the 8-lane tree. Through memory: GCC 12's 512-to-256-bit casts
-  // trip its own -Wuninitialized (an undefined operand in the intrinsic's body).
-  alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, a);
-  const __m256 s8 = _mm256_add_ps(_mm256_load_ps(lanes), _mm256_load_ps(lanes + 8));
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-  const __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-  return _mm_cvtss_f32(s1);
+// GCC 12's unmasked 512-bit shuffles pass an undefined operand that its own -Wuninitialized
+// flags; the zero-masked forms with every lane kept are the same instruction.
+template <int kImm>
+__attribute__((target("avx512f"))) inline __m512 shuffle_quarters(__m512 a, __m512 b) {
+  return _mm512_maskz_shuffle_f32x4(0xFFFF, a, b, kImm);
+}
+
+// The sums of 16 accumulators at once: out[e] = a[e]'s lanes added pairwise, lane l + lane
+// l + 8, then l + 4, l + 2, l + 1 (the rule's tree, as reduce8 after the first level). The pairs
+// are added across vectors, 45 instructions for 16 sums instead of ~10 for each.
+__attribute__((target("avx512f"))) inline void reduce16x16(const __m512 (&a)[16], float* out) {
+  __m512 v[8];  // v[i]: lanes 0-7 a[2i]'s l + l + 8, lanes 8-15 a[2i + 1]'s
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_add_ps(shuffle_quarters<0x44>(a[2 * i], a[2 * i + 1]),
+                         shuffle_quarters<0xEE>(a[2 * i], a[2 * i + 1]));
+  }
+  __m512 w[4];  // w[i]: 128-bit quarter q holds a[4i + q]'s four partial sums
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    w[i] = _mm512_add_ps(shuffle_quarters<0x88>(v[2 * i], v[2 * i + 1]),
+                         shuffle_quarters<0xDD>(v[2 * i], v[2 * i + 1]));
+  }
+  __m512 u[2];  // u[i], quarter q: a[8i + q]'s two partial sums, then a[8i + 4 + q]'s
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i) {
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+  }
+  // lane 4q + j: the sum of a[4j + q]; the permutation puts a[e]'s in lane e
+  const __m512 s =
+      _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  _mm512_storeu_ps(out, _mm512_maskz_permutexvar_ps(0xFFFF, order, s));
 }
 
 template <int R, int C>
@@ -191,12 +216,17 @@ __attribute__((target("avx512f"))) void tile_avx512(const float* x, int64_t ldx,
         acc[r][c] = _mm512_mask3_fmadd_ps(xv[r], wv, acc[r][c], mask);
     }
   }
-  float sums[R][C];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-    for (int c = 0; c < C; ++c)
-      sums[r][c] = reduce16(acc[r][c]);
+  // 16 elements at a time (the last group padded with zeros, whose sums are not written)
+  constexpr int kElements = R * C;
+  alignas(64) float sums[(kElements + 15) / 16 * 16];
+#pragma GCC unroll 2
+  for (int g = 0; g < kElements; g += 16) {
+    __m512 group[16];
+#pragma GCC unroll 16
+    for (int e = 0; e < 16; ++e) {
+      group[e] = g + e < kElements ? acc[(g + e) / C][(g + e) % C] : _mm512_setzero_ps();
+    }
+    reduce16x16(group, sums + g);
   }
   write_tile<R, C>(sums, y, ldy, first);
 }
