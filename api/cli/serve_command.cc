@@ -25,7 +25,6 @@
 #include "dserve/api/openai_server.h"
 #include "dserve/api/serving_service.h"
 #include "dserve/decode/decode_worker.h"
-#include "dserve/kernels/device.h"
 #include "dserve/kvstore/transfer.h"
 #include "dserve/model/checkpoint.h"
 #include "dserve/model/config.h"
@@ -37,6 +36,7 @@
 #include "dserve/ops/metrics_server.h"
 #include "dserve/prefill/prefill_worker.h"
 #include "model_digests.h"
+#include "serve_compute.h"
 #include "serve_ops.h"
 
 namespace dserve::cli {
@@ -56,8 +56,7 @@ struct ServeOptions {
   int64_t transfer_timeout_ms = 10000;
   int64_t token_budget = 2048;
   int64_t step_ms = 250;
-  std::string device = "cpu";            // prefill, decode, colocated: cpu or cuda:N
-  int64_t device_max_context = 16384;    // cuda: the longest request a GPU state holds
+  ServeComputeFlags compute;             // prefill, decode, colocated: the engine
   uint64_t inject_corrupt_handoffs = 0;  // fault injection, tests only
   // colocated: where the decode half listens (--listen is the prefill half's)
   std::string decode_listen = "127.0.0.1:0";
@@ -389,27 +388,16 @@ int run_serve(const ServeOptions& o) {
                 ", the cluster's): a put still in flight could land in another request's region");
     return 2;
   }
-  // The device first: a GPU this machine cannot use is refused before anything loads.
+  // The engine's flags; the device first: a GPU this machine cannot use is refused before
+  // anything loads.
   model::EngineOptions engine_options;
   if (runs_prefill || runs_decode) {
-    auto device = model::parse_device(o.device);
-    if (!device.is_ok()) {
-      print_error("--device: " + device.status().message());
-      return 2;
+    auto checked = engine_options_from_flags(o.compute, colocated, o.max_batch);
+    if (!checked.is_ok()) {
+      print_error(checked.status().message());
+      return checked.status().code() == StatusCode::kUnavailable ? 1 : 2;
     }
-    if (o.device_max_context < 1 || o.device_max_context > (int64_t{1} << 30)) {
-      print_error("--device-max-context must be in 1..2^30, got " +
-                  std::to_string(o.device_max_context));
-      return 2;
-    }
-    engine_options.device = *device;
-    engine_options.max_positions = o.device_max_context;
-    if (device->kind == model::Device::Kind::kCuda) {
-      if (const std::string why = kernels::select_cuda_device(device->index); !why.empty()) {
-        print_error("--device " + device->name() + ": " + why);
-        return 1;
-      }
-    }
+    engine_options = *checked;
   }
   std::string decode_host = host;
   int decode_port = -1;
@@ -452,28 +440,35 @@ int run_serve(const ServeOptions& o) {
   int exit_code = 0;
   const std::shared_ptr<const model::Model> model = load_model_or_print(o.model_dir, exit_code);
   if (!model) return exit_code;
-  // One compute engine per worker (a co-located process's two take turns on the device). On a
-  // GPU each holds the weights and its requests' states there; the prefill worker's queue is
-  // bounded by the requests its engine holds.
+  // One compute engine per worker; a co-located process's two workers share one, their steps
+  // mixed. On a GPU each engine holds the weights and its requests' states there; the prefill
+  // worker's queue is bounded by the requests its engine holds.
   const bool on_gpu = engine_options.device.kind == model::Device::Kind::kCuda;
   constexpr int64_t kGpuPrefillRequests = 16;
-  std::unique_ptr<model::Engine> prefill_compute, decode_compute;
-  for (auto [wanted, slot, requests, step_tokens] :
-       {std::tuple{runs_prefill, &prefill_compute, kGpuPrefillRequests, o.token_budget},
-        std::tuple{runs_decode, &decode_compute, o.max_batch, o.max_batch}}) {
-    if (!wanted) continue;
-    model::EngineOptions eo = engine_options;
-    eo.max_requests = std::max<int64_t>(requests, 1);
-    eo.max_step_tokens = std::max<int64_t>(step_tokens, 1);
-    auto made = model::make_engine(model, eo);
-    if (!made.is_ok()) {
-      print_error("--device " + o.device + ": " + made.status().to_string());
-      return 1;
-    }
-    *slot = std::move(made).value();
+  ServeComputeOptions copts;
+  copts.prefill = runs_prefill;
+  copts.decode = runs_decode;
+  copts.colocated = colocated;
+  copts.engine = engine_options;
+  copts.prefill_requests = kGpuPrefillRequests;
+  copts.prefill_step_tokens = o.token_budget;
+  copts.max_batch = o.max_batch;
+  copts.mixed.max_step_tokens = o.compute.max_step_tokens;
+  copts.mixed.mix_wait = std::chrono::microseconds(o.compute.step_mix_wait_us);
+  if (metrics_at && colocated) copts.mixed.on_step = mixed_step_metrics(metrics);
+  auto made_compute = make_serve_compute(model, copts);
+  if (!made_compute.is_ok()) {
+    print_error("--device " + o.compute.device + ": " + made_compute.status().to_string());
+    return 1;
   }
-  std::fprintf(stderr, "dserve: computing on %s\n",
-               (prefill_compute ? prefill_compute : decode_compute)->describe().c_str());
+  ServeCompute compute = std::move(made_compute).value();
+  model::Engine* prefill_compute = compute.prefill.get();
+  model::Engine* decode_compute = compute.decode.get();
+  std::fprintf(stderr, "dserve: computing on %s%s\n", compute.any().describe().c_str(),
+               colocated ? (", decode and prefill mixed in steps of up to " +
+                            std::to_string(o.compute.max_step_tokens) + " rows")
+                               .c_str()
+                         : "");
   // A decode worker samples only ids the tokenizer can turn into text (the embedding may have
   // padding rows past them).
   int64_t sampleable_ids = 0;
@@ -527,8 +522,6 @@ int run_serve(const ServeOptions& o) {
     *slot = std::move(engine).value();
   }
 
-  // Co-located: the two workers take turns on the compute, as on one device.
-  auto compute_lock = colocated ? std::make_shared<std::mutex>() : nullptr;
   std::unique_ptr<actors::ActorRuntime> prefill_rt, decode_rt;
   uint16_t prefill_bound = 0, decode_bound = 0;
   if (runs_decode) {
@@ -549,7 +542,6 @@ int run_serve(const ServeOptions& o) {
     dopts.kv_budget_bytes = o.kv_budget_mib << 20;
     dopts.reservation_timeout = std::chrono::milliseconds(o.reservation_timeout_ms);
     dopts.region_grace = std::chrono::milliseconds(o.region_grace_ms);
-    dopts.compute_lock = compute_lock;
     dopts.log = logger->get();
     dopts.metrics = metrics_at ? &metrics : nullptr;
     auto worker = decode::spawn_decode_worker(
@@ -583,7 +575,6 @@ int run_serve(const ServeOptions& o) {
     popts.scheduler.max_step_time = std::chrono::milliseconds(o.step_ms);
     if (on_gpu) popts.scheduler.max_queued = kGpuPrefillRequests;
     popts.inject_corrupt_handoffs = o.inject_corrupt_handoffs;
-    popts.compute_lock = compute_lock;
     popts.log = logger->get();
     popts.metrics = metrics_at ? &metrics : nullptr;
     auto bound = prefill_rt->publish(
@@ -641,7 +632,7 @@ Command add_serve_command(CLI::App& app) {
       "gateway` naming them with --prefill and --decode; clients use `dserve submit`.");
   cmd->add_option("--role", o->role,
                   "gateway, prefill, decode, or colocated (a prefill and a decode worker in one "
-                  "process taking turns on the compute, for comparison)")
+                  "process sharing one engine: prefill chunks ride in the decode steps)")
       ->required()
       ->check(CLI::IsMember({"gateway", "prefill", "decode", "colocated"}));
   cmd->add_option("--model", o->model_dir,
@@ -675,14 +666,7 @@ Command add_serve_command(CLI::App& app) {
                   "transfer timeout)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--device", o->device,
-                  "prefill, decode, colocated: where the model computes: cpu, or cuda:N (refused "
-                  "at start, with the reason, when this machine or build cannot use that GPU)")
-      ->capture_default_str();
-  cmd->add_option("--device-max-context", o->device_max_context,
-                  "cuda: the longest request (prompt and output tokens) a GPU request state "
-                  "holds; sizes the GPU's page pools")
-      ->capture_default_str();
+  add_serve_compute_flags(*cmd, o->compute);
   cmd->add_option("--token-budget", o->token_budget, "prefill: prompt tokens per step")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

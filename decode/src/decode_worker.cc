@@ -502,18 +502,13 @@ DecodeWorkerActor::behavior_type decode_worker(
       [self, kick](step_atom) {
         auto& s = self->state;
         s.stepping = false;
-        std::vector<TokenEvent> events;
-        {
-          std::unique_lock<std::mutex> device;
-          if (s.options.compute_lock) device = std::unique_lock(*s.options.compute_lock);
-          const size_t batch = s.batch->size();
-          const auto step_start = Clock::now();
-          events = s.batch->step();
-          if (s.metrics) {
-            s.metrics->step_seconds.observe(
-                std::chrono::duration<double>(Clock::now() - step_start).count());
-            s.metrics->batch_size.observe(static_cast<double>(batch));
-          }
+        const size_t batch = s.batch->size();
+        const auto step_start = Clock::now();
+        std::vector<TokenEvent> events = s.batch->step();
+        if (s.metrics) {
+          s.metrics->step_seconds.observe(
+              std::chrono::duration<double>(Clock::now() - step_start).count());
+          s.metrics->batch_size.observe(static_cast<double>(batch));
         }
         for (const TokenEvent& ev : events) {
           auto it = s.decoding.find(ev.request_id);

@@ -360,15 +360,11 @@ PrefillWorkerActor::behavior_type prefill_worker(
         auto& s = self->state;
         s.stepping = false;
         std::vector<prefill::PrefillOutcome> outcomes;
-        {
-          std::unique_lock<std::mutex> device;
-          if (s.options.compute_lock) device = std::unique_lock(*s.options.compute_lock);
-          const auto step_start = Clock::now();
-          outcomes = s.scheduler->step();
-          if (s.metrics) {
-            s.metrics->step_seconds.observe(seconds_since(step_start));
-            s.metrics->step_tokens.observe(static_cast<double>(s.scheduler->last_step_tokens()));
-          }
+        const auto step_start = Clock::now();
+        outcomes = s.scheduler->step();
+        if (s.metrics) {
+          s.metrics->step_seconds.observe(seconds_since(step_start));
+          s.metrics->step_tokens.observe(static_cast<double>(s.scheduler->last_step_tokens()));
         }
         for (prefill::PrefillOutcome& out : outcomes) {
           auto it = s.pending.find(out.id);

@@ -138,6 +138,14 @@ TEST(GenerateCli, BadInputsFailWithAClearMessage) {
   const Output missing = run_dserve({"generate", "--model", "/nonexistent", "--prompt", "hi"}, err);
   EXPECT_EQ(missing.status, 2);
   EXPECT_NE(missing.err.find("/nonexistent/config.json"), std::string::npos) << missing.err;
+  // a co-located step must leave room for prefill next to a full decode batch
+  const Output no_room = run_dserve({"serve", "--role", "colocated", "--model", "/nonexistent",
+                                     "--max-batch", "64", "--max-step-tokens", "64"},
+                                    err);
+  EXPECT_EQ(no_room.status, 2);
+  EXPECT_NE(no_room.err.find("--max-step-tokens must be more than --max-batch (64"),
+            std::string::npos)
+      << no_room.err;
   fs::remove(err);
 }
 

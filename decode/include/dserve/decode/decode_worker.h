@@ -56,9 +56,6 @@ struct DecodeWorkerOptions {
   // put still in flight lands where no other hand-off reads. A later put is harmless too (the
   // arena stays mapped, and a hand-off reads only bytes it verified): see handoff_arena.h.
   std::chrono::milliseconds region_grace{30000};
-  // Co-located mode: held around every batch step, shared with the process's prefill worker,
-  // so that the two take turns on one compute device as they would on one GPU. Null: none.
-  std::shared_ptr<std::mutex> compute_lock;
   // Where each request's life is logged; must outlive the worker. Null: no logging.
   ops::Logger* log = nullptr;
   // Where the worker's metrics go; must outlive the worker. Null: none. Registered:

@@ -46,9 +46,6 @@ struct PrefillWorkerOptions {
   // HandoffDone still carries the digests of the correct bytes, so the decode worker must
   // refuse it and the gateway replay the request. 0 (the default): never.
   uint64_t inject_corrupt_handoffs = 0;
-  // Co-located mode: held around every scheduler step, shared with the process's decode
-  // worker (see DecodeWorkerOptions::compute_lock). Null: none.
-  std::shared_ptr<std::mutex> compute_lock;
   // Where each request's end is logged; must outlive the worker. Null: no logging.
   ops::Logger* log = nullptr;
   // Where the worker's metrics go; must outlive the worker. Null: none. Registered:
