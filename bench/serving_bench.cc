@@ -1,14 +1,17 @@
 // serving_bench: time per output token and goodput under a mixed load, disaggregated (a prefill
-// and a decode process, each on its own core) against co-located (one process with both
-// workers taking turns on both cores), with the same gateway in front.
+// and a decode process, each on its own core) against co-located (one process on both cores
+// whose two workers share one engine: prefill chunks ride in the decode steps), with the same
+// gateway in front.
 //
-// The load: short requests (chat turns) arrive at a steady rate and decode while long prompts
-// arrive every few seconds. Figures per mode: TTFT and TPOT percentiles of the short requests
+// The load: short requests (chat turns) arrive at a steady rate, or from --streams N clients
+// each sending its next request when the last ends, and decode while long prompts arrive every
+// few seconds. Figures per mode: TTFT and TPOT percentiles of the short requests
 // (TPOT of a request = (last token time - first token time) / (tokens - 1), measured by the
 // client), the worst gap between two tokens, and goodput: requests per second that met both
 // the TTFT and the TPOT bound.
 //
-//   build/bench/serving_bench --model models/small [--seconds 40] [--modes both]
+//   build/bench/serving_bench --model models/small [--seconds 40] [--modes both] [--streams N]
+//                             [--binary OTHER_DSERVE]
 
 #include <poll.h>
 #include <signal.h>
@@ -50,6 +53,7 @@ struct Options {
   double ttft_bound_ms = 3000;
   double tpot_bound_ms = 150;
   std::string modes = "both";
+  int streams = 0;  // > 0: this many closed-loop streams of short requests instead of a rate
 };
 
 // One `dserve serve` process (pinned with taskset when `cores` is set); killed at the end.
@@ -121,60 +125,77 @@ double percentile(std::vector<double> v, double p) {
   return v[i];
 }
 
+// One request through the gateway, timed from the streamed tokens.
+RequestRecord send(const Options& o, dserve::api::ServingClient& client, uint64_t seed,
+                   bool is_long) {
+  dserve::SplitMix64 rng(seed);
+  dserve::v1::GenerateRequest req;
+  req.add_prompt_tokens(0);
+  for (int k = 1; k < (is_long ? o.long_prompt : o.short_prompt); ++k)
+    req.add_prompt_tokens(static_cast<int32_t>(1 + rng.below(100000)));
+  req.set_max_tokens(static_cast<uint32_t>(is_long ? o.long_tokens : o.short_tokens));
+  const auto sent = Clock::now();
+  std::vector<Clock::time_point> token_times;
+  auto done = client.generate(req, [&](const dserve::v1::GenerateResponse& msg) {
+    for (int k = 0; k < msg.tokens_size(); ++k)
+      token_times.push_back(Clock::now());
+    return true;
+  });
+  RequestRecord r;
+  r.is_long = is_long;
+  r.ok = done.is_ok() && !token_times.empty();
+  if (!r.ok) return r;
+  auto ms = [](Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
+  r.tokens = static_cast<int>(token_times.size());
+  r.ttft_ms = ms(token_times.front() - sent);
+  if (token_times.size() > 1)
+    r.tpot_ms =
+        ms(token_times.back() - token_times.front()) / static_cast<double>(token_times.size() - 1);
+  for (size_t k = 1; k < token_times.size(); ++k)
+    r.max_gap_ms = std::max(r.max_gap_ms, ms(token_times[k] - token_times[k - 1]));
+  return r;
+}
+
 std::vector<RequestRecord> run_load(const Options& o, const std::string& grpc) {
   auto client = dserve::api::ServingClient::connect(grpc, std::chrono::seconds(30));
   if (!client.is_ok()) {
     std::fprintf(stderr, "serving_bench: %s\n", client.status().to_string().c_str());
     std::exit(1);
   }
-  // The schedule: short requests at a steady rate, a long prompt every long_every_seconds.
+  // The schedule: short requests at a steady rate (or closed-loop streams), a long prompt
+  // every long_every_seconds.
   struct Arrival {
     double at_s;
     bool is_long;
   };
   std::vector<Arrival> arrivals;
-  for (double t = 0; t < o.seconds; t += 1.0 / o.short_per_second)
-    arrivals.push_back({t, false});
+  if (o.streams == 0) {
+    for (double t = 0; t < o.seconds; t += 1.0 / o.short_per_second)
+      arrivals.push_back({t, false});
+  }
   for (double t = o.long_every_seconds / 2; t < o.seconds; t += o.long_every_seconds)
     arrivals.push_back({t, true});
   std::sort(arrivals.begin(), arrivals.end(),
             [](const Arrival& a, const Arrival& b) { return a.at_s < b.at_s; });
 
-  std::vector<RequestRecord> records(arrivals.size());
+  std::mutex mu;
+  std::vector<RequestRecord> records;
+  const auto keep = [&](RequestRecord r) {
+    std::lock_guard lock(mu);
+    records.push_back(r);
+  };
   std::vector<std::thread> threads;
   const auto start = Clock::now();
+  const auto end = start + std::chrono::duration<double>(o.seconds);
+  for (int s = 0; s < o.streams; ++s) {
+    threads.emplace_back([&, s] {
+      for (uint64_t n = 0; Clock::now() < end; ++n)
+        keep(send(o, **client, 1'000'000 * static_cast<uint64_t>(s + 1) + n, false));
+    });
+  }
   for (size_t i = 0; i < arrivals.size(); ++i) {
     std::this_thread::sleep_until(start + std::chrono::duration<double>(arrivals[i].at_s));
-    threads.emplace_back([&, i] {
-      const bool is_long = arrivals[i].is_long;
-      dserve::SplitMix64 rng(1000 + i);
-      dserve::v1::GenerateRequest req;
-      req.add_prompt_tokens(0);
-      for (int k = 1; k < (is_long ? o.long_prompt : o.short_prompt); ++k)
-        req.add_prompt_tokens(static_cast<int32_t>(1 + rng.below(100000)));
-      req.set_max_tokens(static_cast<uint32_t>(is_long ? o.long_tokens : o.short_tokens));
-      const auto sent = Clock::now();
-      std::vector<Clock::time_point> token_times;
-      auto done = (*client)->generate(req, [&](const dserve::v1::GenerateResponse& msg) {
-        for (int k = 0; k < msg.tokens_size(); ++k)
-          token_times.push_back(Clock::now());
-        return true;
-      });
-      RequestRecord& r = records[i];
-      r.is_long = is_long;
-      r.ok = done.is_ok() && !token_times.empty();
-      if (!r.ok) return;
-      auto ms = [](Clock::duration d) {
-        return std::chrono::duration<double, std::milli>(d).count();
-      };
-      r.tokens = static_cast<int>(token_times.size());
-      r.ttft_ms = ms(token_times.front() - sent);
-      if (token_times.size() > 1)
-        r.tpot_ms = ms(token_times.back() - token_times.front()) /
-                    static_cast<double>(token_times.size() - 1);
-      for (size_t k = 1; k < token_times.size(); ++k)
-        r.max_gap_ms = std::max(r.max_gap_ms, ms(token_times[k] - token_times[k - 1]));
-    });
+    threads.emplace_back([&, i] { keep(send(o, **client, 1000 + i, arrivals[i].is_long)); });
   }
   for (auto& t : threads)
     t.join();
@@ -185,12 +206,14 @@ void report(const Options& o, const std::string& mode, const std::vector<Request
             double wall_s) {
   std::vector<double> ttft, tpot, gap, long_ttft;
   int ok = 0, failed = 0, good = 0;
+  int64_t tokens = 0;
   for (const auto& r : records) {
     if (!r.ok) {
       ++failed;
       continue;
     }
     ++ok;
+    tokens += r.tokens;
     if (r.is_long) {
       long_ttft.push_back(r.ttft_ms);
       continue;
@@ -200,10 +223,12 @@ void report(const Options& o, const std::string& mode, const std::vector<Request
     gap.push_back(r.max_gap_ms);
     if (r.ttft_ms <= o.ttft_bound_ms && r.tpot_ms <= o.tpot_bound_ms) ++good;
   }
-  std::printf("| %s | %d/%d | %.0f / %.0f | %.1f / %.1f | %.0f | %.0f | %d of %zu (%.3f req/s) |\n",
-              mode.c_str(), ok, ok + failed, percentile(ttft, 0.5), percentile(ttft, 0.99),
-              percentile(tpot, 0.5), percentile(tpot, 0.99), percentile(gap, 0.99),
-              percentile(long_ttft, 0.5), good, ttft.size(), good / wall_s);
+  std::printf(
+      "| %s | %d/%d | %.0f / %.0f | %.1f / %.1f | %.0f | %.0f | %d of %zu (%.3f req/s) | %.1f |\n",
+      mode.c_str(), ok, ok + failed, percentile(ttft, 0.5), percentile(ttft, 0.99),
+      percentile(tpot, 0.5), percentile(tpot, 0.99), percentile(gap, 0.99),
+      percentile(long_ttft, 0.5), good, ttft.size(), good / wall_s,
+      static_cast<double>(tokens) / wall_s);
   std::fflush(stdout);
 }
 
@@ -232,6 +257,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--binary", o.binary, "the dserve binary the processes run")
       ->capture_default_str();
+  app.add_option("--streams", o.streams,
+                 "closed-loop streams of short requests (each sends its next when the last ends) "
+                 "instead of --short-per-second; 0: the rate")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 4096));
   CLI11_PARSE(app, argc, argv);
   if (!fs::exists(o.model + "/config.json")) {
     std::fprintf(stderr,
@@ -240,18 +270,20 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::printf(
-      "serving_bench: %s on %s, %u cores; %.0f s of load: %.2f short req/s (%d prompt, %d out), a "
+      "serving_bench: %s on %s, %u cores; %.0f s of load: %.2f short req/s or %d streams (%d "
+      "prompt, %d out), a "
       "%d-token prompt (%d out) every %.0f s; prefill token budget %d; goodput bounds: TTFT <= "
       "%.0f ms and TPOT <= %.0f ms (short requests)\n\n",
       o.model.c_str(), o.device.c_str(), std::thread::hardware_concurrency(), o.seconds,
-      o.short_per_second, o.short_prompt, o.short_tokens, o.long_prompt, o.long_tokens,
+      o.short_per_second, o.streams, o.short_prompt, o.short_tokens, o.long_prompt, o.long_tokens,
       o.long_every_seconds, o.token_budget, o.ttft_bound_ms, o.tpot_bound_ms);
   std::printf(
       "| mode | completed | short TTFT p50 / p99 ms | short TPOT p50 / p99 ms | p99 worst gap ms | "
-      "long TTFT p50 ms | goodput |\n|---|---|---|---|---|---|---|\n");
+      "long TTFT p50 ms | goodput | output tok/s |\n|---|---|---|---|---|---|---|---|\n");
   const std::string budget = std::to_string(o.token_budget);
-  const std::vector<std::string> common{"--model", o.model,    "--token-budget",
-                                        budget,    "--device", o.device};
+  // --device only off the CPU: a binary from before the flag still runs.
+  std::vector<std::string> common{"--model", o.model, "--token-budget", budget};
+  if (o.device != "cpu") common.insert(common.end(), {"--device", o.device});
   auto args = [&](std::vector<std::string> a) {
     a.insert(a.end(), common.begin(), common.end());
     return a;

@@ -148,6 +148,7 @@ void read_pool(const YAML::Node& node, const std::string& path, Location at, Pro
                                         "device"};
   if (role != ProcessRole::kDecode) keys.insert(keys.end(), {"token_budget", "step_ms"});
   if (role != ProcessRole::kPrefill) keys.insert(keys.end(), {"max_batch", "kv_budget_mib"});
+  if (role == ProcessRole::kColocated) keys.push_back("max_step_tokens");
   MapReader m(node, path, at, sink, keys);
   pool.role = role;
   pool.at = m.at();
@@ -165,6 +166,16 @@ void read_pool(const YAML::Node& node, const std::string& path, Location at, Pro
   if (role != ProcessRole::kPrefill) {
     pool.max_batch = m.integer("max_batch", 1, kBig, false).value_or(pool.max_batch);
     pool.kv_budget_mib = m.integer("kv_budget_mib", 1, kBig, false).value_or(pool.kv_budget_mib);
+  }
+  if (role == ProcessRole::kColocated) {
+    pool.max_step_tokens =
+        m.integer("max_step_tokens", 2, int64_t{1} << 20, false).value_or(pool.max_step_tokens);
+    if (pool.max_step_tokens <= pool.max_batch) {
+      sink.add(m.at("max_step_tokens"), path + ".max_step_tokens",
+               std::to_string(pool.max_step_tokens),
+               "more than max_batch (" + std::to_string(pool.max_batch) +
+                   "), or a full decode batch leaves no row of a step for prefill");
+    }
   }
 
   // placement: one node per replica, or one node name for all of them.

@@ -95,6 +95,7 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
   DSERVE_CHECK_MSG(pool != nullptr, "process " + process.name + " has no pool in the manifest");
   if (process.role == ProcessRole::kColocated) {
     args.insert(args.end(), {"--decode-listen", address(process.host, process.second_port)});
+    add("--max-step-tokens", pool->max_step_tokens);
   }
   args.insert(args.end(), {"--ucx-transports", join(m.network.ucx_transports, ','),
                            "--ucx-net-devices", join(m.network.ucx_net_devices, ',')});

@@ -365,15 +365,37 @@ TEST(ManifestServeArgs, ColocatedGivesBothHalvesAndTheGatewayNamesBoth) {
   ASSERT_TRUE(m.is_ok()) << m.status().to_string();
   auto c1 = to_serve_args(*m, *find_process(*m, "colocated-1"));
   ASSERT_TRUE(c1.is_ok());
-  EXPECT_EQ(Lines(c1->begin(), c1->begin() + 13),
-            (Lines{"serve", "--role", "colocated", "--model", "/models/m", "--listen",
-                   "10.0.0.1:7200", "--process-name", "colocated-1", "--metrics-listen",
-                   "10.0.0.1:8200", "--decode-listen", "10.0.0.1:7201"}));
+  EXPECT_EQ(
+      Lines(c1->begin(), c1->begin() + 15),
+      (Lines{"serve", "--role", "colocated", "--model", "/models/m", "--listen", "10.0.0.1:7200",
+             "--process-name", "colocated-1", "--metrics-listen", "10.0.0.1:8200",
+             "--decode-listen", "10.0.0.1:7201", "--max-step-tokens", "512"}));
   auto gw = to_serve_args(*m, *find_process(*m, "gateway"));
   ASSERT_TRUE(gw.is_ok());
   EXPECT_EQ(Lines(gw->begin() + 13, gw->begin() + 17),
             (Lines{"--prefill", "10.0.0.1:7100,10.0.0.1:7200", "--decode",
                    "10.0.0.1:7101,10.0.0.1:7201"}));
+}
+
+// A co-located step must leave prefill a row next to a full decode batch.
+TEST(ManifestMistakes, ColocatedStepNoLargerThanTheDecodeBatch) {
+  std::string text = replace(kBase, R"(  prefill:
+    replicas: 1
+    placement: node-a
+  decode:
+    replicas: 1
+    placement: node-a
+)",
+                             R"(  colocated:
+    replicas: 1
+    placement: node-a
+    max_batch: 64
+    max_step_tokens: 64
+)");
+  text = replace(text, "mode: disaggregated", "mode: colocated");
+  EXPECT_EQ(problems(text),
+            (Lines{"m.yaml:19:22: pools.colocated.max_step_tokens: found 64; expected more than "
+                   "max_batch (64), or a full decode batch leaves no row of a step for prefill"}));
 }
 
 // --- Each kind of mistake -----------------------------------------------------------------

@@ -79,10 +79,11 @@ struct Pool {
   // Where a replica computes: "cpu", or "cuda" (on the first of its devices: serve --device
   // cuda:N, N that device's index on its node).
   std::string device = "cpu";
-  int64_t token_budget = 2048;   // prefill, colocated: prompt tokens per step
-  int64_t step_ms = 250;         // prefill, colocated: a step ends after the slice passing it
-  int64_t max_batch = 64;        // decode, colocated: reservations + decoding requests
-  int64_t kv_budget_mib = 1024;  // decode, colocated: KV bytes of the decode batch
+  int64_t token_budget = 2048;    // prefill, colocated: prompt tokens per step
+  int64_t step_ms = 250;          // prefill, colocated: a step ends after the slice passing it
+  int64_t max_batch = 64;         // decode, colocated: reservations + decoding requests
+  int64_t max_step_tokens = 512;  // colocated: rows of one engine step (decode + prefill)
+  int64_t kv_budget_mib = 1024;   // decode, colocated: KV bytes of the decode batch
   Location at;
   std::vector<Location> placement_at;  // where each placement entry is
   std::vector<Location> ports_at;      // where each explicit port is
