@@ -54,7 +54,8 @@ struct Options {
   double tpot_bound_ms = 150;
   std::string modes = "both";
   int streams = 0;
-  int max_step_tokens = 0;  // colocated: --max-step-tokens (0: the binary's default)  // > 0: this many closed-loop streams of short requests instead of a rate
+  int max_step_tokens = 0;  // colocated: --max-step-tokens (0: the binary's default)  // > 0: this
+                            // many closed-loop streams of short requests instead of a rate
 };
 
 // One `dserve serve` process (pinned with taskset when `cores` is set); killed at the end.
@@ -304,13 +305,13 @@ int main(int argc, char** argv) {
           o, "1", args({"serve", "--role", "decode", "--listen", "127.0.0.1:0"})));
       decode = procs.back()->address(0);
     } else {
-      std::vector<std::string> colocated_args = {"serve", "--role", "colocated", "--listen",
-                                                 "127.0.0.1:0", "--decode-listen", "127.0.0.1:0"};
+      std::vector<std::string> colocated_args = {"serve",      "--role",      "colocated",
+                                                 "--listen",   "127.0.0.1:0", "--decode-listen",
+                                                 "127.0.0.1:0"};
       if (o.max_step_tokens > 0)
         colocated_args.insert(colocated_args.end(),
                               {"--max-step-tokens", std::to_string(o.max_step_tokens)});
-      procs.push_back(
-          std::make_unique<Process>(o, "", args(colocated_args)));
+      procs.push_back(std::make_unique<Process>(o, "", args(colocated_args)));
       prefill = procs.back()->address(0);
       decode = procs.back()->address(1);
     }

@@ -2,6 +2,7 @@
 // each step naming its CPU twin (model.cc, layers.h).
 
 #include "gpu_model_impl.h"
+#include "layer_sequence.h"
 
 namespace dserve::model {
 
@@ -392,24 +393,32 @@ Result<int64_t> GpuModel::Impl::prepare_batch(std::span<const Segment> segments)
 }
 
 // The device's part of a batch: embedding and every layer, launches only (capturable).
+// The CUDA ops of the layer sequence (layer_sequence.h) over the n rows of a pass.
 Status GpuModel::Impl::run_layers(int64_t n) {
-  DSERVE_RETURN_IF_ERROR(cuda::embed_streams(embed.data(), embed_type, tokens.as<int32_t>(), n,
-                                             config.hidden_size, config.hc_mult,
-                                             streams.as<float>(), stream_));
-  for (int64_t l = 0; l < config.num_layers; ++l) {
-    const LayerDev& d = layers[static_cast<size_t>(l)];
-    DSERVE_RETURN_IF_ERROR(hyper_in(d.hc_attn, d.attn_norm, n));
-    DSERVE_RETURN_IF_ERROR(attention(l, n));
-    DSERVE_RETURN_IF_ERROR(cuda::hyper_expand(streams.as<float>(), sublayer_out.as<float>(),
-                                              post.as<float>(), comb.as<float>(), n, config.hc_mult,
-                                              config.hidden_size, stream_));
-    DSERVE_RETURN_IF_ERROR(hyper_in(d.hc_ffn, d.ffn_norm, n));
-    DSERVE_RETURN_IF_ERROR(moe(l, n));
-    DSERVE_RETURN_IF_ERROR(cuda::hyper_expand(streams.as<float>(), sublayer_out.as<float>(),
-                                              post.as<float>(), comb.as<float>(), n, config.hc_mult,
-                                              config.hidden_size, stream_));
-  }
-  return Status::ok();
+  struct GpuStepOps {
+    Impl& impl;
+    int64_t n;
+    Status embed() {
+      return cuda::embed_streams(impl.embed.data(), impl.embed_type, impl.tokens.as<int32_t>(), n,
+                                 impl.config.hidden_size, impl.config.hc_mult,
+                                 impl.streams.as<float>(), impl.stream_);
+    }
+    Status mix_in(int64_t l, detail::Sublayer sublayer) {
+      const LayerDev& d = impl.layers[static_cast<size_t>(l)];
+      return sublayer == detail::Sublayer::kAttention ? impl.hyper_in(d.hc_attn, d.attn_norm, n)
+                                                      : impl.hyper_in(d.hc_ffn, d.ffn_norm, n);
+    }
+    Status attention(int64_t l) { return impl.attention(l, n); }
+    Status ffn(int64_t l) { return impl.moe(l, n); }
+    Status mix_out(int64_t, detail::Sublayer) {
+      return cuda::hyper_expand(impl.streams.as<float>(), impl.sublayer_out.as<float>(),
+                                impl.post.as<float>(), impl.comb.as<float>(), n,
+                                impl.config.hc_mult, impl.config.hidden_size, impl.stream_);
+    }
+    Status layer_done(int64_t) { return Status::ok(); }
+  };
+  GpuStepOps ops{*this, n};
+  return detail::run_layer_sequence(ops, config.num_layers);
 }
 
 }  // namespace dserve::model

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "dserve/kernels/cpu_ops.h"
+#include "layer_sequence.h"
 #include "layers.h"
 
 namespace dserve::model {
@@ -61,6 +62,79 @@ Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
 
+// The CPU's ops of the layer sequence (layer_sequence.h) over the rows of one step.
+struct Model::CpuStepOps {
+  const Model& model;
+  std::span<const StepRequest> requests;
+  const std::vector<int64_t>& first_row;
+  const std::vector<int64_t>& first_pos;
+  const std::vector<int32_t>& tokens;  // every row's token, in step order (hash routing)
+  const ForwardObserver& observe;
+  std::vector<float>& streams;  // the residual, [n, hc, hidden]
+  detail::HyperMix mix{};
+  detail::AttentionRows rows{};
+  std::vector<float> sublayer_out{};
+
+  const ModelConfig& config() const { return model.config_; }
+  int64_t n() const { return static_cast<int64_t>(tokens.size()); }
+  const LayerWeights& layer(int64_t l) const {
+    return model.weights_.layers[static_cast<size_t>(l)];
+  }
+
+  Status embed() {
+    const int64_t hidden = config().hidden_size, hc = config().hc_mult;
+    for (int64_t t = 0; t < n(); ++t) {
+      const float* e = model.weights_.embed.row(tokens[static_cast<size_t>(t)]);
+      for (int64_t k = 0; k < hc; ++k)
+        std::copy(e, e + hidden, streams.data() + (t * hc + k) * hidden);
+    }
+    if (observe) {
+      std::vector<float> embed(static_cast<size_t>(n() * hidden));
+      for (int64_t t = 0; t < n(); ++t)
+        std::copy_n(streams.data() + t * hc * hidden, hidden, embed.data() + t * hidden);
+      observe({"embed", {n(), hidden}, embed});
+    }
+    sublayer_out.assign(static_cast<size_t>(n() * hidden), 0.0f);
+    return Status::ok();
+  }
+  Status mix_in(int64_t l, detail::Sublayer sublayer) {
+    const LayerWeights& lw = layer(l);
+    const bool attn = sublayer == detail::Sublayer::kAttention;
+    mix = detail::hyper_connection_in(streams.data(), n(), config(), attn ? lw.hc_attn : lw.hc_ffn);
+    cpu::rms_norm(mix.collapsed.data(), n(), config().hidden_size,
+                  (attn ? lw.attn_norm : lw.ffn_norm).span(),
+                  static_cast<float>(config().rms_norm_eps));
+    return Status::ok();
+  }
+  Status attention(int64_t l) {
+    const LayerWeights& lw = layer(l);
+    rows = detail::attention_project(mix.collapsed.data(), n(), config(), lw.attn);
+    for (size_t r = 0; r < requests.size(); ++r) {
+      detail::attention_core(first_row[r], static_cast<int64_t>(requests[r].tokens.size()),
+                             first_pos[r], config(), lw.attn, model.tables_->rope,
+                             requests[r].state->layers()[static_cast<size_t>(l)], rows);
+    }
+    detail::attention_output(rows, n(), config(), lw.attn, sublayer_out.data());
+    return Status::ok();
+  }
+  Status ffn(int64_t l) {
+    detail::moe(mix.collapsed.data(), tokens, config(), layer(l).moe,
+                config().mlp_types[static_cast<size_t>(l)], sublayer_out.data());
+    return Status::ok();
+  }
+  Status mix_out(int64_t, detail::Sublayer) {
+    detail::hyper_connection_out(streams.data(), sublayer_out.data(), mix, n(), config());
+    return Status::ok();
+  }
+  Status layer_done(int64_t l) {
+    if (observe) {
+      observe(
+          {"layer" + std::to_string(l), {n(), config().hc_mult, config().hidden_size}, streams});
+    }
+    return Status::ok();
+  }
+};
+
 Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& state, LogitsFor which,
                               const ForwardObserver& observe) const {
   const StepRequest one{tokens, &state, which};
@@ -104,47 +178,12 @@ Result<std::vector<Tensor>> Model::run_step(std::span<const StepRequest> request
   for (const StepRequest& q : requests)
     tokens.insert(tokens.end(), q.tokens.begin(), q.tokens.end());
 
-  // The residual: the token embedding copied into hc_mult streams, [n, hc, hidden].
-  std::vector<float> streams(static_cast<size_t>(n * hc * hidden));
-  for (int64_t t = 0; t < n; ++t) {
-    const float* e = weights_.embed.row(tokens[static_cast<size_t>(t)]);
-    for (int64_t k = 0; k < hc; ++k)
-      std::copy(e, e + hidden, streams.data() + (t * hc + k) * hidden);
-  }
-  if (observe) {
-    std::vector<float> embed(static_cast<size_t>(n * hidden));
-    for (int64_t t = 0; t < n; ++t)
-      std::copy_n(streams.data() + t * hc * hidden, hidden, embed.data() + t * hidden);
-    observe({"embed", {n, hidden}, embed});
-  }
-
   // Row-wise work runs over every row of the step at once (each row's bits do not depend on
   // the others: kernels/invariant_gemm.h), attention's projections included; the attention
   // itself, the compressors and the indexer run per request over its own rows.
-  std::vector<float> sublayer_out(static_cast<size_t>(n * hidden));
-  for (int64_t l = 0; l < config_.num_layers; ++l) {
-    const LayerWeights& lw = weights_.layers[static_cast<size_t>(l)];
-
-    detail::HyperMix mix = detail::hyper_connection_in(streams.data(), n, config_, lw.hc_attn);
-    cpu::rms_norm(mix.collapsed.data(), n, hidden, lw.attn_norm.span(), eps);
-    detail::AttentionRows rows =
-        detail::attention_project(mix.collapsed.data(), n, config_, lw.attn);
-    for (size_t r = 0; r < requests.size(); ++r) {
-      const int64_t row = first_row[r];
-      detail::attention_core(row, static_cast<int64_t>(requests[r].tokens.size()), first_pos[r],
-                             config_, lw.attn, tables_->rope,
-                             requests[r].state->layers()[static_cast<size_t>(l)], rows);
-    }
-    detail::attention_output(rows, n, config_, lw.attn, sublayer_out.data());
-    detail::hyper_connection_out(streams.data(), sublayer_out.data(), mix, n, config_);
-
-    mix = detail::hyper_connection_in(streams.data(), n, config_, lw.hc_ffn);
-    cpu::rms_norm(mix.collapsed.data(), n, hidden, lw.ffn_norm.span(), eps);
-    detail::moe(mix.collapsed.data(), tokens, config_, lw.moe,
-                config_.mlp_types[static_cast<size_t>(l)], sublayer_out.data());
-    detail::hyper_connection_out(streams.data(), sublayer_out.data(), mix, n, config_);
-    if (observe) observe({"layer" + std::to_string(l), {n, hc, hidden}, streams});
-  }
+  std::vector<float> streams(static_cast<size_t>(n * hc * hidden));  // [n, hc, hidden]
+  CpuStepOps ops{*this, requests, first_row, first_pos, tokens, observe, streams};
+  DSERVE_RETURN_IF_ERROR(detail::run_layer_sequence(ops, config_.num_layers));
   for (const StepRequest& q : requests)
     q.state->advance(static_cast<int64_t>(q.tokens.size()));
 

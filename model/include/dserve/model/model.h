@@ -82,6 +82,7 @@ class Model {
   Result<std::vector<Tensor>> run_step(std::span<const StepRequest> requests,
                                        const ForwardObserver& observe) const;
   struct Tables;
+  struct CpuStepOps;  // the layer sequence's ops (model.cc)
   ModelConfig config_;
   ModelWeights weights_;
   KvPagePools pools_;
