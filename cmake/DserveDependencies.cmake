@@ -11,17 +11,17 @@ pkg_check_modules(PCRE2 REQUIRED IMPORTED_TARGET libpcre2-8)
 # defines that match that build).
 pkg_check_modules(HTTPLIB REQUIRED IMPORTED_TARGET cpp-httplib)
 
-# CPU GEMM for the reference backend: OpenBLAS through its CBLAS interface.
-find_package(BLAS REQUIRED)
-find_path(DSERVE_CBLAS_INCLUDE cblas.h PATHS /usr/include/x86_64-linux-gnu/openblas-pthread
-  /usr/include/openblas /usr/include REQUIRED)
-
 if(DSERVE_BUILD_TESTS)
   find_package(GTest REQUIRED)
   include(GoogleTest)
 endif()
 if(DSERVE_BUILD_BENCH)
   find_package(benchmark REQUIRED)
+  # OpenBLAS through CBLAS: only gemm_bench's yardstick (the CPU backend has kernels of its own,
+  # kernels/README.md).
+  find_package(BLAS REQUIRED)
+  find_path(DSERVE_CBLAS_INCLUDE cblas.h PATHS /usr/include/x86_64-linux-gnu/openblas-pthread
+    /usr/include/openblas /usr/include REQUIRED)
 endif()
 
 # kvstore: RocksDB (the shared library; RocksDB::rocksdb is the static one) and xxHash (block

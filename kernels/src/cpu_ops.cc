@@ -1,28 +1,16 @@
 #include "dserve/kernels/cpu_ops.h"
 
-#include <cblas.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include "dserve/core/check.h"
 #include "dserve/kernels/invariant_gemm.h"
+#include "row_pool.h"
 
 namespace dserve::kernels::cpu {
-namespace {
-// The cores are used by the products' own row and column splits (row_pool.h); OpenBLAS's own
-// threads would only compete with them (measured: 2.2x slower prefill on 2 cores), so the BLAS
-// that remains (gemm below) runs single-threaded.
-void use_single_threaded_blas() {
-  static const bool once = [] {
-    openblas_set_num_threads(1);
-    return true;
-  }();
-  (void)once;
-}
-}  // namespace
 
 void matmul(const float* x, int64_t n, int64_t k, const Tensor& w, float* y) {
   DSERVE_CHECK_MSG(
@@ -54,17 +42,28 @@ void gemm(bool b_transposed, int64_t n, int64_t m, int64_t k, const float* a, in
     }
     return;
   }
-  // Row by row, as matmul_rows and for the same reason.
-  use_single_threaded_blas();
-  for (int64_t i = 0; i < n; ++i) {
-    if (b_transposed) {  // y_i = B a_i, B [m, k]
-      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(m), static_cast<int>(k), 1.0f, b,
-                  static_cast<int>(ldb), a + i * lda, 1, beta, y + i * ldy, 1);
-    } else {  // y_i = B^T a_i, B [k, m]
-      cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<int>(k), static_cast<int>(m), 1.0f, b,
-                  static_cast<int>(ldb), a + i * lda, 1, beta, y + i * ldy, 1);
-    }
+  // Neither is left to a BLAS: its kernels (and, for OpenBLAS, its guess of the core type)
+  // change a row's bits with the call's shape, and run on one core here.
+  if (!b_transposed) {  // y_i = B^T a_i, B [k, m]: rows of B weighted by a_i
+    weighted_row_sum(a, lda, n, k, b, ldb, m, beta, y, ldy);
+    return;
   }
+  // y_i = B a_i, B [m, k]: the batch-invariant product
+  if (beta == 0.0f) {
+    invariant_matmul_with(cpu_isa(), a, n, k, b, m, y, ldy, lda, ldb);
+    return;
+  }
+  std::vector<float> product(static_cast<size_t>(n * m));
+  invariant_matmul_with(cpu_isa(), a, n, k, b, m, product.data(), m, lda, ldb);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < m; ++j)
+      y[i * ldy + j] = beta * y[i * ldy + j] + product[static_cast<size_t>(i * m + j)];
+  }
+}
+
+void parallel_rows(int64_t rows, int64_t min_rows,
+                   const std::function<void(int64_t, int64_t)>& body) {
+  detail::for_each_row_part(rows, min_rows, body);
 }
 
 void rms_norm(float* x, int64_t n, int64_t d, std::span<const float> weight, float eps) {

@@ -343,11 +343,12 @@ void invariant_matmul_strided(const float* x, int64_t ldx, int64_t n, int64_t k,
 }
 
 void invariant_matmul_with(CpuIsa isa, const float* x, int64_t n, int64_t k, const float* w,
-                           int64_t m, float* y, int64_t ldy, int64_t ldx) {
+                           int64_t m, float* y, int64_t ldy, int64_t ldx, int64_t ldw) {
   if (ldx == 0) ldx = k;
+  if (ldw == 0) ldw = k;
   DSERVE_CHECK_MSG(has_isa(isa),
                    "invariant_matmul: this CPU has no " + std::string(cpu_isa_name(isa)));
-  DSERVE_CHECK_MSG(n >= 0 && m >= 0 && k >= 0 && ldy >= m && ldx >= k,
+  DSERVE_CHECK_MSG(n >= 0 && m >= 0 && k >= 0 && ldy >= m && ldx >= k && ldw >= k,
                    "invariant_matmul: bad shape");
   if (n == 0 || m == 0) return;
   if (k == 0) {
@@ -372,8 +373,8 @@ void invariant_matmul_with(CpuIsa isa, const float* x, int64_t n, int64_t k, con
           const int cols = static_cast<int>(std::min<int64_t>(t.cols, j_end - j));
           for (int64_t i = ib; i < i_end; i += t.rows) {
             const int rows = static_cast<int>(std::min<int64_t>(t.rows, i_end - i));
-            t.fn[rows - 1][cols - 1](x + i * ldx + kb, ldx, w + j * k + kb, k, kc, y + i * ldy + j,
-                                     ldy, first);
+            t.fn[rows - 1][cols - 1](x + i * ldx + kb, ldx, w + j * ldw + kb, ldw, kc,
+                                     y + i * ldy + j, ldy, first);
           }
         }
       }

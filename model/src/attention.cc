@@ -20,6 +20,8 @@ namespace cpu = kernels::cpu;
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Queries of one chunk per part when its attention is split over the cores.
+constexpr int64_t kQueriesPerPart = 16;
 
 // cos/sin of every position of the chunk: [n, half] each.
 struct ChunkAngles {
@@ -67,45 +69,48 @@ std::vector<std::vector<int64_t>> select_entries(const float* q_proj, const floa
   const float score_scale = 1.0f / std::sqrt(static_cast<float>(dim));
 
   std::vector<std::vector<int64_t>> selected(static_cast<size_t>(n));
-  std::vector<float> dots;
-  std::vector<float> scores;
-  for (int64_t t = 0; t < n; ++t) {
-    float* qt = q.data() + t * heads * dim;
-    for (int64_t h = 0; h < heads; ++h) {
-      cpu::rope_interleaved(qt + h * dim, dim, angles.cos_at(t), angles.sin_at(t), false);
-    }
-    const int64_t visible = visible_entries(first_pos + t, config.csa_rate, available);
-    auto& picks = selected[static_cast<size_t>(t)];
-    if (visible == 0) continue;
-    dots.resize(static_cast<size_t>(heads * visible));
-    // The keys are paged: one gemm per page fills that page's columns of `dots`.
-    const int64_t per_page = state.index_keys.rows_per_page();
-    for (int64_t first = 0; first < visible; first += per_page) {
-      const int64_t count = std::min(per_page, visible - first);
-      cpu::gemm(true, heads, count, dim, qt, dim, state.index_keys.row(first), dim, 0.0f,
-                dots.data() + first, visible);
-    }
-    scores.assign(static_cast<size_t>(visible), 0.0f);
-    for (int64_t h = 0; h < heads; ++h) {
-      const float wh = weights[t * heads + h] * weight_scale;
-      for (int64_t s = 0; s < visible; ++s) {
-        scores[static_cast<size_t>(s)] +=
-            std::max(dots[static_cast<size_t>(h * visible + s)], 0.0f) * score_scale * wh;
+  // The queries are independent: parts of them on the cores, the same bits for each.
+  cpu::parallel_rows(n, kQueriesPerPart, [&](int64_t begin, int64_t end) {
+    std::vector<float> dots;
+    std::vector<float> scores;
+    for (int64_t t = begin; t < end; ++t) {
+      float* qt = q.data() + t * heads * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        cpu::rope_interleaved(qt + h * dim, dim, angles.cos_at(t), angles.sin_at(t), false);
       }
+      const int64_t visible = visible_entries(first_pos + t, config.csa_rate, available);
+      auto& picks = selected[static_cast<size_t>(t)];
+      if (visible == 0) continue;
+      dots.resize(static_cast<size_t>(heads * visible));
+      // The keys are paged: one gemm per page fills that page's columns of `dots`.
+      const int64_t per_page = state.index_keys.rows_per_page();
+      for (int64_t first = 0; first < visible; first += per_page) {
+        const int64_t count = std::min(per_page, visible - first);
+        cpu::gemm(true, heads, count, dim, qt, dim, state.index_keys.row(first), dim, 0.0f,
+                  dots.data() + first, visible);
+      }
+      scores.assign(static_cast<size_t>(visible), 0.0f);
+      for (int64_t h = 0; h < heads; ++h) {
+        const float wh = weights[t * heads + h] * weight_scale;
+        for (int64_t s = 0; s < visible; ++s) {
+          scores[static_cast<size_t>(s)] +=
+              std::max(dots[static_cast<size_t>(h * visible + s)], 0.0f) * score_scale * wh;
+        }
+      }
+      picks.resize(static_cast<size_t>(visible));
+      std::iota(picks.begin(), picks.end(), 0);
+      const int64_t k = std::min(config.index_topk, visible);
+      if (k < visible) {
+        // Highest score first; the lower index wins a tie so that selection is deterministic.
+        std::partial_sort(picks.begin(), picks.begin() + k, picks.end(), [&](int64_t a, int64_t b) {
+          const float sa = scores[static_cast<size_t>(a)], sb = scores[static_cast<size_t>(b)];
+          return sa > sb || (sa == sb && a < b);
+        });
+        picks.resize(static_cast<size_t>(k));
+      }
+      std::sort(picks.begin(), picks.end());
     }
-    picks.resize(static_cast<size_t>(visible));
-    std::iota(picks.begin(), picks.end(), 0);
-    const int64_t k = std::min(config.index_topk, visible);
-    if (k < visible) {
-      // Highest score first; the lower index wins a tie so that selection is deterministic.
-      std::partial_sort(picks.begin(), picks.begin() + k, picks.end(), [&](int64_t a, int64_t b) {
-        const float sa = scores[static_cast<size_t>(a)], sb = scores[static_cast<size_t>(b)];
-        return sa > sb || (sa == sb && a < b);
-      });
-      picks.resize(static_cast<size_t>(k));
-    }
-    std::sort(picks.begin(), picks.end());
-  }
+  });
   return selected;
 }
 
@@ -205,49 +210,53 @@ void attention_core(int64_t row, int64_t n, int64_t first_pos, const ModelConfig
 
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   float* attn_out = rows.attn_out.data() + row * heads * hd;
-  std::vector<float> logits;
-  std::vector<float> gathered;
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t pos = first_pos + t;
-    // Window keys: positions (pos - sliding_window, pos], stored at index pos - first_pos + cached.
-    const int64_t last = cached + t;
-    const int64_t first = std::max<int64_t>(0, last - config.sliding_window + 1);
-    const int64_t n_window = last - first + 1;
-    const float* window_keys = keys.data() + first * hd;
-    // Compressed keys: all visible entries (HCA) or the indexer's picks among them (CSA),
-    // gathered from their pages.
-    int64_t n_comp = rate > 0 ? visible_entries(pos, rate, entries) : 0;
-    const std::vector<int64_t>* picks = w.indexer ? &selected[static_cast<size_t>(t)] : nullptr;
-    if (picks != nullptr) n_comp = static_cast<int64_t>(picks->size());
-    gathered.resize(static_cast<size_t>(n_comp * hd));
-    for (int64_t i = 0; i < n_comp; ++i) {
-      const float* src = state.compressed.row(picks ? (*picks)[static_cast<size_t>(i)] : i);
-      std::copy(src, src + hd, gathered.data() + i * hd);
+  // The queries are independent: parts of them on the cores, the same bits for each.
+  cpu::parallel_rows(n, kQueriesPerPart, [&](int64_t begin, int64_t end) {
+    std::vector<float> logits;
+    std::vector<float> gathered;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t pos = first_pos + t;
+      // Window keys: positions (pos - sliding_window, pos], stored at index pos - first_pos +
+      // cached.
+      const int64_t last = cached + t;
+      const int64_t first = std::max<int64_t>(0, last - config.sliding_window + 1);
+      const int64_t n_window = last - first + 1;
+      const float* window_keys = keys.data() + first * hd;
+      // Compressed keys: all visible entries (HCA) or the indexer's picks among them (CSA),
+      // gathered from their pages.
+      int64_t n_comp = rate > 0 ? visible_entries(pos, rate, entries) : 0;
+      const std::vector<int64_t>* picks = w.indexer ? &selected[static_cast<size_t>(t)] : nullptr;
+      if (picks != nullptr) n_comp = static_cast<int64_t>(picks->size());
+      gathered.resize(static_cast<size_t>(n_comp * hd));
+      for (int64_t i = 0; i < n_comp; ++i) {
+        const float* src = state.compressed.row(picks ? (*picks)[static_cast<size_t>(i)] : i);
+        std::copy(src, src + hd, gathered.data() + i * hd);
+      }
+      const float* comp_keys = gathered.data();
+      const int64_t total = n_window + n_comp;
+      logits.resize(static_cast<size_t>(heads * total));
+      const float* qt = q + t * heads * hd;
+      cpu::gemm(true, heads, n_window, hd, qt, hd, window_keys, hd, 0.0f, logits.data(), total);
+      cpu::gemm(true, heads, n_comp, hd, qt, hd, comp_keys, hd, 0.0f, logits.data() + n_window,
+                total);
+      for (int64_t h = 0; h < heads; ++h) {
+        float* lrow = logits.data() + h * total;
+        for (int64_t i = 0; i < total; ++i)
+          lrow[i] *= scale;
+        softmax_with_sink(lrow, total, w.sinks.data()[h]);
+      }
+      // Values are the keys (K = V).
+      float* ot = attn_out + t * heads * hd;
+      cpu::gemm(false, heads, hd, n_window, logits.data(), total, window_keys, hd, 0.0f, ot, hd);
+      cpu::gemm(false, heads, hd, n_comp, logits.data() + n_window, total, comp_keys, hd, 1.0f, ot,
+                hd);
+      // Undo the value's rotation at the query position (paper §2.3: the output then depends
+      // on relative positions only).
+      for (int64_t h = 0; h < heads; ++h) {
+        cpu::rope_interleaved(ot + h * hd, hd, angles.cos_at(t), angles.sin_at(t), true);
+      }
     }
-    const float* comp_keys = gathered.data();
-    const int64_t total = n_window + n_comp;
-    logits.resize(static_cast<size_t>(heads * total));
-    const float* qt = q + t * heads * hd;
-    cpu::gemm(true, heads, n_window, hd, qt, hd, window_keys, hd, 0.0f, logits.data(), total);
-    cpu::gemm(true, heads, n_comp, hd, qt, hd, comp_keys, hd, 0.0f, logits.data() + n_window,
-              total);
-    for (int64_t h = 0; h < heads; ++h) {
-      float* lrow = logits.data() + h * total;
-      for (int64_t i = 0; i < total; ++i)
-        lrow[i] *= scale;
-      softmax_with_sink(lrow, total, w.sinks.data()[h]);
-    }
-    // Values are the keys (K = V).
-    float* ot = attn_out + t * heads * hd;
-    cpu::gemm(false, heads, hd, n_window, logits.data(), total, window_keys, hd, 0.0f, ot, hd);
-    cpu::gemm(false, heads, hd, n_comp, logits.data() + n_window, total, comp_keys, hd, 1.0f, ot,
-              hd);
-    // Undo the value's rotation at the query position (paper §2.3: the output then depends
-    // on relative positions only).
-    for (int64_t h = 0; h < heads; ++h) {
-      cpu::rope_interleaved(ot + h * hd, hd, angles.cos_at(t), angles.sin_at(t), true);
-    }
-  }
+  });
 
   // Keep the last sliding_window - 1 tokens for the next call.
   const int64_t keep = std::min<int64_t>(cached + n, config.sliding_window - 1);

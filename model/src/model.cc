@@ -3,6 +3,7 @@
 
 #include "dserve/model/model.h"
 
+#include <algorithm>
 #include <string>
 
 #include "dserve/kernels/cpu_ops.h"
@@ -109,10 +110,24 @@ struct Model::CpuStepOps {
   Status attention(int64_t l) {
     const LayerWeights& lw = layer(l);
     rows = detail::attention_project(mix.collapsed.data(), n(), config(), lw.attn);
-    for (size_t r = 0; r < requests.size(); ++r) {
-      detail::attention_core(first_row[r], static_cast<int64_t>(requests[r].tokens.size()),
-                             first_pos[r], config(), lw.attn, model.tables_->rope,
-                             requests[r].state->layers()[static_cast<size_t>(l)], rows);
+    const auto core = [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const auto i = static_cast<size_t>(r);
+        detail::attention_core(first_row[i], static_cast<int64_t>(requests[i].tokens.size()),
+                               first_pos[i], config(), lw.attn, model.tables_->rope,
+                               requests[i].state->layers()[static_cast<size_t>(l)], rows);
+      }
+    };
+    // Requests touch only their own state and rows: many short ones (decode) run on the cores
+    // side by side; a long one splits its own queries over them instead.
+    size_t longest = 0;
+    for (const StepRequest& q : requests)
+      longest = std::max(longest, q.tokens.size());
+    const auto count = static_cast<int64_t>(requests.size());
+    if (count > 1 && static_cast<int64_t>(longest) * 2 <= n()) {
+      cpu::parallel_rows(count, 1, core);
+    } else {
+      core(0, count);
     }
     detail::attention_output(rows, n(), config(), lw.attn, sublayer_out.data());
     return Status::ok();

@@ -346,21 +346,26 @@ TEST(ManifestServeArgs, SecurityAndClientLimitsGoToTheGatewayOnly) {
   }
 }
 
-TEST(ManifestServeArgs, ColocatedGivesBothHalvesAndTheGatewayNamesBoth) {
-  std::string text = replace(kBase, R"(  prefill:
+// kBase with mode colocated and `pool` (YAML under pools:) for its prefill and decode pools.
+std::string colocated_manifest(const std::string& pool) {
+  return replace(replace(kBase, R"(  prefill:
     replicas: 1
     placement: node-a
   decode:
     replicas: 1
     placement: node-a
 )",
-                             R"(  colocated:
+                         pool),
+                 "mode: disaggregated", "mode: colocated");
+}
+
+TEST(ManifestServeArgs, ColocatedGivesBothHalvesAndTheGatewayNamesBoth) {
+  const std::string text = colocated_manifest(R"(  colocated:
     replicas: 2
     placement: node-a
     devices_per_replica: 1
     ports: [7100, 7200]
 )");
-  text = replace(text, "mode: disaggregated", "mode: colocated");
   auto m = parse_manifest(text, "m.yaml");
   ASSERT_TRUE(m.is_ok()) << m.status().to_string();
   auto c1 = to_serve_args(*m, *find_process(*m, "colocated-1"));
@@ -379,20 +384,12 @@ TEST(ManifestServeArgs, ColocatedGivesBothHalvesAndTheGatewayNamesBoth) {
 
 // A co-located step must leave prefill a row next to a full decode batch.
 TEST(ManifestMistakes, ColocatedStepNoLargerThanTheDecodeBatch) {
-  std::string text = replace(kBase, R"(  prefill:
-    replicas: 1
-    placement: node-a
-  decode:
-    replicas: 1
-    placement: node-a
-)",
-                             R"(  colocated:
+  const std::string text = colocated_manifest(R"(  colocated:
     replicas: 1
     placement: node-a
     max_batch: 64
     max_step_tokens: 64
 )");
-  text = replace(text, "mode: disaggregated", "mode: colocated");
   EXPECT_EQ(problems(text),
             (Lines{"m.yaml:19:22: pools.colocated.max_step_tokens: found 64; expected more than "
                    "max_batch (64), or a full decode batch leaves no row of a step for prefill"}));

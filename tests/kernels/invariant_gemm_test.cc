@@ -162,5 +162,39 @@ TEST(InvariantGemm, EmptyShapes) {
   EXPECT_FALSE(cpu_isa_name(cpu_isa()).empty());
 }
 
+// Attention's weighted sum of values: every element is the scalar rule (from zero, in key
+// order, fused multiply-adds, then beta * y), bit for bit, whether its row runs alone or among
+// others, for widths around every vector edge; strided inputs are read in place.
+TEST(WeightedRowSum, EveryElementFollowsTheRuleAloneAndInABatch) {
+  for (const int64_t m :
+       {int64_t{1}, int64_t{15}, int64_t{17}, int64_t{64}, int64_t{100}, int64_t{130}}) {
+    for (const float beta : {0.0f, 1.0f, 0.5f}) {
+      const int64_t n = 9, k = 37, lda = k + 3, ldb = m + 5, ldy = m + 2;
+      const auto a = random_floats(static_cast<size_t>(n * lda), 11);
+      const auto b = random_floats(static_cast<size_t>(k * ldb), 12);
+      const auto y0 = random_floats(static_cast<size_t>(n * ldy), 13);
+      std::vector<float> batch = y0;
+      weighted_row_sum(a.data(), lda, n, k, b.data(), ldb, m, beta, batch.data(), ldy);
+      for (int64_t i = 0; i < n; ++i) {
+        std::vector<float> alone(y0.begin() + i * ldy, y0.begin() + (i + 1) * ldy);
+        weighted_row_sum(a.data() + i * lda, lda, 1, k, b.data(), ldb, m, beta, alone.data(), ldy);
+        EXPECT_TRUE(same_bits(alone.data(), batch.data() + i * ldy, m))
+            << "m " << m << " row " << i;
+        for (int64_t j = 0; j < m; ++j) {
+          float acc = 0.0f;
+          for (int64_t kk = 0; kk < k; ++kk)
+            acc = std::fma(a[static_cast<size_t>(i * lda + kk)],
+                           b[static_cast<size_t>(kk * ldb + j)], acc);
+          const float want = beta == 0.0f ? acc : beta * y0[static_cast<size_t>(i * ldy + j)] + acc;
+          EXPECT_TRUE(same_bits(&want, &batch[static_cast<size_t>(i * ldy + j)], 1))
+              << "m " << m << " beta " << beta << " (" << i << ", " << j << ")";
+        }
+        // the padding past m is not written
+        EXPECT_TRUE(same_bits(batch.data() + i * ldy + m, y0.data() + i * ldy + m, ldy - m));
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace dserve::kernels::cpu

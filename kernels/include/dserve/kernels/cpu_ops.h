@@ -6,6 +6,7 @@
 // several threads internally (OpenBLAS).
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -25,6 +26,13 @@ void matmul_rows(const float* x, int64_t n, int64_t k, const float* w, int64_t m
 // larger buffers can be used in place.
 void gemm(bool b_transposed, int64_t n, int64_t m, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* y, int64_t ldy);
+
+// Calls body(begin, end) over contiguous parts of [0, rows) on the machine's cores (the CPU
+// backend's row pool; the caller takes a part) and returns when all are done. Inline for less
+// than two parts of min_rows, and when called from inside another part. Work that gives each
+// row the same bits whichever thread runs it stays batch-invariant.
+void parallel_rows(int64_t rows, int64_t min_rows,
+                   const std::function<void(int64_t, int64_t)>& body);
 
 // x[n, d] <- x * rsqrt(mean(x^2) + eps) * weight, row by row, in place. `weight` may be empty
 // (the unweighted RMSNorm of mHC and of the per-head query norm).

@@ -45,8 +45,17 @@ void invariant_matmul_strided(const float* x, int64_t ldx, int64_t n, int64_t k,
                               int64_t m, float* y, int64_t ldy);
 
 // The same product with the instruction set given (tests compare the ones the machine has;
-// a set the machine lacks is a programmer error and aborts).
+// a set the machine lacks is a programmer error and aborts), x's rows ldx apart and w's ldw
+// apart (0: k).
 void invariant_matmul_with(CpuIsa isa, const float* x, int64_t n, int64_t k, const float* w,
-                           int64_t m, float* y, int64_t ldy, int64_t ldx = 0);
+                           int64_t m, float* y, int64_t ldy, int64_t ldx = 0, int64_t ldw = 0);
+
+// y[i * ldy + j] = beta * y[i * ldy + j] + sum over kk of a[i * lda + kk] * b[kk * ldb + j]
+// (rows of b weighted by a row of a: attention's weighted sum of values): each element
+// accumulates from 0 in increasing kk with a fused multiply-add, then takes beta * y (beta 0:
+// y is not read). Every element's bits are the same for any n, any split over threads, and
+// every instruction set (the same fused operations in the same order).
+void weighted_row_sum(const float* a, int64_t lda, int64_t n, int64_t k, const float* b,
+                      int64_t ldb, int64_t m, float beta, float* y, int64_t ldy);
 
 }  // namespace dserve::kernels::cpu

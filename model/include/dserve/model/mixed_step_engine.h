@@ -8,7 +8,9 @@
 //     that does not fit is split, and its remainder goes first in the next step.
 // A poster gets its logits when all its rows have run. A step that fails for a reason one
 // poster caused (a token outside the vocabulary) is run again for each poster alone, so only
-// that poster sees the error; an INTERNAL error (a device fault) fails every poster in it.
+// that poster sees the error; an INTERNAL error (a device fault) fails every poster in it. A
+// prefill post split over several steps that fails in a later one has had its earlier parts
+// run (its requests are advanced by them): a failed prefill is given up, not retried.
 //
 // Mixing needs both to be posting: the session that leads a step waits up to mix_wait for a
 // session that took part in the previous step and has not posted yet (a decode worker posts
