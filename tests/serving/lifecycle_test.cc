@@ -3,9 +3,12 @@
 // request the gateway admits must finish token-identical to the reference, each token once;
 // the only other outcome allowed is a refusal once `down` has begun. Everything is counted.
 
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -49,9 +52,38 @@ std::string read_file(const fs::path& path) {
   return s.str();
 }
 
-// A base port unlikely to be in use: 21000..29900, from the pid.
+// Whether nothing on this machine holds 127.0.0.1:port now (bound, then released).
+bool port_is_free(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  sockaddr_in at{};
+  at.sin_family = AF_INET;
+  at.sin_port = htons(static_cast<uint16_t>(port));
+  at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const bool bound = ::bind(fd, reinterpret_cast<const sockaddr*>(&at), sizeof(at)) == 0;
+  ::close(fd);
+  return bound;
+}
+
+// The base of 100 ports in a row that are free now (the manifests below name their ports, so
+// the test cannot ask for port 0), searched from a pid-dependent start in 20000..59900 and the
+// same for the whole test process. A port taken in between still fails the test, but a
+// program that holds one of them before it starts no longer does.
 int base_port() {
-  return 21000 + static_cast<int>(::getpid() % 90) * 100;
+  static const int base = [] {
+    constexpr int kRun = 100, kBases = 400;
+    const int start = static_cast<int>(::getpid() % kBases);
+    for (int i = 0; i < kBases; ++i) {
+      const int candidate = 20000 + ((start + i) % kBases) * kRun;
+      bool free = true;
+      for (int p = candidate; p < candidate + kRun && free; ++p)
+        free = port_is_free(p);
+      if (free) return candidate;
+    }
+    ADD_FAILURE() << "no 100 free ports in a row between 20000 and 59999";
+    return 20000;
+  }();
+  return base;
 }
 
 std::string manifest_text(int base) {
