@@ -14,7 +14,7 @@ namespace dserve::model {
 
 // A posted step: one session's rows, run in one or several steps of the engine.
 struct MixedStepEngine::Post {
-  const Session* session = nullptr;
+  Session* session = nullptr;
   bool decode = false;
   std::span<const StepRows> rows;           // the engine's own requests
   size_t next_row = 0;                      // the first row not wholly run
@@ -101,7 +101,7 @@ class MixedStepEngine::Session final : public Engine {
     return owner_.exclusive([&] { return owner_.engine_->export_state(*r->inner()); });
   }
   Result<RequestState> release_state(RequestHandle request) override {
-    auto* r = const_cast<SharedRequest*>(mine(request.get()));
+    SharedRequest* r = mine(request.get());
     if (r == nullptr || r->inner() == nullptr)
       return invalid_argument("release_state: not a live request of this session");
     RequestHandle inner = r->take();
@@ -116,6 +116,10 @@ class MixedStepEngine::Session final : public Engine {
  private:
   const SharedRequest* mine(const EngineRequest* request) const {
     const auto* r = dynamic_cast<const SharedRequest*>(request);
+    return r != nullptr && r->session() == this ? r : nullptr;
+  }
+  SharedRequest* mine(EngineRequest* request) {
+    auto* r = dynamic_cast<SharedRequest*>(request);
     return r != nullptr && r->session() == this ? r : nullptr;
   }
   Result<RequestHandle> wrap(Result<RequestHandle> made) {
@@ -327,7 +331,7 @@ void MixedStepEngine::settle(std::vector<Part>& parts) {
   for (Part& part : parts) {
     Post& p = *part.post;
     (p.decode ? decode_rows : prefill_rows) += part.count;
-    const_cast<Session*>(p.session)->in_last_step = true;
+    p.session->in_last_step = true;
     if (p.done) continue;  // an earlier part of the post failed
     if (!part.status.is_ok()) {
       finish(p, part.status);
