@@ -55,7 +55,7 @@ const std::vector<float>& weight(int shape) {
   return it->second;
 }
 
-enum class Impl { kInvariant, kSgemm, kSgemvPerRow };
+enum class Impl { kInvariant, kInvariantAvx2, kSgemm, kSgemvPerRow };
 
 // y[i] = W x[i] for rows [begin, end), one sgemv each.
 void sgemv_rows(const Shape& s, const float* w, const float* x, float* y, int64_t begin,
@@ -77,6 +77,9 @@ void run(benchmark::State& state, Impl impl) {
   for (auto _ : state) {
     if (impl == Impl::kInvariant) {
       dserve::kernels::cpu::invariant_matmul(x.data(), n, s.k, w.data(), s.m, y.data(), s.m);
+    } else if (impl == Impl::kInvariantAvx2) {
+      dserve::kernels::cpu::invariant_matmul_with(dserve::kernels::cpu::CpuIsa::kAvx2, x.data(), n,
+                                                  s.k, w.data(), s.m, y.data(), s.m);
     } else if (impl == Impl::kSgemvPerRow) {
       const int64_t parts = std::min<int64_t>(cores, n);
       std::vector<std::thread> threads;
@@ -107,6 +110,14 @@ void run(benchmark::State& state, Impl impl) {
 void BM_Invariant(benchmark::State& state) {
   run(state, Impl::kInvariant);
 }
+// The AVX2 + FMA kernels on an AVX-512 machine (what a machine without AVX-512 runs).
+void BM_InvariantAvx2(benchmark::State& state) {
+  if (dserve::kernels::cpu::cpu_isa() == dserve::kernels::cpu::CpuIsa::kPortable) {
+    state.SkipWithError("no AVX2 + FMA here");
+    return;
+  }
+  run(state, Impl::kInvariantAvx2);
+}
 void BM_OpenBlasSgemm(benchmark::State& state) {
   run(state, Impl::kSgemm);
 }
@@ -122,6 +133,7 @@ void shapes(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond)->MinTime(0.3)->UseRealTime();
 }
 BENCHMARK(BM_Invariant)->Apply(shapes);
+BENCHMARK(BM_InvariantAvx2)->Apply(shapes);
 BENCHMARK(BM_OpenBlasSgemm)->Apply(shapes);
 BENCHMARK(BM_SgemvPerRow)->Apply(shapes);
 
