@@ -30,7 +30,10 @@ std::string tokenizer_json() {
 }
 
 const std::string& tiny_model_dir() {
-  static const std::string dir = [] {
+  // Never destroyed: the exit handler below reads it after static destructors may have run (a
+  // destroyed string there once handed remove_all a garbage path, "/"). The handler removes only
+  // the directory it made, checked again by name before anything goes.
+  static const std::string* const dir = [] {
     const auto path =
         std::filesystem::temp_directory_path() / ("dserve-tiny-" + std::to_string(::getpid()));
     ModelInitOptions opts;
@@ -43,10 +46,21 @@ const std::string& tiny_model_dir() {
       ADD_FAILURE() << "cannot write the tiny model: " << s.to_string();
       std::abort();
     }
-    std::atexit([] { std::filesystem::remove_all(tiny_model_dir()); });
-    return path.string();
+    return new std::string(path.string());
   }();
-  return dir;
+  static const bool cleanup = [] {
+    std::atexit([] {
+      const std::filesystem::path made(*dir);
+      if (made.has_parent_path() && made.parent_path() == std::filesystem::temp_directory_path() &&
+          made.filename().string().starts_with("dserve-tiny-")) {
+        std::error_code ignored;
+        std::filesystem::remove_all(made, ignored);
+      }
+    });
+    return true;
+  }();
+  (void)cleanup;
+  return *dir;
 }
 
 const std::shared_ptr<const Model>& tiny_model_shared() {

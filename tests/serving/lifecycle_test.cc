@@ -13,6 +13,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdio>
@@ -221,13 +222,21 @@ TEST(Lifecycle, UpStatusScaleDownUnderSteadyStreamLosesNothing) {
   EXPECT_EQ(status.exit_code, 0) << status.output;
   EXPECT_NE(status.output.find("pool decode   3 workers, 3 healthy"), std::string::npos)
       << status.output;
-  // Traffic reaches the new workers.
-  wait_for_completions(30);
-  auto st = (*client)->status();
-  ASSERT_TRUE(st.is_ok()) << st.status().to_string();
+  // Traffic reaches the new workers: checked as the stream goes on, up to a minute, not after
+  // a fixed number of requests (a fast decode worker finishes those before a new worker's
+  // first health probe).
   std::map<std::string, uint64_t> placed;
-  for (const auto& w : st->workers()) {
-    if (w.role() == "decode") placed[w.address()] = w.placed_total();
+  for (int i = 0; i < 600; ++i) {
+    auto st = (*client)->status();
+    ASSERT_TRUE(st.is_ok()) << st.status().to_string();
+    placed.clear();
+    for (const auto& w : st->workers()) {
+      if (w.role() == "decode") placed[w.address()] = w.placed_total();
+    }
+    if (placed.size() == 3 &&
+        std::all_of(placed.begin(), placed.end(), [](const auto& p) { return p.second > 0; }))
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   ASSERT_EQ(placed.size(), 3u);
   for (const auto& [address, n] : placed)
@@ -243,7 +252,7 @@ TEST(Lifecycle, UpStatusScaleDownUnderSteadyStreamLosesNothing) {
   wait_for_completions(5);
 
   // Counted before down: everything the gateway admitted so far.
-  st = (*client)->status();
+  auto st = (*client)->status();
   ASSERT_TRUE(st.is_ok()) << st.status().to_string();
   EXPECT_EQ(st->failed(), 0u);
 
