@@ -104,8 +104,9 @@ for d in bin sbin lib lib64; do
     ln -s "$(readlink "/$d")" "$ROOT/$d"
   fi
 done
-tar -C / --no-recursion -cf - -T "$WORK/files.txt" 2>/dev/null |
-  tar -C "$ROOT" --keep-directory-symlink -xf -
+tar -C / --no-recursion -cf - -T "$WORK/files.txt" 2>"$WORK/copy.err" |
+  tar -C "$ROOT" --keep-directory-symlink -xf - ||
+  fail "copying this machine's files of those packages: $(head -n 5 "$WORK/copy.err")"
 mkdir -p "$ROOT/dev" "$ROOT/proc" "$ROOT/sys" "$ROOT/tmp" "$ROOT/etc" "$ROOT/work" "$ROOT/dev/shm"
 chmod 1777 "$ROOT/tmp"
 mknod -m 666 "$ROOT/dev/null" c 1 3
