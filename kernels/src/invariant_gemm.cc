@@ -24,8 +24,6 @@ namespace dserve::kernels::cpu {
 namespace {
 
 constexpr int64_t kRowPanel = 64;
-// Multiply-adds below which a part runs on the calling thread alone (as cpu_ops.cc).
-constexpr int64_t kMinMacsPerPart = int64_t{1} << 18;
 
 // What one tile writes: the K block's sum of element (r, c) (sums[r * C + c]), added to y or
 // stored in it.
@@ -360,7 +358,7 @@ void invariant_matmul_with(CpuIsa isa, const float* x, int64_t n, int64_t k, con
   // Columns are split across the cores in whole tiles; each element is one thread's alone.
   const int64_t col_tiles = (m + t.cols - 1) / t.cols;
   const int64_t min_tiles =
-      std::max<int64_t>(1, kMinMacsPerPart / std::max<int64_t>(1, n * k * t.cols));
+      std::max<int64_t>(1, detail::kMinMacsPerPart / std::max<int64_t>(1, n * k * t.cols));
   detail::for_each_row_part(col_tiles, min_tiles, [&](int64_t tile_begin, int64_t tile_end) {
     const int64_t j_begin = tile_begin * t.cols;
     const int64_t j_end = std::min(m, tile_end * t.cols);

@@ -8,6 +8,10 @@
 
 namespace dserve::kernels::cpu::detail {
 
+// Multiply-adds below which a product's part runs on the calling thread alone: smaller parts
+// cost more in hand-offs between threads than they save.
+inline constexpr int64_t kMinMacsPerPart = int64_t{1} << 18;
+
 // Calls body(begin, end) over parts of [0, rows) on up to one thread per usable core (the
 // caller included) and returns when all are done. Runs inline for small work (< 2 parts of
 // `min_rows`). Safe to call from several threads; nested calls run inline.

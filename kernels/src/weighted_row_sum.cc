@@ -14,9 +14,6 @@
 namespace dserve::kernels::cpu {
 namespace {
 
-// Multiply-adds below which a part runs on the calling thread alone (as invariant_gemm.cc).
-constexpr int64_t kMinMacsPerPart = int64_t{1} << 18;
-
 // acc[j] = sum over kk of a[kk] * b[kk * ldb + j], j < m.
 void row_portable(const float* a, int64_t k, const float* b, int64_t ldb, int64_t m, float* acc) {
   std::fill(acc, acc + m, 0.0f);
@@ -83,15 +80,22 @@ void weighted_row_sum(const float* a, int64_t lda, int64_t n, int64_t k, const f
   const auto row = cpu_isa() == CpuIsa::kAvx512 ? row_avx512
                    : cpu_isa() == CpuIsa::kAvx2 ? row_avx2
                                                 : row_portable;
-  const int64_t min_rows = std::max<int64_t>(1, kMinMacsPerPart / std::max<int64_t>(1, k * m));
+  const int64_t min_rows =
+      std::max<int64_t>(1, detail::kMinMacsPerPart / std::max<int64_t>(1, k * m));
   detail::for_each_row_part(n, min_rows, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(static_cast<size_t>(m));
+    // beta 0 writes the sums straight into y; otherwise they go through a buffer of the thread's
+    // that outlives the call (attention runs this per query and layer).
+    thread_local std::vector<float> sums;
+    if (beta != 0.0f) sums.resize(static_cast<size_t>(m));
     for (int64_t i = begin; i < end; ++i) {
-      row(a + i * lda, k, b, ldb, m, acc.data());
       float* out = y + i * ldy;
+      if (beta == 0.0f) {
+        row(a + i * lda, k, b, ldb, m, out);
+        continue;
+      }
+      row(a + i * lda, k, b, ldb, m, sums.data());
       for (int64_t j = 0; j < m; ++j)
-        out[j] = beta == 0.0f ? acc[static_cast<size_t>(j)]
-                              : beta * out[j] + acc[static_cast<size_t>(j)];
+        out[j] = beta * out[j] + sums[static_cast<size_t>(j)];
     }
   });
 }

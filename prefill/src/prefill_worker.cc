@@ -359,9 +359,8 @@ PrefillWorkerActor::behavior_type prefill_worker(
       [self, kick](step_atom) {
         auto& s = self->state;
         s.stepping = false;
-        std::vector<prefill::PrefillOutcome> outcomes;
         const auto step_start = Clock::now();
-        outcomes = s.scheduler->step();
+        std::vector<prefill::PrefillOutcome> outcomes = s.scheduler->step();
         if (s.metrics) {
           s.metrics->step_seconds.observe(seconds_since(step_start));
           s.metrics->step_tokens.observe(static_cast<double>(s.scheduler->last_step_tokens()));

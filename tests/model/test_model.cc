@@ -46,9 +46,6 @@ const std::string& tiny_model_dir() {
       ADD_FAILURE() << "cannot write the tiny model: " << s.to_string();
       std::abort();
     }
-    return new std::string(path.string());
-  }();
-  static const bool cleanup = [] {
     std::atexit([] {
       const std::filesystem::path made(*dir);
       if (made.has_parent_path() && made.parent_path() == std::filesystem::temp_directory_path() &&
@@ -57,9 +54,8 @@ const std::string& tiny_model_dir() {
         std::filesystem::remove_all(made, ignored);
       }
     });
-    return true;
+    return new std::string(path.string());
   }();
-  (void)cleanup;
   return *dir;
 }
 
