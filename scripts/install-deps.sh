@@ -14,6 +14,8 @@ PACKAGES=(
   openssl openssh-client openssh-server
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-torch python3-numpy
+  # The Slurm launcher's test runs a one-host Slurm cluster (tests/serving/slurm_cluster.h).
+  slurmctld slurmd slurm-client munge
 )
 
 SUDO=""

@@ -1,41 +1,37 @@
-// `dserve up`, `dserve status`, `dserve scale` and `dserve down`: a cluster's life from its
-// manifest.
+// `dserve up`, `dserve status`, `dserve scale`, `dserve down` and `dserve agent`: a cluster's
+// life from its manifest.
 //
-//   up -f M      validates M, starts every worker it names (detached, logs in the state
-//                directory), waits until each is ready, then the gateway, and waits until the
-//                gateway reports itself healthy. Anything that fails stops what was started.
-//   status       asks the gateway (gRPC Status) and prints pools, workers, load, queues, KV use.
-//   scale P=N    starts or stops workers of pool P (prefill, decode or colocated) until it has
-//                N: a new worker joins once ready (Admin.AddWorker); a removed one is drained
-//                first (Admin.RemoveWorker: nothing new is placed on it, what it has finishes),
-//                then stopped.
-//   down         stops the gateway (which refuses new requests and lets the running ones
-//                finish, up to its drain timeout), then the workers.
+//   up -f M      validates M and writes the cluster plan (every process with its command line
+//                and node). launcher nodes: starts one node agent per node (here, or over ssh,
+//                detached); launcher slurm: submits the job whose steps start the agents, then
+//                places each process on the allocated nodes. The agents start the processes;
+//                up waits until each is ready and the gateway sees every worker healthy.
+//                Anything that fails stops what was started (the job is cancelled).
+//   status       the gateway's view (gRPC Status): pools, workers, load, queues, KV use; the
+//                agents' view of each process (restarts, last exit); the Slurm job and steps.
+//   scale P=N    adds processes to the plan (an agent starts each; it joins the gateway once
+//                ready: Admin.AddWorker) or removes them (drained first: Admin.RemoveWorker).
+//   down         stops the gateway (it refuses new requests and lets the running ones finish),
+//                then the agents, which stop their workers (launcher slurm: ends the job).
+//   agent        the node agent (cluster/node_agent.h), started by up or by the Slurm job.
 //
 // The state directory (--state-dir, default from the manifest's path) holds state.json (what
-// runs: pids, ports, command lines) and logs/<process>.{log,out}.
+// runs where), plan.json (what the agents run), agents/<node>.json (their reports) and
+// logs/<process>.{log,out}. Under Slurm it must be on a file system every node shares.
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 #include <memory>
 #include <set>
-#include <sstream>
 #include <string>
 #include <thread>
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
+#include "cluster_common.h"
 #include "commands.h"
-#include "dserve/api/auth.h"
-#include "dserve/api/serving_client.h"
-#include "dserve/cluster/launcher.h"
-#include "dserve/cluster/manifest.h"
 #include "dserve/cluster/serve_args.h"
 
 namespace dserve::cli {
@@ -49,90 +45,6 @@ using cluster::ProcessRecord;
 using cluster::ProcessRole;
 using std::chrono::milliseconds;
 
-struct ClusterOptions {
-  std::string manifest;
-  std::string state_dir;         // empty: cluster::default_state_dir(manifest)
-  int64_t ready_timeout_ms = 0;  // 0: the manifest's timeouts.ready_ms
-  int64_t stop_timeout_ms = 60000;
-  int64_t drain_timeout_ms = 300000;
-  std::string scale;                         // POOL=N
-  std::string tls_ca, tls_cert, tls_key;     // override the manifest's security files
-  std::string ssh = "ssh -o BatchMode=yes";  // how nodes with `ssh` are reached
-};
-
-// The --ssh command split into words (no quoting: options are plain words).
-std::vector<std::string> ssh_words(const std::string& command) {
-  std::vector<std::string> words;
-  std::istringstream in(command);
-  for (std::string w; in >> w;)
-    words.push_back(w);
-  return words;
-}
-
-std::string state_dir_of(const ClusterOptions& o) {
-  return o.state_dir.empty() ? cluster::default_state_dir(o.manifest) : o.state_dir;
-}
-
-std::string self_program() {
-  std::error_code ec;
-  const fs::path self = fs::read_symlink("/proc/self/exe", ec);
-  return ec ? std::string("dserve") : self.string();
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
-}
-
-// The token the operator commands send: the first admin token of the manifest's token file
-// (pool changes need one); empty without a token file.
-Result<std::string> operator_token(const Manifest& m) {
-  if (!m.security || !m.security->token_file) return std::string();
-  auto tokens = api::load_token_file(*m.security->token_file);
-  if (!tokens.is_ok()) return tokens.status();
-  const auto admin = std::find_if(tokens->begin(), tokens->end(),
-                                  [](const auto& t) { return t.role == api::ClientRole::kAdmin; });
-  if (admin == tokens->end()) {
-    return invalid_argument("the token file " + *m.security->token_file +
-                            " has no admin token, which up, status, scale and down need: give "
-                            "one line the role admin (`NAME TOKEN admin`)");
-  }
-  return admin->token;
-}
-
-// How the operator commands reach the gateway: its gRPC address, with operator_token() and the
-// manifest's TLS files.
-Result<std::unique_ptr<api::ServingClient>> connect_gateway(const Manifest& m,
-                                                            const ClusterState& state,
-                                                            const ClusterOptions& o) {
-  const ProcessRecord* gw = state.gateway();
-  if (!gw) return not_found("the cluster state has no gateway");
-  api::ClientOptions copts;
-  DSERVE_ASSIGN_OR_RETURN(copts.token, operator_token(m));
-  if (m.security) {
-    if (m.security->tls_cert) {
-      // The gateway's own certificate is the root to trust when no CA is given (self-signed);
-      // under mutual TLS the operator presents the gateway's certificate too.
-      copts.tls_ca = m.security->tls_ca.value_or(*m.security->tls_cert);
-      if (m.security->tls_ca) {
-        copts.tls_cert = *m.security->tls_cert;
-        copts.tls_key = m.security->tls_key.value_or("");
-      }
-    }
-  }
-  if (!o.tls_ca.empty()) copts.tls_ca = o.tls_ca;
-  if (!o.tls_cert.empty()) copts.tls_cert = o.tls_cert;
-  if (!o.tls_key.empty()) copts.tls_key = o.tls_key;
-  const std::string address = gw->process.host + ":" + std::to_string(gw->process.second_port);
-  return api::ServingClient::connect(address, milliseconds(10000), copts);
-}
-
-// The command line `up` and `scale` start a process with: the manifest's, logging JSON lines.
-Result<std::vector<std::string>> launch_args(const Manifest& m, const Process& p) {
-  auto args = cluster::to_serve_args(m, p);
-  if (args.is_ok()) args->insert(args->end(), {"--log-format", "json"});
-  return args;
-}
-
 // Stops every running process of `records`, in order, printing how each ended.
 void stop_all(const std::vector<ProcessRecord>& records, milliseconds timeout) {
   for (const ProcessRecord& r : records) {
@@ -141,97 +53,62 @@ void stop_all(const std::vector<ProcessRecord>& records, milliseconds timeout) {
   }
 }
 
-Result<Manifest> load(const ClusterOptions& o) {
-  auto m = cluster::load_manifest(o.manifest);
-  if (!m.is_ok()) return m.status();
-  // Checked before anything starts: without an admin token the commands cannot manage the pools.
-  if (auto token = operator_token(*m); !token.is_ok()) return token.status();
-  for (const Process& p : m->processes) {
-    if (p.ssh.empty() && !cluster::is_local_host(p.host)) {
-      return invalid_argument(o.manifest + ": " + p.name + " runs on node '" + p.node + "' (" +
-                              p.host +
-                              "), which is not this machine, and the node has no `ssh` "
-                              "destination to start it through");
-    }
-  }
-  return m;
-}
+}  // namespace
 
-int run_up(const ClusterOptions& o) {
-  auto m = load(o);
-  if (!m.is_ok()) {
-    print_error(m.status().message());
-    return 2;
-  }
-  const std::string dir = state_dir_of(o);
-  if (auto old = cluster::load_state(dir); old.is_ok()) {
-    std::string running;
-    for (const auto& r : old->processes) {
-      if (cluster::is_running(r))
-        running += " " + r.process.name + " (pid " + std::to_string(r.pid) + ")";
-    }
-    if (!running.empty()) {
-      print_error("the cluster of " + o.manifest + " is already up:" + running +
-                  "; `dserve down -f " + o.manifest + "` stops it");
-      return 1;
-    }
-  }
-  // Every command line first: a manifest this build cannot honour starts nothing.
-  std::vector<std::pair<const Process*, std::vector<std::string>>> plan;
-  for (const Process& p : m->processes) {
-    auto args = launch_args(*m, p);
-    if (!args.is_ok()) {
-      print_error(args.status().message());
-      return 2;
-    }
-    plan.emplace_back(&p, std::move(args).value());
-  }
-  ClusterState state;
-  state.manifest_path = fs::absolute(o.manifest).string();
+Status start_agents(Deployment& d) {
+  std::set<std::string> have;
+  for (const auto& a : d.state.agents)
+    have.insert(a.process.node);
   cluster::LaunchOptions lopts;
   lopts.program = self_program();
-  lopts.state_dir = dir;
-  lopts.ssh_command = ssh_words(o.ssh);
-  const milliseconds ready(o.ready_timeout_ms > 0 ? o.ready_timeout_ms : m->timeouts.ready_ms);
-  const auto started = std::chrono::steady_clock::now();
-  std::fprintf(stderr, "dserve: up: %zu processes from %s (state and logs in %s)\n", plan.size(),
-               o.manifest.c_str(), dir.c_str());
+  lopts.state_dir = d.dir;
+  lopts.ssh_command = ssh_words(d.options.ssh);
+  for (const Process& p : d.manifest.processes) {
+    if (have.count(p.node)) continue;
+    Process agent;
+    agent.name = "agent-" + p.node;
+    agent.role = ProcessRole::kNodeAgent;
+    agent.node = p.node;
+    agent.host = p.host;
+    agent.ssh = p.ssh;
+    agent.program = p.program;
+    auto record = cluster::start_process(
+        agent, {"agent", "--state-dir", d.dir, "--node", p.node, "--plan-wait-ms", "60000"}, lopts);
+    if (!record.is_ok()) return record.status();
+    d.state.agents.push_back(std::move(record).value());
+    have.insert(p.node);
+    DSERVE_RETURN_IF_ERROR(cluster::save_state(d.dir, d.state));
+  }
+  return Status::ok();
+}
 
-  auto fail = [&](const std::string& message) {
-    print_error(message);
-    std::fprintf(stderr, "dserve: up failed; stopping what was started\n");
-    std::vector<ProcessRecord> reverse(state.processes.rbegin(), state.processes.rend());
-    stop_all(reverse, milliseconds(o.stop_timeout_ms));
-    (void)cluster::remove_state(dir);
-    return 1;
-  };
-  // Workers first, all at once (each loads the model), then the gateway that names them.
-  for (bool gateway_pass : {false, true}) {
-    size_t first = state.processes.size();
-    for (auto& [p, args] : plan) {
-      if ((p->role == ProcessRole::kGateway) != gateway_pass) continue;
-      auto record = cluster::start_process(*p, args, lopts);
-      if (!record.is_ok()) return fail(record.status().message());
-      state.processes.push_back(std::move(record).value());
-      if (Status s = cluster::save_state(dir, state); !s.is_ok()) return fail(s.message());
+namespace {
+
+// The pid each agent reports for the state's processes (their first run).
+void record_pids(Deployment& d) {
+  std::map<std::string, cluster::AgentReport> reports;
+  for (auto& r : d.state.processes) {
+    if (!reports.count(r.process.node)) {
+      auto rep = d.report(r.process.node);
+      if (!rep.is_ok()) continue;
+      reports[r.process.node] = std::move(rep).value();
     }
-    for (size_t i = first; i < state.processes.size(); ++i) {
-      const ProcessRecord& r = state.processes[i];
-      if (Status s = cluster::wait_ready(
-              r, ready - milliseconds(static_cast<int64_t>(seconds_since(started) * 1000)));
-          !s.is_ok()) {
-        return fail(s.message());
+    for (const auto& w : reports[r.process.node].workers) {
+      if (w.name == r.process.name && w.pid > 0) {
+        r.pid = w.pid;
+        r.start_ticks = w.start_ticks;
       }
-      std::fprintf(stderr, "dserve: up: %-12s ready on %s:%u (pid %d, %.1f s)\n",
-                   r.process.name.c_str(), r.process.host.c_str(),
-                   static_cast<unsigned>(r.process.port), r.pid, seconds_since(started));
     }
   }
-  // The gateway printed its line once a worker of each role was healthy; up waits for all.
-  auto client = connect_gateway(*m, state, o);
-  if (!client.is_ok()) return fail(client.status().message());
+}
+
+// Waits until the gateway reports every worker of the state healthy.
+Status wait_gateway_sees_all(const Deployment& d, std::chrono::steady_clock::time_point started,
+                             milliseconds ready) {
+  auto client = connect_gateway(d.manifest, d.state, d.options);
+  if (!client.is_ok()) return client.status();
   size_t expected = 0;
-  for (const auto& r : state.processes)
+  for (const auto& r : d.state.processes)
     expected += cluster::worker_addresses(r.process).size();
   for (;;) {
     auto st = (*client)->status();
@@ -246,340 +123,232 @@ int run_up(const ClusterOptions& o) {
         }
       }
     }
-    if (st.is_ok() && healthy == expected) break;
+    if (st.is_ok() && healthy == expected) return Status::ok();
     if (seconds_since(started) * 1000 > static_cast<double>(ready.count())) {
-      return fail("the gateway does not see every worker healthy after " +
-                  std::to_string(ready.count()) + " ms;" +
-                  (st.is_ok() ? " not healthy:" + missing : " " + st.status().message()));
+      return unavailable("the gateway does not see every worker healthy after " +
+                         std::to_string(ready.count()) + " ms;" +
+                         (st.is_ok() ? " not healthy:" + missing : " " + st.status().message()));
     }
     std::this_thread::sleep_for(milliseconds(100));
   }
-  const ProcessRecord* gw = state.gateway();
-  std::printf("dserve: cluster up: %zu processes in %.1f s; gateway grpc %s:%u", plan.size(),
-              seconds_since(started), gw->process.host.c_str(),
+}
+
+}  // namespace
+
+// Shared with cluster_slurm.cc: waits for every process of the plan, the gateway last, then
+// for the gateway's view; prints the "cluster up" line. 0, or 1 after print_error.
+int finish_up(Deployment& d, std::chrono::steady_clock::time_point started) {
+  const milliseconds ready(d.options.ready_timeout_ms > 0 ? d.options.ready_timeout_ms
+                                                          : d.manifest.timeouts.ready_ms);
+  for (bool gateway_pass : {false, true}) {
+    for (const auto& r : d.state.processes) {
+      if ((r.process.role == ProcessRole::kGateway) != gateway_pass) continue;
+      const milliseconds left =
+          ready - milliseconds(static_cast<int64_t>(seconds_since(started) * 1000));
+      if (Status s = d.wait_ready(r.process, std::max(left, milliseconds(1))); !s.is_ok()) {
+        print_error(s.message());
+        return 1;
+      }
+      std::fprintf(stderr, "dserve: up: %-12s ready on %s:%u (node %s, %.1f s)\n",
+                   r.process.name.c_str(), r.process.host.c_str(),
+                   static_cast<unsigned>(r.process.port), r.process.node.c_str(),
+                   seconds_since(started));
+    }
+  }
+  record_pids(d);
+  (void)cluster::save_state(d.dir, d.state);
+  if (Status s = wait_gateway_sees_all(d, started, ready); !s.is_ok()) {
+    print_error(s.message());
+    return 1;
+  }
+  const ProcessRecord* gw = d.state.gateway();
+  std::printf("dserve: cluster up: %zu processes in %.1f s; gateway grpc %s:%u",
+              d.state.processes.size(), seconds_since(started), gw->process.host.c_str(),
               static_cast<unsigned>(gw->process.second_port));
   if (gw->process.http_port)
     std::printf(" http %s:%u", gw->process.host.c_str(),
                 static_cast<unsigned>(gw->process.http_port));
+  if (!d.state.slurm_job.empty()) std::printf(" slurm job %s", d.state.slurm_job.c_str());
   std::printf("\n");
   std::fflush(stdout);
   return 0;
 }
 
-std::string mib(uint64_t bytes) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f", static_cast<double>(bytes) / (1 << 20));
-  return buf;
+// Adds `p` to the state and the plan (not yet published).
+Status add_to_plan(Deployment& d, const Process& p) {
+  DSERVE_ASSIGN_OR_RETURN(cluster::PlannedProcess planned, d.planned(p));
+  ProcessRecord r;
+  r.process = p;
+  r.args = planned.args;
+  r.log_path = planned.log_path;
+  r.out_path = planned.out_path;
+  d.state.processes.push_back(std::move(r));
+  d.plan.processes.push_back(std::move(planned));
+  return Status::ok();
 }
 
-int run_status(const ClusterOptions& o) {
-  auto m = cluster::load_manifest(o.manifest);
+// Removes process `name` from the plan and the state (not yet published).
+void remove_from_plan(Deployment& d, const std::string& name) {
+  std::erase_if(d.plan.processes,
+                [&](const cluster::PlannedProcess& p) { return p.process.name == name; });
+  std::erase_if(d.state.processes, [&](const ProcessRecord& r) { return r.process.name == name; });
+}
+
+Result<Deployment> open_deployment(const ClusterOptions& o) {
+  Deployment d;
+  d.options = o;
+  DSERVE_ASSIGN_OR_RETURN(d.manifest, load_cluster_manifest(o));
+  d.dir = state_dir_of(o);
+  DSERVE_ASSIGN_OR_RETURN(d.state, cluster::load_state(d.dir));
+  auto plan = cluster::load_plan(d.dir);
+  if (plan.is_ok()) d.plan = std::move(plan).value();
+  return d;
+}
+
+// Stops what up started: the agents (they stop their workers), or the Slurm job.
+void tear_down(Deployment& d) {
+  if (d.manifest.launcher == cluster::Launcher::kSlurm) {
+    if (Status s = end_slurm_job(d); !s.is_ok()) print_error(s.message());
+  } else {
+    std::vector<ProcessRecord> reverse(d.state.agents.rbegin(), d.state.agents.rend());
+    stop_all(reverse, milliseconds(d.options.stop_timeout_ms));
+  }
+  (void)cluster::remove_state(d.dir);
+  std::error_code ec;
+  fs::remove(d.dir + "/plan.json", ec);
+}
+
+namespace {
+
+int run_up(const ClusterOptions& o) {
+  Deployment d;
+  d.options = o;
+  auto m = load_cluster_manifest(o);
   if (!m.is_ok()) {
     print_error(m.status().message());
     return 2;
   }
-  auto state = cluster::load_state(state_dir_of(o));
-  if (!state.is_ok()) {
-    print_error(state.status().message());
-    return 1;
-  }
-  // Which process each worker address belongs to.
-  std::map<std::string, const ProcessRecord*> by_address;
-  for (const auto& r : state->processes) {
-    for (const auto& [role, address] : cluster::worker_addresses(r.process))
-      by_address[address] = &r;
-  }
-  std::printf("cluster %s (%s)\n", state->manifest_path.c_str(),
-              std::string(cluster::serving_mode_name(m->mode)).c_str());
-  int down = 0;
-  for (const auto& r : state->processes) {
-    if (!cluster::is_running(r)) {
-      std::printf("  process %s (pid %d) is not running; its log: %s\n", r.process.name.c_str(),
-                  r.pid, r.log_path.c_str());
-      ++down;
+  d.manifest = std::move(m).value();
+  d.dir = state_dir_of(o);
+  if (auto old = cluster::load_state(d.dir); old.is_ok()) {
+    std::string running;
+    for (const auto* list : {&old->agents, &old->processes}) {
+      for (const auto& r : *list) {
+        if (r.pid > 0 && cluster::is_running(r))
+          running += " " + r.process.name + " (pid " + std::to_string(r.pid) + ")";
+      }
     }
-  }
-  auto client = connect_gateway(*m, *state, o);
-  if (!client.is_ok()) {
-    print_error(client.status().message());
-    return 1;
-  }
-  auto st = (*client)->status();
-  if (!st.is_ok()) {
-    print_error(st.status().message());
-    return 1;
-  }
-  std::printf("gateway %s:%u  model %s  %s\n", state->gateway()->process.host.c_str(),
-              static_cast<unsigned>(state->gateway()->process.second_port), st->model().c_str(),
-              st->accepting() ? "accepting" : "NOT accepting (shutting down)");
-  std::printf(
-      "requests  running %u  queued %u  admitted %llu  completed %llu  failed %llu  "
-      "cancelled %llu  refused %llu  replays %llu\n",
-      st->running(), st->queued(), static_cast<unsigned long long>(st->admitted()),
-      static_cast<unsigned long long>(st->completed()),
-      static_cast<unsigned long long>(st->failed()),
-      static_cast<unsigned long long>(st->cancelled()),
-      static_cast<unsigned long long>(st->refused()),
-      static_cast<unsigned long long>(st->replays()));
-  std::map<std::string, int> healthy, total;
-  for (const auto& w : st->workers()) {
-    ++total[w.role()];
-    if (w.healthy() && !w.draining()) ++healthy[w.role()];
-  }
-  for (const auto& [role, n] : total)
-    std::printf("pool %-8s %d workers, %d healthy\n", role.c_str(), n, healthy[role]);
-  std::printf("%-8s %-14s %-21s %-9s %6s %6s %6s %9s %12s %12s %10s\n", "ROLE", "PROCESS",
-              "ADDRESS", "STATE", "PLACED", "ACTIVE", "QUEUED", "Q.TOKENS", "KV.USED.MiB",
-              "KV.BUDGET.MiB", "CACHE.MiB");
-  for (const auto& w : st->workers()) {
-    const auto it = by_address.find(w.address());
-    const std::string name = it == by_address.end() ? "-" : it->second->process.name;
-    const std::string state_word = w.draining() ? "draining" : (w.healthy() ? "healthy" : "DOWN");
-    std::printf(
-        "%-8s %-14s %-21s %-9s %6u %6u %6u %9llu %12s %12s %10s\n", w.role().c_str(), name.c_str(),
-        w.address().c_str(), state_word.c_str(), w.placed(), w.active_requests(),
-        w.queued_requests(), static_cast<unsigned long long>(w.queued_tokens()),
-        mib(w.role() == "decode" ? w.kv_budget_bytes_in_use() : w.kv_page_bytes_in_use()).c_str(),
-        w.role() == "decode" ? mib(w.kv_budget_bytes()).c_str() : "-",
-        w.role() == "prefill" ? mib(w.cached_kv_bytes()).c_str() : "-");
-    if (!w.healthy() && !w.last_error().empty())
-      std::printf("         last error: %s\n", w.last_error().c_str());
-  }
-  return down == 0 ? 0 : 1;
-}
-
-// A free TCP port on `host` (nothing listens on it now), or 0.
-bool port_free(const std::string& host, uint16_t port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) return false;
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(port);
-  if (inet_pton(AF_INET, host == "localhost" ? "127.0.0.1" : host.c_str(), &addr.sin_addr) != 1) {
-    ::close(fd);
-    return false;
-  }
-  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0;
-  ::close(fd);
-  return ok;
-}
-
-// The process for replica `replica` of `pool` beyond those the manifest lists: on the node
-// its placement names (cycling through the list), on the next ports free on that node.
-Result<Process> extra_replica(const Manifest& m, const cluster::Pool& pool, int64_t replica,
-                              const ClusterState& state) {
-  Process p;
-  p.role = pool.role;
-  p.replica = replica;
-  p.name = std::string(cluster::process_role_name(pool.role)) + "-" + std::to_string(replica);
-  p.node = pool.placement[static_cast<size_t>(replica) % pool.placement.size()];
-  const cluster::Node* node = nullptr;
-  for (const auto& n : m.nodes) {
-    if (n.name == p.node) node = &n;
-  }
-  if (!node) return internal_error("pool placement names unknown node " + p.node);
-  p.host = node->address;
-  p.ssh = node->ssh.value_or("");
-  p.program = node->program.value_or("");
-  // Devices: those the node's running processes do not use.
-  std::set<int64_t> used;
-  std::set<int64_t> ports;
-  for (const auto& r : state.processes) {
-    if (r.process.node != p.node) continue;
-    used.insert(r.process.devices.begin(), r.process.devices.end());
-    for (uint16_t port :
-         {r.process.port, r.process.second_port, r.process.metrics_port, r.process.http_port}) {
-      if (port) ports.insert(port);
-    }
-  }
-  for (int64_t d = 0;
-       d < node->devices && static_cast<int64_t>(p.devices.size()) < pool.devices_per_replica;
-       ++d) {
-    if (!used.count(d)) p.devices.push_back(d);
-  }
-  if (static_cast<int64_t>(p.devices.size()) < pool.devices_per_replica) {
-    return resource_exhausted(
-        "node '" + p.node + "' has " + std::to_string(node->devices) + " devices and " +
-        std::to_string(used.size()) + " are in use; " + p.name + " needs " +
-        std::to_string(pool.devices_per_replica) +
-        " of its own (sharing one would run it co-located with another worker)");
-  }
-  const int64_t offset = m.network.metrics_port_offset;
-  const bool two = pool.role == ProcessRole::kColocated;
-  int64_t port = ports.empty() ? node->base_port.value_or(20000) : *ports.rbegin() + 1;
-  for (; port + (two ? 1 : 0) + offset <= 65535; ++port) {
-    std::vector<int64_t> want = {port};
-    if (two) want.push_back(port + 1);
-    if (offset > 0) want.push_back(port + offset);
-    const bool ok = std::all_of(want.begin(), want.end(), [&](int64_t x) {
-      // Another machine's ports cannot be probed from here: the state's record decides.
-      return !ports.count(static_cast<uint16_t>(x)) &&
-             (!p.ssh.empty() || port_free(p.host, static_cast<uint16_t>(x)));
-    });
-    if (!ok) continue;
-    p.port = static_cast<uint16_t>(port);
-    if (two) p.second_port = static_cast<uint16_t>(port + 1);
-    if (offset > 0) p.metrics_port = static_cast<uint16_t>(port + offset);
-    return p;
-  }
-  return resource_exhausted("no free port left on node '" + p.node + "' for " + p.name);
-}
-
-int run_scale(const ClusterOptions& o) {
-  const auto eq = o.scale.find('=');
-  int64_t want = -1;
-  std::string pool_name = o.scale.substr(0, eq == std::string::npos ? 0 : eq);
-  if (eq != std::string::npos) {
-    try {
-      size_t used = 0;
-      want = std::stoll(o.scale.substr(eq + 1), &used);
-      if (used != o.scale.size() - eq - 1) want = -1;
-    } catch (const std::exception&) {
-    }
-  }
-  if (want < 1 || want > cluster::kMaxPoolReplicas || pool_name.empty()) {
-    print_error("scale takes POOL=N with 1 <= N <= " + std::to_string(cluster::kMaxPoolReplicas) +
-                " (e.g. decode=3), got '" + o.scale.substr(0, 64) + "'");
-    return 2;
-  }
-  auto m = load(o);
-  if (!m.is_ok()) {
-    print_error(m.status().message());
-    return 2;
-  }
-  const cluster::Pool* pool = nullptr;
-  std::string pools;
-  for (const auto& p : m->pools) {
-    pools +=
-        std::string(pools.empty() ? "" : ", ") + std::string(cluster::process_role_name(p.role));
-    if (cluster::process_role_name(p.role) == pool_name) pool = &p;
-  }
-  if (!pool) {
-    print_error("the manifest has no pool '" + pool_name + "' (it has " + pools + ")");
-    return 2;
-  }
-  const std::string dir = state_dir_of(o);
-  auto state = cluster::load_state(dir);
-  if (!state.is_ok()) {
-    print_error(state.status().message());
-    return 1;
-  }
-  auto client = connect_gateway(*m, *state, o);
-  if (!client.is_ok()) {
-    print_error(client.status().message());
-    return 1;
-  }
-  const auto started = std::chrono::steady_clock::now();
-  auto current = state->pool(pool->role);
-  std::fprintf(stderr, "dserve: scale: pool %s from %zu to %lld workers\n", pool_name.c_str(),
-               current.size(), static_cast<long long>(want));
-  cluster::LaunchOptions lopts;
-  lopts.program = self_program();
-  lopts.state_dir = dir;
-  lopts.ssh_command = ssh_words(o.ssh);
-  // Grow: start, wait ready, add to the gateway; one at a time so a failure leaves a
-  // consistent pool.
-  while (static_cast<int64_t>(current.size()) < want) {
-    int64_t replica = 0;
-    for (const ProcessRecord* r : current)
-      replica = std::max(replica, r->process.replica + 1);
-    Result<Process> p = internal_error("unset");
-    if (replica < pool->replicas) {
-      const Process* listed = cluster::find_process(
-          *m, std::string(cluster::process_role_name(pool->role)) + "-" + std::to_string(replica));
-      p = listed ? Result<Process>(*listed) : internal_error("no manifest process");
-    } else {
-      p = extra_replica(*m, *pool, replica, *state);
-    }
-    if (!p.is_ok()) {
-      print_error("cannot add a worker to pool " + pool_name + ": " + p.status().message());
+    if (!old->slurm_job.empty()) running += " slurm job " + old->slurm_job;
+    if (!running.empty()) {
+      print_error("the cluster of " + o.manifest + " is already up:" + running +
+                  "; `dserve down -f " + o.manifest + "` stops it");
       return 1;
     }
-    auto args = launch_args(*m, *p);
-    if (!args.is_ok()) {
-      print_error(args.status().message());
+  }
+  d.state.manifest_path = fs::absolute(o.manifest).string();
+  d.state.launcher = d.manifest.launcher;
+  if (d.manifest.launcher == cluster::Launcher::kSlurm) return run_up_slurm(d);
+  // Every command line first: a manifest this build cannot honour starts nothing.
+  for (const Process& p : d.manifest.processes) {
+    if (Status s = add_to_plan(d, p); !s.is_ok()) {
+      print_error(s.message());
       return 2;
     }
-    auto record = cluster::start_process(*p, *args, lopts);
-    if (!record.is_ok()) {
-      print_error(record.status().message());
-      return 1;
-    }
-    state->processes.push_back(*record);
-    if (Status s = cluster::save_state(dir, *state); !s.is_ok()) {
-      print_error(s.message());
-      return 1;
-    }
-    Status s = cluster::wait_ready(*record, milliseconds(m->timeouts.ready_ms));
-    for (const auto& [role, address] : cluster::worker_addresses(record->process)) {
-      if (!s.is_ok()) break;
-      s = (*client)->add_worker(role, address, milliseconds(m->timeouts.ready_ms));
-    }
-    if (!s.is_ok()) {
-      print_error("cannot add " + record->process.name + ": " + s.message());
-      cluster::stop_process(*record, milliseconds(o.stop_timeout_ms));
-      state->processes.pop_back();
-      (void)cluster::save_state(dir, *state);
-      return 1;
-    }
-    std::fprintf(stderr, "dserve: scale: %s added on %s:%u (%.1f s)\n",
-                 record->process.name.c_str(), record->process.host.c_str(),
-                 static_cast<unsigned>(record->process.port), seconds_since(started));
-    current = state->pool(pool->role);
   }
-  // Shrink: the newest workers first; each drained at the gateway before it stops.
-  while (static_cast<int64_t>(current.size()) > want) {
-    const ProcessRecord victim = *current.back();
-    for (const auto& [role, address] : cluster::worker_addresses(victim.process)) {
-      auto drained = (*client)->remove_worker(address, milliseconds(o.drain_timeout_ms));
-      if (!drained.is_ok() && drained.status().code() != StatusCode::kNotFound) {
-        print_error("cannot remove " + victim.process.name + " (" + address +
-                    "): " + drained.status().message());
-        return 1;
-      }
-      if (drained.is_ok()) {
-        std::fprintf(stderr, "dserve: scale: %s %s drained (%u requests finished there)\n",
-                     victim.process.name.c_str(), role.c_str(), *drained);
-      }
-    }
-    const std::string how = cluster::stop_process(victim, milliseconds(o.stop_timeout_ms));
-    std::fprintf(stderr, "dserve: scale: %s (pid %d) %s (%.1f s)\n", victim.process.name.c_str(),
-                 victim.pid, how.c_str(), seconds_since(started));
-    std::erase_if(state->processes,
-                  [&](const ProcessRecord& r) { return r.process.name == victim.process.name; });
-    if (Status s = cluster::save_state(dir, *state); !s.is_ok()) {
-      print_error(s.message());
-      return 1;
-    }
-    current = state->pool(pool->role);
-  }
-  std::printf("dserve: pool %s has %zu workers\n", pool_name.c_str(), current.size());
+  const auto started = std::chrono::steady_clock::now();
+  std::fprintf(stderr, "dserve: up: %zu processes from %s (state and logs in %s)\n",
+               d.plan.processes.size(), o.manifest.c_str(), d.dir.c_str());
+  auto fail = [&](const std::string& message) {
+    if (!message.empty()) print_error(message);
+    std::fprintf(stderr, "dserve: up failed; stopping what was started\n");
+    tear_down(d);
+    return 1;
+  };
+  if (Status s = cluster::save_state(d.dir, d.state); !s.is_ok()) return fail(s.message());
+  if (Status s = start_agents(d); !s.is_ok()) return fail(s.message());
+  if (Status s = d.publish(); !s.is_ok()) return fail(s.message());
+  if (finish_up(d, started) != 0) return fail("");
   return 0;
 }
 
 int run_down(const ClusterOptions& o) {
-  const std::string dir = state_dir_of(o);
-  auto state = cluster::load_state(dir);
+  Deployment d;
+  d.options = o;
+  d.dir = state_dir_of(o);
+  auto state = cluster::load_state(d.dir);
   if (!state.is_ok()) {
     print_error(state.status().message());
     return 1;
   }
+  d.state = std::move(state).value();
+  d.manifest.launcher = d.state.launcher;
+  if (auto plan = cluster::load_plan(d.dir); plan.is_ok()) {
+    d.plan = std::move(plan).value();
+    d.manifest.supervision = d.plan.supervision;
+  }
   const auto started = std::chrono::steady_clock::now();
+  const size_t processes = d.state.processes.size();
+  const milliseconds stop_timeout(o.stop_timeout_ms);
   // The gateway first: it refuses new requests and lets the running ones finish on the
   // workers, which must still be up for that.
-  std::vector<ProcessRecord> order;
-  if (const ProcessRecord* gw = state->gateway()) order.push_back(*gw);
-  for (const auto& r : state->processes) {
-    if (r.process.role != ProcessRole::kGateway) order.push_back(r);
+  if (const ProcessRecord* gw = d.state.gateway();
+      gw && (!d.state.agents.empty() || d.state.launcher == cluster::Launcher::kSlurm)) {
+    const Process gateway = gw->process;
+    remove_from_plan(d, gateway.name);
+    Status s = d.publish();
+    if (s.is_ok()) s = d.wait_gone(gateway, stop_timeout);
+    std::fprintf(stderr, "dserve: gateway %s (%.1f s)\n",
+                 s.is_ok() ? "stopped" : ("did not stop: " + s.message()).c_str(),
+                 seconds_since(started));
+    if (d.state.launcher == cluster::Launcher::kSlurm) {
+      if (Status ended = end_slurm_job(d); !ended.is_ok()) {
+        print_error(ended.message());
+        return 1;
+      }
+    } else {
+      stop_all(d.state.agents, stop_timeout);
+    }
+  } else {
+    // A cluster without agents: its processes directly, the gateway first.
+    std::vector<ProcessRecord> order;
+    if (gw) order.push_back(*gw);
+    for (const auto& r : d.state.processes) {
+      if (r.process.role != ProcessRole::kGateway) order.push_back(r);
+    }
+    stop_all(order, stop_timeout);
   }
-  stop_all(order, milliseconds(o.stop_timeout_ms));
-  if (Status s = cluster::remove_state(dir); !s.is_ok()) {
+  if (Status s = cluster::remove_state(d.dir); !s.is_ok()) {
     print_error(s.message());
     return 1;
   }
+  std::error_code ec;
+  fs::remove(d.dir + "/plan.json", ec);
   std::printf("dserve: cluster down: %zu processes stopped in %.1f s (logs in %s/logs)\n",
-              order.size(), seconds_since(started), dir.c_str());
+              processes, seconds_since(started), d.dir.c_str());
   return 0;
+}
+
+struct AgentFlags {
+  std::string state_dir;
+  std::string node;
+  int64_t plan_wait_ms = 120000;
+};
+
+int run_agent(const AgentFlags& f) {
+  cluster::AgentOptions opts;
+  opts.state_dir = f.state_dir;
+  opts.node = f.node;
+  if (opts.node.empty()) {
+    if (const char* slurm_node = std::getenv("SLURMD_NODENAME")) opts.node = slurm_node;
+  }
+  if (opts.node.empty()) {
+    print_error(
+        "agent: give --node (the plan's name of this node); under Slurm it is "
+        "$SLURMD_NODENAME, which is not set here");
+    return 2;
+  }
+  opts.plan_wait = milliseconds(f.plan_wait_ms);
+  return cluster::run_node_agent(opts);
 }
 
 void add_common(CLI::App* cmd, ClusterOptions& o) {
@@ -641,6 +410,21 @@ ClusterCommands add_cluster_commands(CLI::App& app) {
                    "SIGKILL")
       ->capture_default_str();
   out.down = [o] { return run_down(*o); };
+
+  auto a = std::make_shared<AgentFlags>();
+  CLI::App* agent = app.add_subcommand(
+      "agent",
+      "run and supervise this node's processes of a cluster (started by `dserve up`, or by "
+      "the Slurm job it submits)");
+  agent->add_option("--state-dir", a->state_dir, "the cluster's state directory (plan.json)")
+      ->required();
+  agent->add_option("--node", a->node, "the plan's name of this node (default: $SLURMD_NODENAME)");
+  agent
+      ->add_option("--plan-wait-ms", a->plan_wait_ms,
+                   "how long to wait for the plan to appear before giving up")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{86400000}));
+  out.agent = [a] { return run_agent(*a); };
   return out;
 }
 

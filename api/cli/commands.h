@@ -32,7 +32,7 @@ Command add_bundle_command(CLI::App& app);
 
 // `dserve up`, `status`, `scale`, `down`: a cluster's life from its manifest.
 struct ClusterCommands {
-  Command up, status, scale, down;
+  Command up, status, scale, down, agent;
 };
 ClusterCommands add_cluster_commands(CLI::App& app);
 

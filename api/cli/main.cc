@@ -37,6 +37,7 @@ int main(int argc, char** argv) {
   if (app.got_subcommand("status")) return cluster.status();
   if (app.got_subcommand("scale")) return cluster.scale();
   if (app.got_subcommand("down")) return cluster.down();
+  if (app.got_subcommand("agent")) return cluster.agent();
   if (app.got_subcommand("bundle")) return bundle();
   return 2;
 }

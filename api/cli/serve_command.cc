@@ -24,6 +24,7 @@
 #include "dserve/api/auth.h"
 #include "dserve/api/openai_server.h"
 #include "dserve/api/serving_service.h"
+#include "dserve/cluster/node_agent.h"
 #include "dserve/decode/decode_worker.h"
 #include "dserve/kvstore/transfer.h"
 #include "dserve/model/checkpoint.h"
@@ -37,6 +38,7 @@
 #include "dserve/prefill/prefill_worker.h"
 #include "model_digests.h"
 #include "serve_compute.h"
+#include "serve_gateway_watch.h"
 #include "serve_ops.h"
 
 namespace dserve::cli {
@@ -90,6 +92,7 @@ struct ServeOptions {
   double max_requests_per_second_per_token = 0;  // 0: unlimited
   int64_t max_concurrent_per_token = 0;          // 0: unlimited
   int64_t drain_timeout_ms = 30000;
+  PoolLossFlags pool_loss;
   // every role: logs; prefill, colocated: the prefix store
   ServeOpsFlags ops;
 };
@@ -168,20 +171,14 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
     return 2;
   }
   auto config = model::load_model_config(o.model_dir);
-  if (!config.is_ok()) {
-    print_error(config.status().to_string());
-    return 2;
-  }
   auto tokenizer = model::Tokenizer::load(o.model_dir + "/tokenizer.json");
-  if (!tokenizer.is_ok()) {
-    print_error(tokenizer.status().to_string());
-    return 2;
-  }
   api::TlsFiles tls;
   auto auth = client_security(o, tls);
-  if (!auth.is_ok()) {
-    print_error(auth.status().message());
-    return 2;
+  for (const Status* s : {&config.status(), &tokenizer.status(), &auth.status()}) {
+    if (!s->is_ok()) {
+      print_error(s == &auth.status() ? s->message() : s->to_string());
+      return 2;
+    }
   }
   if ((*auth)->required()) {
     std::fprintf(stderr, "dserve: gateway: clients need a token (%zu clients in %s)\n",
@@ -310,8 +307,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
               static_cast<unsigned>((*server)->port()), http_line.c_str());
   std::fflush(stdout);
 
-  int sig = 0;
-  sigwait(&stop, &sig);
+  const int sig = wait_for_stop_or_pool_loss(stop, **gateway, o.pool_loss);
   // Graceful: admit nothing new, let the running requests finish (up to --drain-timeout-ms),
   // then stop; a second signal stops at once.
   (*gateway)->stop_accepting();
@@ -335,7 +331,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   server->reset();  // cancels the calls in flight: their requests are cancelled on the workers
   gateway->reset();
   runtime->reset();
-  return 0;
+  return sig == 0 ? cluster::kPoolLostExitCode : 0;
 }
 
 int run_serve(const ServeOptions& o) {
@@ -794,6 +790,7 @@ Command add_serve_command(CLI::App& app) {
                   "before they are cancelled (new ones are refused at once)")
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
+  add_pool_loss_flags(*cmd, o->pool_loss);
   return [o] { return run_serve(*o); };
 }
 

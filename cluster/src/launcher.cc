@@ -20,6 +20,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "process_json.h"
+
 namespace dserve::cluster {
 namespace {
 
@@ -30,14 +32,6 @@ int64_t unix_ms_now() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
       .count();
-}
-
-std::optional<ProcessRole> role_from_name(const std::string& name) {
-  for (ProcessRole r : {ProcessRole::kGateway, ProcessRole::kPrefill, ProcessRole::kDecode,
-                        ProcessRole::kColocated}) {
-    if (process_role_name(r) == name) return r;
-  }
-  return std::nullopt;
 }
 
 // Field 22 of a /proc/<pid>/stat line (start time in clock ticks) and field 3 (the state
@@ -103,45 +97,20 @@ Result<std::string> on_node(const ProcessRecord& r, const std::string& script) {
 }
 
 json to_json(const ProcessRecord& r) {
-  const Process& p = r.process;
-  return json{{"name", p.name},
-              {"role", std::string(process_role_name(p.role))},
-              {"node", p.node},
-              {"host", p.host},
-              {"port", p.port},
-              {"second_port", p.second_port},
-              {"metrics_port", p.metrics_port},
-              {"http_port", p.http_port},
-              {"devices", p.devices},
-              {"replica", p.replica},
-              {"ssh", p.ssh},
-              {"program", p.program},
-              {"ssh_command", r.ssh_command},
-              {"args", r.args},
-              {"pid", r.pid},
-              {"start_ticks", r.start_ticks},
-              {"log", r.log_path},
-              {"out", r.out_path},
-              {"started_unix_ms", r.started_unix_ms}};
+  json j = internal::process_to_json(r.process);
+  j["ssh_command"] = r.ssh_command;
+  j["args"] = r.args;
+  j["pid"] = r.pid;
+  j["start_ticks"] = r.start_ticks;
+  j["log"] = r.log_path;
+  j["out"] = r.out_path;
+  j["started_unix_ms"] = r.started_unix_ms;
+  return j;
 }
 
 ProcessRecord from_json(const json& j) {
   ProcessRecord r;
-  Process& p = r.process;
-  p.name = j.at("name").get<std::string>();
-  const auto role = role_from_name(j.at("role").get<std::string>());
-  if (!role) throw std::runtime_error("unknown role '" + j.at("role").get<std::string>() + "'");
-  p.role = *role;
-  p.node = j.at("node").get<std::string>();
-  p.host = j.at("host").get<std::string>();
-  p.port = j.at("port").get<uint16_t>();
-  p.second_port = j.at("second_port").get<uint16_t>();
-  p.metrics_port = j.at("metrics_port").get<uint16_t>();
-  p.http_port = j.at("http_port").get<uint16_t>();
-  p.devices = j.at("devices").get<std::vector<int64_t>>();
-  p.replica = j.at("replica").get<int64_t>();
-  p.ssh = j.at("ssh").get<std::string>();
-  p.program = j.at("program").get<std::string>();
+  r.process = internal::process_from_json(j);
   r.ssh_command = j.at("ssh_command").get<std::vector<std::string>>();
   r.args = j.at("args").get<std::vector<std::string>>();
   r.pid = j.at("pid").get<pid_t>();
@@ -204,8 +173,12 @@ Result<ClusterState> load_state(const std::string& dir) {
     const json j = json::parse(in);
     ClusterState s;
     s.manifest_path = j.at("manifest").get<std::string>();
+    s.launcher = j.value("launcher", "nodes") == "slurm" ? Launcher::kSlurm : Launcher::kNodes;
+    s.slurm_job = j.value("slurm_job", "");
     for (const json& p : j.at("processes"))
       s.processes.push_back(from_json(p));
+    for (const json& p : j.value("agents", json::array()))
+      s.agents.push_back(from_json(p));
     return s;
   } catch (const std::exception& e) {
     return data_loss(path + " is not a dserve cluster state file: " + e.what());
@@ -218,9 +191,14 @@ Status save_state(const std::string& dir, const ClusterState& state) {
   if (ec) return invalid_argument("cannot create the state directory " + dir + ": " + ec.message());
   json j;
   j["manifest"] = state.manifest_path;
+  j["launcher"] = std::string(launcher_name(state.launcher));
+  j["slurm_job"] = state.slurm_job;
   j["processes"] = json::array();
   for (const auto& r : state.processes)
     j["processes"].push_back(to_json(r));
+  j["agents"] = json::array();
+  for (const auto& r : state.agents)
+    j["agents"].push_back(to_json(r));
   const std::string path = dir + "/state.json";
   const std::string tmp = path + ".tmp";
   {
@@ -448,6 +426,48 @@ std::string stop_process(const ProcessRecord& record, std::chrono::milliseconds 
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   return "killed after " + std::to_string(timeout.count()) + " ms";
+}
+
+NodeAccess access_of(const ProcessRecord& record) {
+  return {record.process.ssh, record.ssh_command};
+}
+
+Result<std::string> read_node_file(const NodeAccess& node, const std::string& path) {
+  if (node.ssh.empty()) {
+    std::ifstream in(path);
+    if (!in) return not_found("no " + path);
+    std::ostringstream text;
+    text << in.rdbuf();
+    return text.str();
+  }
+  auto out = run_remote(node.ssh_command, node.ssh,
+                        "cat " + sh_quote(path) + " 2>/dev/null || echo dserve-no-such-file");
+  if (!out.is_ok()) return out.status();
+  if (out->rfind("dserve-no-such-file", 0) == 0) return not_found("no " + path + " on " + node.ssh);
+  return out;
+}
+
+Status write_node_file(const NodeAccess& node, const std::string& path, const std::string& text) {
+  const fs::path dir = fs::path(path).parent_path();
+  if (node.ssh.empty()) {
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    const std::string tmp = path + ".tmp";
+    {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << text;
+      if (!out.flush()) return internal_error("cannot write " + tmp);
+    }
+    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+      return internal_error("cannot rename " + tmp + ": " + std::strerror(errno));
+    }
+    return Status::ok();
+  }
+  const std::string script = "mkdir -p " + sh_quote(dir.string()) + " && printf '%s' " +
+                             sh_quote(text) + " >" + sh_quote(path + ".tmp") + " && mv " +
+                             sh_quote(path + ".tmp") + " " + sh_quote(path);
+  auto out = run_remote(node.ssh_command, node.ssh, script);
+  return out.is_ok() ? Status::ok() : out.status();
 }
 
 std::string tail_of(const ProcessRecord& record, size_t lines) {

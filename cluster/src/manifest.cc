@@ -23,8 +23,14 @@ std::string_view process_role_name(ProcessRole role) {
       return "decode";
     case ProcessRole::kColocated:
       return "colocated";
+    case ProcessRole::kNodeAgent:
+      return "agent";
   }
   return "?";
+}
+
+std::string_view launcher_name(Launcher launcher) {
+  return launcher == Launcher::kSlurm ? "slurm" : "nodes";
 }
 
 std::string ManifestProblem::to_string() const {

@@ -130,10 +130,11 @@ void read_nodes(const YAML::Node& node, Location at, ProblemSink& sink, std::vec
   }
 }
 
-void read_gateway(const YAML::Node& node, Location at, ProblemSink& sink, GatewaySpec& gw) {
+void read_gateway(const YAML::Node& node, Location at, ProblemSink& sink, GatewaySpec& gw,
+                  bool slurm) {
   MapReader m(node, "gateway", at, sink, {"node", "port", "grpc_port", "http_port"});
   gw.at = m.at();
-  gw.node = m.string("node", true).value_or("");
+  gw.node = m.string("node", !slurm).value_or("");
   gw.port = m.integer("port", 1, kMaxPort, false);
   gw.grpc_port = m.integer("grpc_port", 1, kMaxPort, false);
   gw.port_at = m.at("port");
@@ -143,9 +144,10 @@ void read_gateway(const YAML::Node& node, Location at, ProblemSink& sink, Gatewa
 }
 
 void read_pool(const YAML::Node& node, const std::string& path, Location at, ProcessRole role,
-               ProblemSink& sink, Pool& pool) {
+               ProblemSink& sink, Pool& pool, bool slurm) {
   std::vector<std::string_view> keys = {"replicas", "placement", "ports", "devices_per_replica",
                                         "device"};
+  if (slurm) keys.push_back("gres");
   if (role != ProcessRole::kDecode) keys.insert(keys.end(), {"token_budget", "step_ms"});
   if (role != ProcessRole::kPrefill) keys.insert(keys.end(), {"max_batch", "kv_budget_mib"});
   if (role == ProcessRole::kColocated) keys.push_back("max_step_tokens");
@@ -178,10 +180,23 @@ void read_pool(const YAML::Node& node, const std::string& path, Location at, Pro
     }
   }
 
+  if (auto gres = m.string("gres", false)) {
+    pool.gres_at = m.at("gres");
+    const bool word = gres->size() <= 256 && gres->front() != '-' &&
+                      gres->find_first_of(" \t\n'\"\\;&|$`<>") == std::string::npos;
+    if (!word) {
+      sink.add(m.at("gres"), path + ".gres", "'" + gres->substr(0, 80) + "'",
+               "a Slurm gres specification such as gpu:1 (one word)");
+    } else {
+      pool.gres = *gres;
+    }
+  }
+
   // placement: one node per replica, or one node name for all of them.
   const YAML::Node placement = m.child("placement");
   if (!placement.IsDefined()) {
-    if (m.is_map()) m.missing("placement", "a node name, or a list of one node name per replica");
+    if (m.is_map() && !slurm)
+      m.missing("placement", "a node name, or a list of one node name per replica");
   } else if (placement.IsScalar() && !placement.Scalar().empty()) {
     pool.placement.assign(static_cast<size_t>(std::max<int64_t>(pool.replicas, 0)),
                           placement.Scalar());
@@ -242,7 +257,7 @@ void read_pools(const YAML::Node& node, Location at, ProblemSink& sink, Manifest
   for (const auto& [key, role] : kinds) {
     if (!m.has(key)) continue;
     Pool pool;
-    read_pool(m.child(key), m.path(key), m.at(key), role, sink, pool);
+    read_pool(m.child(key), m.path(key), m.at(key), role, sink, pool, info.slurm);
     // A pool the mode does not run is reported below; placing it would only add noise.
     const bool fits_mode = !info.mode_known || (out.mode == ServingMode::kColocated) ==
                                                    (role == ProcessRole::kColocated);
@@ -444,8 +459,21 @@ void read_timeouts(const YAML::Node& node, Location at, ProblemSink& sink, Timeo
 void read_sections(const YAML::Node& root, ProblemSink& sink, Manifest& out, SectionInfo& info) {
   MapReader top(root, "", {1, 1}, sink,
                 {"version", "mode", "model", "nodes", "gateway", "pools", "network", "kv_store",
-                 "security", "limits", "timeouts"});
+                 "security", "limits", "timeouts", "launcher", "slurm", "supervision"});
   if (!top.is_map()) return;
+  if (top.has("launcher")) read_launcher(top.child("launcher"), top.at("launcher"), sink, out);
+  info.slurm = out.launcher == Launcher::kSlurm;
+  if (top.has("slurm")) {
+    if (info.slurm) {
+      read_slurm(top.child("slurm"), top.at("slurm"), sink, out.slurm);
+    } else {
+      sink.add(top.at("slurm"), "slurm", "a slurm section",
+               "launcher: slurm with it (the launcher is 'nodes')");
+    }
+  }
+  if (top.has("supervision")) {
+    read_supervision(top.child("supervision"), top.at("supervision"), sink, out.supervision);
+  }
   top.integer("version", 1, 1, true, "(the manifest schema version)");
   if (auto mode = top.choice("mode", {"disaggregated", "colocated"}, true)) {
     out.mode = *mode == "colocated" ? ServingMode::kColocated : ServingMode::kDisaggregated;
@@ -456,14 +484,16 @@ void read_sections(const YAML::Node& root, ProblemSink& sink, Manifest& out, Sec
   } else {
     top.missing("model", "a mapping with the model's path");
   }
-  if (top.has("nodes")) {
+  if (info.slurm) {
+    // The nodes come from the allocation (plan_on_slurm_node below).
+  } else if (top.has("nodes")) {
     read_nodes(top.child("nodes"), top.at("nodes"), sink, out.nodes, info);
   } else {
     top.missing("nodes", "a list of nodes, each with name, address and devices");
   }
   if (top.has("gateway")) {
-    read_gateway(top.child("gateway"), top.at("gateway"), sink, out.gateway);
-  } else {
+    read_gateway(top.child("gateway"), top.at("gateway"), sink, out.gateway, info.slurm);
+  } else if (!info.slurm) {
     top.missing("gateway", "a mapping with the gateway's node");
   }
   if (top.has("pools")) {
@@ -495,6 +525,7 @@ void read_sections(const YAML::Node& root, ProblemSink& sink, Manifest& out, Sec
   if (top.has("timeouts")) {
     read_timeouts(top.child("timeouts"), top.at("timeouts"), sink, out.timeouts);
   }
+  if (info.slurm) plan_on_slurm_node(root, sink, out, info);
 }
 
 }  // namespace dserve::cluster::internal

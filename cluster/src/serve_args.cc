@@ -25,6 +25,7 @@ std::vector<std::pair<std::string, std::string>> worker_addresses(const Process&
     case ProcessRole::kColocated:
       return {{"prefill", address(p.host, p.port)}, {"decode", address(p.host, p.second_port)}};
     case ProcessRole::kGateway:
+    case ProcessRole::kNodeAgent:
       break;
   }
   return {};
@@ -75,6 +76,10 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
     add("--max-output-tokens", m.limits.max_output_tokens);
     add("--max-requests-per-second-per-token", m.limits.requests_per_second_per_token);
     add("--max-concurrent-per-token", m.limits.concurrent_per_token);
+    if (m.supervision.on_pool_lost == "fail-job") {
+      args.insert(args.end(), {"--on-pool-lost", "fail-job"});
+      add("--pool-lost-ms", m.supervision.pool_lost_ms);
+    }
     // Client security is the gateway's alone: workers take no client tokens (control_tls,
     // above, goes to every process).
     if (m.security) {

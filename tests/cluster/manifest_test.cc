@@ -427,7 +427,7 @@ TEST(ManifestMistakes, UnknownTopLevelKey) {
   EXPECT_EQ(problems(std::string(kBase) + "experts:\n  replicas: 2\n"),
             (Lines{"m.yaml:21:1: experts: found unknown key 'experts'; expected one of version, "
                    "mode, model, nodes, gateway, pools, network, kv_store, security, limits, "
-                   "timeouts"}));
+                   "timeouts, launcher, slurm, supervision"}));
 }
 
 TEST(ManifestMistakes, KeyOfAnotherPool) {

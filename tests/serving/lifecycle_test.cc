@@ -29,6 +29,8 @@
 #include <vector>
 
 #include "dserve/api/serving_client.h"
+#include "dserve/cluster/node_agent.h"
+#include "request_stream.h"
 #include "serve_cluster.h"
 
 namespace dserve {
@@ -53,37 +55,10 @@ std::string read_file(const fs::path& path) {
   return s.str();
 }
 
-// Whether nothing on this machine holds 127.0.0.1:port now (bound, then released).
-bool port_is_free(int port) {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return false;
-  sockaddr_in at{};
-  at.sin_family = AF_INET;
-  at.sin_port = htons(static_cast<uint16_t>(port));
-  at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  const bool bound = ::bind(fd, reinterpret_cast<const sockaddr*>(&at), sizeof(at)) == 0;
-  ::close(fd);
-  return bound;
-}
-
-// The base of 100 ports in a row that are free now (the manifests below name their ports, so
-// the test cannot ask for port 0), searched from a pid-dependent start in 20000..59900 and the
-// same for the whole test process. A port taken in between still fails the test, but a
-// program that holds one of them before it starts no longer does.
+// The base of 100 free ports in a row, the same for the whole test process (the manifests
+// below name their ports).
 int base_port() {
-  static const int base = [] {
-    constexpr int kRun = 100, kBases = 400;
-    const int start = static_cast<int>(::getpid() % kBases);
-    for (int i = 0; i < kBases; ++i) {
-      const int candidate = 20000 + ((start + i) % kBases) * kRun;
-      bool free = true;
-      for (int p = candidate; p < candidate + kRun && free; ++p)
-        free = port_is_free(p);
-      if (free) return candidate;
-    }
-    ADD_FAILURE() << "no 100 free ports in a row between 20000 and 59999";
-    return 20000;
-  }();
+  static const int base = testing_support::free_port_run(100);
   return base;
 }
 
@@ -394,6 +369,55 @@ TEST(Lifecycle, NodesWithSshAreStartedAndStoppedThroughSsh) {
   // Every process was started through sshd (one accepted login per ssh command at least).
   const std::string sshd_log = read_file(dir / "sshd.log");
   EXPECT_NE(sshd_log.find("Accepted publickey for root"), std::string::npos) << sshd_log;
+
+  // Supervision by the node's agent (started over ssh): decode-0 killed with SIGKILL under a
+  // steady stream is restarted, the gateway re-admits it (a new epoch), and every request the
+  // stream sent completes token-identical, once.
+  auto worker = [&](const std::string& name) {
+    cluster::WorkerReport found;
+    auto report = cluster::report_from_json(read_file(dir / "state" / "agents" / "local.json"));
+    if (report.is_ok()) {
+      for (const auto& w : report->workers) {
+        if (w.name == name) found = w;
+      }
+    }
+    return found;
+  };
+  {
+    testing_support::RequestStream stream("127.0.0.1:" + std::to_string(base + 1), 2, 5, "ssh");
+    EXPECT_TRUE(stream.wait_for_completions(3));
+    const cluster::WorkerReport before = worker("decode-0");
+    ASSERT_EQ(before.state, "ready");
+    ASSERT_GT(before.pid, 0);
+    ASSERT_EQ(::kill(before.pid, SIGKILL), 0);
+    cluster::WorkerReport after;
+    for (int i = 0; i < 600 && !(after.restarts == before.restarts + 1 && after.state == "ready");
+         ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      after = worker("decode-0");
+    }
+    EXPECT_EQ(after.state, "ready");
+    EXPECT_EQ(after.restarts, before.restarts + 1);
+    EXPECT_NE(after.pid, before.pid);
+    EXPECT_EQ(after.last_exit, "killed by signal 9");
+    EXPECT_TRUE(stream.wait_for_completions(5));
+    stream.stop();
+    const auto tally = stream.tally();
+    std::string failures;
+    for (const auto& f : tally.failures)
+      failures += f + "\n";
+    std::fprintf(stderr,
+                 "[ info ] ssh agent: decode-0 ready again %.2f s after SIGKILL; stream: %zu "
+                 "exact, %zu wrong, %zu failed, %zu duplicates\n",
+                 after.last_recovery_s, tally.exact, tally.wrong, tally.failed, tally.duplicates);
+    EXPECT_EQ(tally.wrong, 0u);
+    EXPECT_EQ(tally.failed, 0u) << failures;
+    EXPECT_EQ(tally.duplicates, 0u);
+    EXPECT_GT(tally.exact, 5u);
+  }
+
+  // The processes' first pids (state.json: 4 processes and the node's agent) and the restarted
+  // decode-0's: all gone after down.
   std::vector<pid_t> pids;
   {
     const std::string json = read_file(dir / "state" / "state.json");
@@ -401,7 +425,8 @@ TEST(Lifecycle, NodesWithSshAreStartedAndStoppedThroughSsh) {
          at = json.find("\"pid\": ", at + 1))
       pids.push_back(static_cast<pid_t>(std::stol(json.substr(at + 7))));
   }
-  EXPECT_EQ(pids.size(), 4u);
+  EXPECT_EQ(pids.size(), 5u);
+  pids.push_back(worker("decode-0").pid);
   const CommandResult down = dserve("down " + common);
   EXPECT_EQ(down.exit_code, 0) << down.output;
   for (pid_t pid : pids) {

@@ -1,8 +1,11 @@
 #include "serve_cluster.h"
 
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -35,6 +38,37 @@ v1::GenerateRequest request_for(const std::vector<actors::TokenId>& prompt, uint
     req.add_prompt_tokens(t);
   req.set_max_tokens(max_tokens);
   return req;
+}
+
+namespace {
+
+// Whether nothing on this machine holds 127.0.0.1:port now (bound, then released).
+bool port_is_free(int port) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  sockaddr_in at{};
+  at.sin_family = AF_INET;
+  at.sin_port = htons(static_cast<uint16_t>(port));
+  at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const bool bound = ::bind(fd, reinterpret_cast<const sockaddr*>(&at), sizeof(at)) == 0;
+  ::close(fd);
+  return bound;
+}
+
+}  // namespace
+
+int free_port_run(int run) {
+  const int bases = 40000 / run;
+  const int start = static_cast<int>(::getpid() % bases);
+  for (int i = 0; i < bases; ++i) {
+    const int candidate = 20000 + ((start + i) % bases) * run;
+    bool free = true;
+    for (int p = candidate; p < candidate + run && free; ++p)
+      free = port_is_free(p);
+    if (free) return candidate;
+  }
+  ADD_FAILURE() << "no " << run << " free ports in a row between 20000 and 59999";
+  return 20000;
 }
 
 CommandResult run_command(const std::string& command) {

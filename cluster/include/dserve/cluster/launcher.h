@@ -35,7 +35,13 @@ struct ProcessRecord {
 
 struct ClusterState {
   std::string manifest_path;  // absolute
+  Launcher launcher = Launcher::kNodes;
+  std::string slurm_job;  // launcher slurm: the job id
+  // The manifest's processes (pid and start time of their first run: their node agents restart
+  // them; the agents' reports say what runs now).
   std::vector<ProcessRecord> processes;
+  // launcher nodes: the node agents `up` started, one per node (role kNodeAgent).
+  std::vector<ProcessRecord> agents;
 
   // The gateway's record, or nullptr.
   const ProcessRecord* gateway() const;
@@ -82,6 +88,16 @@ Status wait_ready(const ProcessRecord& record, std::chrono::milliseconds timeout
 // Sends SIGTERM, waits up to `timeout` for the process to exit, then SIGKILL. Returns how it
 // ended: "exited", "killed after N ms" or "was not running".
 std::string stop_process(const ProcessRecord& record, std::chrono::milliseconds timeout);
+
+// How a node's files are reached: here (ssh empty), or through `ssh_command ssh`.
+struct NodeAccess {
+  std::string ssh;
+  std::vector<std::string> ssh_command;
+};
+NodeAccess access_of(const ProcessRecord& record);
+// A small file on a node (kNotFound when it is not there), and writing one atomically.
+Result<std::string> read_node_file(const NodeAccess& node, const std::string& path);
+Status write_node_file(const NodeAccess& node, const std::string& path, const std::string& text);
 
 // The last `lines` lines of a file ("" when unreadable), for error messages; of a process's
 // log (on its node).

@@ -32,8 +32,9 @@ enum class ServingMode {
 };
 std::string_view serving_mode_name(ServingMode mode);  // "disaggregated", "colocated"
 
-// The `dserve serve --role` of a process.
-enum class ProcessRole { kGateway, kPrefill, kDecode, kColocated };
+// The `dserve serve --role` of a process; kNodeAgent: the `dserve agent` of a node, which runs
+// the others (never in a manifest's processes).
+enum class ProcessRole { kGateway, kPrefill, kDecode, kColocated, kNodeAgent };
 std::string_view process_role_name(ProcessRole role);  // "gateway", "prefill", ...
 
 struct Node {
@@ -84,7 +85,10 @@ struct Pool {
   int64_t max_batch = 64;         // decode, colocated: reservations + decoding requests
   int64_t max_step_tokens = 512;  // colocated: rows of one engine step (decode + prefill)
   int64_t kv_budget_mib = 1024;   // decode, colocated: KV bytes of the decode batch
-  Location at;
+  // launcher slurm: the generic resources each of the pool's nodes needs (sbatch --gres, e.g.
+  // "gpu:1"); empty: none. Its component of the job has one node per replica.
+  std::string gres;
+  Location at, gres_at;
   std::vector<Location> placement_at;  // where each placement entry is
   std::vector<Location> ports_at;      // where each explicit port is
 };
@@ -151,6 +155,42 @@ struct Timeouts {
   int64_t region_grace_ms = 30000;  // decode: > transfer_ms
 };
 
+// How `dserve up` gets the processes onto machines. kNodes: the nodes the manifest lists, here
+// or over ssh, each under a node agent that `up` starts; kSlurm: one Slurm job, whose node
+// agents (one step per pool, one task per node) the scheduler starts on the nodes it allocates.
+enum class Launcher { kNodes, kSlurm };
+std::string_view launcher_name(Launcher launcher);  // "nodes", "slurm"
+
+// The name of the single node a Slurm manifest's processes are resolved on before the job
+// runs (ports, devices); `up` moves each process to its allocated node once the job starts.
+inline constexpr std::string_view kSlurmPlanningNode = "slurm";
+
+// launcher slurm: the job `dserve up` submits (sbatch options; each is checked by Slurm, and a
+// refusal names the manifest line that set it).
+struct SlurmSpec {
+  std::string partition;      // empty: the cluster's default partition
+  std::string account;        // empty: the user's default account
+  std::string time_limit;     // sbatch --time; empty: the partition's limit
+  std::string constraint;     // sbatch --constraint on every node of the job
+  int64_t base_port = 20000;  // ports are assigned from here, unique across the job
+  std::string program;        // the dserve program on the nodes; empty: the one running up
+  Location at, partition_at, account_at, time_limit_at, constraint_at;
+};
+
+// What a node agent does when a worker dies, and what ends the cluster.
+struct SupervisionSpec {
+  int64_t max_restarts = 5;            // per worker within restart_window_ms; then it stays down
+  int64_t restart_window_ms = 600000;  // restarts older than this no longer count
+  int64_t backoff_ms = 500;            // the first restart's delay; doubled each time
+  int64_t backoff_max_ms = 30000;
+  int64_t stop_timeout_ms = 20000;  // SIGTERM to SIGKILL when the agent stops a worker
+  // "restart": a lost worker is restarted (within the budget) and the cluster keeps serving;
+  // "fail-job": when a pool has had no healthy worker for pool_lost_ms, the gateway exits and
+  // its agent ends the cluster (the Slurm job is cancelled, releasing its nodes).
+  std::string on_pool_lost = "restart";
+  int64_t pool_lost_ms = 60000;
+};
+
 // One process the manifest names, with everything resolved: node, address, ports, devices.
 struct Process {
   std::string name;  // "gateway", "prefill-0", "decode-1", "colocated-0"
@@ -179,6 +219,9 @@ struct Manifest {
   std::optional<SecuritySpec> security;
   Limits limits;
   Timeouts timeouts;
+  Launcher launcher = Launcher::kNodes;
+  SlurmSpec slurm;  // launcher slurm only
+  SupervisionSpec supervision;
   std::vector<Process> processes;  // launch order: gateway, then pools in order, by replica
 };
 
