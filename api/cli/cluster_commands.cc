@@ -64,7 +64,7 @@ Status start_agents(Deployment& d) {
   lopts.state_dir = d.dir;
   lopts.ssh_command = ssh_words(d.options.ssh);
   for (const Process& p : d.manifest.processes) {
-    if (have.count(p.node)) continue;
+    if (have.count(p.node) || p.agent_by_systemd) continue;
     Process agent;
     agent.name = "agent-" + p.node;
     agent.role = ProcessRole::kNodeAgent;
@@ -76,6 +76,7 @@ Status start_agents(Deployment& d) {
         agent, {"agent", "--state-dir", d.dir, "--node", p.node, "--plan-wait-ms", "60000"}, lopts);
     if (!record.is_ok()) return record.status();
     d.state.agents.push_back(std::move(record).value());
+    d.note_node(d.state.agents.back());
     have.insert(p.node);
     DSERVE_RETURN_IF_ERROR(cluster::save_state(d.dir, d.state));
   }
@@ -182,6 +183,9 @@ Status add_to_plan(Deployment& d, const Process& p) {
   r.args = planned.args;
   r.log_path = planned.log_path;
   r.out_path = planned.out_path;
+  if (!p.ssh.empty()) r.ssh_command = ssh_words(d.options.ssh);
+  // A node whose agent up starts is reached the way that agent was; others as its processes.
+  if (!d.nodes.count(p.node) || d.nodes[p.node].ssh.empty()) d.note_node(r);
   d.state.processes.push_back(std::move(r));
   d.plan.processes.push_back(std::move(planned));
   return Status::ok();
@@ -194,6 +198,19 @@ void remove_from_plan(Deployment& d, const std::string& name) {
   std::erase_if(d.state.processes, [&](const ProcessRecord& r) { return r.process.name == name; });
 }
 
+bool runs_under_agents(const ClusterState& state) {
+  return !state.agents.empty() || state.launcher == cluster::Launcher::kSlurm ||
+         std::any_of(state.processes.begin(), state.processes.end(),
+                     [](const ProcessRecord& r) { return r.process.agent_by_systemd; });
+}
+
+void note_nodes(Deployment& d) {
+  for (const auto& r : d.state.processes)
+    d.note_node(r);
+  for (const auto& r : d.state.agents)
+    d.note_node(r);
+}
+
 Result<Deployment> open_deployment(const ClusterOptions& o) {
   Deployment d;
   d.options = o;
@@ -202,6 +219,7 @@ Result<Deployment> open_deployment(const ClusterOptions& o) {
   DSERVE_ASSIGN_OR_RETURN(d.state, cluster::load_state(d.dir));
   auto plan = cluster::load_plan(d.dir);
   if (plan.is_ok()) d.plan = std::move(plan).value();
+  note_nodes(d);
   return d;
 }
 
@@ -289,17 +307,29 @@ int run_down(const ClusterOptions& o) {
   const auto started = std::chrono::steady_clock::now();
   const size_t processes = d.state.processes.size();
   const milliseconds stop_timeout(o.stop_timeout_ms);
-  // The gateway first: it refuses new requests and lets the running ones finish on the
-  // workers, which must still be up for that.
-  if (const ProcessRecord* gw = d.state.gateway();
-      gw && (!d.state.agents.empty() || d.state.launcher == cluster::Launcher::kSlurm)) {
-    const Process gateway = gw->process;
-    remove_from_plan(d, gateway.name);
-    Status s = d.publish();
-    if (s.is_ok()) s = d.wait_gone(gateway, stop_timeout);
-    std::fprintf(stderr, "dserve: gateway %s (%.1f s)\n",
-                 s.is_ok() ? "stopped" : ("did not stop: " + s.message()).c_str(),
-                 seconds_since(started));
+  note_nodes(d);
+  const ProcessRecord* gw = d.state.gateway();
+  if (d.state.agents.empty() && d.nodes.empty()) {
+    print_error("the state in " + d.dir + " names no process");
+    return 1;
+  }
+  if (runs_under_agents(d.state)) {
+    // The gateway first: it refuses new requests and lets the running ones finish on the
+    // workers, which must still be up for that. Then the workers: an empty plan.
+    for (const bool gateway_only : {true, false}) {
+      std::erase_if(d.plan.processes, [&](const cluster::PlannedProcess& p) {
+        return !gateway_only || p.process.role == ProcessRole::kGateway;
+      });
+      Status s = d.publish();
+      for (const auto& r : d.state.processes) {
+        if (!s.is_ok()) break;
+        if (gateway_only != (r.process.role == ProcessRole::kGateway)) continue;
+        s = d.wait_gone(r.process, stop_timeout);
+      }
+      std::fprintf(stderr, "dserve: %s %s (%.1f s)\n", gateway_only ? "gateway" : "workers",
+                   s.is_ok() ? "stopped" : ("did not stop: " + s.message()).c_str(),
+                   seconds_since(started));
+    }
     if (d.state.launcher == cluster::Launcher::kSlurm) {
       if (Status ended = end_slurm_job(d); !ended.is_ok()) {
         print_error(ended.message());

@@ -121,30 +121,33 @@ Result<cluster::PlannedProcess> Deployment::planned(const Process& p) const {
   return out;
 }
 
+void Deployment::note_node(const ProcessRecord& r) {
+  nodes[r.process.node] = cluster::access_of(r);
+}
+
 Status Deployment::publish() {
   ++plan.generation;
   plan.supervision = manifest.supervision;
   plan.slurm_job = state.slurm_job;
   const std::string text = cluster::plan_to_json(plan);
-  if (manifest.launcher == cluster::Launcher::kSlurm || state.agents.empty()) {
-    return cluster::write_node_file({}, dir + "/plan.json", text);
-  }
-  // Each node's agent reads its own copy (a node reached over ssh has its own disk).
+  const std::string path = dir + "/plan.json";
+  // Under Slurm the state directory is shared; otherwise each node reached over ssh has its
+  // own copy, and the nodes of this machine share one.
   bool local_written = false;
-  for (const ProcessRecord& a : state.agents) {
-    const cluster::NodeAccess at = cluster::access_of(a);
+  if (manifest.launcher == cluster::Launcher::kSlurm || nodes.empty()) {
+    return cluster::write_node_file({}, path, text);
+  }
+  for (const auto& [node, at] : nodes) {
     if (at.ssh.empty() && local_written) continue;
-    DSERVE_RETURN_IF_ERROR(cluster::write_node_file(at, dir + "/plan.json", text));
+    DSERVE_RETURN_IF_ERROR(cluster::write_node_file(at, path, text));
     if (at.ssh.empty()) local_written = true;
   }
   return Status::ok();
 }
 
 cluster::NodeAccess Deployment::access(const std::string& node) const {
-  for (const ProcessRecord& a : state.agents) {
-    if (a.process.node == node) return cluster::access_of(a);
-  }
-  return {};
+  const auto it = nodes.find(node);
+  return it == nodes.end() ? cluster::NodeAccess{} : it->second;
 }
 
 Result<cluster::AgentReport> Deployment::report(const std::string& node) const {

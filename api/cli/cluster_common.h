@@ -4,6 +4,7 @@
 // agents run) and the agents' reports.
 
 #include <chrono>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -49,6 +50,11 @@ struct Deployment {
   std::string dir;  // the state directory
   cluster::ClusterState state;
   cluster::ClusterPlan plan;
+  // Every node the cluster has run on, and how its files are reached: the plan goes to each.
+  std::map<std::string, cluster::NodeAccess> nodes;
+
+  // Notes the node of a process or agent record.
+  void note_node(const cluster::ProcessRecord& r);
 
   // The plan entry of process `p` (its command line, program and log files).
   Result<cluster::PlannedProcess> planned(const cluster::Process& p) const;
@@ -76,6 +82,11 @@ Status add_to_plan(Deployment& d, const cluster::Process& p);
 void remove_from_plan(Deployment& d, const std::string& name);
 // launcher nodes: starts the agent of every node that has a process and no agent yet.
 Status start_agents(Deployment& d);
+// Whether node agents run the cluster's processes (a state written by an older dserve has
+// none: its processes were started directly).
+bool runs_under_agents(const cluster::ClusterState& state);
+// Notes the node of every process and agent of the state (Deployment::nodes).
+void note_nodes(Deployment& d);
 // The deployment of a cluster that is up (its manifest, state and plan).
 Result<Deployment> open_deployment(const ClusterOptions& o);
 // Stops what up started (the agents, or the Slurm job) and forgets the cluster.

@@ -59,6 +59,7 @@ Result<Process> extra_replica(const Manifest& m, const cluster::Pool& pool, int6
   p.host = node->address;
   p.ssh = node->ssh.value_or("");
   p.program = node->program.value_or("");
+  p.agent_by_systemd = node->agent_by_systemd;
   // Devices: those the node's running processes do not use.
   std::set<int64_t> used;
   std::set<int64_t> ports;
@@ -116,7 +117,7 @@ int print_processes(const Deployment& d) {
   std::printf("%-14s %-10s %-9s %8s %8s %10s  %s\n", "PROCESS", "NODE", "AGENT", "PID", "RESTARTS",
               "RECOVERY.S", "LAST EXIT");
   for (const auto& r : d.state.processes) {
-    if (d.state.agents.empty() && d.state.launcher == cluster::Launcher::kNodes) {
+    if (!runs_under_agents(d.state)) {
       // A cluster started without agents: the recorded pid decides.
       const bool running = cluster::is_running(r);
       if (!running) ++down;
@@ -256,7 +257,7 @@ int run_scale(const ClusterOptions& o) {
     return 1;
   }
   Deployment& d = *opened;
-  if (d.state.agents.empty() && d.state.launcher == cluster::Launcher::kNodes) {
+  if (!runs_under_agents(d.state)) {
     print_error("the cluster in " + d.dir +
                 " runs without node agents (started by an older "
                 "dserve): `dserve down` it and `dserve up` again to scale it");

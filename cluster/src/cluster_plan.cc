@@ -28,7 +28,8 @@ json process_to_json(const Process& p) {
               {"devices", p.devices},
               {"replica", p.replica},
               {"ssh", p.ssh},
-              {"program", p.program}};
+              {"program", p.program},
+              {"agent_by_systemd", p.agent_by_systemd}};
 }
 
 Process process_from_json(const json& j) {
@@ -54,6 +55,7 @@ Process process_from_json(const json& j) {
   p.replica = j.at("replica").get<int64_t>();
   p.ssh = j.at("ssh").get<std::string>();
   p.program = j.at("program").get<std::string>();
+  p.agent_by_systemd = j.value("agent_by_systemd", false);
   return p;
 }
 

@@ -82,8 +82,9 @@ void read_nodes(const YAML::Node& node, Location at, ProblemSink& sink, std::vec
   info.nodes_ok = true;
   for (size_t i = 0; i < node.size(); ++i) {
     const std::string path = "nodes[" + std::to_string(i) + "]";
-    MapReader m(node[i], path, location_of(node, at), sink,
-                {"name", "address", "devices", "memory_gib", "base_port", "ssh", "program"});
+    MapReader m(
+        node[i], path, location_of(node, at), sink,
+        {"name", "address", "devices", "memory_gib", "base_port", "ssh", "program", "agent"});
     Node n;
     n.at = m.at();
     if (auto name = m.string("name", true)) {
@@ -116,6 +117,7 @@ void read_nodes(const YAML::Node& node, Location at, ProblemSink& sink, std::vec
                  "an ssh destination: [user@]host or ssh://[user@]host[:port]");
       }
     }
+    n.agent_by_systemd = m.choice("agent", {"up", "systemd"}, false).value_or("up") == "systemd";
     if (auto program = m.string("program", false)) {
       if (!program->empty() && program->front() == '/' &&
           program->find_first_of("'\n") == std::string::npos) {

@@ -302,6 +302,7 @@ void resolve_processes(Manifest& out, const SectionInfo& info, ProblemSink& sink
     p.host = node.address;
     p.ssh = node.ssh.value_or("");
     p.program = node.program.value_or("");
+    p.agent_by_systemd = node.agent_by_systemd;
   }
   out.processes = std::move(processes);
 }

@@ -368,7 +368,7 @@ int Agent::run() {
     write_report();
     std::this_thread::sleep_for(o_.poll);
   }
-  if (const int sig = g_stop_signal.load(); sig != 0) {
+  if (const int sig = g_stop_signal.load(); sig != 0 && !ending_) {
     report_.end_reason = std::string("signal ") + std::to_string(sig);
     log_line(o_.node, "stopping every worker (" + report_.end_reason + ")");
   }

@@ -439,6 +439,78 @@ TEST(Lifecycle, NodesWithSshAreStartedAndStoppedThroughSsh) {
   if (!HasFailure()) fs::remove_all(dir);
 }
 
+// A node marked `agent: systemd` has an agent its service manager started (here: this test,
+// as cluster/systemd/dserve-agent@.service would): up only writes the plan it follows, down
+// empties it; the agent outlives both and runs the next up.
+TEST(Lifecycle, AgentOfTheServiceManagerFollowsUpAndDown) {
+  const fs::path dir =
+      fs::temp_directory_path() / ("dserve-lifecycle-agent-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const int base = base_port() + 20;
+  std::string text = manifest_text(base);
+  text.replace(text.find("    base_port:"), 0, "    agent: systemd\n");
+  const std::string manifest = (dir / "cluster.yaml").string();
+  std::ofstream(manifest) << text;
+  const fs::path state = dir / "state";
+  const std::string common = "-f " + manifest + " --state-dir " + state.string();
+
+  const pid_t agent = ::fork();
+  if (agent == 0) {
+    const int null_fd = ::open("/dev/null", O_RDWR);
+    const int log_fd = ::open((dir / "agent.log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0600);
+    ::dup2(null_fd, 0);
+    ::dup2(null_fd, 1);
+    ::dup2(log_fd, 2);
+    ::execl(DSERVE_BINARY, DSERVE_BINARY, "agent", "--state-dir", state.c_str(), "--node", "local",
+            "--plan-wait-ms", "600000", static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  ASSERT_GT(agent, 0);
+  auto report = [&] {
+    return cluster::report_from_json(read_file(state / "agents" / "local.json"));
+  };
+  for (int round = 0; round < 2; ++round) {
+    const CommandResult up = dserve("up " + common);
+    ASSERT_EQ(up.exit_code, 0) << up.output << read_file(dir / "agent.log");
+    auto client = api::ServingClient::connect("127.0.0.1:" + std::to_string(base + 1),
+                                              std::chrono::seconds(10));
+    ASSERT_TRUE(client.is_ok()) << client.status().to_string();
+    const auto prompt = random_prompt(30, 11 + static_cast<uint64_t>(round));
+    auto got =
+        (*client)->generate(testing_support::request_for(prompt, 5), {}, std::chrono::seconds(60));
+    ASSERT_TRUE(got.is_ok()) << got.status().to_string();
+    EXPECT_EQ(got->tokens, reference_tokens(prompt, 5));
+    auto before = report();
+    ASSERT_TRUE(before.is_ok()) << before.status().to_string();
+    EXPECT_EQ(before->pid, agent);
+    EXPECT_EQ(before->workers.size(), 3u);
+    std::vector<pid_t> pids;
+    for (const auto& w : before->workers)
+      pids.push_back(w.pid);
+    const CommandResult down = dserve("down " + common);
+    EXPECT_EQ(down.exit_code, 0) << down.output;
+    EXPECT_NE(down.output.find("dserve: cluster down: 3 processes stopped"), std::string::npos)
+        << down.output;
+    for (pid_t pid : pids) {
+      const std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
+      const auto close = stat.rfind(')');
+      const char st = close == std::string::npos ? 'X' : stat[close + 2];
+      EXPECT_TRUE(st == 'Z' || st == 'X') << "pid " << pid << " still runs after down";
+    }
+    // The agent stays, with nothing to run.
+    EXPECT_EQ(::waitpid(agent, nullptr, WNOHANG), 0) << read_file(dir / "agent.log");
+    auto after = report();
+    ASSERT_TRUE(after.is_ok());
+    EXPECT_TRUE(after->workers.empty());
+  }
+  ::kill(agent, SIGTERM);
+  int status = 0;
+  ASSERT_EQ(::waitpid(agent, &status, 0), agent);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  if (!HasFailure()) fs::remove_all(dir);
+}
+
 TEST(Lifecycle, UpRefusesWhatItCannotRunAndStartsNothing) {
   const fs::path dir =
       fs::temp_directory_path() / ("dserve-lifecycle-bad-" + std::to_string(::getpid()));

@@ -49,8 +49,8 @@ bool alive(pid_t pid) {
 }
 
 std::string manifest_text(int base_port, const std::string& partition,
-                          const std::string& extra_slurm = "",
-                          const std::string& decode_extra = "") {
+                          const std::string& extra_slurm = "", const std::string& decode_extra = "",
+                          const std::string& extra_supervision = "") {
   return "version: 1\n"
          "mode: disaggregated\n"
          "launcher: slurm\n"
@@ -79,7 +79,8 @@ std::string manifest_text(int base_port, const std::string& partition,
          "  metrics_port_offset: 50\n"
          "supervision:\n"
          "  backoff_ms: 200\n"
-         "  stop_timeout_ms: 10000\n"
+         "  stop_timeout_ms: 10000\n" +
+         extra_supervision +
          "timeouts:\n"
          "  ready_ms: 90000\n";
 }
@@ -289,6 +290,47 @@ TEST_F(SlurmLauncher, DownDrainsAndEndsTheJob) {
   for (pid_t p : pids)
     EXPECT_FALSE(alive(p)) << "pid " << p << " still runs after down";
   EXPECT_FALSE(fs::exists(state / "state.json"));
+}
+
+// on_pool_lost: fail-job: a decode pool that stays empty (no restarts allowed) ends the job,
+// so that it does not hold its nodes.
+TEST_F(SlurmLauncher, APoolLostForGoodEndsTheJobUnderFailJob) {
+  std::ofstream(manifest_) << manifest_text(
+      base_, slurm_->partition(), "", "",
+      "  max_restarts: 0\n  on_pool_lost: fail-job\n  pool_lost_ms: 1500\n");
+  const auto up = dserve("up " + common_);
+  ASSERT_EQ(up.exit_code, 0) << up.output << slurm_->logs_tail();
+  const fs::path state = dir_ / "state";
+  std::vector<pid_t> pids;
+  for (const auto& [node, r] : reports(state)) {
+    pids.push_back(r.pid);
+    for (const auto& w : r.workers)
+      pids.push_back(w.pid);
+  }
+  const auto decode = workers(state)["decode-0"].second;
+  ASSERT_GT(decode.pid, 0);
+  const auto killed_at = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(decode.pid, SIGKILL), 0);
+  bool ended = false;
+  for (int i = 0; i < 600 && !ended; ++i) {
+    ended = slurm_->jobs().empty() &&
+            std::none_of(pids.begin(), pids.end(), [](pid_t p) { return p > 0 && alive(p); });
+    if (!ended) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const double ended_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - killed_at).count();
+  EXPECT_TRUE(ended) << "the job or its processes remain 60 s after the decode pool was lost";
+  std::string reason;
+  for (const auto& [node, r] : reports(state)) {
+    if (r.end_reason.find("fail-job") != std::string::npos) reason = r.end_reason;
+  }
+  EXPECT_NE(reason, "") << "no agent says why the cluster ended";
+  std::fprintf(stderr,
+               "[ info ] slurm: fail-job: job and processes gone %.2f s after the kill (%s)\n",
+               ended_s, reason.c_str());
+  const auto status = dserve("status " + common_);
+  EXPECT_NE(status.exit_code, 0);
+  EXPECT_NE(status.output.find("no longer known to Slurm"), std::string::npos) << status.output;
 }
 
 TEST_F(SlurmLauncher, BrokenSlurmSettingsAreRefusedWithTheirLineAndStartNothing) {

@@ -48,6 +48,10 @@ struct Node {
   std::optional<std::string> ssh;
   // The dserve program on the node (absolute); default: the path of the one running `up`.
   std::optional<std::string> program;
+  // Who starts the node's agent: `dserve up` (detached, here or over ssh), or the node's own
+  // service manager (`systemd`: the dserve-agent@ unit, cluster/systemd/), which outlives
+  // `up`, `down` and reboots; up and down then only change the plan it follows.
+  bool agent_by_systemd = false;
   Location at;
 };
 
@@ -196,15 +200,16 @@ struct Process {
   std::string name;  // "gateway", "prefill-0", "decode-1", "colocated-0"
   ProcessRole role = ProcessRole::kGateway;
   std::string node;
-  std::string host;              // the node's address
-  uint16_t port = 0;             // control port (--listen); the prefill half's when co-located
-  uint16_t second_port = 0;      // gateway: gRPC port; co-located: the decode half's; else 0
-  uint16_t metrics_port = 0;     // /metrics (control port + network.metrics_port_offset); 0: off
-  uint16_t http_port = 0;        // gateway: the OpenAI-compatible API (gateway.http_port); 0: off
-  std::vector<int64_t> devices;  // device indices on the node, devices_per_replica of them
-  int64_t replica = 0;           // index in its pool (0 for the gateway)
-  std::string ssh;               // the node's ssh destination; empty: started locally
-  std::string program;           // the node's dserve program; empty: the launcher's own
+  std::string host;               // the node's address
+  uint16_t port = 0;              // control port (--listen); the prefill half's when co-located
+  uint16_t second_port = 0;       // gateway: gRPC port; co-located: the decode half's; else 0
+  uint16_t metrics_port = 0;      // /metrics (control port + network.metrics_port_offset); 0: off
+  uint16_t http_port = 0;         // gateway: the OpenAI-compatible API (gateway.http_port); 0: off
+  std::vector<int64_t> devices;   // device indices on the node, devices_per_replica of them
+  int64_t replica = 0;            // index in its pool (0 for the gateway)
+  std::string ssh;                // the node's ssh destination; empty: started locally
+  std::string program;            // the node's dserve program; empty: the launcher's own
+  bool agent_by_systemd = false;  // the node's agent runs under systemd (Node::agent_by_systemd)
 };
 
 struct Manifest {
