@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -108,6 +109,60 @@ TEST(Manifest, HttpPortAndMetricsOffset) {
 }
 
 // --- The examples ------------------------------------------------------------------------
+
+// launcher slurm: no nodes in the file; every process is planned on one node, with ports unique
+// across the job, and moved to its allocated node by `up`.
+TEST(ManifestExamples, SlurmPlansEveryProcessOnTheJobWithUniquePorts) {
+  auto m = load_manifest(DSERVE_SOURCE_DIR "/cluster/examples/slurm.yaml");
+  ASSERT_TRUE(m.is_ok()) << m.status().to_string();
+  EXPECT_EQ(m->launcher, Launcher::kSlurm);
+  EXPECT_EQ(m->slurm.partition, "gpu");
+  EXPECT_EQ(m->slurm.time_limit, "7-00:00:00");
+  EXPECT_EQ(m->supervision.on_pool_lost, "fail-job");
+  ASSERT_EQ(m->pools.size(), 2u);
+  EXPECT_EQ(m->pools[0].gres, "gpu:1");
+  std::set<uint16_t> ports;
+  for (const auto& p : m->processes) {
+    EXPECT_EQ(p.node, std::string(kSlurmPlanningNode)) << p.name;
+    for (uint16_t port : {p.port, p.second_port, p.metrics_port, p.http_port}) {
+      if (port) {
+        EXPECT_TRUE(ports.insert(port).second) << p.name << " port " << port;
+      }
+    }
+  }
+  EXPECT_EQ(m->processes.size(), 5u);
+  auto gateway = to_serve_args(*m, *find_process(*m, "gateway"));
+  ASSERT_TRUE(gateway.is_ok());
+  const std::string joined = [&] {
+    std::string out;
+    for (const auto& a : *gateway)
+      out += a + " ";
+    return out;
+  }();
+  EXPECT_NE(joined.find("--on-pool-lost fail-job --pool-lost-ms 120000"), std::string::npos)
+      << joined;
+}
+
+TEST(ManifestMistakes, SlurmSettingsOutOfPlace) {
+  const std::string slurm_base =
+      "version: 1\nmode: disaggregated\nlauncher: slurm\nmodel:\n  path: /m\npools:\n"
+      "  prefill:\n    replicas: 1\n  decode:\n    replicas: 1\n";
+  // Nodes and placements are Slurm's to choose; a sbatch value must be one word.
+  EXPECT_EQ(problems(slurm_base + "nodes:\n  - name: a\n    address: 10.0.0.1\n"),
+            (Lines{"m.yaml:12:3: nodes: found a node list; expected no nodes under launcher "
+                   "'slurm' (the job's allocation decides where each process runs; ask for nodes "
+                   "with slurm.partition, slurm.constraint and the pools' gres)"}));
+  EXPECT_EQ(problems(slurm_base + "slurm:\n  partition: gpu;rm\n"),
+            (Lines{"m.yaml:12:14: slurm.partition: found 'gpu;rm'; expected one word without "
+                   "spaces, quotes or shell characters (passed to sbatch)"}));
+  // gres and the slurm section belong to launcher slurm; supervision choices are checked.
+  EXPECT_EQ(problems(std::string(kBase) + "slurm:\n  partition: gpu\n"),
+            (Lines{"m.yaml:22:3: slurm: found a slurm section; expected launcher: slurm with it "
+                   "(the launcher is 'nodes')"}));
+  EXPECT_EQ(problems(std::string(kBase) + "supervision:\n  on_pool_lost: abort\n"),
+            (Lines{"m.yaml:22:17: supervision.on_pool_lost: found 'abort'; expected one of "
+                   "restart, fail-job"}));
+}
 
 TEST(ManifestExamples, SingleNodeValidatesAndGivesServeCommands) {
   auto m = load_manifest(DSERVE_SOURCE_DIR "/cluster/examples/single-node.yaml");
