@@ -33,6 +33,7 @@
 #include "cluster_common.h"
 #include "commands.h"
 #include "dserve/cluster/serve_args.h"
+#include "dserve/cluster/slurm_job.h"
 
 namespace dserve::cli {
 namespace {
@@ -256,7 +257,11 @@ int run_up(const ClusterOptions& o) {
           running += " " + r.process.name + " (pid " + std::to_string(r.pid) + ")";
       }
     }
-    if (!old->slurm_job.empty()) running += " slurm job " + old->slurm_job;
+    if (!old->slurm_job.empty()) {
+      // A job Slurm no longer lists (cancelled, expired) holds nothing.
+      auto components = cluster::slurm_job_components(d.manifest, old->slurm_job);
+      if (!components.is_ok() || !components->empty()) running += " slurm job " + old->slurm_job;
+    }
     if (!running.empty()) {
       print_error("the cluster of " + o.manifest + " is already up:" + running +
                   "; `dserve down -f " + o.manifest + "` stops it");

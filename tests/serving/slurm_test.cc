@@ -333,7 +333,7 @@ TEST_F(SlurmLauncher, APoolLostForGoodEndsTheJobUnderFailJob) {
   EXPECT_NE(status.output.find("no longer known to Slurm"), std::string::npos) << status.output;
 }
 
-TEST_F(SlurmLauncher, BrokenSlurmSettingsAreRefusedWithTheirLineAndStartNothing) {
+TEST_F(SlurmLauncher, BrokenSettingsAreRefusedWithTheirLineAndStartNothing) {
   struct Case {
     std::string text;
     std::string reason;  // what Slurm says
@@ -346,6 +346,21 @@ TEST_F(SlurmLauncher, BrokenSlurmSettingsAreRefusedWithTheirLineAndStartNothing)
       {manifest_text(base_, slurm_->partition(), "  time_limit: abc\n"),
        "Invalid --time specification", ": slurm.time_limit"},
   };
+  // A process that cannot start: up says which and why, and the job is ended.
+  {
+    std::string text = manifest_text(base_, slurm_->partition());
+    const std::string model = testing_support::tiny_dir();
+    text.replace(text.find(model), model.size(), (dir_ / "no-such-model").string());
+    std::ofstream(manifest_) << text;
+    const auto up = dserve("up " + common_ + " --ready-timeout-ms 60000");
+    EXPECT_EQ(up.exit_code, 1) << up.output;
+    EXPECT_NE(up.output.find("before it was ready"), std::string::npos) << up.output;
+    EXPECT_NE(up.output.find("no-such-model"), std::string::npos) << up.output;
+    for (int i = 0; i < 300 && !slurm_->jobs().empty(); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    EXPECT_TRUE(slurm_->jobs().empty());
+    EXPECT_FALSE(fs::exists(dir_ / "state" / "state.json"));
+  }
   for (const auto& c : cases) {
     std::ofstream(manifest_) << c.text;
     const auto up = dserve("up " + common_);
