@@ -318,7 +318,18 @@ int run_down(const ClusterOptions& o) {
     print_error("the state in " + d.dir + " names no process");
     return 1;
   }
-  if (runs_under_agents(d.state)) {
+  // A Slurm job that is gone (scancel, time limit) left nothing to drain.
+  bool job_gone = false;
+  if (d.state.launcher == cluster::Launcher::kSlurm && !d.state.slurm_job.empty()) {
+    const auto listed = cluster::slurm_job_listed(d.state.slurm_job);
+    job_gone = listed.is_ok() && !*listed;
+    if (job_gone) {
+      std::fprintf(stderr, "dserve: slurm job %s has already ended\n", d.state.slurm_job.c_str());
+    }
+  }
+  if (job_gone) {
+    // Nothing runs: the state only.
+  } else if (runs_under_agents(d.state)) {
     // The gateway first: it refuses new requests and lets the running ones finish on the
     // workers, which must still be up for that. Then the workers: an empty plan.
     for (const bool gateway_only : {true, false}) {

@@ -206,6 +206,10 @@ Status Deployment::wait_gone(const Process& p, milliseconds timeout) const {
       return Status::ok();
     }
     if (rep.is_ok() && rep->ended) return Status::ok();
+    // An agent that is gone (killed) took its processes with it.
+    for (const ProcessRecord& a : state.agents) {
+      if (a.process.node == p.node && !cluster::is_running(a)) return Status::ok();
+    }
     if (std::chrono::steady_clock::now() >= until) {
       return unavailable("the agent of node '" + p.node + "' still runs " + p.name + " after " +
                          std::to_string(timeout.count()) + " ms");

@@ -21,22 +21,15 @@
 #include <nlohmann/json.hpp>
 
 #include "process_json.h"
+#include "process_util.h"
 
 namespace dserve::cluster {
-namespace {
 
-namespace fs = std::filesystem;
-using json = nlohmann::json;
-
-int64_t unix_ms_now() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
+namespace internal {
 
 // Field 22 of a /proc/<pid>/stat line (start time in clock ticks) and field 3 (the state
 // letter); 0 for an empty or malformed line.
-uint64_t parse_stat(const std::string& line, char* state = nullptr) {
+uint64_t parse_stat(const std::string& line, char* state) {
   // The command name (field 2) is in parentheses and may hold spaces: fields follow the last ')'.
   const auto close = line.rfind(')');
   if (close == std::string::npos) return 0;
@@ -51,7 +44,7 @@ uint64_t parse_stat(const std::string& line, char* state = nullptr) {
 }
 
 // The same for a local process; 0 when it does not exist.
-uint64_t start_ticks_of(pid_t pid, char* state = nullptr) {
+uint64_t start_ticks_of(pid_t pid, char* state) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
   std::string line;
   if (!std::getline(in, line)) return 0;
@@ -64,6 +57,33 @@ std::string sh_quote(const std::string& s) {
   for (char c : s)
     out += c == '\'' ? std::string("'\\''") : std::string(1, c);
   return out + "'";
+}
+
+bool has_ready_line(const std::string& out_path) {
+  std::ifstream in(out_path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("dserve: serving ", 0) == 0) return true;
+  }
+  return false;
+}
+
+}  // namespace internal
+
+namespace {
+
+using internal::has_ready_line;
+using internal::parse_stat;
+using internal::sh_quote;
+using internal::start_ticks_of;
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+int64_t unix_ms_now() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
 }
 
 // Runs `script` (sh) on the node of `record` through its ssh command; its stdout and stderr.
@@ -119,15 +139,6 @@ ProcessRecord from_json(const json& j) {
   r.out_path = j.at("out").get<std::string>();
   r.started_unix_ms = j.at("started_unix_ms").get<int64_t>();
   return r;
-}
-
-bool has_ready_line(const std::string& out_path) {
-  std::ifstream in(out_path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("dserve: serving ", 0) == 0) return true;
-  }
-  return false;
 }
 
 }  // namespace

@@ -19,12 +19,17 @@
 #include <sstream>
 #include <thread>
 
+#include "process_util.h"
+
 namespace dserve::cluster {
 namespace {
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
+
+using internal::has_ready_line;
+using internal::start_ticks_of;
 
 std::atomic<int> g_stop_signal{0};
 
@@ -35,28 +40,6 @@ void on_stop_signal(int sig) {
 void log_line(const std::string& node, const std::string& text) {
   std::fprintf(stderr, "dserve agent: [%s] %s\n", node.c_str(), text.c_str());
   std::fflush(stderr);
-}
-
-uint64_t start_ticks_of(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(in, line)) return 0;
-  const auto close = line.rfind(')');
-  if (close == std::string::npos) return 0;
-  std::istringstream rest(line.substr(close + 2));
-  std::string field;
-  for (int i = 3; i <= 22 && rest >> field; ++i) {
-    if (i == 22) return std::strtoull(field.c_str(), nullptr, 10);
-  }
-  return 0;
-}
-
-bool has_ready_line(const std::string& out_path) {
-  std::ifstream in(out_path);
-  for (std::string line; std::getline(in, line);) {
-    if (line.rfind("dserve: serving ", 0) == 0) return true;
-  }
-  return false;
 }
 
 std::string describe_exit(int status) {

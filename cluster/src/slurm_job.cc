@@ -10,17 +10,14 @@
 #include <sstream>
 #include <thread>
 
+#include "process_util.h"
+
 namespace dserve::cluster {
 namespace {
 
 namespace fs = std::filesystem;
 
-std::string sh_quote(const std::string& s) {
-  std::string out = "'";
-  for (char c : s)
-    out += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return out + "'";
-}
+using internal::sh_quote;
 
 struct Ran {
   int exit_code = -1;
@@ -228,18 +225,24 @@ Result<std::string> slurm_node_address(const std::string& node) {
   return unavailable("scontrol show node " + node + " printed no NodeAddr: " + r.output);
 }
 
+Result<bool> slurm_job_listed(const std::string& job) {
+  const Ran q = run_slurm("squeue -h -j " + sh_quote(job) + " -o '%T'");
+  if (q.output.find("Invalid job id") != std::string::npos) return false;
+  if (q.exit_code != 0) return unavailable("squeue -j " + job + ": " + q.output);
+  return !lines_of(q.output).empty();
+}
+
 Status cancel_slurm_job(const std::string& job, std::chrono::milliseconds timeout) {
   const Ran r = run_slurm("scancel " + sh_quote(job));
   if (r.exit_code != 0) return unavailable("scancel " + job + ": " + r.output);
   const auto until = std::chrono::steady_clock::now() + timeout;
   for (;;) {
-    const Ran q = run_slurm("squeue -h -j " + sh_quote(job) + " -o '%T'");
-    if ((q.exit_code == 0 && lines_of(q.output).empty()) ||
-        q.output.find("Invalid job id") != std::string::npos)
-      return Status::ok();
+    const auto listed = slurm_job_listed(job);
+    if (listed.is_ok() && !*listed) return Status::ok();
     if (std::chrono::steady_clock::now() >= until) {
       return unavailable("job " + job + " is still listed by squeue " +
-                         std::to_string(timeout.count()) + " ms after scancel: " + q.output);
+                         std::to_string(timeout.count()) + " ms after scancel" +
+                         (listed.is_ok() ? "" : ": " + listed.status().message()));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }

@@ -403,9 +403,7 @@ TEST(Lifecycle, NodesWithSshAreStartedAndStoppedThroughSsh) {
     EXPECT_TRUE(stream.wait_for_completions(5));
     stream.stop();
     const auto tally = stream.tally();
-    std::string failures;
-    for (const auto& f : tally.failures)
-      failures += f + "\n";
+    const std::string failures = tally.failure_lines();
     std::fprintf(stderr,
                  "[ info ] ssh agent: decode-0 ready again %.2f s after SIGKILL; stream: %zu "
                  "exact, %zu wrong, %zu failed, %zu duplicates\n",

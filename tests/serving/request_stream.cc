@@ -65,6 +65,13 @@ bool RequestStream::wait_for_completions(size_t more, int timeout_s) {
   return false;
 }
 
+std::string RequestStream::Tally::failure_lines() const {
+  std::string out;
+  for (const auto& f : failures)
+    out += f + "\n";
+  return out;
+}
+
 RequestStream::Tally RequestStream::tally() const {
   std::lock_guard<std::mutex> lock(mu_);
   return tally_;

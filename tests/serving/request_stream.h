@@ -26,6 +26,7 @@ class RequestStream {
     size_t duplicates = 0;              // a request id completed twice
     size_t failed = 0;                  // not completed
     std::vector<std::string> failures;  // "id: status" of each, in order
+    std::string failure_lines() const;  // the failures, one per line
   };
 
   // Starts `clients` threads sending requests of `max_tokens` to `gateway` (gRPC HOST:PORT).

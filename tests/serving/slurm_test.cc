@@ -97,6 +97,17 @@ std::map<std::string, cluster::AgentReport> reports(const fs::path& state) {
   return out;
 }
 
+// The pids of every agent and every process they run now.
+std::vector<pid_t> all_pids(const fs::path& state) {
+  std::vector<pid_t> pids;
+  for (const auto& [node, r] : reports(state)) {
+    pids.push_back(r.pid);
+    for (const auto& w : r.workers)
+      pids.push_back(w.pid);
+  }
+  return pids;
+}
+
 // Process name -> (node, its report).
 std::map<std::string, std::pair<std::string, cluster::WorkerReport>> workers(
     const fs::path& state) {
@@ -207,9 +218,7 @@ TEST_F(SlurmLauncher, UpServesRestartsScalesAndEndsWithTheJob) {
     EXPECT_TRUE(stream.wait_for_completions(5));
     stream.stop();
     const auto tally = stream.tally();
-    std::string failures;
-    for (const auto& f : tally.failures)
-      failures += f + "\n";
+    const std::string failures = tally.failure_lines();
     std::fprintf(stderr,
                  "[ info ] slurm: decode-0 ready again %.2f s after SIGKILL, prefill-0 %.2f s; "
                  "stream: %zu exact, %zu wrong, %zu failed, %zu duplicates\n",
@@ -221,12 +230,7 @@ TEST_F(SlurmLauncher, UpServesRestartsScalesAndEndsWithTheJob) {
 
   // scancel from outside: every process of the job goes, and requests in flight or sent after
   // it end with an error that says so.
-  std::vector<pid_t> pids;
-  for (const auto& [node, r] : reports(state)) {
-    pids.push_back(r.pid);
-    for (const auto& w : r.workers)
-      pids.push_back(w.pid);
-  }
+  std::vector<pid_t> pids = all_pids(state);
   const std::string job = [&] {
     const std::string text = read_file(state / "state.json");
     const auto at = text.find("\"slurm_job\": \"");
@@ -268,6 +272,8 @@ TEST_F(SlurmLauncher, UpServesRestartsScalesAndEndsWithTheJob) {
   // The cluster is gone; down says so and forgets it.
   const auto down = dserve("down " + common_);
   EXPECT_EQ(down.exit_code, 0) << down.output;
+  EXPECT_NE(down.output.find("slurm job " + job + " has already ended"), std::string::npos)
+      << down.output;
 }
 
 TEST_F(SlurmLauncher, DownDrainsAndEndsTheJob) {
@@ -275,12 +281,7 @@ TEST_F(SlurmLauncher, DownDrainsAndEndsTheJob) {
   const auto up = dserve("up " + common_);
   ASSERT_EQ(up.exit_code, 0) << up.output << slurm_->logs_tail();
   const fs::path state = dir_ / "state";
-  std::vector<pid_t> pids;
-  for (const auto& [node, r] : reports(state)) {
-    pids.push_back(r.pid);
-    for (const auto& w : r.workers)
-      pids.push_back(w.pid);
-  }
+  std::vector<pid_t> pids = all_pids(state);
   EXPECT_EQ(pids.size(), 6u);
   const auto down = dserve("down " + common_);
   EXPECT_EQ(down.exit_code, 0) << down.output;
@@ -301,12 +302,7 @@ TEST_F(SlurmLauncher, APoolLostForGoodEndsTheJobUnderFailJob) {
   const auto up = dserve("up " + common_);
   ASSERT_EQ(up.exit_code, 0) << up.output << slurm_->logs_tail();
   const fs::path state = dir_ / "state";
-  std::vector<pid_t> pids;
-  for (const auto& [node, r] : reports(state)) {
-    pids.push_back(r.pid);
-    for (const auto& w : r.workers)
-      pids.push_back(w.pid);
-  }
+  std::vector<pid_t> pids = all_pids(state);
   const auto decode = workers(state)["decode-0"].second;
   ASSERT_GT(decode.pid, 0);
   const auto killed_at = std::chrono::steady_clock::now();

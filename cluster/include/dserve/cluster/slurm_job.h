@@ -51,6 +51,9 @@ Result<std::vector<SlurmComponent>> slurm_job_components(const Manifest& m, cons
 Result<std::vector<SlurmStep>> slurm_job_steps(const std::string& job);
 // The address Slurm reaches `node` at (its NodeAddr).
 Result<std::string> slurm_node_address(const std::string& node);
+// Whether squeue still lists the job (pending, running or completing); an error when Slurm
+// does not answer.
+Result<bool> slurm_job_listed(const std::string& job);
 // scancel; then waits up to `timeout` until squeue no longer lists the job.
 Status cancel_slurm_job(const std::string& job, std::chrono::milliseconds timeout);
 
