@@ -293,6 +293,41 @@ TEST_F(SlurmLauncher, DownDrainsAndEndsTheJob) {
   EXPECT_FALSE(fs::exists(state / "state.json"));
 }
 
+// The job's time limit expiring stops everything the way scancel does (Slurm checks limits about
+// twice a minute, so the limit is lowered below the time already run).
+TEST_F(SlurmLauncher, AnExpiredTimeLimitStopsEverything) {
+  std::ofstream(manifest_) << manifest_text(base_, slurm_->partition(), "  time_limit: \"10\"\n");
+  const auto up = dserve("up " + common_);
+  ASSERT_EQ(up.exit_code, 0) << up.output << slurm_->logs_tail();
+  const fs::path state = dir_ / "state";
+  std::vector<pid_t> pids = all_pids(state);
+  const auto ids = slurm_->run("squeue -h -o %A");
+  ASSERT_EQ(ids.exit_code, 0) << ids.output;
+  std::istringstream components(ids.output);
+  for (std::string id; components >> id;) {
+    const auto updated = slurm_->run("scontrol update JobId=" + id + " TimeLimit=00:00:01");
+    ASSERT_EQ(updated.exit_code, 0) << updated.output;
+  }
+  const auto lowered_at = std::chrono::steady_clock::now();
+  bool gone = false;
+  for (int i = 0; i < 1500 && !gone; ++i) {
+    gone = slurm_->jobs().empty() &&
+           std::none_of(pids.begin(), pids.end(), [](pid_t p) { return p > 0 && alive(p); });
+    if (!gone) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(gone) << "the job or its processes remain 150 s after its time limit passed";
+  std::fprintf(
+      stderr, "[ info ] slurm: time limit: job and processes gone %.1f s after it was lowered\n",
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - lowered_at).count());
+  std::string reasons;
+  for (const auto& [node, r] : reports(state))
+    reasons += r.end_reason + ";";
+  EXPECT_NE(reasons.find("signal 15"), std::string::npos) << reasons;
+  const auto down = dserve("down " + common_);
+  EXPECT_EQ(down.exit_code, 0) << down.output;
+  EXPECT_NE(down.output.find("has already ended"), std::string::npos) << down.output;
+}
+
 // on_pool_lost: fail-job: a decode pool that stays empty (no restarts allowed) ends the job,
 // so that it does not hold its nodes.
 TEST_F(SlurmLauncher, APoolLostForGoodEndsTheJobUnderFailJob) {
