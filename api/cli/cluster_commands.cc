@@ -224,10 +224,24 @@ Result<Deployment> open_deployment(const ClusterOptions& o) {
   return d;
 }
 
-// Stops what up started: the agents (they stop their workers), or the Slurm job.
+// Stops what up started: an empty plan (an agent run as a service stops its processes), then
+// the agents up started (they stop theirs), or the Slurm job. The state stays when the job
+// could not be ended, so that `down` can try again.
 void tear_down(Deployment& d) {
+  if (!d.plan.processes.empty()) {
+    d.plan.processes.clear();
+    if (Status s = d.publish(); !s.is_ok()) print_error(s.message());
+    for (const auto& r : d.state.processes) {
+      if (!r.process.agent_by_systemd) continue;
+      if (Status s = d.wait_gone(r.process, milliseconds(d.options.stop_timeout_ms)); !s.is_ok())
+        print_error(s.message());
+    }
+  }
   if (d.manifest.launcher == cluster::Launcher::kSlurm) {
-    if (Status s = end_slurm_job(d); !s.is_ok()) print_error(s.message());
+    if (Status s = end_slurm_job(d); !s.is_ok()) {
+      print_error(s.message() + "; the state stays in " + d.dir + ": `dserve down` tries again");
+      return;
+    }
   } else {
     std::vector<ProcessRecord> reverse(d.state.agents.rbegin(), d.state.agents.rend());
     stop_all(reverse, milliseconds(d.options.stop_timeout_ms));
@@ -270,6 +284,11 @@ int run_up(const ClusterOptions& o) {
   }
   d.state.manifest_path = fs::absolute(o.manifest).string();
   d.state.launcher = d.manifest.launcher;
+  // Generations only grow, across clusters too: an agent that outlived an earlier cluster (a
+  // service, or a copy of an old plan on a node) takes this plan as new.
+  d.plan.generation =
+      std::chrono::duration_cast<milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+          .count();
   if (d.manifest.launcher == cluster::Launcher::kSlurm) return run_up_slurm(d);
   // Every command line first: a manifest this build cannot honour starts nothing.
   for (const Process& p : d.manifest.processes) {
@@ -332,19 +351,27 @@ int run_down(const ClusterOptions& o) {
   } else if (runs_under_agents(d.state)) {
     // The gateway first: it refuses new requests and lets the running ones finish on the
     // workers, which must still be up for that. Then the workers: an empty plan.
+    std::string left;  // processes of service agents that did not stop
     for (const bool gateway_only : {true, false}) {
       std::erase_if(d.plan.processes, [&](const cluster::PlannedProcess& p) {
         return !gateway_only || p.process.role == ProcessRole::kGateway;
       });
       Status s = d.publish();
       for (const auto& r : d.state.processes) {
-        if (!s.is_ok()) break;
         if (gateway_only != (r.process.role == ProcessRole::kGateway)) continue;
-        s = d.wait_gone(r.process, stop_timeout);
+        Status gone = s.is_ok() ? d.wait_gone(r.process, stop_timeout) : s;
+        // An agent up started takes what is left with it below; a service's agent does not.
+        if (!gone.is_ok() && r.process.agent_by_systemd) left += " " + r.process.name;
+        if (s.is_ok()) s = gone;
       }
       std::fprintf(stderr, "dserve: %s %s (%.1f s)\n", gateway_only ? "gateway" : "workers",
                    s.is_ok() ? "stopped" : ("did not stop: " + s.message()).c_str(),
                    seconds_since(started));
+    }
+    if (!left.empty()) {
+      print_error("still running under their nodes' service agents:" + left +
+                  "; the state stays in " + d.dir + ": `dserve down` tries again");
+      return 1;
     }
     if (d.state.launcher == cluster::Launcher::kSlurm) {
       if (Status ended = end_slurm_job(d); !ended.is_ok()) {
@@ -378,6 +405,7 @@ struct AgentFlags {
   std::string state_dir;
   std::string node;
   int64_t plan_wait_ms = 120000;
+  bool stay = false;
 };
 
 int run_agent(const AgentFlags& f) {
@@ -394,6 +422,7 @@ int run_agent(const AgentFlags& f) {
     return 2;
   }
   opts.plan_wait = milliseconds(f.plan_wait_ms);
+  opts.stay = f.stay;
   return cluster::run_node_agent(opts);
 }
 
@@ -470,6 +499,9 @@ ClusterCommands add_cluster_commands(CLI::App& app) {
                    "how long to wait for the plan to appear before giving up")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{86400000}));
+  agent->add_flag("--stay", a->stay,
+                  "when the cluster ends (on_pool_lost fail-job), stop this node's processes and "
+                  "wait for the next plan instead of exiting (an agent run as a service)");
   out.agent = [a] { return run_agent(*a); };
   return out;
 }

@@ -170,6 +170,13 @@ Status Deployment::wait_ready(const Process& p, milliseconds timeout) const {
   const auto until = std::chrono::steady_clock::now() + timeout;
   for (;;) {
     auto rep = report(p.node);
+    // A report of an older plan (an agent that has not read this one yet, or one left by an
+    // earlier cluster) says nothing of this process.
+    if (rep.is_ok() && rep->plan_generation < plan.generation) {
+      rep = unavailable("its report is of an older plan (generation " +
+                        std::to_string(rep->plan_generation) + ", published " +
+                        std::to_string(plan.generation) + ")");
+    }
     if (rep.is_ok()) {
       for (const cluster::WorkerReport& w : rep->workers) {
         if (w.name != p.name) continue;

@@ -77,7 +77,7 @@ int run_up_slurm(Deployment& d) {
   auto job = cluster::submit_slurm_job(d.manifest, d.dir, program);
   if (!job.is_ok()) {
     print_error(d.options.manifest + ": " + job.status().message());
-    return 2;
+    return job.status().code() == StatusCode::kInvalidArgument ? 2 : 1;
   }
   d.state.slurm_job = *job;
   std::fprintf(stderr,

@@ -312,9 +312,9 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
   // then stop; a second signal stops at once.
   (*gateway)->stop_accepting();
   const auto snap = (*gateway)->snapshot();
-  std::fprintf(stderr,
-               "dserve: gateway stopping (signal %d): draining %zu running and %zu queued\n", sig,
-               snap.running, snap.queued);
+  std::fprintf(stderr, "dserve: gateway stopping (%s): draining %zu running and %zu queued\n",
+               sig ? ("signal " + std::to_string(sig)).c_str() : "a pool was lost", snap.running,
+               snap.queued);
   const auto drain_until =
       std::chrono::steady_clock::now() + std::chrono::milliseconds(o.drain_timeout_ms);
   bool idle = false;

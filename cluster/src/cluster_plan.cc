@@ -70,11 +70,14 @@ using json = nlohmann::json;
 constexpr size_t kMaxFileBytes = size_t{16} << 20;
 
 Result<std::string> read_small_file(const std::string& path) {
+  std::error_code ec;
+  const uintmax_t size = fs::file_size(path, ec);
+  if (ec) return not_found("no " + path);
+  if (size > kMaxFileBytes) return data_loss(path + " is larger than 16 MiB");
   std::ifstream in(path, std::ios::binary);
   if (!in) return not_found("no " + path);
   std::ostringstream s;
   s << in.rdbuf();
-  if (s.str().size() > kMaxFileBytes) return data_loss(path + " is larger than 16 MiB");
   return s.str();
 }
 

@@ -90,7 +90,11 @@ int64_t unix_ms_now() {
 // kUnavailable, with what it printed, when ssh or the script fails.
 Result<std::string> run_remote(const std::vector<std::string>& ssh_command,
                                const std::string& destination, const std::string& script) {
-  std::string cmd;
+  // Bounded in time (a node that stops answering must not hang up, scale or down) and in
+  // what is kept of its output.
+  constexpr int kTimeoutS = 120;
+  constexpr size_t kMaxOutput = size_t{16} << 20;
+  std::string cmd = "timeout " + std::to_string(kTimeoutS) + " ";
   for (const auto& word : ssh_command)
     cmd += sh_quote(word) + " ";
   cmd += sh_quote(destination) + " " + sh_quote(script) + " 2>&1";
@@ -98,12 +102,17 @@ Result<std::string> run_remote(const std::vector<std::string>& ssh_command,
   std::FILE* p = ::popen(cmd.c_str(), "r");
   if (!p) return internal_error("cannot run ssh: " + std::string(std::strerror(errno)));
   char buf[4096];
-  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;)
-    out.append(buf, n);
+  for (size_t n; (n = std::fread(buf, 1, sizeof buf, p)) > 0;) {
+    if (out.size() < kMaxOutput) out.append(buf, n);
+  }
   const int status = ::pclose(p);
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
-    return unavailable("on " + destination + " over ssh: `" + script + "` failed (status " +
-                       std::to_string(WIFEXITED(status) ? WEXITSTATUS(status) : -1) + "): " + out);
+    const int code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+    const std::string what = script.size() > 200 ? script.substr(0, 200) + "..." : script;
+    return unavailable("on " + destination + " over ssh: `" + what + "` " +
+                       (code == 124 ? "got no answer in " + std::to_string(kTimeoutS) + " s"
+                                    : "failed (status " + std::to_string(code) + ")") +
+                       ": " + out.substr(0, 4096));
   }
   return out;
 }
@@ -444,7 +453,12 @@ NodeAccess access_of(const ProcessRecord& record) {
 }
 
 Result<std::string> read_node_file(const NodeAccess& node, const std::string& path) {
+  constexpr uintmax_t kMaxBytes = uintmax_t{16} << 20;  // plans and reports are small
   if (node.ssh.empty()) {
+    std::error_code ec;
+    const uintmax_t size = fs::file_size(path, ec);
+    if (ec) return not_found("no " + path);
+    if (size > kMaxBytes) return data_loss(path + " is larger than 16 MiB");
     std::ifstream in(path);
     if (!in) return not_found("no " + path);
     std::ostringstream text;
@@ -452,7 +466,8 @@ Result<std::string> read_node_file(const NodeAccess& node, const std::string& pa
     return text.str();
   }
   auto out = run_remote(node.ssh_command, node.ssh,
-                        "cat " + sh_quote(path) + " 2>/dev/null || echo dserve-no-such-file");
+                        "head -c " + std::to_string(kMaxBytes) + " " + sh_quote(path) +
+                            " 2>/dev/null || echo dserve-no-such-file");
   if (!out.is_ok()) return out.status();
   if (out->rfind("dserve-no-such-file", 0) == 0) return not_found("no " + path + " on " + node.ssh);
   return out;
@@ -474,11 +489,17 @@ Status write_node_file(const NodeAccess& node, const std::string& path, const st
     }
     return Status::ok();
   }
-  const std::string script = "mkdir -p " + sh_quote(dir.string()) + " && printf '%s' " +
-                             sh_quote(text) + " >" + sh_quote(path + ".tmp") + " && mv " +
-                             sh_quote(path + ".tmp") + " " + sh_quote(path);
-  auto out = run_remote(node.ssh_command, node.ssh, script);
-  return out.is_ok() ? Status::ok() : out.status();
+  // In pieces: one command line (an argument of sh -c, then of ssh) holds at most 128 KiB.
+  constexpr size_t kPiece = size_t{64} << 10;
+  const std::string tmp = sh_quote(path + ".tmp");
+  for (size_t at = 0; at == 0 || at < text.size(); at += kPiece) {
+    std::string script = at == 0 ? "mkdir -p " + sh_quote(dir.string()) + " && " : "";
+    script += "printf '%s' " + sh_quote(text.substr(at, kPiece)) + (at == 0 ? " >" : " >>") + tmp;
+    if (at + kPiece >= text.size()) script += " && mv " + tmp + " " + sh_quote(path);
+    auto out = run_remote(node.ssh_command, node.ssh, script);
+    if (!out.is_ok()) return out.status().with_context("writing " + path);
+  }
+  return Status::ok();
 }
 
 std::string tail_of(const ProcessRecord& record, size_t lines) {

@@ -87,6 +87,7 @@ class Agent {
   std::string last_written_;
   Clock::time_point last_write_{};
   bool ending_ = false;
+  bool report_failing_ = false;
   int exit_code_ = 0;
 };
 
@@ -155,7 +156,7 @@ void Agent::start(Worker& w) {
     // The worker dies with its agent (a SIGKILLed agent, a node's job ending).
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (::getppid() != agent) ::_exit(127);
-    const int null_fd = ::open("/dev/null", O_RDONLY);
+    const int null_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (null_fd >= 0) ::dup2(null_fd, 0);
     ::dup2(out_fd, 1);
     ::dup2(err_fd, 2);
@@ -283,8 +284,21 @@ void Agent::stop_all(milliseconds timeout) {
                name + " did not stop in " + std::to_string(timeout.count()) + " ms: SIGKILL");
       ::kill(w.report.pid, SIGKILL);
       int status = 0;
-      ::waitpid(w.report.pid, &status, 0);
-      on_death(w, status);
+      // Bounded: a process stuck in the kernel (a device driver) may not die at once; the
+      // agent reports and exits anyway (the process is reparented and reaped by init).
+      bool reaped = false;
+      for (int i = 0; i < 250 && !reaped; ++i) {
+        reaped = ::waitpid(w.report.pid, &status, WNOHANG) == w.report.pid;
+        if (!reaped) std::this_thread::sleep_for(milliseconds(20));
+      }
+      if (reaped) {
+        on_death(w, status);
+      } else {
+        log_line(o_.node, name + " (pid " + std::to_string(w.report.pid) +
+                              ") did not die 5 s after SIGKILL; leaving it");
+        w.report.state = "stopped";
+        w.report.pid = 0;
+      }
     }
   }
   reap();
@@ -297,7 +311,8 @@ void Agent::end_cluster(const std::string& reason) {
   report_.end_reason = reason;
   log_line(o_.node, "ending the cluster: " + reason);
   if (!plan_.slurm_job.empty()) {
-    const std::string cmd = "timeout 20 scancel " + plan_.slurm_job + " >/dev/null 2>&1";
+    const std::string cmd =
+        "timeout 20 scancel " + internal::sh_quote(plan_.slurm_job) + " >/dev/null 2>&1";
     if (std::system(cmd.c_str()) != 0) log_line(o_.node, "scancel " + plan_.slurm_job + " failed");
   }
 }
@@ -316,11 +331,24 @@ void Agent::write_report() {
   std::error_code ec;
   fs::create_directories(fs::path(path).parent_path(), ec);
   const std::string tmp = path + ".tmp";
+  bool written = false;
   {
     std::ofstream out(tmp, std::ios::trunc);
     out << report_to_json(report_) << "\n";
+    written = static_cast<bool>(out.flush());
   }
-  std::rename(tmp.c_str(), path.c_str());
+  // A report half written (a full disk) never replaces the last good one.
+  if (!written || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    if (!report_failing_) {
+      log_line(o_.node, "cannot write " + path + ": " + std::strerror(errno) +
+                            " (up, scale and down read it; retrying)");
+    }
+    report_failing_ = true;
+    last_write_ = now;
+    return;
+  }
+  if (report_failing_) log_line(o_.node, "writes " + path + " again");
+  report_failing_ = false;
   last_written_ = body;
   last_write_ = now;
 }
@@ -344,12 +372,36 @@ int Agent::run() {
     }
     std::this_thread::sleep_for(o_.poll);
   }
-  while (g_stop_signal.load() == 0 && !ending_) {
-    reap();
-    advance();
-    (void)load_current_plan();  // a plan that cannot be read keeps the last one
+  for (;;) {
+    while (g_stop_signal.load() == 0 && !ending_) {
+      reap();
+      advance();
+      (void)load_current_plan();  // a plan that cannot be read keeps the last one
+      write_report();
+      std::this_thread::sleep_for(o_.poll);
+    }
+    if (g_stop_signal.load() != 0 || !o_.stay) break;
+    // A service's agent outlives the cluster it ended: its processes stop, and it waits for
+    // the next plan (a new `up`).
+    stop_all(milliseconds(plan_.supervision.stop_timeout_ms));
+    report_.ended = true;
+    last_written_.clear();
     write_report();
-    std::this_thread::sleep_for(o_.poll);
+    workers_.clear();  // all stopped; the next plan starts afresh
+    const int64_t ended_generation = plan_.generation;
+    log_line(o_.node, "waiting for a new plan");
+    while (g_stop_signal.load() == 0) {
+      auto next = load_plan(o_.state_dir);
+      if (next.is_ok() && next->generation != ended_generation) break;
+      write_report();
+      std::this_thread::sleep_for(o_.poll);
+    }
+    if (g_stop_signal.load() != 0) break;
+    ending_ = false;
+    exit_code_ = 0;
+    report_.ended = false;
+    report_.end_reason.clear();
+    (void)load_current_plan();
   }
   if (const int sig = g_stop_signal.load(); sig != 0 && !ending_) {
     report_.end_reason = std::string("signal ") + std::to_string(sig);

@@ -2,6 +2,7 @@
 
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -96,10 +97,12 @@ std::vector<ProcessRole> slurm_component_roles(const Manifest& m) {
 
 std::string slurm_batch_script(const Manifest& m, const std::string& state_dir,
                                const std::string& program) {
+  std::string source = m.source;
+  std::replace(source.begin(), source.end(), '\n', ' ');  // a comment line stays one line
   std::string s =
       "#!/bin/bash\n"
       "# dserve cluster from " +
-      m.source +
+      source +
       ": one node agent per node of each component.\n"
       "# When one agent step ends (the cluster ended, a node was lost), the job ends.\n";
   const auto roles = slurm_component_roles(m);
@@ -132,6 +135,15 @@ Result<std::string> submit_slurm_job(const Manifest& m, const std::string& state
     cmd += " : " + component_options(m, p.replicas, p.gres);
   cmd += " " + sh_quote(script_path);
   const Ran r = run_slurm(cmd);
+  if (r.exit_code == 124 || r.exit_code == 127 || r.exit_code < 0) {
+    // Not a refusal: Slurm could not be asked. A timed-out sbatch may still have queued the job.
+    return unavailable("could not submit the job: " + r.output +
+                       (r.exit_code == 124
+                            ? "; a job may have been queued all the same: look for "
+                              "dserve-" +
+                                  fs::path(m.source).stem().string() + " in squeue and scancel it"
+                            : ""));
+  }
   const auto words = lines_of(r.output);
   if (r.exit_code == 0 && !words.empty()) {
     const std::string id = split(words.back(), ';').front();

@@ -82,6 +82,7 @@ class NodeAgentTest : public ::testing::Test {
       o.state_dir = dir_.string();
       o.node = "n1";
       o.plan_wait = plan_wait_;
+      o.stay = stay_;
       o.poll = milliseconds(20);
       ::_exit(run_node_agent(o));
     }
@@ -118,6 +119,7 @@ class NodeAgentTest : public ::testing::Test {
   ClusterPlan plan_;
   pid_t agent_ = 0;
   milliseconds plan_wait_{10000};
+  bool stay_ = false;
 };
 
 constexpr const char* kServe = "echo 'dserve: serving test'; exec sleep 600";
@@ -202,6 +204,34 @@ TEST_F(NodeAgentTest, AGatewayReportingALostPoolEndsTheCluster) {
   ASSERT_TRUE(r.is_ok());
   EXPECT_TRUE(r->ended);
   EXPECT_NE(r->end_reason.find("fail-job"), std::string::npos) << r->end_reason;
+}
+
+// An agent run as a service (--stay) outlives the cluster it ended and runs the next plan.
+TEST_F(NodeAgentTest, AServiceAgentWaitsForTheNextPlanAfterEndingTheCluster) {
+  stay_ = true;
+  plan_.supervision.on_pool_lost = "fail-job";
+  add("gateway", "echo 'dserve: serving test'; sleep 0.2; exit 3", ProcessRole::kGateway);
+  add("decode-0", kServe);
+  publish();
+  start_agent();
+  ASSERT_TRUE(eventually([&] { return worker("decode-0").state == "ready"; }));
+  const pid_t decode = worker("decode-0").pid;
+  ASSERT_TRUE(eventually([&] {
+    const auto r = report();
+    return r.is_ok() && r->ended && r->workers.empty();
+  }));
+  EXPECT_FALSE(alive(decode));
+  EXPECT_EQ(::waitpid(agent_, nullptr, WNOHANG), 0) << "the agent exited";
+  plan_.processes.clear();
+  add("decode-0", kServe);
+  publish();
+  ASSERT_TRUE(eventually([&] {
+    const auto r = report();
+    return r.is_ok() && !r->ended && worker("decode-0").state == "ready";
+  }));
+  EXPECT_NE(worker("decode-0").pid, decode);
+  const int status = stop_agent();
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
 }
 
 TEST_F(NodeAgentTest, ProcessesDieWithTheirAgent) {

@@ -509,6 +509,34 @@ TEST(Lifecycle, AgentOfTheServiceManagerFollowsUpAndDown) {
   if (!HasFailure()) fs::remove_all(dir);
 }
 
+// The state directory of a cluster that went down serves the next up: the old agents' reports
+// (ended) and plan say nothing of the new cluster.
+TEST(Lifecycle, UpAfterDownInTheSameStateDirectory) {
+  const fs::path dir =
+      fs::temp_directory_path() / ("dserve-lifecycle-again-" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const int base = base_port() + 30;
+  const std::string manifest = (dir / "cluster.yaml").string();
+  std::ofstream(manifest) << manifest_text(base);
+  const std::string common = "-f " + manifest + " --state-dir " + (dir / "state").string();
+  for (int round = 0; round < 2; ++round) {
+    const CommandResult up = dserve("up " + common);
+    ASSERT_EQ(up.exit_code, 0) << "round " << round << ": " << up.output;
+    auto client = api::ServingClient::connect("127.0.0.1:" + std::to_string(base + 1),
+                                              std::chrono::seconds(10));
+    ASSERT_TRUE(client.is_ok()) << client.status().to_string();
+    const auto prompt = random_prompt(20, 40 + static_cast<uint64_t>(round));
+    auto got =
+        (*client)->generate(testing_support::request_for(prompt, 4), {}, std::chrono::seconds(60));
+    ASSERT_TRUE(got.is_ok()) << got.status().to_string();
+    EXPECT_EQ(got->tokens, reference_tokens(prompt, 4));
+    const CommandResult down = dserve("down " + common);
+    ASSERT_EQ(down.exit_code, 0) << down.output;
+  }
+  if (!HasFailure()) fs::remove_all(dir);
+}
+
 TEST(Lifecycle, UpRefusesWhatItCannotRunAndStartsNothing) {
   const fs::path dir =
       fs::temp_directory_path() / ("dserve-lifecycle-bad-" + std::to_string(::getpid()));

@@ -81,11 +81,15 @@ struct AgentOptions {
   // How long to wait for a plan to appear (a Slurm job's agents start before `up` writes it).
   std::chrono::milliseconds plan_wait{120000};
   std::chrono::milliseconds poll{100};
+  // A service's agent (systemd): when the cluster ends (fail-job), stop the processes and wait
+  // for the next plan instead of exiting.
+  bool stay = false;
 };
 
 // Runs the agent until SIGTERM, SIGINT or SIGHUP (then it stops every worker, SIGTERM and after
 // supervision.stop_timeout_ms SIGKILL, and returns 0), or until the cluster ends (a gateway
-// exited with kPoolLostExitCode: returns 1; under Slurm the job is cancelled). Progress and
+// exited with kPoolLostExitCode: returns 1, or with `stay` waits for a new plan; under Slurm the
+// job is cancelled). Progress and
 // every start, death and restart go to stderr as lines starting with "dserve agent: ".
 int run_node_agent(const AgentOptions& options);
 
