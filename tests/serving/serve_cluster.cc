@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <latch>
 #include <mutex>
 #include <optional>
@@ -58,17 +59,25 @@ bool port_is_free(int port) {
 }  // namespace
 
 int free_port_run(int run) {
-  const int bases = 40000 / run;
+  // Below the kernel's ephemeral range when it leaves room: a port of that range can be taken
+  // between the probe and the bind by any outgoing connection (a gRPC client's, UCX's).
+  int low = 20000, high = 60000;
+  std::ifstream range("/proc/sys/net/ipv4/ip_local_port_range");
+  if (int first = 0, last = 0; range >> first >> last && first - 10000 >= 20 * run) {
+    low = 10000;
+    high = first;
+  }
+  const int bases = (high - low) / run;
   const int start = static_cast<int>(::getpid() % bases);
   for (int i = 0; i < bases; ++i) {
-    const int candidate = 20000 + ((start + i) % bases) * run;
+    const int candidate = low + ((start + i) % bases) * run;
     bool free = true;
     for (int p = candidate; p < candidate + run && free; ++p)
       free = port_is_free(p);
     if (free) return candidate;
   }
-  ADD_FAILURE() << "no " << run << " free ports in a row between 20000 and 59999";
-  return 20000;
+  ADD_FAILURE() << "no " << run << " free ports in a row between " << low << " and " << high - 1;
+  return low;
 }
 
 CommandResult run_command(const std::string& command) {

@@ -118,9 +118,10 @@ struct CommandResult {
 CommandResult run_command(const std::string& command);
 
 // The first of `run` ports in a row on 127.0.0.1 that are all free now (for manifests, which
-// name their ports: a test cannot ask for port 0), searched from a pid-dependent start in
-// 20000..59999. A port taken in between still fails the test, but a program that holds one of
-// them before it starts no longer does. Fails the test when there is none.
+// name their ports: a test cannot ask for port 0), searched from a pid-dependent start below
+// the kernel's ephemeral port range (10000 up to it; 20000..59999 when it leaves no room). A port
+// taken in between still fails the test, but a program that holds one of them before it starts no
+// longer does. Fails the test when there is none.
 int free_port_run(int run);
 
 // What `dserve generate --max-tokens n` produces for `prompt` with `params`, as token ids,
