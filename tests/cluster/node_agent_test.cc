@@ -107,6 +107,19 @@ class NodeAgentTest : public ::testing::Test {
     }
     return done();
   }
+  // Under fail-job: a gateway that exits with kPoolLostExitCode soon after it is ready, and
+  // decode-0; the agent started. decode-0's pid once ready (0 if it never is).
+  pid_t start_with_a_gateway_that_loses_a_pool() {
+    plan_.supervision.on_pool_lost = "fail-job";
+    add("gateway",
+        "echo 'dserve: serving test'; sleep 0.2; exit " + std::to_string(kPoolLostExitCode),
+        ProcessRole::kGateway);
+    add("decode-0", "echo 'dserve: serving test'; exec sleep 600");
+    publish();
+    start_agent();
+    if (!eventually([&] { return worker("decode-0").state == "ready"; })) return 0;
+    return worker("decode-0").pid;
+  }
   int stop_agent(int sig = SIGTERM) {
     ::kill(agent_, sig);
     int status = 0;
@@ -188,13 +201,8 @@ TEST_F(NodeAgentTest, FollowsThePlanAsItChanges) {
 }
 
 TEST_F(NodeAgentTest, AGatewayReportingALostPoolEndsTheCluster) {
-  plan_.supervision.on_pool_lost = "fail-job";
-  add("gateway", "echo 'dserve: serving test'; sleep 0.2; exit 3", ProcessRole::kGateway);
-  add("decode-0", kServe);
-  publish();
-  start_agent();
-  ASSERT_TRUE(eventually([&] { return worker("decode-0").state == "ready"; }));
-  const pid_t decode = worker("decode-0").pid;
+  const pid_t decode = start_with_a_gateway_that_loses_a_pool();
+  ASSERT_GT(decode, 0);
   int status = 0;
   ASSERT_TRUE(eventually([&] { return ::waitpid(agent_, &status, WNOHANG) == agent_; }));
   agent_ = 0;
@@ -209,13 +217,8 @@ TEST_F(NodeAgentTest, AGatewayReportingALostPoolEndsTheCluster) {
 // An agent run as a service (--stay) outlives the cluster it ended and runs the next plan.
 TEST_F(NodeAgentTest, AServiceAgentWaitsForTheNextPlanAfterEndingTheCluster) {
   stay_ = true;
-  plan_.supervision.on_pool_lost = "fail-job";
-  add("gateway", "echo 'dserve: serving test'; sleep 0.2; exit 3", ProcessRole::kGateway);
-  add("decode-0", kServe);
-  publish();
-  start_agent();
-  ASSERT_TRUE(eventually([&] { return worker("decode-0").state == "ready"; }));
-  const pid_t decode = worker("decode-0").pid;
+  const pid_t decode = start_with_a_gateway_that_loses_a_pool();
+  ASSERT_GT(decode, 0);
   ASSERT_TRUE(eventually([&] {
     const auto r = report();
     return r.is_ok() && r->ended && r->workers.empty();

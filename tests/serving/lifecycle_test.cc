@@ -48,12 +48,7 @@ CommandResult dserve(const std::string& args) {
   return testing_support::run_command(std::string(DSERVE_BINARY) + " " + args + " 2>&1");
 }
 
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using testing_support::read_file;
 
 // The base of 100 free ports in a row, the same for the whole test process (the manifests
 // below name their ports).
@@ -429,10 +424,7 @@ TEST(Lifecycle, NodesWithSshAreStartedAndStoppedThroughSsh) {
   EXPECT_EQ(down.exit_code, 0) << down.output;
   for (pid_t pid : pids) {
     // Gone, or a zombie its new parent has not reaped yet.
-    const std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
-    const auto close = stat.rfind(')');
-    const char state = close == std::string::npos ? 'X' : stat[close + 2];
-    EXPECT_TRUE(state == 'Z' || state == 'X') << "pid " << pid << " still runs after down";
+    EXPECT_FALSE(testing_support::process_alive(pid)) << "pid " << pid << " still runs after down";
   }
   if (!HasFailure()) fs::remove_all(dir);
 }
@@ -491,10 +483,8 @@ TEST(Lifecycle, AgentOfTheServiceManagerFollowsUpAndDown) {
     EXPECT_NE(down.output.find("dserve: cluster down: 3 processes stopped"), std::string::npos)
         << down.output;
     for (pid_t pid : pids) {
-      const std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
-      const auto close = stat.rfind(')');
-      const char st = close == std::string::npos ? 'X' : stat[close + 2];
-      EXPECT_TRUE(st == 'Z' || st == 'X') << "pid " << pid << " still runs after down";
+      EXPECT_FALSE(testing_support::process_alive(pid))
+          << "pid " << pid << " still runs after down";
     }
     // The agent stays, with nothing to run.
     EXPECT_EQ(::waitpid(agent, nullptr, WNOHANG), 0) << read_file(dir / "agent.log");

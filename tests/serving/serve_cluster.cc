@@ -18,6 +18,7 @@
 #include <mutex>
 #include <optional>
 #include <regex>
+#include <sstream>
 #include <thread>
 #include <utility>
 
@@ -78,6 +79,20 @@ int free_port_run(int run) {
   }
   ADD_FAILURE() << "no " << run << " free ports in a row between " << low << " and " << high - 1;
   return low;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+bool process_alive(pid_t pid) {
+  const std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
+  const auto close = stat.rfind(')');
+  return close != std::string::npos && stat.size() > close + 2 && stat[close + 2] != 'Z' &&
+         stat[close + 2] != 'X';
 }
 
 CommandResult run_command(const std::string& command) {

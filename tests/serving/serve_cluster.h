@@ -117,6 +117,11 @@ struct CommandResult {
 // Runs `command` with sh and waits for it to end.
 CommandResult run_command(const std::string& command);
 
+// The whole file at `path` ("" when it cannot be read).
+std::string read_file(const std::string& path);
+// Whether process `pid` runs (exists and is not a zombie).
+bool process_alive(pid_t pid);
+
 // The first of `run` ports in a row on 127.0.0.1 that are all free now (for manifests, which
 // name their ports: a test cannot ask for port 0), searched from a pid-dependent start below
 // the kernel's ephemeral port range (10000 up to it; 20000..59999 when it leaves no room). A port

@@ -35,17 +35,10 @@ testing_support::CommandResult dserve(const std::string& args) {
   return testing_support::run_command(std::string(DSERVE_BINARY) + " " + args + " 2>&1");
 }
 
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
+using testing_support::read_file;
 
 bool alive(pid_t pid) {
-  const std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
-  const auto close = stat.rfind(')');
-  return close != std::string::npos && stat[close + 2] != 'Z' && stat[close + 2] != 'X';
+  return testing_support::process_alive(pid);
 }
 
 std::string manifest_text(int base_port, const std::string& partition,
