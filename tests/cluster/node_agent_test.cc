@@ -112,7 +112,7 @@ class NodeAgentTest : public ::testing::Test {
   pid_t start_with_a_gateway_that_loses_a_pool() {
     plan_.supervision.on_pool_lost = "fail-job";
     add("gateway",
-        "echo 'dserve: serving test'; sleep 0.2; exit " + std::to_string(kPoolLostExitCode),
+        "echo 'dserve: serving test'; sleep 1; exit " + std::to_string(kPoolLostExitCode),
         ProcessRole::kGateway);
     add("decode-0", "echo 'dserve: serving test'; exec sleep 600");
     publish();
