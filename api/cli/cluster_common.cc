@@ -106,6 +106,42 @@ Result<std::vector<std::string>> launch_args(const Manifest& m, const Process& p
   return args;
 }
 
+Process new_replica(cluster::ProcessRole role, int64_t replica) {
+  Process p;
+  p.role = role;
+  p.replica = replica;
+  p.name = std::string(cluster::process_role_name(role)) + "-" + std::to_string(replica);
+  return p;
+}
+
+std::set<int64_t> ports_in_use(const std::vector<ProcessRecord>& records, const std::string& node) {
+  std::set<int64_t> ports;
+  for (const auto& r : records) {
+    if (!node.empty() && r.process.node != node) continue;
+    for (uint16_t port :
+         {r.process.port, r.process.second_port, r.process.metrics_port, r.process.http_port}) {
+      if (port) ports.insert(port);
+    }
+  }
+  return ports;
+}
+
+Status assign_free_ports(Process& p, int64_t from, int64_t metrics_offset,
+                         const std::function<bool(int64_t)>& usable) {
+  const bool two = p.role == cluster::ProcessRole::kColocated;
+  for (int64_t port = from; port + (two ? 1 : 0) + metrics_offset <= 65535; ++port) {
+    std::vector<int64_t> want = {port};
+    if (two) want.push_back(port + 1);
+    if (metrics_offset > 0) want.push_back(port + metrics_offset);
+    if (!std::all_of(want.begin(), want.end(), usable)) continue;
+    p.port = static_cast<uint16_t>(port);
+    if (two) p.second_port = static_cast<uint16_t>(port + 1);
+    if (metrics_offset > 0) p.metrics_port = static_cast<uint16_t>(port + metrics_offset);
+    return Status::ok();
+  }
+  return resource_exhausted("no free port left on node '" + p.node + "' for " + p.name);
+}
+
 Result<cluster::PlannedProcess> Deployment::planned(const Process& p) const {
   cluster::PlannedProcess out;
   out.process = p;

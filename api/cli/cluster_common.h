@@ -4,8 +4,10 @@
 // agents run) and the agents' reports.
 
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -72,6 +74,17 @@ struct Deployment {
   // The end of process `p`'s log, on its node.
   std::string log_tail(const cluster::Process& p) const;
 };
+
+// A replica beyond the manifest's (scale): its name ("decode-2"), role and replica index.
+cluster::Process new_replica(cluster::ProcessRole role, int64_t replica);
+// The ports the records use (control, second, metrics, HTTP): all of them, or those on `node`.
+std::set<int64_t> ports_in_use(const std::vector<cluster::ProcessRecord>& records,
+                               const std::string& node = "");
+// Gives `p` the first control port from `from` up whose ports are all `usable`: the control
+// port, the decode half's next to it when co-located, and the metrics port at +metrics_offset
+// when that is not 0. kResourceExhausted when none is left below 65536.
+Status assign_free_ports(cluster::Process& p, int64_t from, int64_t metrics_offset,
+                         const std::function<bool(int64_t)>& usable);
 
 // cluster_commands.cc: the steps up, scale and down share.
 // Waits for every process of the plan to be ready (the gateway last) and for the gateway to

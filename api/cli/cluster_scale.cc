@@ -46,10 +46,7 @@ bool port_free(const std::string& host, uint16_t port) {
 // its placement names (cycling through the list), on the next ports free on that node.
 Result<Process> extra_replica(const Manifest& m, const cluster::Pool& pool, int64_t replica,
                               const ClusterState& state) {
-  Process p;
-  p.role = pool.role;
-  p.replica = replica;
-  p.name = std::string(cluster::process_role_name(pool.role)) + "-" + std::to_string(replica);
+  Process p = new_replica(pool.role, replica);
   p.node = pool.placement[static_cast<size_t>(replica) % pool.placement.size()];
   const cluster::Node* node = nullptr;
   for (const auto& n : m.nodes) {
@@ -62,14 +59,8 @@ Result<Process> extra_replica(const Manifest& m, const cluster::Pool& pool, int6
   p.agent_by_systemd = node->agent_by_systemd;
   // Devices: those the node's running processes do not use.
   std::set<int64_t> used;
-  std::set<int64_t> ports;
   for (const auto& r : state.processes) {
-    if (r.process.node != p.node) continue;
-    used.insert(r.process.devices.begin(), r.process.devices.end());
-    for (uint16_t port :
-         {r.process.port, r.process.second_port, r.process.metrics_port, r.process.http_port}) {
-      if (port) ports.insert(port);
-    }
+    if (r.process.node == p.node) used.insert(r.process.devices.begin(), r.process.devices.end());
   }
   for (int64_t d = 0;
        d < node->devices && static_cast<int64_t>(p.devices.size()) < pool.devices_per_replica;
@@ -83,25 +74,15 @@ Result<Process> extra_replica(const Manifest& m, const cluster::Pool& pool, int6
         std::to_string(pool.devices_per_replica) +
         " of its own (sharing one would run it co-located with another worker)");
   }
-  const int64_t offset = m.network.metrics_port_offset;
-  const bool two = pool.role == ProcessRole::kColocated;
-  int64_t port = ports.empty() ? node->base_port.value_or(20000) : *ports.rbegin() + 1;
-  for (; port + (two ? 1 : 0) + offset <= 65535; ++port) {
-    std::vector<int64_t> want = {port};
-    if (two) want.push_back(port + 1);
-    if (offset > 0) want.push_back(port + offset);
-    const bool ok = std::all_of(want.begin(), want.end(), [&](int64_t x) {
-      // Another machine's ports cannot be probed from here: the state's record decides.
-      return !ports.count(static_cast<uint16_t>(x)) &&
-             (!p.ssh.empty() || port_free(p.host, static_cast<uint16_t>(x)));
-    });
-    if (!ok) continue;
-    p.port = static_cast<uint16_t>(port);
-    if (two) p.second_port = static_cast<uint16_t>(port + 1);
-    if (offset > 0) p.metrics_port = static_cast<uint16_t>(port + offset);
-    return p;
-  }
-  return resource_exhausted("no free port left on node '" + p.node + "' for " + p.name);
+  const std::set<int64_t> ports = ports_in_use(state.processes, p.node);
+  const int64_t from = ports.empty() ? node->base_port.value_or(20000) : *ports.rbegin() + 1;
+  DSERVE_RETURN_IF_ERROR(
+      assign_free_ports(p, from, m.network.metrics_port_offset, [&](int64_t port) {
+        // Another machine's ports cannot be probed from here: the state's record decides.
+        return !ports.count(port) &&
+               (!p.ssh.empty() || port_free(p.host, static_cast<uint16_t>(port)));
+      }));
+  return p;
 }
 
 std::string mib(uint64_t bytes) {

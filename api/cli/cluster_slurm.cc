@@ -162,39 +162,21 @@ Result<Process> slurm_extra_replica(const Deployment& d, const cluster::Pool& po
     return unavailable("slurm job " + d.state.slurm_job + " has no running nodes for pool " +
                        std::string(cluster::process_role_name(pool.role)));
   }
-  Process p;
-  p.role = pool.role;
-  p.replica = replica;
-  p.name = std::string(cluster::process_role_name(pool.role)) + "-" + std::to_string(replica);
+  Process p = new_replica(pool.role, replica);
   p.node = (*nodes)[static_cast<size_t>(replica) % nodes->size()];
   DSERVE_ASSIGN_OR_RETURN(p.host, cluster::slurm_node_address(p.node));
-  // Ports stay unique across the job (nodes may share an address); devices unique per node.
-  std::set<int64_t> used_ports;
+  // Devices unique per node; ports unique across the job (nodes may share an address).
   int64_t devices_used = 0;
   for (const auto& r : d.state.processes) {
-    for (uint16_t port :
-         {r.process.port, r.process.second_port, r.process.metrics_port, r.process.http_port}) {
-      if (port) used_ports.insert(port);
-    }
     if (r.process.node == p.node) devices_used += static_cast<int64_t>(r.process.devices.size());
   }
   for (int64_t i = 0; i < pool.devices_per_replica; ++i)
     p.devices.push_back(devices_used + i);
-  const int64_t offset = d.manifest.network.metrics_port_offset;
-  const bool two = pool.role == ProcessRole::kColocated;
-  for (int64_t port = used_ports.empty() ? d.manifest.slurm.base_port : *used_ports.begin();
-       port + 1 + offset <= 65535; ++port) {
-    std::vector<int64_t> want = {port};
-    if (two) want.push_back(port + 1);
-    if (offset > 0) want.push_back(port + offset);
-    if (std::any_of(want.begin(), want.end(), [&](int64_t x) { return used_ports.count(x); }))
-      continue;
-    p.port = static_cast<uint16_t>(port);
-    if (two) p.second_port = static_cast<uint16_t>(port + 1);
-    if (offset > 0) p.metrics_port = static_cast<uint16_t>(port + offset);
-    return p;
-  }
-  return resource_exhausted("no free port left for " + p.name);
+  const std::set<int64_t> ports = ports_in_use(d.state.processes);
+  DSERVE_RETURN_IF_ERROR(assign_free_ports(
+      p, ports.empty() ? d.manifest.slurm.base_port : *ports.begin(),
+      d.manifest.network.metrics_port_offset, [&](int64_t port) { return !ports.count(port); }));
+  return p;
 }
 
 }  // namespace dserve::cli

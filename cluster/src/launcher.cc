@@ -59,20 +59,10 @@ std::string sh_quote(const std::string& s) {
   return out + "'";
 }
 
-bool has_ready_line(const std::string& out_path) {
-  std::ifstream in(out_path);
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("dserve: serving ", 0) == 0) return true;
-  }
-  return false;
-}
-
 }  // namespace internal
 
 namespace {
 
-using internal::has_ready_line;
 using internal::parse_stat;
 using internal::sh_quote;
 using internal::start_ticks_of;
@@ -374,49 +364,6 @@ Result<ProcessRecord> start_process(const Process& process, std::vector<std::str
   // /proc/<pid>/stat exists as soon as fork returns.
   r.start_ticks = start_ticks_of(pid);
   return r;
-}
-
-Status wait_ready(const ProcessRecord& record, std::chrono::milliseconds timeout) {
-  const auto until = std::chrono::steady_clock::now() + timeout;
-  if (is_remote(record)) {
-    for (;;) {
-      auto out = on_node(record, "cat " + sh_quote(record.out_path) + " 2>/dev/null; true");
-      if (out.is_ok() && out->find("dserve: serving ") != std::string::npos) return Status::ok();
-      if (!is_running(record)) {
-        return unavailable(record.process.name + " on " + record.process.ssh +
-                           " exited before it was ready; the end of " + record.log_path +
-                           " there:\n" + tail_of(record));
-      }
-      if (std::chrono::steady_clock::now() >= until) {
-        return unavailable(record.process.name + " on " + record.process.ssh +
-                           " was not ready after " + std::to_string(timeout.count()) +
-                           " ms; the end of " + record.log_path + " there:\n" + tail_of(record));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(250));
-    }
-  }
-  for (;;) {
-    if (has_ready_line(record.out_path)) return Status::ok();
-    // Reap it if it is our child and has exited (a zombie is not running).
-    int status = 0;
-    const pid_t reaped = waitpid(record.pid, &status, WNOHANG);
-    if (reaped == record.pid || !is_running(record)) {
-      if (has_ready_line(record.out_path)) return Status::ok();
-      std::string how = "exited";
-      if (reaped == record.pid && WIFEXITED(status))
-        how = "exited with status " + std::to_string(WEXITSTATUS(status));
-      if (reaped == record.pid && WIFSIGNALED(status))
-        how = "was killed by signal " + std::to_string(WTERMSIG(status));
-      return unavailable(record.process.name + " " + how + " before it was ready; the end of " +
-                         record.log_path + ":\n" + tail_of(record));
-    }
-    if (std::chrono::steady_clock::now() >= until) {
-      return unavailable(record.process.name + " was not ready after " +
-                         std::to_string(timeout.count()) + " ms; the end of " + record.log_path +
-                         ":\n" + tail_of(record));
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  }
 }
 
 std::string stop_process(const ProcessRecord& record, std::chrono::milliseconds timeout) {

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -28,7 +29,6 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-using internal::has_ready_line;
 using internal::start_ticks_of;
 
 std::atomic<int> g_stop_signal{0};
@@ -40,6 +40,16 @@ void on_stop_signal(int sig) {
 void log_line(const std::string& node, const std::string& text) {
   std::fprintf(stderr, "dserve agent: [%s] %s\n", node.c_str(), text.c_str());
   std::fflush(stderr);
+}
+
+// Whether a process's stdout holds its "dserve: serving ..." line.
+bool has_ready_line(const std::string& out_path) {
+  std::ifstream in(out_path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("dserve: serving ", 0) == 0) return true;
+  }
+  return false;
 }
 
 std::string describe_exit(int status) {
@@ -82,6 +92,14 @@ class Agent {
   AgentOptions o_;
   ClusterPlan plan_;
   bool have_plan_ = false;
+  struct PlanFileId {
+    ino_t inode = 0;
+    off_t size = 0;
+    time_t mtime_s = 0;
+    long mtime_ns = 0;
+    bool operator==(const PlanFileId&) const = default;
+  };
+  PlanFileId plan_file_;                   // the plan.json plan_ was read from
   std::map<std::string, Worker> workers_;  // by process name
   AgentReport report_;
   std::string last_written_;
@@ -92,8 +110,18 @@ class Agent {
 };
 
 bool Agent::load_current_plan() {
+  // The plan is replaced by a rename, never written in place: the same inode, size and
+  // modification time is the plan already read, not parsed again every poll.
+  struct stat st {};
+  if (::stat((o_.state_dir + "/plan.json").c_str(), &st) != 0) return false;
+  const PlanFileId id{st.st_ino, st.st_size, st.st_mtim.tv_sec, st.st_mtim.tv_nsec};
+  if (have_plan_ && id == plan_file_) {
+    follow_plan();
+    return true;
+  }
   auto plan = load_plan(o_.state_dir);
   if (!plan.is_ok()) return false;
+  plan_file_ = id;
   if (!have_plan_ || plan->generation != plan_.generation) {
     plan_ = std::move(plan).value();
     have_plan_ = true;

@@ -15,7 +15,5 @@ uint64_t parse_stat(const std::string& line, char* state = nullptr);
 uint64_t start_ticks_of(pid_t pid, char* state = nullptr);
 // `s` as one word for sh.
 std::string sh_quote(const std::string& s);
-// Whether the file holds a process's "dserve: serving ..." line.
-bool has_ready_line(const std::string& out_path);
 
 }  // namespace dserve::cluster::internal

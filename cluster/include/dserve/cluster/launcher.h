@@ -73,17 +73,13 @@ struct LaunchOptions {
   std::string state_dir;  // logs go to <state_dir>/logs/<name>.{log,out} (on its node)
   // For processes on nodes with `ssh`: the command that reaches them, before the destination.
   std::vector<std::string> ssh_command = {"ssh", "-o", "BatchMode=yes"};
-  std::chrono::milliseconds ready_timeout{120000};
 };
 
 // Starts `dserve <args>` for `process`, detached: here, or over ssh on its node (in its own
-// session there, surviving the ssh connection). Returns at once; wait_ready() waits for it.
+// session there, surviving the ssh connection). Returns at once (`dserve up` starts the node
+// agents this way; their reports say when the processes they run are ready).
 Result<ProcessRecord> start_process(const Process& process, std::vector<std::string> args,
                                     const LaunchOptions& options);
-
-// Waits until the process has printed its "dserve: serving ..." line. kUnavailable with the
-// end of its log when it exits first or `timeout` passes.
-Status wait_ready(const ProcessRecord& record, std::chrono::milliseconds timeout);
 
 // Sends SIGTERM, waits up to `timeout` for the process to exit, then SIGKILL. Returns how it
 // ended: "exited", "killed after N ms" or "was not running".
