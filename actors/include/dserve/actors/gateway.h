@@ -34,6 +34,11 @@
 // periodic health probes (a hung one is seen after `probe_failures_before_down` misses; a
 // restarted one by its new epoch, so nothing it held before is used again).
 //
+// Where each part lives: Placement (placement.h) makes the choices of steps 2 and 3 and counts
+// what each worker holds; a request's run (actors/src/gateway_run.cc) waits only on events (its
+// tokens, the prefill's reply, a lost worker, a cancel, room that may have appeared, a freed
+// running slot), each wait bounded by the deadline.
+//
 // Thread-safety: generate() is called concurrently from any number of threads that are not
 // actor threads (it blocks); snapshot() from anywhere.
 
@@ -89,8 +94,11 @@ struct GatewayOptions {
   // it computed the prompt this many times fails (RESOURCE_EXHAUSTED) instead of being placed
   // again: one prompt must not take down the pool worker by worker.
   int max_prefill_losses = 2;
-  // Pause before asking again when every decode worker refused for lack of room.
-  std::chrono::milliseconds capacity_retry{25};
+  // A request that finds no room (every prefill queue full, every decode worker refusing for
+  // lack of room) waits for an event that may bring room: a request ended, a prefill finished,
+  // a worker became reachable or reported more free KV bytes or fewer requests. This bounds the
+  // wait between two asks when no such event comes (room freed by another gateway, say).
+  std::chrono::milliseconds capacity_retry{250};
   // Prompt tokens placed on one prefill worker and not yet prefilled; a request waits at the
   // gateway (holding nothing on the workers) until a worker has room. An idle worker takes a
   // prompt of any length.
@@ -150,7 +158,8 @@ struct GenerateOutcome {
 
 // New tokens in order: tokens[i] is output position first_index + i. Never repeats a position.
 using TokenCallback = std::function<void(std::span<const TokenId> tokens, uint32_t first_index)>;
-// Polled while the request runs (about every 20 ms); true cancels it.
+// Asked while the request waits (about every 20 ms: a client gone from a synchronous gRPC call
+// or an HTTP stream has no event); true cancels it. Gateway::cancel wakes the request at once.
 using CancelCheck = std::function<bool()>;
 
 struct WorkerView {
