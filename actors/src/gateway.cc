@@ -147,7 +147,8 @@ void Gateway::Impl::sync_available_locked(size_t i) {
 
 void Gateway::Impl::notify_capacity_locked() {
   for (auto& [attempt, route] : routes_) {
-    if (!route.waiting_for_room) continue;
+    if (!route.waiting_for_room || route.room_event_queued) continue;
+    route.room_event_queued = true;
     detail::Event e;
     e.kind = detail::Event::Kind::kCapacity;
     route.channel->push(std::move(e));

@@ -82,7 +82,8 @@ struct AttemptRoute {
   uint64_t prefill_tokens = 0;  // counted in the prefill worker's queued tokens until done
   bool prefill_sent = false;
   bool prefill_done = false;
-  bool waiting_for_room = false;  // told of kCapacity events
+  bool waiting_for_room = false;   // told of kCapacity events
+  bool room_event_queued = false;  // one kCapacity event at most waits in the channel
 };
 
 // A pool member as the gateway watches it (its load is in the Placement, same index).

@@ -314,8 +314,12 @@ std::optional<RequestRun::AttemptEnd> RequestRun::wait_for_room(Attempt& a,
       case Event::Kind::kCancel:
         return finish_attempt(a.id, false, "cancelled by the client",
                               cancelled_error("cancelled while waiting for " + what));
-      case Event::Kind::kCapacity:
+      case Event::Kind::kCapacity: {
+        std::lock_guard<std::mutex> lock(gw_.mu_);
+        auto it = gw_.routes_.find(a.id);
+        if (it != gw_.routes_.end()) it->second.room_event_queued = false;
         return std::nullopt;
+      }
       case Event::Kind::kWorkerDown:
         if (ev->attempt != a.id) break;
         // The prefill worker claimed for this attempt is gone before it got the prompt.
