@@ -56,9 +56,10 @@ Status validate_job(const GenerateJob& job) {
   std::string problems;
   if (!is_valid_request_id(job.request_id)) problems += std::string(kRequestIdRule) + "; ";
   if (job.prompt.empty()) problems += "the prompt is empty; ";
-  if (!std::isfinite(job.temperature) || job.temperature < 0.0f)
+  if (!std::isfinite(job.temperature) || job.temperature < 0.0f) {
     problems +=
         "temperature must be a finite number >= 0 (got " + std::to_string(job.temperature) + "); ";
+  }
   if (job.top_k < 0) problems += "top_k must be >= 0 (got " + std::to_string(job.top_k) + "); ";
   if (!(job.top_p > 0.0f && job.top_p <= 1.0f))
     problems += "top_p must be in (0, 1] (got " + std::to_string(job.top_p) + "); ";

@@ -122,7 +122,7 @@ void Gateway::Impl::cancel_on(size_t worker, Epoch epoch, RequestId attempt,
 
 void Gateway::Impl::send_cancel(Role role, const caf::actor& handle, RequestId attempt,
                                 const std::string& reason) {
-  auto ignore = [](Result<CancelReply>) {};
+  auto ignore = [](const Result<CancelReply>&) {};
   if (role == Role::kPrefill) {
     rt_.call_async<CancelReply>(caf::actor_cast<PrefillActor>(handle),
                                 CancelRequest{attempt, reason}, opt_.reserve_timeout, ignore);

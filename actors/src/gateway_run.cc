@@ -450,7 +450,7 @@ RequestRun::AttemptEnd RequestRun::stream(Attempt& a) {
       next_renewal = SteadyClock::now() + gw_.opt_.reservation_renewal;
       gw_.rt_.call_async<RenewReply>(caf::actor_cast<DecodeActor>(decode_handle),
                                      RenewReservation{a.id, a.decode.reply.reservation_id},
-                                     gw_.opt_.reserve_timeout, [](Result<RenewReply>) {});
+                                     gw_.opt_.reserve_timeout, [](const Result<RenewReply>&) {});
     }
     // Checked on every event too: a stream that never pauses must still stop when asked.
     if (is_cancelled()) {

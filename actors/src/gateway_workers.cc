@@ -93,7 +93,7 @@ void Gateway::Impl::connect_and_watch(size_t i) {
   for (const auto& [attempt, reason] : owed)
     send_cancel(copy_for_connect.role, handle, attempt, reason);
   // Outside the lock: the watcher's callback takes it.
-  caf::actor watcher = rt_.watch(handle, [this, i, gen](std::string why) {
+  caf::actor watcher = rt_.watch(handle, [this, i, gen](const std::string& why) {
     std::lock_guard<std::mutex> l(mu_);
     if (workers_[i].generation != gen) return;
     mark_down_locked(i, "connection lost: " + why);
