@@ -11,7 +11,7 @@
 #include <thread>
 #include <vector>
 
-#include "transfer_impl.h"
+#include "ucx_transport.h"
 
 namespace dserve::kvstore {
 namespace {

@@ -5,7 +5,7 @@
 #include <string>
 #include <utility>
 
-#include "transfer_impl.h"
+#include "ucx_transport.h"
 
 namespace dserve::kvstore {
 
