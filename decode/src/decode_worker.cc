@@ -92,7 +92,7 @@ struct DecodeMetrics {
 
 struct WorkerState {
   model::Engine* compute = nullptr;  // the model, on its device
-  kvstore::TransferEngine* engine = nullptr;
+  kvstore::Transport* transport = nullptr;
   Epoch epoch = 0;
   std::string node_name;
   DecodeWorkerOptions options;
@@ -320,7 +320,7 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
   auto lease = s.arena->lease(region_bytes);
   if (!lease.is_ok())
     return refuse(req, s.epoch, "cannot lease a transfer region: " + lease.status().to_string());
-  auto remote = s.engine->describe(lease->region);
+  auto remote = s.transport->describe(lease->region);
   if (!remote.is_ok()) {
     s.arena->release(std::move(lease).value());
     return refuse(req, s.epoch,
@@ -332,7 +332,7 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
   reply.outcome = ReserveOutcome::kGranted;
   reply.reservation_id = s.next_reservation++;
   reply.transfer_keys =
-      kvstore::encode_handoff_keys({s.engine->local_address(), std::move(remote).value()});
+      kvstore::encode_handoff_keys({s.transport->local_address(), std::move(remote).value()});
   s.used_bytes += lease->bytes;
   const auto expiry = lease_time(s.options, req.deadline_unix_ms);
   s.reservations.emplace(
@@ -385,11 +385,11 @@ CancelReply cancel_request(DecodeWorkerActor::stateful_pointer<WorkerState> self
 
 DecodeWorkerActor::behavior_type decode_worker(
     DecodeWorkerActor::stateful_pointer<WorkerState> self, model::Engine* compute,
-    kvstore::TransferEngine* engine, std::shared_ptr<HandoffArena> arena, Epoch epoch,
+    kvstore::Transport* transport, std::shared_ptr<HandoffArena> arena, Epoch epoch,
     std::string node_name, DecodeWorkerOptions options) {
   auto& st = self->state;
   st.compute = compute;
-  st.engine = engine;
+  st.transport = transport;
   st.arena = std::move(arena);
   st.epoch = epoch;
   st.node_name = std::move(node_name);
@@ -569,11 +569,11 @@ uint64_t handoff_region_bytes(const model::ModelConfig& config, int64_t prompt_t
 }
 
 Result<DecodeActor> spawn_decode_worker(caf::actor_system& system, model::Engine& compute,
-                                        kvstore::TransferEngine& engine, Epoch epoch,
+                                        kvstore::Transport& transport, Epoch epoch,
                                         std::string node_name, DecodeWorkerOptions options) {
-  auto arena = HandoffArena::create(engine, options.kv_budget_bytes);
+  auto arena = HandoffArena::create(transport, options.kv_budget_bytes);
   if (!arena.is_ok()) return arena.status();
-  auto worker = system.spawn(decode_worker, &compute, &engine,
+  auto worker = system.spawn(decode_worker, &compute, &transport,
                              std::shared_ptr<HandoffArena>(std::move(arena).value()), epoch,
                              std::move(node_name), options);
   return caf::actor_cast<DecodeActor>(worker);
