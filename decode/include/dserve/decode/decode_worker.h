@@ -16,7 +16,11 @@
 //     gateway renews while the prefill runs).
 //   A reservation that gets no HandoffDone within min(reservation_timeout since its grant or
 //   last renewal, its deadline) expires.
-//   Either way a dropped reservation's range stays fenced for region_grace (handoff_arena.h).
+//   Either way a dropped reservation's range stays fenced for region_grace (handoff_arena.h);
+//   a HandoffDone for it meanwhile is refused saying whether it expired or was cancelled.
+//   Expiry and the grace are measured on the actor system's clock (caf::actor_clock), the one
+//   its delayed messages follow: under CAF's test coordinator the test moves it
+//   (tests/decode/decode_protocol_test.cc).
 //
 // Region layout (what prefill writes): [packed state of prompt_tokens tokens, exactly
 // model::packed_state_bytes bytes][logits of the prompt's last token, vocab floats]. The logits
