@@ -17,16 +17,16 @@
 // with, at the same message size); "per-layer" is one put per (pool, layer); "per-page" one put
 // per (pool, layer, 128-token block), as a decode worker's page table would have it.
 //
-// Modes: "whole-then-verify" is put() and then the digests to the receiver, which verifies
-// every span (verify_landed) once all have landed; "pipelined" is put_pipelined(): each piece
-// (--piece-bytes) is announced to the receiver's LandedWatcher once it landed, and verified
-// while the next ones are copied. The hand-off ends when the receiver answers that it verified
-// everything (after the last piece, in pipelined mode).
+// A hand-off is put() and then the digests to the receiver, which verifies every span
+// (verify_landed) once all have landed; it ends when the receiver answers that it verified
+// everything. (A pipelined mode, put_pipelined with verification as pieces land, was measured
+// here until the path was removed: the hand-off never used it. bench/RESULTS.md keeps its
+// figures.)
 //
 // Fairness: ucx_perftest runs on the same transports and devices, at the same message size
 // (--span for "uniform", the whole state for "whole"). The set-ups are interleaved, because the
 // machine is shared: every round runs ucx_perftest once per size and then one hand-off per
-// (layout, mode), the modes in turn first, so that a burst of load hits all of them alike.
+// layout, so that a burst of load hits all of them alike.
 // Figures are medians of --repeats rounds after a warm-up round, with the slowest and fastest
 // beside them. Ratios are ours / perftest: a put includes the sender's checksums, perftest none;
 // "pair" is the median over rounds of hand-off / that round's perftest.
@@ -141,7 +141,7 @@ TransferOptions options_for(const std::string& transports, const std::string& na
 // The receiving side: register, hand over, verify each hand-off, answer "OK" or the error.
 int serve(const std::string& transports, uint64_t bytes, bool allocate,
           const ChecksumSettings& settings) {
-  auto engine = TransferEngine::create(options_for(transports, "decode", settings));
+  auto engine = Transport::create_ucx(options_for(transports, "decode", settings));
   if (!engine.is_ok()) return 1;
   std::vector<std::byte> vector_memory(allocate ? 0 : bytes);
   auto region = allocate ? (*engine)->allocate_memory(bytes)
@@ -154,19 +154,6 @@ int serve(const std::string& transports, uint64_t bytes, bool allocate,
   }
   std::vector<uint8_t> frame;
   while (read_frame(0, frame)) {
-    if (frame.size() > 2 && frame[0] == 'W' && frame[1] == ' ') {
-      // A pipelined hand-off: watch, say so, and verify the pieces as they land.
-      uint64_t id = std::strtoull(reinterpret_cast<const char*>(frame.data()) + 2, nullptr, 10);
-      auto watcher = (*engine)->watch(*region, id);
-      if (!write_frame(1, {'R'})) return 1;
-      VerifyOptions verify;
-      verify.threads = settings.verify_threads;
-      dserve::Status st = watcher.is_ok() ? watcher->wait(std::chrono::seconds(60), verify).status()
-                                          : watcher.status();
-      std::string answer = st.is_ok() ? "OK" : st.to_string();
-      if (!write_frame(1, std::vector<uint8_t>(answer.begin(), answer.end()))) return 1;
-      continue;
-    }
     auto digests = decode_digests(frame);
     VerifyOptions verify;
     verify.threads = settings.verify_threads;
@@ -191,8 +178,6 @@ Spread spread(std::vector<double> v) {
   return {mid, v.front(), v.back()};
 }
 
-enum class Mode { kWholeThenVerify, kPipelined };
-
 struct Seconds {
   double put = 0, handoff = 0;
 };
@@ -203,37 +188,16 @@ struct Seconds {
 }
 
 // One hand-off of `ops`; exits on any failure (a benchmark of a broken transfer means nothing).
-Seconds handoff(TransferEngine& engine, dserve::kvstore::PeerId peer, const RemoteRegion& region,
-                const std::vector<PutOp>& ops, Mode mode, uint64_t piece_bytes, uint64_t id,
-                int to_child, int from_child) {
+Seconds handoff(Transport& transport, dserve::kvstore::PeerId peer, const RemoteRegion& region,
+                const std::vector<PutOp>& ops, int to_child, int from_child) {
   std::vector<uint8_t> answer;
   auto expect_ok = [&] {
     if (!read_frame(from_child, answer) || std::string(answer.begin(), answer.end()) != "OK") {
       fail("receiver refused the hand-off: " + std::string(answer.begin(), answer.end()));
     }
   };
-  if (mode == Mode::kPipelined) {
-    // The receiver watches before the sender starts (a decode worker does so when it reserves
-    // the pages): not part of the hand-off's time.
-    std::string watch = "W " + std::to_string(id);
-    if (!write_frame(to_child, std::vector<uint8_t>(watch.begin(), watch.end())) ||
-        !read_frame(from_child, answer) || answer != std::vector<uint8_t>{'R'}) {
-      fail("receiver did not watch");
-    }
-    PipelineOptions pipeline;
-    pipeline.handoff_id = id;
-    pipeline.piece_bytes = piece_bytes;
-    auto t0 = Clock::now();
-    auto digests = engine.put_pipelined(peer, region, ops, pipeline);
-    auto t1 = Clock::now();
-    if (!digests.is_ok()) fail("pipelined put failed: " + digests.status().to_string());
-    expect_ok();
-    auto t2 = Clock::now();
-    return {std::chrono::duration<double>(t1 - t0).count(),
-            std::chrono::duration<double>(t2 - t0).count()};
-  }
   auto t0 = Clock::now();
-  auto digests = engine.put(peer, region, ops);
+  auto digests = transport.put(peer, region, ops);
   auto t1 = Clock::now();
   if (!digests.is_ok()) fail("put failed: " + digests.status().to_string());
   if (!write_frame(to_child, encode_digests(*digests))) fail("receiver gone");
@@ -301,16 +265,14 @@ int main(int argc, char** argv) {
   ChecksumSettings settings;
   std::vector<std::string> regions = {"registered", "allocated"};
   std::vector<std::string> layout_names = {"uniform", "whole", "per-layer", "per-page"};
-  uint64_t piece_bytes = PipelineOptions{}.piece_bytes;
   app.add_option("--transports", transports, "UCX transport sets to measure");
   app.add_option("--span", span, "bytes per put in the uniform layout (= ucx_perftest -s)");
   app.add_option("--repeats", repeats,
-                 "timed rounds (each: perftest per size, a hand-off per layout and mode)");
+                 "timed rounds (each: perftest per size, a hand-off per layout)");
   app.add_option("--perftest", perftest_binary, "ucx_perftest binary");
   app.add_option("--port", port, "ucx_perftest control port");
   app.add_option("--regions", regions, "receiver memory: registered and/or allocated");
   app.add_option("--layouts", layout_names, "uniform, whole, per-layer, per-page");
-  app.add_option("--piece-bytes", piece_bytes, "PipelineOptions::piece_bytes (pipelined mode)");
   app.add_option("--checksum-threads", settings.checksum_threads,
                  "TransferOptions::checksum_threads of the sender (0: hash before the puts)");
   app.add_option("--digest-bytes", settings.digest_bytes,
@@ -342,12 +304,11 @@ int main(int argc, char** argv) {
       v4_layout(false).size(), v4_layout(true).size(), repeats);
   std::printf(
       "checksums: %u sender threads beside the puts, %llu bytes per digest (0: per put), %u "
-      "receiver threads; pipelined: %llu-byte pieces; load average %s\n",
+      "receiver threads; load average %s\n",
       settings.checksum_threads, static_cast<unsigned long long>(settings.digest_bytes),
-      settings.verify_threads, static_cast<unsigned long long>(piece_bytes),
-      load_average().c_str());
+      settings.verify_threads, load_average().c_str());
   std::printf(
-      "put = sender checksums + puts + flush (+ piece notifications); hand-off = until the "
+      "put = sender checksums + puts + flush; hand-off = until the "
       "receiver verified the last byte; GB/s = 1e9 bytes/s, median [slowest fastest]\n\n");
 
   std::vector<std::byte> state(total);
@@ -363,8 +324,8 @@ int main(int argc, char** argv) {
     std::printf("sender checksum alone (XXH3-64 of the state): %.2f GB/s [%016llx]\n\n",
                 static_cast<double>(total) / secs / 1e9, static_cast<unsigned long long>(h));
   }
-  std::printf("%-9s %-10s %-9s %-17s %-19s %-19s %-19s %5s %5s %5s\n", "transport", "region",
-              "layout", "mode", "put GB/s", "hand-off GB/s", "perftest GB/s", "put", "h-o", "pair");
+  std::printf("%-9s %-10s %-9s %-19s %-19s %-19s %5s %5s %5s\n", "transport", "region", "layout",
+              "put GB/s", "hand-off GB/s", "perftest GB/s", "put", "h-o", "pair");
   const std::pair<const char*, std::vector<Span>> all_layouts[] = {
       {"uniform", uniform_layout(total, span)},
       {"whole", uniform_layout(total, total)},
@@ -378,8 +339,6 @@ int main(int argc, char** argv) {
       ops.push_back({state.data() + sp.offset, sp.bytes, sp.offset});
     layouts.emplace_back(name, std::move(ops));
   }
-  const Mode modes[] = {Mode::kWholeThenVerify, Mode::kPipelined};
-  uint64_t next_id = 1;
   for (const std::string& tls : transports) {
     for (const std::string& kind : regions) {
       const bool allocate = kind == "allocated";
@@ -405,7 +364,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "receiver for %s did not start\n", tls.c_str());
         return 1;
       }
-      auto engine = TransferEngine::create(options_for(tls, "prefill", settings));
+      auto engine = Transport::create_ucx(options_for(tls, "prefill", settings));
       if (!engine.is_ok()) {
         std::fprintf(stderr, "%s\n", engine.status().to_string().c_str());
         return 1;
@@ -414,21 +373,18 @@ int main(int argc, char** argv) {
       if (!peer.is_ok()) return 1;
       RemoteRegion region = decode_remote_region(r).value();
 
-      // Rounds: perftest at both sizes, then every (layout, mode), the modes' order rotating.
+      // Rounds: perftest at both sizes, then every layout.
       // Round 0 warms up (page faults, wire-up) and is not counted.
       std::vector<double> perf_span, perf_whole;
-      std::vector<std::vector<Seconds>> times(layouts.size() * 2);
+      std::vector<std::vector<Seconds>> times(layouts.size());
       for (int round = 0; round <= repeats; ++round) {
         double ps = perftest_once(perftest_binary, tls, span, std::max<uint64_t>(50, total / span),
                                   20, port++);
         double pw = perftest_once(perftest_binary, tls, total, 3, 1, port++);
         for (size_t l = 0; l < layouts.size(); ++l) {
-          for (size_t k = 0; k < 2; ++k) {
-            const size_t m = (k + static_cast<size_t>(round)) % 2;
-            Seconds t = handoff(**engine, *peer, region, layouts[l].second, modes[m], piece_bytes,
-                                next_id++, to_child[1], from_child[0]);
-            if (round > 0) times[l * 2 + m].push_back(t);
-          }
+          Seconds t =
+              handoff(**engine, *peer, region, layouts[l].second, to_child[1], from_child[0]);
+          if (round > 0) times[l].push_back(t);
         }
         if (round > 0) {
           perf_span.push_back(ps);
@@ -441,38 +397,35 @@ int main(int argc, char** argv) {
         const std::vector<double>* perf = name == "uniform" ? &perf_span
                                           : name == "whole" ? &perf_whole
                                                             : nullptr;
-        for (size_t m = 0; m < 2; ++m) {
-          std::vector<double> put, ho, pair;
-          const auto& ts = times[l * 2 + m];
-          for (size_t i = 0; i < ts.size(); ++i) {
-            put.push_back(bytes / ts[i].put / 1e9);
-            ho.push_back(bytes / ts[i].handoff / 1e9);
-            if (perf != nullptr && (*perf)[i] > 0) pair.push_back(ho.back() / (*perf)[i]);
-          }
-          Spread p = spread(put), h = spread(ho);
-          std::string ref, ratio, handoff_ratio, paired;
-          if (perf != nullptr) {
-            std::vector<double> valid;
-            for (double v : *perf) {
-              if (v > 0) valid.push_back(v);
-            }
-            Spread reference = spread(valid);
-            if (reference.median > 0) {
-              char buf[16];
-              ref = text(reference);
-              std::snprintf(buf, sizeof buf, "%.2f", p.median / reference.median);
-              ratio = buf;
-              std::snprintf(buf, sizeof buf, "%.2f", h.median / reference.median);
-              handoff_ratio = buf;
-              std::snprintf(buf, sizeof buf, "%.2f", spread(pair).median);
-              paired = buf;
-            }
-          }
-          std::printf("%-9s %-10s %-9s %-17s %-19s %-19s %-19s %5s %5s %5s\n", tls.c_str(),
-                      kind.c_str(), name.c_str(), m == 0 ? "whole-then-verify" : "pipelined",
-                      text(p).c_str(), text(h).c_str(), ref.c_str(), ratio.c_str(),
-                      handoff_ratio.c_str(), paired.c_str());
+        std::vector<double> put, ho, pair;
+        const auto& ts = times[l];
+        for (size_t i = 0; i < ts.size(); ++i) {
+          put.push_back(bytes / ts[i].put / 1e9);
+          ho.push_back(bytes / ts[i].handoff / 1e9);
+          if (perf != nullptr && (*perf)[i] > 0) pair.push_back(ho.back() / (*perf)[i]);
         }
+        Spread p = spread(put), h = spread(ho);
+        std::string ref, ratio, handoff_ratio, paired;
+        if (perf != nullptr) {
+          std::vector<double> valid;
+          for (double v : *perf) {
+            if (v > 0) valid.push_back(v);
+          }
+          Spread reference = spread(valid);
+          if (reference.median > 0) {
+            char buf[16];
+            ref = text(reference);
+            std::snprintf(buf, sizeof buf, "%.2f", p.median / reference.median);
+            ratio = buf;
+            std::snprintf(buf, sizeof buf, "%.2f", h.median / reference.median);
+            handoff_ratio = buf;
+            std::snprintf(buf, sizeof buf, "%.2f", spread(pair).median);
+            paired = buf;
+          }
+        }
+        std::printf("%-9s %-10s %-9s %-19s %-19s %-19s %5s %5s %5s\n", tls.c_str(), kind.c_str(),
+                    name.c_str(), text(p).c_str(), text(h).c_str(), ref.c_str(), ratio.c_str(),
+                    handoff_ratio.c_str(), paired.c_str());
       }
       std::fflush(stdout);
       close(to_child[1]);

@@ -1,5 +1,5 @@
 // `dserve serve --role gateway|prefill|decode`: one process of a disaggregated cluster.
-// prefill/decode: loads the model, starts the actor runtime and the UCX transfer engine,
+// prefill/decode: loads the model, starts the actor runtime and the UCX transport,
 // publishes the role's actor at --listen and prints "dserve: serving <role> on HOST:PORT" on
 // stdout (the bound port when --listen asks for port 0; " metrics HOST:PORT" appended with
 // --metrics-listen), then serves until SIGINT or SIGTERM. Every role logs its requests' events
@@ -495,27 +495,27 @@ int run_serve(const ServeOptions& o) {
       (*logger)->warn("kv_store_quarantined", "", {{"detail", note}});
   }
 
-  // One engine per role, as in separate processes (a co-located process hands off through
-  // its own engines, over the same transports).
-  auto make_engine = [&](const std::string& name) {
+  // One transport per role, as in separate processes (a co-located process hands off through
+  // its own transports, over the same UCX transports).
+  auto make_transport = [&](const std::string& name) {
     kvstore::TransferOptions topts;
     topts.transports = o.transports;
     topts.net_devices = o.net_devices;
     topts.name = name;
     topts.timeout = std::chrono::milliseconds(o.transfer_timeout_ms);
-    return kvstore::TransferEngine::create(topts);
+    return kvstore::Transport::create_ucx(topts);
   };
-  std::unique_ptr<kvstore::TransferEngine> prefill_engine, decode_engine;
+  std::unique_ptr<kvstore::Transport> prefill_transport, decode_transport;
   for (auto [wanted, slot, name] :
-       {std::tuple{runs_prefill, &prefill_engine, "prefill@" + o.listen},
-        std::tuple{runs_decode, &decode_engine, "decode@" + o.listen}}) {
+       {std::tuple{runs_prefill, &prefill_transport, "prefill@" + o.listen},
+        std::tuple{runs_decode, &decode_transport, "decode@" + o.listen}}) {
     if (!wanted) continue;
-    auto engine = make_engine(name);
-    if (!engine.is_ok()) {
-      print_error("transfer engine: " + engine.status().to_string());
+    auto transport = make_transport(name);
+    if (!transport.is_ok()) {
+      print_error("transport: " + transport.status().to_string());
       return 1;
     }
-    *slot = std::move(engine).value();
+    *slot = std::move(transport).value();
   }
 
   std::unique_ptr<actors::ActorRuntime> prefill_rt, decode_rt;
@@ -541,7 +541,7 @@ int run_serve(const ServeOptions& o) {
     dopts.log = logger->get();
     dopts.metrics = metrics_at ? &metrics : nullptr;
     auto worker = decode::spawn_decode_worker(
-        decode_rt->system(), *decode_compute, *decode_engine, decode_rt->epoch(),
+        decode_rt->system(), *decode_compute, *decode_transport, decode_rt->epoch(),
         "decode@" + rcfg.listen_host + ":" + std::to_string(rcfg.listen_port), dopts);
     if (!worker.is_ok()) {
       print_error("decode worker: " + worker.status().to_string());
@@ -574,7 +574,7 @@ int run_serve(const ServeOptions& o) {
     popts.log = logger->get();
     popts.metrics = metrics_at ? &metrics : nullptr;
     auto bound = prefill_rt->publish(
-        prefill::spawn_prefill_worker(prefill_rt->system(), *cache, *prefill_engine,
+        prefill::spawn_prefill_worker(prefill_rt->system(), *cache, *prefill_transport,
                                       prefill_rt->epoch(), "prefill@" + o.listen, popts));
     if (!bound.is_ok()) {
       print_error(bound.status().to_string());

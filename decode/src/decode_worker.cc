@@ -46,8 +46,16 @@ struct Reservation {
   TokenSinkActor sink;
   HandoffArena::Lease lease;  // where the prefill worker writes the state
   // When it expires without a HandoffDone: reservation_timeout after the grant or the last
-  // RenewReservation, never past the deadline.
-  std::chrono::steady_clock::time_point expires;
+  // RenewReservation, never past the deadline. On the actor's clock (WorkerState::now).
+  caf::actor_clock::time_point expires;
+};
+
+// A reservation that expired or was cancelled before its hand-off, remembered while its range
+// is fenced so that a HandoffDone arriving meanwhile is told which.
+struct EndedReservation {
+  RequestId request_id = 0;
+  std::string why;  // "expired before its hand-off", "cancelled before its hand-off (...)"
+  caf::actor_clock::time_point forget_after;
 };
 
 struct Decoding {
@@ -91,8 +99,11 @@ struct DecodeMetrics {
 };
 
 struct WorkerState {
+  // The actor system's clock, which its delayed messages follow: reservation expiry and the
+  // region grace are measured on it, so that a test scheduler that advances it runs them.
+  caf::actor_clock* clock = nullptr;
   model::Engine* compute = nullptr;  // the model, on its device
-  kvstore::TransferEngine* engine = nullptr;
+  kvstore::Transport* transport = nullptr;
   Epoch epoch = 0;
   std::string node_name;
   DecodeWorkerOptions options;
@@ -104,11 +115,15 @@ struct WorkerState {
   std::shared_ptr<HandoffArena> arena;
   std::map<ReservationId, Reservation> reservations;  // each holds one lease
   std::map<ReservationId, Decoding> decoding;         // keyed like the batch
+  // Expired or cancelled reservations, for the region grace (at most one per fenced range).
+  std::map<ReservationId, EndedReservation> ended;
   uint64_t used_bytes = 0;
   uint64_t handoffs_rejected = 0;  // HandoffDone answered with accepted = false
   uint64_t handoffs_corrupt = 0;   // of those, landed bytes that failed verification
   bool stepping = false;
   std::unique_ptr<DecodeMetrics> metrics;
+
+  caf::actor_clock::time_point now() const { return clock->now(); }
 
   // The gauges follow the state: called after every message that changes it.
   void refresh_gauges() {
@@ -148,14 +163,18 @@ void release_reservation(WorkerState& st, std::map<ReservationId, Reservation>::
 }
 
 // Before a hand-off (expiry, cancel): a late put may still land, so the range is fenced.
-void abandon_reservation(WorkerState& st, std::map<ReservationId, Reservation>::iterator it) {
-  st.arena->abandon(std::move(it->second.lease),
-                    std::chrono::steady_clock::now() + st.options.region_grace);
+void abandon_reservation(WorkerState& st, std::map<ReservationId, Reservation>::iterator it,
+                         std::string why) {
+  const auto reuse_after = st.now() + st.options.region_grace;
+  st.arena->abandon(std::move(it->second.lease), reuse_after);
+  st.ended[it->first] = EndedReservation{it->second.request_id, std::move(why), reuse_after};
   st.reservations.erase(it);
 }
 
 void purge_quarantine(WorkerState& st) {
-  st.used_bytes -= st.arena->reclaim(std::chrono::steady_clock::now());
+  const auto now = st.now();
+  st.used_bytes -= st.arena->reclaim(now);
+  std::erase_if(st.ended, [now](const auto& entry) { return entry.second.forget_after <= now; });
 }
 
 // Checks the landed bytes and turns them into a batch entry.
@@ -244,6 +263,10 @@ HandoffAck accept_handoff(WorkerState& s, const HandoffDone& done) {
   if (it == s.reservations.end() || it->second.request_id != done.request_id) {
     ack.reason = "no live reservation " + std::to_string(done.reservation_id) + " for request " +
                  std::to_string(done.request_id) + " (expired or cancelled)";
+    if (auto ended = s.ended.find(done.reservation_id);
+        ended != s.ended.end() && ended->second.request_id == done.request_id) {
+      ack.reason += ": it " + ended->second.why;
+    }
     return ack;
   }
   auto req = take_handoff(s, it->first, it->second, done);
@@ -320,7 +343,7 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
   auto lease = s.arena->lease(region_bytes);
   if (!lease.is_ok())
     return refuse(req, s.epoch, "cannot lease a transfer region: " + lease.status().to_string());
-  auto remote = s.engine->describe(lease->region);
+  auto remote = s.transport->describe(lease->region);
   if (!remote.is_ok()) {
     s.arena->release(std::move(lease).value());
     return refuse(req, s.epoch,
@@ -332,15 +355,14 @@ ReserveReply reserve(DecodeWorkerActor::stateful_pointer<WorkerState> self, Rese
   reply.outcome = ReserveOutcome::kGranted;
   reply.reservation_id = s.next_reservation++;
   reply.transfer_keys =
-      kvstore::encode_handoff_keys({s.engine->local_address(), std::move(remote).value()});
+      kvstore::encode_handoff_keys({s.transport->local_address(), std::move(remote).value()});
   s.used_bytes += lease->bytes;
   const auto expiry = lease_time(s.options, req.deadline_unix_ms);
   s.reservations.emplace(
       reply.reservation_id,
       Reservation{req.request_id, req.trace_id, req.prompt_tokens, req.max_new_tokens,
                   req.deadline_unix_ms, sampling, std::move(req.generated),
-                  std::move(req.stream_to), std::move(lease).value(),
-                  std::chrono::steady_clock::now() + expiry});
+                  std::move(req.stream_to), std::move(lease).value(), s.now() + expiry});
   self->delayed_send(self, expiry, expire_atom::value, reply.reservation_id);
   return reply;
 }
@@ -351,8 +373,7 @@ RenewReply renew_reservation(WorkerState& s, const RenewReservation& renew) {
   if (it == s.reservations.end() || it->second.request_id != renew.request_id) {
     return RenewReply{renew.request_id, false};
   }
-  it->second.expires =
-      std::chrono::steady_clock::now() + lease_time(s.options, it->second.deadline_unix_ms);
+  it->second.expires = s.now() + lease_time(s.options, it->second.deadline_unix_ms);
   return RenewReply{renew.request_id, true};
 }
 
@@ -367,7 +388,9 @@ CancelReply cancel_request(DecodeWorkerActor::stateful_pointer<WorkerState> self
             {{"attempt_id", cancel.request_id},
              {"reservation_id", it->first},
              {"reason", cancel.reason}});
-      abandon_reservation(s, it);
+      // The gateway's reason, bounded: it is kept for the grace period and sent back.
+      abandon_reservation(
+          s, it, "was cancelled before its hand-off (" + cancel.reason.substr(0, 128) + ")");
       self->delayed_send(self, s.options.region_grace, purge_atom::value);
       reply.was_active = true;
       return reply;
@@ -385,11 +408,12 @@ CancelReply cancel_request(DecodeWorkerActor::stateful_pointer<WorkerState> self
 
 DecodeWorkerActor::behavior_type decode_worker(
     DecodeWorkerActor::stateful_pointer<WorkerState> self, model::Engine* compute,
-    kvstore::TransferEngine* engine, std::shared_ptr<HandoffArena> arena, Epoch epoch,
+    kvstore::Transport* transport, std::shared_ptr<HandoffArena> arena, Epoch epoch,
     std::string node_name, DecodeWorkerOptions options) {
   auto& st = self->state;
+  st.clock = &self->clock();
   st.compute = compute;
-  st.engine = engine;
+  st.transport = transport;
   st.arena = std::move(arena);
   st.epoch = epoch;
   st.node_name = std::move(node_name);
@@ -541,7 +565,7 @@ DecodeWorkerActor::behavior_type decode_worker(
       [self](expire_atom, ReservationId id) {
         auto it = self->state.reservations.find(id);
         if (it == self->state.reservations.end()) return;
-        const auto now = std::chrono::steady_clock::now();
+        const auto now = self->state.now();
         if (it->second.expires > now) {  // renewed meanwhile: look again when the lease ends
           self->delayed_send(self,
                              std::chrono::ceil<std::chrono::milliseconds>(it->second.expires - now),
@@ -550,7 +574,7 @@ DecodeWorkerActor::behavior_type decode_worker(
         }
         self->state.log(ops::LogLevel::kWarn, "reservation_expired", it->second.trace_id,
                         {{"attempt_id", it->second.request_id}, {"reservation_id", id}});
-        abandon_reservation(self->state, it);
+        abandon_reservation(self->state, it, "expired before its hand-off");
         self->delayed_send(self, self->state.options.region_grace, purge_atom::value);
         self->state.refresh_gauges();
       },
@@ -569,11 +593,11 @@ uint64_t handoff_region_bytes(const model::ModelConfig& config, int64_t prompt_t
 }
 
 Result<DecodeActor> spawn_decode_worker(caf::actor_system& system, model::Engine& compute,
-                                        kvstore::TransferEngine& engine, Epoch epoch,
+                                        kvstore::Transport& transport, Epoch epoch,
                                         std::string node_name, DecodeWorkerOptions options) {
-  auto arena = HandoffArena::create(engine, options.kv_budget_bytes);
+  auto arena = HandoffArena::create(transport, options.kv_budget_bytes);
   if (!arena.is_ok()) return arena.status();
-  auto worker = system.spawn(decode_worker, &compute, &engine,
+  auto worker = system.spawn(decode_worker, &compute, &transport,
                              std::shared_ptr<HandoffArena>(std::move(arena).value()), epoch,
                              std::move(node_name), options);
   return caf::actor_cast<DecodeActor>(worker);

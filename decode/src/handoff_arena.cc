@@ -24,7 +24,7 @@ uint64_t round_to_pages(uint64_t bytes) {
 
 }  // namespace
 
-Result<std::unique_ptr<HandoffArena>> HandoffArena::create(kvstore::TransferEngine& engine,
+Result<std::unique_ptr<HandoffArena>> HandoffArena::create(kvstore::Transport& transport,
                                                            uint64_t bytes) {
   if (bytes == 0) return invalid_argument("a hand-off arena needs at least one byte");
   const uint64_t rounded = round_to_pages(bytes);
@@ -35,11 +35,11 @@ Result<std::unique_ptr<HandoffArena>> HandoffArena::create(kvstore::TransferEngi
                               " bytes: " + std::strerror(errno));
   }
   return std::unique_ptr<HandoffArena>(
-      new HandoffArena(engine, static_cast<std::byte*>(base), rounded));
+      new HandoffArena(transport, static_cast<std::byte*>(base), rounded));
 }
 
-HandoffArena::HandoffArena(kvstore::TransferEngine& engine, std::byte* base, uint64_t bytes)
-    : engine_(engine), base_(base), bytes_(bytes) {
+HandoffArena::HandoffArena(kvstore::Transport& transport, std::byte* base, uint64_t bytes)
+    : transport_(transport), base_(base), bytes_(bytes) {
   free_.emplace(0, bytes);
 }
 
@@ -68,7 +68,7 @@ Result<HandoffArena::Lease> HandoffArena::lease(uint64_t bytes) {
   const uint64_t left = it->second - want;
   free_.erase(it);
   if (left > 0) free_.emplace(offset + want, left);
-  auto region = engine_.register_memory(base_ + offset, want);
+  auto region = transport_.register_memory(base_ + offset, want);
   if (!region.is_ok()) {
     free_range(offset, want);
     return region.status();

@@ -1,4 +1,4 @@
-// The transfer engine's byte encodings for the control plane, and the receiver's checks
+// The transport's byte encodings for the control plane, and the receiver's checks
 // (serial and on several threads).
 // No UCX here: a control-plane actor can decode and verify without opening a worker.
 
@@ -21,7 +21,6 @@ namespace {
 constexpr uint32_t kPeerAddressTag = 0x50414444;  // "PADD"
 constexpr uint32_t kRegionTag = 0x52474e31;       // "RGN1"
 constexpr uint32_t kDigestsTag = 0x44475354;      // "DGST"
-constexpr uint32_t kLandedPieceTag = 0x4c4e4450;  // "LNDP"
 constexpr uint32_t kVersion = 1;
 // A bound no valid blob (name, worker address, rkey) reaches: a corrupt length never allocates.
 constexpr uint64_t kMaxBlob = 1u << 20;
@@ -82,7 +81,7 @@ class Reader {
   size_t pos_ = 0;
 };
 
-// A counted list of span digests, shared by the digests blob and the landed-piece note.
+// A counted list of span digests.
 void write_digests(Writer& w, std::span<const SpanDigest> digests) {
   w.u64(digests.size());
   for (const SpanDigest& d : digests) {
@@ -247,29 +246,6 @@ Result<std::vector<SpanDigest>> decode_digests(std::span<const uint8_t> bytes) {
   if (!r.header(kDigestsTag) || !read_digests(r, bytes.size(), out) || !r.done())
     return malformed("digests");
   return out;
-}
-
-std::vector<uint8_t> encode_landed_piece(const LandedPiece& piece) {
-  Writer w;
-  w.u32(kLandedPieceTag);
-  w.u32(kVersion);
-  w.u64(piece.handoff_id);
-  w.u64(piece.region_address);
-  w.u32(piece.index);
-  w.u32(piece.count);
-  write_digests(w, piece.digests);
-  return w.take();
-}
-
-Result<LandedPiece> decode_landed_piece(std::span<const uint8_t> bytes) {
-  Reader r(bytes);
-  LandedPiece p;
-  if (!r.header(kLandedPieceTag) || !r.u64(p.handoff_id) || !r.u64(p.region_address) ||
-      !r.u32(p.index) || !r.u32(p.count) || !read_digests(r, bytes.size(), p.digests) ||
-      !r.done()) {
-    return malformed("landed piece");
-  }
-  return p;
 }
 
 }  // namespace dserve::kvstore

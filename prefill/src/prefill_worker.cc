@@ -123,7 +123,7 @@ struct PrefillMetrics {
 struct WorkerState {
   model::PrefixCache* cache = nullptr;
   model::Engine* compute = nullptr;  // the cache's engine: the model on its device
-  kvstore::TransferEngine* engine = nullptr;
+  kvstore::Transport* transport = nullptr;
   Epoch epoch = 0;
   std::string node_name;
   PrefillWorkerOptions options;
@@ -184,18 +184,19 @@ Result<HandoffDone> write_state(WorkerState& st, const PrefillRequest& req,
                             " bytes, the state and logits need " +
                             std::to_string(packed.size() + logit_bytes));
   }
-  auto peer = st.engine->connect(keys->peer);
+  auto peer = st.transport->connect(keys->peer);
   if (!peer.is_ok()) return peer.status();
   const kvstore::PutOp ops[2] = {{packed.data(), packed.size(), 0},
                                  {result.last_logits.data(), logit_bytes, packed.size()}};
-  auto digests = st.engine->put(*peer, keys->region, ops);
+  auto digests = st.transport->put(*peer, keys->region, ops);
   if (!digests.is_ok()) return digests.status();
   if (st.injected_faults < st.options.inject_corrupt_handoffs) {
     // Fault injection (tests): the bytes that land are no longer those the digests vouch for.
     ++st.injected_faults;
     const uint8_t flipped = static_cast<uint8_t>(packed[0] ^ 0xffu);
     const kvstore::PutOp corrupt[1] = {{&flipped, 1, 0}};
-    if (auto bad = st.engine->put(*peer, keys->region, corrupt); !bad.is_ok()) return bad.status();
+    if (auto bad = st.transport->put(*peer, keys->region, corrupt); !bad.is_ok())
+      return bad.status();
   }
   const auto logits = result.last_logits.span();
   HandoffDone done;
@@ -275,12 +276,12 @@ void send_handoff(PrefillWorkerActor::stateful_pointer<WorkerState> self, Pendin
 
 PrefillWorkerActor::behavior_type prefill_worker(
     PrefillWorkerActor::stateful_pointer<WorkerState> self, model::PrefixCache* cache,
-    kvstore::TransferEngine* engine, Epoch epoch, std::string node_name,
+    kvstore::Transport* transport, Epoch epoch, std::string node_name,
     PrefillWorkerOptions options) {
   auto& st = self->state;
   st.cache = cache;
   st.compute = &cache->engine();
-  st.engine = engine;
+  st.transport = transport;
   st.epoch = epoch;
   st.node_name = std::move(node_name);
   st.options = options;
@@ -413,9 +414,10 @@ PrefillWorkerActor::behavior_type prefill_worker(
 }  // namespace
 
 PrefillActor spawn_prefill_worker(caf::actor_system& system, model::PrefixCache& cache,
-                                  kvstore::TransferEngine& engine, Epoch epoch,
-                                  std::string node_name, PrefillWorkerOptions options) {
-  auto worker = system.spawn(prefill_worker, &cache, &engine, epoch, std::move(node_name), options);
+                                  kvstore::Transport& transport, Epoch epoch, std::string node_name,
+                                  PrefillWorkerOptions options) {
+  auto worker =
+      system.spawn(prefill_worker, &cache, &transport, epoch, std::move(node_name), options);
   return caf::actor_cast<PrefillActor>(worker);
 }
 

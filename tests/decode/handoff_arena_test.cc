@@ -17,12 +17,12 @@ namespace {
 
 using Clock = HandoffArena::Clock;
 
-std::unique_ptr<kvstore::TransferEngine> make_engine(const std::string& name) {
+std::unique_ptr<kvstore::Transport> make_engine(const std::string& name) {
   kvstore::TransferOptions options;
   options.transports = "tcp";
   options.name = name;
   options.timeout = std::chrono::seconds(10);
-  auto engine = kvstore::TransferEngine::create(options);
+  auto engine = kvstore::Transport::create_ucx(options);
   EXPECT_TRUE(engine.is_ok()) << engine.status().to_string();
   return engine.is_ok() ? std::move(engine).value() : nullptr;
 }

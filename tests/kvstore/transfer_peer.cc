@@ -1,34 +1,21 @@
-// The peer process of tests/kvstore/transfer_test.cc: the receiving (decode) side, or, for the
-// pipelined hand-off, the sending (prefill) side.
+// The peer process of tests/kvstore/transfer_test.cc: the receiving (decode) side.
 //
 //   transfer_peer <transports> <region bytes> <flags>
 //
 // flags: a string with 'd' to detect peer failure (TransferOptions::detect_peer_failure) and
-// 'a' to take the region from TransferEngine::allocate_memory instead of registering a vector.
-// Opens a TransferEngine named "decode", makes a zero-filled region, and writes two frames
+// 'a' to take the region from Transport::allocate_memory instead of registering a vector.
+// Opens a UCX transport named "decode", makes a zero-filled region, and writes two frames
 // to stdout: its encoded PeerAddress and its encoded RemoteRegion. Then, for every frame of
 // encoded digests read from stdin, verifies the region against them and answers one frame:
 // "OK" or the Status text. Exits 0 at end of input. A frame is a 4-byte little-endian length
 // and that many bytes.
-//
-//   transfer_peer send <transports> <flags>
-//
-// Opens a TransferEngine named "prefill", reads two frames (the receiver's PeerAddress and
-// RemoteRegion), then for every job frame, the text "<handoff id> <bytes> <seed> <piece bytes>
-// <pause ms>", makes `bytes` bytes of state from `seed` (mt19937_64, 8 bytes at a time), puts
-// them pipelined (1 MiB ops from offset 0), pausing `pause ms` after each piece, and answers
-// "OK" or the Status text.
 
 #include <unistd.h>
 
-#include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "dserve/kvstore/transfer.h"
@@ -69,58 +56,10 @@ bool read_frame(std::vector<uint8_t>& out) {
   return read_all(0, out.data(), n);
 }
 
-bool write_text(const std::string& text) {
-  return write_frame({reinterpret_cast<const uint8_t*>(text.data()), text.size()});
-}
-
-int send(const std::string& transports, const std::string& flags) {
-  using namespace dserve::kvstore;
-  TransferOptions options;
-  options.transports = transports;
-  options.name = "prefill";
-  options.detect_peer_failure = flags.find('d') != std::string::npos;
-  auto engine = TransferEngine::create(options);
-  std::vector<uint8_t> a, r;
-  if (!engine.is_ok() || !read_frame(a) || !read_frame(r)) return 1;
-  auto address = decode_peer_address(a);
-  auto region = decode_remote_region(r);
-  if (!address.is_ok() || !region.is_ok()) return 1;
-  auto peer = (*engine)->connect(*address);
-  if (!peer.is_ok()) return 1;
-  std::vector<uint8_t> job;
-  while (read_frame(job)) {
-    std::string text(job.begin(), job.end());
-    unsigned long long id = 0, bytes = 0, seed = 0, piece = 0, pause_ms = 0;
-    if (std::sscanf(text.c_str(), "%llu %llu %llu %llu %llu", &id, &bytes, &seed, &piece,
-                    &pause_ms) != 5) {
-      return 2;
-    }
-    std::mt19937_64 rng(seed);
-    std::vector<std::byte> state(bytes);
-    for (uint64_t i = 0; i + 8 <= bytes; i += 8) {
-      uint64_t v = rng();
-      std::memcpy(state.data() + i, &v, 8);
-    }
-    std::vector<PutOp> ops;
-    for (uint64_t off = 0; off < bytes; off += 1u << 20)
-      ops.push_back({state.data() + off, std::min<uint64_t>(1u << 20, bytes - off), off});
-    PipelineOptions pipeline;
-    pipeline.handoff_id = id;
-    pipeline.piece_bytes = piece;
-    auto pause = [pause_ms](const LandedPiece&) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms));
-    };
-    auto digests = (*engine)->put_pipelined(*peer, *region, ops, pipeline, pause);
-    if (!write_text(digests.is_ok() ? "OK" : digests.status().to_string())) return 1;
-  }
-  return 0;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   using namespace dserve::kvstore;
-  if (argc == 4 && std::string(argv[1]) == "send") return send(argv[2], argv[3]);
   if (argc != 4) {
     std::fprintf(stderr, "usage: transfer_peer <transports> <region bytes> <flags>\n");
     return 2;
@@ -133,7 +72,7 @@ int main(int argc, char** argv) {
   options.detect_peer_failure = flags.find('d') != std::string::npos;
   const bool allocate = flags.find('a') != std::string::npos;
 
-  auto engine = TransferEngine::create(options);
+  auto engine = Transport::create_ucx(options);
   if (!engine.is_ok()) {
     std::fprintf(stderr, "transfer_peer: %s\n", engine.status().to_string().c_str());
     return 1;

@@ -1,4 +1,4 @@
-// The KV transfer engine on real UCX endpoints: two engines in one process, and a real peer
+// The UCX transport on real UCX endpoints: two transports in one process, and a real peer
 // process (transfer_peer) that registers memory, hands its address and rkey over a pipe, and
 // verifies what lands. Also: a killed peer, a stalled peer, a restarted peer's stale rkey, and
 // bytes corrupted after they landed.
@@ -146,15 +146,15 @@ class PeerProcess {
   int in_ = -1;
 };
 
-std::unique_ptr<TransferEngine> make_engine(
-    const std::string& transports, const std::string& name,
-    std::chrono::milliseconds timeout = std::chrono::seconds(10), bool detect_peer_failure = true) {
+std::unique_ptr<Transport> make_engine(const std::string& transports, const std::string& name,
+                                       std::chrono::milliseconds timeout = std::chrono::seconds(10),
+                                       bool detect_peer_failure = true) {
   TransferOptions options;
   options.detect_peer_failure = detect_peer_failure;
   options.transports = transports;
   options.name = name;
   options.timeout = timeout;
-  auto engine = TransferEngine::create(options);
+  auto engine = Transport::create_ucx(options);
   EXPECT_TRUE(engine.is_ok()) << engine.status().to_string();
   return engine.is_ok() ? std::move(engine).value() : nullptr;
 }
@@ -277,8 +277,8 @@ TEST(TransferInProcess, OpOutsideTheRegionIsRefused) {
   EXPECT_EQ(pages[4095], std::byte{0});
 }
 
-std::unique_ptr<TransferEngine> make_engine_with(TransferOptions options) {
-  auto engine = TransferEngine::create(std::move(options));
+std::unique_ptr<Transport> make_engine_with(TransferOptions options) {
+  auto engine = Transport::create_ucx(std::move(options));
   EXPECT_TRUE(engine.is_ok()) << engine.status().to_string();
   return engine.is_ok() ? std::move(engine).value() : nullptr;
 }
@@ -552,274 +552,6 @@ TEST(TransferTwoProcesses, StaleRegionOfARestartedPeerIsRefused) {
   auto digests = prefill->put(*peer, region, ops);
   ASSERT_TRUE(digests.is_ok()) << digests.status().to_string();
   EXPECT_EQ(second.verify(*digests), "OK");
-}
-
-// ---- Pipelined hand-off: pieces announced after they land, verified as they arrive ----
-
-// The digests of a piece, concatenated over the pieces, are what put_pipelined returned; each
-// piece but the last holds piece_bytes.
-TEST(TransferPipelined, PiecesLandInOrderAndVerifyAsTheyArrive) {
-  auto prefill = make_engine("tcp,sm,self", "prefill");
-  auto decode = make_engine("tcp,sm,self", "decode");
-  ASSERT_TRUE(prefill && decode);
-  const uint64_t bytes = 5 * kMiB + 12345;
-  auto region = decode->allocate_memory(bytes);
-  ASSERT_TRUE(region.is_ok()) << region.status().to_string();
-  auto watcher = decode->watch(*region, 42);
-  ASSERT_TRUE(watcher.is_ok()) << watcher.status().to_string();
-  EXPECT_EQ(decode->watch(*region, 42).status().code(), StatusCode::kInvalidArgument);
-  EXPECT_EQ(decode->watch(*region, 0).status().code(), StatusCode::kInvalidArgument);
-  auto peer = prefill->connect(decode->local_address());
-  ASSERT_TRUE(peer.is_ok());
-
-  // Ops that straddle pieces, an empty one, and one out of order in the region.
-  auto source = random_bytes(bytes, 41);
-  const uint64_t a = 3 * kMiB + 5;
-  std::vector<PutOp> ops = {{source.data(), a, 0},
-                            {nullptr, 0, a},
-                            {source.data() + bytes - 4096, 4096, bytes - 4096},
-                            {source.data() + a, bytes - a - 4096, a}};
-  std::vector<LandedPiece> announced;
-  PipelineOptions pipeline;
-  pipeline.handoff_id = 42;
-  pipeline.piece_bytes = kMiB;
-  auto digests = prefill->put_pipelined(*peer, decode->describe(*region).value(), ops, pipeline,
-                                        [&](const LandedPiece& p) { announced.push_back(p); });
-  ASSERT_TRUE(digests.is_ok()) << digests.status().to_string();
-  ASSERT_EQ(announced.size(), 6u);
-  std::vector<SpanDigest> concatenated;
-  for (uint32_t i = 0; i < announced.size(); ++i) {
-    EXPECT_EQ(announced[i].index, i);
-    EXPECT_EQ(announced[i].count, 6u);
-    EXPECT_EQ(announced[i].handoff_id, 42u);
-    uint64_t piece_bytes = 0;
-    for (const SpanDigest& d : announced[i].digests)
-      piece_bytes += d.bytes;
-    EXPECT_EQ(piece_bytes, i < 5 ? kMiB : bytes - 5 * kMiB) << "piece " << i;
-    concatenated.insert(concatenated.end(), announced[i].digests.begin(),
-                        announced[i].digests.end());
-  }
-  ASSERT_EQ(concatenated.size(), digests->size());
-  for (size_t i = 0; i < concatenated.size(); ++i) {
-    EXPECT_EQ(concatenated[i].remote_offset, (*digests)[i].remote_offset);
-    EXPECT_EQ(concatenated[i].xxh3, (*digests)[i].xxh3);
-  }
-  auto verified = watcher->wait(std::chrono::seconds(5));
-  ASSERT_TRUE(verified.is_ok()) << verified.status().to_string();
-  EXPECT_EQ(verified->size(), digests->size());
-  EXPECT_EQ(std::memcmp(region->data(), source.data(), bytes), 0);
-  auto progress = watcher->poll();
-  ASSERT_TRUE(progress.is_ok());
-  EXPECT_TRUE(progress->done());
-  EXPECT_EQ(progress->bytes_verified, bytes);
-}
-
-// Bytes changed after their piece was announced are caught, and the error names the piece;
-// the error sticks.
-TEST(TransferPipelined, BytesCorruptedAfterTheyLandedNameThePiece) {
-  auto prefill = make_engine("tcp,sm,self", "prefill");
-  auto decode = make_engine("tcp,sm,self", "decode");
-  ASSERT_TRUE(prefill && decode);
-  const uint64_t bytes = 4 * kMiB;
-  auto region = decode->allocate_memory(bytes);
-  ASSERT_TRUE(region.is_ok());
-  auto watcher = decode->watch(*region, 7);
-  ASSERT_TRUE(watcher.is_ok());
-  auto peer = prefill->connect(decode->local_address());
-  ASSERT_TRUE(peer.is_ok());
-  auto source = random_bytes(bytes, 43);
-  PipelineOptions pipeline;
-  pipeline.handoff_id = 7;
-  pipeline.piece_bytes = kMiB;
-  auto digests = prefill->put_pipelined(*peer, decode->describe(*region).value(),
-                                        contiguous_ops(source, 512 * 1024), pipeline);
-  ASSERT_TRUE(digests.is_ok()) << digests.status().to_string();
-  // Nothing is verified before wait(): flip a bit of piece 2 now.
-  region->data()[2 * kMiB + 777] ^= std::byte{0x10};
-  auto verified = watcher->wait(std::chrono::seconds(5));
-  ASSERT_EQ(verified.status().code(), StatusCode::kDataLoss);
-  EXPECT_NE(verified.status().message().find("piece 2 of 4"), std::string::npos)
-      << verified.status().message();
-  EXPECT_EQ(watcher->poll().status().code(), StatusCode::kDataLoss);
-}
-
-// With notify_peer off, the caller carries the notifications (as a control-plane message
-// would); a corrupt digest, a piece twice and a missing piece are each kDataLoss naming it.
-TEST(TransferPipelined, NotificationsTheCallerCarries) {
-  auto prefill = make_engine("tcp,sm,self", "prefill");
-  auto decode = make_engine("tcp,sm,self", "decode");
-  ASSERT_TRUE(prefill && decode);
-  const uint64_t bytes = 3 * kMiB;
-  auto region = decode->allocate_memory(bytes);
-  ASSERT_TRUE(region.is_ok());
-  auto peer = prefill->connect(decode->local_address());
-  ASSERT_TRUE(peer.is_ok());
-  auto source = random_bytes(bytes, 47);
-  PipelineOptions pipeline;
-  pipeline.handoff_id = 9;
-  pipeline.piece_bytes = kMiB;
-  pipeline.notify_peer = false;
-  std::vector<std::vector<uint8_t>> carried;
-  auto digests = prefill->put_pipelined(
-      *peer, decode->describe(*region).value(), contiguous_ops(source, kMiB), pipeline,
-      [&](const LandedPiece& p) { carried.push_back(encode_landed_piece(p)); });
-  ASSERT_TRUE(digests.is_ok()) << digests.status().to_string();
-  ASSERT_EQ(carried.size(), 3u);
-  auto piece = [&](size_t i) { return decode_landed_piece(carried[i]).value(); };
-
-  {  // genuine
-    auto watcher = decode->watch(*region, 9);
-    ASSERT_TRUE(watcher.is_ok());
-    EXPECT_EQ(watcher->wait(std::chrono::milliseconds(50)).status().code(),
-              StatusCode::kDataLoss);  // nothing sent to the peer: nothing landed
-    for (size_t i : {2u, 0u, 1u})
-      ASSERT_TRUE(watcher->deliver(piece(i)).is_ok());
-    auto verified = watcher->wait(std::chrono::seconds(5));
-    ASSERT_TRUE(verified.is_ok()) << verified.status().to_string();
-    EXPECT_EQ(verified->size(), 3u);
-    LandedPiece other = piece(0);
-    other.handoff_id = 10;
-    EXPECT_EQ(watcher->deliver(other).code(), StatusCode::kInvalidArgument);
-  }
-  {  // a corrupt digest
-    auto watcher = decode->watch(*region, 9);
-    ASSERT_TRUE(watcher.is_ok());
-    LandedPiece bad = piece(1);
-    bad.digests[0].xxh3 ^= 1;
-    ASSERT_TRUE(watcher->deliver(piece(0)).is_ok());
-    ASSERT_TRUE(watcher->deliver(bad).is_ok());
-    auto verified = watcher->wait(std::chrono::seconds(5));
-    EXPECT_EQ(verified.status().code(), StatusCode::kDataLoss);
-    EXPECT_NE(verified.status().message().find("piece 1 of 3"), std::string::npos)
-        << verified.status().message();
-  }
-  {  // a piece twice
-    auto watcher = decode->watch(*region, 9);
-    ASSERT_TRUE(watcher.is_ok());
-    ASSERT_TRUE(watcher->deliver(piece(1)).is_ok());
-    EXPECT_EQ(watcher->deliver(piece(1)).code(), StatusCode::kDataLoss);
-    auto verified = watcher->wait(std::chrono::seconds(5));
-    EXPECT_NE(verified.status().message().find("piece 1 was announced twice"), std::string::npos)
-        << verified.status().message();
-  }
-  {  // one never comes: the wait ends at its timeout, naming it
-    auto watcher = decode->watch(*region, 9);
-    ASSERT_TRUE(watcher.is_ok());
-    ASSERT_TRUE(watcher->deliver(piece(0)).is_ok());
-    ASSERT_TRUE(watcher->deliver(piece(2)).is_ok());
-    auto t0 = Clock::now();
-    auto verified = watcher->wait(std::chrono::milliseconds(300));
-    EXPECT_LT(Clock::now() - t0, std::chrono::milliseconds(2000));
-    EXPECT_EQ(verified.status().code(), StatusCode::kDataLoss);
-    EXPECT_NE(verified.status().message().find("piece 1 of 3 (and 0 more) did not land"),
-              std::string::npos)
-        << verified.status().message();
-  }
-}
-
-// A sender process (transfer_peer send) hands `rounds` states to this process's watcher.
-class PipelinedSender {
- public:
-  PipelinedSender(const std::string& transports, bool detect, uint64_t region_bytes)
-      : decode_(make_engine(transports, "decode", std::chrono::seconds(10), detect)),
-        sender_({"send", transports, detect ? "-d" : "-"}) {
-    if (!decode_) return;
-    auto region = decode_->allocate_memory(region_bytes);
-    EXPECT_TRUE(region.is_ok()) << region.status().to_string();
-    if (!region.is_ok()) return;
-    region_ = std::move(region).value();
-    ok_ = sender_.send(encode_peer_address(decode_->local_address())) &&
-          sender_.send(encode_remote_region(decode_->describe(region_).value()));
-  }
-  bool ok() const { return ok_; }
-  TransferEngine& decode() { return *decode_; }
-  MemoryRegion& region() { return region_; }
-  PeerProcess& process() { return sender_; }
-  // Asks the sender for a hand-off of `bytes` from `seed`.
-  bool start(uint64_t id, uint64_t bytes, uint32_t seed, uint64_t piece, uint64_t pause_ms = 0) {
-    return sender_.send_text(std::to_string(id) + " " + std::to_string(bytes) + " " +
-                             std::to_string(seed) + " " + std::to_string(piece) + " " +
-                             std::to_string(pause_ms));
-  }
-
- private:
-  std::unique_ptr<TransferEngine> decode_;
-  MemoryRegion region_;
-  PeerProcess sender_;
-  bool ok_ = false;
-};
-
-void pipelined_from_process(const std::string& transports, bool detect) {
-  const uint64_t bytes = 24 * kMiB + 4096;
-  PipelinedSender s(transports, detect, bytes);
-  ASSERT_TRUE(s.ok());
-  for (uint32_t round = 0; round < 2; ++round) {
-    auto watcher = s.decode().watch(s.region(), 100 + round);
-    ASSERT_TRUE(watcher.is_ok());
-    auto t0 = Clock::now();
-    ASSERT_TRUE(s.start(100 + round, bytes, 200 + round, 4 * kMiB));
-    auto verified = watcher->wait(std::chrono::seconds(10));
-    double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-    ASSERT_TRUE(verified.is_ok()) << verified.status().to_string();
-    EXPECT_EQ(s.process().answer(), "OK");
-    auto expected = random_bytes(bytes, 200 + round);
-    EXPECT_EQ(std::memcmp(s.region().data(), expected.data(), bytes), 0);
-    std::printf("[ %s ] pipelined: %llu bytes verified in %.1f ms (incl. state generation)\n",
-                transports.c_str(), static_cast<unsigned long long>(bytes), ms);
-  }
-}
-
-TEST(TransferPipelinedTwoProcesses, StateOverTcp) {
-  pipelined_from_process("tcp", true);
-}
-TEST(TransferPipelinedTwoProcesses, StateOverSharedMemory) {
-  pipelined_from_process("sm,self", false);
-}
-
-// Every piece was announced (the sender answered), then a byte of piece 3 changes in this
-// memory: the wait names piece 3.
-TEST(TransferPipelinedTwoProcesses, PieceCorruptedAfterItLandedIsNamed) {
-  const uint64_t bytes = 8 * kMiB;
-  PipelinedSender s("sm,self", false, bytes);
-  ASSERT_TRUE(s.ok());
-  auto watcher = s.decode().watch(s.region(), 5);
-  ASSERT_TRUE(watcher.is_ok());
-  ASSERT_TRUE(s.start(5, bytes, 51, kMiB));
-  ASSERT_EQ(s.process().answer(), "OK");
-  s.region().data()[3 * kMiB + 99] ^= std::byte{0x01};
-  auto verified = watcher->wait(std::chrono::seconds(10));
-  EXPECT_EQ(verified.status().code(), StatusCode::kDataLoss);
-  EXPECT_NE(verified.status().message().find("piece 3 of 8"), std::string::npos)
-      << verified.status().message();
-}
-
-// The sender is killed after its first piece landed: the wait fails at its timeout, naming the
-// first piece that never came, instead of hanging.
-TEST(TransferPipelinedTwoProcesses, KilledSenderFailsTheWaitWithinItsTimeout) {
-  const uint64_t bytes = 16 * kMiB;
-  PipelinedSender s("tcp", true, bytes);
-  ASSERT_TRUE(s.ok());
-  auto watcher = s.decode().watch(s.region(), 11);
-  ASSERT_TRUE(watcher.is_ok());
-  ASSERT_TRUE(s.start(11, bytes, 53, kMiB, 300));  // 300 ms after each piece
-  auto until = Clock::now() + std::chrono::seconds(10);
-  uint32_t landed = 0;
-  while (landed == 0 && Clock::now() < until) {
-    auto progress = watcher->poll();
-    ASSERT_TRUE(progress.is_ok()) << progress.status().to_string();
-    landed = progress->landed;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  ASSERT_GE(landed, 1u);
-  s.process().reap();  // kill -9
-  auto t0 = Clock::now();
-  auto verified = watcher->wait(std::chrono::milliseconds(1000));
-  auto took = Clock::now() - t0;
-  EXPECT_EQ(verified.status().code(), StatusCode::kDataLoss);
-  EXPECT_NE(verified.status().message().find("did not land within 1000 ms"), std::string::npos)
-      << verified.status().message();
-  EXPECT_LT(took, std::chrono::milliseconds(1500));
-  std::printf("[ tcp ] killed sender: %s\n", verified.status().to_string().c_str());
 }
 
 }  // namespace

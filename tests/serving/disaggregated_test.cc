@@ -165,7 +165,7 @@ TEST(Disaggregated, PrefillThenDecodeAcrossProcessesMatchesGenerate) {
     topts.transports = "tcp";
     topts.name = "late-writer";
     topts.timeout = std::chrono::milliseconds(5000);
-    auto engine = kvstore::TransferEngine::create(topts);
+    auto engine = kvstore::Transport::create_ucx(topts);
     ASSERT_TRUE(engine.is_ok()) << engine.status().to_string();
     auto peer = (*engine)->connect(keys->peer);
     ASSERT_TRUE(peer.is_ok()) << peer.status().to_string();

@@ -4,7 +4,7 @@
 // The hand-off, as this worker runs it:
 //   ReserveRequest -> refused with a reason when the batch (reservations + decoding requests)
 //     or the KV byte budget is full; else a transfer region of hand-off size is leased from the
-//     worker's HandoffArena (registered with the TransferEngine) and its keys (engine address +
+//     worker's HandoffArena (registered with the transport) and its keys (transport address +
 //     region, encoded with kvstore/handoff_keys.h) go back in ReserveReply::transfer_keys.
 //   HandoffDone -> the region is copied, the copy checked against the span digests
 //     (verify_landed), the state unpacked from it (unpack_state) and the request joins the
@@ -16,7 +16,11 @@
 //     gateway renews while the prefill runs).
 //   A reservation that gets no HandoffDone within min(reservation_timeout since its grant or
 //   last renewal, its deadline) expires.
-//   Either way a dropped reservation's range stays fenced for region_grace (handoff_arena.h).
+//   Either way a dropped reservation's range stays fenced for region_grace (handoff_arena.h);
+//   a HandoffDone for it meanwhile is refused saying whether it expired or was cancelled.
+//   Expiry and the grace are measured on the actor system's clock (caf::actor_clock), the one
+//   its delayed messages follow: under CAF's test coordinator the test moves it
+//   (tests/decode/decode_protocol_test.cc).
 //
 // Region layout (what prefill writes): [packed state of prompt_tokens tokens, exactly
 // model::packed_state_bytes bytes][logits of the prompt's last token, vocab floats]. The logits
@@ -70,12 +74,11 @@ struct DecodeWorkerOptions {
 uint64_t handoff_region_bytes(const model::ModelConfig& config, int64_t prompt_tokens);
 
 // Spawns the worker with a hand-off arena of kv_budget_bytes (handoff_arena.h). `compute` (the
-// model on its device) and `engine` must outlive the actor (the process owns them); `epoch` is the
-// process's (ActorRuntime::epoch()), checked on every HandoffDone. Fails when the arena cannot be
-// mapped.
+// model on its device) and `transport` must outlive the actor (the process owns them); `epoch` is
+// the process's (ActorRuntime::epoch()), checked on every HandoffDone. Fails when the arena cannot
+// be mapped.
 Result<actors::DecodeActor> spawn_decode_worker(caf::actor_system& system, model::Engine& compute,
-                                                kvstore::TransferEngine& engine,
-                                                actors::Epoch epoch, std::string node_name,
-                                                DecodeWorkerOptions options);
+                                                kvstore::Transport& transport, actors::Epoch epoch,
+                                                std::string node_name, DecodeWorkerOptions options);
 
 }  // namespace dserve::decode

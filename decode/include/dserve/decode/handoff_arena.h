@@ -11,7 +11,7 @@
 //   only when the worker goes: a late put always lands in mapped memory. Pages are faulted on
 //   first write and given back (MADV_DONTNEED) when a lease ends, so resident memory follows the
 //   live leases as it did with a mapping per region.
-// - Each lease registers its own range with the transfer engine and deregisters it when it
+// - Each lease registers its own range with the transport and deregisters it when it
 //   ends. On RDMA that revokes the remote key: the NIC refuses a late put. On TCP and shared
 //   memory nothing can refuse it, so:
 // - A lease abandoned before its hand-off (expired, cancelled) keeps its range out of use until
@@ -48,7 +48,7 @@ class HandoffArena {
 
   // Maps `bytes` (rounded up to whole pages) of address space. kResourceExhausted when the
   // mapping fails.
-  static Result<std::unique_ptr<HandoffArena>> create(kvstore::TransferEngine& engine,
+  static Result<std::unique_ptr<HandoffArena>> create(kvstore::Transport& transport,
                                                       uint64_t bytes);
   ~HandoffArena();
   HandoffArena(const HandoffArena&) = delete;
@@ -75,10 +75,10 @@ class HandoffArena {
   const std::byte* base() const { return base_; }
 
  private:
-  HandoffArena(kvstore::TransferEngine& engine, std::byte* base, uint64_t bytes);
+  HandoffArena(kvstore::Transport& transport, std::byte* base, uint64_t bytes);
   void free_range(uint64_t offset, uint64_t bytes);
 
-  kvstore::TransferEngine& engine_;
+  kvstore::Transport& transport_;
   std::byte* base_ = nullptr;
   uint64_t bytes_ = 0;
   uint64_t leased_ = 0;

@@ -1,36 +1,30 @@
 #pragma once
-// The KV transfer engine: one-sided RMA puts of a request's state from a prefill worker straight
-// into pages a decode worker registered, over UCX (TCP and shared memory here, RDMA where the
-// NIC has it). Only kvstore/src/transfer*.cc sees UCX; this header has no UCX types.
+// The KV transport: one-sided puts of a request's state from a prefill worker straight into
+// memory a decode worker registered. `Transport` is the interface the workers use; two
+// implementations: UCX (Transport::create_ucx: TCP and shared memory here, RDMA where the NIC
+// has it; only kvstore/src/ucx/ sees UCX, this header has no UCX types) and in-process
+// (in_process_transport.h: a put is a memcpy into a region of a transport in the same process,
+// for tests of the workers).
 //
 // The hand-off, as the two workers run it (the control messages travel through actors/):
-//   decode : engine->allocate_memory(n) or register_memory(pages) -> MemoryRegion;
-//            engine->describe(region) and
-//            engine->local_address() go to the prefill worker (encode_* below make the bytes).
-//   prefill: engine->connect(peer address) -> PeerId; engine->put(peer, remote region, ops)
+//   decode : transport.allocate_memory(n) or register_memory(pages) -> MemoryRegion;
+//            transport.describe(region) and
+//            transport.local_address() go to the prefill worker (encode_* below make the bytes).
+//   prefill: transport.connect(peer address) -> PeerId; transport.put(peer, remote region, ops)
 //            -> one SpanDigest per op (XXH3-64 of the bytes it wrote; per piece of an op with
 //            TransferOptions::digest_bytes); the digests go back in the "done" message.
 //   decode : verify_landed(region, digests[, VerifyOptions]) before any page is read.
-// Pipelined, so that verification overlaps the copy instead of following it:
-//   decode : engine->watch(region, handoff id) -> LandedWatcher, before the id goes out;
-//   prefill: engine->put_pipelined(peer, remote region, ops, {handoff id, piece bytes}):
-//            after each piece (piece_bytes of the ops) is complete in the peer's memory (a
-//            flush, not a local completion), its digests go to the peer as a UCX active
-//            message (and to an optional callback, for a caller that carries them itself);
-//   decode : watcher.wait(timeout) verifies each piece as it lands, and returns once the last
-//            one is verified; a corrupt or missing piece is kDataLoss naming it.
-// Every failure (peer gone, timeout, stale region, corrupt bytes) is a Status; nothing waits
-// longer than TransferOptions::timeout (a watcher: than the timeout its caller gives).
+// Every failure (peer gone, timeout, stale region, bytes outside the region) is a Status;
+// nothing waits longer than the transport's timeout (TransferOptions::timeout over UCX).
 //
-// Identity: an engine has a name (stable across restarts, e.g. "decode-3") and an epoch (new
-// at every create). A RemoteRegion carries the epoch of the engine that registered it; a put
-// refuses, before issuing anything, a region whose epoch is not the connected peer's, so an
-// rkey from before a restart is never used.
+// Identity: a transport has a name (stable across restarts, e.g. "decode-3") and an epoch (new
+// at every create). A RemoteRegion carries the epoch of the transport that registered it; a put
+// refuses, before issuing anything, a region whose epoch is not the connected peer's, so a key
+// from before a restart is never used.
 
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -40,6 +34,7 @@
 
 namespace dserve::kvstore {
 
+// Options of the UCX transport (Transport::create_ucx).
 struct TransferOptions {
   // UCX transports (UCX_TLS). "tcp" works everywhere; "sm" (posix/sysv shared memory) only
   // between processes on one host; "self" is this process. Over "sm" a put into memory from
@@ -61,7 +56,7 @@ struct TransferOptions {
   // Off: "sm" is used; a dead peer is then found by a failing copy or by the timeout.
   bool detect_peer_failure = true;
   // A background thread progresses the worker so that puts by peers land (UCX's TCP RMA needs
-  // the target to progress). Turn off only when the owner calls TransferEngine::progress().
+  // the target to progress). Turn off only when the owner calls Transport::progress().
   bool progress_thread = true;
   // Threads a put starts to compute the span digests while the caller issues and progresses
   // the puts: hashing then overlaps the copy instead of preceding it (over shared memory the
@@ -74,19 +69,19 @@ struct TransferOptions {
   uint64_t digest_bytes = 0;
 };
 
-// What a peer needs to connect to this engine. Plain bytes: safe to copy between processes.
+// What a peer needs to connect to this transport. Plain bytes: safe to copy between processes.
 struct PeerAddress {
   std::string name;
   uint64_t epoch = 0;
-  std::vector<uint8_t> worker;  // ucp worker address
+  std::vector<uint8_t> worker;  // the transport's own address bytes (UCX: the ucp worker address)
 };
 
-// A region registered by a (possibly remote) engine: where a put may write.
+// A region registered by a (possibly remote) transport: where a put may write.
 struct RemoteRegion {
-  uint64_t owner_epoch = 0;  // epoch of the engine that registered it
+  uint64_t owner_epoch = 0;  // epoch of the transport that registered it
   uint64_t address = 0;      // base virtual address in the owner's process
   uint64_t bytes = 0;
-  std::vector<uint8_t> rkey;  // packed UCX remote key
+  std::vector<uint8_t> rkey;  // the key a put needs (UCX: the packed remote key)
 };
 
 // One span of a put: `bytes` bytes from `local` to region base + `remote_offset`.
@@ -109,7 +104,7 @@ struct PeerId {
   friend bool operator==(PeerId, PeerId) = default;
 };
 
-// How verify_landed and LandedWatcher spread the hashing over threads. Each span is hashed
+// How verify_landed spreads the hashing over threads. Each span is hashed
 // whole by one thread (XXH3 of one span is sequential): a single large span gains nothing,
 // several do (TransferOptions::digest_bytes cuts large ops into several).
 struct VerifyOptions {
@@ -120,43 +115,11 @@ struct VerifyOptions {
   uint64_t min_bytes_per_thread = uint64_t{4} << 20;
 };
 
-// How TransferEngine::put_pipelined cuts a put into pieces and announces them.
-struct PipelineOptions {
-  // Names the hand-off to the receiver's LandedWatcher (TransferEngine::watch); must not be 0.
-  // Unique per region among hand-offs that may overlap in time (a request id will do).
-  uint64_t handoff_id = 0;
-  // Bytes per piece (the ops, in order, cut at these boundaries; an op may straddle two). The
-  // receiver verifies piece i while i + 1 is copied, so what remains after the last byte lands
-  // is one piece's verification: smaller pieces shorten that tail, and each costs one flush and
-  // one message. Must be > 0.
-  uint64_t piece_bytes = uint64_t{8} << 20;
-  // Send each piece's notification to the peer over UCX (an active message on the endpoint the
-  // puts used, sent once the flush of the piece completed). false: only the callback sees them,
-  // for a caller that carries them on its own channel (LandedWatcher::deliver on the far side).
-  bool notify_peer = true;
-};
+class Transport;
 
-// "Piece `index` of `count` of hand-off `handoff_id` has landed in the region at
-// `region_address` (RemoteRegion::address), and these are its digests". The digests are those
-// of the piece's fragments (the parts of ops inside it, in op order); zero-byte ops have none.
-struct LandedPiece {
-  uint64_t handoff_id = 0;
-  uint64_t region_address = 0;
-  uint32_t index = 0;
-  uint32_t count = 0;
-  std::vector<SpanDigest> digests;
-};
-
-// Called by put_pipelined on its own thread once piece `piece` has landed and (with
-// notify_peer) its notification was handed to UCX, in piece order. It runs with the engine's
-// lock held: it must not call into the same engine, and it stalls the pipeline while it runs.
-using PieceLandedCallback = std::function<void(const LandedPiece& piece)>;
-
-class TransferEngine;
-
-// A registration of local memory; deregisters on destruction. Must not outlive its engine.
-// Move-only. Memory from register_memory() stays owned by the caller and must outlive the
-// region; memory from allocate_memory() is owned by the region.
+// A registration of local memory with a transport; deregisters on destruction. Must not outlive
+// its transport. Move-only. Memory from register_memory() stays owned by the caller and must
+// outlive the region; memory from allocate_memory() is owned by the region.
 class MemoryRegion {
  public:
   MemoryRegion() = default;
@@ -166,151 +129,98 @@ class MemoryRegion {
   MemoryRegion(const MemoryRegion&) = delete;
   MemoryRegion& operator=(const MemoryRegion&) = delete;
 
-  bool valid() const { return engine_ != nullptr; }
+  bool valid() const { return transport_ != nullptr; }
   std::byte* data() const { return base_; }
   uint64_t bytes() const { return bytes_; }
+  // The transport that registered it (null when empty).
+  Transport* transport() const { return transport_; }
+  // What the transport keeps for it (UCX: the ucp_mem_h); opaque to everyone else.
+  void* handle() const { return handle_; }
 
  private:
-  friend class TransferEngine;
-  MemoryRegion(TransferEngine* engine, std::byte* base, uint64_t bytes, void* memh)
-      : engine_(engine), base_(base), bytes_(bytes), memh_(memh) {}
+  friend class Transport;
+  MemoryRegion(Transport* transport, std::byte* base, uint64_t bytes, void* handle)
+      : transport_(transport), base_(base), bytes_(bytes), handle_(handle) {}
   void reset();
 
-  TransferEngine* engine_ = nullptr;
+  Transport* transport_ = nullptr;
   std::byte* base_ = nullptr;
   uint64_t bytes_ = 0;
-  void* memh_ = nullptr;  // ucp_mem_h
+  void* handle_ = nullptr;
 };
 
-// The receiving side of one pipelined hand-off into one region: collects the notifications of
-// landed pieces (from the engine's progress, or deliver()) and verifies each piece's bytes
-// against its digests on the thread that calls poll() or wait(). Nothing is verified outside
-// those calls, so a piece is checked only after its notification arrived, i.e. after its bytes
-// were complete in this memory. Move-only; must not outlive its engine or its region. poll(),
-// wait() and deliver() may be called from different threads, but poll()/wait() by one at a
-// time. Once an error is found it sticks: every later call returns it.
-class LandedWatcher {
+// What a worker needs of a transport to hand a request's state over. Every method may be
+// called from any thread (implementations serialise what they must).
+class Transport {
  public:
-  LandedWatcher();
-  ~LandedWatcher();  // stops accepting notifications for this hand-off
-  LandedWatcher(LandedWatcher&& other) noexcept;
-  LandedWatcher& operator=(LandedWatcher&& other) noexcept;
-  LandedWatcher(const LandedWatcher&) = delete;
-  LandedWatcher& operator=(const LandedWatcher&) = delete;
+  // The UCX transport (kvstore/src/ucx/). Fails (kUnavailable / kInternal) when UCX cannot open
+  // the requested transports. One UCX context and worker; calls into UCX are serialised by one
+  // lock, which a put holds while it progresses the worker, so puts on one transport run one at
+  // a time (use one per thread for parallel hand-offs). A put may start
+  // TransferOptions::checksum_threads short-lived threads; it joins them before it returns.
+  static Result<std::unique_ptr<Transport>> create_ucx(TransferOptions options);
 
-  bool valid() const { return state_ != nullptr; }
-  uint64_t handoff_id() const;
+  virtual ~Transport() = default;
+  Transport(const Transport&) = delete;
+  Transport& operator=(const Transport&) = delete;
 
-  struct Progress {
-    uint32_t pieces = 0;  // the hand-off's piece count; 0 until a first notification arrived
-    uint32_t landed = 0;  // pieces whose notification arrived
-    uint32_t verified = 0;
-    uint64_t bytes_verified = 0;
-    bool done() const { return pieces > 0 && verified == pieces; }
-  };
-  // Verifies every piece that landed since the last call; never waits for one. kDataLoss names
-  // the first piece (and span) whose bytes do not match, or a notification that contradicts
-  // the others (another piece count, a piece twice, a span outside the region).
-  Result<Progress> poll(const VerifyOptions& verify = {});
-  // Verifies pieces as they land until the last one is verified; returns the digests of every
-  // piece, in piece order (what put_pipelined returned to the sender). Errors as poll(); a
-  // piece that has not landed within `timeout` is kDataLoss naming it (sender gone, stalled,
-  // or a notification lost). Without a progress thread (TransferOptions) it progresses the
-  // engine itself.
-  Result<std::vector<SpanDigest>> wait(std::chrono::milliseconds timeout,
-                                       const VerifyOptions& verify = {});
-  // A notification that came another way (PipelineOptions::notify_peer = false and the caller's
-  // channel). Its bytes must already have landed (put_pipelined's callback runs after that).
-  // kInvalidArgument for another hand-off or region; contradictions as poll().
-  Status deliver(const LandedPiece& piece);
-
-  struct State;  // internal to kvstore/src/transfer*.cc
-
- private:
-  friend class TransferEngine;
-  LandedWatcher(TransferEngine* engine, std::shared_ptr<State> state);
-  void reset();
-
-  TransferEngine* engine_ = nullptr;
-  std::shared_ptr<State> state_;
-};
-
-// One UCX context and worker. Thread-safe: every method may be called from any thread. Calls
-// into UCX are serialised by one lock, which a put holds while it progresses the worker, so
-// puts on one engine run one at a time (use one engine per thread for parallel hand-offs). A
-// put may start TransferOptions::checksum_threads short-lived threads; it joins them before it
-// returns.
-class TransferEngine {
- public:
-  // Fails (kUnavailable / kInternal) when UCX cannot open the requested transports.
-  static Result<std::unique_ptr<TransferEngine>> create(TransferOptions options);
-  ~TransferEngine();
-  TransferEngine(const TransferEngine&) = delete;
-  TransferEngine& operator=(const TransferEngine&) = delete;
-
-  const TransferOptions& options() const { return options_; }
-  uint64_t epoch() const { return options_.epoch; }
-  // Name, epoch and worker address: what the control plane sends to peers.
-  PeerAddress local_address() const;
+  // New at every create: a region described by an earlier incarnation is refused by puts.
+  virtual uint64_t epoch() const = 0;
+  // Name, epoch and address bytes: what the control plane sends to peers.
+  virtual PeerAddress local_address() const = 0;
 
   // Registers [base, base + bytes) for remote writes. The memory must stay valid until the
   // returned region is destroyed.
-  Result<MemoryRegion> register_memory(void* base, uint64_t bytes);
-  // Allocates `bytes` through UCX (zero-filled) and registers them; the region owns the memory
-  // and frees it on destruction. Prefer this for memory peers write into: UCX's shared-memory
-  // transport can put into such memory directly (a memcpy into a mapped segment), whereas
-  // into memory from register_memory() it emulates the put with messages the target copies.
-  Result<MemoryRegion> allocate_memory(uint64_t bytes);
-  // The packed remote key, base address and this engine's epoch, for the peer.
-  Result<RemoteRegion> describe(const MemoryRegion& region);
+  virtual Result<MemoryRegion> register_memory(void* base, uint64_t bytes) = 0;
+  // Allocates `bytes` (zero-filled) and registers them; the region owns the memory and frees
+  // it on destruction. Over UCX prefer this for memory peers write into: UCX's shared-memory
+  // transport can put into such memory directly (a memcpy into a mapped segment), whereas into
+  // memory from register_memory() it emulates the put with messages the target copies.
+  virtual Result<MemoryRegion> allocate_memory(uint64_t bytes) = 0;
+  // The key, base address and this transport's epoch, for the peer. `region` must be one of
+  // this transport's (a programmer error otherwise).
+  virtual Result<RemoteRegion> describe(const MemoryRegion& region) = 0;
 
-  // Connects to a peer (lazily: wire-up happens on the first put). Connecting again to the
-  // same name and epoch returns the same PeerId; a new epoch for a known name closes the old
-  // endpoint and makes its PeerId stale.
-  Result<PeerId> connect(const PeerAddress& peer);
-  // Closes the endpoint; later puts on `peer` fail. No-op for an unknown id.
-  void disconnect(PeerId peer);
+  // Connects to a peer (over UCX lazily: wire-up happens on the first put). Connecting again to
+  // the same name and epoch returns the same PeerId; a new epoch for a known name drops the old
+  // connection and makes its PeerId stale.
+  virtual Result<PeerId> connect(const PeerAddress& peer) = 0;
+  // Closes the connection; later puts on `peer` fail. No-op for an unknown id.
+  virtual void disconnect(PeerId peer) = 0;
 
-  // Writes every op into `region` on `peer`, then flushes: on return ok, the bytes are in the
-  // peer's memory. Refuses (kInvalidArgument, nothing issued) a region of another epoch than
-  // the peer's, or an op outside the region. Fails kUnavailable when the peer is gone or the
-  // put does not complete within the timeout; the endpoint is then closed and the peer must
-  // connect again. Returns the digest of every op, in order (with options().digest_bytes > 0,
-  // of every piece of every op, in order). The source bytes must not change until it returns.
-  Result<std::vector<SpanDigest>> put(PeerId peer, const RemoteRegion& region,
-                                      std::span<const PutOp> ops);
+  // Writes every op into `region` on `peer` and waits until they are complete there: on return
+  // ok, the bytes are in the peer's memory. Refuses (kInvalidArgument, nothing written) a
+  // region of another epoch than the peer's, or an op outside the region. Fails kUnavailable
+  // when the peer is gone or the put does not complete in time; the peer must then connect
+  // again. Returns the digest of every op, in order (with TransferOptions::digest_bytes > 0, of
+  // every piece of every op, in order). The source bytes must not change until it returns.
+  virtual Result<std::vector<SpanDigest>> put(PeerId peer, const RemoteRegion& region,
+                                              std::span<const PutOp> ops) = 0;
 
-  // put(), cut into pieces of options.piece_bytes: each piece is flushed (complete in the
-  // peer's memory) and then announced with its digests to the peer's LandedWatcher for
-  // options.handoff_id (notify_peer) and to `on_piece_landed` (if set), in piece order, while
-  // later pieces are still being written. Returns the digests of every piece, in order, as the
-  // notifications carried them (so a single "done" message can still carry them all). Refuses
-  // what put() refuses, and a handoff_id of 0 or a piece_bytes of 0 (kInvalidArgument). Fails
-  // kUnavailable as put() does; the peer's watcher then times out. Bounded by the timeout.
-  Result<std::vector<SpanDigest>> put_pipelined(PeerId peer, const RemoteRegion& region,
-                                                std::span<const PutOp> ops,
-                                                const PipelineOptions& options,
-                                                const PieceLandedCallback& on_piece_landed = {});
+  // Lets puts by peers make progress once (only needed where the transport has no progress
+  // thread of its own); returns whether anything happened.
+  virtual bool progress() = 0;
 
-  // Starts collecting the notifications of hand-off `handoff_id` into `region`. Call before the
-  // id reaches the sender: a notification for a hand-off nobody watches is dropped. Refuses
-  // (kInvalidArgument) id 0, a region of another engine, and an id already watched on the region.
-  Result<LandedWatcher> watch(const MemoryRegion& region, uint64_t handoff_id);
+ protected:
+  Transport() = default;
+  // A region of this transport over [base, base + bytes); `handle` comes back to
+  // release_region when the region ends.
+  MemoryRegion make_region(std::byte* base, uint64_t bytes, void* handle) {
+    return MemoryRegion(this, base, bytes, handle);
+  }
+  // Ends the registration that make_region() made (MemoryRegion's destructor calls it).
+  virtual void release_region(std::byte* base, uint64_t bytes, void* handle) = 0;
 
-  // Progresses the worker once (only needed with progress_thread = false); returns whether
-  // anything happened.
-  bool progress();
-
- private:
-  struct Impl;
   friend class MemoryRegion;
-  friend class LandedWatcher;
-  TransferEngine(TransferOptions options, std::unique_ptr<Impl> impl);
-  void deregister(void* memh);
-
-  TransferOptions options_;
-  std::unique_ptr<Impl> impl_;
 };
+
+// What put() refuses before a byte moves, whatever the transport: an op outside the region, an
+// op without a source, a region without a key.
+Status check_put_ops(const RemoteRegion& region, std::span<const PutOp> ops);
+
+// The digests put() returns for `ops`: XXH3-64 of each op, or of each piece of at most
+// `digest_bytes` of each op (0: whole ops), in order.
+std::vector<SpanDigest> span_digests(std::span<const PutOp> ops, uint64_t digest_bytes = 0);
 
 // XXH3-64 (seed 0) of a span: what SpanDigest::xxh3 holds.
 uint64_t span_checksum(const void* data, uint64_t bytes);
@@ -332,9 +242,5 @@ std::vector<uint8_t> encode_remote_region(const RemoteRegion& region);
 Result<RemoteRegion> decode_remote_region(std::span<const uint8_t> bytes);
 std::vector<uint8_t> encode_digests(std::span<const SpanDigest> digests);
 Result<std::vector<SpanDigest>> decode_digests(std::span<const uint8_t> bytes);
-// A LandedPiece, for a caller that carries notifications itself (and the active message's
-// payload).
-std::vector<uint8_t> encode_landed_piece(const LandedPiece& piece);
-Result<LandedPiece> decode_landed_piece(std::span<const uint8_t> bytes);
 
 }  // namespace dserve::kvstore

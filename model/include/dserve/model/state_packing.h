@@ -1,6 +1,6 @@
 #pragma once
 // A request's whole decode-time state as one self-checking byte string: what a prefill worker
-// hands a decode worker (over the transfer engine), at any position, not only at block ends.
+// hands a decode worker (over the transport), at any position, not only at block ends.
 // It holds every pool of MODEL-V4.md: per layer the sliding window, the compressed entries,
 // the indexer keys and both compressors' pending tokens and overlap.
 //

@@ -5,7 +5,7 @@
 // through the PrefixCache); a self-sent step message runs one scheduler step at a time while
 // work is queued. A request whose prefill is done is handed off:
 //   pack_state -> the decode worker's region (kvstore/handoff_keys.h from the target's
-//   transfer keys) gets [packed state][prompt logits] by TransferEngine::put -> HandoffDone
+//   transfer keys) gets [packed state][prompt logits] by Transport::put -> HandoffDone
 //   with the span digests to the decode actor at the target's control address -> its
 //   HandoffAck decides the PrefillReply.
 // Every step is bounded by the request's deadline (30 s when it has none): a failure of any
@@ -59,10 +59,10 @@ struct PrefillWorkerOptions {
   ops::MetricsRegistry* metrics = nullptr;
 };
 
-// Spawns the worker. `cache` (and its compute engine) and `engine` must outlive the actor (the
+// Spawns the worker. `cache` (and its compute engine) and `transport` must outlive the actor (the
 // process owns them); `epoch` is the process's (ActorRuntime::epoch()).
 actors::PrefillActor spawn_prefill_worker(caf::actor_system& system, model::PrefixCache& cache,
-                                          kvstore::TransferEngine& engine, actors::Epoch epoch,
+                                          kvstore::Transport& transport, actors::Epoch epoch,
                                           std::string node_name, PrefillWorkerOptions options);
 
 }  // namespace dserve::prefill

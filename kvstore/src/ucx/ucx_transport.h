@@ -1,14 +1,12 @@
 #pragma once
-// Internal to kvstore/src/transfer*.cc: the UCX state behind TransferEngine. Never included
-// from outside this module (it pulls in UCX's headers).
+// Internal to kvstore/src/ucx/: UcxTransport, the UCX implementation of kvstore::Transport
+// (Transport::create_ucx). Never included from outside this directory (it pulls in UCX's
+// headers).
 
 #include <ucp/api/ucp.h>
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
-#include <deque>
-#include <map>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -21,7 +19,7 @@
 #include "dserve/kvstore/transfer.h"
 
 namespace dserve::kvstore {
-namespace transfer_detail {
+namespace ucx_detail {
 
 using Clock = std::chrono::steady_clock;
 
@@ -31,50 +29,44 @@ inline std::string ucs_error(ucs_status_t status) {
 
 // Completion state of one put batch. Heap-allocated: a request can outlive a failed put (over
 // shared memory without failure detection a forced close leaves it pending), and then the
-// engine keeps the batch until the worker is destroyed, so no callback touches freed memory.
+// transport keeps the batch until the worker is destroyed, so no callback touches freed memory.
 struct Batch {
   size_t outstanding = 0;
   ucs_status_t first_error = UCS_OK;
-  // A pipelined put's flushes, one per piece (a deque: callbacks hold their addresses), and the
-  // notification payloads pending sends still read.
-  struct Flush {
-    Batch* batch = nullptr;
-    bool done = false;
-  };
-  std::deque<Flush> flushes;
-  std::vector<std::vector<uint8_t>> payloads;
 };
 
-// The active message that carries a LandedPiece (encode_landed_piece) to the receiver.
-constexpr unsigned kLandedPieceAm = 7;
+}  // namespace ucx_detail
 
-}  // namespace transfer_detail
+// One UCX context and worker (see Transport::create_ucx).
+class UcxTransport final : public Transport {
+ public:
+  static Result<std::unique_ptr<Transport>> create(TransferOptions options);
+  ~UcxTransport() override;
 
-// What a LandedWatcher shares with the engine's notification handler. The handler runs in
-// ucp_worker_progress (engine lock held) and takes `mu` only to record a piece; verification
-// happens in the watcher's caller, without either lock.
-struct LandedWatcher::State {
-  uint64_t handoff_id = 0;
-  std::span<const std::byte> region;
+  const TransferOptions& options() const { return options_; }
+  uint64_t epoch() const override { return options_.epoch; }
+  PeerAddress local_address() const override;
+  Result<MemoryRegion> register_memory(void* base, uint64_t bytes) override;
+  Result<MemoryRegion> allocate_memory(uint64_t bytes) override;
+  Result<RemoteRegion> describe(const MemoryRegion& region) override;
+  Result<PeerId> connect(const PeerAddress& peer) override;
+  void disconnect(PeerId peer) override;
+  Result<std::vector<SpanDigest>> put(PeerId peer, const RemoteRegion& region,
+                                      std::span<const PutOp> ops) override;
+  bool progress() override;
 
-  std::mutex mu;  // guards everything below
-  std::condition_variable landed_cv;
-  uint32_t count = 0;                           // 0 until the first notification
-  std::vector<std::vector<SpanDigest>> pieces;  // by index, once count is known
-  std::vector<uint8_t> seen;                    // by index: its notification arrived
-  std::deque<uint32_t> unverified;              // landed, in arrival order
-  uint32_t landed = 0;
-  uint32_t verified = 0;
-  uint64_t bytes_verified = 0;
-  Status error;  // sticky
+ private:
+  struct Impl;
+  UcxTransport(TransferOptions options, std::unique_ptr<Impl> impl);
+  void release_region(std::byte* base, uint64_t bytes, void* handle) override;
 
-  // Records a notification; a contradiction becomes the sticky error. Takes `mu`.
-  Status accept(LandedPiece piece);
+  TransferOptions options_;
+  std::unique_ptr<Impl> impl_;
 };
 
-struct TransferEngine::Impl {
-  using Batch = transfer_detail::Batch;
-  using Clock = transfer_detail::Clock;
+struct UcxTransport::Impl {
+  using Batch = ucx_detail::Batch;
+  using Clock = ucx_detail::Clock;
   struct Peer {
     PeerId id;
     std::string name;
@@ -98,11 +90,6 @@ struct TransferEngine::Impl {
   int64_t live_regions = 0;
   std::vector<std::unique_ptr<Batch>> orphans;
 
-  // Watched hand-offs by (region base address, hand-off id). Lock order: mu, watch_mu.
-  std::mutex watch_mu;
-  std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<LandedWatcher::State>> watchers;
-  uint64_t notifications_dropped = 0;  // for no watcher (guarded by watch_mu)
-
   // Callers blocked in put/close progress the worker themselves; the thread then stands back.
   std::atomic<int> waiters{0};
   std::atomic<bool> stop{false};
@@ -111,28 +98,7 @@ struct TransferEngine::Impl {
   static void on_peer_error(void* arg, ucp_ep_h /*ep*/, ucs_status_t status) {
     auto* peer = static_cast<Peer*>(arg);
     peer->failed = true;
-    peer->failure = transfer_detail::ucs_error(status);
-  }
-
-  // The kLandedPieceAm handler (in ucp_worker_progress, lock held): hands the piece to its
-  // watcher. The payload is copied; nothing here calls into UCX.
-  static ucs_status_t on_landed_piece(void* arg, const void* /*header*/, size_t /*header_bytes*/,
-                                      void* data, size_t bytes, const ucp_am_recv_param_t* param) {
-    auto* impl = static_cast<Impl*>(arg);
-    if ((param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0) return UCS_OK;  // never sent so
-    auto piece = decode_landed_piece({static_cast<const uint8_t*>(data), bytes});
-    std::shared_ptr<LandedWatcher::State> state;
-    {
-      std::lock_guard lock(impl->watch_mu);
-      if (piece.is_ok()) {
-        auto it = impl->watchers.find({piece->region_address, piece->handoff_id});
-        if (it != impl->watchers.end()) state = it->second;
-      }
-      if (state == nullptr) ++impl->notifications_dropped;
-    }
-    // A contradiction is recorded in the watcher, whose caller sees it.
-    if (state != nullptr) (void)state->accept(std::move(piece).value());
-    return UCS_OK;
+    peer->failure = ucx_detail::ucs_error(status);
   }
 
   void run_progress() {

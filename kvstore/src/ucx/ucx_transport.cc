@@ -1,4 +1,4 @@
-// TransferEngine over UCX's ucp API: one context and one worker, a lock that serialises every
+// UcxTransport over UCX's ucp API: one context and one worker, a lock that serialises every
 // call into them, and a thread that progresses the worker when no caller is waiting on it.
 
 #include <unistd.h>
@@ -11,14 +11,14 @@
 #include <thread>
 #include <vector>
 
-#include "transfer_impl.h"
+#include "ucx_transport.h"
 
 namespace dserve::kvstore {
 namespace {
 
-using transfer_detail::Batch;
-using transfer_detail::Clock;
-using transfer_detail::ucs_error;
+using ucx_detail::Batch;
+using ucx_detail::Clock;
+using ucx_detail::ucs_error;
 
 void on_request_done(void* request, ucs_status_t status, void* user_data) {
   auto* batch = static_cast<Batch*>(user_data);
@@ -36,19 +36,6 @@ ucp_request_param_t host_put_param(Batch& batch) {
   param.user_data = &batch;
   param.memory_type = UCS_MEMORY_TYPE_HOST;
   return param;
-}
-
-// A pipelined put's flush of one piece: the piece is complete in the peer's memory.
-void on_flush_done(void* request, ucs_status_t status, void* user_data) {
-  auto* flush = static_cast<Batch::Flush*>(user_data);
-  Batch* batch = flush->batch;
-  if (status == UCS_OK) {
-    flush->done = true;
-  } else if (batch->first_error == UCS_OK) {
-    batch->first_error = status;
-  }
-  --batch->outstanding;
-  ucp_request_free(request);
 }
 
 // Adds the result of a non-blocking call to `batch`: done at once, failed, or pending.
@@ -83,7 +70,6 @@ class SpanHasher {
       bytes_ += op.bytes;
     }
     digests_.resize(pieces_.size());
-    ready_ = std::make_unique<std::atomic<bool>[]>(pieces_.size());
   }
   // Stops handing out pieces and waits for the helpers (a put that failed drops the digests).
   ~SpanHasher() {
@@ -106,23 +92,9 @@ class SpanHasher {
   }
   // Hashes what no helper has taken, waits for the helpers, and returns every digest in order.
   std::vector<SpanDigest> finish() {
-    complete();
-    return std::move(digests_);
-  }
-  // finish() without giving the digests away: digest(i) stays readable.
-  void complete() {
     drain();
     join();
-  }
-  // Whether piece i's digest is there to read (helpers set it as they go).
-  bool ready(size_t i) const { return ready_[i].load(std::memory_order_acquire); }
-  const SpanDigest& digest(size_t i) const { return digests_[i]; }
-  // Hashes the next piece no helper has taken, on the caller; false when none is left.
-  bool help() {
-    size_t i = next_.fetch_add(1);
-    if (i >= pieces_.size()) return false;
-    hash(i);
-    return true;
+    return std::move(digests_);
   }
 
  private:
@@ -134,7 +106,6 @@ class SpanHasher {
   void hash(size_t i) {
     const Piece& p = pieces_[i];
     digests_[i] = {p.remote_offset, p.bytes, span_checksum(p.local, p.bytes)};
-    ready_[i].store(true, std::memory_order_release);
   }
   void drain() {
     for (size_t i = next_.fetch_add(1); i < pieces_.size(); i = next_.fetch_add(1))
@@ -148,29 +119,10 @@ class SpanHasher {
 
   std::vector<Piece> pieces_;
   std::vector<SpanDigest> digests_;
-  std::unique_ptr<std::atomic<bool>[]> ready_;
   uint64_t bytes_ = 0;
   std::atomic<size_t> next_{0};
   std::vector<std::thread> helpers_;
 };
-
-// What put() and put_pipelined() refuse before a byte moves.
-Status check_put(const RemoteRegion& region, std::span<const PutOp> ops) {
-  for (size_t i = 0; i < ops.size(); ++i) {
-    const PutOp& op = ops[i];
-    if (op.remote_offset > region.bytes || op.bytes > region.bytes - op.remote_offset) {
-      return invalid_argument("put op " + std::to_string(i) + " [" +
-                              std::to_string(op.remote_offset) + ", +" + std::to_string(op.bytes) +
-                              ") exceeds the " + std::to_string(region.bytes) +
-                              "-byte remote region");
-    }
-    if (op.bytes > 0 && op.local == nullptr) {
-      return invalid_argument("put op " + std::to_string(i) + " has no source");
-    }
-  }
-  if (region.rkey.empty()) return invalid_argument("remote region has no rkey");
-  return Status::ok();
-}
 
 uint64_t fresh_epoch() {
   std::random_device rd;
@@ -182,9 +134,13 @@ uint64_t fresh_epoch() {
 
 }  // namespace
 
-// ---- TransferEngine ----
+Result<std::unique_ptr<Transport>> Transport::create_ucx(TransferOptions options) {
+  return UcxTransport::create(std::move(options));
+}
 
-Result<std::unique_ptr<TransferEngine>> TransferEngine::create(TransferOptions options) {
+// ---- UcxTransport ----
+
+Result<std::unique_ptr<Transport>> UcxTransport::create(TransferOptions options) {
   if (options.timeout.count() <= 0) return invalid_argument("transfer timeout must be positive");
   if (options.epoch == 0) options.epoch = fresh_epoch();
   auto impl = std::make_unique<Impl>();
@@ -203,8 +159,7 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::create(TransferOptions o
   }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
-  // AM: the notifications of put_pipelined.
-  params.features = UCP_FEATURE_RMA | UCP_FEATURE_AM;
+  params.features = UCP_FEATURE_RMA;
   st = ucp_init(&params, config, &impl->context);
   ucp_config_release(config);
   if (st != UCS_OK) {
@@ -219,19 +174,6 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::create(TransferOptions o
     ucp_cleanup(impl->context);
     return unavailable("ucp_worker_create: " + ucs_error(st));
   }
-  ucp_am_handler_param_t am{};
-  am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_FLAGS |
-                  UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
-  am.id = transfer_detail::kLandedPieceAm;
-  am.flags = UCP_AM_FLAG_WHOLE_MSG;
-  am.cb = &Impl::on_landed_piece;
-  am.arg = impl.get();
-  st = ucp_worker_set_am_recv_handler(impl->worker, &am);
-  if (st != UCS_OK) {
-    ucp_worker_destroy(impl->worker);
-    ucp_cleanup(impl->context);
-    return internal_error("ucp_worker_set_am_recv_handler: " + ucs_error(st));
-  }
   ucp_address_t* address = nullptr;
   size_t address_bytes = 0;
   st = ucp_worker_get_address(impl->worker, &address, &address_bytes);
@@ -244,25 +186,23 @@ Result<std::unique_ptr<TransferEngine>> TransferEngine::create(TransferOptions o
   impl->worker_address.assign(a, a + address_bytes);
   ucp_worker_release_address(impl->worker, address);
 
-  std::unique_ptr<TransferEngine> engine(new TransferEngine(std::move(options), std::move(impl)));
-  if (engine->options_.progress_thread) {
-    Impl* raw = engine->impl_.get();
+  std::unique_ptr<UcxTransport> transport(new UcxTransport(std::move(options), std::move(impl)));
+  if (transport->options_.progress_thread) {
+    Impl* raw = transport->impl_.get();
     raw->progress_thread = std::thread([raw] { raw->run_progress(); });
   }
-  return engine;
+  return std::unique_ptr<Transport>(std::move(transport));
 }
 
-TransferEngine::TransferEngine(TransferOptions options, std::unique_ptr<Impl> impl)
+UcxTransport::UcxTransport(TransferOptions options, std::unique_ptr<Impl> impl)
     : options_(std::move(options)), impl_(std::move(impl)) {}
 
-TransferEngine::~TransferEngine() {
+UcxTransport::~UcxTransport() {
   impl_->stop = true;
   if (impl_->progress_thread.joinable()) impl_->progress_thread.join();
   std::unique_lock lock(impl_->mu);
   DSERVE_CHECK_MSG(impl_->live_regions == 0,
-                   "a MemoryRegion outlives its TransferEngine (destroy regions first)");
-  DSERVE_CHECK_MSG(impl_->watchers.empty(),
-                   "a LandedWatcher outlives its TransferEngine (destroy watchers first)");
+                   "a MemoryRegion outlives its transport (destroy regions first)");
   for (auto& [id, peer] : impl_->peers)
     impl_->close_peer(lock, *peer);
   impl_->peers.clear();
@@ -271,16 +211,16 @@ TransferEngine::~TransferEngine() {
   ucp_cleanup(impl_->context);
 }
 
-PeerAddress TransferEngine::local_address() const {
+PeerAddress UcxTransport::local_address() const {
   return {options_.name, options_.epoch, impl_->worker_address};
 }
 
-bool TransferEngine::progress() {
+bool UcxTransport::progress() {
   std::lock_guard lock(impl_->mu);
   return ucp_worker_progress(impl_->worker) != 0;
 }
 
-Result<PeerId> TransferEngine::connect(const PeerAddress& peer) {
+Result<PeerId> UcxTransport::connect(const PeerAddress& peer) {
   if (peer.worker.empty()) return invalid_argument("peer '" + peer.name + "' has no address");
   if (peer.epoch == 0) return invalid_argument("peer '" + peer.name + "' has epoch 0");
   impl_->waiters.fetch_add(1);
@@ -317,7 +257,7 @@ Result<PeerId> TransferEngine::connect(const PeerAddress& peer) {
   return id;
 }
 
-void TransferEngine::disconnect(PeerId peer) {
+void UcxTransport::disconnect(PeerId peer) {
   std::unique_lock lock(impl_->mu);
   auto it = impl_->peers.find(peer.value);
   if (it == impl_->peers.end()) return;
@@ -325,8 +265,8 @@ void TransferEngine::disconnect(PeerId peer) {
   impl_->peers.erase(it);
 }
 
-Status TransferEngine::Impl::open_peer(PeerId id, const RemoteRegion& region, Peer*& peer,
-                                       ucp_rkey_h& rkey, std::string& who) {
+Status UcxTransport::Impl::open_peer(PeerId id, const RemoteRegion& region, Peer*& peer,
+                                     ucp_rkey_h& rkey, std::string& who) {
   auto it = peers.find(id.value);
   if (it == peers.end()) {
     return unavailable("unknown peer id " + std::to_string(id.value) +
@@ -349,10 +289,10 @@ Status TransferEngine::Impl::open_peer(PeerId id, const RemoteRegion& region, Pe
   return Status::ok();
 }
 
-Result<std::vector<SpanDigest>> TransferEngine::put(PeerId peer_id, const RemoteRegion& region,
-                                                    std::span<const PutOp> ops) {
+Result<std::vector<SpanDigest>> UcxTransport::put(PeerId peer_id, const RemoteRegion& region,
+                                                  std::span<const PutOp> ops) {
   // Everything that can be refused is refused before a byte moves.
-  if (Status refused = check_put(region, ops); !refused.is_ok()) return refused;
+  if (Status refused = check_put_ops(region, ops); !refused.is_ok()) return refused;
 
   // Over shared memory the put is a memcpy on this thread and costs about as much as hashing
   // the same bytes (bench/RESULTS.md, "Transfer"): helpers hash while this thread copies. A
@@ -410,168 +350,12 @@ Result<std::vector<SpanDigest>> TransferEngine::put(PeerId peer_id, const Remote
     result = unavailable("put to " + who + " failed: " + why + " (peer gone?); endpoint closed");
     impl_->fail_peer(lock, peer, why, *batch);
   }
-  // A batch still pending after the forced close stays with the engine (see Batch).
+  // A batch still pending after the forced close stays with the transport (see Batch).
   if (batch->outstanding > 0) impl_->orphans.push_back(std::move(batch));
   lock.unlock();
   if (!result.is_ok()) return result;
   // The bytes have landed; what the helpers have not hashed yet, this thread hashes with them.
   if (overlap) digests = hasher.finish();
-  return digests;
-}
-
-// ---- Pipelined put ----
-
-Result<std::vector<SpanDigest>> TransferEngine::put_pipelined(
-    PeerId peer_id, const RemoteRegion& region, std::span<const PutOp> ops,
-    const PipelineOptions& pipeline, const PieceLandedCallback& on_piece_landed) {
-  if (Status refused = check_put(region, ops); !refused.is_ok()) return refused;
-  if (pipeline.handoff_id == 0) return invalid_argument("a pipelined put needs a handoff_id");
-  if (pipeline.piece_bytes == 0) return invalid_argument("a pipelined put needs piece_bytes > 0");
-
-  // The ops cut at piece boundaries: fragments, and the fragment each piece ends before. A put
-  // of no bytes is one empty piece, so that the receiver still learns it is complete.
-  std::vector<PutOp> fragments;
-  std::vector<size_t> piece_end;
-  uint64_t room = pipeline.piece_bytes;
-  for (const PutOp& op : ops) {
-    const auto* local = static_cast<const std::byte*>(op.local);
-    for (uint64_t off = 0; off < op.bytes;) {
-      const uint64_t n = std::min(room, op.bytes - off);
-      fragments.push_back({local + off, n, op.remote_offset + off});
-      off += n;
-      room -= n;
-      if (room == 0) {
-        piece_end.push_back(fragments.size());
-        room = pipeline.piece_bytes;
-      }
-    }
-  }
-  if (piece_end.empty() || piece_end.back() != fragments.size()) {
-    piece_end.push_back(fragments.size());
-  }
-  if (piece_end.size() > UINT32_MAX) return invalid_argument("too many pieces; raise piece_bytes");
-  const auto count = static_cast<uint32_t>(piece_end.size());
-
-  // Hashed as put() hashes (helpers beside the copy), fragment by fragment in order, so the
-  // first pieces' digests are ready first.
-  SpanHasher hasher(fragments, 0);
-  if (options_.checksum_threads > 0 && hasher.bytes() >= kMinOverlappedHashBytes) {
-    hasher.start(options_.checksum_threads);
-  } else {
-    hasher.complete();
-  }
-
-  impl_->waiters.fetch_add(1);
-  std::unique_lock lock(impl_->mu);
-  struct WaiterGuard {
-    std::atomic<int>& w;
-    ~WaiterGuard() { w.fetch_sub(1); }
-  } guard{impl_->waiters};
-  const auto deadline = Clock::now() + options_.timeout;
-
-  Impl::Peer* peer = nullptr;
-  ucp_rkey_h rkey = nullptr;
-  std::string who;
-  if (Status refused = impl_->open_peer(peer_id, region, peer, rkey, who); !refused.is_ok()) {
-    return refused;
-  }
-
-  auto batch = std::make_unique<Batch>();
-  const ucp_request_param_t param = host_put_param(*batch);
-  ucp_request_param_t flush_param{};
-  flush_param.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-  flush_param.cb.send = &on_flush_done;
-  // Eager: the receiver's handler then gets the whole payload in the callback.
-  ucp_request_param_t note_param{};
-  note_param.op_attr_mask =
-      UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
-  note_param.cb.send = &on_request_done;
-  note_param.user_data = batch.get();
-  note_param.flags = UCP_AM_SEND_FLAG_EAGER;
-
-  std::vector<SpanDigest> digests;
-  digests.reserve(fragments.size());
-  uint32_t issued = 0;
-  uint32_t announced = 0;
-  // Announces, in order, each piece whose flush completed and whose digests are hashed.
-  auto announce = [&] {
-    while (announced < issued && batch->first_error == UCS_OK) {
-      if (!batch->flushes[announced].done) return;
-      const size_t begin = announced == 0 ? 0 : piece_end[announced - 1];
-      const size_t end = piece_end[announced];
-      for (size_t f = begin; f < end; ++f) {
-        if (!hasher.ready(f)) return;
-      }
-      LandedPiece piece{pipeline.handoff_id, region.address, announced, count, {}};
-      for (size_t f = begin; f < end; ++f)
-        piece.digests.push_back(hasher.digest(f));
-      if (pipeline.notify_peer) {
-        // The payload lives in the batch until the send completes (a vector's move keeps it).
-        batch->payloads.push_back(encode_landed_piece(piece));
-        const std::vector<uint8_t>& payload = batch->payloads.back();
-        track(*batch, ucp_am_send_nbx(peer->ep, transfer_detail::kLandedPieceAm, nullptr, 0,
-                                      payload.data(), payload.size(), &note_param));
-        if (batch->first_error != UCS_OK) return;
-      }
-      digests.insert(digests.end(), piece.digests.begin(), piece.digests.end());
-      if (on_piece_landed) on_piece_landed(piece);
-      ++announced;
-    }
-  };
-
-  bool in_time = true;
-  // Issue: each piece's puts, then its flush. Over shared memory a put into UCX-allocated
-  // memory is this thread's memcpy, so this loop is the copy; over TCP it queues the sends.
-  for (uint32_t p = 0; p < count && batch->first_error == UCS_OK && !peer->failed; ++p) {
-    for (size_t f = p == 0 ? 0 : piece_end[p - 1]; f < piece_end[p]; ++f) {
-      const PutOp& op = fragments[f];
-      track(*batch, ucp_put_nbx(peer->ep, op.local, op.bytes, region.address + op.remote_offset,
-                                rkey, &param));
-      if (batch->first_error != UCS_OK) break;
-    }
-    if (batch->first_error != UCS_OK) break;
-    // The flush completes once every put before it is complete at the target; only then may
-    // the receiver read the piece.
-    Batch::Flush& flush = batch->flushes.emplace_back(Batch::Flush{batch.get(), false});
-    flush_param.user_data = &flush;
-    ucs_status_ptr_t req = ucp_ep_flush_nbx(peer->ep, &flush_param);
-    if (req == nullptr) flush.done = true;
-    track(*batch, req);
-    ++issued;
-    ucp_worker_progress(impl_->worker);
-    announce();
-    if (Clock::now() > deadline) {
-      in_time = false;
-      break;
-    }
-  }
-  // Wait: progress until every piece is announced and every request completed. While the next
-  // piece waits for its digests rather than its flush, this thread hashes instead of spinning.
-  for (unsigned round = 1; in_time && batch->first_error == UCS_OK && !peer->failed &&
-                           (announced < count || batch->outstanding > 0);
-       ++round) {
-    const bool events = ucp_worker_progress(impl_->worker) != 0;
-    announce();
-    if (!events && announced < issued && batch->flushes[announced].done) (void)hasher.help();
-    if (round % 64 == 0 && Clock::now() > deadline) in_time = false;
-  }
-  Status result;
-  if (!in_time) {
-    result = unavailable("pipelined put of " + std::to_string(count) + " pieces to " + who +
-                         " did not complete within " + std::to_string(options_.timeout.count()) +
-                         " ms (" + std::to_string(announced) +
-                         " announced; peer stalled or unreachable); endpoint closed");
-    impl_->fail_peer(lock, *peer, "timed out", *batch);
-  } else if (batch->first_error != UCS_OK || peer->failed) {
-    std::string why = batch->first_error != UCS_OK ? ucs_error(batch->first_error) : peer->failure;
-    result = unavailable("pipelined put to " + who + " failed after " + std::to_string(announced) +
-                         " of " + std::to_string(count) + " pieces: " + why +
-                         " (peer gone?); endpoint closed");
-    impl_->fail_peer(lock, *peer, why, *batch);
-  }
-  if (batch->outstanding > 0) impl_->orphans.push_back(std::move(batch));
-  lock.unlock();
-  if (!result.is_ok()) return result;
   return digests;
 }
 
