@@ -34,7 +34,7 @@
 #include "bundle_contents.h"
 #include "bundle_texts.h"
 #include "commands.h"
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 #include "sha256.h"
 
 namespace dserve::cli {
@@ -241,7 +241,8 @@ Command add_bundle_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--quiet", o->quiet, "print only the summary, not a line per file");
   return [o] {
-    if (o->tokenizer.empty()) o->tokenizer = model::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
+    if (o->tokenizer.empty())
+      o->tokenizer = tokenizer::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
     return run_bundle(*o);
   };
 }

@@ -15,7 +15,7 @@
 #include "dserve/model/model.h"
 #include "dserve/model/prefix_cache.h"
 #include "dserve/model/sampler.h"
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 
 namespace dserve::cli {
 namespace {
@@ -59,13 +59,13 @@ int run_generate(const GenerateOptions& o) {
     print_error(config.status().to_string());
     return 2;
   }
-  auto tokenizer = model::Tokenizer::load(o.model_dir + "/tokenizer.json");
+  auto tokenizer = tokenizer::Tokenizer::load(o.model_dir + "/tokenizer.json");
   if (!tokenizer.is_ok()) {
     print_error(tokenizer.status().to_string());
     return 2;
   }
-  auto encoded = model::encode_prompt(*tokenizer, o.prompt, o.chat,
-                                      static_cast<int32_t>(config->bos_token_id));
+  auto encoded = tokenizer::encode_prompt(*tokenizer, o.prompt, o.chat,
+                                          static_cast<int32_t>(config->bos_token_id));
   if (!encoded.is_ok()) {
     print_error("the prompt cannot be tokenized: " + encoded.status().message());
     return 2;
@@ -118,7 +118,7 @@ int run_generate(const GenerateOptions& o) {
 
   model::RequestHandle request;
   model::Sampler sampler(o.sampling);
-  model::StreamDecoder stream(*tokenizer);
+  tokenizer::StreamDecoder stream(*tokenizer);
 
   const auto prefill_start = Clock::now();
   Tensor logits;

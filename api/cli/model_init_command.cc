@@ -6,7 +6,7 @@
 
 #include "commands.h"
 #include "dserve/model/model_init.h"
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 #include "model_digests.h"
 
 namespace dserve::cli {
@@ -51,7 +51,7 @@ Command add_model_init_command(CLI::App& model_app) {
       return 2;
     }
     if (opts->tokenizer_json.empty()) {
-      opts->tokenizer_json = model::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
+      opts->tokenizer_json = tokenizer::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
     }
     const auto start = std::chrono::steady_clock::now();
     const Status s = model::write_random_checkpoint(*opts);

@@ -32,10 +32,10 @@
 #include "dserve/model/engine.h"
 #include "dserve/model/model.h"
 #include "dserve/model/prefix_cache.h"
-#include "dserve/model/tokenizer.h"
 #include "dserve/ops/metrics.h"
 #include "dserve/ops/metrics_server.h"
 #include "dserve/prefill/prefill_worker.h"
+#include "dserve/tokenizer/tokenizer.h"
 #include "model_digests.h"
 #include "serve_compute.h"
 #include "serve_gateway_watch.h"
@@ -171,7 +171,7 @@ int run_gateway(const ServeOptions& o, const sigset_t& stop) {
     return 2;
   }
   auto config = model::load_model_config(o.model_dir);
-  auto tokenizer = model::Tokenizer::load(o.model_dir + "/tokenizer.json");
+  auto tokenizer = tokenizer::Tokenizer::load(o.model_dir + "/tokenizer.json");
   api::TlsFiles tls;
   auto auth = client_security(o, tls);
   for (const Status* s : {&config.status(), &tokenizer.status(), &auth.status()}) {
@@ -469,7 +469,7 @@ int run_serve(const ServeOptions& o) {
   // padding rows past them).
   int64_t sampleable_ids = 0;
   if (runs_decode) {
-    auto tokenizer = model::Tokenizer::load(o.model_dir + "/tokenizer.json");
+    auto tokenizer = tokenizer::Tokenizer::load(o.model_dir + "/tokenizer.json");
     if (!tokenizer.is_ok()) {
       print_error(tokenizer.status().to_string());
       return 2;

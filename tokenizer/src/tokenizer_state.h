@@ -13,7 +13,7 @@
 #include "tokenizer_bpe.h"
 #include "tokenizer_pre.h"
 
-namespace dserve::model::detail {
+namespace dserve::tokenizer::detail {
 
 struct TokenizerState {
   AddedTokenSplitter added;
@@ -30,4 +30,4 @@ struct TokenizerState {
 // errors). Errors as documented for Tokenizer::load.
 Result<TokenizerState> parse_tokenizer_json(std::string_view json_text, std::string_view path);
 
-}  // namespace dserve::model::detail
+}  // namespace dserve::tokenizer::detail

@@ -8,7 +8,7 @@
 #include <string>
 #include <string_view>
 
-namespace dserve::model::detail {
+namespace dserve::tokenizer::detail {
 
 inline constexpr size_t kUtf8Valid = static_cast<size_t>(-1);
 
@@ -46,4 +46,4 @@ class ByteAlphabet {
   std::array<int16_t, 324> byte_of_char_;  // code point -> byte, -1 outside the alphabet
 };
 
-}  // namespace dserve::model::detail
+}  // namespace dserve::tokenizer::detail

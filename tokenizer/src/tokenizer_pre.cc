@@ -8,7 +8,7 @@
 #include "dserve/core/check.h"
 #include "tokenizer_text.h"
 
-namespace dserve::model::detail {
+namespace dserve::tokenizer::detail {
 namespace {
 
 // ECMA-262 WhiteSpace and LineTerminator, as the inside of a PCRE2 character class.
@@ -171,4 +171,4 @@ Status PreTokenizer::split(std::string_view text, TextSpan section,
   return Status::ok();
 }
 
-}  // namespace dserve::model::detail
+}  // namespace dserve::tokenizer::detail

@@ -1,7 +1,7 @@
 // Unit tests of the tokenizer: errors, the chat format, streaming, a handmade tokenizer.json.
 // The full-corpus comparison with the JavaScript tokenizer is tokenizer_oracle_test.cc.
 
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 
 #include <gtest/gtest.h>
 
@@ -11,7 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
-namespace dserve::model {
+namespace dserve::tokenizer {
 namespace {
 
 const char* const kInstallHint = "run scripts/install-deps.sh (it installs tools/tokenizer-oracle)";
@@ -307,4 +307,4 @@ TEST(DefaultTokenizerJsonPath, EnvironmentFirstThenThePackage) {
 }
 
 }  // namespace
-}  // namespace dserve::model
+}  // namespace dserve::tokenizer

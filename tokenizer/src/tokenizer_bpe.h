@@ -14,7 +14,7 @@
 #include <unordered_map>
 #include <vector>
 
-namespace dserve::model::detail {
+namespace dserve::tokenizer::detail {
 
 // Hash and equality that let string-keyed maps be searched with a string_view.
 struct StringHash {
@@ -74,4 +74,4 @@ class BpeModel {
   std::unique_ptr<WordCache> cache_;
 };
 
-}  // namespace dserve::model::detail
+}  // namespace dserve::tokenizer::detail

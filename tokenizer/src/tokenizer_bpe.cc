@@ -2,7 +2,7 @@
 
 #include <algorithm>
 
-namespace dserve::model::detail {
+namespace dserve::tokenizer::detail {
 namespace {
 
 struct Symbol {
@@ -113,4 +113,4 @@ void BpeModel::merge_word(std::string_view word, std::vector<int32_t>& ids) cons
   }
 }
 
-}  // namespace dserve::model::detail
+}  // namespace dserve::tokenizer::detail

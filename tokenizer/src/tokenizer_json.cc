@@ -9,7 +9,7 @@
 #include "tokenizer_state.h"
 #include "tokenizer_text.h"
 
-namespace dserve::model::detail {
+namespace dserve::tokenizer::detail {
 namespace {
 
 using Json = nlohmann::json;
@@ -292,4 +292,4 @@ Result<TokenizerState> parse_tokenizer_json(std::string_view json_text, std::str
   }
 }
 
-}  // namespace dserve::model::detail
+}  // namespace dserve::tokenizer::detail

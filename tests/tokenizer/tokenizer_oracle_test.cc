@@ -10,10 +10,10 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 #include "tokenizer_corpus.h"
 
-namespace dserve::model {
+namespace dserve::tokenizer {
 namespace {
 
 namespace fs = std::filesystem;
@@ -157,4 +157,4 @@ TEST(TokenizerOracle, MatchesJavaScriptTokenizerOnCorpus) {
 }
 
 }  // namespace
-}  // namespace dserve::model
+}  // namespace dserve::tokenizer

@@ -1,6 +1,6 @@
 #include "tokenizer_text.h"
 
-namespace dserve::model::detail {
+namespace dserve::tokenizer::detail {
 namespace {
 
 // Length of the sequence `lead` starts, 0 when it cannot start one.
@@ -163,4 +163,4 @@ std::string ByteAlphabet::unspell(std::string_view spelling) const {
   return bytes;
 }
 
-}  // namespace dserve::model::detail
+}  // namespace dserve::tokenizer::detail

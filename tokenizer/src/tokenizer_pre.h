@@ -11,7 +11,7 @@
 
 #include "dserve/core/status.h"
 
-namespace dserve::model::detail {
+namespace dserve::tokenizer::detail {
 
 // A piece of the text being tokenized: [begin, end) in bytes.
 struct TextSpan {
@@ -55,4 +55,4 @@ class PreTokenizer {
   std::vector<RegexSplit> splits_;
 };
 
-}  // namespace dserve::model::detail
+}  // namespace dserve::tokenizer::detail

@@ -4,7 +4,7 @@
 
 #include "tokenizer_text.h"
 
-namespace dserve::model::detail {
+namespace dserve::tokenizer::detail {
 namespace {
 
 size_t trim_end(std::string_view text, size_t begin, size_t end) {
@@ -110,4 +110,4 @@ void AddedTokenSplitter::split(std::string_view text, std::vector<TextSection>& 
   }
 }
 
-}  // namespace dserve::model::detail
+}  // namespace dserve::tokenizer::detail

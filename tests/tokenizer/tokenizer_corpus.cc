@@ -10,7 +10,7 @@
 
 #include "dserve/core/random.h"
 
-namespace dserve::model::testing {
+namespace dserve::tokenizer::testing {
 namespace {
 
 using Words = std::vector<std::string_view>;
@@ -443,4 +443,4 @@ std::string corpus_to_json(const std::vector<std::string>& corpus) {
   return nlohmann::json(corpus).dump();
 }
 
-}  // namespace dserve::model::testing
+}  // namespace dserve::tokenizer::testing

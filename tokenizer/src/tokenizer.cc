@@ -1,4 +1,4 @@
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 
 #include <fmt/format.h>
 
@@ -11,7 +11,7 @@
 #include "tokenizer_state.h"
 #include "tokenizer_text.h"
 
-namespace dserve::model {
+namespace dserve::tokenizer {
 
 Tokenizer::Tokenizer(std::shared_ptr<const detail::TokenizerState> state)
     : state_(std::move(state)) {}
@@ -119,4 +119,4 @@ std::string StreamDecoder::flush() {
   return text;
 }
 
-}  // namespace dserve::model
+}  // namespace dserve::tokenizer

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-namespace dserve::model::testing {
+namespace dserve::tokenizer::testing {
 
 // At least `count` strings (a fixed set of edge cases first, then seeded random ones); all
 // valid UTF-8.
@@ -17,4 +17,4 @@ std::vector<std::string> make_tokenizer_corpus(uint64_t seed, size_t count);
 // The corpus as a JSON array of strings.
 std::string corpus_to_json(const std::vector<std::string>& corpus);
 
-}  // namespace dserve::model::testing
+}  // namespace dserve::tokenizer::testing
