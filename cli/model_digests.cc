@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "dserve/core/files.h"
-#include "sha256.h"
+#include "dserve/core/sha256.h"
 
 namespace dserve::cli {
 namespace {

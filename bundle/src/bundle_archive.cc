@@ -11,9 +11,9 @@
 #include <fstream>
 #include <vector>
 
-#include "sha256.h"
+#include "dserve/core/sha256.h"
 
-namespace dserve::cli {
+namespace dserve::bundle {
 namespace {
 
 constexpr size_t kBlock = 512;
@@ -194,4 +194,4 @@ uint64_t TarGzWriter::compressed_bytes() const {
   return compressed_;
 }
 
-}  // namespace dserve::cli
+}  // namespace dserve::bundle

@@ -1,14 +1,13 @@
 #pragma once
-// SHA-256 (OpenSSL's EVP digest) for the command line: the bundle's manifest and the model
-// checkpoint digests.
-
-#include <openssl/evp.h>
+// SHA-256 (OpenSSL's EVP digest): the bundle's manifest and the model checkpoint digests.
 
 #include <cstddef>
 #include <string>
 #include <string_view>
 
-namespace dserve::cli {
+struct evp_md_ctx_st;  // OpenSSL's EVP_MD_CTX
+
+namespace dserve {
 
 // One SHA-256 computation over data given in pieces.
 class Sha256 {
@@ -21,10 +20,10 @@ class Sha256 {
   std::string hex();  // 64 lowercase hex digits; ends the computation
 
  private:
-  EVP_MD_CTX* ctx_;
+  evp_md_ctx_st* ctx_;
 };
 
 // "<64 lowercase hex digits>" of SHA-256 over `data`.
 std::string sha256_hex(std::string_view data);
 
-}  // namespace dserve::cli
+}  // namespace dserve

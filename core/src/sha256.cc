@@ -1,8 +1,10 @@
-#include "sha256.h"
+#include "dserve/core/sha256.h"
+
+#include <openssl/evp.h>
 
 #include <array>
 
-namespace dserve::cli {
+namespace dserve {
 
 Sha256::Sha256() : ctx_(EVP_MD_CTX_new()) {
   EVP_DigestInit_ex(ctx_, EVP_sha256(), nullptr);
@@ -36,4 +38,4 @@ std::string sha256_hex(std::string_view data) {
   return h.hex();
 }
 
-}  // namespace dserve::cli
+}  // namespace dserve

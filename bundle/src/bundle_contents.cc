@@ -24,7 +24,7 @@
 #include <set>
 #include <sstream>
 
-namespace dserve::cli {
+namespace dserve::bundle {
 namespace {
 
 namespace fs = std::filesystem;
@@ -271,4 +271,4 @@ Result<BundleLibraries> find_bundle_libraries() {
   return out;
 }
 
-}  // namespace dserve::cli
+}  // namespace dserve::bundle

@@ -16,7 +16,7 @@
 
 #include "dserve/core/status.h"
 
-namespace dserve::cli {
+namespace dserve::bundle {
 
 // One file to pack: `source` on this machine goes to `dest` (relative) inside the bundle; or,
 // when `link` is set, a symbolic link at `dest` to `link` (relative to dest's directory).
@@ -51,4 +51,4 @@ bool is_target_library(std::string_view name);
 // Looks at the running process (/proc/self/exe and the loader's list of mapped objects).
 Result<BundleLibraries> find_bundle_libraries();
 
-}  // namespace dserve::cli
+}  // namespace dserve::bundle

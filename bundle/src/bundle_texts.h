@@ -6,7 +6,7 @@
 
 #include "bundle_contents.h"
 
-namespace dserve::cli {
+namespace dserve::bundle {
 
 // bin/dserve: sets the library path and the plugin directories, then runs libexec/dserve.
 std::string bundle_launcher(const BundleLibraries& libs);
@@ -16,4 +16,4 @@ std::string bundle_install_script(const BundleLibraries& libs);
 // README.md: what is inside, how it runs, how to install it.
 std::string bundle_readme(const BundleLibraries& libs, const std::string& top_dir);
 
-}  // namespace dserve::cli
+}  // namespace dserve::bundle

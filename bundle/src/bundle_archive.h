@@ -13,7 +13,7 @@
 
 #include "dserve/core/status.h"
 
-namespace dserve::cli {
+namespace dserve::bundle {
 
 // Owns the open output file; not thread-safe. Destroying an unfinished writer removes the
 // partial file.
@@ -52,4 +52,4 @@ class TarGzWriter {
   uint64_t compressed_ = 0;
 };
 
-}  // namespace dserve::cli
+}  // namespace dserve::bundle

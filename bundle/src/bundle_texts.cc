@@ -2,7 +2,7 @@
 
 #include "bundle_texts.h"
 
-namespace dserve::cli {
+namespace dserve::bundle {
 
 std::string bundle_launcher(const BundleLibraries& libs) {
   std::string s = R"sh(#!/bin/sh
@@ -145,4 +145,4 @@ std::string bundle_readme(const BundleLibraries& libs, const std::string& top_di
   return s;
 }
 
-}  // namespace dserve::cli
+}  // namespace dserve::bundle
