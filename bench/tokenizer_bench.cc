@@ -103,7 +103,7 @@ int main(int argc, char** argv) {
     constexpr std::string_view kFlag = "--write_corpus=";
     if (std::strncmp(argv[i], kFlag.data(), kFlag.size()) == 0) {
       std::ofstream(argv[i] + kFlag.size(), std::ios::binary)
-          << dserve::model::testing::corpus_to_json(corpus());
+          << dserve::tokenizer::testing::corpus_to_json(corpus());
       return 0;
     }
   }
