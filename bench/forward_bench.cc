@@ -15,7 +15,7 @@
 #include "dserve/model/config.h"
 #include "dserve/model/model.h"
 #include "dserve/model/model_init.h"
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 
 namespace {
 
@@ -31,7 +31,7 @@ const model::Model& preset_model(const std::string& preset) {
     o.preset = preset;
     o.seed = 1;
     o.out_dir = dir.string();
-    o.tokenizer_json = model::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
+    o.tokenizer_json = tokenizer::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
     if (!model::write_random_checkpoint(o).is_ok()) std::abort();
     auto config = model::load_model_config(o.out_dir);
     auto weights = model::load_checkpoint(o.out_dir, *config);

@@ -1,5 +1,5 @@
 // Encode throughput of the C++ tokenizer on the seeded tokenizer corpus
-// (tests/model/tokenizer_corpus.h), the same strings tools/tokenizer-oracle/bench.mjs times
+// (tests/tokenizer/tokenizer_corpus.h), the same strings tools/tokenizer-oracle/bench.mjs times
 // for the JavaScript tokenizer. See bench/tokenizer_bench.sh.
 //
 //   tokenizer_bench [--write_corpus=<path.json>] [google benchmark flags]
@@ -13,29 +13,29 @@
 #include <string>
 #include <vector>
 
-#include "../tests/model/tokenizer_corpus.h"
-#include "dserve/model/tokenizer.h"
+#include "../tests/tokenizer/tokenizer_corpus.h"
+#include "dserve/tokenizer/tokenizer.h"
 
 namespace {
 
-constexpr uint64_t kCorpusSeed = 20250601;  // as tests/model/tokenizer_oracle_test.cc
+constexpr uint64_t kCorpusSeed = 20250601;  // as tests/tokenizer/tokenizer_oracle_test.cc
 constexpr size_t kCorpusSize = 12000;
 
 const std::vector<std::string>& corpus() {
   static const auto* const kCorpus = new std::vector<std::string>(
-      dserve::model::testing::make_tokenizer_corpus(kCorpusSeed, kCorpusSize));
+      dserve::tokenizer::testing::make_tokenizer_corpus(kCorpusSeed, kCorpusSize));
   return *kCorpus;
 }
 
-const dserve::model::Tokenizer& tokenizer() {
+const dserve::tokenizer::Tokenizer& tokenizer() {
   static const auto* const kTokenizer = [] {
-    const std::string path = dserve::model::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
-    auto loaded = dserve::model::Tokenizer::load(path);
+    const std::string path = dserve::tokenizer::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
+    auto loaded = dserve::tokenizer::Tokenizer::load(path);
     if (!loaded.is_ok()) {
       std::cerr << loaded.status().to_string() << " (run scripts/install-deps.sh)\n";
       std::exit(1);
     }
-    return new dserve::model::Tokenizer(std::move(loaded).value());
+    return new dserve::tokenizer::Tokenizer(std::move(loaded).value());
   }();
   return *kTokenizer;
 }
@@ -88,9 +88,9 @@ BENCHMARK(BM_EncodeOneLongWord)
     ->Arg(1000000);
 
 void BM_LoadTokenizerJson(benchmark::State& state) {
-  const std::string path = dserve::model::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
+  const std::string path = dserve::tokenizer::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
   for (auto _ : state) {
-    auto loaded = dserve::model::Tokenizer::load(path);
+    auto loaded = dserve::tokenizer::Tokenizer::load(path);
     benchmark::DoNotOptimize(loaded);
   }
 }
@@ -103,7 +103,7 @@ int main(int argc, char** argv) {
     constexpr std::string_view kFlag = "--write_corpus=";
     if (std::strncmp(argv[i], kFlag.data(), kFlag.size()) == 0) {
       std::ofstream(argv[i] + kFlag.size(), std::ios::binary)
-          << dserve::model::testing::corpus_to_json(corpus());
+          << dserve::tokenizer::testing::corpus_to_json(corpus());
       return 0;
     }
   }

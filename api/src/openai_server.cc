@@ -142,7 +142,7 @@ struct Parsed {
 
 class OpenAiServer::Impl {
  public:
-  Impl(actors::Gateway& gateway, const model::Tokenizer& tokenizer, OpenAiOptions options)
+  Impl(actors::Gateway& gateway, const tokenizer::Tokenizer& tokenizer, OpenAiOptions options)
       : gateway_(gateway), tokenizer_(tokenizer), options_(std::move(options)) {}
 
   Result<uint16_t> listen() {
@@ -249,7 +249,7 @@ class OpenAiServer::Impl {
                                        const httplib::ContentReader& content) const;
 
   actors::Gateway& gateway_;
-  const model::Tokenizer& tokenizer_;
+  const tokenizer::Tokenizer& tokenizer_;
   OpenAiOptions options_;
   ListenSocket listen_socket_;
   std::unique_ptr<httplib::Server> server_;  // an SSLServer with TLS
@@ -311,7 +311,7 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
     const json* messages = field("messages");
     if (!messages || !messages->is_array() || messages->empty())
       return bad("messages", "`messages` must be a non-empty array of {role, content}");
-    std::vector<model::ChatMessage> turns;
+    std::vector<tokenizer::ChatMessage> turns;
     for (size_t i = 0; i < messages->size(); ++i) {
       const json& m = (*messages)[i];
       const std::string where = "messages[" + std::to_string(i) + "]";
@@ -341,7 +341,7 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
       turns.push_back({r, std::move(text)});
     }
     // The messages' text is text: only the template inserts the chat's control tokens.
-    auto encoded = model::encode_chat(tokenizer_, turns, /*add_generation_prompt=*/true);
+    auto encoded = tokenizer::encode_chat(tokenizer_, turns, /*add_generation_prompt=*/true);
     if (!encoded.is_ok())
       return bad("messages", "the messages cannot be tokenized: " + encoded.status().message());
     ids = std::move(encoded).value();
@@ -366,8 +366,8 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
                  "`prompt` must be a string, a one-string array or an array of token ids");
     }
     if (text) {
-      auto encoded = model::encode_prompt(tokenizer_, text->get<std::string>(), /*chat=*/false,
-                                          options_.bos_token_id);
+      auto encoded = tokenizer::encode_prompt(tokenizer_, text->get<std::string>(), /*chat=*/false,
+                                              options_.bos_token_id);
       if (!encoded.is_ok())
         return bad("prompt", "the prompt cannot be tokenized: " + encoded.status().message());
       ids = std::move(encoded).value();
@@ -520,7 +520,7 @@ void OpenAiServer::Impl::handle(const httplib::Request& req, const std::string& 
   };
 
   if (!parsed->stream) {
-    model::StreamDecoder text(tokenizer_);
+    tokenizer::StreamDecoder text(tokenizer_);
     std::string content;
     auto on_tokens = [&](std::span<const int32_t> tokens, uint32_t) {
       for (int32_t t : tokens) {
@@ -579,7 +579,7 @@ void OpenAiServer::Impl::handle(const httplib::Request& req, const std::string& 
           if (!gone && !sink.write(line.data(), line.size())) gone = true;
         };
         if (chat) send(chunk(json{{"role", "assistant"}, {"content", ""}}, nullptr));
-        model::StreamDecoder text(tokenizer_);
+        tokenizer::StreamDecoder text(tokenizer_);
         auto on_tokens = [&](std::span<const int32_t> tokens, uint32_t) {
           std::string piece;
           for (int32_t t : tokens) {
@@ -618,7 +618,7 @@ void OpenAiServer::Impl::handle(const httplib::Request& req, const std::string& 
 }
 
 Result<std::unique_ptr<OpenAiServer>> OpenAiServer::start(actors::Gateway& gateway,
-                                                          const model::Tokenizer& tokenizer,
+                                                          const tokenizer::Tokenizer& tokenizer,
                                                           OpenAiOptions options) {
   auto impl = std::make_unique<Impl>(gateway, tokenizer, std::move(options));
   auto port = impl->listen();

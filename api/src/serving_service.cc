@@ -112,7 +112,7 @@ Status from_grpc(const grpc::Status& status) {
   }
 }
 
-ServingService::ServingService(actors::Gateway& gateway, const model::Tokenizer& tokenizer,
+ServingService::ServingService(actors::Gateway& gateway, const tokenizer::Tokenizer& tokenizer,
                                ServingOptions options)
     : gateway_(gateway), tokenizer_(tokenizer), options_(options) {}
 
@@ -144,8 +144,8 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
               "the request has neither `prompt` text nor `prompt_tokens`"};
     }
     // The prompt's text is text: a chat prompt's control tokens come from the template only.
-    auto ids =
-        model::encode_prompt(tokenizer_, request->prompt(), request->chat(), options_.bos_token_id);
+    auto ids = tokenizer::encode_prompt(tokenizer_, request->prompt(), request->chat(),
+                                        options_.bos_token_id);
     if (!ids.is_ok()) {
       return {grpc::StatusCode::INVALID_ARGUMENT,
               "`prompt` cannot be tokenized: " + ids.status().message()};
@@ -182,7 +182,7 @@ grpc::Status ServingService::Generate(grpc::ServerContext* context,
                                .count();
   }
 
-  model::StreamDecoder text(tokenizer_);
+  tokenizer::StreamDecoder text(tokenizer_);
   std::atomic<bool> client_gone{false};
   ::dserve::Status text_error;
   // The id the gateway uses (the caller's, or the one it assigns when admitting the request).

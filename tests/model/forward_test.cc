@@ -13,7 +13,6 @@
 #include "dserve/model/checkpoint.h"
 #include "dserve/model/model.h"
 #include "dserve/model/model_init.h"
-#include "dserve/model/tokenizer.h"
 #include "test_model.h"
 
 namespace dserve::model {

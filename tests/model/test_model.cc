@@ -12,7 +12,7 @@
 #include "dserve/model/checkpoint.h"
 #include "dserve/model/config.h"
 #include "dserve/model/model_init.h"
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 
 namespace dserve::model::testing_support {
 
@@ -26,7 +26,7 @@ double relative_row_diff(const float* a, const float* b, int64_t n) {
 }
 
 std::string tokenizer_json() {
-  return default_tokenizer_json_path(DSERVE_SOURCE_DIR);
+  return tokenizer::default_tokenizer_json_path(DSERVE_SOURCE_DIR);
 }
 
 const std::string& tiny_model_dir() {

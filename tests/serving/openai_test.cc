@@ -21,7 +21,7 @@
 #include <thread>
 #include <vector>
 
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 #include "serve_cluster.h"
 #include "test_model.h"
 
@@ -242,7 +242,7 @@ TEST(OpenAi, LogitBiasAndPenaltiesAreAppliedAndResponseFormatChecked) {
     return res ? std::make_pair(res->status, nlohmann::json::parse(res->body, nullptr, false))
                : std::make_pair(0, nlohmann::json());
   };
-  auto tokenizer = model::Tokenizer::load(model::testing_support::tokenizer_json());
+  auto tokenizer = tokenizer::Tokenizer::load(model::testing_support::tokenizer_json());
   ASSERT_TRUE(tokenizer.is_ok());
   const std::string word = tokenizer->decode(std::vector<int32_t>{7777}).value();
   auto [status, body] = post({{"logit_bias", {{"7777", 100}}}});

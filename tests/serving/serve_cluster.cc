@@ -28,7 +28,7 @@
 #include "dserve/api/serving_client.h"
 #include "dserve/core/random.h"
 #include "dserve/model/model.h"
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 #include "test_model.h"
 
 namespace dserve::testing_support {
@@ -281,7 +281,7 @@ std::vector<actors::TokenId> reference_tokens(const std::vector<actors::TokenId>
   model::Sampler sampler(params);
   // As `dserve generate` and the decode workers: only ids the tokenizer has.
   static const int64_t tokenizer_ids = [] {
-    auto tokenizer = model::Tokenizer::load(model::testing_support::tokenizer_json());
+    auto tokenizer = tokenizer::Tokenizer::load(model::testing_support::tokenizer_json());
     DSERVE_CHECK_MSG(tokenizer.is_ok(), "the test tokenizer does not load");
     return tokenizer->vocab_size();
   }();

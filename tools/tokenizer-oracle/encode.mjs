@@ -1,5 +1,5 @@
 // The tokenizer oracle: encodes strings with DeepSeek's tokenizer through the JavaScript
-// tokenizer of @lenml/tokenizers, for tests/model/tokenizer_oracle_test.cc.
+// tokenizer of @lenml/tokenizers, for tests/tokenizer/tokenizer_oracle_test.cc.
 //
 //   node encode.mjs <input.json> <output.json>
 //

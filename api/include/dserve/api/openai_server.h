@@ -23,7 +23,7 @@
 #include "dserve/actors/gateway.h"
 #include "dserve/api/auth.h"
 #include "dserve/core/status.h"
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 
 namespace dserve::api {
 
@@ -52,7 +52,7 @@ class OpenAiServer {
  public:
   // `gateway` and `tokenizer` must outlive the server.
   static Result<std::unique_ptr<OpenAiServer>> start(actors::Gateway& gateway,
-                                                     const model::Tokenizer& tokenizer,
+                                                     const tokenizer::Tokenizer& tokenizer,
                                                      OpenAiOptions options);
   ~OpenAiServer();  // stops listening, waits for the calls in flight
   OpenAiServer(const OpenAiServer&) = delete;

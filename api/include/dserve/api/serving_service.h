@@ -17,7 +17,7 @@
 #include "dserve/actors/gateway.h"
 #include "dserve/api/auth.h"
 #include "dserve/core/status.h"
-#include "dserve/model/tokenizer.h"
+#include "dserve/tokenizer/tokenizer.h"
 #include "dserve/v1/serving.grpc.pb.h"
 
 namespace dserve::api {
@@ -41,7 +41,7 @@ Status from_grpc(const grpc::Status& status);
 class ServingService final : public dserve::v1::Serving::Service {
  public:
   // `gateway` and `tokenizer` must outlive the service.
-  ServingService(actors::Gateway& gateway, const model::Tokenizer& tokenizer,
+  ServingService(actors::Gateway& gateway, const tokenizer::Tokenizer& tokenizer,
                  ServingOptions options);
 
   grpc::Status Generate(grpc::ServerContext* context, const dserve::v1::GenerateRequest* request,
@@ -58,7 +58,7 @@ class ServingService final : public dserve::v1::Serving::Service {
 
  private:
   actors::Gateway& gateway_;
-  const model::Tokenizer& tokenizer_;
+  const tokenizer::Tokenizer& tokenizer_;
   ServingOptions options_;
 };
 
