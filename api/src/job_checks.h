@@ -3,20 +3,20 @@
 // gRPC and HTTP APIs, so both refuse the same values with the same words.
 
 #include "dserve/actors/gateway.h"
+#include "dserve/core/sampling_params.h"
 #include "dserve/core/status.h"
-#include "dserve/model/sampler.h"
 
 namespace dserve::api {
 
 // InvalidArgument when the job's penalties or logit bias are out of range for a vocabulary of
-// `vocab` ids (model::validate_sampling_params); each problem's message begins with the
+// `vocab` ids (validate_sampling_params); each problem's message begins with the
 // parameter's name.
 inline Status check_penalties(const actors::GenerateJob& job, int64_t vocab) {
-  model::SamplingParams p;
+  SamplingParams p;
   p.presence_penalty = job.presence_penalty;
   p.frequency_penalty = job.frequency_penalty;
   p.logit_bias = job.logit_bias;
-  return model::validate_sampling_params(p, vocab);
+  return validate_sampling_params(p, vocab);
 }
 
 }  // namespace dserve::api

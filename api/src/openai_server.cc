@@ -12,7 +12,7 @@
 #include <thread>
 #include <vector>
 
-#include "dserve/model/sampler.h"
+#include "dserve/core/sampling_params.h"
 #include "http_limits.h"
 #include "job_checks.h"
 
@@ -421,9 +421,9 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
     }
   }
   if (const json* v = field("logit_bias")) {
-    if (!v->is_object() || v->size() > model::kMaxLogitBiasEntries)
+    if (!v->is_object() || v->size() > kMaxLogitBiasEntries)
       return bad("logit_bias", "`logit_bias` must be an object of at most " +
-                                   std::to_string(model::kMaxLogitBiasEntries) +
+                                   std::to_string(kMaxLogitBiasEntries) +
                                    " token id -> bias entries");
     for (const auto& [key, bias] : v->items()) {
       const bool digits =
