@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <functional>
@@ -261,6 +262,16 @@ class GatewayProtocol : public ::testing::Test {
     ASSERT_TRUE(gw.is_ok()) << gw.status().to_string();
     gateway_ = std::move(gw).value();
     ASSERT_TRUE(gateway_->wait_ready(10s).is_ok());
+    // wait_ready needs one worker of each pool; the cases need all of them.
+    const auto until = std::chrono::steady_clock::now() + 10s;
+    for (;;) {
+      const GatewaySnapshot snap = gateway_->snapshot();
+      const bool all = std::all_of(snap.workers.begin(), snap.workers.end(),
+                                   [](const WorkerView& w) { return w.healthy; });
+      if (all) break;
+      ASSERT_LT(std::chrono::steady_clock::now(), until) << "not every worker became healthy";
+      std::this_thread::sleep_for(10ms);
+    }
   }
 
   void TearDown() override {
@@ -275,6 +286,9 @@ class GatewayProtocol : public ::testing::Test {
     std::thread thread;
     GenerateOutcome outcome;
     std::vector<TokenId> tokens;
+    ~Running() {
+      if (thread.joinable()) thread.join();  // a failed assertion left before joining
+    }
   };
   std::unique_ptr<Running> submit(const std::string& id, int64_t deadline_ms_from_now) {
     auto r = std::make_unique<Running>();
