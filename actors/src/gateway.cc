@@ -513,7 +513,7 @@ class Gateway::Impl {
       for (const auto& [attempt, reason] : owed)
         send_cancel(role, handle, attempt, reason);
       // Outside the lock: the watcher's callback takes it.
-      caf::actor watcher = rt_.watch(handle, [this, i, gen](std::string why) {
+      caf::actor watcher = rt_.watch(handle, [this, i, gen](const std::string& why) {
         std::lock_guard<std::mutex> l(mu_);
         if (workers_[i].generation != gen) return;
         mark_down_locked(i, "connection lost: " + why);
@@ -725,7 +725,7 @@ class Gateway::Impl {
 
   void send_cancel(Role role, const caf::actor& handle, RequestId attempt,
                    const std::string& reason) {
-    auto ignore = [](Result<CancelReply>) {};
+    auto ignore = [](const Result<CancelReply>&) {};
     if (role == Role::kPrefill) {
       rt_.call_async<CancelReply>(caf::actor_cast<PrefillActor>(handle),
                                   CancelRequest{attempt, reason}, opt_.reserve_timeout, ignore);
@@ -822,9 +822,10 @@ Status validate_job(const GenerateJob& job) {
   std::string problems;
   if (!is_valid_request_id(job.request_id)) problems += std::string(kRequestIdRule) + "; ";
   if (job.prompt.empty()) problems += "the prompt is empty; ";
-  if (!std::isfinite(job.temperature) || job.temperature < 0.0f)
+  if (!std::isfinite(job.temperature) || job.temperature < 0.0f) {
     problems +=
         "temperature must be a finite number >= 0 (got " + std::to_string(job.temperature) + "); ";
+  }
   if (job.top_k < 0) problems += "top_k must be >= 0 (got " + std::to_string(job.top_k) + "); ";
   if (!(job.top_p > 0.0f && job.top_p <= 1.0f))
     problems += "top_p must be in (0, 1] (got " + std::to_string(job.top_p) + "); ";
@@ -1139,7 +1140,7 @@ GenerateOutcome Gateway::Impl::generate(const GenerateJob& job, const TokenCallb
         next_renewal = SteadyClock::now() + opt_.reservation_renewal;
         rt_.call_async<RenewReply>(caf::actor_cast<DecodeActor>(decode_handle),
                                    RenewReservation{attempt, grant.reservation_id},
-                                   opt_.reserve_timeout, [](Result<RenewReply>) {});
+                                   opt_.reserve_timeout, [](const Result<RenewReply>&) {});
       }
       // Checked on every event too: a stream that never pauses must still stop when asked.
       if (is_cancelled()) {
