@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
 # Runs clang-tidy (Debian's clang-tidy 14) with the repo's .clang-tidy over the project's own C++
 # sources: every .cc of the compilation database (build/compile_commands.json, written by
-# scripts/build.sh) that lies in the repository outside the build folder, so every module's src/
-# (and through them its include/ headers, see HeaderFilterRegex), the CLI, the tests and the
-# benchmarks; not the protobuf/gRPC code generated into the build folder, not third-party code,
-# and not the CUDA .cu files (clang-tidy 14 cannot parse nvcc's sm_90a / CUDA 13 setup).
-# Runs on $DSERVE_TIDY_JOBS (default: nproc) files at a time, prints every finding once (a finding
+# scripts/build.sh) that lies in the repository outside the build folder, i.e. every module's
+# src/ (and through them its include/ headers, see HeaderFilterRegex) and the CLI; not the
+# protobuf/gRPC code generated into the build folder, not third-party code, and not the CUDA .cu
+# files (clang-tidy 14 cannot parse nvcc's CUDA 13 / sm_90a setup). tests/ and bench/ only with
+# --all: they would double the time (see .clang-tidy) and are not clean yet.
+# Runs $DSERVE_TIDY_JOBS (default: nproc) files at a time, prints every finding once (a finding
 # in a header is reported by each file that includes it), a count per check and the time taken,
 # and fails on any finding (WarningsAsErrors: '*') or any file clang-tidy cannot parse.
-#   scripts/tidy.sh [REGEX]   only the files whose path (relative to the repo) matches REGEX
+#   scripts/tidy.sh [--all] [REGEX]   only the files whose path (relative to the repo) matches
+#                                     REGEX (Python syntax)
 # DSERVE_TIDY_CHECKS=GLOBS adds to .clang-tidy's Checks (e.g. -clang-analyzer-* for a quick run);
 # DSERVE_TIDY_PROFILE=DIR stores each file's time per check there (clang-tidy
-# --store-check-profile) and prints the total per check.
+# --store-check-profile) and prints the checks that took longest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 BUILD_DIR=${DSERVE_BUILD_DIR:-build}
 JOBS=${DSERVE_TIDY_JOBS:-$(nproc)}
+ALL=0
+if [ "${1:-}" = "--all" ]; then
+  ALL=1
+  shift
+fi
 FILTER=${1:-.}
 TIDY=${CLANG_TIDY:-}
 if [ -z "$TIDY" ]; then
@@ -29,9 +36,9 @@ if [ ! -f "$DB" ]; then
 fi
 BUILD_ABS=$(cd "$BUILD_DIR" && pwd)
 
-mapfile -t files < <(python3 - "$DB" "$ROOT" "$BUILD_ABS" "$FILTER" <<'EOF'
+mapfile -t files < <(python3 - "$DB" "$ROOT" "$BUILD_ABS" "$FILTER" "$ALL" <<'EOF'
 import json, os, re, sys
-db, root, build, pattern = sys.argv[1:5]
+db, root, build, pattern, everything = sys.argv[1:6]
 seen = set()
 for entry in json.load(open(db)):
     path = os.path.normpath(os.path.join(entry["directory"], entry["file"]))
@@ -40,6 +47,8 @@ for entry in json.load(open(db)):
         continue  # outside the repository, or generated into the build folder
     if not rel.endswith(".cc") or rel.startswith("third_party/") or not re.search(pattern, rel):
         continue  # .cu: nvcc only
+    if everything != "1" and rel.startswith(("tests/", "bench/")):
+        continue
     if rel not in seen:
         seen.add(rel)
         print(rel)
@@ -69,9 +78,10 @@ export TIDY BUILD_DIR out PROFILE CHECKS
 printf '%s\n' "${files[@]}" | nl -ba -w1 -s' ' | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
 times >"$out/times"  # the second line: user and system CPU time of every clang-tidy
 
-python3 - "$out" "${#files[@]}" "$(($(date +%s) - start))" "$JOBS" <<'EOF'
-import collections, glob, os, re, sys
+python3 - "$out" "${#files[@]}" "$(($(date +%s) - start))" "$JOBS" "$PROFILE" <<'EOF'
+import collections, glob, json, os, re, sys
 out, count, wall, jobs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+profile = sys.argv[5]
 head = re.compile(r"^(\S.*?):(\d+):(\d+): (warning|error): (.*) \[([^\]]+)\]$")
 findings = {}  # (file, line, column, check) -> the diagnostic with its notes and source lines
 broken, times = [], []
@@ -108,6 +118,14 @@ cpu = sum(seconds(t) for t in open(os.path.join(out, "times")).read().split()[2:
 print(f"tidy: {count} files in {wall} s wall on {jobs} jobs, {cpu:.0f} s CPU"
       f" (~{cpu / jobs:.0f} s on {jobs} idle cores); slowest (wall): "
       + ", ".join(f"{n} {t / 1000:.0f} s" for t, n in times[:5]))
+if profile:
+    per_check_cpu = collections.Counter()
+    for path in glob.glob(os.path.join(profile, "*.json")):
+        for key, value in json.load(open(path))["profile"].items():
+            if key.endswith((".user", ".sys")):  # time.clang-tidy.<check>.user
+                per_check_cpu[key.split(".", 2)[2].rsplit(".", 1)[0]] += value
+    print("tidy: CPU per check (s, without parsing and the static analyzer): " +
+          ", ".join(f"{c} {t:.0f}" for c, t in per_check_cpu.most_common(10)))
 if per_check:
     print(f"tidy: {len(findings)} findings: " +
           ", ".join(f"{c} {n}" for c, n in per_check.most_common()))
