@@ -31,6 +31,8 @@
 // beside them. Ratios are ours / perftest: a put includes the sender's checksums, perftest none;
 // "pair" is the median over rounds of hand-off / that round's perftest.
 
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -222,6 +224,23 @@ std::string text(const Spread& v) {
   return out;
 }
 
+// A TCP port free on 127.0.0.1 now (bound to port 0 and read back), or -1.
+int free_tcp_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return -1;
+  sockaddr_in at{};
+  at.sin_family = AF_INET;
+  at.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(at);
+  int port = -1;
+  if (::bind(fd, reinterpret_cast<const sockaddr*>(&at), sizeof(at)) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&at), &len) == 0) {
+    port = ntohs(at.sin_port);
+  }
+  ::close(fd);
+  return port;
+}
+
 // ucx_perftest ucp_put_bw, server and client on loopback; returns overall GB/s (1e9), or -1.
 double perftest_once(const std::string& binary, const std::string& transports, uint64_t size,
                      uint64_t iters, uint64_t warmup, int port) {
@@ -258,7 +277,7 @@ int main(int argc, char** argv) {
   uint64_t span = 1u << 20;
   int repeats = 5;
   std::string perftest_binary = "ucx_perftest";
-  int port = 13550;
+  int port = 0;
   std::string serve_transports;
   uint64_t serve_bytes = 0;
   bool serve_allocate = false;
@@ -270,7 +289,8 @@ int main(int argc, char** argv) {
   app.add_option("--repeats", repeats,
                  "timed rounds (each: perftest per size, a hand-off per layout)");
   app.add_option("--perftest", perftest_binary, "ucx_perftest binary");
-  app.add_option("--port", port, "ucx_perftest control port");
+  app.add_option("--port", port,
+                 "ucx_perftest's first control port, one more per run (0: a free one each run)");
   app.add_option("--regions", regions, "receiver memory: registered and/or allocated");
   app.add_option("--layouts", layout_names, "uniform, whole, per-layer, per-page");
   app.add_option("--checksum-threads", settings.checksum_threads,
@@ -377,10 +397,11 @@ int main(int argc, char** argv) {
       // Round 0 warms up (page faults, wire-up) and is not counted.
       std::vector<double> perf_span, perf_whole;
       std::vector<std::vector<Seconds>> times(layouts.size());
+      auto next_port = [&port] { return port == 0 ? free_tcp_port() : port++; };
       for (int round = 0; round <= repeats; ++round) {
         double ps = perftest_once(perftest_binary, tls, span, std::max<uint64_t>(50, total / span),
-                                  20, port++);
-        double pw = perftest_once(perftest_binary, tls, total, 3, 1, port++);
+                                  20, next_port());
+        double pw = perftest_once(perftest_binary, tls, total, 3, 1, next_port());
         for (size_t l = 0; l < layouts.size(); ++l) {
           Seconds t =
               handoff(**engine, *peer, region, layouts[l].second, to_child[1], from_child[0]);

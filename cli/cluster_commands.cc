@@ -167,9 +167,10 @@ int finish_up(Deployment& d, std::chrono::steady_clock::time_point started) {
   std::printf("dserve: cluster up: %zu processes in %.1f s; gateway grpc %s:%u",
               d.state.processes.size(), seconds_since(started), gw->process.host.c_str(),
               static_cast<unsigned>(gw->process.second_port));
-  if (gw->process.http_port)
+  if (gw->process.http_port) {
     std::printf(" http %s:%u", gw->process.host.c_str(),
                 static_cast<unsigned>(gw->process.http_port));
+  }
   if (!d.state.slurm_job.empty()) std::printf(" slurm job %s", d.state.slurm_job.c_str());
   std::printf("\n");
   std::fflush(stdout);

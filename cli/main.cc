@@ -3,10 +3,13 @@
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
+#include <exception>
 
 #include "commands.h"
 
-int main(int argc, char** argv) {
+// An exception that no command caught ends dserve with its message and exit code 1 (rather than
+// std::terminate's abort).
+int main(int argc, char** argv) try {
   CLI::App app{"dserve: DeepSeek-V4 serving"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "dserve 0.1.0");
@@ -40,4 +43,10 @@ int main(int argc, char** argv) {
   if (app.got_subcommand("agent")) return cluster.agent();
   if (app.got_subcommand("bundle")) return bundle();
   return 2;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "dserve: %s\n", e.what());
+  return 1;
+} catch (...) {
+  std::fprintf(stderr, "dserve: an unknown exception\n");
+  return 1;
 }

@@ -28,7 +28,7 @@ int wait_for_stop_or_pool_loss(const sigset_t& stop, const actors::Gateway& gate
   const bool watch = flags.on_pool_lost == "fail-job";
   std::map<actors::Role, Clock::time_point> empty_since;
   for (;;) {
-    timespec tick{0, 100 * 1000 * 1000};
+    timespec tick{0, 100000000};  // 100 ms
     if (const int sig = sigtimedwait(&stop, nullptr, watch ? &tick : nullptr); sig > 0) return sig;
     if (!watch) continue;
     std::map<actors::Role, int> healthy = {{actors::Role::kPrefill, 0}, {actors::Role::kDecode, 0}};

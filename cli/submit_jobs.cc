@@ -259,6 +259,7 @@ int run_jobs(api::ServingClient& client, const JobsOptions& o) {
   };
   std::vector<std::thread> threads;
   const int n = std::max(1, std::min<int>(o.concurrency, static_cast<int>(jobs.size())));
+  threads.reserve(static_cast<size_t>(n));
   for (int t = 0; t < n; ++t)
     threads.emplace_back(worker);
   for (auto& t : threads)

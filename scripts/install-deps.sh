@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
   g++ cmake ninja-build pkg-config git ca-certificates clang-format
+  # scripts/tidy.sh, which scripts/test.sh (so CI) runs: Debian 12's clang-tidy is version 14.
+  clang-tidy
   libcaf-dev libucx-dev ucx-utils librocksdb-dev
   libprotobuf-dev protobuf-compiler libgrpc++-dev protobuf-compiler-grpc
   libyaml-cpp-dev nlohmann-json3-dev libcpp-httplib-dev libcli11-dev libfmt-dev libspdlog-dev

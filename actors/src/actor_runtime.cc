@@ -61,9 +61,10 @@ caf::io::middleman_actor control_connector(caf::actor_system& system) {
 }
 
 Result<std::unique_ptr<ActorRuntime>> ActorRuntime::start(RuntimeConfig config) {
-  if (config.listen_host.empty())
+  if (config.listen_host.empty()) {
     return invalid_argument(
         "actor runtime: listen_host is empty (give an address, e.g. 127.0.0.1)");
+  }
   if (config.scheduler_threads == 0)
     return invalid_argument("actor runtime: scheduler_threads must be at least 1");
   if (config.connect_timeout.count() <= 0 || config.request_timeout.count() <= 0)
@@ -119,7 +120,7 @@ uint64_t ActorRuntime::uptime_ms() const {
                                    .count());
 }
 
-Result<uint16_t> ActorRuntime::publish_impl(caf::strong_actor_ptr whom,
+Result<uint16_t> ActorRuntime::publish_impl(const caf::strong_actor_ptr& whom,
                                             std::set<std::string> sigs) {
   const std::string where = address(config_.listen_host, config_.listen_port);
   if (!whom) return invalid_argument("cannot publish a null actor handle at " + where);
@@ -150,7 +151,7 @@ Result<uint16_t> ActorRuntime::publish_impl(caf::strong_actor_ptr whom,
 
 Result<caf::strong_actor_ptr> ActorRuntime::connect_impl(const std::string& host, uint16_t port,
                                                          std::chrono::milliseconds timeout,
-                                                         std::set<std::string> expected) {
+                                                         const std::set<std::string>& expected) {
   const std::string where = address(host, port);
   if (host.empty() || port == 0)
     return invalid_argument("cannot connect to '" + where + "': host and port are required");

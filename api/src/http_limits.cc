@@ -19,7 +19,7 @@ BoundedTaskQueue::BoundedTaskQueue(size_t max_threads, size_t max_waiting,
       idle_exit_(idle_exit) {}
 
 BoundedTaskQueue::~BoundedTaskQueue() {
-  shutdown();
+  BoundedTaskQueue::shutdown();  // this class's own: no virtual dispatch in a destructor
 }
 
 void BoundedTaskQueue::enqueue(std::function<void()> fn) {

@@ -321,9 +321,10 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
       if (role == m.end() || !role->is_string())
         return bad(where + ".role", where + ".role must be a string");
       const std::string r = role->get<std::string>();
-      if (r != "system" && r != "user" && r != "assistant" && r != "tool")
+      if (r != "system" && r != "user" && r != "assistant" && r != "tool") {
         return bad(where + ".role",
                    where + ".role must be system, user, assistant or tool, got '" + r + "'");
+      }
       std::string text;
       if (content != m.end() && content->is_string()) {
         text = content->get<std::string>();
@@ -386,9 +387,10 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
   for (const char* name : {"max_tokens", "max_completion_tokens"}) {
     if (const json* v = field(name)) {
       if (!v->is_number_integer() || v->get<int64_t>() < 1 ||
-          v->get<int64_t>() > options_.max_tokens_limit)
+          v->get<int64_t>() > options_.max_tokens_limit) {
         return bad(name, std::string("`") + name + "` must be an integer in 1.." +
                              std::to_string(options_.max_tokens_limit) + ", got " + v->dump());
+      }
       out.job.max_new_tokens = v->get<uint32_t>();
     }
   }
@@ -421,17 +423,19 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
     }
   }
   if (const json* v = field("logit_bias")) {
-    if (!v->is_object() || v->size() > kMaxLogitBiasEntries)
+    if (!v->is_object() || v->size() > kMaxLogitBiasEntries) {
       return bad("logit_bias", "`logit_bias` must be an object of at most " +
                                    std::to_string(kMaxLogitBiasEntries) +
                                    " token id -> bias entries");
+    }
     for (const auto& [key, bias] : v->items()) {
       const bool digits =
           !key.empty() && key.size() <= 9 &&
           std::all_of(key.begin(), key.end(), [](char c) { return c >= '0' && c <= '9'; });
-      if (!digits || !bias.is_number())
+      if (!digits || !bias.is_number()) {
         return bad("logit_bias", "`logit_bias` maps token ids (\"123\") to numbers; got \"" +
                                      key.substr(0, 32) + "\": " + bias.dump().substr(0, 32));
+      }
       out.job.logit_bias.emplace_back(std::stoi(key), bias.get<float>());
     }
     std::sort(out.job.logit_bias.begin(), out.job.logit_bias.end());
@@ -442,10 +446,11 @@ std::optional<ApiError> OpenAiServer::Impl::parse(const json& body, bool chat, P
     // Plain text is what every answer is; constrained output (JSON mode, schemas) is not done,
     // and is refused rather than ignored.
     const json* type = v->is_object() && v->contains("type") ? &(*v)["type"] : nullptr;
-    if (!type || !type->is_string() || type->get<std::string>() != "text")
+    if (!type || !type->is_string() || type->get<std::string>() != "text") {
       return bad("response_format",
                  "only `response_format` {\"type\": \"text\"} is supported, got " +
                      v->dump().substr(0, 80));
+    }
   }
   if (const json* v = field("stream")) {
     if (!v->is_boolean()) return bad("stream", "`stream` must be a boolean");

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdio>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "job_checks.h"
@@ -114,7 +115,7 @@ Status from_grpc(const grpc::Status& status) {
 
 ServingService::ServingService(actors::Gateway& gateway, const tokenizer::Tokenizer& tokenizer,
                                ServingOptions options)
-    : gateway_(gateway), tokenizer_(tokenizer), options_(options) {}
+    : gateway_(gateway), tokenizer_(tokenizer), options_(std::move(options)) {}
 
 grpc::Status ServingService::Generate(grpc::ServerContext* context,
                                       const dserve::v1::GenerateRequest* request,

@@ -332,6 +332,7 @@ Result<ProcessRecord> start_process(const Process& process, std::vector<std::str
   argv_store.push_back(process.program.empty() ? options.program : process.program);
   argv_store.insert(argv_store.end(), r.args.begin(), r.args.end());
   std::vector<char*> argv;
+  argv.reserve(argv_store.size() + 1);
   for (auto& a : argv_store)
     argv.push_back(a.data());
   argv.push_back(nullptr);

@@ -50,6 +50,7 @@ std::map<std::string, size_t> index_nodes(const std::vector<Node>& nodes, Proble
 void unknown_node(const std::string& name, Location at, const std::string& field,
                   const std::map<std::string, size_t>& by_name, ProblemSink& sink) {
   std::vector<std::string> names;
+  names.reserve(by_name.size());
   for (const auto& [n, i] : by_name)
     names.push_back(n);
   std::string listed;

@@ -175,6 +175,7 @@ void Agent::start(Worker& w) {
   std::vector<std::string> words = {p.program};
   words.insert(words.end(), p.args.begin(), p.args.end());
   std::vector<char*> argv;
+  argv.reserve(words.size() + 1);
   for (auto& word : words)
     argv.push_back(word.data());
   argv.push_back(nullptr);

@@ -24,7 +24,7 @@ std::string Sha256::hex() {
   EVP_DigestFinal_ex(ctx_, md.data(), &n);
   static const char* kDigits = "0123456789abcdef";
   std::string out;
-  out.reserve(2 * n);
+  out.reserve(size_t{2} * n);
   for (unsigned int i = 0; i < n; ++i) {
     out += kDigits[md[i] >> 4];
     out += kDigits[md[i] & 15];

@@ -101,6 +101,7 @@ std::vector<TokenEvent> DecodeBatch::step() {
     }
     events.push_back(std::move(e));
   }
+  step.reserve(step.size() + stepping.size());
   for (const size_t i : stepping) {
     step.push_back(
         {slots_[i]->request.request.get(), std::span(&next[i], 1), model::LogitsFor::kLastToken});

@@ -152,19 +152,19 @@ __attribute__((target("avx512f"))) inline __m512 shuffle_quarters(__m512 a, __m5
 __attribute__((target("avx512f"))) inline void reduce16x16(const __m512 (&a)[16], float* out) {
   __m512 v[8];  // v[i]: lanes 0-7 a[2i]'s l + l + 8, lanes 8-15 a[2i + 1]'s
 #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i) {
+  for (int64_t i = 0; i < 8; ++i) {
     v[i] = _mm512_add_ps(shuffle_quarters<0x44>(a[2 * i], a[2 * i + 1]),
                          shuffle_quarters<0xEE>(a[2 * i], a[2 * i + 1]));
   }
   __m512 w[4];  // w[i]: 128-bit quarter q holds a[4i + q]'s four partial sums
 #pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i) {
+  for (int64_t i = 0; i < 4; ++i) {
     w[i] = _mm512_add_ps(shuffle_quarters<0x88>(v[2 * i], v[2 * i + 1]),
                          shuffle_quarters<0xDD>(v[2 * i], v[2 * i + 1]));
   }
   __m512 u[2];  // u[i], quarter q: a[8i + q]'s two partial sums, then a[8i + 4 + q]'s
 #pragma GCC unroll 2
-  for (int i = 0; i < 2; ++i) {
+  for (int64_t i = 0; i < 2; ++i) {
     u[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44),
                          _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
   }

@@ -35,11 +35,11 @@ __attribute__((target("avx2,fma"))) void row_avx2(const float* a, int64_t k, con
       const __m256 w = _mm256_set1_ps(a[kk]);
       const float* row = b + kk * ldb + j;
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v)
+      for (int64_t v = 0; v < 4; ++v)
         s[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(row + 8 * v), s[v]);
     }
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v)
+    for (int64_t v = 0; v < 4; ++v)
       _mm256_storeu_ps(acc + j + 8 * v, s[v]);
   }
   if (j < m) row_portable(a, k, b + j, ldb, m - j, acc + j);  // the same fused operations
@@ -51,7 +51,7 @@ __attribute__((target("avx512f"))) void row_avx512(const float* a, int64_t k, co
     const int64_t cols = std::min<int64_t>(64, m - j);
     __mmask16 mask[4];
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) {
+    for (int64_t v = 0; v < 4; ++v) {
       const int64_t left = std::clamp<int64_t>(cols - 16 * v, 0, 16);
       mask[v] = static_cast<__mmask16>((1u << left) - 1u);
     }
@@ -61,11 +61,11 @@ __attribute__((target("avx512f"))) void row_avx512(const float* a, int64_t k, co
       const __m512 w = _mm512_set1_ps(a[kk]);
       const float* row = b + kk * ldb + j;
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v)
+      for (int64_t v = 0; v < 4; ++v)
         s[v] = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(mask[v], row + 16 * v), s[v]);
     }
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v)
+    for (int64_t v = 0; v < 4; ++v)
       _mm512_mask_storeu_ps(acc + j + 16 * v, mask[v], s[v]);
   }
 }

@@ -43,7 +43,7 @@ class DiskTier::Impl {
     DSERVE_CHECK(handles_.size() == 1 + kPoolCount);
     catalogue_ = handles_[0];
     for (int p = 0; p < kPoolCount; ++p)
-      pools_[static_cast<size_t>(p)] = handles_[static_cast<size_t>(1 + p)];
+      pools_[static_cast<size_t>(p)] = handles_[1 + static_cast<size_t>(p)];
     read_options_.verify_checksums = true;
     // The tiers above cache hot blocks; RocksDB's block cache would hold a second copy.
     read_options_.fill_cache = false;
@@ -381,7 +381,7 @@ class DiskTier::Impl {
   std::thread writer_;
 };
 
-Result<std::unique_ptr<DiskTier>> DiskTier::open(DiskTierOptions options) {
+Result<std::unique_ptr<DiskTier>> DiskTier::open(const DiskTierOptions& options) {
   if (options.path.empty()) return invalid_argument("disk tier: empty path");
   if (options.capacity_bytes == 0 || options.write_queue_bytes == 0) {
     return invalid_argument("disk tier at '" + options.path +

@@ -19,7 +19,6 @@ namespace cpu = kernels::cpu;
 
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Queries of one chunk per part when its attention is split over the cores.
 constexpr int64_t kQueriesPerPart = 16;
 

@@ -106,7 +106,7 @@ std::optional<LoadItem> resolve(const SafetensorsSet& set, const ParamSpec& spec
   }
   LoadItem item{&spec, *entry, std::nullopt, Encoding::kPlain, fused ? spec.hf_row : 0};
   const TensorInfo& t = *entry->info;
-  const auto mismatch = [&](std::string expected) {
+  const auto mismatch = [&](const std::string& expected) {
     errors.add(at(*entry) + ": " + describe(t) + ", expected " + expected);
     return std::nullopt;
   };

@@ -13,16 +13,17 @@ namespace {
 namespace fs = std::filesystem;
 
 constexpr uint64_t kSamples = 64;
-constexpr uint64_t kSampleBytes = 64 * 1024;
+constexpr uint64_t kSampleBytes = uint64_t{64} * 1024;
 
 Status hash_file_part(XXH3_state_t* state, std::ifstream& in, uint64_t offset, uint64_t bytes,
                       const fs::path& path) {
   std::vector<char> buf(static_cast<size_t>(bytes));
   in.seekg(static_cast<std::streamoff>(offset));
   in.read(buf.data(), static_cast<std::streamsize>(bytes));
-  if (!in)
+  if (!in) {
     return data_loss(path.string() + ": cannot read " + std::to_string(bytes) +
                      " bytes at offset " + std::to_string(offset));
+  }
   XXH3_128bits_update(state, buf.data(), buf.size());
   return Status::ok();
 }

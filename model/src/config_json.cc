@@ -25,19 +25,22 @@ std::string_view scoring_name(ScoringFunc f) {
 Status validate_model_config(const ModelConfig& c, std::string_view source) {
   std::vector<std::string> errors;
   const auto positive = [&](std::string_view field, int64_t v) {
-    if (v <= 0)
+    if (v <= 0) {
       errors.push_back("`" + std::string(field) + "`: found " + std::to_string(v) +
                        ", expected > 0");
+    }
   };
   const auto non_negative = [&](std::string_view field, int64_t v) {
-    if (v < 0)
+    if (v < 0) {
       errors.push_back("`" + std::string(field) + "`: found " + std::to_string(v) +
                        ", expected >= 0");
+    }
   };
   const auto positive_real = [&](std::string_view field, double v) {
-    if (!(v > 0.0))
+    if (!(v > 0.0)) {
       errors.push_back("`" + std::string(field) + "`: found " + std::to_string(v) +
                        ", expected > 0");
+    }
   };
   positive("vocab_size", c.vocab_size);
   positive("hidden_size", c.hidden_size);

@@ -35,7 +35,7 @@ Status GpuModel::Impl::decode_rows(std::span<GpuRequestState* const> states,
   }
   DSERVE_RETURN_IF_ERROR(reserve_pages(segments));
   decode_batch = true;
-  const Status stepped = decode_step(segments);
+  Status stepped = decode_step(segments);
   decode_batch = false;
   return stepped;
 }

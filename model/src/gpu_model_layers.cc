@@ -250,9 +250,10 @@ Status GpuModel::Impl::routed_experts_through_host(const LayerDev& d, int64_t n)
   for (int64_t c : count)
     batch_distinct_experts += c > 0 ? 1 : 0;
   std::vector<int64_t> offset(static_cast<size_t>(experts) + 1, 0);
-  for (int64_t e = 0; e < experts; ++e)
+  for (int64_t e = 0; e < experts; ++e) {
     offset[static_cast<size_t>(e) + 1] =
         offset[static_cast<size_t>(e)] + count[static_cast<size_t>(e)];
+  }
   std::vector<int64_t> next(offset.begin(), offset.end() - 1);
   std::vector<int32_t> perm(ids.size());
   std::vector<int32_t> slot_of(ids.size());

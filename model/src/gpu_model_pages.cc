@@ -47,6 +47,7 @@ Status GpuModel::Impl::reserve_pages(std::span<const Segment> segments) {
            {std::pair{&lp.compressed, compressed_pools[static_cast<size_t>(l)].get()},
             std::pair{&lp.index_keys, index_pools[static_cast<size_t>(l)].get()}}) {
         if (pool == nullptr) continue;
+        DSERVE_CHECK(rate > 0);  // only compressed layers have pools, and their rates are > 0
         const auto pages = static_cast<size_t>(ceil_div(end_pos / rate, pool->rows_per_page));
         if (list->pages.size() >= pages) continue;
         taken.emplace_back(list, list->pages.size());

@@ -39,7 +39,7 @@ Result<KvBlockLayout> kv_block_layout(const ModelConfig& config, const KvPagePoo
     snapshot.push_back({config.sliding_window - 1, config.head_dim, config.rope_head_dim});
     if (kind == AttentionKind::kSliding) continue;
     const int64_t rate = config.compress_rate(kind);
-    if (kBlock % rate != 0) {
+    if (rate <= 0 || kBlock % rate != 0) {
       return invalid_argument("layer " + std::to_string(l) + ": compress rate " +
                               std::to_string(rate) + " does not divide the 128-token block");
     }

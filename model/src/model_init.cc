@@ -250,9 +250,10 @@ Status write_random_checkpoint(const ModelInitOptions& opts) {
   DSERVE_RETURN_IF_ERROR(write_text(dir / "generation_config.json", gen.dump(2) + "\n"));
   fs::copy_file(opts.tokenizer_json, dir / "tokenizer.json", fs::copy_options::overwrite_existing,
                 ec);
-  if (ec)
+  if (ec) {
     return unavailable(opts.tokenizer_json + ": cannot copy into " + opts.out_dir + ": " +
                        ec.message());
+  }
   return Status::ok();
 }
 

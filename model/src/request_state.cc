@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <string>
 
+#include "dserve/core/check.h"
 #include "dserve/kvstore/block.h"
 
 namespace dserve::model {
@@ -23,8 +24,9 @@ KvPagePools KvPagePools::create(const ModelConfig& config) {
     if (kind == AttentionKind::kSliding) continue;
     // A rate that does not divide the block makes pages that do not match blocks; the forward
     // still works, and the prefix store refuses such a model (kvstore_layout).
-    const int64_t per_page =
-        std::max<int64_t>(1, kvstore::kBlockTokens / config.compress_rate(kind));
+    const int64_t rate = config.compress_rate(kind);
+    DSERVE_CHECK(rate > 0);  // validate_model_config keeps both compress rates positive
+    const int64_t per_page = std::max<int64_t>(1, kvstore::kBlockTokens / rate);
     const std::string layer = "layer" + std::to_string(l);
     pools.compressed[static_cast<size_t>(l)] =
         kvstore::PagePool::create(layer + ".compressed", per_page, config.head_dim);

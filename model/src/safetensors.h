@@ -121,7 +121,8 @@ std::string safetensors_header_bytes(const std::vector<TensorDecl>& decls,
 // `<path>.partial` and renamed on finish, so a failed write leaves no truncated file.
 class SafetensorsWriter {
  public:
-  static Result<SafetensorsWriter> create(const std::string& path, std::vector<TensorDecl> decls,
+  static Result<SafetensorsWriter> create(const std::string& path,
+                                          const std::vector<TensorDecl>& decls,
                                           const std::map<std::string, std::string>& metadata);
   SafetensorsWriter(SafetensorsWriter&&) noexcept;
   SafetensorsWriter& operator=(SafetensorsWriter&&) noexcept;

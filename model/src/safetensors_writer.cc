@@ -15,6 +15,7 @@ std::string safetensors_header_bytes(const std::vector<TensorDecl>& decls,
                                      const std::map<std::string, std::string>& metadata,
                                      std::vector<TensorInfo>* layout) {
   std::vector<const TensorDecl*> sorted;
+  sorted.reserve(decls.size());
   for (const auto& d : decls)
     sorted.push_back(&d);
   std::sort(sorted.begin(), sorted.end(),
@@ -49,7 +50,7 @@ std::string safetensors_header_bytes(const std::vector<TensorDecl>& decls,
 }
 
 Result<SafetensorsWriter> SafetensorsWriter::create(
-    const std::string& path, std::vector<TensorDecl> decls,
+    const std::string& path, const std::vector<TensorDecl>& decls,
     const std::map<std::string, std::string>& metadata) {
   SafetensorsWriter w;
   w.path_ = path;

@@ -139,7 +139,7 @@ size_t packed_state_bytes(const ModelConfig& config, int64_t position) {
 
 Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& pools,
                                   std::span<const uint8_t> bytes) {
-  if (bytes.size() < sizeof(kMagic) + 4 + 3 * 8 + 8) {
+  if (bytes.size() < sizeof(kMagic) + 4 + size_t{3} * 8 + 8) {
     return data_loss("packed state of " + std::to_string(bytes.size()) + " bytes is too short");
   }
   const size_t body = bytes.size() - sizeof(uint64_t);

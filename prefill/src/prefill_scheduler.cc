@@ -66,6 +66,7 @@ std::vector<PrefillOutcome> PrefillScheduler::step() {
     }
     if (jobs.empty()) break;
     std::vector<int64_t> before;
+    before.reserve(jobs.size());
     for (const model::PrefillJob* job : jobs)
       before.push_back(job->position());
     const std::vector<Status> status = cache_.advance_batch(jobs, take);

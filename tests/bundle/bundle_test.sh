@@ -11,8 +11,10 @@
 #      (both answers compared too), stopped with `dserve down`.
 # Usage: bundle_test.sh BUILD/dserve. Needs root, chroot, unshare and iproute2's `ip`; without
 # them it prints "skipped: <why>" and exits 77 (ctest's SKIP_RETURN_CODE).
-# Ports: DSERVE_BUNDLE_TEST_PORT (default 17640) and the next three, and 10 to 13 above it. DSERVE_BUNDLE_TEST_KEEP=1
-# keeps the work directory.
+# Ports: DSERVE_BUNDLE_TEST_PORT (default 17640) and the next three, and 10 to 13 above it, all in
+# the test's own network namespace (unshare --net: only its loopback, where nothing else listens),
+# so fixed ports cannot collide with another test. DSERVE_BUNDLE_TEST_KEEP=1 keeps the work
+# directory.
 set -euo pipefail
 
 DSERVE=$(readlink -f "${1:?usage: bundle_test.sh BUILD/dserve}")

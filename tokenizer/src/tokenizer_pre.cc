@@ -34,7 +34,7 @@ struct MatchScratch {
   MatchScratch()
       : data(pcre2_match_data_create(1, nullptr)),
         context(pcre2_match_context_create(nullptr)),
-        stack(pcre2_jit_stack_create(32 * 1024, 64 * 1024 * 1024, nullptr)) {
+        stack(pcre2_jit_stack_create(size_t{32} * 1024, size_t{64} * 1024 * 1024, nullptr)) {
     DSERVE_CHECK(data != nullptr && context != nullptr && stack != nullptr);
     pcre2_jit_stack_assign(context, nullptr, stack);
   }

@@ -153,9 +153,10 @@ class ActorRuntime {
     // The request's own timeout fires first; the extra second only guards against a scheduler
     // that never runs the requester (a bug), so that this call can never block forever.
     if (!out->cv.wait_for(lock, bound + std::chrono::seconds(1),
-                          [&] { return out->result.has_value(); }))
+                          [&] { return out->result.has_value(); })) {
       return internal_error("request to " + describe(caf::actor_cast<caf::actor_addr>(dst)) +
                             " got no outcome at all");
+    }
     return std::move(*out->result);
   }
 
@@ -242,10 +243,10 @@ class ActorRuntime {
  private:
   ActorRuntime(RuntimeConfig config, std::unique_ptr<caf::actor_system_config> cfg);
 
-  Result<uint16_t> publish_impl(caf::strong_actor_ptr whom, std::set<std::string> sigs);
+  Result<uint16_t> publish_impl(const caf::strong_actor_ptr& whom, std::set<std::string> sigs);
   Result<caf::strong_actor_ptr> connect_impl(const std::string& host, uint16_t port,
                                              std::chrono::milliseconds timeout,
-                                             std::set<std::string> expected);
+                                             const std::set<std::string>& expected);
   Status request_failed(const caf::actor_addr& dst, const caf::error& err, bool peer_down,
                         std::chrono::milliseconds timeout) const;
 

@@ -36,7 +36,7 @@ using TokenId = int32_t;         // same id space as the tokenizer's
 
 // Upper bound for the opaque transfer-key blob a decode worker returns (UCX worker address plus
 // rkeys of the reserved pages are a few KiB). Anything larger is a bug, not KV data.
-inline constexpr size_t kMaxTransferKeysBytes = 64 * 1024;
+inline constexpr size_t kMaxTransferKeysBytes = size_t{64} * 1024;
 
 // Upper bound for a trace id (the client's request id, carried for logs only).
 inline constexpr size_t kMaxTraceIdBytes = 128;

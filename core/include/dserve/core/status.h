@@ -139,7 +139,10 @@ class [[nodiscard]] Result {
 
 #define DSERVE_ASSIGN_OR_RETURN(lhs, expr) \
   DSERVE_ASSIGN_OR_RETURN_IMPL(DSERVE_CONCAT(dserve_result_, __LINE__), lhs, expr)
+// NOLINTBEGIN(bugprone-macro-parentheses): tmp is a name being declared and lhs a declaration
+// or an assignable expression (`auto x`, `const T& y`, `z`); neither may be parenthesized.
 #define DSERVE_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
   auto tmp = (expr);                                 \
   if (!tmp.is_ok()) return tmp.status();             \
   lhs = std::move(tmp).value()
+// NOLINTEND(bugprone-macro-parentheses)

@@ -214,8 +214,10 @@ Status sparse_attention(const AttentionInputs& in, const BatchRows& rows, int64_
 constexpr size_t sparse_attention_mma_shared_bytes(int64_t head_dim) {
   // Key addresses [16]; queries and keys, bf16 [16, head_dim + 8] each; partial scores, fp32
   // [4, 16, 16]; probabilities, bf16 [16, 24]; running maximum, sum and rescale, fp32 [3, 16].
-  return 16 * sizeof(void*) + 2 * 16 * static_cast<size_t>(head_dim + 8) * sizeof(uint16_t) +
-         4 * 16 * 16 * sizeof(float) + 16 * 24 * sizeof(uint16_t) + 3 * 16 * sizeof(float);
+  return 16 * sizeof(void*) +
+         size_t{2} * 16 * static_cast<size_t>(head_dim + 8) * sizeof(uint16_t) +
+         size_t{4} * 16 * 16 * sizeof(float) + size_t{16} * 24 * sizeof(uint16_t) +
+         size_t{3} * 16 * sizeof(float);
 }
 // Shared memory one attention block may take, whichever the math.
 constexpr size_t sparse_attention_shared_bytes(int64_t head_dim) {

@@ -36,7 +36,10 @@ class Tensor {
   bool empty() const { return data_.empty(); }
   // For a matrix view: the first dimension and the product of the others.
   int64_t rows() const { return shape_.empty() ? 0 : shape_[0]; }
-  int64_t cols() const { return rows() == 0 ? 0 : numel() / rows(); }
+  int64_t cols() const {
+    const int64_t r = rows();
+    return r == 0 ? 0 : numel() / r;
+  }
 
   float* data() { return data_.data(); }
   const float* data() const { return data_.data(); }

@@ -69,7 +69,7 @@ class DiskTier {
   // path and carry RocksDB's message: Unavailable for I/O errors and a directory locked by
   // another process, DataLoss when a corrupt store cannot be moved aside, Internal otherwise.
   // InvalidArgument for an empty path or a zero capacity or queue.
-  static Result<std::unique_ptr<DiskTier>> open(DiskTierOptions options);
+  static Result<std::unique_ptr<DiskTier>> open(const DiskTierOptions& options);
 
   // Writes everything still queued, then closes the DB.
   ~DiskTier();
