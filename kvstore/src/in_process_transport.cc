@@ -1,5 +1,6 @@
 #include "dserve/kvstore/in_process_transport.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <random>
@@ -15,11 +16,14 @@ struct InProcessTransport::Endpoint {
 
   std::mutex mu;  // guards everything below; held while a put copies into a region
   struct Region {
+    uint64_t key = 0;  // the rkey a peer names it by
     std::byte* base = nullptr;
     uint64_t bytes = 0;
     std::unique_ptr<std::byte[]> owned;  // allocate_memory()
   };
-  std::unordered_map<uint64_t, Region> regions;  // by key
+  // By key. A MemoryRegion's handle points at its entry (the nodes of an unordered_map do not
+  // move on rehash).
+  std::unordered_map<uint64_t, Region> regions;
   uint64_t next_key = 1;
   uint64_t puts = 0;
 };
@@ -100,9 +104,10 @@ Result<MemoryRegion> InProcessTransport::register_memory(void* base, uint64_t by
   if (base == nullptr || bytes == 0) return invalid_argument("cannot register an empty region");
   std::lock_guard lock(self_->mu);
   const uint64_t key = self_->next_key++;
-  self_->regions.emplace(key, Endpoint::Region{static_cast<std::byte*>(base), bytes, nullptr});
-  return make_region(static_cast<std::byte*>(base), bytes,
-                     reinterpret_cast<void*>(static_cast<uintptr_t>(key)));
+  auto it = self_->regions
+                .emplace(key, Endpoint::Region{key, static_cast<std::byte*>(base), bytes, nullptr})
+                .first;
+  return make_region(static_cast<std::byte*>(base), bytes, &it->second);
 }
 
 Result<MemoryRegion> InProcessTransport::allocate_memory(uint64_t bytes) {
@@ -111,14 +116,17 @@ Result<MemoryRegion> InProcessTransport::allocate_memory(uint64_t bytes) {
   std::byte* base = owned.get();
   std::lock_guard lock(self_->mu);
   const uint64_t key = self_->next_key++;
-  self_->regions.emplace(key, Endpoint::Region{base, bytes, std::move(owned)});
-  return make_region(base, bytes, reinterpret_cast<void*>(static_cast<uintptr_t>(key)));
+  auto it = self_->regions.emplace(key, Endpoint::Region{key, base, bytes, std::move(owned)}).first;
+  return make_region(base, bytes, &it->second);
 }
 
 void InProcessTransport::release_region(std::byte* /*base*/, uint64_t /*bytes*/, void* handle) {
   std::lock_guard lock(self_->mu);
-  const size_t erased = self_->regions.erase(reinterpret_cast<uintptr_t>(handle));
-  DSERVE_CHECK_MSG(erased == 1, "a region released twice, or of another transport");
+  // Found by address, not read through the handle: a handle released twice points nowhere.
+  auto it = std::find_if(self_->regions.begin(), self_->regions.end(),
+                         [&](const auto& entry) { return &entry.second == handle; });
+  DSERVE_CHECK_MSG(it != self_->regions.end(), "a region released twice, or of another transport");
+  self_->regions.erase(it);
 }
 
 Result<RemoteRegion> InProcessTransport::describe(const MemoryRegion& region) {
@@ -127,7 +135,10 @@ Result<RemoteRegion> InProcessTransport::describe(const MemoryRegion& region) {
   out.owner_epoch = options_.epoch;
   out.address = reinterpret_cast<uint64_t>(region.data());
   out.bytes = region.bytes();
-  put_le(out.rkey, reinterpret_cast<uintptr_t>(region.handle()), kKeyBytes);
+  {
+    std::lock_guard lock(self_->mu);
+    put_le(out.rkey, static_cast<const Endpoint::Region*>(region.handle())->key, kKeyBytes);
+  }
   return out;
 }
 
