@@ -9,22 +9,14 @@
 #include <string>
 
 #include "fake_roles.h"
+#include "test_runtime.h"
 
 namespace dserve::actors {
 namespace {
 
 using namespace std::chrono_literals;
 
-std::unique_ptr<ActorRuntime> start_runtime(Role role) {
-  RuntimeConfig cfg;
-  cfg.role = role;
-  cfg.scheduler_threads = 1;
-  cfg.connect_timeout = 2000ms;
-  cfg.request_timeout = 2000ms;
-  auto rt = ActorRuntime::start(cfg);
-  EXPECT_TRUE(rt.is_ok()) << rt.status().to_string();
-  return std::move(rt).value();
-}
+using testing::start_runtime;
 
 class ActorRuntimeTest : public ::testing::Test {
  protected:

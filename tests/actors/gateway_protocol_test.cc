@@ -22,6 +22,7 @@
 #include "dserve/actors/decode_interface.h"
 #include "dserve/actors/gateway.h"
 #include "dserve/actors/prefill_interface.h"
+#include "test_runtime.h"
 
 namespace dserve::actors {
 namespace {
@@ -222,16 +223,7 @@ PrefillActor::behavior_type scripted_prefill(PrefillActor::stateful_pointer<Pref
   };
 }
 
-std::unique_ptr<ActorRuntime> start_runtime(Role role) {
-  RuntimeConfig cfg;
-  cfg.role = role;
-  cfg.scheduler_threads = 1;
-  cfg.connect_timeout = 2000ms;
-  cfg.request_timeout = 2000ms;
-  auto rt = ActorRuntime::start(cfg);
-  EXPECT_TRUE(rt.is_ok()) << rt.status().to_string();
-  return std::move(rt).value();
-}
+using testing::start_runtime;
 
 // A gateway, one scripted prefill worker and `decodes` scripted decode workers, each in its
 // own actor system.

@@ -45,6 +45,7 @@ namespace dserve::decode {
 namespace {
 
 using namespace actors;  // NOLINT: the message vocabulary
+using model::testing_support::greedy_tokens;
 using model::testing_support::tiny_engine;
 
 constexpr Epoch kEpoch = 77;
@@ -89,27 +90,6 @@ PrefilledPrompt prefill_prompt(const std::vector<int32_t>& prompt) {
   auto packed = model::pack_request(engine, **request);
   EXPECT_TRUE(packed.is_ok()) << packed.status().to_string();
   return {std::move(packed).value(), std::move((*logits)[0])};
-}
-
-// The greedy tokens `dserve generate` gives the prompt (what the worker must stream).
-std::vector<int32_t> greedy_tokens(const std::vector<int32_t>& prompt, int64_t max_tokens) {
-  model::Engine& engine = tiny_engine();
-  auto request = std::move(engine.new_request()).value();
-  const model::StepRows rows[1] = {{request.get(), prompt, model::LogitsFor::kLastToken}};
-  Tensor logits = std::move((*engine.step(rows))[0]);
-  model::Sampler sampler(model::SamplingParams{});
-  std::vector<int32_t> out;
-  for (int64_t produced = 0; produced < max_tokens;) {
-    const int32_t t = sampler.sample(logits.span());
-    ++produced;
-    if (t == engine.config().eos_token_id) break;
-    out.push_back(t);
-    if (produced == max_tokens) break;
-    const int32_t one[1] = {t};
-    const model::StepRows next[1] = {{request.get(), one, model::LogitsFor::kLastToken}};
-    logits = std::move((*engine.step(next))[0]);
-  }
-  return out;
 }
 
 class DecodeProtocolTest : public ::testing::Test {
@@ -269,7 +249,7 @@ TEST_F(DecodeProtocolTest, HappyPathStreamsTheGreedyTokens) {
     streamed.insert(streamed.end(), chunk.tokens.begin(), chunk.tokens.end());
   }
   EXPECT_TRUE(chunks_->back().finished);
-  EXPECT_EQ(streamed, greedy_tokens(prompt, kMaxNewTokens));
+  EXPECT_EQ(streamed, greedy_tokens(tiny_engine(), prompt, kMaxNewTokens));
 
   const HealthReport report = health();
   EXPECT_EQ(report.active_requests, 0u);

@@ -12,6 +12,7 @@
 #include "dserve/model/checkpoint.h"
 #include "dserve/model/config.h"
 #include "dserve/model/model_init.h"
+#include "dserve/model/sampler.h"
 #include "dserve/tokenizer/tokenizer.h"
 
 namespace dserve::model::testing_support {
@@ -90,6 +91,26 @@ Engine& tiny_engine() {
     return std::move(made).value();
   }();
   return *engine;
+}
+
+std::vector<int32_t> greedy_tokens(Engine& engine, const std::vector<int32_t>& prompt,
+                                   int64_t max_tokens) {
+  auto request = std::move(engine.new_request()).value();
+  const StepRows rows[1] = {{request.get(), prompt, LogitsFor::kLastToken}};
+  Tensor logits = std::move((*engine.step(rows))[0]);
+  Sampler sampler(SamplingParams{});
+  std::vector<int32_t> out;
+  for (int64_t produced = 0; produced < max_tokens;) {
+    const int32_t t = sampler.sample(logits.span());
+    ++produced;
+    if (t == engine.config().eos_token_id) break;
+    out.push_back(t);
+    if (produced == max_tokens) break;
+    const int32_t one[1] = {t};
+    const StepRows next[1] = {{request.get(), one, LogitsFor::kLastToken}};
+    logits = std::move((*engine.step(next))[0]);
+  }
+  return out;
 }
 
 }  // namespace dserve::model::testing_support

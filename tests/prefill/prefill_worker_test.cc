@@ -32,6 +32,7 @@ namespace dserve::prefill {
 namespace {
 
 using namespace actors;  // NOLINT: the message vocabulary
+using model::testing_support::greedy_tokens;
 using model::testing_support::tiny_engine;
 using model::testing_support::tiny_model_shared;
 
@@ -43,27 +44,6 @@ std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
   while (static_cast<int64_t>(ids.size()) < n)
     ids.push_back(static_cast<int32_t>(1 + rng.below(1000)));
   return ids;
-}
-
-// The greedy tokens `dserve generate` gives the prompt (what the decode worker must stream).
-std::vector<int32_t> greedy_tokens(model::Engine& engine, const std::vector<int32_t>& prompt,
-                                   int64_t max_tokens) {
-  auto request = std::move(engine.new_request()).value();
-  const model::StepRows rows[1] = {{request.get(), prompt, model::LogitsFor::kLastToken}};
-  Tensor logits = std::move((*engine.step(rows))[0]);
-  model::Sampler sampler(model::SamplingParams{});
-  std::vector<int32_t> out;
-  for (int64_t produced = 0; produced < max_tokens;) {
-    const int32_t t = sampler.sample(logits.span());
-    ++produced;
-    if (t == engine.config().eos_token_id) break;
-    out.push_back(t);
-    if (produced == max_tokens) break;
-    const int32_t one[1] = {t};
-    const model::StepRows next[1] = {{request.get(), one, model::LogitsFor::kLastToken}};
-    logits = std::move((*engine.step(next))[0]);
-  }
-  return out;
 }
 
 // The chunks a sink actor received, readable from the test's thread.
