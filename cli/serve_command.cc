@@ -724,7 +724,7 @@ Command add_serve_command(CLI::App& app) {
   cmd->add_option("--max-attempts", o->max_attempts,
                   "gateway: placements per request (the first and replays after failures)")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(CLI::Range(1, actors::kMaxAttemptsLimit));
   cmd->add_option("--max-prefill-losses", o->max_prefill_losses,
                   "gateway: a request whose prefill worker is lost (hung past its probes, "
                   "crashed, restarted) this many times while computing its prompt fails "

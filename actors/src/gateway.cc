@@ -284,6 +284,8 @@ Gateway::Impl::~Impl() {
   }
   stop_cv_.notify_all();
   ready_cv_.notify_all();
+  admit_cv_.notify_all();  // queued requests end (stopping_) instead of waiting for a slot
+  drained_cv_.notify_all();
   // No prober is added once stopping_ is set (add_worker checks it under the lock).
   for (auto& t : probers_)
     t.join();
@@ -351,7 +353,10 @@ Result<std::unique_ptr<Gateway>> Gateway::start(ActorRuntime& runtime, GatewayOp
   if (options.prefill_workers.empty()) problems += "no prefill workers; ";
   if (options.decode_workers.empty()) problems += "no decode workers; ";
   if (options.max_running == 0) problems += "max_running must be at least 1; ";
-  if (options.max_attempts < 1) problems += "max_attempts must be at least 1; ";
+  if (options.max_attempts < 1 || options.max_attempts > kMaxAttemptsLimit) {
+    problems += "max_attempts must be in 1.." + std::to_string(kMaxAttemptsLimit) +
+                " (an attempt's id keeps its number in 8 bits); ";
+  }
   if (options.max_prefill_losses < 1) problems += "max_prefill_losses must be at least 1; ";
   if (options.reservation_renewal.count() <= 0)
     problems += "reservation_renewal must be positive; ";

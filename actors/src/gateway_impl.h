@@ -1,7 +1,7 @@
 #pragma once
 // The gateway's insides, shared by its files: gateway.cc (the pools and the public calls),
-// gateway_workers.cc (watching the workers), gateway_request.cc (one request's run) and
-// gateway_metrics.cc.
+// gateway_workers.cc (watching the workers), gateway_request.cc (reserving, claiming and ending
+// attempts), gateway_run.cc (one request's run, RequestRun) and gateway_metrics.cc.
 
 #include <atomic>
 #include <chrono>

@@ -1,19 +1,12 @@
-// One request's run through the gateway (Gateway::generate): admission, then attempts, each
-// claiming a prefill worker, reserving a decode worker, sending the prefill and streaming the
-// tokens, replayed elsewhere when a worker fails. Every wait is on an event: the request's
-// Channel (tokens, replies, lost workers, a cancel, room on the workers) or the admission
-// condition (a running slot freed, a cancel), bounded by the request's deadline.
+// Reserving a decode worker, claiming a prefill worker and ending attempts: what a request's run
+// (gateway_run.cc) asks of the pools, under the gateway's lock where it touches them.
 
 #include <algorithm>
-#include <set>
 
 #include <caf/all.hpp>
 
 #include "dserve/actors/decode_interface.h"
 #include "dserve/actors/prefill_interface.h"
-#include "dserve/actors/prefix_affinity.h"
-#include "dserve/core/random.h"
-#include "dserve/ops/log.h"
 #include "gateway_impl.h"
 
 namespace dserve::actors {
@@ -59,9 +52,18 @@ Result<Gateway::Impl::Reserved> Gateway::Impl::reserve(const ReserveRequest& req
       continue;
     }
     if (reply->outcome == ReserveOutcome::kGranted) {
-      std::lock_guard<std::mutex> lock(mu_);
-      placement_.start_decode(i);
-      return Reserved{i, std::move(reply).value()};
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        // Still the worker that was asked: not retired by remove_worker, not lost meanwhile.
+        if (!workers_[i].removed && workers_[i].handle == handle) {
+          placement_.start_decode(i);
+          return Reserved{i, std::move(reply).value()};
+        }
+      }
+      send_cancel(Role::kDecode, handle, req.request_id, "the worker left the pool");
+      any_retryable = true;
+      reasons += "; " + where + ": left the pool as it granted";
+      continue;
     }
     any_retryable = any_retryable || reply->retryable;
     reasons += "; " + where + ": " + reply->reason;

@@ -56,7 +56,7 @@ class RequestRun {
   std::optional<AttemptEnd> claim_prefill(Attempt& a);
   std::optional<AttemptEnd> reserve_decode(Attempt& a);
   std::optional<AttemptEnd> wait_for_room(Attempt& a, const std::string& what);
-  void send_prefill(Attempt& a);
+  bool send_prefill(Attempt& a);
   AttemptEnd stream(Attempt& a);
   std::optional<AttemptEnd> on_chunk(Attempt& a, const TokenChunk& c);
   std::optional<AttemptEnd> on_prefill_reply(Attempt& a, const Result<PrefillReply>& r);
@@ -173,7 +173,7 @@ bool RequestRun::admit() {
     if (gw_.running_ >= opt.max_running || is_cancelled()) {
       // A slot this request was woken for but does not take goes to the next in the queue.
       if (gw_.running_ < opt.max_running) gw_.admit_cv_.notify_one();
-      ++gw_.counters_.failed;
+      ++(is_cancelled() ? gw_.counters_.cancelled : gw_.counters_.failed);
       out_.status = is_cancelled() ? cancelled_error("cancelled while queued")
                                    : deadline_exceeded("the deadline passed while queued (" +
                                                        std::to_string(gw_.queued_) + " queued)");
@@ -237,6 +237,11 @@ GenerateOutcome RequestRun::run() {
   for (uint32_t attempt_no = 0;; ++attempt_no) {
     if (before_attempt(attempt_no)) return out_;
     if (run_attempt(attempt_no) == AttemptEnd::kFinished) return out_;
+    if (gw_.opt_.log) {
+      gw_.opt_.log->warn(
+          "replayed", out_.request_id,
+          {{"attempt", attempt_no + 1}, {"tokens", produced_.size()}, {"why", last_error_}});
+    }
   }
 }
 
@@ -289,7 +294,12 @@ RequestRun::AttemptEnd RequestRun::run_attempt(uint32_t attempt_no) {
   if (auto end = claim_prefill(a)) return *end;
   if (auto end = reserve_decode(a)) return *end;
   out_.queue_ms += ms_since(wait_started);
-  send_prefill(a);
+  if (!send_prefill(a)) {
+    // Its prefill worker was lost or restarted while the decode worker was reserved: the
+    // prompt never reached it, so this is no prefill loss of the prompt's making.
+    gw_.end_attempt(a.id, false, "the prefill worker was lost");
+    return AttemptEnd::kReplay;
+  }
   return stream(a);
 }
 
@@ -391,8 +401,9 @@ std::optional<RequestRun::AttemptEnd> RequestRun::reserve_decode(Attempt& a) {
 }
 
 // Records the placement and sends the prompt to the prefill worker; its reply comes back as an
-// event.
-void RequestRun::send_prefill(Attempt& a) {
+// event. False (nothing sent) when the prefill worker claimed for it is no longer the one
+// claimed (lost, restarted).
+bool RequestRun::send_prefill(Attempt& a) {
   const ReserveReply& grant = a.decode.reply;
   PrefillRequest preq;
   preq.request_id = a.id;
@@ -405,8 +416,15 @@ void RequestRun::send_prefill(Attempt& a) {
     AttemptRoute& p = gw_.routes_.at(a.id);
     p.decode = a.decode.decode;
     p.decode_epoch = grant.decode_epoch;
-    p.prefill_sent = true;
     p.waiting_for_room = false;
+    const Worker& pre = gw_.workers_[a.prefill.index];
+    if (pre.epoch != p.prefill_epoch || pre.handle != a.prefill.handle) {
+      last_error_ = "prefill worker " + pre.endpoint.to_string() +
+                    " was lost before it got the prompt" +
+                    (pre.last_error.empty() ? "" : ": " + pre.last_error);
+      return false;
+    }
+    p.prefill_sent = true;
     const Worker& d = gw_.workers_[a.decode.decode];
     preq.target = DecodeTarget{d.endpoint.host, d.endpoint.port, grant.decode_epoch,
                                grant.reservation_id, grant.transfer_keys};
@@ -431,6 +449,7 @@ void RequestRun::send_prefill(Attempt& a) {
                                      e.prefill.emplace(std::move(r));
                                      channel->push(std::move(e));
                                    });
+  return true;
 }
 
 // Streams the attempt's tokens to the caller until the request ends or the attempt fails.
@@ -479,14 +498,7 @@ RequestRun::AttemptEnd RequestRun::stream(Attempt& a) {
         break;
     }
     if (!end) continue;
-    if (*end == AttemptEnd::kReplay) {
-      gw_.end_attempt(a.id, false, "replayed");
-      if (gw_.opt_.log) {
-        gw_.opt_.log->warn(
-            "replayed", out_.request_id,
-            {{"attempt", a.number + 1}, {"tokens", produced_.size()}, {"why", last_error_}});
-      }
-    }
+    if (*end == AttemptEnd::kReplay) gw_.end_attempt(a.id, false, "replayed");
     return *end;
   }
 }

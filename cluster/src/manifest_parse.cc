@@ -398,7 +398,8 @@ void read_limits(const YAML::Node& node, Location at, ProblemSink& sink, const M
                "max_output_tokens", "requests_per_second_per_token", "concurrent_per_token"});
   limits.max_running = m.integer("max_running", 1, kBig, false).value_or(limits.max_running);
   limits.max_queued = m.integer("max_queued", 0, kBig, false).value_or(limits.max_queued);
-  limits.max_attempts = m.integer("max_attempts", 1, kBig, false).value_or(limits.max_attempts);
+  // The gateway keeps an attempt's number in 8 bits (actors::kMaxAttemptsLimit).
+  limits.max_attempts = m.integer("max_attempts", 1, 256, false).value_or(limits.max_attempts);
   limits.max_prefill_losses =
       m.integer("max_prefill_losses", 1, kBig, false).value_or(limits.max_prefill_losses);
   limits.max_prefill_queue_tokens = m.integer("max_prefill_queue_tokens", 1, kBig, false)

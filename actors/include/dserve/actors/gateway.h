@@ -74,6 +74,9 @@ Result<WorkerEndpoint> parse_endpoint(std::string_view text);
 // "h1:p1,h2:p2" -> endpoints (empty text -> none).
 Result<std::vector<WorkerEndpoint>> parse_endpoints(std::string_view text);
 
+// Placements of one request at most: an attempt's id keeps its number in 8 bits.
+inline constexpr int kMaxAttemptsLimit = 256;
+
 struct GatewayOptions {
   std::vector<WorkerEndpoint> prefill_workers;
   std::vector<WorkerEndpoint> decode_workers;
