@@ -8,22 +8,14 @@
 
 #include <map>
 
-#include "dserve/core/random.h"
 #include "test_model.h"
 
 namespace dserve::decode {
 namespace {
 
+using model::testing_support::prompt_of;
 using model::testing_support::tiny_engine;
 using model::testing_support::tiny_model;
-
-std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
-  SplitMix64 rng(seed);
-  std::vector<int32_t> ids{0};
-  while (static_cast<int64_t>(ids.size()) < n)
-    ids.push_back(static_cast<int32_t>(1 + rng.below(128000)));
-  return ids;
-}
 
 model::SamplingParams sampling_for(uint64_t i) {
   model::SamplingParams p;

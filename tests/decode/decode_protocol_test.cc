@@ -25,7 +25,6 @@
 #include <caf/scheduler/test_coordinator.hpp>
 
 #include "dserve/actors/messages.h"
-#include "dserve/core/random.h"
 #include "dserve/decode/decode_worker.h"
 #include "dserve/decode/handoff_arena.h"
 #include "dserve/kvstore/handoff_keys.h"
@@ -46,6 +45,7 @@ namespace {
 
 using namespace actors;  // NOLINT: the message vocabulary
 using model::testing_support::greedy_tokens;
+using model::testing_support::prompt_of;
 using model::testing_support::tiny_engine;
 
 constexpr Epoch kEpoch = 77;
@@ -64,14 +64,6 @@ caf::actor_system_config& testing_config(caf::actor_system_config& cfg) {
 TokenSinkActor::behavior_type collect_chunks(TokenSinkActor::pointer /*self*/,
                                              std::shared_ptr<std::vector<TokenChunk>> chunks) {
   return {[chunks](TokenChunk& chunk) { chunks->push_back(std::move(chunk)); }};
-}
-
-std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
-  SplitMix64 rng(seed);
-  std::vector<int32_t> ids{0};
-  while (static_cast<int64_t>(ids.size()) < n)
-    ids.push_back(static_cast<int32_t>(1 + rng.below(1000)));
-  return ids;
 }
 
 // What a prefill worker computes for a prompt: the packed state and the last token's logits.

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <memory>
 
+#include "dserve/core/random.h"
 #include "dserve/model/checkpoint.h"
 #include "dserve/model/config.h"
 #include "dserve/model/model_init.h"
@@ -91,6 +92,14 @@ Engine& tiny_engine() {
     return std::move(made).value();
   }();
   return *engine;
+}
+
+std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
+  SplitMix64 rng(seed);
+  std::vector<int32_t> ids{0};
+  while (static_cast<int64_t>(ids.size()) < n)
+    ids.push_back(static_cast<int32_t>(1 + rng.below(128000)));
+  return ids;
 }
 
 std::vector<int32_t> greedy_tokens(Engine& engine, const std::vector<int32_t>& prompt,

@@ -22,6 +22,9 @@ Engine& tiny_engine();
 // Largest |a - b| over a row of n values, relative to the row's largest |b| (at least 1).
 double relative_row_diff(const float* a, const float* b, int64_t n);
 
+// A prompt of n ids: 0 (the beginning of sequence), then ids drawn from 1..128,000 by `seed`.
+std::vector<int32_t> prompt_of(int64_t n, uint64_t seed);
+
 // The greedy tokens `dserve generate` gives `prompt` on `engine` (up to max_tokens, the end of
 // sequence not included): what a decode worker must stream for it.
 std::vector<int32_t> greedy_tokens(Engine& engine, const std::vector<int32_t>& prompt,

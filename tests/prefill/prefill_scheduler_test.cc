@@ -8,23 +8,15 @@
 #include <cstring>
 #include <map>
 
-#include "dserve/core/random.h"
 #include "dserve/model/sampler.h"
 #include "test_model.h"
 
 namespace dserve::prefill {
 namespace {
 
+using model::testing_support::prompt_of;
 using model::testing_support::tiny_engine;
 using model::testing_support::tiny_model;
-
-std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
-  SplitMix64 rng(seed);
-  std::vector<int32_t> ids{0};
-  while (static_cast<int64_t>(ids.size()) < n)
-    ids.push_back(static_cast<int32_t>(1 + rng.below(128000)));
-  return ids;
-}
 
 std::unique_ptr<model::PrefixCache> cache() {
   auto c = model::PrefixCache::open(tiny_engine(), "prefill-scheduler-test", {});

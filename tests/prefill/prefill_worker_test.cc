@@ -21,7 +21,6 @@
 
 #include "dserve/actors/actor_runtime.h"
 #include "dserve/actors/decode_interface.h"
-#include "dserve/core/random.h"
 #include "dserve/decode/decode_worker.h"
 #include "dserve/kvstore/handoff_keys.h"
 #include "dserve/kvstore/in_process_transport.h"
@@ -33,18 +32,11 @@ namespace {
 
 using namespace actors;  // NOLINT: the message vocabulary
 using model::testing_support::greedy_tokens;
+using model::testing_support::prompt_of;
 using model::testing_support::tiny_engine;
 using model::testing_support::tiny_model_shared;
 
 constexpr uint32_t kMaxNewTokens = 4;
-
-std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
-  SplitMix64 rng(seed);
-  std::vector<int32_t> ids{0};
-  while (static_cast<int64_t>(ids.size()) < n)
-    ids.push_back(static_cast<int32_t>(1 + rng.below(1000)));
-  return ids;
-}
 
 // The chunks a sink actor received, readable from the test's thread.
 struct Received {
