@@ -107,18 +107,17 @@ void Gateway::Impl::connect_and_watch(size_t i) {
 }
 
 void Gateway::Impl::probe_once(size_t i) {
-  bool connected = false;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    connected = static_cast<bool>(workers_[i].handle);
-  }
-  if (!connected) connect_and_watch(i);
   caf::actor handle;
   Role role;
   {
     std::lock_guard<std::mutex> lock(mu_);
     handle = workers_[i].handle;
     role = workers_[i].role;
+  }
+  if (!handle) {
+    connect_and_watch(i);
+    std::lock_guard<std::mutex> lock(mu_);
+    handle = workers_[i].handle;
   }
   if (!handle) return;
   const HealthProbe probe{Role::kGateway, rt_.epoch(), detail::unix_ms_now()};

@@ -49,7 +49,6 @@ class Placement {
 
   // A new worker, not available until set_available; returns its index (indices never change).
   size_t add_worker(Role role);
-  size_t size() const { return workers_.size(); }
   const WorkerLoad& load(size_t worker) const;
 
   void set_available(size_t worker, bool available);
