@@ -4,6 +4,7 @@
 #include "dserve/tokenizer/tokenizer.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
@@ -248,9 +249,13 @@ class HandmadeTokenizer : public ::testing::Test {
             {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", {"a a", "aa a"}}}}};
   }
   Result<Tokenizer> load_json(const std::string& text) {
-    const auto path = std::filesystem::path(::testing::TempDir()) / "handmade_tokenizer.json";
+    // One file per process: ctest runs this binary's cases in parallel, each in its own process.
+    const auto path = std::filesystem::path(::testing::TempDir()) /
+                      ("handmade_tokenizer." + std::to_string(::getpid()) + ".json");
     std::ofstream(path) << text;
-    return Tokenizer::load(path.string());
+    Result<Tokenizer> tok = Tokenizer::load(path.string());
+    std::filesystem::remove(path);
+    return tok;
   }
 };
 
