@@ -2,6 +2,7 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -63,13 +64,27 @@ int64_t PayloadLayout::floats() const {
   return n;
 }
 
+int64_t PayloadLayout::bytes() const {
+  int64_t n = 0;
+  for (const Segment& s : segments)
+    n += s.bytes();
+  return n;
+}
+
+bool PayloadLayout::all_fp32() const {
+  return std::all_of(segments.begin(), segments.end(),
+                     [](const Segment& s) { return s.encoding == RowEncoding::kFp32; });
+}
+
 uint64_t PayloadLayout::digest() const {
   std::vector<int64_t> words;
-  words.reserve(segments.size() * 3);
+  words.reserve(segments.size() * 4);
   for (const Segment& s : segments) {
     words.push_back(s.rows);
     words.push_back(s.width);
     words.push_back(s.rope_channels);
+    // fp32 segments hash as they did before encodings existed: stored values stay readable.
+    if (s.encoding != RowEncoding::kFp32) words.push_back(256 + static_cast<int64_t>(s.encoding));
   }
   return XXH3_64bits(words.data(), words.size() * sizeof(int64_t));
 }

@@ -60,7 +60,7 @@ size_t fp8_row_bytes(const Segment& s) {
 }
 
 size_t payload_bytes(Codec codec, const PayloadLayout& layout) {
-  if (codec == Codec::kLossless) return static_cast<size_t>(layout.floats()) * sizeof(float);
+  if (codec == Codec::kLossless) return static_cast<size_t>(layout.bytes());
   size_t n = 0;
   for (const Segment& s : layout.segments)
     n += static_cast<size_t>(s.rows) * fp8_row_bytes(s);
@@ -171,18 +171,28 @@ Codec effective_codec(Pool pool, Codec requested) {
   return pool == Pool::kCompressed ? requested : Codec::kLossless;
 }
 
+Codec effective_codec(Pool pool, Codec requested, const PayloadLayout& layout) {
+  return layout.all_fp32() ? effective_codec(pool, requested) : Codec::kLossless;
+}
+
 size_t encoded_size(Pool pool, Codec codec, const PayloadLayout& layout) {
   check_layout(layout);
-  return kCodecHeaderBytes + payload_bytes(effective_codec(pool, codec), layout) +
+  return kCodecHeaderBytes + payload_bytes(effective_codec(pool, codec, layout), layout) +
          kCodecChecksumBytes;
 }
 
 std::vector<uint8_t> encode_payload(const BlockKey& key, Pool pool, Codec codec,
                                     const PayloadLayout& layout, std::span<const float> data) {
+  DSERVE_CHECK_MSG(layout.all_fp32(), "float payloads are for layouts of fp32 rows");
+  return encode_payload(key, pool, codec, layout, std::as_bytes(data));
+}
+
+std::vector<uint8_t> encode_payload(const BlockKey& key, Pool pool, Codec codec,
+                                    const PayloadLayout& layout, std::span<const std::byte> data) {
   check_layout(layout);
-  DSERVE_CHECK_MSG(static_cast<int64_t>(data.size()) == layout.floats(),
-                   "the payload does not have the layout's number of floats");
-  const Codec applied = effective_codec(pool, codec);
+  DSERVE_CHECK_MSG(static_cast<int64_t>(data.size()) == layout.bytes(),
+                   "the payload does not have the layout's number of bytes");
+  const Codec applied = effective_codec(pool, codec, layout);
   const size_t n = payload_bytes(applied, layout);
   std::vector<uint8_t> value(kCodecHeaderBytes + n + kCodecChecksumBytes);
   uint8_t* p = value.data();
@@ -198,7 +208,10 @@ std::vector<uint8_t> encode_payload(const BlockKey& key, Pool pool, Codec codec,
   if (applied == Codec::kLossless) {
     if (n > 0) std::memcpy(payload, data.data(), n);
   } else {
-    const float* x = data.data();
+    // fp32 rows (all_fp32): the values, copied out so that they are read as floats.
+    std::vector<float> values(static_cast<size_t>(layout.floats()));
+    if (!values.empty()) std::memcpy(values.data(), data.data(), data.size());
+    const float* x = values.data();
     uint8_t* out = payload;
     for (const Segment& s : layout.segments) {
       out = encode_fp8_segment(s, x, out);
@@ -213,6 +226,18 @@ std::vector<uint8_t> encode_payload(const BlockKey& key, Pool pool, Codec codec,
 Result<std::vector<float>> decode_payload(const BlockKey& expected_key, Pool expected_pool,
                                           const PayloadLayout& layout,
                                           std::span<const uint8_t> value) {
+  DSERVE_CHECK_MSG(layout.all_fp32(), "float payloads are for layouts of fp32 rows");
+  auto bytes = decode_payload_bytes(expected_key, expected_pool, layout, value);
+  if (!bytes.is_ok()) return bytes.status();
+  std::vector<float> out(static_cast<size_t>(layout.floats()));
+  if (!out.empty()) std::memcpy(out.data(), bytes->data(), bytes->size());
+  return out;
+}
+
+Result<std::vector<std::byte>> decode_payload_bytes(const BlockKey& expected_key,
+                                                    Pool expected_pool,
+                                                    const PayloadLayout& layout,
+                                                    std::span<const uint8_t> value) {
   check_layout(layout);
   const std::string where = "KV value of block " + expected_key.to_hex() + ", pool " +
                             std::string(pool_name(expected_pool)) + ": ";
@@ -254,7 +279,7 @@ Result<std::vector<float>> decode_payload(const BlockKey& expected_key, Pool exp
   if (pool_byte != static_cast<uint8_t>(expected_pool)) {
     return data_loss(where + "the value was written for pool " + pool_byte_name(pool_byte));
   }
-  if (effective_codec(expected_pool, codec) != codec) {
+  if (effective_codec(expected_pool, codec, layout) != codec) {
     return data_loss(where + "codec " + std::string(codec_name(codec)) +
                      " is never applied to this pool");
   }
@@ -272,18 +297,20 @@ Result<std::vector<float>> decode_payload(const BlockKey& expected_key, Pool exp
                      std::to_string(expected_n) + " with codec " + std::string(codec_name(codec)));
   }
 
-  std::vector<float> out(static_cast<size_t>(layout.floats()));
+  std::vector<std::byte> out(static_cast<size_t>(layout.bytes()));
   const uint8_t* payload = p + kCodecHeaderBytes;
   if (codec == Codec::kLossless) {
     if (n > 0) std::memcpy(out.data(), payload, n);
   } else {
-    float* x = out.data();
+    std::vector<float> values(static_cast<size_t>(layout.floats()));
+    float* x = values.data();
     const uint8_t* in = payload;
     for (const Segment& s : layout.segments) {
       in = decode_fp8_segment(s, in, x);
       x += s.rows * s.width;
     }
     DSERVE_CHECK(in == payload + n);
+    if (!out.empty()) std::memcpy(out.data(), values.data(), out.size());
   }
   return out;
 }

@@ -65,14 +65,14 @@ namespace {
 uint64_t pages_bytes(const std::vector<PageRef>& pages) {
   uint64_t b = 0;
   for (const PageRef& p : pages)
-    b += static_cast<uint64_t>(p->floats()) * sizeof(float);
+    b += static_cast<uint64_t>(p->size_bytes());
   return b;
 }
 
-std::vector<float> concat(const std::vector<PageRef>& pages) {
-  std::vector<float> out;
+std::vector<std::byte> concat(const std::vector<PageRef>& pages) {
+  std::vector<std::byte> out;
   for (const PageRef& p : pages)
-    out.insert(out.end(), p->data(), p->data() + p->floats());
+    out.insert(out.end(), p->data(), p->data() + p->size_bytes());
   return out;
 }
 
@@ -101,15 +101,15 @@ Result<std::unique_ptr<PrefixStore>> PrefixStore::open(PrefixStoreOptions option
   }
   for (Pool pool : kAllPools) {
     const auto p = static_cast<size_t>(pool);
-    int64_t page_floats = 0;
+    int64_t page_bytes = 0;
     for (const auto& page_pool : layout.page_pools[p]) {
       if (page_pool == nullptr) return invalid_argument("block layout: a null page pool");
-      page_floats += page_pool->page_floats();
+      page_bytes += static_cast<int64_t>(page_pool->page_bytes());
     }
-    if (page_floats != layout.payload[p].floats()) {
+    if (page_bytes != layout.payload[p].bytes()) {
       return invalid_argument("block layout of pool " + std::string(pool_name(pool)) +
-                              ": pages hold " + std::to_string(page_floats) +
-                              " floats, the payload " + std::to_string(layout.payload[p].floats()));
+                              ": pages hold " + std::to_string(page_bytes) +
+                              " bytes, the payload " + std::to_string(layout.payload[p].bytes()));
     }
   }
   // Blocks stored through a lossy codec differ from computed ones: the codecs are part of
@@ -189,7 +189,8 @@ struct PrefixStore::Ops {
 
   std::vector<uint8_t> encode(const PrefixStore::Node& n, Pool p, Codec codec) const {
     const auto i = static_cast<size_t>(p);
-    return encode_payload(n.key, p, codec, layout.payload[i], concat(n.device[i]));
+    return encode_payload(n.key, p, codec, layout.payload[i],
+                          std::span<const std::byte>(concat(n.device[i])));
   }
 
   // Queues the pool's payload for the disk tier unless it is there already.
@@ -201,10 +202,11 @@ struct PrefixStore::Ops {
     } else if (!n.host[i].empty() && options.host_codec == options.disk_codec) {
       s.disk->put_async(n.key, p, n.host[i]);
     } else if (!n.host[i].empty()) {
-      auto floats = decode_payload(n.key, p, layout.payload[i], n.host[i]);
-      if (floats.is_ok()) {
+      auto bytes = decode_payload_bytes(n.key, p, layout.payload[i], n.host[i]);
+      if (bytes.is_ok()) {
         s.disk->put_async(n.key, p,
-                          encode_payload(n.key, p, options.disk_codec, layout.payload[i], *floats));
+                          encode_payload(n.key, p, options.disk_codec, layout.payload[i],
+                                         std::span<const std::byte>(*bytes)));
       }
     }
   }
@@ -226,20 +228,20 @@ struct PrefixStore::Ops {
     } else {
       return not_found("block " + n.key.to_hex() + " has no " + std::string(pool_name(p)));
     }
-    auto floats = decode_payload(n.key, p, layout.payload[i], value);
-    if (!floats.is_ok()) {
+    auto bytes = decode_payload_bytes(n.key, p, layout.payload[i], value);
+    if (!bytes.is_ok()) {
       // Never served: drop the bad copy wherever it was.
       ++s.m.corrupt;
       if (*from == Tier::kHost) set_host(n, p, {});
       if (*from == Tier::kDisk) s.disk->report_corrupt(n.key, p);
-      return floats.status();
+      return bytes.status();
     }
     std::vector<PageRef> pages;
-    const float* src = floats->data();
+    const std::byte* src = bytes->data();
     for (const auto& pool : layout.page_pools[i]) {
       PageRef page = pool->allocate();
       std::memcpy(page->data(), src, pool->page_bytes());
-      src += pool->page_floats();
+      src += pool->page_bytes();
       pages.push_back(std::move(page));
     }
     set_device(n, p, pages);
@@ -409,7 +411,8 @@ void PrefixStore::insert(const BlockKey& parent, const BlockKey& key, BlockConte
                      "block content has the wrong page count");
     for (size_t j = 0; j < pages.size(); ++j) {
       DSERVE_CHECK_MSG(
-          pages[j] != nullptr && pages[j]->floats() == layout_.page_pools[i][j]->page_floats(),
+          pages[j] != nullptr && pages[j]->size_bytes() ==
+                                     static_cast<int64_t>(layout_.page_pools[i][j]->page_bytes()),
           "block content page of the wrong size");
     }
     if (p == Pool::kSnapshot && n->device[i].empty() && n->host[i].empty()) ++s.m.snapshots;

@@ -64,6 +64,18 @@ std::vector<std::vector<int64_t>> select_entries(const float* q_proj, const floa
   const int64_t dim = config.index_head_dim;
   const int64_t available = state.index_keys.rows();
   std::vector<float> q(q_proj, q_proj + n * heads * dim);
+  // fp32 keys are read in place, page by page; encoded ones (fp4, in the rotated basis) are
+  // decoded once for the chunk, and the queries are rotated and rounded the same way.
+  const kvstore::RowFormat& key_format = state.index_keys.format();
+  const bool encoded = key_format.encoding != kvstore::RowEncoding::kFp32;
+  std::vector<float> decoded_keys;
+  if (encoded) {
+    decoded_keys.resize(static_cast<size_t>(available * dim));
+    state.index_keys.read_rows(0, available, decoded_keys.data());
+  }
+  const auto keys_at = [&](int64_t first) {
+    return encoded ? decoded_keys.data() + first * dim : state.index_keys.fp32_row(first);
+  };
   const float weight_scale = 1.0f / std::sqrt(static_cast<float>(heads));
   const float score_scale = 1.0f / std::sqrt(static_cast<float>(dim));
 
@@ -77,6 +89,7 @@ std::vector<std::vector<int64_t>> select_entries(const float* q_proj, const floa
       for (int64_t h = 0; h < heads; ++h) {
         cpu::rope_interleaved(qt + h * dim, dim, angles.cos_at(t), angles.sin_at(t), false);
       }
+      if (encoded) kvstore::round_trip_rows(key_format, qt, heads);
       const int64_t visible = visible_entries(first_pos + t, config.csa_rate, available);
       auto& picks = selected[static_cast<size_t>(t)];
       if (visible == 0) continue;
@@ -85,7 +98,7 @@ std::vector<std::vector<int64_t>> select_entries(const float* q_proj, const floa
       const int64_t per_page = state.index_keys.rows_per_page();
       for (int64_t first = 0; first < visible; first += per_page) {
         const int64_t count = std::min(per_page, visible - first);
-        cpu::gemm(true, heads, count, dim, qt, dim, state.index_keys.row(first), dim, 0.0f,
+        cpu::gemm(true, heads, count, dim, qt, dim, keys_at(first), dim, 0.0f,
                   dots.data() + first, visible);
       }
       scores.assign(static_cast<size_t>(visible), 0.0f);
@@ -188,6 +201,10 @@ void attention_core(int64_t row, int64_t n, int64_t first_pos, const ModelConfig
   for (int64_t t = 0; t < n; ++t) {
     cpu::rope_interleaved(kv + t * hd, hd, angles.cos_at(t), angles.sin_at(t), false);
   }
+  // With fp8 KV the window holds the served entry's values, as the compressed entries do: the
+  // chunk's own tokens attend to them, and they are what the window keeps.
+  kvstore::round_trip_rows(
+      kvstore::RowFormat::entry(config.kv_dtype, hd, config.rope_head_dim), kv, n);
 
   // Compressed entries first: a window closed by this chunk is visible to its later tokens.
   int64_t rate = 0;
@@ -228,8 +245,8 @@ void attention_core(int64_t row, int64_t n, int64_t first_pos, const ModelConfig
       if (picks != nullptr) n_comp = static_cast<int64_t>(picks->size());
       gathered.resize(static_cast<size_t>(n_comp * hd));
       for (int64_t i = 0; i < n_comp; ++i) {
-        const float* src = state.compressed.row(picks ? (*picks)[static_cast<size_t>(i)] : i);
-        std::copy(src, src + hd, gathered.data() + i * hd);
+        state.compressed.read_rows(picks ? (*picks)[static_cast<size_t>(i)] : i, 1,
+                                   gathered.data() + i * hd);
       }
       const float* comp_keys = gathered.data();
       const int64_t total = n_window + n_comp;

@@ -405,4 +405,17 @@ Result<ModelConfig> load_model_config(const std::string& model_dir) {
   return parse_model_config(ss.str(), path);
 }
 
+Status set_kv_dtype(ModelConfig& config, kvstore::KvDtype dtype) {
+  const auto entry = kvstore::RowFormat::entry(dtype, config.head_dim, config.rope_head_dim);
+  const auto key = kvstore::RowFormat::index_key(dtype, config.index_head_dim);
+  for (const auto* f : {&entry, &key}) {
+    if (Status valid = f->check(); !valid.is_ok()) {
+      return invalid_argument("kv_dtype " + std::string(kvstore::kv_dtype_name(dtype)) +
+                              " does not fit this model: " + valid.message());
+    }
+  }
+  config.kv_dtype = dtype;
+  return Status::ok();
+}
+
 }  // namespace dserve::model

@@ -186,8 +186,7 @@ Result<GpuRequestState> GpuModel::import_state(const RequestState& host) {
       scratch.resize(static_cast<size_t>(per * width));
       for (int64_t first = 0, p = 0; first < rows->rows(); first += per, ++p) {
         const int64_t count = std::min(per, rows->rows() - first);
-        for (int64_t r = 0; r < count; ++r)
-          std::copy_n(rows->row(first + r), width, scratch.data() + r * width);
+        rows->read_rows(first, count, scratch.data());
         const auto page = static_cast<size_t>(list->pages[static_cast<size_t>(p)]);
         DSERVE_RETURN_IF_ERROR(pool->slab.copy_from_host(scratch.data(), float_bytes(count * width),
                                                          page * float_bytes(per * width)));

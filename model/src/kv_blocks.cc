@@ -44,11 +44,15 @@ Result<KvBlockLayout> kv_block_layout(const ModelConfig& config, const KvPagePoo
                               std::to_string(rate) + " does not divide the 128-token block");
     }
     const int64_t per_block = kBlock / rate;
-    layout.compressed.segments.push_back({per_block, config.head_dim, config.rope_head_dim});
+    const auto entry =
+        kvstore::RowFormat::entry(config.kv_dtype, config.head_dim, config.rope_head_dim);
+    layout.compressed.segments.push_back(
+        {per_block, config.head_dim, config.rope_head_dim, entry.encoding});
     layout.compressed_pools.push_back(pools.compressed[static_cast<size_t>(l)]);
     if (kind == AttentionKind::kCompressed) {
+      const auto key = kvstore::RowFormat::index_key(config.kv_dtype, config.index_head_dim);
       layout.index_keys.segments.push_back(
-          {per_block, config.index_head_dim, config.rope_head_dim});
+          {per_block, config.index_head_dim, config.rope_head_dim, key.encoding});
       layout.index_pools.push_back(pools.index_keys[static_cast<size_t>(l)]);
       // The overlap of both CSA compressors: Ca and its gate, [rate, width] each, pre-RoPE.
       for (int64_t width : {config.head_dim, config.index_head_dim}) {
@@ -83,7 +87,7 @@ kvstore::PageRef take_snapshot(const KvBlockLayout& layout, const RequestState& 
   DSERVE_CHECK_MSG(state.position() > 0 && state.position() % kBlock == 0,
                    "a snapshot is taken at a block end");
   kvstore::PageRef page = layout.snapshot_pool->allocate();
-  Cursor c{page->data()};
+  Cursor c{page->as_floats()};
   for (const LayerState& s : state.layers()) {
     DSERVE_CHECK_MSG(s.window_tokens() == layout.snapshot.segments[0].rows,
                      "the window at a block end holds sliding_window - 1 tokens");
@@ -96,7 +100,7 @@ kvstore::PageRef take_snapshot(const KvBlockLayout& layout, const RequestState& 
       c.save(comp->overlap_gate);
     }
   }
-  DSERVE_CHECK(c.at == page->data() + page->floats());
+  DSERVE_CHECK(c.at == page->as_floats() + layout.snapshot.floats());
   return page;
 }
 
@@ -106,9 +110,11 @@ Result<RequestState> restore_state(const ModelConfig& config, const KvPagePools&
   if (blocks.empty() || snapshot == nullptr) {
     return invalid_argument("restore_state needs at least one block and its end's snapshot");
   }
-  if (snapshot->floats() != layout.snapshot.floats()) {
-    return invalid_argument("snapshot page of " + std::to_string(snapshot->floats()) +
-                            " floats, expected " + std::to_string(layout.snapshot.floats()));
+  if (snapshot->size_bytes() != layout.snapshot.bytes() ||
+      snapshot->pool().format().encoding != kvstore::RowEncoding::kFp32) {
+    return invalid_argument("snapshot page of " + std::to_string(snapshot->size_bytes()) +
+                            " bytes, expected " + std::to_string(layout.snapshot.bytes()) +
+                            " of fp32");
   }
   for (size_t b = 0; b < blocks.size(); ++b) {
     const auto check = [&](const std::vector<kvstore::PageRef>& pages,
@@ -119,9 +125,11 @@ Result<RequestState> restore_state(const ModelConfig& config, const KvPagePools&
                                 " " + pool + " pages, expected " + std::to_string(want.size()));
       }
       for (size_t i = 0; i < pages.size(); ++i) {
-        if (pages[i] == nullptr || pages[i]->floats() != want[i]->page_floats()) {
+        if (pages[i] == nullptr ||
+            pages[i]->size_bytes() != static_cast<int64_t>(want[i]->page_bytes()) ||
+            !(pages[i]->pool().format() == want[i]->format())) {
           return invalid_argument("block " + std::to_string(b) + ": " + pool + " page " +
-                                  std::to_string(i) + " missing or of the wrong size");
+                                  std::to_string(i) + " missing, of the wrong size or format");
         }
       }
       return Status::ok();
@@ -133,7 +141,7 @@ Result<RequestState> restore_state(const ModelConfig& config, const KvPagePools&
   RequestState state(config, pools);
   const int64_t position = static_cast<int64_t>(blocks.size()) * kBlock;
   state.advance(position);
-  Cursor c{snapshot->data()};
+  Cursor c{snapshot->as_floats()};
   size_t compressed_slot = 0, index_slot = 0;
   for (LayerState& s : state.layers()) {
     c.load(s.window, (config.sliding_window - 1) * s.head_dim);

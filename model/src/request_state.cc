@@ -28,11 +28,13 @@ KvPagePools KvPagePools::create(const ModelConfig& config) {
     DSERVE_CHECK(rate > 0);  // validate_model_config keeps both compress rates positive
     const int64_t per_page = std::max<int64_t>(1, kvstore::kBlockTokens / rate);
     const std::string layer = "layer" + std::to_string(l);
-    pools.compressed[static_cast<size_t>(l)] =
-        kvstore::PagePool::create(layer + ".compressed", per_page, config.head_dim);
+    pools.compressed[static_cast<size_t>(l)] = kvstore::PagePool::create(
+        layer + ".compressed", per_page,
+        kvstore::RowFormat::entry(config.kv_dtype, config.head_dim, config.rope_head_dim));
     if (kind == AttentionKind::kCompressed) {
-      pools.index_keys[static_cast<size_t>(l)] =
-          kvstore::PagePool::create(layer + ".index_keys", per_page, config.index_head_dim);
+      pools.index_keys[static_cast<size_t>(l)] = kvstore::PagePool::create(
+          layer + ".index_keys", per_page,
+          kvstore::RowFormat::index_key(config.kv_dtype, config.index_head_dim));
     }
   }
   return pools;

@@ -12,13 +12,13 @@ namespace dserve::model {
 namespace {
 
 constexpr char kMagic[4] = {'D', 'S', 'R', 'S'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;
 
 // The shapes a state of this model has: two models with equal digests have interchangeable
 // states.
 uint64_t shape_digest(const ModelConfig& c) {
   std::vector<int64_t> words{c.num_layers, c.head_dim, c.index_head_dim, c.sliding_window,
-                             c.csa_rate,   c.hca_rate, c.rope_head_dim};
+                             c.csa_rate,   c.hca_rate, c.rope_head_dim,  1000 + static_cast<int64_t>(c.kv_dtype)};
   for (AttentionKind k : c.layer_types)
     words.push_back(static_cast<int64_t>(k));
   return XXH3_64bits(words.data(), words.size() * sizeof(int64_t));
@@ -33,10 +33,14 @@ class Writer {
     raw(data, n * sizeof(float));
   }
   void floats(const std::vector<float>& v) { floats(v.data(), v.size()); }
+  // The rows as their pages hold them (fp32, or encoded): byte count, then the bytes.
   void rows(const kvstore::PagedRows& r) {
-    u64(static_cast<uint64_t>(r.rows() * r.width()));
-    for (int64_t i = 0; i < r.rows(); ++i)
-      raw(r.row(i), static_cast<size_t>(r.width()) * sizeof(float));
+    const int64_t row_bytes = r.attached() ? r.format().row_bytes() : 0;
+    u64(static_cast<uint64_t>(r.rows() * row_bytes));
+    const int64_t per = r.rows_per_page();
+    for (int64_t i = 0; i < r.rows(); i += per) {
+      raw(r.encoded_row(i), static_cast<size_t>(std::min(per, r.rows() - i) * row_bytes));
+    }
   }
   void raw(const void* p, size_t n) {
     const auto* b = static_cast<const uint8_t*>(p);
@@ -63,6 +67,24 @@ class Reader {
     }
     v->resize(static_cast<size_t>(n));
     raw(v->data(), static_cast<size_t>(n) * sizeof(float));
+    return Status::ok();
+  }
+  // `count` rows in the format of `rows`' pool, appended to it (a stored byte count must say
+  // exactly that many).
+  Status encoded_rows(kvstore::PagedRows& rows, int64_t count, const std::string& what) {
+    const int64_t row_bytes = rows.attached() ? rows.format().row_bytes() : 0;
+    const auto expected = static_cast<uint64_t>(count * row_bytes);
+    uint64_t n = 0;
+    if (!u64(&n)) return data_loss("packed state ends inside " + what);
+    if (n != expected) {
+      return data_loss("packed state: " + what + " holds " + std::to_string(n) +
+                       " bytes, expected " + std::to_string(expected));
+    }
+    if (n > bytes_.size() - at_) return data_loss("packed state ends inside " + what);
+    if (count > 0) {
+      rows.append_encoded(reinterpret_cast<const std::byte*>(bytes_.data() + at_), count);
+    }
+    at_ += static_cast<size_t>(n);
     return Status::ok();
   }
   bool raw(void* p, size_t n) {
@@ -110,8 +132,14 @@ std::vector<uint8_t> pack_state(const ModelConfig& config, const RequestState& s
 
 size_t packed_state_bytes(const ModelConfig& config, int64_t position) {
   DSERVE_CHECK_MSG(position >= 0, "packed_state_bytes of a negative position");
-  constexpr uint64_t kCount = sizeof(uint64_t);  // every float array is preceded by its count
+  constexpr uint64_t kCount = sizeof(uint64_t);  // every array is preceded by its size
   auto floats = [](int64_t n) { return kCount + static_cast<uint64_t>(n) * sizeof(float); };
+  auto rows = [](int64_t n, const kvstore::RowFormat& f) {
+    return kCount + static_cast<uint64_t>(n * f.row_bytes());
+  };
+  const auto entry = kvstore::RowFormat::entry(config.kv_dtype, config.head_dim,
+                                               config.rope_head_dim);
+  const auto key = kvstore::RowFormat::index_key(config.kv_dtype, config.index_head_dim);
   // A compressor as write_compressor writes it (the shapes RequestState's constructor gives).
   auto compressor = [&](int64_t width, int64_t series, int64_t rate) {
     const int64_t closed = rate > 0 ? position / rate : 0;
@@ -124,9 +152,9 @@ size_t packed_state_bytes(const ModelConfig& config, int64_t position) {
     const int64_t rate = config.compress_rate(kind);
     const int64_t entries = rate > 0 ? position / rate : 0;
     bytes += floats(std::min<int64_t>(position, config.sliding_window - 1) * config.head_dim);
-    bytes += floats(entries * config.head_dim);
+    bytes += rows(entries, entry);
     if (kind == AttentionKind::kCompressed) {
-      bytes += floats(entries * config.index_head_dim);
+      bytes += rows(entries, key);
       bytes += compressor(config.head_dim, 2, rate) + compressor(config.index_head_dim, 2, rate);
     } else if (kind == AttentionKind::kHeavy) {
       bytes += floats(0) + compressor(config.head_dim, 1, rate) + compressor(0, 1, 0);
@@ -178,14 +206,9 @@ Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& 
         r.floats(&s.window, static_cast<uint64_t>(window * s.head_dim), at + "window"));
     const int64_t rate = config.compress_rate(s.kind);
     const int64_t entries = rate > 0 ? pos / rate : 0;
-    std::vector<float> rows;
-    DSERVE_RETURN_IF_ERROR(
-        r.floats(&rows, static_cast<uint64_t>(entries * s.head_dim), at + "compressed entries"));
-    s.compressed.append(rows.data(), entries);
+    DSERVE_RETURN_IF_ERROR(r.encoded_rows(s.compressed, entries, at + "compressed entries"));
     const int64_t index_entries = s.index_keys.attached() ? entries : 0;
-    DSERVE_RETURN_IF_ERROR(r.floats(&rows, static_cast<uint64_t>(index_entries * s.index_head_dim),
-                                    at + "indexer keys"));
-    if (s.index_keys.attached()) s.index_keys.append(rows.data(), index_entries);
+    DSERVE_RETURN_IF_ERROR(r.encoded_rows(s.index_keys, index_entries, at + "indexer keys"));
     for (CompressorState* c : {&s.kv_compressor, &s.index_compressor}) {
       const std::string what = at + (c == &s.kv_compressor ? "kv" : "indexer") + " compressor";
       uint64_t closed = 0;

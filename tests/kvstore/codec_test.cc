@@ -98,7 +98,8 @@ TEST(Codec, LosslessRoundTripIsBitExact) {
 
 TEST(Codec, EmptyLayoutRoundTrips) {
   const PayloadLayout empty;
-  const auto value = encode_payload(kKey, Pool::kSnapshot, Codec::kLossless, empty, {});
+  const auto value =
+      encode_payload(kKey, Pool::kSnapshot, Codec::kLossless, empty, std::span<const float>());
   EXPECT_EQ(value.size(), kCodecHeaderBytes + kCodecChecksumBytes);
   const auto decoded = decode_payload(kKey, Pool::kSnapshot, empty, value);
   ASSERT_TRUE(decoded.is_ok()) << decoded.status().to_string();
@@ -421,7 +422,7 @@ TEST(Codec, RandomBytesAreNeverDecoded) {
 TEST(CodecDeathTest, PayloadOfTheWrongSizeIsAProgrammerError) {
   const std::vector<float> data(10);
   EXPECT_DEATH((void)encode_payload(kKey, Pool::kCompressed, Codec::kLossless, kSmallCsa, data),
-               "layout's number of floats");
+               "layout.s number of bytes");
 }
 
 }  // namespace

@@ -42,8 +42,9 @@ struct Fixture {
       SplitMix64 rng(key.lo ^ (static_cast<uint64_t>(p) << 56));
       for (const auto& pool : layout.page_pools[i]) {
         PageRef page = pool->allocate();
-        for (int64_t f = 0; f < page->floats(); ++f)
-          page->data()[f] = static_cast<float>(rng.normal());
+        const int64_t floats = page->size_bytes() / static_cast<int64_t>(sizeof(float));
+        for (int64_t f = 0; f < floats; ++f)
+          page->as_floats()[f] = static_cast<float>(rng.normal());
         out.pages[i].push_back(std::move(page));
       }
     }
@@ -52,8 +53,8 @@ struct Fixture {
   bool same(const std::vector<PageRef>& a, const std::vector<PageRef>& b) const {
     if (a.size() != b.size()) return false;
     for (size_t i = 0; i < a.size(); ++i) {
-      if (a[i]->floats() != b[i]->floats() ||
-          std::memcmp(a[i]->data(), b[i]->data(), a[i]->floats() * sizeof(float)) != 0) {
+      if (a[i]->size_bytes() != b[i]->size_bytes() ||
+          std::memcmp(a[i]->data(), b[i]->data(), static_cast<size_t>(a[i]->size_bytes())) != 0) {
         return false;
       }
     }

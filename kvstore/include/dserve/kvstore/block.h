@@ -12,7 +12,8 @@
 //   kIndexKeys   the Lightning Indexer keys of those windows (CSA layers),
 //   kSnapshot    the request state that is not shareable per block, as it stands at the
 //                block's end: every layer's sliding window and the compressors' overlap.
-// A payload is fp32 rows as the forward computed them, laid out as a PayloadLayout says.
+// A payload is the block's rows as its pages hold them (row_format.h: fp32 as the forward
+// computed them, or V4's fp8 entries and fp4 indexer keys), laid out as a PayloadLayout says.
 
 #include <cstdint>
 #include <functional>
@@ -20,6 +21,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "dserve/kvstore/row_format.h"
 
 namespace dserve::kvstore {
 
@@ -55,19 +58,26 @@ inline constexpr int kPoolCount = 3;
 inline constexpr Pool kAllPools[] = {Pool::kCompressed, Pool::kIndexKeys, Pool::kSnapshot};
 std::string_view pool_name(Pool pool);  // "compressed", "index_keys", "snapshot"
 
-// One run of rows inside a payload: `rows` rows of `width` floats, of which the last
-// `rope_channels` carry RoPE (the codec keeps those in 16 bit when it quantizes).
+// One run of rows inside a payload: `rows` rows of `width` channels, of which the last
+// `rope_channels` carry RoPE, each stored as `encoding` says (row_format.h).
 struct Segment {
   int64_t rows = 0;
   int64_t width = 0;
   int64_t rope_channels = 0;
+  RowEncoding encoding = RowEncoding::kFp32;
+  RowFormat format() const {
+    return {encoding, width, encoding == RowEncoding::kFp8Entry ? rope_channels : 0};
+  }
+  int64_t bytes() const { return rows * format().row_bytes(); }
   friend bool operator==(const Segment&, const Segment&) = default;
 };
 
 // The layout of one pool's payload for one block: its segments, back to back.
 struct PayloadLayout {
   std::vector<Segment> segments;
-  int64_t floats() const;
+  int64_t floats() const;  // decoded: the sum of rows x width
+  int64_t bytes() const;   // as stored on pages: the sum of the segments' bytes
+  bool all_fp32() const;   // every segment stores fp32 rows
   // A digest of the segments, stored with every encoded payload so that a payload is never
   // decoded against another layout.
   uint64_t digest() const;

@@ -1,6 +1,9 @@
 #pragma once
-// Paged pools: fixed-size pages of fp32 rows, one pool per (pool kind, layer), and PagedRows,
-// a request's growing list of pages in one such pool (its block table for that pool).
+// Paged pools: fixed-size pages of rows in one RowFormat (row_format.h: fp32, or V4's fp8 entry
+// or fp4 indexer key), one pool per (pool kind, layer), and PagedRows, a request's growing list
+// of pages in one such pool (its block table for that pool). A page holds its rows encoded,
+// back to back; the forward writes rows through PagedRows::append (encoding them) and reads
+// them decoded, while the prefix store and the hand-off move pages' bytes as they are.
 //
 // A page holds the rows one layer produced for one 128-token block (e.g. the 32 compressed
 // entries of a CSA layer with rate 4). Pages are reference counted (PageRef): a request's
@@ -18,32 +21,42 @@
 #include <string>
 #include <vector>
 
+#include "dserve/kvstore/row_format.h"
+
 namespace dserve::kvstore {
 
 class PagePool;
 
 class Page {
  public:
-  Page(std::shared_ptr<PagePool> pool, int64_t floats);
+  Page(std::shared_ptr<PagePool> pool, int64_t bytes);
   ~Page();
   Page(const Page&) = delete;
   Page& operator=(const Page&) = delete;
 
-  float* data() { return data_.get(); }
-  const float* data() const { return data_.get(); }
-  int64_t floats() const { return floats_; }
+  // The encoded rows (16-byte aligned).
+  std::byte* data() { return reinterpret_cast<std::byte*>(storage_.get()); }
+  const std::byte* data() const { return reinterpret_cast<const std::byte*>(storage_.get()); }
+  int64_t size_bytes() const { return bytes_; }
+  // The page as floats: only for a pool of fp32 rows (checked).
+  float* as_floats();
+  const float* as_floats() const;
   const PagePool& pool() const { return *pool_; }
 
  private:
   std::shared_ptr<PagePool> pool_;
-  int64_t floats_;
-  std::unique_ptr<float[]> data_;
+  int64_t bytes_;
+  std::unique_ptr<float[]> storage_;  // floats, so that fp32 pages are real float objects
 };
 using PageRef = std::shared_ptr<Page>;
 
-// Pages of rows_per_page x width floats. Thread-safe.
+// Pages of rows_per_page rows of one format. Thread-safe.
 class PagePool : public std::enable_shared_from_this<PagePool> {
  public:
+  // Preconditions (checked): rows_per_page > 0, format.check() holds.
+  static std::shared_ptr<PagePool> create(std::string name, int64_t rows_per_page,
+                                          RowFormat format);
+  // A pool of fp32 rows of `width` floats.
   static std::shared_ptr<PagePool> create(std::string name, int64_t rows_per_page, int64_t width);
 
   // A zero-filled page.
@@ -51,18 +64,19 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
 
   const std::string& name() const { return name_; }
   int64_t rows_per_page() const { return rows_per_page_; }
-  int64_t width() const { return width_; }
-  int64_t page_floats() const { return rows_per_page_ * width_; }
-  uint64_t page_bytes() const { return static_cast<uint64_t>(page_floats()) * sizeof(float); }
+  const RowFormat& format() const { return format_; }
+  int64_t width() const { return format_.width; }  // floats of a decoded row
+  int64_t row_bytes() const { return format_.row_bytes(); }
+  uint64_t page_bytes() const { return static_cast<uint64_t>(rows_per_page_ * row_bytes()); }
   int64_t pages_in_use() const { return pages_in_use_.load(); }
   uint64_t bytes_in_use() const { return static_cast<uint64_t>(pages_in_use()) * page_bytes(); }
 
  private:
   friend class Page;
-  PagePool(std::string name, int64_t rows_per_page, int64_t width);
+  PagePool(std::string name, int64_t rows_per_page, RowFormat format);
   std::string name_;
   int64_t rows_per_page_;
-  int64_t width_;
+  RowFormat format_;
   std::atomic<int64_t> pages_in_use_{0};
 };
 
@@ -81,9 +95,18 @@ class PagedRows {
   int64_t rows() const { return rows_; }
   int64_t width() const { return pool_ ? pool_->width() : 0; }
   int64_t rows_per_page() const { return pool_ ? pool_->rows_per_page() : 0; }
-  const float* row(int64_t i) const;
-  // Copies `count` rows of width() floats in, allocating pages as they fill.
+  const RowFormat& format() const;
+  // Row i in fp32, as stored: only for a pool of fp32 rows (checked); rows of one page are
+  // contiguous.
+  const float* fp32_row(int64_t i) const;
+  // Decodes rows [first, first + count) into count * width() floats.
+  void read_rows(int64_t first, int64_t count, float* out) const;
+  // Encodes `count` rows of width() floats in, allocating pages as they fill.
   void append(const float* rows, int64_t count);
+  // Appends `count` rows already in the pool's format (row_bytes() each): a hand-off.
+  void append_encoded(const std::byte* rows, int64_t count);
+  // The encoded bytes of row i.
+  const std::byte* encoded_row(int64_t i) const;
 
   // The block table: page p holds rows [p * rows_per_page, (p + 1) * rows_per_page).
   const std::vector<PageRef>& pages() const { return pages_; }
@@ -96,6 +119,9 @@ class PagedRows {
   uint64_t bytes() const { return pages_.size() * (pool_ ? pool_->page_bytes() : 0); }
 
  private:
+  template <typename Put>
+  void fill(int64_t count, Put put);
+
   std::shared_ptr<PagePool> pool_;
   std::vector<PageRef> pages_;
   int64_t rows_ = 0;

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "dserve/core/status.h"
+#include "dserve/kvstore/row_format.h"
 
 namespace dserve::model {
 
@@ -77,6 +78,11 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   std::vector<AttentionKind> layer_types;  // size num_layers
   std::vector<RoutingKind> mlp_types;      // size num_layers
+  // How the KV is kept (kvstore/row_format.h): a serving choice, not part of config.json (set
+  // from `--kv-dtype` / the manifest's `kv_dtype`; set_kv_dtype checks the model can take it).
+  // fp8: compressed entries as V4's served fp8 entries, indexer keys as its fp4 keys, and the
+  // sliding window's kv rounded to the fp8 entry's values before it is attended or kept.
+  kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32;
 
   int64_t compress_rate(AttentionKind kind) const {
     return kind == AttentionKind::kCompressed ? csa_rate
@@ -92,6 +98,9 @@ Result<ModelConfig> parse_model_config(std::string_view json_text, std::string_v
 Result<ModelConfig> load_model_config(const std::string& model_dir);
 // Checks cross-field invariants (layer_types length, divisibility of heads by o_groups, ...).
 Status validate_model_config(const ModelConfig& config, std::string_view source);
+// Sets config.kv_dtype; InvalidArgument when the model's widths cannot take the format (fp8:
+// the indexer's head_dim must be a power of two of at least 32).
+Status set_kv_dtype(ModelConfig& config, kvstore::KvDtype dtype);
 // Serialises in the `transformers` layout (model_type "deepseek_v4"), plus the legacy keys the
 // official release ships, so that both readers load it.
 std::string model_config_to_json(const ModelConfig& config);

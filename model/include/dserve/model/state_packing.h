@@ -4,10 +4,12 @@
 // It holds every pool of MODEL-V4.md: per layer the sliding window, the compressed entries,
 // the indexer keys and both compressors' pending tokens and overlap.
 //
-// Format (version 1, little-endian): magic "DSRS", u32 version, u64 position, u64 layer count,
-// u64 digest of the model's state shapes (layer kinds, widths, rates, window); then per layer
-// a run of (u64 count, floats) arrays in a fixed order; then u64 XXH3-64 of everything before.
-// The floats are the values as computed: unpacking gives a state that continues bit for bit.
+// Format (version 2, little-endian): magic "DSRS", u32 version, u64 position, u64 layer count,
+// u64 digest of the model's state shapes (layer kinds, widths, rates, window, KV dtype); then
+// per layer, in a fixed order: the window (u64 float count, floats), the compressed entries and
+// the indexer keys (u64 byte count, the rows as their pages hold them: fp32, or V4's fp8 entries
+// and fp4 keys), both compressors (u64 closed windows, then (u64 count, floats) arrays); then
+// u64 XXH3-64 of everything before. Unpacking gives a state that continues bit for bit.
 
 #include <cstdint>
 #include <span>
