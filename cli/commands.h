@@ -41,6 +41,12 @@ void print_error(const std::string& message);
 
 // The model at `dir` (config.json, then the checkpoint), or nullopt after print_error; then
 // `exit_code` is 2 for a bad config and 1 for weights that cannot be loaded.
-std::shared_ptr<const model::Model> load_model_or_print(const std::string& dir, int& exit_code);
+// Loads the model at `dir` with its KV kept as `kv_dtype` ("fp32" or "fp8"; what --kv-dtype
+// says). On failure prints why and sets exit_code (2: bad input, 1: unreadable weights).
+std::shared_ptr<const model::Model> load_model_or_print(const std::string& dir,
+                                                        const std::string& kv_dtype,
+                                                        int& exit_code);
+// The `--kv-dtype` option of a command that computes.
+void add_kv_dtype_option(CLI::App& cmd, std::string& kv_dtype);
 
 }  // namespace dserve::cli

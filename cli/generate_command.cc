@@ -32,7 +32,20 @@ struct GenerateOptions {
   uint64_t kv_store_mib = 4096;
   int64_t kv_snapshot_every = 4;
   std::string device = "cpu";
+  std::string kv_dtype = "fp32";
 };
+
+// The model's config with the KV dtype `name` applied; errors name the flag.
+Result<model::ModelConfig> config_with_kv_dtype(const std::string& dir, const std::string& name) {
+  auto config = model::load_model_config(dir);
+  if (!config.is_ok()) return config.status();
+  auto dtype = kvstore::parse_kv_dtype(name);
+  if (!dtype.is_ok()) return invalid_argument("--kv-dtype: " + dtype.status().message());
+  if (Status s = model::set_kv_dtype(*config, *dtype); !s.is_ok()) {
+    return invalid_argument("--kv-dtype: " + s.message());
+  }
+  return config;
+}
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t) {
@@ -54,7 +67,7 @@ int run_generate(const GenerateOptions& o) {
     return 2;
   }
   const auto load_start = Clock::now();
-  auto config = model::load_model_config(o.model_dir);
+  auto config = config_with_kv_dtype(o.model_dir, o.kv_dtype);
   if (!config.is_ok()) {
     print_error(config.status().to_string());
     return 2;
@@ -205,8 +218,20 @@ void print_error(const std::string& message) {
   std::fprintf(stderr, "dserve: error: %s\n", message.c_str());
 }
 
-std::shared_ptr<const model::Model> load_model_or_print(const std::string& dir, int& exit_code) {
-  auto config = model::load_model_config(dir);
+
+void add_kv_dtype_option(CLI::App& cmd, std::string& kv_dtype) {
+  cmd.add_option("--kv-dtype", kv_dtype,
+                 "how KV pages hold compressed entries and indexer keys: fp32 (as computed) or "
+                 "fp8 (V4's served format: 584-byte fp8 entries, fp4 indexer keys, at V4 "
+                 "widths); every process of a cluster must use the same")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "fp8"}));
+}
+
+std::shared_ptr<const model::Model> load_model_or_print(const std::string& dir,
+                                                        const std::string& kv_dtype,
+                                                        int& exit_code) {
+  auto config = config_with_kv_dtype(dir, kv_dtype);
   if (!config.is_ok()) {
     print_error(config.status().to_string());
     exit_code = 2;
@@ -240,6 +265,7 @@ Command add_generate_command(CLI::App& app) {
   cmd->add_option("--seed", o->sampling.seed, "sampling seed")->capture_default_str();
   cmd->add_option("--prefill-chunk", o->prefill_chunk, "prompt tokens per forward call")
       ->capture_default_str();
+  add_kv_dtype_option(*cmd, o->kv_dtype);
   cmd->add_option("--device", o->device, "where the model computes: cpu, or cuda:N")
       ->capture_default_str();
   cmd->add_option("--kv-store", o->kv_store_dir,

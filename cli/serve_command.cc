@@ -48,6 +48,7 @@ struct ServeOptions {
   std::string role;
   std::string model_dir;
   std::string model_sha256;  // pinned checksums.sha256 of model_dir; empty: not checked
+  std::string kv_dtype = "fp32";
   std::string listen = "127.0.0.1:0";
   std::string transports = "tcp";
   std::string net_devices = "lo";
@@ -434,7 +435,7 @@ int run_serve(const ServeOptions& o) {
   ops::MetricsRegistry metrics;
 
   int exit_code = 0;
-  const std::shared_ptr<const model::Model> model = load_model_or_print(o.model_dir, exit_code);
+  const std::shared_ptr<const model::Model> model = load_model_or_print(o.model_dir, o.kv_dtype, exit_code);
   if (!model) return exit_code;
   // One compute engine per worker; a co-located process's two workers share one, their steps
   // mixed. On a GPU each engine holds the weights and its requests' states there; the prefill
@@ -637,6 +638,7 @@ Command add_serve_command(CLI::App& app) {
   cmd->add_option("--model-sha256", o->model_sha256,
                   "refuse to start unless the model directory matches its checksums.sha256 and "
                   "that file has this SHA-256 (dserve model init prints it)");
+  add_kv_dtype_option(*cmd, o->kv_dtype);
   cmd->add_option("--listen", o->listen, "control address HOST:PORT (port 0: any free port)")
       ->capture_default_str();
   cmd->add_option("--ucx-transports", o->transports, "UCX transports for KV transfer (UCX_TLS)")

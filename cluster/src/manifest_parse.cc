@@ -54,9 +54,10 @@ std::optional<std::string> absolute_path(MapReader& m, std::string_view key, boo
 }
 
 void read_model(const YAML::Node& node, Location at, ProblemSink& sink, ModelSpec& model) {
-  MapReader m(node, "model", at, sink, {"path", "context_tokens", "sha256"});
+  MapReader m(node, "model", at, sink, {"path", "context_tokens", "sha256", "kv_dtype"});
   if (auto p = absolute_path(m, "path", true, sink)) model.path = *p;
   model.context_tokens = m.integer("context_tokens", 1, kBig, false);
+  model.kv_dtype = m.choice("kv_dtype", {"fp32", "fp8"}, false).value_or(model.kv_dtype);
   if (auto digest = m.string("sha256", false)) {
     const bool hex =
         digest->size() == 64 && std::all_of(digest->begin(), digest->end(), [](char c) {

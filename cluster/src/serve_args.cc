@@ -42,6 +42,8 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
     args.push_back(std::to_string(value));
   };
   if (!m.model.sha256.empty()) args.insert(args.end(), {"--model-sha256", m.model.sha256});
+  // fp32 is serve's default: a manifest without kv_dtype gives the arguments it always gave.
+  if (m.model.kv_dtype != "fp32") args.insert(args.end(), {"--kv-dtype", m.model.kv_dtype});
   if (m.security && m.security->control_tls) {
     const ControlTlsSpec& tls = *m.security->control_tls;
     args.insert(args.end(), {"--control-tls-cert", tls.cert, "--control-tls-key", tls.key,

@@ -61,6 +61,9 @@ struct ModelSpec {
   // SHA-256 of the directory's checksums.sha256: every process checks the checkpoint against
   // it before loading (serve --model-sha256). Empty: not checked.
   std::string sha256;
+  // How every worker keeps KV pages (serve --kv-dtype): "fp32" or "fp8" (kvstore/row_format.h).
+  // One value per cluster: a hand-off or a prefix block is refused between workers that differ.
+  std::string kv_dtype = "fp32";
 };
 
 struct GatewaySpec {
