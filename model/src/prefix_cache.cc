@@ -28,8 +28,14 @@ Result<std::unique_ptr<PrefixCache>> PrefixCache::open(Engine& engine, std::stri
                                                        kv::PrefixStoreOptions options) {
   DSERVE_ASSIGN_OR_RETURN(KvBlockLayout layout,
                           kv_block_layout(engine.config(), engine.page_pools()));
+  // Blocks of another KV dtype hold other values: they are another model's blocks (the layout
+  // digest refuses them too). fp32 keeps the fingerprint it always had: stored blocks stay.
+  std::string keyed(fingerprint);
+  if (engine.config().kv_dtype != kv::KvDtype::kFp32) {
+    keyed += "|kv_dtype=" + std::string(kv::kv_dtype_name(engine.config().kv_dtype));
+  }
   DSERVE_ASSIGN_OR_RETURN(
-      auto store, kv::PrefixStore::open(std::move(options), fingerprint, store_layout(layout)));
+      auto store, kv::PrefixStore::open(std::move(options), keyed, store_layout(layout)));
   return std::unique_ptr<PrefixCache>(new PrefixCache(engine, std::move(layout), std::move(store)));
 }
 

@@ -39,8 +39,9 @@ uint64_t row_digest(const float* row, int64_t n) {
   return h;
 }
 
-std::shared_ptr<const Model> load(const std::string& preset, int64_t vocab_size) {
-  if (preset == "tiny") return testing_support::tiny_model_shared();
+std::shared_ptr<const Model> load(const std::string& preset, int64_t vocab_size,
+                                  kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32) {
+  if (preset == "tiny") return testing_support::tiny_model_shared(kv_dtype);
   const auto dir = std::filesystem::temp_directory_path() /
                    ("dserve-engine-" + preset + "-" + std::to_string(::getpid()));
   ModelInitOptions opts;
@@ -53,6 +54,9 @@ std::shared_ptr<const Model> load(const std::string& preset, int64_t vocab_size)
   EXPECT_TRUE(written.is_ok()) << written.to_string();
   auto config = load_model_config(dir.string());
   EXPECT_TRUE(config.is_ok()) << config.status().to_string();
+  if (config.is_ok()) {
+    EXPECT_TRUE(set_kv_dtype(*config, kv_dtype).is_ok());
+  }
   auto weights = load_checkpoint(dir.string(), *config);
   EXPECT_TRUE(weights.is_ok()) << weights.status().to_string();
   std::filesystem::remove_all(dir);
@@ -231,11 +235,43 @@ TEST(Engine, MixedStepsAtV4WidthsAreBitIdenticalToEachRequestAlone) {
       {.requests = 5, .max_prompt = 40, .max_output = 4, .max_chunk = 40, .max_step_rows = 96}, 3);
 }
 
+// With fp8 KV (V4's served entries and fp4 indexer keys on the pages, the window rounded to
+// the entry's values) the forward is as batch-invariant as in fp32: the same mixed steps.
+TEST(Engine, MixedStepsWithFp8KvOnTheTinyPresetAreBitIdenticalToEachRequestAlone) {
+  auto engine = make_engine(testing_support::tiny_model_shared(kvstore::KvDtype::kFp8), {});
+  ASSERT_TRUE(engine.is_ok());
+  check_mixed_steps(**engine,
+                    {.requests = 40,
+                     .max_prompt = 700,
+                     .max_output = 16,
+                     .max_chunk = 512,
+                     .max_step_rows = 1536},
+                    4);
+}
+
+TEST(Engine, MixedStepsWithFp8KvAtV4WidthsAreBitIdenticalToEachRequestAlone) {
+  auto model = load("v4-width", 4096, kvstore::KvDtype::kFp8);
+  ASSERT_NE(model, nullptr);
+  EXPECT_EQ(model->page_pools().compressed[2]->row_bytes(), 584);  // V4's served fp8 entry
+  auto engine = make_engine(model, {});
+  ASSERT_TRUE(engine.is_ok());
+  check_mixed_steps(
+      **engine,
+      {.requests = 5, .max_prompt = 40, .max_output = 4, .max_chunk = 40, .max_step_rows = 96}, 5);
+}
+
 // A request handed to another engine (the prefill worker's pack, the decode worker's unpack)
-// goes on with the logits it would have had.
-TEST(Engine, AHandOffContinuesBitForBit) {
-  Engine& engine = testing_support::tiny_engine();
-  auto other = make_engine(testing_support::tiny_model_shared(), {});
+// goes on with the logits it would have had, in either KV dtype.
+class EngineHandOff : public ::testing::TestWithParam<kvstore::KvDtype> {};
+INSTANTIATE_TEST_SUITE_P(KvDtypes, EngineHandOff,
+                         ::testing::Values(kvstore::KvDtype::kFp32, kvstore::KvDtype::kFp8),
+                         [](const auto& param_info) {
+                           return std::string(kvstore::kv_dtype_name(param_info.param));
+                         });
+
+TEST_P(EngineHandOff, AHandOffContinuesBitForBit) {
+  Engine& engine = testing_support::tiny_engine(GetParam());
+  auto other = make_engine(testing_support::tiny_model_shared(GetParam()), {});
   ASSERT_TRUE(other.is_ok());
   SplitMix64 rng(9);
   std::vector<int32_t> tokens;

@@ -87,7 +87,7 @@ class PrefixCacheTest : public ::testing::Test {
 
   std::unique_ptr<PrefixCache> open(kv::PrefixStoreOptions options) {
     options.snapshot_every_blocks = 1;
-    auto cache = PrefixCache::open(testing_support::tiny_engine(), fingerprint_, options);
+    auto cache = PrefixCache::open(testing_support::tiny_engine(kv_dtype_), fingerprint_, options);
     EXPECT_TRUE(cache.is_ok()) << cache.status().to_string();
     return cache.is_ok() ? std::move(*cache) : nullptr;
   }
@@ -95,7 +95,7 @@ class PrefixCacheTest : public ::testing::Test {
   // For every block boundary b of a 5-block base prompt: a request sharing the first b blocks
   // and then diverging is served b blocks from `expected` and continues exactly like a cold run.
   void check_every_boundary(PrefixCache& cache, kv::Tier expected, bool populate = true) {
-    const Model& model = testing_support::tiny_model();
+    const Model& model = testing_support::tiny_model(kv_dtype_);
     const auto base = random_tokens(5 * kBlock + 37, 1);
     if (populate) {
       ASSERT_TRUE(cache.prefill(base).is_ok());
@@ -123,6 +123,7 @@ class PrefixCacheTest : public ::testing::Test {
 
   fs::path dir_;
   std::string fingerprint_;
+  kv::KvDtype kv_dtype_ = kv::KvDtype::kFp32;
 };
 
 TEST_F(PrefixCacheTest, HitFromDevicePagesAtEveryBoundary) {
@@ -157,6 +158,57 @@ TEST_F(PrefixCacheTest, HitFromRocksDbAtEveryBoundaryAndAfterARestart) {
   auto again = open(o);
   ASSERT_NE(again, nullptr);
   check_every_boundary(*again, kv::Tier::kDisk, /*populate=*/false);
+}
+
+// With fp8 KV the pages hold V4's served format and every tier keeps their bytes as they are
+// (the tiers' codecs are the identity on them, even when a lossy one is asked for): a hit from
+// device pages, host memory, RocksDB and RocksDB after a restart continues bit for bit like the
+// plain fp8 forward.
+TEST_F(PrefixCacheTest, Fp8KvHitsFromEveryTierAreBitIdenticalToThePlainForward) {
+  kv_dtype_ = kv::KvDtype::kFp8;
+  {
+    auto cache = open({});
+    ASSERT_NE(cache, nullptr);
+    check_every_boundary(*cache, kv::Tier::kDevice);
+  }
+  kv::PrefixStoreOptions o;
+  o.device_capacity_bytes = 0;
+  o.host_codec = kv::Codec::kFp8;
+  o.disk_codec = kv::Codec::kFp8;
+  {
+    auto cache = open(o);
+    ASSERT_NE(cache, nullptr);
+    check_every_boundary(*cache, kv::Tier::kHost);
+  }
+  o.host_capacity_bytes = 0;
+  o.disk_path = (dir_ / "kv").string();
+  {
+    auto cache = open(o);
+    ASSERT_NE(cache, nullptr);
+    check_every_boundary(*cache, kv::Tier::kDisk);
+  }
+  auto again = open(o);
+  ASSERT_NE(again, nullptr);
+  check_every_boundary(*again, kv::Tier::kDisk, /*populate=*/false);
+}
+
+// An fp8 store and an fp32 store of one checkpoint never share a block, and an fp8 block is a
+// fraction of an fp32 one.
+TEST_F(PrefixCacheTest, Fp8AndFp32KvNeverShareAndFp8BlocksAreSmaller) {
+  auto fp32 = open({});
+  kv_dtype_ = kv::KvDtype::kFp8;
+  auto fp8 = open({});
+  ASSERT_TRUE(fp32 && fp8);
+  EXPECT_NE(fp32->store().root(), fp8->store().root());
+  const auto& a = fp32->layout().compressed;
+  const auto& b = fp8->layout().compressed;
+  EXPECT_NE(a.digest(), b.digest());
+  EXPECT_LT(2 * b.bytes(), a.bytes()) << "fp8 " << b.bytes() << " bytes, fp32 " << a.bytes();
+  std::fprintf(stderr, "[ info ] tiny preset, compressed entries of one block: fp32 %lld bytes, "
+               "fp8 %lld; indexer keys: fp32 %lld, fp4 %lld\n",
+               static_cast<long long>(a.bytes()), static_cast<long long>(b.bytes()),
+               static_cast<long long>(fp32->layout().index_keys.bytes()),
+               static_cast<long long>(fp8->layout().index_keys.bytes()));
 }
 
 TEST_F(PrefixCacheTest, OtherCheckpointNeverShares) {

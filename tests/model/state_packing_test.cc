@@ -21,8 +21,15 @@ std::vector<int32_t> tokens(int64_t n, uint64_t seed) {
   return ids;
 }
 
-TEST(StatePacking, UnpackedStateContinuesBitForBitAtAnyPosition) {
-  const Model& m = testing_support::tiny_model();
+class StatePackingDtype : public ::testing::TestWithParam<kvstore::KvDtype> {};
+INSTANTIATE_TEST_SUITE_P(KvDtypes, StatePackingDtype,
+                         ::testing::Values(kvstore::KvDtype::kFp32, kvstore::KvDtype::kFp8),
+                         [](const auto& param_info) {
+                           return std::string(kvstore::kv_dtype_name(param_info.param));
+                         });
+
+TEST_P(StatePackingDtype, UnpackedStateContinuesBitForBitAtAnyPosition) {
+  const Model& m = testing_support::tiny_model(GetParam());
   const auto ids = tokens(420, 1);
   // Positions inside and at the ends of windows and blocks, and before any window closed.
   for (int64_t at : {1, 3, 4, 17, 128, 131, 256, 333}) {
@@ -43,8 +50,8 @@ TEST(StatePacking, UnpackedStateContinuesBitForBitAtAnyPosition) {
   }
 }
 
-TEST(StatePacking, PackedStateBytesIsTheExactSizeOfPackState) {
-  const Model& m = testing_support::tiny_model();
+TEST_P(StatePackingDtype, PackedStateBytesIsTheExactSizeOfPackState) {
+  const Model& m = testing_support::tiny_model(GetParam());
   const auto ids = tokens(300, 4);
   RequestState s = m.new_state();
   EXPECT_EQ(packed_state_bytes(m.config(), 0), pack_state(m.config(), s).size());
@@ -82,6 +89,11 @@ TEST(StatePacking, RefusesCorruptTruncatedAndForeignStates) {
   const auto foreign = unpack_state(other, KvPagePools::create(other), packed);
   ASSERT_EQ(foreign.status().code(), StatusCode::kDataLoss);
   EXPECT_NE(foreign.status().message().find("other shapes"), std::string::npos);
+  // A state of the other KV dtype is another model's.
+  const Model& fp8 = testing_support::tiny_model(kvstore::KvDtype::kFp8);
+  const auto mixed = unpack_state(fp8.config(), fp8.page_pools(), packed);
+  ASSERT_EQ(mixed.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(mixed.status().message().find("other shapes"), std::string::npos);
 }
 
 }  // namespace

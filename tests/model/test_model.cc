@@ -61,37 +61,51 @@ const std::string& tiny_model_dir() {
   return *dir;
 }
 
-const std::shared_ptr<const Model>& tiny_model_shared() {
-  static const std::shared_ptr<const Model> model = [] {
-    auto config = load_model_config(tiny_model_dir());
-    if (!config.is_ok()) {
-      ADD_FAILURE() << config.status().to_string();
-      std::abort();
-    }
-    auto weights = load_checkpoint(tiny_model_dir(), *config);
-    if (!weights.is_ok()) {
-      ADD_FAILURE() << weights.status().to_string();
-      std::abort();
-    }
-    return std::make_shared<const Model>(std::move(config).value(), std::move(weights).value());
-  }();
-  return model;
+namespace {
+std::shared_ptr<const Model> load_tiny(kvstore::KvDtype kv_dtype) {
+  auto config = load_model_config(tiny_model_dir());
+  if (!config.is_ok()) {
+    ADD_FAILURE() << config.status().to_string();
+    std::abort();
+  }
+  if (Status s = set_kv_dtype(*config, kv_dtype); !s.is_ok()) {
+    ADD_FAILURE() << s.to_string();
+    std::abort();
+  }
+  auto weights = load_checkpoint(tiny_model_dir(), *config);
+  if (!weights.is_ok()) {
+    ADD_FAILURE() << weights.status().to_string();
+    std::abort();
+  }
+  return std::make_shared<const Model>(std::move(config).value(), std::move(weights).value());
 }
 
-const Model& tiny_model() {
-  return *tiny_model_shared();
+std::unique_ptr<Engine> cpu_engine(const std::shared_ptr<const Model>& model) {
+  auto made = make_engine(model, EngineOptions{});
+  if (!made.is_ok()) {
+    ADD_FAILURE() << made.status().to_string();
+    std::abort();
+  }
+  return std::move(made).value();
+}
+}  // namespace
+
+const std::shared_ptr<const Model>& tiny_model_shared(kvstore::KvDtype kv_dtype) {
+  static const std::shared_ptr<const Model> fp32 = load_tiny(kvstore::KvDtype::kFp32);
+  if (kv_dtype == kvstore::KvDtype::kFp32) return fp32;
+  static const std::shared_ptr<const Model> fp8 = load_tiny(kvstore::KvDtype::kFp8);
+  return fp8;
 }
 
-Engine& tiny_engine() {
-  static const std::unique_ptr<Engine> engine = [] {
-    auto made = make_engine(tiny_model_shared(), EngineOptions{});
-    if (!made.is_ok()) {
-      ADD_FAILURE() << made.status().to_string();
-      std::abort();
-    }
-    return std::move(made).value();
-  }();
-  return *engine;
+const Model& tiny_model(kvstore::KvDtype kv_dtype) {
+  return *tiny_model_shared(kv_dtype);
+}
+
+Engine& tiny_engine(kvstore::KvDtype kv_dtype) {
+  static const std::unique_ptr<Engine> fp32 = cpu_engine(tiny_model_shared(kvstore::KvDtype::kFp32));
+  if (kv_dtype == kvstore::KvDtype::kFp32) return *fp32;
+  static const std::unique_ptr<Engine> fp8 = cpu_engine(tiny_model_shared(kvstore::KvDtype::kFp8));
+  return *fp8;
 }
 
 std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {

@@ -14,11 +14,12 @@ namespace dserve::model::testing_support {
 
 // Directory holding a freshly generated tiny checkpoint (seed 1, official packed layout).
 const std::string& tiny_model_dir();
-// The tiny model loaded from tiny_model_dir().
-const Model& tiny_model();
-const std::shared_ptr<const Model>& tiny_model_shared();
-// The CPU engine over tiny_model(), one per test binary.
-Engine& tiny_engine();
+// The tiny model loaded from tiny_model_dir(), its KV kept as `kv_dtype` (one model per dtype).
+const Model& tiny_model(kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32);
+const std::shared_ptr<const Model>& tiny_model_shared(
+    kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32);
+// The CPU engine over tiny_model(kv_dtype), one per test binary and dtype.
+Engine& tiny_engine(kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32);
 // Largest |a - b| over a row of n values, relative to the row's largest |b| (at least 1).
 double relative_row_diff(const float* a, const float* b, int64_t n);
 
