@@ -67,9 +67,10 @@ std::unique_ptr<api::ServingClient> connect_client(const ServeCluster& cluster) 
 }
 
 // Checks one finished request against the reference; returns "" or what differs.
-std::string check_completion(const Job& job, const Result<api::Completion>& r) {
+std::string check_completion(const Job& job, const Result<api::Completion>& r,
+                             kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32) {
   if (!r.is_ok()) return r.status().to_string();
-  const auto expected = reference_tokens(job.prompt, job.max_tokens, job.params);
+  const auto expected = reference_tokens(job.prompt, job.max_tokens, job.params, kv_dtype);
   std::string problems;
   if (r->tokens != expected) {
     const auto at =
@@ -118,11 +119,12 @@ std::vector<Result<api::Completion>> run_concurrently(
 // Every request completed with the reference's tokens; returns how many took >= 2 placements.
 size_t expect_all_correct(const std::vector<Job>& jobs,
                           const std::vector<Result<api::Completion>>& results,
-                          const ServeCluster& cluster) {
+                          const ServeCluster& cluster,
+                          kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32) {
   size_t replayed = 0;
   std::string failures;
   for (size_t i = 0; i < jobs.size(); ++i) {
-    const std::string problem = check_completion(jobs[i], results[i]);
+    const std::string problem = check_completion(jobs[i], results[i], kv_dtype);
     if (!problem.empty()) {
       failures += "request " + std::to_string(i) + " (" + std::to_string(jobs[i].prompt.size()) +
                   " prompt tokens): " + problem + "\n";
@@ -502,6 +504,66 @@ TEST(Faults, CorruptedHandoffsAreRefusedAndReplayed) {
                jobs.size(), two, static_cast<unsigned long long>(d->handoffs_rejected),
                static_cast<unsigned long long>(d->handoffs_corrupt),
                static_cast<unsigned long long>(p->injected_faults), seconds_since(t0));
+}
+
+// ---- 4b. the same with fp8 KV: hand-offs of V4's served format, corrupt and lost ones replayed
+
+// Every worker keeps its KV as fp8 entries and fp4 indexer keys (--kv-dtype fp8): the hand-off
+// carries those bytes. Two hand-offs are corrupted in flight and a decode worker is killed while
+// it streams; every request still completes with exactly what `dserve generate --kv-dtype fp8`
+// makes, which is not what fp32 makes (so fp8 was in force).
+TEST(Faults, Fp8KvHandOffsCorruptedAndLostAreReplayedExactly) {
+  const auto t0 = Clock::now();
+  ClusterOptions o;
+  o.prefill = 1;
+  o.decode = 2;
+  o.prefill_args = {"--kv-dtype", "fp8", "--inject-corrupt-handoffs", "2"};
+  o.decode_args = {"--kv-dtype", "fp8"};
+  ServeCluster cluster(o);
+  ASSERT_TRUE(cluster.ready()) << cluster.logs();
+  auto client = connect_client(cluster);
+  ASSERT_TRUE(client);
+
+  std::vector<Job> jobs;
+  size_t differ_from_fp32 = 0;
+  for (int i = 0; i < 12; ++i) {
+    Job j;
+    j.prompt = random_prompt(40 + 23 * i, 7000 + static_cast<uint64_t>(i));
+    j.max_tokens = 32;
+    if (i % 2 == 1) j.params = {0.8f, 40, 0.95f, 700u + static_cast<uint64_t>(i)};
+    differ_from_fp32 +=
+        reference_tokens(j.prompt, j.max_tokens, j.params, kvstore::KvDtype::kFp8) !=
+                reference_tokens(j.prompt, j.max_tokens, j.params)
+            ? 1
+            : 0;
+    jobs.push_back(std::move(j));
+  }
+  EXPECT_GE(differ_from_fp32, 1u) << "fp8 KV gave fp32's tokens for every request";
+  std::once_flag killed;
+  auto results = run_concurrently(*client, jobs, [&](size_t, size_t tokens) {
+    if (tokens >= 5) std::call_once(killed, [&] { cluster.decode[0]->kill(SIGKILL); });
+  });
+  const size_t replayed = expect_all_correct(jobs, results, cluster, kvstore::KvDtype::kFp8);
+  EXPECT_GE(replayed, 2u) << "the corrupted hand-offs were not replayed";
+  WorkerHealth health;
+  auto p = health.report(*cluster.prefill[0]);
+  ASSERT_TRUE(p.is_ok()) << p.status().to_string();
+  EXPECT_EQ(p->injected_faults, 2u);
+  // The surviving decode worker gives back every page once its requests are gone.
+  Result<actors::HealthReport> d = health.report(*cluster.decode[1]);
+  for (const auto settle = Clock::now(); Clock::now() - settle < std::chrono::seconds(10);) {
+    d = health.report(*cluster.decode[1]);
+    if (d.is_ok() && d->kv_pages_in_use == 0 && d->handoff_regions == 0) break;
+    std::this_thread::sleep_for(milliseconds(100));
+  }
+  ASSERT_TRUE(d.is_ok()) << d.status().to_string();
+  EXPECT_EQ(d->kv_pages_in_use, 0u);
+  EXPECT_EQ(d->handoff_regions, 0u);
+  std::fprintf(stderr,
+               "[ info ] fp8 KV: %zu requests (half sampled), %zu of them differ from fp32; 2 "
+               "hand-offs corrupted and a decode worker killed; %zu replayed; all token-exact; "
+               "%.1f s\n",
+               jobs.size(), differ_from_fp32, replayed, seconds_since(t0));
 }
 
 // ---- 5. random cancellations leave nothing behind --------------------------------------------

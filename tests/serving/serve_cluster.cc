@@ -273,8 +273,9 @@ std::string ServeCluster::logs() const {
 }
 
 std::vector<actors::TokenId> reference_tokens(const std::vector<actors::TokenId>& prompt, int64_t n,
-                                              const model::SamplingParams& params) {
-  const model::Model& m = model::testing_support::tiny_model();
+                                              const model::SamplingParams& params,
+                                              kvstore::KvDtype kv_dtype) {
+  const model::Model& m = model::testing_support::tiny_model(kv_dtype);
   model::RequestState state = m.new_state();
   auto logits = m.forward(prompt, state, model::LogitsFor::kLastToken);
   DSERVE_CHECK(logits.is_ok());

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "dserve/actors/messages.h"
+#include "dserve/kvstore/row_format.h"
 #include "dserve/model/sampler.h"
 #include "dserve/v1/serving.pb.h"
 
@@ -129,10 +130,11 @@ bool process_alive(pid_t pid);
 // longer does. Fails the test when there is none.
 int free_port_run(int run);
 
-// What `dserve generate --max-tokens n` produces for `prompt` with `params`, as token ids,
-// computed in this process with the same model library.
+// What `dserve generate --max-tokens n --kv-dtype D` produces for `prompt` with `params`, as
+// token ids, computed in this process with the same model library.
 std::vector<actors::TokenId> reference_tokens(const std::vector<actors::TokenId>& prompt, int64_t n,
-                                              const model::SamplingParams& params = {});
+                                              const model::SamplingParams& params = {},
+                                              kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32);
 
 // A prompt of `n` tokens: BOS then ids drawn from `seed`.
 std::vector<actors::TokenId> random_prompt(int64_t n, uint64_t seed);
