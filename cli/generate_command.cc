@@ -218,7 +218,6 @@ void print_error(const std::string& message) {
   std::fprintf(stderr, "dserve: error: %s\n", message.c_str());
 }
 
-
 void add_kv_dtype_option(CLI::App& cmd, std::string& kv_dtype) {
   cmd.add_option("--kv-dtype", kv_dtype,
                  "how KV pages hold compressed entries and indexer keys: fp32 (as computed) or "

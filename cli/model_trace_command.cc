@@ -104,7 +104,8 @@ int run_trace(const TraceOptions& o) {
     return 2;
   }
   int exit_code = 0;
-  const std::shared_ptr<const model::Model> loaded = load_model_or_print(o.model_dir, "fp32", exit_code);
+  const std::shared_ptr<const model::Model> loaded =
+      load_model_or_print(o.model_dir, "fp32", exit_code);
   if (!loaded) return exit_code;
   const model::Model& model = *loaded;
 

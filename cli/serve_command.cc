@@ -435,7 +435,8 @@ int run_serve(const ServeOptions& o) {
   ops::MetricsRegistry metrics;
 
   int exit_code = 0;
-  const std::shared_ptr<const model::Model> model = load_model_or_print(o.model_dir, o.kv_dtype, exit_code);
+  const std::shared_ptr<const model::Model> model =
+      load_model_or_print(o.model_dir, o.kv_dtype, exit_code);
   if (!model) return exit_code;
   // One compute engine per worker; a co-located process's two workers share one, their steps
   // mixed. On a GPU each engine holds the weights and its requests' states there; the prefill

@@ -235,8 +235,7 @@ Result<std::vector<float>> decode_payload(const BlockKey& expected_key, Pool exp
 }
 
 Result<std::vector<std::byte>> decode_payload_bytes(const BlockKey& expected_key,
-                                                    Pool expected_pool,
-                                                    const PayloadLayout& layout,
+                                                    Pool expected_pool, const PayloadLayout& layout,
                                                     std::span<const uint8_t> value) {
   check_layout(layout);
   const std::string where = "KV value of block " + expected_key.to_hex() + ", pool " +

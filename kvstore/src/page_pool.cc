@@ -84,8 +84,7 @@ const float* PagedRows::fp32_row(int64_t i) const {
 }
 
 void PagedRows::read_rows(int64_t first, int64_t count, float* out) const {
-  DSERVE_CHECK_MSG(first >= 0 && count >= 0 && first + count <= rows_,
-                   "paged rows out of range");
+  DSERVE_CHECK_MSG(first >= 0 && count >= 0 && first + count <= rows_, "paged rows out of range");
   const int64_t per = count > 0 ? pool_->rows_per_page() : 1;
   while (count > 0) {
     const int64_t n = std::min(count, per - first % per);

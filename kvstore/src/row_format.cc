@@ -117,8 +117,9 @@ void encode_fp8_entry(const RowFormat& f, const float* x, uint8_t* out) {
     const int64_t n = std::min(kFp8ScaleBlock, s.nope - first);
     const int e = scale_exponent(finite_amax(x + first, n), internal::kE4m3Max);
     out[s.scales_at + b] = e8m0_byte(e);
+    const float inverse = std::ldexp(1.0f, -e);  // a power of two: x * inverse is ldexp(x, -e)
     for (int64_t i = first; i < first + n; ++i)
-      out[i] = internal::f32_to_e4m3(std::ldexp(x[i], -e));
+      out[i] = internal::f32_to_e4m3(x[i] * inverse);
   }
   for (int64_t r = 0; r < s.rope; ++r) {
     const uint16_t bits = internal::f32_to_bf16(x[s.nope + r]);
@@ -131,9 +132,9 @@ void decode_fp8_entry(const RowFormat& f, const uint8_t* in, float* x) {
   for (int64_t b = 0; b < s.scales; ++b) {
     const int64_t first = b * kFp8ScaleBlock;
     const int64_t n = std::min(kFp8ScaleBlock, s.nope - first);
-    const int e = e8m0_exponent(in[s.scales_at + b]);
+    const float scale = std::ldexp(1.0f, e8m0_exponent(in[s.scales_at + b]));
     for (int64_t i = first; i < first + n; ++i)
-      x[i] = std::ldexp(internal::e4m3_to_f32(in[i]), e);
+      x[i] = internal::e4m3_to_f32(in[i]) * scale;
   }
   for (int64_t r = 0; r < s.rope; ++r) {
     uint16_t bits = 0;
@@ -152,9 +153,10 @@ void encode_fp4_key(const RowFormat& f, const float* x, uint8_t* out) {
     const float* block = rotated.data() + b * kFp4ScaleBlock;
     const int e = scale_exponent(finite_amax(block, kFp4ScaleBlock), kFp4Max);
     scales[b] = e8m0_byte(e);
+    const float inverse = std::ldexp(1.0f, -e);
     for (int64_t i = 0; i < kFp4ScaleBlock; ++i) {
       const int64_t c = b * kFp4ScaleBlock + i;
-      const uint8_t code = f32_to_e2m1(std::ldexp(block[i], -e));
+      const uint8_t code = f32_to_e2m1(block[i] * inverse);
       out[c / 2] = static_cast<uint8_t>(out[c / 2] | (c % 2 == 0 ? code : code << 4));
     }
   }
@@ -163,10 +165,12 @@ void encode_fp4_key(const RowFormat& f, const float* x, uint8_t* out) {
 void decode_fp4_key(const RowFormat& f, const uint8_t* in, float* x) {
   const int64_t w = f.width;
   const uint8_t* scales = in + w / 2;
-  for (int64_t c = 0; c < w; ++c) {
-    const int e = e8m0_exponent(scales[c / kFp4ScaleBlock]);
-    const auto code = static_cast<uint8_t>(c % 2 == 0 ? in[c / 2] & 0xF : in[c / 2] >> 4);
-    x[c] = std::ldexp(e2m1_to_f32(code), e);
+  for (int64_t b = 0; b < w / kFp4ScaleBlock; ++b) {
+    const float scale = std::ldexp(1.0f, e8m0_exponent(scales[b]));
+    for (int64_t c = b * kFp4ScaleBlock; c < (b + 1) * kFp4ScaleBlock; ++c) {
+      const auto code = static_cast<uint8_t>(c % 2 == 0 ? in[c / 2] & 0xF : in[c / 2] >> 4);
+      x[c] = e2m1_to_f32(code) * scale;
+    }
   }
 }
 

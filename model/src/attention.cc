@@ -98,8 +98,8 @@ std::vector<std::vector<int64_t>> select_entries(const float* q_proj, const floa
       const int64_t per_page = state.index_keys.rows_per_page();
       for (int64_t first = 0; first < visible; first += per_page) {
         const int64_t count = std::min(per_page, visible - first);
-        cpu::gemm(true, heads, count, dim, qt, dim, keys_at(first), dim, 0.0f,
-                  dots.data() + first, visible);
+        cpu::gemm(true, heads, count, dim, qt, dim, keys_at(first), dim, 0.0f, dots.data() + first,
+                  visible);
       }
       scores.assign(static_cast<size_t>(visible), 0.0f);
       for (int64_t h = 0; h < heads; ++h) {
@@ -203,8 +203,8 @@ void attention_core(int64_t row, int64_t n, int64_t first_pos, const ModelConfig
   }
   // With fp8 KV the window holds the served entry's values, as the compressed entries do: the
   // chunk's own tokens attend to them, and they are what the window keeps.
-  kvstore::round_trip_rows(
-      kvstore::RowFormat::entry(config.kv_dtype, hd, config.rope_head_dim), kv, n);
+  kvstore::round_trip_rows(kvstore::RowFormat::entry(config.kv_dtype, hd, config.rope_head_dim), kv,
+                           n);
 
   // Compressed entries first: a window closed by this chunk is visible to its later tokens.
   int64_t rate = 0;

@@ -34,8 +34,8 @@ Result<std::unique_ptr<PrefixCache>> PrefixCache::open(Engine& engine, std::stri
   if (engine.config().kv_dtype != kv::KvDtype::kFp32) {
     keyed += "|kv_dtype=" + std::string(kv::kv_dtype_name(engine.config().kv_dtype));
   }
-  DSERVE_ASSIGN_OR_RETURN(
-      auto store, kv::PrefixStore::open(std::move(options), keyed, store_layout(layout)));
+  DSERVE_ASSIGN_OR_RETURN(auto store,
+                          kv::PrefixStore::open(std::move(options), keyed, store_layout(layout)));
   return std::unique_ptr<PrefixCache>(new PrefixCache(engine, std::move(layout), std::move(store)));
 }
 

@@ -17,8 +17,9 @@ constexpr uint32_t kVersion = 2;
 // The shapes a state of this model has: two models with equal digests have interchangeable
 // states.
 uint64_t shape_digest(const ModelConfig& c) {
-  std::vector<int64_t> words{c.num_layers, c.head_dim, c.index_head_dim, c.sliding_window,
-                             c.csa_rate,   c.hca_rate, c.rope_head_dim,  1000 + static_cast<int64_t>(c.kv_dtype)};
+  std::vector<int64_t> words{
+      c.num_layers, c.head_dim, c.index_head_dim, c.sliding_window,
+      c.csa_rate,   c.hca_rate, c.rope_head_dim,  1000 + static_cast<int64_t>(c.kv_dtype)};
   for (AttentionKind k : c.layer_types)
     words.push_back(static_cast<int64_t>(k));
   return XXH3_64bits(words.data(), words.size() * sizeof(int64_t));
@@ -137,8 +138,8 @@ size_t packed_state_bytes(const ModelConfig& config, int64_t position) {
   auto rows = [](int64_t n, const kvstore::RowFormat& f) {
     return kCount + static_cast<uint64_t>(n * f.row_bytes());
   };
-  const auto entry = kvstore::RowFormat::entry(config.kv_dtype, config.head_dim,
-                                               config.rope_head_dim);
+  const auto entry =
+      kvstore::RowFormat::entry(config.kv_dtype, config.head_dim, config.rope_head_dim);
   const auto key = kvstore::RowFormat::index_key(config.kv_dtype, config.index_head_dim);
   // A compressor as write_compressor writes it (the shapes RequestState's constructor gives).
   auto compressor = [&](int64_t width, int64_t series, int64_t rate) {

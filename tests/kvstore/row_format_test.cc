@@ -21,8 +21,8 @@ std::vector<float> random_rows(int64_t rows, int64_t width, uint64_t seed, float
   std::vector<float> out(static_cast<size_t>(rows * width));
   for (size_t i = 0; i < out.size(); ++i) {
     // Magnitudes over several octaves, so that blocks get different scales.
-    out[i] = static_cast<float>(rng.normal()) * std::ldexp(1.0f, static_cast<int>(i / 64) % 5) *
-             spread;
+    out[i] =
+        static_cast<float>(rng.normal()) * std::ldexp(1.0f, static_cast<int>(i / 64) % 5) * spread;
   }
   return out;
 }

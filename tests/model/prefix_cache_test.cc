@@ -204,7 +204,8 @@ TEST_F(PrefixCacheTest, Fp8AndFp32KvNeverShareAndFp8BlocksAreSmaller) {
   const auto& b = fp8->layout().compressed;
   EXPECT_NE(a.digest(), b.digest());
   EXPECT_LT(2 * b.bytes(), a.bytes()) << "fp8 " << b.bytes() << " bytes, fp32 " << a.bytes();
-  std::fprintf(stderr, "[ info ] tiny preset, compressed entries of one block: fp32 %lld bytes, "
+  std::fprintf(stderr,
+               "[ info ] tiny preset, compressed entries of one block: fp32 %lld bytes, "
                "fp8 %lld; indexer keys: fp32 %lld, fp4 %lld\n",
                static_cast<long long>(a.bytes()), static_cast<long long>(b.bytes()),
                static_cast<long long>(fp32->layout().index_keys.bytes()),

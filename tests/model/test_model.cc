@@ -102,7 +102,8 @@ const Model& tiny_model(kvstore::KvDtype kv_dtype) {
 }
 
 Engine& tiny_engine(kvstore::KvDtype kv_dtype) {
-  static const std::unique_ptr<Engine> fp32 = cpu_engine(tiny_model_shared(kvstore::KvDtype::kFp32));
+  static const std::unique_ptr<Engine> fp32 =
+      cpu_engine(tiny_model_shared(kvstore::KvDtype::kFp32));
   if (kv_dtype == kvstore::KvDtype::kFp32) return *fp32;
   static const std::unique_ptr<Engine> fp8 = cpu_engine(tiny_model_shared(kvstore::KvDtype::kFp8));
   return *fp8;

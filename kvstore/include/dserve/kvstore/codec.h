@@ -89,8 +89,7 @@ std::vector<uint8_t> encode_payload(const BlockKey& key, Pool pool, Codec codec,
 // what it should be, or its payload size does not fit the layout. Never reads outside `value`,
 // whatever its bytes.
 Result<std::vector<std::byte>> decode_payload_bytes(const BlockKey& expected_key,
-                                                    Pool expected_pool,
-                                                    const PayloadLayout& layout,
+                                                    Pool expected_pool, const PayloadLayout& layout,
                                                     std::span<const uint8_t> value);
 // The same for a layout of fp32 rows (checked), as layout.floats() values.
 Result<std::vector<float>> decode_payload(const BlockKey& expected_key, Pool expected_pool,

@@ -43,7 +43,7 @@ namespace dserve::kvstore {
 
 // The KV format of a cluster. Stored in values (the layout digest): never renumber.
 enum class KvDtype : uint8_t { kFp32 = 0, kFp8 = 1 };
-std::string_view kv_dtype_name(KvDtype dtype);         // "fp32", "fp8"
+std::string_view kv_dtype_name(KvDtype dtype);          // "fp32", "fp8"
 Result<KvDtype> parse_kv_dtype(std::string_view name);  // InvalidArgument naming what is allowed
 
 // Stored in values (the layout digest): never renumber.
