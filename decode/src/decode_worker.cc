@@ -12,6 +12,7 @@
 #include "dserve/decode/decode_batch.h"
 #include "dserve/decode/handoff_arena.h"
 #include "dserve/kvstore/handoff_keys.h"
+#include "dserve/model/state_handoff.h"
 #include "dserve/model/state_packing.h"
 #include "dserve/ops/log.h"
 #include "dserve/ops/metrics.h"
@@ -183,36 +184,37 @@ Result<DecodeRequest> take_handoff(WorkerState& st, ReservationId id, const Rese
   const model::ModelConfig& config = st.compute->config();
   auto digests = kvstore::decode_digests(done.span_digests);
   if (!digests.is_ok()) return digests.status();
-  const uint64_t state_bytes = model::packed_state_bytes(config, r.prompt_tokens);
+  const uint64_t state_bytes = model::handoff_bytes(config, r.prompt_tokens);
   const uint64_t logit_bytes = static_cast<uint64_t>(config.vocab_size) * sizeof(float);
-  // Both spans must be covered exactly, or bytes nobody vouched for would be read.
-  if (digests->size() != 2 || (*digests)[0].remote_offset != 0 ||
-      (*digests)[0].bytes != state_bytes || (*digests)[1].remote_offset != state_bytes ||
-      (*digests)[1].bytes != logit_bytes) {
-    return data_loss("hand-off digests do not cover the state and logits spans of the region");
+  // The logits follow the state; the state's spans are checked by receive_handoff.
+  if (digests->empty() || digests->back().remote_offset != state_bytes ||
+      digests->back().bytes != logit_bytes || state_bytes + logit_bytes > r.lease.region.bytes()) {
+    return data_loss("hand-off digests do not end with the logits span of the region");
   }
-  // Copied first, then verified and read from the copy: bytes a late put (of an earlier,
-  // abandoned lease of this range) writes after this point cannot reach the request.
-  std::vector<uint8_t> landed_bytes(state_bytes + logit_bytes);
-  std::memcpy(landed_bytes.data(), r.lease.region.data(), landed_bytes.size());
-  const std::span<const std::byte> copy(reinterpret_cast<const std::byte*>(landed_bytes.data()),
-                                        landed_bytes.size());
-  if (Status landed = kvstore::verify_landed(copy, *digests); !landed.is_ok()) {
+  // Every span is copied out of the region first, then verified and read from the copy: bytes a
+  // late put (of an earlier, abandoned lease of this range) writes after that cannot reach the
+  // request.
+  auto state = model::receive_handoff(
+      *st.compute, {r.lease.region.data(), state_bytes}, static_cast<int64_t>(r.prompt_tokens),
+      std::span(*digests).first(digests->size() - 1));
+  if (!state.is_ok()) {
+    if (state.status().code() == StatusCode::kDataLoss) ++st.handoffs_corrupt;
+    return state.status();
+  }
+  std::vector<float> logits(static_cast<size_t>(config.vocab_size));
+  std::memcpy(logits.data(), r.lease.region.data() + state_bytes, logit_bytes);
+  const kvstore::SpanDigest logit_digest{0, logit_bytes, digests->back().xxh3};
+  if (Status landed = kvstore::verify_landed(std::as_bytes(std::span(logits)),
+                                             std::span(&logit_digest, 1));
+      !landed.is_ok()) {
     ++st.handoffs_corrupt;
     return landed;
-  }
-  const uint8_t* bytes = landed_bytes.data();
-  auto state = model::unpack_request(*st.compute, {bytes, state_bytes});
-  if (!state.is_ok()) return state.status();
-  if ((*state)->position() != r.prompt_tokens) {
-    return data_loss("hand-off state at position " + std::to_string((*state)->position()) +
-                     ", reserved for " + std::to_string(r.prompt_tokens) + " prompt tokens");
   }
   DecodeRequest req;
   req.id = id;
   req.request = std::move(state).value();
   req.prompt_logits = Tensor({1, config.vocab_size});
-  std::memcpy(req.prompt_logits.data(), bytes + state_bytes, logit_bytes);
+  std::memcpy(req.prompt_logits.data(), logits.data(), logit_bytes);
   req.max_tokens = r.max_new_tokens;
   req.sampling = r.sampling;
   req.generated = r.generated;
@@ -588,7 +590,7 @@ DecodeWorkerActor::behavior_type decode_worker(
 }  // namespace
 
 uint64_t handoff_region_bytes(const model::ModelConfig& config, int64_t prompt_tokens) {
-  return model::packed_state_bytes(config, prompt_tokens) +
+  return model::handoff_bytes(config, prompt_tokens) +
          static_cast<uint64_t>(config.vocab_size) * sizeof(float);
 }
 

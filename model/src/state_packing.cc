@@ -12,6 +12,9 @@ namespace dserve::model {
 namespace {
 
 constexpr char kMagic[4] = {'D', 'S', 'R', 'S'};
+// The hand-off's small part (pack_state_without_rows): the same format with every row array
+// empty; another magic, so that neither is ever taken for the other.
+constexpr char kMagicWithoutRows[4] = {'D', 'S', 'R', 'W'};
 constexpr uint32_t kVersion = 2;
 
 // The shapes a state of this model has: two models with equal digests have interchangeable
@@ -111,19 +114,26 @@ void write_compressor(Writer& w, const CompressorState& c) {
 
 }  // namespace
 
-std::vector<uint8_t> pack_state(const ModelConfig& config, const RequestState& state) {
+namespace {
+
+std::vector<uint8_t> pack(const ModelConfig& config, const RequestState& state, bool rows) {
   DSERVE_CHECK_MSG(static_cast<int64_t>(state.layers().size()) == config.num_layers,
                    "pack_state of a state of another model");
   Writer w;
-  w.raw(kMagic, sizeof(kMagic));
+  w.raw(rows ? kMagic : kMagicWithoutRows, sizeof(kMagic));
   w.u32(kVersion);
   w.u64(static_cast<uint64_t>(state.position()));
   w.u64(static_cast<uint64_t>(config.num_layers));
   w.u64(shape_digest(config));
   for (const LayerState& s : state.layers()) {
     w.floats(s.window);
-    w.rows(s.compressed);
-    w.rows(s.index_keys);
+    if (rows) {
+      w.rows(s.compressed);
+      w.rows(s.index_keys);
+    } else {
+      w.u64(0);
+      w.u64(0);
+    }
     write_compressor(w, s.kv_compressor);
     write_compressor(w, s.index_compressor);
   }
@@ -131,12 +141,12 @@ std::vector<uint8_t> pack_state(const ModelConfig& config, const RequestState& s
   return std::move(w.out);
 }
 
-size_t packed_state_bytes(const ModelConfig& config, int64_t position) {
+size_t packed_bytes(const ModelConfig& config, int64_t position, bool with_rows) {
   DSERVE_CHECK_MSG(position >= 0, "packed_state_bytes of a negative position");
   constexpr uint64_t kCount = sizeof(uint64_t);  // every array is preceded by its size
   auto floats = [](int64_t n) { return kCount + static_cast<uint64_t>(n) * sizeof(float); };
-  auto rows = [](int64_t n, const kvstore::RowFormat& f) {
-    return kCount + static_cast<uint64_t>(n * f.row_bytes());
+  auto rows = [with_rows](int64_t n, const kvstore::RowFormat& f) {
+    return kCount + (with_rows ? static_cast<uint64_t>(n * f.row_bytes()) : 0);
   };
   const auto entry =
       kvstore::RowFormat::entry(config.kv_dtype, config.head_dim, config.rope_head_dim);
@@ -166,8 +176,8 @@ size_t packed_state_bytes(const ModelConfig& config, int64_t position) {
   return static_cast<size_t>(bytes + sizeof(uint64_t));  // the trailing checksum
 }
 
-Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& pools,
-                                  std::span<const uint8_t> bytes) {
+Result<RequestState> unpack(const ModelConfig& config, const KvPagePools& pools,
+                            std::span<const uint8_t> bytes, bool with_rows) {
   if (bytes.size() < sizeof(kMagic) + 4 + size_t{3} * 8 + 8) {
     return data_loss("packed state of " + std::to_string(bytes.size()) + " bytes is too short");
   }
@@ -187,7 +197,10 @@ Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& 
   r.u64(&position);
   r.u64(&layers);
   r.u64(&digest);
-  if (std::memcmp(magic, kMagic, sizeof(kMagic)) != 0) return data_loss("packed state: bad magic");
+  if (std::memcmp(magic, with_rows ? kMagic : kMagicWithoutRows, sizeof(kMagic)) != 0) {
+    return data_loss(with_rows ? "packed state: bad magic"
+                               : "packed state without rows: bad magic");
+  }
   if (version != kVersion) {
     return data_loss("packed state: format version " + std::to_string(version) + ", expected " +
                      std::to_string(kVersion));
@@ -207,9 +220,11 @@ Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& 
         r.floats(&s.window, static_cast<uint64_t>(window * s.head_dim), at + "window"));
     const int64_t rate = config.compress_rate(s.kind);
     const int64_t entries = rate > 0 ? pos / rate : 0;
-    DSERVE_RETURN_IF_ERROR(r.encoded_rows(s.compressed, entries, at + "compressed entries"));
     const int64_t index_entries = s.index_keys.attached() ? entries : 0;
-    DSERVE_RETURN_IF_ERROR(r.encoded_rows(s.index_keys, index_entries, at + "indexer keys"));
+    DSERVE_RETURN_IF_ERROR(
+        r.encoded_rows(s.compressed, with_rows ? entries : 0, at + "compressed entries"));
+    DSERVE_RETURN_IF_ERROR(
+        r.encoded_rows(s.index_keys, with_rows ? index_entries : 0, at + "indexer keys"));
     for (CompressorState* c : {&s.kv_compressor, &s.index_compressor}) {
       const std::string what = at + (c == &s.kv_compressor ? "kv" : "indexer") + " compressor";
       uint64_t closed = 0;
@@ -237,6 +252,36 @@ Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& 
     return data_loss("packed state: " + std::to_string(r.remaining()) + " bytes left over");
   }
   return state;
+}
+
+}  // namespace
+
+std::vector<uint8_t> pack_state(const ModelConfig& config, const RequestState& state) {
+  return pack(config, state, true);
+}
+
+size_t packed_state_bytes(const ModelConfig& config, int64_t position) {
+  return packed_bytes(config, position, true);
+}
+
+Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& pools,
+                                  std::span<const uint8_t> bytes) {
+  return unpack(config, pools, bytes, true);
+}
+
+std::vector<uint8_t> pack_state_without_rows(const ModelConfig& config,
+                                             const RequestState& state) {
+  return pack(config, state, false);
+}
+
+size_t packed_state_without_rows_bytes(const ModelConfig& config, int64_t position) {
+  return packed_bytes(config, position, false);
+}
+
+Result<RequestState> unpack_state_without_rows(const ModelConfig& config,
+                                               const KvPagePools& pools,
+                                               std::span<const uint8_t> bytes) {
+  return unpack(config, pools, bytes, false);
 }
 
 }  // namespace dserve::model

@@ -15,7 +15,7 @@
 #include "dserve/actors/actor_runtime.h"
 #include "dserve/actors/decode_interface.h"
 #include "dserve/kvstore/handoff_keys.h"
-#include "dserve/model/state_packing.h"
+#include "dserve/model/state_handoff.h"
 #include "dserve/ops/log.h"
 #include "dserve/ops/metrics.h"
 
@@ -170,31 +170,33 @@ std::chrono::milliseconds left_until(Clock::time_point deadline) {
                   std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()));
 }
 
-// Writes the state and logits into the decode worker's region; returns the HandoffDone to send.
+// Writes the state (its small part, then every page from where it lies: state_handoff.h) and
+// the logits into the decode worker's region; returns the HandoffDone to send.
 Result<HandoffDone> write_state(WorkerState& st, const PrefillRequest& req,
                                 const model::PrefillResult& result) {
   auto keys = kvstore::decode_handoff_keys(req.target.transfer_keys);
   if (!keys.is_ok()) return keys.status();
-  auto packing = model::pack_request(*st.compute, *result.request);
-  if (!packing.is_ok()) return packing.status();
-  const std::vector<uint8_t> packed = std::move(packing).value();
+  auto source = model::handoff_source(*st.compute, *result.request);
+  if (!source.is_ok()) return source.status();
   const uint64_t logit_bytes = static_cast<uint64_t>(result.last_logits.numel()) * sizeof(float);
-  if (packed.size() + logit_bytes > keys->region.bytes) {
+  if (source->bytes + logit_bytes > keys->region.bytes) {
     return invalid_argument("the decode region holds " + std::to_string(keys->region.bytes) +
                             " bytes, the state and logits need " +
-                            std::to_string(packed.size() + logit_bytes));
+                            std::to_string(source->bytes + logit_bytes));
   }
   auto peer = st.transport->connect(keys->peer);
   if (!peer.is_ok()) return peer.status();
-  const kvstore::PutOp ops[2] = {{packed.data(), packed.size(), 0},
-                                 {result.last_logits.data(), logit_bytes, packed.size()}};
+  std::vector<kvstore::PutOp> ops = source->ops;
+  ops.push_back({result.last_logits.data(), logit_bytes, source->bytes});
   auto digests = st.transport->put(*peer, keys->region, ops);
   if (!digests.is_ok()) return digests.status();
   if (st.injected_faults < st.options.inject_corrupt_handoffs) {
-    // Fault injection (tests): the bytes that land are no longer those the digests vouch for.
+    // Fault injection (tests): the bytes that land are no longer those the digests vouch for:
+    // a byte of the last page (the small part when the state has none yet).
     ++st.injected_faults;
-    const uint8_t flipped = static_cast<uint8_t>(packed[0] ^ 0xffu);
-    const kvstore::PutOp corrupt[1] = {{&flipped, 1, 0}};
+    const kvstore::PutOp& victim = source->ops.back();
+    const uint8_t flipped = static_cast<uint8_t>(*static_cast<const uint8_t*>(victim.local) ^ 0xffu);
+    const kvstore::PutOp corrupt[1] = {{&flipped, 1, victim.remote_offset}};
     if (auto bad = st.transport->put(*peer, keys->region, corrupt); !bad.is_ok())
       return bad.status();
   }
@@ -387,7 +389,7 @@ PrefillWorkerActor::behavior_type prefill_worker(
           reply.computed_tokens = static_cast<uint32_t>(out.result->computed_tokens);
           reply.prefill_ms = elapsed_us(p.accepted) / 1000;
           reply.transfer_bytes =
-              model::packed_state_bytes(s.compute->config(), out.result->request->position()) +
+              model::handoff_bytes(s.compute->config(), out.result->request->position()) +
               static_cast<uint64_t>(out.result->last_logits.numel()) * sizeof(float);
           const auto transfer_start = Clock::now();
           auto done = write_state(s, p.request, *out.result);

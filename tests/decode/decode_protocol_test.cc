@@ -30,6 +30,7 @@
 #include "dserve/kvstore/handoff_keys.h"
 #include "dserve/kvstore/in_process_transport.h"
 #include "dserve/model/sampler.h"
+#include "dserve/model/state_handoff.h"
 #include "dserve/model/state_packing.h"
 #include "test_model.h"
 
@@ -66,9 +67,10 @@ TokenSinkActor::behavior_type collect_chunks(TokenSinkActor::pointer /*self*/,
   return {[chunks](TokenChunk& chunk) { chunks->push_back(std::move(chunk)); }};
 }
 
-// What a prefill worker computes for a prompt: the packed state and the last token's logits.
+// What a prefill worker computes for a prompt: the request (its state's pages are put from
+// where they lie) and the last token's logits.
 struct PrefilledPrompt {
-  std::vector<uint8_t> packed;
+  model::RequestHandle request;
   Tensor logits;
 };
 
@@ -79,9 +81,7 @@ PrefilledPrompt prefill_prompt(const std::vector<int32_t>& prompt) {
   const model::StepRows rows[1] = {{request->get(), prompt, model::LogitsFor::kLastToken}};
   auto logits = engine.step(rows);
   EXPECT_TRUE(logits.is_ok()) << logits.status().to_string();
-  auto packed = model::pack_request(engine, **request);
-  EXPECT_TRUE(packed.is_ok()) << packed.status().to_string();
-  return {std::move(packed).value(), std::move((*logits)[0])};
+  return {std::move(request).value(), std::move((*logits)[0])};
 }
 
 class DecodeProtocolTest : public ::testing::Test {
@@ -176,8 +176,10 @@ class DecodeProtocolTest : public ::testing::Test {
     auto peer = prefill_transport_.connect(keys->peer);
     if (!peer.is_ok()) return peer.status();
     const uint64_t logit_bytes = static_cast<uint64_t>(state.logits.numel()) * sizeof(float);
-    const kvstore::PutOp ops[2] = {{state.packed.data(), state.packed.size(), 0},
-                                   {state.logits.data(), logit_bytes, state.packed.size()}};
+    auto source = model::handoff_source(tiny_engine(), *state.request);
+    if (!source.is_ok()) return source.status();
+    std::vector<kvstore::PutOp> ops = source->ops;
+    ops.push_back({state.logits.data(), logit_bytes, source->bytes});
     auto digests = prefill_transport_.put(*peer, keys->region, ops);
     if (!digests.is_ok()) return digests.status();
     HandoffDone done;

@@ -32,4 +32,13 @@ size_t packed_state_bytes(const ModelConfig& config, int64_t position);
 Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& pools,
                                   std::span<const uint8_t> bytes);
 
+// The hand-off's small part (state_handoff.h): the state without its compressed entries and
+// indexer keys, which travel as pages. The same format with every row array empty and the magic
+// "DSRW"; unpacking gives a state whose paged rows are empty, for the pages to be appended.
+std::vector<uint8_t> pack_state_without_rows(const ModelConfig& config, const RequestState& state);
+size_t packed_state_without_rows_bytes(const ModelConfig& config, int64_t position);
+Result<RequestState> unpack_state_without_rows(const ModelConfig& config,
+                                               const KvPagePools& pools,
+                                               std::span<const uint8_t> bytes);
+
 }  // namespace dserve::model
