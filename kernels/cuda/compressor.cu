@@ -6,6 +6,7 @@
 
 #include "common.cuh"
 #include "dserve/kernels/cuda_model_ops.h"
+#include "v4_math.h"
 
 namespace dserve::kernels::cuda {
 namespace {
@@ -59,7 +60,8 @@ __device__ TokenSource source_of(const float* kv, const float* gate, const Batch
 __global__ void pool_windows_kernel(const float* __restrict__ kv, const float* __restrict__ gate,
                                     BatchRows rows, const ClosedWindow* __restrict__ windows,
                                     const int32_t* __restrict__ window_count, CompressorView state,
-                                    PagedRowsView entries, RopeView rope, float eps) {
+                                    PagedRowsView entries, RopeView rope, float eps,
+                                    KvRounding rounding) {
   extern __shared__ float entry[];
   __shared__ float scratch[kWarpSize];
   if (static_cast<int32_t>(blockIdx.x) >= *window_count) return;
@@ -130,6 +132,16 @@ __global__ void pool_windows_kernel(const float* __restrict__ kv, const float* _
     const float b = entry[rope_start + 2 * pair + 1];
     out[c] = (c - rope_start) % 2 == 0 ? a * cs - b * sn : b * cs + a * sn;
   }
+  if (rounding == KvRounding::kNone) return;
+  // fp8 KV: the entry as stored (one thread: a few hundred channels, a handful of entries per
+  // step). __syncthreads makes the block's writes to `out` visible to it.
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  if (rounding == KvRounding::kFp8Entry) {
+    v4::round_fp8_entry(out, static_cast<int>(width), static_cast<int>(2 * rope.half));
+  } else {
+    v4::round_fp4_key(out, static_cast<int>(width));
+  }
 }
 
 }  // namespace
@@ -137,7 +149,7 @@ __global__ void pool_windows_kernel(const float* __restrict__ kv, const float* _
 Status compress_batch(const float* kv, const float* gate, int64_t n, const BatchRows& rows,
                       const ClosedWindow* windows, const int32_t* window_count, int64_t max_windows,
                       const CompressorView& state, const PagedRowsView& entries,
-                      const RopeView& rope, float eps, CudaStream stream) {
+                      const RopeView& rope, float eps, KvRounding rounding, CudaStream stream) {
   DSERVE_CHECK(n >= 0 && max_windows >= 0 && state.rate >= 1 && state.width >= 1);
   DSERVE_CHECK(state.series == 1 || state.series == 2);
   DSERVE_CHECK(entries.width == state.width && 2 * rope.half <= state.width);
@@ -151,7 +163,7 @@ Status compress_batch(const float* kv, const float* gate, int64_t n, const Batch
     DSERVE_CHECK(windows != nullptr && window_count != nullptr && max_windows <= INT32_MAX);
     const size_t shared = static_cast<size_t>(width) * sizeof(float);
     pool_windows_kernel<<<static_cast<unsigned>(max_windows), kThreads, shared, native(stream)>>>(
-        kv, gate, r, windows, window_count, view, entries, rope, eps);
+        kv, gate, r, windows, window_count, view, entries, rope, eps, rounding);
     DSERVE_RETURN_IF_ERROR(launch_status("pool_windows_kernel launch"));
     // Each request's last closed window's Ca series becomes its next window's prior (reads
     // the pending rows before the next launch overwrites them).
@@ -187,6 +199,25 @@ Status compress_batch(const float* kv, const float* gate, int64_t n, const Batch
         view.pending_gate[at] = gate[i];
       },
       stream, "compressor pending launch");
+}
+
+Status round_kv_rows(float* rows, int64_t n, int64_t width, int64_t rope_channels,
+                     KvRounding rounding, CudaStream stream) {
+  DSERVE_CHECK(n >= 0 && width >= 1 && rope_channels >= 0 && rope_channels <= width);
+  if (rounding == KvRounding::kNone || n == 0) return Status::ok();
+  const int w = static_cast<int>(width);
+  const int rope = static_cast<int>(rope_channels);
+  return for_each_index(
+      n,
+      [=] __device__(int64_t r) {
+        float* row = rows + r * w;
+        if (rounding == KvRounding::kFp8Entry) {
+          v4::round_fp8_entry(row, w, rope);
+        } else {
+          v4::round_fp4_key(row, w);
+        }
+      },
+      stream, "round_kv_rows launch");
 }
 
 }  // namespace dserve::kernels::cuda

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define DSERVE_HD __host__ __device__
@@ -158,6 +159,121 @@ DSERVE_HD inline void route_token(float* scores, const float* bias, const int32_
 // One element of the clamped SwiGLU: silu(min(gate, limit)) * clamp(up, -limit, limit).
 DSERVE_HD inline float swiglu(float gate, float up, float limit) {
   return silu(fminf(gate, limit)) * fmaxf(-limit, fminf(up, limit));
+}
+
+// ---- fp8 KV (kvstore/row_format.h): what a value becomes once stored and read back ----------
+// The same arithmetic as kvstore's encode then decode, bit for bit (tests/model/gpu_math_test
+// checks it): the GPU keeps fp32 pages holding these values, the host encodes them.
+
+DSERVE_HD inline bool sign_bit(float x) {
+  uint32_t u = 0;
+  memcpy(&u, &x, 4);
+  return (u >> 31) != 0;
+}
+DSERVE_HD inline bool is_finite(float x) {
+  return x - x == 0.0f;  // inf - inf and NaN - NaN are NaN
+}
+
+// e4m3fn, round to nearest even, saturating at +-448; NaN stays NaN.
+DSERVE_HD inline float round_e4m3(float x) {
+  if (x != x) return x;
+  const float a = fabsf(x);
+  float r;
+  if (a >= 448.0f) {
+    r = 448.0f;
+  } else if (a < 0x1.0p-6f) {
+    r = rintf(a * 512.0f) * 0x1.0p-9f;  // subnormal steps of 2^-9; rint: ties to even
+  } else {
+    int e = 0;
+    frexpf(a, &e);                           // a = m * 2^e, m in [0.5, 1)
+    const float step = ldexpf(1.0f, e - 4);  // 3 mantissa bits below the leading one
+    r = rintf(a / step) * step;
+  }
+  return sign_bit(x) ? -r : r;
+}
+
+// bf16, round to nearest even (NaN stays NaN).
+DSERVE_HD inline float round_bf16(float x) {
+  if (x != x) return x;
+  uint32_t u = 0;
+  memcpy(&u, &x, 4);
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  float r = 0.0f;
+  memcpy(&r, &u, 4);
+  return r;
+}
+
+// e2m1 (0, 0.5, 1, 1.5, 2, 3, 4, 6), nearest with ties to the even code, saturating; NaN -> 0.
+DSERVE_HD inline float round_e2m1(float x) {
+  if (x != x) return 0.0f;
+  const float a = fabsf(x);
+  const float r = a <= 0.25f   ? 0.0f
+                  : a < 0.75f  ? 0.5f
+                  : a <= 1.25f ? 1.0f
+                  : a < 1.75f  ? 1.5f
+                  : a <= 2.5f  ? 2.0f
+                  : a < 3.5f   ? 3.0f
+                  : a <= 5.0f  ? 4.0f
+                               : 6.0f;
+  return sign_bit(x) ? -r : r;
+}
+
+// The e8m0 scale of a block whose largest finite |x| is `amax`: the power of two at or above
+// max(amax, 1e-4) / top, its exponent clamped to [-127, 127].
+DSERVE_HD inline float e8m0_scale(float amax, float top) {
+  const float s = fmaxf(amax, 1e-4f) / top;
+  int e = 0;
+  const float m = frexpf(s, &e);
+  if (m == 0.5f) e -= 1;
+  e = e < -127 ? -127 : (e > 127 ? 127 : e);
+  return ldexpf(1.0f, e);
+}
+
+DSERVE_HD inline float finite_amax(const float* x, int n) {
+  float amax = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    if (is_finite(x[i])) amax = fmaxf(amax, fabsf(x[i]));
+  }
+  return amax;
+}
+
+// One compressed entry or window row in place: the first width - rope channels through e4m3
+// with one scale per 64, the last rope channels through bf16.
+DSERVE_HD inline void round_fp8_entry(float* row, int width, int rope) {
+  const int nope = width - rope;
+  for (int first = 0; first < nope; first += 64) {
+    const int n = nope - first < 64 ? nope - first : 64;
+    const float scale = e8m0_scale(finite_amax(row + first, n), 448.0f);
+    const float inverse = 1.0f / scale;  // a power of two: exact
+    for (int i = first; i < first + n; ++i)
+      row[i] = round_e4m3(row[i] * inverse) * scale;
+  }
+  for (int i = nope; i < width; ++i)
+    row[i] = round_bf16(row[i]);
+}
+
+// One indexer key or query in place: rotated by the normalised Walsh-Hadamard transform (width
+// a power of two), then through e2m1 with one scale per 32. The result is in the rotated basis.
+DSERVE_HD inline void round_fp4_key(float* row, int width) {
+  for (int h = 1; h < width; h *= 2) {
+    for (int i = 0; i < width; i += 2 * h) {
+      for (int j = i; j < i + h; ++j) {
+        const float a = row[j];
+        const float b = row[j + h];
+        row[j] = a + b;
+        row[j + h] = a - b;
+      }
+    }
+  }
+  const float norm = 1.0f / sqrtf(static_cast<float>(width));
+  for (int i = 0; i < width; ++i)
+    row[i] *= norm;
+  for (int first = 0; first < width; first += 32) {
+    const float scale = e8m0_scale(finite_amax(row + first, 32), 6.0f);
+    const float inverse = 1.0f / scale;
+    for (int i = first; i < first + 32; ++i)
+      row[i] = round_e2m1(row[i] * inverse) * scale;
+  }
 }
 
 }  // namespace dserve::kernels::v4

@@ -149,9 +149,13 @@ Status gather_rows(const PagedRowsView&, int64_t, int64_t, int64_t, float*, Cuda
   return not_built();
 }
 
+Status round_kv_rows(float*, int64_t, int64_t, int64_t, KvRounding, CudaStream) {
+  return not_built();
+}
+
 Status compress_batch(const float*, const float*, int64_t, const BatchRows&, const ClosedWindow*,
                       const int32_t*, int64_t, const CompressorView&, const PagedRowsView&,
-                      const RopeView&, float, CudaStream) {
+                      const RopeView&, float, KvRounding, CudaStream) {
   return not_built();
 }
 

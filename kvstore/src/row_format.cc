@@ -143,10 +143,10 @@ void decode_fp8_entry(const RowFormat& f, const uint8_t* in, float* x) {
   }
 }
 
-void encode_fp4_key(const RowFormat& f, const float* x, uint8_t* out) {
+void encode_fp4_key(const RowFormat& f, const float* x, uint8_t* out, bool rotate = true) {
   const int64_t w = f.width;
   std::vector<float> rotated(x, x + w);
-  hadamard(rotated.data(), w);
+  if (rotate) hadamard(rotated.data(), w);
   std::memset(out, 0, static_cast<size_t>(f.row_bytes()));
   uint8_t* scales = out + w / 2;
   for (int64_t b = 0; b < w / kFp4ScaleBlock; ++b) {
@@ -260,6 +260,21 @@ void encode_rows(const RowFormat& format, const float* in, int64_t rows, std::by
         encode_fp4_key(format, x, o + r * bytes);
         break;
     }
+  }
+}
+
+void encode_decoded_rows(const RowFormat& format, const float* decoded, int64_t rows,
+                         std::byte* out) {
+  if (format.encoding != RowEncoding::kFp4Key) {
+    encode_rows(format, decoded, rows, out);
+    return;
+  }
+  if (const Status valid = format.check(); !valid.is_ok()) {
+    DSERVE_CHECK_MSG(false, valid.to_string());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    encode_fp4_key(format, decoded + r * format.width,
+                   reinterpret_cast<uint8_t*>(out) + r * format.row_bytes(), /*rotate=*/false);
   }
 }
 

@@ -48,6 +48,13 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
       cuda::rms_norm(chunk_kv.as<float>(), n, hd, d.kv_norm.as<float>(), eps, stream_));
   DSERVE_RETURN_IF_ERROR(
       cuda::rope_at(chunk_kv.as<float>(), n, hd, rope, positions, 1, false, stream_));
+  // fp8 KV: the window's kv, the compressed entries and the indexer keys and queries hold the
+  // values of the served format (kvstore/row_format.h), as on the CPU (attention.cc).
+  const bool fp8 = config.kv_dtype == kvstore::KvDtype::kFp8;
+  const auto entry_rounding = fp8 ? cuda::KvRounding::kFp8Entry : cuda::KvRounding::kNone;
+  const auto key_rounding = fp8 ? cuda::KvRounding::kFp4Key : cuda::KvRounding::kNone;
+  DSERVE_RETURN_IF_ERROR(cuda::round_kv_rows(chunk_kv.as<float>(), n, hd, config.rope_head_dim,
+                                             entry_rounding, stream_));
 
   const int64_t rate = config.compress_rate(d.kind);
   const bool heavy = d.kind == AttentionKind::kHeavy;
@@ -56,7 +63,8 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
   // A captured step launches for the most windows a one-token-per-request batch can close.
   const int64_t closed_bound = graph_batch ? n : (heavy ? hca_window_count : csa_window_count);
   auto run_compressor = [&](const CompressorDev& c, CompressorSlab& b,
-                            const cuda::PagedRowsView& entries) -> Status {
+                            const cuda::PagedRowsView& entries,
+                            cuda::KvRounding rounding) -> Status {
     DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, c.wkv, comp_kv.as<float>()));
     DSERVE_RETURN_IF_ERROR(linear(x.as<float>(), n, c.wgate, comp_gate.as<float>()));
     const cuda::CompressorView view{c.rate,
@@ -70,7 +78,7 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
                                     c.norm.as<float>()};
     return cuda::compress_batch(comp_kv.as<float>(), comp_gate.as<float>(), n, rows,
                                 closed.as<cuda::ClosedWindow>(), closed_count, closed_bound, view,
-                                entries, compress_rope, eps, stream_);
+                                entries, compress_rope, eps, rounding, stream_);
   };
 
   cuda::AttentionInputs in;
@@ -85,11 +93,13 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
                                              : batch_max_end / rate;
   if (d.compressor) {
     in.compressed = paged(*compressed_pools[static_cast<size_t>(l)], slab.compressed);
-    DSERVE_RETURN_IF_ERROR(run_compressor(*d.compressor, slab.kv_compressor, in.compressed));
+    DSERVE_RETURN_IF_ERROR(
+        run_compressor(*d.compressor, slab.kv_compressor, in.compressed, entry_rounding));
   }
   if (d.index_compressor) {
     const cuda::PagedRowsView keys = paged(*index_pools[static_cast<size_t>(l)], slab.index_keys);
-    DSERVE_RETURN_IF_ERROR(run_compressor(*d.index_compressor, slab.index_compressor, keys));
+    DSERVE_RETURN_IF_ERROR(
+        run_compressor(*d.index_compressor, slab.index_compressor, keys, key_rounding));
     // select_entries(): scores of every visible key, then the top index_topk per query.
     const int64_t ih = config.index_n_heads;
     const int64_t ihd = config.index_head_dim;
@@ -97,6 +107,8 @@ Status GpuModel::Impl::attention(int64_t l, int64_t n) {
     DSERVE_RETURN_IF_ERROR(linear(q_residual.as<float>(), n, d.index_wq_b, index_q.as<float>()));
     DSERVE_RETURN_IF_ERROR(cuda::rope_at(index_q.as<float>(), n * ih, ihd, compress_rope, positions,
                                          ih, false, stream_));
+    DSERVE_RETURN_IF_ERROR(
+        cuda::round_kv_rows(index_q.as<float>(), n * ih, ihd, 0, key_rounding, stream_));
     DSERVE_RETURN_IF_ERROR(
         linear(x.as<float>(), n, d.index_weights_proj, index_weights.as<float>()));
     const int64_t stride = most_visible;

@@ -99,7 +99,7 @@ Result<RequestState> GpuModel::export_state(const GpuRequestState& state,
         DSERVE_RETURN_IF_ERROR(pool->slab.copy_to_host(scratch.data(),
                                                        float_bytes(count * pool->width),
                                                        page * float_bytes(per * pool->width)));
-        rows->append(scratch.data(), count);
+        rows->append_decoded(scratch.data(), count);  // the device keeps decoded values
       }
     }
 

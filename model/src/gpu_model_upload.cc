@@ -151,12 +151,6 @@ Result<std::unique_ptr<GpuModel>> GpuModel::create_on_device(const ModelConfig& 
                                                              const ModelWeights* weights,
                                                              GpuModelOptions options,
                                                              std::optional<uint64_t> seed) {
-  if (config.kv_dtype != kvstore::KvDtype::kFp32) {
-    // The CUDA kernels read fp32 pages; the fp8 entry and fp4 key readers exist on the CPU only.
-    return unimplemented("kv_dtype " + std::string(kvstore::kv_dtype_name(config.kv_dtype)) +
-                         " is served by the CPU backend only so far; the CUDA backend keeps fp32 "
-                         "KV (use --kv-dtype fp32)");
-  }
   if (options.max_positions < 1 || options.max_requests < 1 || options.max_chunk_tokens < 1) {
     return invalid_argument(
         "GpuModelOptions: max_positions, max_requests and max_chunk_tokens must be at least 1");

@@ -199,6 +199,28 @@ TEST_F(GpuForwardTest, Fp32GreedyGenerationsEqualCpu) {
   std::cout << "[ figures  ] fp32 greedy: " << equal << "/20 prompts x 256 tokens equal\n";
 }
 
+// fp8 KV on the device: the window's kv, the compressed entries and the indexer keys and
+// queries are rounded where the GPU writes them, with the arithmetic the host's row formats use
+// (GpuMath.KvRoundingMatchesTheRowFormats checks it bit for bit on the host). The logits then
+// follow the CPU's fp8 forward; a value that lands on the other side of an e4m3 rounding
+// boundary (fp32 sums in another order) can move a logit by more than fp32 ever does, so the
+// bound is looser and the figures are printed.
+TEST_F(GpuForwardTest, Fp8KvLogitsFollowTheCpuFp8Forward) {
+  const Model& cpu = testing_support::tiny_model(kvstore::KvDtype::kFp8);
+  auto model = gpu(cpu, GpuWeights::kFp32);
+  ASSERT_NE(model, nullptr);
+  const auto ids = prompt(70, 42, cpu.config().vocab_size);
+  const Tensor expected = cpu_logits(cpu, ids);
+  const double fp32_gap = worst_diff(cpu_logits(testing_support::tiny_model(), ids), expected);
+  for (int64_t chunk : {70, 16, 1}) {
+    const double diff = worst_diff(gpu_logits(*model, ids, chunk), expected);
+    EXPECT_LT(diff, 0.05) << "chunk " << chunk;
+    std::cout << "[ figures  ] fp8 KV chunk " << chunk << ": worst relative logit diff to the "
+              << "CPU's fp8 forward " << diff << " (fp8 against fp32 on the CPU: " << fp32_gap
+              << ")\n";
+  }
+}
+
 TEST_F(GpuForwardTest, Bf16LogitsWithinTolerance) {
   const Model& cpu = testing_support::tiny_model();
   auto model = gpu(cpu, GpuWeights::kBf16);

@@ -9,11 +9,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "dserve/core/random.h"
 #include "dserve/kernels/cpu_ops.h"
+#include "dserve/kvstore/row_format.h"
 #include "dserve/model/model_init.h"
 #include "layers.h"
 #include "v4_math.h"
@@ -226,6 +228,44 @@ TEST(GpuMath, RouteTokenBreaksTiesByLowerId) {
                   weights.data());
   EXPECT_EQ(ids, (std::vector<int32_t>{1, 2, 4}));
   EXPECT_FLOAT_EQ(weights[0] + weights[1] + weights[2], 1.0f);
+}
+
+// The KV rounding the GPU applies where it writes (fp8 entries, fp4 keys and queries) is what
+// kvstore's encode then decode gives, bit for bit, over magnitudes from subnormal to huge.
+TEST(GpuMath, KvRoundingMatchesTheRowFormats) {
+  SplitMix64 rng(41);
+  auto row_of = [&](int width) {
+    std::vector<float> row(static_cast<size_t>(width));
+    for (int i = 0; i < width; ++i) {
+      const int octave = static_cast<int>(rng.below(40)) - 30;  // 2^-30 .. 2^9
+      row[static_cast<size_t>(i)] = symmetric(rng) * std::ldexp(1.0f, octave);
+    }
+    if (rng.below(4) == 0) row[rng.below(static_cast<uint64_t>(width))] = -0.0f;
+    if (rng.below(4) == 0) std::fill(row.begin(), row.begin() + width / 2, 0.0f);
+    return row;
+  };
+  for (auto [width, rope] : {std::pair{512, 64}, std::pair{128, 32}, std::pair{64, 16}}) {
+    const auto format = kvstore::RowFormat::entry(kvstore::KvDtype::kFp8, width, rope);
+    for (int r = 0; r < 200; ++r) {
+      auto want = row_of(width);
+      auto got = want;
+      kvstore::round_trip_rows(format, want.data(), 1);
+      v4::round_fp8_entry(got.data(), width, rope);
+      ASSERT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0)
+          << "fp8 entry of " << width << " channels, row " << r;
+    }
+  }
+  for (int width : {32, 64, 128}) {
+    const auto format = kvstore::RowFormat::index_key(kvstore::KvDtype::kFp8, width);
+    for (int r = 0; r < 200; ++r) {
+      auto want = row_of(width);
+      auto got = want;
+      kvstore::round_trip_rows(format, want.data(), 1);
+      v4::round_fp4_key(got.data(), width);
+      ASSERT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0)
+          << "fp4 key of " << width << " channels, row " << r;
+    }
+  }
 }
 
 }  // namespace

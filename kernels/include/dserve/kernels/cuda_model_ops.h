@@ -149,10 +149,20 @@ struct ClosedWindow {
 // captured graph replays any batch) becomes one entry (softmax-pooled per channel, RMSNorm,
 // RoPE at the window's first position) written as row `window` of its slot's entries (the
 // page must be in the block table); then the overlap and pending rows move on.
+// How KV rows are rounded where the GPU writes them (kv_dtype fp8; kvstore/row_format.h): to the
+// values kvstore's encode then decode gives (kernels/cuda/v4_math.h, bit for bit), so device
+// pages in fp32 hold exactly what the host's encoded pages decode to. kFp4Key rows end in the
+// rotated basis, as the host's decoded keys do.
+enum class KvRounding : int32_t { kNone = 0, kFp8Entry = 1, kFp4Key = 2 };
+// Rounds `n` rows of `width` floats in place (the last rope_channels of an fp8 entry to bf16).
+Status round_kv_rows(float* rows, int64_t n, int64_t width, int64_t rope_channels,
+                     KvRounding rounding, CudaStream stream);
+
+// `rounding` applies to each entry as it is written (after its RoPE).
 Status compress_batch(const float* kv, const float* gate, int64_t n, const BatchRows& rows,
                       const ClosedWindow* windows, const int32_t* window_count, int64_t max_windows,
                       const CompressorView& state, const PagedRowsView& entries,
-                      const RopeView& rope, float eps, CudaStream stream);
+                      const RopeView& rope, float eps, KvRounding rounding, CudaStream stream);
 
 // --- Lightning Indexer ------------------------------------------------------------------
 // Every row t sees the visible(t) = (position[t] + 1) / rate first entries of its request.

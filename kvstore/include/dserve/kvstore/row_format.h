@@ -75,6 +75,11 @@ struct RowFormat {
 // Encodes `rows` rows of format.width floats into rows * row_bytes() bytes. Same input, same
 // bytes, on every host. Preconditions (checked): format.check() holds.
 void encode_rows(const RowFormat& format, const float* in, int64_t rows, std::byte* out);
+// Encodes rows given as decode_rows gives them (a device that keeps decoded values: fp4 keys
+// already in the rotated basis, not rotated again). Values that decode_rows could have produced
+// come back bit for bit from decode_rows.
+void encode_decoded_rows(const RowFormat& format, const float* decoded, int64_t rows,
+                         std::byte* out);
 // Decodes what encode_rows wrote: rows * format.width floats.
 void decode_rows(const RowFormat& format, const std::byte* in, int64_t rows, float* out);
 // In place, what encode_rows then decode_rows gives: the values the forward attends to (a
