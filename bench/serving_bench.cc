@@ -41,7 +41,8 @@ namespace fs = std::filesystem;
 struct Options {
   std::string model = "models/small";
   std::string binary = DSERVE_BINARY;
-  std::string device = "cpu";  // the workers' --device
+  std::string device = "cpu";     // the workers' --device
+  std::string kv_dtype = "fp32";  // the workers' --kv-dtype
   double seconds = 40;
   double short_per_second = 1.0;
   int short_prompt = 192;
@@ -255,6 +256,9 @@ int main(int argc, char** argv) {
   app.add_option("--ttft-bound-ms", o.ttft_bound_ms)->capture_default_str();
   app.add_option("--tpot-bound-ms", o.tpot_bound_ms)->capture_default_str();
   app.add_option("--modes", o.modes, "disaggregated, colocated or both")->capture_default_str();
+  app.add_option("--kv-dtype", o.kv_dtype, "the workers' KV format: fp32 or fp8")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"fp32", "fp8"}));
   app.add_option("--device", o.device, "where the workers compute: cpu or cuda:N (they share it)")
       ->capture_default_str();
   app.add_option("--binary", o.binary, "the dserve binary the processes run")
@@ -275,20 +279,23 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::printf(
-      "serving_bench: %s on %s, %u cores; %.0f s of load: %.2f short req/s or %d streams (%d "
+      "serving_bench: %s on %s (kv_dtype %s), %u cores; %.0f s of load: %.2f short req/s or %d "
+      "streams (%d "
       "prompt, %d out), a "
       "%d-token prompt (%d out) every %.0f s; prefill token budget %d; goodput bounds: TTFT <= "
       "%.0f ms and TPOT <= %.0f ms (short requests)\n\n",
-      o.model.c_str(), o.device.c_str(), std::thread::hardware_concurrency(), o.seconds,
-      o.short_per_second, o.streams, o.short_prompt, o.short_tokens, o.long_prompt, o.long_tokens,
-      o.long_every_seconds, o.token_budget, o.ttft_bound_ms, o.tpot_bound_ms);
+      o.model.c_str(), o.device.c_str(), o.kv_dtype.c_str(), std::thread::hardware_concurrency(),
+      o.seconds, o.short_per_second, o.streams, o.short_prompt, o.short_tokens, o.long_prompt,
+      o.long_tokens, o.long_every_seconds, o.token_budget, o.ttft_bound_ms, o.tpot_bound_ms);
   std::printf(
       "| mode | completed | short TTFT p50 / p99 ms | short TPOT p50 / p99 ms | p99 worst gap ms | "
       "long TTFT p50 ms | goodput | output tok/s |\n|---|---|---|---|---|---|---|---|\n");
   const std::string budget = std::to_string(o.token_budget);
-  // --device only off the CPU: a binary from before the flag still runs.
+  // --device only off the CPU, --kv-dtype only for fp8: a binary from before the flags still
+  // runs.
   std::vector<std::string> common{"--model", o.model, "--token-budget", budget};
   if (o.device != "cpu") common.insert(common.end(), {"--device", o.device});
+  if (o.kv_dtype != "fp32") common.insert(common.end(), {"--kv-dtype", o.kv_dtype});
   auto args = [&](std::vector<std::string> a) {
     a.insert(a.end(), common.begin(), common.end());
     return a;

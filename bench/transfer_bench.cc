@@ -1,35 +1,31 @@
-// KV hand-off throughput between two processes on loopback, against ucx_perftest.
+// KV hand-off between two processes on loopback, against ucx_perftest: a 32k-token
+// DeepSeek-V4-Flash request (43 layers: 2 sliding-only, 21 CSA at rate 4, 20 HCA at rate 128;
+// 512-channel entries with 64 RoPE channels, 128-channel indexer keys, a 128-token window) in
+// each KV dtype, laid out as model::handoff_spans lays it out: the small part (windows and
+// compressor state) and every page of compressed entries and indexer keys.
 //
-// The state: a 32k-token DeepSeek-V4-Flash request in the served FP8 format (MODEL-V4.md):
-// 584-byte entries (448 e4m3 + 64 bf16 rope + scales), 132-byte indexer keys (128 e4m3 +
-// scale), 43 layers = 2 sliding-only + 21 CSA (rate 4) + 20 HCA (rate 128):
-//   CSA entries   21 x 8192 x 584 = 100,466,688
-//   indexer keys  21 x 8192 x 132 =  22,708,224
-//   HCA entries   20 x  256 x 584 =   2,990,080
-//   windows       43 x  128 x 584 =   3,214,336
-//   total                          = 129,379,328 bytes (123.4 MiB)
-// Compressor buffers are empty at a 128-aligned length; the CSA overlap state (< 1 MB) is left
-// out.
+// Two ways to hand it over, each timed from the sender's first step until the receiver says
+// it has the state in its own pages, verified:
+//   staged  (how the hand-off worked before): the sender packs every page into one buffer and
+//           checksums it (pack_state), puts that one buffer; the receiver copies it out of its
+//           region, verifies it, and unpacks it into pages (one more copy). Copies: pack, wire,
+//           receiver's copy, unpack = 4; hashes: pack's, the put's, the receiver's.
+//   paged   (the hand-off now, model/state_handoff.h): the sender puts every page from where it
+//           lies, one op and one digest per page; the receiver copies each span into a page
+//           and checks that page's digest. Copies: wire, receiver's copy = 2; hashes: the
+//           put's, the receiver's.
+// The sender's pages are separate allocations, as a request's pages are.
 //
 // The process that receives (decode side) is this binary re-run with --serve; it registers the
-// region, sends its address and rkey through a pipe, and verifies every hand-off's digests.
-// Layouts: "uniform" cuts the state into --span-byte puts (the one ucx_perftest is compared
-// with, at the same message size); "per-layer" is one put per (pool, layer); "per-page" one put
-// per (pool, layer, 128-token block), as a decode worker's page table would have it.
+// region, sends its address and rkey through a pipe, and for each hand-off does the receiver's
+// part of the method the sender names.
 //
-// A hand-off is put() and then the digests to the receiver, which verifies every span
-// (verify_landed) once all have landed; it ends when the receiver answers that it verified
-// everything. (A pipelined mode, put_pipelined with verification as pieces land, was measured
-// here until the path was removed: the hand-off never used it. bench/RESULTS.md keeps its
-// figures.)
-//
-// Fairness: ucx_perftest runs on the same transports and devices, at the same message size
-// (--span for "uniform", the whole state for "whole"). The set-ups are interleaved, because the
-// machine is shared: every round runs ucx_perftest once per size and then one hand-off per
-// layout, so that a burst of load hits all of them alike.
-// Figures are medians of --repeats rounds after a warm-up round, with the slowest and fastest
-// beside them. Ratios are ours / perftest: a put includes the sender's checksums, perftest none;
-// "pair" is the median over rounds of hand-off / that round's perftest.
+// Fairness: ucx_perftest runs on the same transports and devices, at the size of the state
+// (one put of the whole state). The set-ups are interleaved, because the machine is shared:
+// every round runs ucx_perftest once per dtype and then one hand-off per (dtype, method), so
+// that a burst of load hits all of them alike. Figures are medians of --repeats rounds after a
+// warm-up round, with the slowest and fastest beside them; "pair" is the median over rounds of
+// hand-off / that round's perftest.
 
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -43,57 +39,43 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "dserve/kvstore/transfer.h"
+#include "dserve/model/config.h"
+#include "dserve/model/state_handoff.h"
 
 namespace {
 
 using namespace dserve::kvstore;
 using Clock = std::chrono::steady_clock;
 
-constexpr uint64_t kEntry = 584, kIndexKey = 132, kTokens = 32768;
-constexpr uint64_t kCsaLayers = 21, kHcaLayers = 20, kLayers = 43, kWindow = 128, kBlock = 128;
+constexpr int64_t kTokens = 32768;
 
-struct Span {
-  uint64_t offset, bytes;
-};
-
-// The state's spans, per (pool, layer) or per (pool, layer, block), back to back.
-std::vector<Span> v4_layout(bool per_page) {
-  std::vector<Span> spans;
-  uint64_t off = 0;
-  auto pool = [&](uint64_t layers, uint64_t rows, uint64_t row_bytes, uint64_t rows_per_page) {
-    for (uint64_t l = 0; l < layers; ++l) {
-      uint64_t step = per_page ? rows_per_page : rows;
-      for (uint64_t r = 0; r < rows; r += step) {
-        uint64_t n = std::min(step, rows - r) * row_bytes;
-        spans.push_back({off, n});
-        off += n;
-      }
-    }
-  };
-  pool(kCsaLayers, kTokens / 4, kEntry, kBlock / 4);      // CSA compressed entries
-  pool(kCsaLayers, kTokens / 4, kIndexKey, kBlock / 4);   // indexer keys
-  pool(kHcaLayers, kTokens / 128, kEntry, kBlock / 128);  // HCA compressed entries
-  pool(kLayers, kWindow, kEntry, kWindow);                // sliding windows
-  return spans;
-}
-
-uint64_t state_bytes() {
-  uint64_t total = 0;
-  for (const Span& s : v4_layout(false))
-    total += s.bytes;
-  return total;
-}
-
-std::vector<Span> uniform_layout(uint64_t total, uint64_t span) {
-  std::vector<Span> spans;
-  for (uint64_t off = 0; off < total; off += span)
-    spans.push_back({off, std::min(span, total - off)});
-  return spans;
+// V4-Flash's shapes, as far as the state goes.
+dserve::model::ModelConfig v4_flash(KvDtype dtype) {
+  dserve::model::ModelConfig c;
+  c.num_layers = 43;
+  c.layer_types.assign(2, dserve::model::AttentionKind::kSliding);
+  for (int i = 0; i < 41; ++i) {
+    c.layer_types.push_back(i % 2 == 0 ? dserve::model::AttentionKind::kCompressed
+                                       : dserve::model::AttentionKind::kHeavy);
+  }
+  c.mlp_types.assign(43, dserve::model::RoutingKind::kTopK);
+  c.head_dim = 512;
+  c.rope_head_dim = 64;
+  c.index_head_dim = 128;
+  c.sliding_window = 128;
+  c.csa_rate = 4;
+  c.hca_rate = 128;
+  if (dserve::Status s = dserve::model::set_kv_dtype(c, dtype); !s.is_ok()) {
+    std::fprintf(stderr, "%s\n", s.to_string().c_str());
+    std::exit(1);
+  }
+  return c;
 }
 
 bool io_all(int fd, void* data, size_t n, bool writing) {
@@ -140,7 +122,51 @@ TransferOptions options_for(const std::string& transports, const std::string& na
   return o;
 }
 
-// The receiving side: register, hand over, verify each hand-off, answer "OK" or the error.
+// How a hand-off is made (the header comment); the first byte of each frame to the receiver.
+enum class Method : uint8_t { kStaged = 0, kPaged = 1 };
+const char* method_name(Method m) {
+  return m == Method::kStaged ? "staged" : "paged";
+}
+
+// The page size the staged receiver unpacks into: a CSA page of fp8 entries (32 x 584 bytes);
+// the cost is the bytes copied, hardly the number of pieces.
+constexpr uint64_t kStagedPiece = 18688;
+
+// The receiver's part, as the decode worker does it: nothing of the region is read before its
+// digest matched on a copy.
+dserve::Status receive(Method method, std::span<const std::byte> region,
+                       std::span<const SpanDigest> digests) {
+  if (method == Method::kStaged) {
+    // Copy the packed state out, verify it, unpack it into fresh pages (here: one copy of each
+    // page-sized piece into its own allocation, as unpack_state's appends do).
+    if (digests.size() != 1) return dserve::data_loss("staged: one digest expected");
+    std::vector<std::byte> copy(region.begin(), region.begin() + digests[0].bytes);
+    const SpanDigest whole{0, digests[0].bytes, digests[0].xxh3};
+    DSERVE_RETURN_IF_ERROR(verify_landed(copy, std::span(&whole, 1)));
+    // unpack_state appends the rows into zero-filled pages (PagedRows::append).
+    std::vector<std::vector<std::byte>> pages;
+    for (uint64_t at = 0; at < copy.size(); at += kStagedPiece) {
+      const uint64_t n = std::min<uint64_t>(kStagedPiece, copy.size() - at);
+      pages.emplace_back(n);
+      std::memcpy(pages.back().data(), copy.data() + at, n);
+    }
+    return dserve::Status::ok();
+  }
+  // receive_handoff: each span into a page allocated for overwrite, checked there.
+  std::vector<std::unique_ptr<std::byte[]>> pages;
+  pages.reserve(digests.size());
+  for (const SpanDigest& d : digests) {
+    pages.emplace_back(new std::byte[d.bytes]);
+    std::memcpy(pages.back().get(), region.data() + d.remote_offset, d.bytes);
+    if (span_checksum(pages.back().get(), d.bytes) != d.xxh3) {
+      return dserve::data_loss("paged: span at " + std::to_string(d.remote_offset) +
+                               " does not match its digest");
+    }
+  }
+  return dserve::Status::ok();
+}
+
+// The receiving side: register, hand over, receive each hand-off, answer "OK" or the error.
 int serve(const std::string& transports, uint64_t bytes, bool allocate,
           const ChecksumSettings& settings) {
   auto engine = Transport::create_ucx(options_for(transports, "decode", settings));
@@ -156,11 +182,10 @@ int serve(const std::string& transports, uint64_t bytes, bool allocate,
   }
   std::vector<uint8_t> frame;
   while (read_frame(0, frame)) {
-    auto digests = decode_digests(frame);
-    VerifyOptions verify;
-    verify.threads = settings.verify_threads;
-    dserve::Status st =
-        digests.is_ok() ? verify_landed(memory, *digests, verify) : digests.status();
+    if (frame.empty()) return 1;
+    auto digests = decode_digests(std::span(frame).subspan(1));
+    dserve::Status st = digests.is_ok() ? receive(static_cast<Method>(frame[0]), memory, *digests)
+                                        : digests.status();
     std::string answer = st.is_ok() ? "OK" : st.to_string();
     if (!write_frame(1, std::vector<uint8_t>(answer.begin(), answer.end()))) return 1;
   }
@@ -180,33 +205,69 @@ Spread spread(std::vector<double> v) {
   return {mid, v.front(), v.back()};
 }
 
-struct Seconds {
-  double put = 0, handoff = 0;
-};
-
 [[noreturn]] void fail(const std::string& why) {
   std::fprintf(stderr, "%s\n", why.c_str());
   std::exit(1);
 }
 
-// One hand-off of `ops`; exits on any failure (a benchmark of a broken transfer means nothing).
-Seconds handoff(Transport& transport, dserve::kvstore::PeerId peer, const RemoteRegion& region,
-                const std::vector<PutOp>& ops, int to_child, int from_child) {
-  std::vector<uint8_t> answer;
-  auto expect_ok = [&] {
-    if (!read_frame(from_child, answer) || std::string(answer.begin(), answer.end()) != "OK") {
-      fail("receiver refused the hand-off: " + std::string(answer.begin(), answer.end()));
+// The sender's state: the small part and every page in its own allocation, as a request has
+// them, at the offsets handoff_spans gives.
+struct SenderState {
+  std::vector<std::vector<std::byte>> pieces;
+  std::vector<PutOp> ops;
+  uint64_t bytes = 0;
+};
+
+SenderState sender_state(const dserve::model::ModelConfig& config) {
+  SenderState st;
+  uint64_t seed = 0x9e3779b97f4a7c15ull;
+  for (const auto& span : dserve::model::handoff_spans(config, kTokens)) {
+    st.pieces.emplace_back(span.bytes);
+    for (uint64_t i = 0; i + 8 <= span.bytes; i += 8) {
+      seed = seed * 6364136223846793005ull + 1442695040888963407ull;
+      std::memcpy(st.pieces.back().data() + i, &seed, 8);
     }
-  };
-  auto t0 = Clock::now();
-  auto digests = transport.put(peer, region, ops);
-  auto t1 = Clock::now();
+    st.ops.push_back({st.pieces.back().data(), span.bytes, span.offset});
+    st.bytes = span.offset + span.bytes;
+  }
+  return st;
+}
+
+struct Seconds {
+  double put = 0;      // from the first step until the put returned (packing included)
+  double handoff = 0;  // until the receiver had the state verified in its pages
+};
+
+// One hand-off; exits on any failure (a benchmark of a broken transfer means nothing).
+Seconds handoff(Transport& transport, dserve::kvstore::PeerId peer, const RemoteRegion& region,
+                const SenderState& state, Method method, int to_child, int from_child) {
+  std::vector<uint8_t> answer;
+  const auto t0 = Clock::now();
+  std::vector<std::byte> packed;
+  std::vector<PutOp> staged;
+  const std::vector<PutOp>* ops = &state.ops;
+  if (method == Method::kStaged) {
+    // pack_state: every page into one buffer, then its checksum.
+    packed.resize(state.bytes);
+    for (const PutOp& op : state.ops)
+      std::memcpy(packed.data() + op.remote_offset, op.local, op.bytes);
+    volatile uint64_t sum = span_checksum(packed.data(), packed.size());
+    (void)sum;
+    staged.push_back({packed.data(), packed.size(), 0});
+    ops = &staged;
+  }
+  auto digests = transport.put(peer, region, *ops);
+  const auto t1 = Clock::now();
   if (!digests.is_ok()) fail("put failed: " + digests.status().to_string());
-  if (!write_frame(to_child, encode_digests(*digests))) fail("receiver gone");
-  expect_ok();
-  auto t2 = Clock::now();
+  std::vector<uint8_t> frame{static_cast<uint8_t>(method)};
+  const auto encoded = encode_digests(*digests);
+  frame.insert(frame.end(), encoded.begin(), encoded.end());
+  if (!write_frame(to_child, std::move(frame))) fail("receiver gone");
+  if (!read_frame(from_child, answer) || std::string(answer.begin(), answer.end()) != "OK") {
+    fail("receiver refused the hand-off: " + std::string(answer.begin(), answer.end()));
+  }
   return {std::chrono::duration<double>(t1 - t0).count(),
-          std::chrono::duration<double>(t2 - t0).count()};
+          std::chrono::duration<double>(Clock::now() - t0).count()};
 }
 
 // The 1-, 5- and 15-minute load averages, to be printed with the figures.
@@ -272,9 +333,10 @@ double perftest_once(const std::string& binary, const std::string& transports, u
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"KV hand-off throughput (UCX RMA put) between two processes on loopback"};
+  CLI::App app{"KV hand-off of a 32k-token V4-Flash state between two processes on loopback"};
   std::vector<std::string> transports = {"tcp", "sm,self"};
-  uint64_t span = 1u << 20;
+  std::vector<std::string> dtypes = {"fp32", "fp8"};
+  std::vector<std::string> methods = {"staged", "paged"};
   int repeats = 5;
   std::string perftest_binary = "ucx_perftest";
   int port = 0;
@@ -282,23 +344,19 @@ int main(int argc, char** argv) {
   uint64_t serve_bytes = 0;
   bool serve_allocate = false;
   ChecksumSettings settings;
-  std::vector<std::string> regions = {"registered", "allocated"};
-  std::vector<std::string> layout_names = {"uniform", "whole", "per-layer", "per-page"};
+  std::string region_kind = "allocated";
   app.add_option("--transports", transports, "UCX transport sets to measure");
-  app.add_option("--span", span, "bytes per put in the uniform layout (= ucx_perftest -s)");
-  app.add_option("--repeats", repeats,
-                 "timed rounds (each: perftest per size, a hand-off per layout)");
+  app.add_option("--kv-dtypes", dtypes, "fp32 and/or fp8");
+  app.add_option("--methods", methods, "staged (pack, put, copy, unpack) and/or paged");
+  app.add_option("--repeats", repeats, "timed rounds (each: perftest per dtype, every hand-off)");
   app.add_option("--perftest", perftest_binary, "ucx_perftest binary");
   app.add_option("--port", port,
                  "ucx_perftest's first control port, one more per run (0: a free one each run)");
-  app.add_option("--regions", regions, "receiver memory: registered and/or allocated");
-  app.add_option("--layouts", layout_names, "uniform, whole, per-layer, per-page");
+  app.add_option("--region", region_kind,
+                 "receiver memory: allocated (allocate_memory, as the decode worker's arena "
+                 "is over shared memory) or registered");
   app.add_option("--checksum-threads", settings.checksum_threads,
                  "TransferOptions::checksum_threads of the sender (0: hash before the puts)");
-  app.add_option("--digest-bytes", settings.digest_bytes,
-                 "TransferOptions::digest_bytes of the sender (0: one digest per put)");
-  app.add_option("--verify-threads", settings.verify_threads,
-                 "VerifyOptions::threads of the receiver (1: the serial verify_landed)");
   app.add_option("--serve", serve_transports, "internal: run as the receiving process");
   app.add_option("--serve-bytes", serve_bytes, "internal: region size of the receiver");
   app.add_flag("--serve-allocate", serve_allocate, "internal: receiver uses allocate_memory");
@@ -307,7 +365,24 @@ int main(int argc, char** argv) {
     return serve(serve_transports, serve_bytes, serve_allocate, settings);
   }
 
-  const uint64_t total = state_bytes();
+  struct Dtype {
+    std::string name;
+    SenderState state;
+  };
+  std::vector<Dtype> states;
+  uint64_t largest = 0;
+  for (const std::string& name : dtypes) {
+    auto dtype = parse_kv_dtype(name);
+    if (!dtype.is_ok()) fail("--kv-dtypes: " + dtype.status().to_string());
+    states.push_back({name, sender_state(v4_flash(*dtype))});
+    largest = std::max(largest, states.back().state.bytes);
+  }
+  std::vector<Method> chosen;
+  for (const std::string& m : methods) {
+    if (m != "staged" && m != "paged") fail("--methods: staged or paged, got " + m);
+    chosen.push_back(m == "staged" ? Method::kStaged : Method::kPaged);
+  }
+
   utsname u{};
   uname(&u);
   std::time_t now = std::time(nullptr);
@@ -315,144 +390,106 @@ int main(int argc, char** argv) {
   std::strftime(date, sizeof date, "%Y-%m-%d %H:%M UTC", std::gmtime(&now));
   std::printf("transfer_bench  %s  host %s (%s %s), %u cores\n", date, u.nodename, u.sysname,
               u.release, std::thread::hardware_concurrency());
-  std::printf("state: V4-Flash, 32768 tokens, FP8 served format: %llu bytes (%.1f MiB)\n",
-              static_cast<unsigned long long>(total), static_cast<double>(total) / 1048576.0);
+  for (const Dtype& d : states) {
+    std::printf(
+        "state: V4-Flash, %lld tokens, kv_dtype %s: %llu bytes (%.1f MiB) in %zu spans "
+        "(the small part and every page)\n",
+        static_cast<long long>(kTokens), d.name.c_str(),
+        static_cast<unsigned long long>(d.state.bytes),
+        static_cast<double>(d.state.bytes) / 1048576.0, d.state.ops.size());
+  }
   std::printf(
-      "layouts: uniform %llu-byte puts (%zu), whole (1 put), per-layer (%zu), per-page (%zu); "
-      "%d repeats\n",
-      static_cast<unsigned long long>(span), uniform_layout(total, span).size(),
-      v4_layout(false).size(), v4_layout(true).size(), repeats);
+      "copies per hand-off: staged 4 (pack, wire, receiver's copy, unpack), paged 2 "
+      "(wire, receiver's copy into its pages)\n");
+  std::printf("receiver region: %s; %d repeats; sender checksum threads %u; load average %s\n",
+              region_kind.c_str(), repeats, settings.checksum_threads, load_average().c_str());
   std::printf(
-      "checksums: %u sender threads beside the puts, %llu bytes per digest (0: per put), %u "
-      "receiver threads; load average %s\n",
-      settings.checksum_threads, static_cast<unsigned long long>(settings.digest_bytes),
-      settings.verify_threads, load_average().c_str());
-  std::printf(
-      "put = sender checksums + puts + flush; hand-off = until the "
-      "receiver verified the last byte; GB/s = 1e9 bytes/s, median [slowest fastest]\n\n");
+      "put = from the sender's first step (packing included) until the put returned; "
+      "hand-off = until the receiver has the state verified in its pages; GB/s = 1e9 "
+      "bytes/s, median [slowest fastest]; ratios against ucx_perftest ucp_put_bw of one "
+      "message of the state's size (w) and of 1 MiB messages (1M)\n\n");
+  std::printf("%-9s %-6s %-7s %8s %-19s %-19s %-19s %-19s %5s %5s %5s %5s\n", "transport", "dtype",
+              "method", "h-o ms", "put GB/s", "hand-off GB/s", "perftest whole", "perftest 1 MiB",
+              "p/w", "h/w", "p/1M", "h/1M");
 
-  std::vector<std::byte> state(total);
-  for (uint64_t i = 0; i < total; i += 8) {
-    uint64_t v = (i * 0x9e3779b97f4a7c15ull) ^ (i >> 7);
-    std::memcpy(state.data() + i, &v, std::min<uint64_t>(8, total - i));
-  }
-
-  {
-    auto t0 = Clock::now();
-    uint64_t h = span_checksum(state.data(), total);
-    double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-    std::printf("sender checksum alone (XXH3-64 of the state): %.2f GB/s [%016llx]\n\n",
-                static_cast<double>(total) / secs / 1e9, static_cast<unsigned long long>(h));
-  }
-  std::printf("%-9s %-10s %-9s %-19s %-19s %-19s %5s %5s %5s\n", "transport", "region", "layout",
-              "put GB/s", "hand-off GB/s", "perftest GB/s", "put", "h-o", "pair");
-  const std::pair<const char*, std::vector<Span>> all_layouts[] = {
-      {"uniform", uniform_layout(total, span)},
-      {"whole", uniform_layout(total, total)},
-      {"per-layer", v4_layout(false)},
-      {"per-page", v4_layout(true)}};
-  std::vector<std::pair<const char*, std::vector<PutOp>>> layouts;
-  for (const auto& [name, spans] : all_layouts) {
-    if (std::find(layout_names.begin(), layout_names.end(), name) == layout_names.end()) continue;
-    std::vector<PutOp> ops;
-    for (const Span& sp : spans)
-      ops.push_back({state.data() + sp.offset, sp.bytes, sp.offset});
-    layouts.emplace_back(name, std::move(ops));
-  }
   for (const std::string& tls : transports) {
-    for (const std::string& kind : regions) {
-      const bool allocate = kind == "allocated";
-      int to_child[2], from_child[2];
-      if (pipe(to_child) != 0 || pipe(from_child) != 0) return 1;
-      pid_t pid = fork();
-      if (pid == 0) {
-        dup2(to_child[0], 0);
-        dup2(from_child[1], 1);
-        close(to_child[1]);
-        close(from_child[0]);
-        std::string bytes = std::to_string(total);
-        std::string verify = std::to_string(settings.verify_threads);
-        execl("/proc/self/exe", argv[0], "--serve", tls.c_str(), "--serve-bytes", bytes.c_str(),
-              "--verify-threads", verify.c_str(), allocate ? "--serve-allocate" : nullptr,
-              static_cast<char*>(nullptr));
-        _exit(127);
-      }
-      close(to_child[0]);
-      close(from_child[1]);
-      std::vector<uint8_t> a, r;
-      if (!read_frame(from_child[0], a) || !read_frame(from_child[0], r)) {
-        std::fprintf(stderr, "receiver for %s did not start\n", tls.c_str());
-        return 1;
-      }
-      auto engine = Transport::create_ucx(options_for(tls, "prefill", settings));
-      if (!engine.is_ok()) {
-        std::fprintf(stderr, "%s\n", engine.status().to_string().c_str());
-        return 1;
-      }
-      auto peer = (*engine)->connect(decode_peer_address(a).value());
-      if (!peer.is_ok()) return 1;
-      RemoteRegion region = decode_remote_region(r).value();
-
-      // Rounds: perftest at both sizes, then every layout.
-      // Round 0 warms up (page faults, wire-up) and is not counted.
-      std::vector<double> perf_span, perf_whole;
-      std::vector<std::vector<Seconds>> times(layouts.size());
-      auto next_port = [&port] { return port == 0 ? free_tcp_port() : port++; };
-      for (int round = 0; round <= repeats; ++round) {
-        double ps = perftest_once(perftest_binary, tls, span, std::max<uint64_t>(50, total / span),
-                                  20, next_port());
-        double pw = perftest_once(perftest_binary, tls, total, 3, 1, next_port());
-        for (size_t l = 0; l < layouts.size(); ++l) {
-          Seconds t =
-              handoff(**engine, *peer, region, layouts[l].second, to_child[1], from_child[0]);
-          if (round > 0) times[l].push_back(t);
-        }
-        if (round > 0) {
-          perf_span.push_back(ps);
-          perf_whole.push_back(pw);
-        }
-      }
-      auto bytes = static_cast<double>(total);
-      for (size_t l = 0; l < layouts.size(); ++l) {
-        const std::string name = layouts[l].first;
-        const std::vector<double>* perf = name == "uniform" ? &perf_span
-                                          : name == "whole" ? &perf_whole
-                                                            : nullptr;
-        std::vector<double> put, ho, pair;
-        const auto& ts = times[l];
-        for (size_t i = 0; i < ts.size(); ++i) {
-          put.push_back(bytes / ts[i].put / 1e9);
-          ho.push_back(bytes / ts[i].handoff / 1e9);
-          if (perf != nullptr && (*perf)[i] > 0) pair.push_back(ho.back() / (*perf)[i]);
-        }
-        Spread p = spread(put), h = spread(ho);
-        std::string ref, ratio, handoff_ratio, paired;
-        if (perf != nullptr) {
-          std::vector<double> valid;
-          for (double v : *perf) {
-            if (v > 0) valid.push_back(v);
-          }
-          Spread reference = spread(valid);
-          if (reference.median > 0) {
-            char buf[16];
-            ref = text(reference);
-            std::snprintf(buf, sizeof buf, "%.2f", p.median / reference.median);
-            ratio = buf;
-            std::snprintf(buf, sizeof buf, "%.2f", h.median / reference.median);
-            handoff_ratio = buf;
-            std::snprintf(buf, sizeof buf, "%.2f", spread(pair).median);
-            paired = buf;
-          }
-        }
-        std::printf("%-9s %-10s %-9s %-19s %-19s %-19s %5s %5s %5s\n", tls.c_str(), kind.c_str(),
-                    name.c_str(), text(p).c_str(), text(h).c_str(), ref.c_str(), ratio.c_str(),
-                    handoff_ratio.c_str(), paired.c_str());
-      }
-      std::fflush(stdout);
+    const bool allocate = region_kind == "allocated";
+    int to_child[2], from_child[2];
+    if (pipe(to_child) != 0 || pipe(from_child) != 0) return 1;
+    pid_t pid = fork();
+    if (pid == 0) {
+      dup2(to_child[0], 0);
+      dup2(from_child[1], 1);
       close(to_child[1]);
       close(from_child[0]);
-      waitpid(pid, nullptr, 0);
+      std::string bytes = std::to_string(largest);
+      execl("/proc/self/exe", argv[0], "--serve", tls.c_str(), "--serve-bytes", bytes.c_str(),
+            allocate ? "--serve-allocate" : nullptr, static_cast<char*>(nullptr));
+      _exit(127);
     }
+    close(to_child[0]);
+    close(from_child[1]);
+    std::vector<uint8_t> a, r;
+    if (!read_frame(from_child[0], a) || !read_frame(from_child[0], r)) {
+      std::fprintf(stderr, "receiver for %s did not start\n", tls.c_str());
+      return 1;
+    }
+    auto engine = Transport::create_ucx(options_for(tls, "prefill", settings));
+    if (!engine.is_ok()) fail(engine.status().to_string());
+    auto peer = (*engine)->connect(decode_peer_address(a).value());
+    if (!peer.is_ok()) return 1;
+    RemoteRegion region = decode_remote_region(r).value();
+
+    // Round 0 warms up (page faults, wire-up) and is not counted.
+    std::vector<std::vector<double>> perf_whole(states.size()), perf_mib(states.size());
+    std::vector<std::vector<std::vector<Seconds>>> times(
+        states.size(), std::vector<std::vector<Seconds>>(chosen.size()));
+    auto next_port = [&port] { return port == 0 ? free_tcp_port() : port++; };
+    for (int round = 0; round <= repeats; ++round) {
+      for (size_t d = 0; d < states.size(); ++d) {
+        // perftest at the state's size and with 1 MiB messages (their total the state's size):
+        // over shared memory 1 MiB messages stay in the caches, over TCP one huge message is
+        // far slower than a stream of 1 MiB ones; both are printed.
+        const uint64_t mib = uint64_t{1} << 20;
+        const double whole =
+            perftest_once(perftest_binary, tls, states[d].state.bytes, 3, 1, next_port());
+        const double pieces =
+            perftest_once(perftest_binary, tls, mib,
+                          std::max<uint64_t>(50, states[d].state.bytes / mib), 20, next_port());
+        if (round > 0) {
+          perf_whole[d].push_back(whole);
+          perf_mib[d].push_back(pieces);
+        }
+        for (size_t m = 0; m < chosen.size(); ++m) {
+          const Seconds t = handoff(**engine, *peer, region, states[d].state, chosen[m],
+                                    to_child[1], from_child[0]);
+          if (round > 0) times[d][m].push_back(t);
+        }
+      }
+    }
+    for (size_t d = 0; d < states.size(); ++d) {
+      const auto bytes = static_cast<double>(states[d].state.bytes);
+      const Spread whole = spread(perf_whole[d]), pieces = spread(perf_mib[d]);
+      for (size_t m = 0; m < chosen.size(); ++m) {
+        std::vector<double> put, ho, ms;
+        for (const Seconds& t : times[d][m]) {
+          put.push_back(bytes / t.put / 1e9);
+          ho.push_back(bytes / t.handoff / 1e9);
+          ms.push_back(t.handoff * 1000.0);
+        }
+        const Spread p = spread(put), h = spread(ho);
+        auto ratio = [](double num, double den) { return den > 0 ? num / den : 0.0; };
+        std::printf("%-9s %-6s %-7s %8.1f %-19s %-19s %-19s %-19s %5.2f %5.2f %5.2f %5.2f\n",
+                    tls.c_str(), states[d].name.c_str(), method_name(chosen[m]), spread(ms).median,
+                    text(p).c_str(), text(h).c_str(), text(whole).c_str(), text(pieces).c_str(),
+                    ratio(p.median, whole.median), ratio(h.median, whole.median),
+                    ratio(p.median, pieces.median), ratio(h.median, pieces.median));
+      }
+    }
+    std::fflush(stdout);
+    close(to_child[1]);
+    close(from_child[0]);
+    waitpid(pid, nullptr, 0);
   }
   std::printf("\nload average at the end: %s\n", load_average().c_str());
   return 0;

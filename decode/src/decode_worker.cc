@@ -194,9 +194,9 @@ Result<DecodeRequest> take_handoff(WorkerState& st, ReservationId id, const Rese
   // Every span is copied out of the region first, then verified and read from the copy: bytes a
   // late put (of an earlier, abandoned lease of this range) writes after that cannot reach the
   // request.
-  auto state = model::receive_handoff(
-      *st.compute, {r.lease.region.data(), state_bytes}, static_cast<int64_t>(r.prompt_tokens),
-      std::span(*digests).first(digests->size() - 1));
+  auto state = model::receive_handoff(*st.compute, {r.lease.region.data(), state_bytes},
+                                      static_cast<int64_t>(r.prompt_tokens),
+                                      std::span(*digests).first(digests->size() - 1));
   if (!state.is_ok()) {
     if (state.status().code() == StatusCode::kDataLoss) ++st.handoffs_corrupt;
     return state.status();
@@ -204,8 +204,8 @@ Result<DecodeRequest> take_handoff(WorkerState& st, ReservationId id, const Rese
   std::vector<float> logits(static_cast<size_t>(config.vocab_size));
   std::memcpy(logits.data(), r.lease.region.data() + state_bytes, logit_bytes);
   const kvstore::SpanDigest logit_digest{0, logit_bytes, digests->back().xxh3};
-  if (Status landed = kvstore::verify_landed(std::as_bytes(std::span(logits)),
-                                             std::span(&logit_digest, 1));
+  if (Status landed =
+          kvstore::verify_landed(std::as_bytes(std::span(logits)), std::span(&logit_digest, 1));
       !landed.is_ok()) {
     ++st.handoffs_corrupt;
     return landed;

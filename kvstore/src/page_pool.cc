@@ -8,10 +8,11 @@
 
 namespace dserve::kvstore {
 
-Page::Page(std::shared_ptr<PagePool> pool, int64_t bytes)
+Page::Page(std::shared_ptr<PagePool> pool, int64_t bytes, bool uninitialised)
     : pool_(std::move(pool)),
       bytes_(bytes),
-      storage_(new float[static_cast<size_t>((bytes + 3) / 4)]()) {
+      storage_(uninitialised ? new float[static_cast<size_t>((bytes + 3) / 4)]
+                             : new float[static_cast<size_t>((bytes + 3) / 4)]()) {
   pool_->pages_in_use_.fetch_add(1);
 }
 
@@ -47,6 +48,10 @@ std::shared_ptr<PagePool> PagePool::create(std::string name, int64_t rows_per_pa
 
 PageRef PagePool::allocate() {
   return std::make_shared<Page>(shared_from_this(), static_cast<int64_t>(page_bytes()));
+}
+
+PageRef PagePool::allocate_for_overwrite() {
+  return std::make_shared<Page>(shared_from_this(), static_cast<int64_t>(page_bytes()), true);
 }
 
 PagedRows::PagedRows(std::shared_ptr<PagePool> pool) : pool_(std::move(pool)) {}
@@ -95,8 +100,8 @@ void PagedRows::read_rows(int64_t first, int64_t count, float* out) const {
   }
 }
 
-// Writes `count` rows into the pages, `put(at, n, page_bytes)` filling rows [at, at + n) of the
-// open page from the next n of its input.
+// Writes `count` rows into the pages, opening pages as they fill: `put(n, to)` writes the next
+// n rows of its input, encoded, at `to` inside the open page.
 template <typename Put>
 void PagedRows::fill(int64_t count, Put put) {
   DSERVE_CHECK_MSG(pool_ != nullptr || count == 0, "append to a PagedRows without a pool");
@@ -115,6 +120,13 @@ void PagedRows::fill(int64_t count, Put put) {
 void PagedRows::append(const float* rows, int64_t count) {
   fill(count, [&](int64_t n, std::byte* to) {
     encode_rows(pool_->format(), rows, n, to);
+    rows += n * pool_->width();
+  });
+}
+
+void PagedRows::append_decoded(const float* rows, int64_t count) {
+  fill(count, [&](int64_t n, std::byte* to) {
+    encode_decoded_rows(pool_->format(), rows, n, to);
     rows += n * pool_->width();
   });
 }

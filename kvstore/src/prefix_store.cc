@@ -239,7 +239,7 @@ struct PrefixStore::Ops {
     std::vector<PageRef> pages;
     const std::byte* src = bytes->data();
     for (const auto& pool : layout.page_pools[i]) {
-      PageRef page = pool->allocate();
+      PageRef page = pool->allocate_for_overwrite();
       std::memcpy(page->data(), src, pool->page_bytes());
       src += pool->page_bytes();
       pages.push_back(std::move(page));

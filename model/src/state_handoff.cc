@@ -124,8 +124,9 @@ Result<RequestHandle> receive_handoff(Engine& engine, std::span<const std::byte>
   std::vector<uint8_t> small(spans.front().bytes);
   std::memcpy(small.data(), region.data(), small.size());
   if (kvstore::span_checksum(small.data(), small.size()) != digests.front().xxh3) {
-    return data_loss("hand-off: the small part (windows, compressor state) does not match its "
-                     "digest");
+    return data_loss(
+        "hand-off: the small part (windows, compressor state) does not match its "
+        "digest");
   }
   DSERVE_ASSIGN_OR_RETURN(
       RequestState state,
@@ -151,9 +152,9 @@ Result<RequestHandle> receive_handoff(Engine& engine, std::span<const std::byte>
       const int64_t per = rows->rows_per_page();
       for (int64_t page = 0; page < pages_for(total, per); ++page) {
         const HandoffSpan& span = spans[next];
-        const auto& pools = pool_in_layer == 0 ? engine.page_pools().compressed
-                                                : engine.page_pools().index_keys;
-        kvstore::PageRef copy = pools[l]->allocate();
+        const auto& pools =
+            pool_in_layer == 0 ? engine.page_pools().compressed : engine.page_pools().index_keys;
+        kvstore::PageRef copy = pools[l]->allocate_for_overwrite();
         DSERVE_CHECK(static_cast<uint64_t>(copy->size_bytes()) == span.bytes);
         std::memcpy(copy->data(), region.data() + span.offset, span.bytes);
         if (kvstore::span_checksum(copy->data(), span.bytes) != digests[next].xxh3) {

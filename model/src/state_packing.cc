@@ -269,8 +269,7 @@ Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& 
   return unpack(config, pools, bytes, true);
 }
 
-std::vector<uint8_t> pack_state_without_rows(const ModelConfig& config,
-                                             const RequestState& state) {
+std::vector<uint8_t> pack_state_without_rows(const ModelConfig& config, const RequestState& state) {
   return pack(config, state, false);
 }
 
@@ -278,8 +277,7 @@ size_t packed_state_without_rows_bytes(const ModelConfig& config, int64_t positi
   return packed_bytes(config, position, false);
 }
 
-Result<RequestState> unpack_state_without_rows(const ModelConfig& config,
-                                               const KvPagePools& pools,
+Result<RequestState> unpack_state_without_rows(const ModelConfig& config, const KvPagePools& pools,
                                                std::span<const uint8_t> bytes) {
   return unpack(config, pools, bytes, false);
 }

@@ -195,7 +195,8 @@ Result<HandoffDone> write_state(WorkerState& st, const PrefillRequest& req,
     // a byte of the last page (the small part when the state has none yet).
     ++st.injected_faults;
     const kvstore::PutOp& victim = source->ops.back();
-    const uint8_t flipped = static_cast<uint8_t>(*static_cast<const uint8_t*>(victim.local) ^ 0xffu);
+    const uint8_t flipped =
+        static_cast<uint8_t>(*static_cast<const uint8_t*>(victim.local) ^ 0xffu);
     const kvstore::PutOp corrupt[1] = {{&flipped, 1, victim.remote_offset}};
     if (auto bad = st.transport->put(*peer, keys->region, corrupt); !bad.is_ok())
       return bad.status();

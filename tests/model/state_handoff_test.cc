@@ -107,7 +107,8 @@ TEST(StateHandoff, Fp8MovesAThirdOfTheBytes) {
   const ModelConfig& fp8 = tiny_engine(kvstore::KvDtype::kFp8).config();
   for (int64_t at : {128, 1024, 4096}) {
     const uint64_t a = handoff_bytes(fp32, at), b = handoff_bytes(fp8, at);
-    std::fprintf(stderr, "[ info ] tiny preset, hand-off at %lld tokens: fp32 %llu bytes, fp8 %llu\n",
+    std::fprintf(stderr,
+                 "[ info ] tiny preset, hand-off at %lld tokens: fp32 %llu bytes, fp8 %llu\n",
                  static_cast<long long>(at), static_cast<unsigned long long>(a),
                  static_cast<unsigned long long>(b));
     EXPECT_LT(b, a);

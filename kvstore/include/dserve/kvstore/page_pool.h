@@ -29,7 +29,8 @@ class PagePool;
 
 class Page {
  public:
-  Page(std::shared_ptr<PagePool> pool, int64_t bytes);
+  // Zero-filled unless `uninitialised` (PagePool::allocate_for_overwrite).
+  Page(std::shared_ptr<PagePool> pool, int64_t bytes, bool uninitialised = false);
   ~Page();
   Page(const Page&) = delete;
   Page& operator=(const Page&) = delete;
@@ -61,6 +62,9 @@ class PagePool : public std::enable_shared_from_this<PagePool> {
 
   // A zero-filled page.
   PageRef allocate();
+  // A page whose bytes are not initialised, for a caller that writes every byte of it before
+  // anything reads it (a landed hand-off span, a tier's decoded value): saves the zero fill.
+  PageRef allocate_for_overwrite();
 
   const std::string& name() const { return name_; }
   int64_t rows_per_page() const { return rows_per_page_; }
@@ -103,6 +107,8 @@ class PagedRows {
   void read_rows(int64_t first, int64_t count, float* out) const;
   // Encodes `count` rows of width() floats in, allocating pages as they fill.
   void append(const float* rows, int64_t count);
+  // Appends `count` rows given decoded (encode_decoded_rows): a device's rows read back.
+  void append_decoded(const float* rows, int64_t count);
   // Appends `count` rows already in the pool's format (row_bytes() each): a hand-off.
   void append_encoded(const std::byte* rows, int64_t count);
   // The encoded bytes of row i.

@@ -37,8 +37,7 @@ Result<RequestState> unpack_state(const ModelConfig& config, const KvPagePools& 
 // "DSRW"; unpacking gives a state whose paged rows are empty, for the pages to be appended.
 std::vector<uint8_t> pack_state_without_rows(const ModelConfig& config, const RequestState& state);
 size_t packed_state_without_rows_bytes(const ModelConfig& config, int64_t position);
-Result<RequestState> unpack_state_without_rows(const ModelConfig& config,
-                                               const KvPagePools& pools,
+Result<RequestState> unpack_state_without_rows(const ModelConfig& config, const KvPagePools& pools,
                                                std::span<const uint8_t> bytes);
 
 }  // namespace dserve::model
