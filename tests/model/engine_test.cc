@@ -263,11 +263,8 @@ TEST(Engine, MixedStepsWithFp8KvAtV4WidthsAreBitIdenticalToEachRequestAlone) {
 // A request handed to another engine (the prefill worker's pack, the decode worker's unpack)
 // goes on with the logits it would have had, in either KV dtype.
 class EngineHandOff : public ::testing::TestWithParam<kvstore::KvDtype> {};
-INSTANTIATE_TEST_SUITE_P(KvDtypes, EngineHandOff,
-                         ::testing::Values(kvstore::KvDtype::kFp32, kvstore::KvDtype::kFp8),
-                         [](const auto& param_info) {
-                           return std::string(kvstore::kv_dtype_name(param_info.param));
-                         });
+INSTANTIATE_TEST_SUITE_P(KvDtypes, EngineHandOff, ::testing::ValuesIn(testing_support::kKvDtypes),
+                         testing_support::kv_dtype_param_name);
 
 TEST_P(EngineHandOff, AHandOffContinuesBitForBit) {
   Engine& engine = testing_support::tiny_engine(GetParam());

@@ -42,11 +42,8 @@ std::vector<float> step(Engine& engine, EngineRequest& request, std::span<const 
 }
 
 class StateHandoff : public ::testing::TestWithParam<kvstore::KvDtype> {};
-INSTANTIATE_TEST_SUITE_P(KvDtypes, StateHandoff,
-                         ::testing::Values(kvstore::KvDtype::kFp32, kvstore::KvDtype::kFp8),
-                         [](const auto& param_info) {
-                           return std::string(kvstore::kv_dtype_name(param_info.param));
-                         });
+INSTANTIATE_TEST_SUITE_P(KvDtypes, StateHandoff, ::testing::ValuesIn(testing_support::kKvDtypes),
+                         testing_support::kv_dtype_param_name);
 
 TEST_P(StateHandoff, ReceivedStateContinuesBitForBitAtAnyPosition) {
   Engine& engine = tiny_engine(GetParam());

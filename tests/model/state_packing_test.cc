@@ -23,10 +23,8 @@ std::vector<int32_t> tokens(int64_t n, uint64_t seed) {
 
 class StatePackingDtype : public ::testing::TestWithParam<kvstore::KvDtype> {};
 INSTANTIATE_TEST_SUITE_P(KvDtypes, StatePackingDtype,
-                         ::testing::Values(kvstore::KvDtype::kFp32, kvstore::KvDtype::kFp8),
-                         [](const auto& param_info) {
-                           return std::string(kvstore::kv_dtype_name(param_info.param));
-                         });
+                         ::testing::ValuesIn(testing_support::kKvDtypes),
+                         testing_support::kv_dtype_param_name);
 
 TEST_P(StatePackingDtype, UnpackedStateContinuesBitForBitAtAnyPosition) {
   const Model& m = testing_support::tiny_model(GetParam());

@@ -109,6 +109,10 @@ Engine& tiny_engine(kvstore::KvDtype kv_dtype) {
   return *fp8;
 }
 
+std::string kv_dtype_param_name(const ::testing::TestParamInfo<kvstore::KvDtype>& info) {
+  return std::string(kvstore::kv_dtype_name(info.param));
+}
+
 std::vector<int32_t> prompt_of(int64_t n, uint64_t seed) {
   SplitMix64 rng(seed);
   std::vector<int32_t> ids{0};

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+
 #include "dserve/model/engine.h"
 #include "dserve/model/model.h"
 
@@ -20,6 +22,10 @@ const std::shared_ptr<const Model>& tiny_model_shared(
     kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32);
 // The CPU engine over tiny_model(kv_dtype), one per test binary and dtype.
 Engine& tiny_engine(kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32);
+// Every KV dtype, for tests parameterised by it, and a test-name suffix for each ("fp32", "fp8").
+inline constexpr kvstore::KvDtype kKvDtypes[] = {kvstore::KvDtype::kFp32, kvstore::KvDtype::kFp8};
+std::string kv_dtype_param_name(const ::testing::TestParamInfo<kvstore::KvDtype>& info);
+
 // Largest |a - b| over a row of n values, relative to the row's largest |b| (at least 1).
 double relative_row_diff(const float* a, const float* b, int64_t n);
 
