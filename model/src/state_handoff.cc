@@ -46,6 +46,52 @@ std::string span_name(size_t layer, size_t pool_in_layer, int64_t page) {
          std::to_string(page);
 }
 
+// Runs of consecutive spans, each covered by one digest: the small part alone (it is parsed
+// before any page is read), then greedily as many spans as fit in kHandoffRunBytes (at least
+// one).
+struct Run {
+  size_t first = 0;
+  size_t end = 0;
+  uint64_t bytes = 0;
+};
+std::vector<Run> runs_of(const std::vector<HandoffSpan>& spans) {
+  // Larger runs for a very large state: at most about kHandoffMaxRuns of them.
+  const uint64_t total = spans.back().offset + spans.back().bytes;
+  const uint64_t limit =
+      std::max(kHandoffRunBytes, (total + kHandoffMaxRuns - 1) / kHandoffMaxRuns);
+  std::vector<Run> runs{{0, 1, spans.front().bytes}};
+  for (size_t i = 1; i < spans.size();) {
+    Run run{i, i, 0};
+    while (run.end < spans.size() && (run.end == i || run.bytes + spans[run.end].bytes <= limit)) {
+      run.bytes += spans[run.end].bytes;
+      ++run.end;
+    }
+    runs.push_back(run);
+    i = run.end;
+  }
+  return runs;
+}
+
+// A run's digest: XXH3-64 of its spans' digests, as little-endian u64s (block.h: this host's).
+uint64_t fold(const std::vector<uint64_t>& sums) {
+  return kvstore::span_checksum(sums.data(), sums.size() * sizeof(uint64_t));
+}
+
+Status check_span_digests(const std::vector<HandoffSpan>& spans,
+                          std::span<const kvstore::SpanDigest> digests) {
+  if (digests.size() != spans.size()) {
+    return data_loss("hand-off: " + std::to_string(digests.size()) + " digests for " +
+                     std::to_string(spans.size()) + " spans");
+  }
+  for (size_t i = 0; i < spans.size(); ++i) {
+    if (digests[i].remote_offset != spans[i].offset || digests[i].bytes != spans[i].bytes) {
+      return data_loss("hand-off: digest " + std::to_string(i) + " does not cover span " +
+                       std::to_string(i));
+    }
+  }
+  return Status::ok();
+}
+
 }  // namespace
 
 std::vector<HandoffSpan> handoff_spans(const ModelConfig& config, int64_t position) {
@@ -98,32 +144,49 @@ Result<HandoffSource> handoff_source(const Engine& engine, const EngineRequest& 
   return source;
 }
 
+Result<std::vector<kvstore::SpanDigest>> handoff_run_digests(
+    const ModelConfig& config, int64_t position,
+    std::span<const kvstore::SpanDigest> span_digests) {
+  const auto spans = handoff_spans(config, position);
+  DSERVE_RETURN_IF_ERROR(check_span_digests(spans, span_digests));
+  std::vector<kvstore::SpanDigest> runs;
+  for (const Run& run : runs_of(spans)) {
+    std::vector<uint64_t> sums;
+    for (size_t i = run.first; i < run.end; ++i)
+      sums.push_back(span_digests[i].xxh3);
+    runs.push_back({spans[run.first].offset, run.bytes, fold(sums)});
+  }
+  return runs;
+}
+
 Result<RequestHandle> receive_handoff(Engine& engine, std::span<const std::byte> region,
                                       int64_t position,
                                       std::span<const kvstore::SpanDigest> digests) {
   const ModelConfig& config = engine.config();
   const auto spans = handoff_spans(config, position);
-  if (digests.size() != spans.size()) {
+  const auto runs = runs_of(spans);
+  if (digests.size() != runs.size()) {
     return data_loss("hand-off: " + std::to_string(digests.size()) + " digests for " +
-                     std::to_string(spans.size()) + " spans (the small part and every page)");
+                     std::to_string(runs.size()) + " runs of its " + std::to_string(spans.size()) +
+                     " spans");
   }
   if (spans.back().offset + spans.back().bytes > region.size()) {
     return data_loss("hand-off of " + std::to_string(spans.back().offset + spans.back().bytes) +
                      " bytes does not fit the region of " + std::to_string(region.size()));
   }
-  for (size_t i = 0; i < spans.size(); ++i) {
-    if (digests[i].remote_offset != spans[i].offset || digests[i].bytes != spans[i].bytes) {
-      return data_loss("hand-off digest " + std::to_string(i) + " covers [" +
-                       std::to_string(digests[i].remote_offset) + ", +" +
-                       std::to_string(digests[i].bytes) + "), its span is [" +
-                       std::to_string(spans[i].offset) + ", +" + std::to_string(spans[i].bytes) +
-                       ")");
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const uint64_t offset = spans[runs[r].first].offset;
+    if (digests[r].remote_offset != offset || digests[r].bytes != runs[r].bytes) {
+      return data_loss("hand-off digest " + std::to_string(r) + " covers [" +
+                       std::to_string(digests[r].remote_offset) + ", +" +
+                       std::to_string(digests[r].bytes) + "), its run is [" +
+                       std::to_string(offset) + ", +" + std::to_string(runs[r].bytes) + ")");
     }
   }
-  // The small part: copied, checked, then read.
+  // The small part (a run of its own): copied, checked, then read.
   std::vector<uint8_t> small(spans.front().bytes);
   std::memcpy(small.data(), region.data(), small.size());
-  if (kvstore::span_checksum(small.data(), small.size()) != digests.front().xxh3) {
+  if (fold({kvstore::span_checksum(small.data(), small.size())}) != digests.front().xxh3) {
     return data_loss(
         "hand-off: the small part (windows, compressor state) does not match its "
         "digest");
@@ -137,42 +200,60 @@ Result<RequestHandle> receive_handoff(Engine& engine, std::span<const std::byte>
     return data_loss("hand-off state at position " + std::to_string(state.position()) +
                      ", expected " + std::to_string(position));
   }
-  // Each page: copied into a page of this engine's pools, checked there, then appended.
-  size_t next = 1;
+  // Where each page span goes: its rows, its pool, how many of its rows are the state's.
+  struct Target {
+    kvstore::PagedRows* rows;
+    kvstore::PagePool* pool;
+    int64_t in_page;
+    std::string name;
+  };
+  std::vector<Target> targets;
   for (size_t l = 0; l < state.layers().size(); ++l) {
     LayerState& layer = state.layers()[l];
+    const int64_t rate = config.compress_rate(layer.kind);
+    const int64_t total = rate > 0 ? position / rate : 0;
     size_t pool_in_layer = 0;
     for (kvstore::PagedRows* rows : {&layer.compressed, &layer.index_keys}) {
-      if (!rows->attached()) {
-        ++pool_in_layer;
-        continue;
-      }
-      const int64_t rate = config.compress_rate(layer.kind);
-      const int64_t total = rate > 0 ? position / rate : 0;
-      const int64_t per = rows->rows_per_page();
-      for (int64_t page = 0; page < pages_for(total, per); ++page) {
-        const HandoffSpan& span = spans[next];
-        const auto& pools =
-            pool_in_layer == 0 ? engine.page_pools().compressed : engine.page_pools().index_keys;
-        kvstore::PageRef copy = pools[l]->allocate_for_overwrite();
-        DSERVE_CHECK(static_cast<uint64_t>(copy->size_bytes()) == span.bytes);
-        std::memcpy(copy->data(), region.data() + span.offset, span.bytes);
-        if (kvstore::span_checksum(copy->data(), span.bytes) != digests[next].xxh3) {
-          return data_loss("hand-off: " + span_name(l, pool_in_layer, page) +
-                           " does not match its digest");
+      const auto& pools =
+          pool_in_layer == 0 ? engine.page_pools().compressed : engine.page_pools().index_keys;
+      if (rows->attached()) {
+        const int64_t per = rows->rows_per_page();
+        for (int64_t page = 0; page < pages_for(total, per); ++page) {
+          targets.push_back({rows, pools[l].get(), std::min(per, total - page * per),
+                             span_name(l, pool_in_layer, page)});
         }
-        const int64_t in_page = std::min(per, total - page * per);
-        if (in_page == per) {
-          rows->append_page(std::move(copy));
-        } else {
-          rows->append_encoded(copy->data(), in_page);
-        }
-        ++next;
       }
       ++pool_in_layer;
     }
   }
-  DSERVE_CHECK(next == spans.size());
+  DSERVE_CHECK(targets.size() + 1 == spans.size());
+  // Each run: its spans copied into pages of this engine's pools and hashed there; appended
+  // once the run's digest matched.
+  for (size_t r = 1; r < runs.size(); ++r) {
+    std::vector<kvstore::PageRef> pages;
+    std::vector<uint64_t> sums;
+    for (size_t i = runs[r].first; i < runs[r].end; ++i) {
+      const Target& t = targets[i - 1];
+      kvstore::PageRef copy = t.pool->allocate_for_overwrite();
+      DSERVE_CHECK(static_cast<uint64_t>(copy->size_bytes()) == spans[i].bytes);
+      std::memcpy(copy->data(), region.data() + spans[i].offset, spans[i].bytes);
+      sums.push_back(kvstore::span_checksum(copy->data(), spans[i].bytes));
+      pages.push_back(std::move(copy));
+    }
+    if (fold(sums) != digests[r].xxh3) {
+      return data_loss("hand-off: " + targets[runs[r].first - 1].name + " to " +
+                       targets[runs[r].end - 2].name + " do not match their digest");
+    }
+    for (size_t i = runs[r].first; i < runs[r].end; ++i) {
+      const Target& t = targets[i - 1];
+      kvstore::PageRef& page = pages[i - runs[r].first];
+      if (t.in_page == t.pool->rows_per_page()) {
+        t.rows->append_page(std::move(page));
+      } else {
+        t.rows->append_encoded(page->data(), t.in_page);
+      }
+    }
+  }
   return engine.import_state(std::move(state));
 }
 

@@ -201,6 +201,11 @@ Result<HandoffDone> write_state(WorkerState& st, const PrefillRequest& req,
     if (auto bad = st.transport->put(*peer, keys->region, corrupt); !bad.is_ok())
       return bad.status();
   }
+  // One digest per run of pages (a bounded control message), then the logits'.
+  auto runs = model::handoff_run_digests(st.compute->config(), result.request->position(),
+                                         std::span(*digests).first(digests->size() - 1));
+  if (!runs.is_ok()) return runs.status();
+  runs->push_back(digests->back());
   const auto logits = result.last_logits.span();
   HandoffDone done;
   done.request_id = req.request_id;
@@ -211,7 +216,7 @@ Result<HandoffDone> write_state(WorkerState& st, const PrefillRequest& req,
   // Informational (the greedy choice); the decode side samples from the logits itself.
   done.first_token =
       static_cast<TokenId>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-  done.span_digests = kvstore::encode_digests(*digests);
+  done.span_digests = kvstore::encode_digests(*runs);
   return done;
 }
 

@@ -182,13 +182,17 @@ class DecodeProtocolTest : public ::testing::Test {
     ops.push_back({state.logits.data(), logit_bytes, source->bytes});
     auto digests = prefill_transport_.put(*peer, keys->region, ops);
     if (!digests.is_ok()) return digests.status();
+    auto runs = model::handoff_run_digests(tiny_engine().config(), state.request->position(),
+                                           std::span(*digests).first(digests->size() - 1));
+    if (!runs.is_ok()) return runs.status();
+    runs->push_back(digests->back());
     HandoffDone done;
     done.request_id = grant.request_id;
     done.reservation_id = grant.reservation_id;
     done.decode_epoch = grant.decode_epoch;
     done.kv_tokens = static_cast<uint32_t>(prompt.size());
     done.state_checksum = (*digests)[0].xxh3;
-    done.span_digests = kvstore::encode_digests(*digests);
+    done.span_digests = kvstore::encode_digests(*runs);
     return done;
   }
 

@@ -23,13 +23,15 @@ struct Landed {
   std::vector<kvstore::SpanDigest> digests;
 };
 
-// What a put of `source` leaves in a region of its size, and the digests it returns.
-Landed put(const HandoffSource& source) {
+// What a put of `source` leaves in a region of its size, and the run digests the sender sends.
+Landed put(const ModelConfig& config, int64_t position, const HandoffSource& source) {
   Landed l;
   l.region.resize(source.bytes);
   for (const kvstore::PutOp& op : source.ops)
     std::memcpy(l.region.data() + op.remote_offset, op.local, op.bytes);
-  l.digests = kvstore::span_digests(source.ops);
+  auto runs = handoff_run_digests(config, position, kvstore::span_digests(source.ops));
+  EXPECT_TRUE(runs.is_ok()) << runs.status().to_string();
+  if (runs.is_ok()) l.digests = std::move(runs).value();
   return l;
 }
 
@@ -57,7 +59,7 @@ TEST_P(StateHandoff, ReceivedStateContinuesBitForBitAtAnyPosition) {
     ASSERT_TRUE(source.is_ok()) << source.status().to_string();
     EXPECT_EQ(source->bytes, handoff_bytes(engine.config(), at));
     EXPECT_EQ(source->ops.size(), handoff_spans(engine.config(), at).size());
-    const Landed landed = put(*source);
+    const Landed landed = put(engine.config(), at, *source);
     auto receiver = receive_handoff(engine, landed.region, at, landed.digests);
     ASSERT_TRUE(receiver.is_ok()) << "at " << at << ": " << receiver.status().to_string();
     EXPECT_EQ((*receiver)->position(), at);
@@ -77,7 +79,7 @@ TEST_P(StateHandoff, EveryCorruptSpanIsRefusedByName) {
   step(engine, **sender, ids);
   auto source = handoff_source(engine, **sender);
   ASSERT_TRUE(source.is_ok());
-  const Landed good = put(*source);
+  const Landed good = put(engine.config(), 300, *source);
   const auto spans = handoff_spans(engine.config(), 300);
   ASSERT_GT(spans.size(), 10u);
   for (size_t i = 0; i < spans.size(); i += 7) {
@@ -88,6 +90,11 @@ TEST_P(StateHandoff, EveryCorruptSpanIsRefusedByName) {
     EXPECT_NE(r.status().message().find(i == 0 ? "small part" : "page"), std::string::npos)
         << r.status().message();
   }
+  // A digest of the wrong run is refused too.
+  Landed swapped = good;
+  std::swap(swapped.digests.front().xxh3, swapped.digests.back().xxh3);
+  EXPECT_EQ(receive_handoff(engine, swapped.region, 300, swapped.digests).status().code(),
+            StatusCode::kDataLoss);
   // Digests that do not cover the spans, or a state of another position, are refused too.
   Landed short_list = good;
   short_list.digests.pop_back();
@@ -97,6 +104,41 @@ TEST_P(StateHandoff, EveryCorruptSpanIsRefusedByName) {
             StatusCode::kDataLoss);
   // Nothing was appended anywhere: the pools hold only the sender's pages.
   EXPECT_TRUE(receive_handoff(engine, good.region, 300, good.digests).is_ok());
+}
+
+// The control message stays small at any context: one digest per run of pages, about 1,000 at
+// most. V4-Flash's shapes (43 layers, 512-channel entries) in fp32, 32k and a million tokens.
+TEST(StateHandoff, RunDigestsStaySmallAtAnyContext) {
+  ModelConfig c = tiny_engine().config();
+  c.num_layers = 43;
+  c.layer_types.assign(2, AttentionKind::kSliding);
+  for (int i = 0; i < 41; ++i)
+    c.layer_types.push_back(i % 2 == 0 ? AttentionKind::kCompressed : AttentionKind::kHeavy);
+  c.mlp_types.assign(43, RoutingKind::kTopK);
+  c.head_dim = 512;
+  c.rope_head_dim = 64;
+  c.index_head_dim = 128;
+  c.sliding_window = 128;
+  c.csa_rate = 4;
+  c.hca_rate = 128;
+  for (const int64_t tokens : {int64_t{32768}, int64_t{1} << 20}) {
+    const auto spans = handoff_spans(c, tokens);
+    std::vector<kvstore::SpanDigest> per_span;
+    for (const HandoffSpan& s : spans)
+      per_span.push_back({s.offset, s.bytes, s.offset * 31});
+    auto runs = handoff_run_digests(c, tokens, per_span);
+    ASSERT_TRUE(runs.is_ok()) << runs.status().to_string();
+    const uint64_t bytes = spans.back().offset + spans.back().bytes;
+    std::fprintf(stderr,
+                 "[ info ] V4-Flash widths, fp32, %lld tokens: %llu bytes, %zu spans, "
+                 "%zu run digests (%zu bytes of digests)\n",
+                 static_cast<long long>(tokens), static_cast<unsigned long long>(bytes),
+                 spans.size(), runs->size(), runs->size() * sizeof(kvstore::SpanDigest));
+    // actors::kMaxTransferKeysBytes (64 KiB) bounds the encoded digests of a HandoffDone.
+    EXPECT_LT(runs->size() * 24 + 64, size_t{64} * 1024);
+    EXPECT_LE(runs->size(), kHandoffMaxRuns + 2);
+    EXPECT_LE(runs->size(), bytes / kHandoffRunBytes + 2);
+  }
 }
 
 TEST(StateHandoff, Fp8MovesAThirdOfTheBytes) {
