@@ -28,6 +28,11 @@ uint64_t shape_digest(const ModelConfig& c) {
   return XXH3_64bits(words.data(), words.size() * sizeof(int64_t));
 }
 
+// How a window's rows are packed: fp32, or with fp8 KV as fp8 entries (the values it holds).
+kvstore::RowFormat window_format(const ModelConfig& c) {
+  return kvstore::RowFormat::entry(c.kv_dtype, c.head_dim, c.rope_head_dim);
+}
+
 class Writer {
  public:
   void u32(uint32_t v) { raw(&v, sizeof(v)); }
@@ -37,6 +42,19 @@ class Writer {
     raw(data, n * sizeof(float));
   }
   void floats(const std::vector<float>& v) { floats(v.data(), v.size()); }
+  // A window: floats in fp32; with fp8 KV its rows as fp8 entries (byte count, then the rows),
+  // which give back the same values (the window holds values of that format).
+  void window(const std::vector<float>& v, const kvstore::RowFormat& f) {
+    if (f.encoding == kvstore::RowEncoding::kFp32) {
+      floats(v);
+      return;
+    }
+    const auto rows = static_cast<int64_t>(v.size()) / f.width;
+    std::vector<std::byte> encoded(static_cast<size_t>(rows * f.row_bytes()));
+    kvstore::encode_rows(f, v.data(), rows, encoded.data());
+    u64(encoded.size());
+    raw(encoded.data(), encoded.size());
+  }
   // The rows as their pages hold them (fp32, or encoded): byte count, then the bytes.
   void rows(const kvstore::PagedRows& r) {
     const int64_t row_bytes = r.attached() ? r.format().row_bytes() : 0;
@@ -71,6 +89,26 @@ class Reader {
     }
     v->resize(static_cast<size_t>(n));
     raw(v->data(), static_cast<size_t>(n) * sizeof(float));
+    return Status::ok();
+  }
+  // A window of `rows` rows as Writer::window wrote it.
+  Status window(std::vector<float>* v, int64_t rows, const kvstore::RowFormat& f,
+                const std::string& what) {
+    if (f.encoding == kvstore::RowEncoding::kFp32) {
+      return floats(v, static_cast<uint64_t>(rows * f.width), what);
+    }
+    const auto expected = static_cast<uint64_t>(rows * f.row_bytes());
+    uint64_t n = 0;
+    if (!u64(&n)) return data_loss("packed state ends inside " + what);
+    if (n != expected) {
+      return data_loss("packed state: " + what + " holds " + std::to_string(n) +
+                       " bytes, expected " + std::to_string(expected));
+    }
+    if (n > bytes_.size() - at_) return data_loss("packed state ends inside " + what);
+    v->resize(static_cast<size_t>(rows * f.width));
+    kvstore::decode_rows(f, reinterpret_cast<const std::byte*>(bytes_.data() + at_), rows,
+                         v->data());
+    at_ += static_cast<size_t>(n);
     return Status::ok();
   }
   // `count` rows in the format of `rows`' pool, appended to it (a stored byte count must say
@@ -125,8 +163,9 @@ std::vector<uint8_t> pack(const ModelConfig& config, const RequestState& state, 
   w.u64(static_cast<uint64_t>(state.position()));
   w.u64(static_cast<uint64_t>(config.num_layers));
   w.u64(shape_digest(config));
+  const auto window = window_format(config);
   for (const LayerState& s : state.layers()) {
-    w.floats(s.window);
+    w.window(s.window, window);
     if (rows) {
       w.rows(s.compressed);
       w.rows(s.index_keys);
@@ -145,9 +184,13 @@ size_t packed_bytes(const ModelConfig& config, int64_t position, bool with_rows)
   DSERVE_CHECK_MSG(position >= 0, "packed_state_bytes of a negative position");
   constexpr uint64_t kCount = sizeof(uint64_t);  // every array is preceded by its size
   auto floats = [](int64_t n) { return kCount + static_cast<uint64_t>(n) * sizeof(float); };
-  auto rows = [with_rows](int64_t n, const kvstore::RowFormat& f) {
+  auto paged = [with_rows](int64_t n, const kvstore::RowFormat& f) {
     return kCount + (with_rows ? static_cast<uint64_t>(n * f.row_bytes()) : 0);
   };
+  auto rows = [](int64_t n, const kvstore::RowFormat& f) {
+    return kCount + static_cast<uint64_t>(n * f.row_bytes());
+  };
+  const auto window = window_format(config);
   const auto entry =
       kvstore::RowFormat::entry(config.kv_dtype, config.head_dim, config.rope_head_dim);
   const auto key = kvstore::RowFormat::index_key(config.kv_dtype, config.index_head_dim);
@@ -162,10 +205,10 @@ size_t packed_bytes(const ModelConfig& config, int64_t position, bool with_rows)
   for (AttentionKind kind : config.layer_types) {
     const int64_t rate = config.compress_rate(kind);
     const int64_t entries = rate > 0 ? position / rate : 0;
-    bytes += floats(std::min<int64_t>(position, config.sliding_window - 1) * config.head_dim);
-    bytes += rows(entries, entry);
+    bytes += rows(std::min<int64_t>(position, config.sliding_window - 1), window);
+    bytes += paged(entries, entry);
     if (kind == AttentionKind::kCompressed) {
-      bytes += rows(entries, key);
+      bytes += paged(entries, key);
       bytes += compressor(config.head_dim, 2, rate) + compressor(config.index_head_dim, 2, rate);
     } else if (kind == AttentionKind::kHeavy) {
       bytes += floats(0) + compressor(config.head_dim, 1, rate) + compressor(0, 1, 0);
@@ -210,14 +253,14 @@ Result<RequestState> unpack(const ModelConfig& config, const KvPagePools& pools,
                      " layers)");
   }
   const auto pos = static_cast<int64_t>(position);
+  const auto window_rows_format = window_format(config);
   RequestState state(config, pools);
   state.advance(pos);
   for (size_t l = 0; l < state.layers().size(); ++l) {
     LayerState& s = state.layers()[l];
     const std::string at = "layer " + std::to_string(l) + " ";
     const int64_t window = std::min<int64_t>(pos, config.sliding_window - 1);
-    DSERVE_RETURN_IF_ERROR(
-        r.floats(&s.window, static_cast<uint64_t>(window * s.head_dim), at + "window"));
+    DSERVE_RETURN_IF_ERROR(r.window(&s.window, window, window_rows_format, at + "window"));
     const int64_t rate = config.compress_rate(s.kind);
     const int64_t entries = rate > 0 ? pos / rate : 0;
     const int64_t index_entries = s.index_keys.attached() ? entries : 0;

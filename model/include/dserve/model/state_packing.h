@@ -6,7 +6,8 @@
 //
 // Format (version 2, little-endian): magic "DSRS", u32 version, u64 position, u64 layer count,
 // u64 digest of the model's state shapes (layer kinds, widths, rates, window, KV dtype); then
-// per layer, in a fixed order: the window (u64 float count, floats), the compressed entries and
+// per layer, in a fixed order: the window (u64 float count, floats; with fp8 KV u64 byte count,
+// its rows as fp8 entries, which hold exactly its values), the compressed entries and
 // the indexer keys (u64 byte count, the rows as their pages hold them: fp32, or V4's fp8 entries
 // and fp4 keys), both compressors (u64 closed windows, then (u64 count, floats) arrays); then
 // u64 XXH3-64 of everything before. Unpacking gives a state that continues bit for bit.
