@@ -78,17 +78,9 @@ class Reader {
   bool u64(uint64_t* v) { return raw(v, sizeof(*v)); }
   // An array of exactly `expected` floats (its stored count must say so).
   Status floats(std::vector<float>* v, uint64_t expected, const std::string& what) {
-    uint64_t n = 0;
-    if (!u64(&n)) return data_loss("packed state ends inside " + what);
-    if (n != expected) {
-      return data_loss("packed state: " + what + " holds " + std::to_string(n) +
-                       " floats, expected " + std::to_string(expected));
-    }
-    if (n > (bytes_.size() - at_) / sizeof(float)) {
-      return data_loss("packed state ends inside " + what);
-    }
-    v->resize(static_cast<size_t>(n));
-    raw(v->data(), static_cast<size_t>(n) * sizeof(float));
+    DSERVE_ASSIGN_OR_RETURN(const uint8_t* at, sized(expected, sizeof(float), "floats", what));
+    v->resize(static_cast<size_t>(expected));
+    if (expected > 0) std::memcpy(v->data(), at, static_cast<size_t>(expected) * sizeof(float));
     return Status::ok();
   }
   // A window of `rows` rows as Writer::window wrote it.
@@ -97,36 +89,19 @@ class Reader {
     if (f.encoding == kvstore::RowEncoding::kFp32) {
       return floats(v, static_cast<uint64_t>(rows * f.width), what);
     }
-    const auto expected = static_cast<uint64_t>(rows * f.row_bytes());
-    uint64_t n = 0;
-    if (!u64(&n)) return data_loss("packed state ends inside " + what);
-    if (n != expected) {
-      return data_loss("packed state: " + what + " holds " + std::to_string(n) +
-                       " bytes, expected " + std::to_string(expected));
-    }
-    if (n > bytes_.size() - at_) return data_loss("packed state ends inside " + what);
+    DSERVE_ASSIGN_OR_RETURN(const uint8_t* at,
+                            sized(static_cast<uint64_t>(rows * f.row_bytes()), 1, "bytes", what));
     v->resize(static_cast<size_t>(rows * f.width));
-    kvstore::decode_rows(f, reinterpret_cast<const std::byte*>(bytes_.data() + at_), rows,
-                         v->data());
-    at_ += static_cast<size_t>(n);
+    kvstore::decode_rows(f, reinterpret_cast<const std::byte*>(at), rows, v->data());
     return Status::ok();
   }
   // `count` rows in the format of `rows`' pool, appended to it (a stored byte count must say
   // exactly that many).
   Status encoded_rows(kvstore::PagedRows& rows, int64_t count, const std::string& what) {
     const int64_t row_bytes = rows.attached() ? rows.format().row_bytes() : 0;
-    const auto expected = static_cast<uint64_t>(count * row_bytes);
-    uint64_t n = 0;
-    if (!u64(&n)) return data_loss("packed state ends inside " + what);
-    if (n != expected) {
-      return data_loss("packed state: " + what + " holds " + std::to_string(n) +
-                       " bytes, expected " + std::to_string(expected));
-    }
-    if (n > bytes_.size() - at_) return data_loss("packed state ends inside " + what);
-    if (count > 0) {
-      rows.append_encoded(reinterpret_cast<const std::byte*>(bytes_.data() + at_), count);
-    }
-    at_ += static_cast<size_t>(n);
+    DSERVE_ASSIGN_OR_RETURN(const uint8_t* at,
+                            sized(static_cast<uint64_t>(count * row_bytes), 1, "bytes", what));
+    if (count > 0) rows.append_encoded(reinterpret_cast<const std::byte*>(at), count);
     return Status::ok();
   }
   bool raw(void* p, size_t n) {
@@ -138,6 +113,24 @@ class Reader {
   size_t remaining() const { return bytes_.size() - at_; }
 
  private:
+  // A stored count that must be exactly `expected` items of `item_bytes` (`unit` names them in
+  // the error), then those items: where they start; the reader moves past them.
+  Result<const uint8_t*> sized(uint64_t expected, size_t item_bytes, const char* unit,
+                               const std::string& what) {
+    uint64_t n = 0;
+    if (!u64(&n)) return data_loss("packed state ends inside " + what);
+    if (n != expected) {
+      return data_loss("packed state: " + what + " holds " + std::to_string(n) + " " + unit +
+                       ", expected " + std::to_string(expected));
+    }
+    if (n > (bytes_.size() - at_) / item_bytes) {
+      return data_loss("packed state ends inside " + what);
+    }
+    const uint8_t* at = bytes_.data() + at_;
+    at_ += static_cast<size_t>(n) * item_bytes;
+    return at;
+  }
+
   std::span<const uint8_t> bytes_;
   size_t at_ = 0;
 };
