@@ -46,6 +46,7 @@
 
 #include "dserve/kvstore/transfer.h"
 #include "dserve/model/config.h"
+#include "dserve/model/model_init.h"
 #include "dserve/model/state_handoff.h"
 
 namespace {
@@ -55,22 +56,9 @@ using Clock = std::chrono::steady_clock;
 
 constexpr int64_t kTokens = 32768;
 
-// V4-Flash's shapes, as far as the state goes.
+// V4-Flash's shapes, as far as the state goes, in `dtype`.
 dserve::model::ModelConfig v4_flash(KvDtype dtype) {
-  dserve::model::ModelConfig c;
-  c.num_layers = 43;
-  c.layer_types.assign(2, dserve::model::AttentionKind::kSliding);
-  for (int i = 0; i < 41; ++i) {
-    c.layer_types.push_back(i % 2 == 0 ? dserve::model::AttentionKind::kCompressed
-                                       : dserve::model::AttentionKind::kHeavy);
-  }
-  c.mlp_types.assign(43, dserve::model::RoutingKind::kTopK);
-  c.head_dim = 512;
-  c.rope_head_dim = 64;
-  c.index_head_dim = 128;
-  c.sliding_window = 128;
-  c.csa_rate = 4;
-  c.hca_rate = 128;
+  dserve::model::ModelConfig c = dserve::model::v4_flash_state_config();
   if (dserve::Status s = dserve::model::set_kv_dtype(c, dtype); !s.is_ok()) {
     std::fprintf(stderr, "%s\n", s.to_string().c_str());
     std::exit(1);
@@ -99,11 +87,10 @@ bool read_frame(int fd, std::vector<uint8_t>& out) {
   return io_all(fd, out.data(), n, false);
 }
 
-// How the hand-off computes and checks digests (TransferOptions, VerifyOptions).
+// How the sender computes digests (TransferOptions).
 struct ChecksumSettings {
   unsigned checksum_threads = TransferOptions{}.checksum_threads;
   uint64_t digest_bytes = TransferOptions{}.digest_bytes;
-  unsigned verify_threads = VerifyOptions{}.threads;
 };
 
 TransferOptions options_for(const std::string& transports, const std::string& name,

@@ -175,6 +175,22 @@ Result<ModelConfig> preset_config(std::string_view name) {
   return c;
 }
 
+ModelConfig v4_flash_state_config() {
+  ModelConfig c;  // the defaults are V4-Flash's (config.h); what the state depends on is set here
+  c.num_layers = 43;
+  c.layer_types.assign(2, AttentionKind::kSliding);
+  for (int i = 0; i < 41; ++i)
+    c.layer_types.push_back(i % 2 == 0 ? AttentionKind::kCompressed : AttentionKind::kHeavy);
+  c.mlp_types.assign(43, RoutingKind::kTopK);
+  c.head_dim = 512;
+  c.rope_head_dim = 64;
+  c.index_head_dim = 128;
+  c.sliding_window = 128;
+  c.csa_rate = 4;
+  c.hca_rate = 128;
+  return c;
+}
+
 Status write_random_checkpoint(const ModelInitOptions& opts) {
   DSERVE_ASSIGN_OR_RETURN(ModelConfig config, preset_config(opts.preset));
   if (opts.vocab_size != 0) {

@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "dserve/kvstore/transfer.h"
+#include "dserve/model/model_init.h"
 #include "test_model.h"
 
 namespace dserve::model {
@@ -109,18 +110,7 @@ TEST_P(StateHandoff, EveryCorruptSpanIsRefusedByName) {
 // The control message stays small at any context: one digest per run of pages, about 1,000 at
 // most. V4-Flash's shapes (43 layers, 512-channel entries) in fp32, 32k and a million tokens.
 TEST(StateHandoff, RunDigestsStaySmallAtAnyContext) {
-  ModelConfig c = tiny_engine().config();
-  c.num_layers = 43;
-  c.layer_types.assign(2, AttentionKind::kSliding);
-  for (int i = 0; i < 41; ++i)
-    c.layer_types.push_back(i % 2 == 0 ? AttentionKind::kCompressed : AttentionKind::kHeavy);
-  c.mlp_types.assign(43, RoutingKind::kTopK);
-  c.head_dim = 512;
-  c.rope_head_dim = 64;
-  c.index_head_dim = 128;
-  c.sliding_window = 128;
-  c.csa_rate = 4;
-  c.hca_rate = 128;
+  const ModelConfig c = v4_flash_state_config();
   for (const int64_t tokens : {int64_t{32768}, int64_t{1} << 20}) {
     const auto spans = handoff_spans(c, tokens);
     std::vector<kvstore::SpanDigest> per_span;

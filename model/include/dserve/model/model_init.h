@@ -47,6 +47,12 @@ struct ModelInitOptions {
 // 3 layers, 4 routed experts). Unknown name: InvalidArgument listing the presets.
 Result<ModelConfig> preset_config(std::string_view name);
 
+// DeepSeek-V4-Flash's layers as far as a request's state goes (43 layers: 2 sliding-only, then
+// CSA and HCA alternating, 21 and 20; 512-channel entries with 64 RoPE channels, 128-channel
+// indexer keys, a 128-token window, rates 4 and 128): for sizing states and hand-offs in
+// benchmarks and tests. No checkpoint of it is made here (its experts are V4-Flash's size).
+ModelConfig v4_flash_state_config();
+
 // Writes the checkpoint. Errors: unknown preset, packed dtype with the transformers layout, or
 // widths the packed formats cannot hold (InvalidArgument); a missing tokenizer (NotFound,
 // checked before anything is written); I/O failures (Unavailable). Uses up to
