@@ -1,6 +1,7 @@
 // Prefill through the prefix store: a hit at any block boundary, served from any tier (device
 // pages, host memory, RocksDB, RocksDB after a restart), gives the same greedy continuation as
-// a cold run, and the same logits bit for bit with the lossless codec.
+// a cold run, and the same logits bit for bit with the lossless codec (fp32 KV) or any codec
+// (fp8 KV).
 
 #include "dserve/model/prefix_cache.h"
 
@@ -126,8 +127,30 @@ class PrefixCacheTest : public ::testing::Test {
   kv::KvDtype kv_dtype_ = kv::KvDtype::kFp32;
 };
 
-TEST_F(PrefixCacheTest, HitFromDevicePagesAtEveryBoundary) {
-  auto cache = open({});
+// Hits from each tier, in each KV dtype. With fp8 KV the pages hold V4's served format and every
+// tier keeps their bytes as they are: the lossy tier codec is asked for, and is the identity on
+// them, so a hit still continues bit for bit like the plain fp8 forward.
+class PrefixCacheTiers : public PrefixCacheTest, public ::testing::WithParamInterface<kv::KvDtype> {
+ protected:
+  void SetUp() override {
+    PrefixCacheTest::SetUp();
+    kv_dtype_ = GetParam();
+  }
+  kv::PrefixStoreOptions options() const {
+    kv::PrefixStoreOptions o;
+    if (kv_dtype_ == kv::KvDtype::kFp8) {
+      o.host_codec = kv::Codec::kFp8;
+      o.disk_codec = kv::Codec::kFp8;
+    }
+    return o;
+  }
+};
+INSTANTIATE_TEST_SUITE_P(KvDtypes, PrefixCacheTiers,
+                         ::testing::ValuesIn(testing_support::kKvDtypes),
+                         testing_support::kv_dtype_param_name);
+
+TEST_P(PrefixCacheTiers, HitFromDevicePagesAtEveryBoundary) {
+  auto cache = open(options());
   ASSERT_NE(cache, nullptr);
   check_every_boundary(*cache, kv::Tier::kDevice);
   const auto m = cache->store().metrics();
@@ -135,8 +158,8 @@ TEST_F(PrefixCacheTest, HitFromDevicePagesAtEveryBoundary) {
   EXPECT_EQ(m.hit_tokens, 15u * kBlock);
 }
 
-TEST_F(PrefixCacheTest, HitFromHostMemoryAtEveryBoundary) {
-  kv::PrefixStoreOptions o;
+TEST_P(PrefixCacheTiers, HitFromHostMemoryAtEveryBoundary) {
+  kv::PrefixStoreOptions o = options();
   o.device_capacity_bytes = 0;  // everything not in use moves to the host tier
   auto cache = open(o);
   ASSERT_NE(cache, nullptr);
@@ -144,8 +167,8 @@ TEST_F(PrefixCacheTest, HitFromHostMemoryAtEveryBoundary) {
   EXPECT_GT(cache->store().metrics().tiers[static_cast<size_t>(kv::Tier::kHost)].bytes, 0u);
 }
 
-TEST_F(PrefixCacheTest, HitFromRocksDbAtEveryBoundaryAndAfterARestart) {
-  kv::PrefixStoreOptions o;
+TEST_P(PrefixCacheTiers, HitFromRocksDbAtEveryBoundaryAndAfterARestart) {
+  kv::PrefixStoreOptions o = options();
   o.device_capacity_bytes = 0;
   o.host_capacity_bytes = 0;
   o.disk_path = (dir_ / "kv").string();
@@ -155,38 +178,6 @@ TEST_F(PrefixCacheTest, HitFromRocksDbAtEveryBoundaryAndAfterARestart) {
     check_every_boundary(*cache, kv::Tier::kDisk);
   }
   // A new store on the same files: the index is empty, the blocks are found by key.
-  auto again = open(o);
-  ASSERT_NE(again, nullptr);
-  check_every_boundary(*again, kv::Tier::kDisk, /*populate=*/false);
-}
-
-// With fp8 KV the pages hold V4's served format and every tier keeps their bytes as they are
-// (the tiers' codecs are the identity on them, even when a lossy one is asked for): a hit from
-// device pages, host memory, RocksDB and RocksDB after a restart continues bit for bit like the
-// plain fp8 forward.
-TEST_F(PrefixCacheTest, Fp8KvHitsFromEveryTierAreBitIdenticalToThePlainForward) {
-  kv_dtype_ = kv::KvDtype::kFp8;
-  {
-    auto cache = open({});
-    ASSERT_NE(cache, nullptr);
-    check_every_boundary(*cache, kv::Tier::kDevice);
-  }
-  kv::PrefixStoreOptions o;
-  o.device_capacity_bytes = 0;
-  o.host_codec = kv::Codec::kFp8;
-  o.disk_codec = kv::Codec::kFp8;
-  {
-    auto cache = open(o);
-    ASSERT_NE(cache, nullptr);
-    check_every_boundary(*cache, kv::Tier::kHost);
-  }
-  o.host_capacity_bytes = 0;
-  o.disk_path = (dir_ / "kv").string();
-  {
-    auto cache = open(o);
-    ASSERT_NE(cache, nullptr);
-    check_every_boundary(*cache, kv::Tier::kDisk);
-  }
   auto again = open(o);
   ASSERT_NE(again, nullptr);
   check_every_boundary(*again, kv::Tier::kDisk, /*populate=*/false);
