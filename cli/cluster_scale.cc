@@ -128,6 +128,25 @@ int print_processes(const Deployment& d) {
   return down;
 }
 
+// A decode worker's speculative decoding: acceptance, and tokens/s per batch size and k.
+void print_speculation(const dserve::v1::WorkerStatus& w) {
+  std::printf("         speculation: acceptance length %.2f, %llu drafts, %llu accepted\n",
+              w.acceptance_length(), static_cast<unsigned long long>(w.drafted_tokens()),
+              static_cast<unsigned long long>(w.accepted_draft_tokens()));
+  uint32_t shown_from = 0;
+  for (const auto& speed : w.speculation_speed()) {
+    if (speed.batch_from() != shown_from) {
+      if (shown_from != 0) std::printf("\n");
+      shown_from = speed.batch_from();
+      const std::string to = speed.batch_to() == 0 ? "+" : "-" + std::to_string(speed.batch_to());
+      std::printf("         tokens/s at batch %u%s:", speed.batch_from(),
+                  speed.batch_to() == speed.batch_from() ? "" : to.c_str());
+    }
+    std::printf(" k=%u %.1f", speed.draft_tokens(), speed.tokens_per_second());
+  }
+  if (shown_from != 0) std::printf("\n");
+}
+
 }  // namespace
 
 int run_status(const ClusterOptions& o) {
@@ -195,6 +214,7 @@ int run_status(const ClusterOptions& o) {
         w.role() == "prefill" ? mib(w.cached_kv_bytes()).c_str() : "-");
     if (!w.healthy() && !w.last_error().empty())
       std::printf("         last error: %s\n", w.last_error().c_str());
+    if (w.drafted_tokens() > 0 || w.speculation_speed_size() > 0) print_speculation(w);
   }
   return down == 0 ? 0 : 1;
 }

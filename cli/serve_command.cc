@@ -24,6 +24,7 @@
 #include "dserve/api/auth.h"
 #include "dserve/api/openai_server.h"
 #include "dserve/api/serving_service.h"
+#include "dserve/cluster/manifest.h"
 #include "dserve/cluster/node_agent.h"
 #include "dserve/decode/decode_worker.h"
 #include "dserve/kvstore/transfer.h"
@@ -42,6 +43,10 @@
 #include "serve_ops.h"
 
 namespace dserve::cli {
+
+static_assert(cluster::kMaxSpeculativeTokens == model::kMaxDraftTokens,
+              "a manifest's speculative_tokens bound is serve's");
+
 namespace {
 
 struct ServeOptions {
@@ -53,6 +58,8 @@ struct ServeOptions {
   std::string transports = "tcp";
   std::string net_devices = "lo";
   int64_t max_batch = 64;
+  int64_t speculative_tokens = 0;
+  std::string speculation = "adaptive";
   uint64_t kv_budget_mib = 1024;
   int64_t reservation_timeout_ms = 30000;
   int64_t region_grace_ms = 30000;
@@ -451,6 +458,7 @@ int run_serve(const ServeOptions& o) {
   copts.prefill_requests = kGpuPrefillRequests;
   copts.prefill_step_tokens = o.token_budget;
   copts.max_batch = o.max_batch;
+  copts.draft_tokens = runs_decode ? o.speculative_tokens : 0;
   copts.mixed.max_step_tokens = o.compute.max_step_tokens;
   copts.mixed.mix_wait = std::chrono::microseconds(o.compute.step_mix_wait_us);
   if (metrics_at && colocated) copts.mixed.on_step = mixed_step_metrics(metrics);
@@ -537,6 +545,8 @@ int run_serve(const ServeOptions& o) {
     decode::DecodeWorkerOptions dopts;
     dopts.max_batch = o.max_batch;
     dopts.sampleable_ids = sampleable_ids;
+    dopts.speculative_tokens = o.speculative_tokens;
+    dopts.adaptive_speculation = o.speculation == "adaptive";
     dopts.kv_budget_bytes = o.kv_budget_mib << 20;
     dopts.reservation_timeout = std::chrono::milliseconds(o.reservation_timeout_ms);
     dopts.region_grace = std::chrono::milliseconds(o.region_grace_ms);
@@ -649,6 +659,16 @@ Command add_serve_command(CLI::App& app) {
   cmd->add_option("--max-batch", o->max_batch, "decode: reservations + decoding requests")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  cmd->add_option("--speculative-tokens", o->speculative_tokens,
+                  "decode: speculative decoding with the checkpoint's MTP block, draft tokens per "
+                  "request per step at most (0: off; the cpu engine only)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, model::kMaxDraftTokens));
+  cmd->add_option("--speculation", o->speculation,
+                  "decode: adaptive (choose each step's draft count, down to 0, from the measured "
+                  "acceptance and step cost) or fixed (always --speculative-tokens)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"adaptive", "fixed"}));
   cmd->add_option("--kv-budget-mib", o->kv_budget_mib, "decode: KV byte budget")
       ->capture_default_str();
   cmd->add_option("--reservation-timeout-ms", o->reservation_timeout_ms,

@@ -84,6 +84,7 @@ Result<ServeCompute> make_serve_compute(const std::shared_ptr<const model::Model
     model::EngineOptions eo = options.engine;
     eo.max_requests = options.prefill_requests + options.max_batch;
     eo.max_step_tokens = options.mixed.max_step_tokens;
+    eo.draft = options.draft_tokens > 0;
     auto made = model::make_engine(model, eo);
     if (!made.is_ok()) return made.status();
     compute.shared =
@@ -95,9 +96,11 @@ Result<ServeCompute> make_serve_compute(const std::shared_ptr<const model::Model
   for (auto [wanted, slot, requests, step_tokens] :
        {std::tuple{options.prefill, &compute.prefill, options.prefill_requests,
                    options.prefill_step_tokens},
-        std::tuple{options.decode, &compute.decode, options.max_batch, options.max_batch}}) {
+        std::tuple{options.decode, &compute.decode, options.max_batch,
+                   options.max_batch * (options.draft_tokens + 1)}}) {
     if (!wanted) continue;
     model::EngineOptions eo = options.engine;
+    eo.draft = slot == &compute.decode && options.draft_tokens > 0;
     eo.max_requests = std::max<int64_t>(requests, 1);
     eo.max_step_tokens = std::max<int64_t>(step_tokens, 1);
     auto made = model::make_engine(model, eo);

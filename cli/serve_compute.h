@@ -39,6 +39,9 @@ struct ServeComputeOptions {
   int64_t prefill_requests = 16;  // requests the prefill worker's engine holds at once
   int64_t prefill_step_tokens = 2048;
   int64_t max_batch = 64;  // the decode worker's requests
+  // The decode worker's draft tokens per request per step at most (0: no speculation): its
+  // engine keeps the MTP block's state (EngineOptions::draft) and steps take k + 1 rows each.
+  int64_t draft_tokens = 0;
   model::MixedStepOptions mixed;
 };
 

@@ -142,6 +142,9 @@ void Gateway::Impl::probe_once(size_t i) {
 void Gateway::Impl::take_report_locked(size_t i, HealthReport report) {
   Worker& w = workers_[i];
   w.failures = 0;
+  // A peer's figures are shown, never trusted for size: at most every bucket and k.
+  if (report.speculation_tokens_per_second.size() > kMaxSpeculationFigures)
+    report.speculation_tokens_per_second.clear();
   if (w.epoch != 0 && report.epoch != w.epoch) {
     // A new incarnation: whatever the old one held (reservations, keys, cache) is gone.
     notify_down_locked(i, w.epoch, "restarted (new epoch)");

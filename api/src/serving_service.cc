@@ -267,6 +267,26 @@ dserve::v1::ClusterStatus to_cluster_status(const actors::GatewaySnapshot& snap,
       ws->set_restarts(w.restarts);
       ws->set_uptime_ms(w.last_report.uptime_ms);
       ws->set_last_error(w.last_error);
+      const actors::HealthReport& r = w.last_report;
+      ws->set_drafted_tokens(r.drafted_tokens);
+      ws->set_accepted_draft_tokens(r.accepted_draft_tokens);
+      if (r.verify_request_steps > 0) {
+        ws->set_acceptance_length(static_cast<double>(r.verify_committed_tokens) /
+                                  static_cast<double>(r.verify_request_steps));
+      }
+      // [bucket * ks + k]: the worker's buckets are powers of two; ks follows from the count.
+      const size_t figures = r.speculation_tokens_per_second.size();
+      const size_t buckets = actors::kSpeculationBuckets;
+      const size_t ks = figures % buckets == 0 ? figures / buckets : 0;
+      for (size_t i = 0; ks > 0 && i < figures; ++i) {
+        if (r.speculation_tokens_per_second[i] <= 0.0) continue;
+        const size_t bucket = i / ks;
+        dserve::v1::SpeculationSpeed* speed = ws->add_speculation_speed();
+        speed->set_batch_from(1u << bucket);
+        speed->set_batch_to(bucket + 1 == buckets ? 0u : (2u << bucket) - 1);
+        speed->set_draft_tokens(static_cast<uint32_t>(i % ks));
+        speed->set_tokens_per_second(r.speculation_tokens_per_second[i]);
+      }
     }
   }
   out.set_running(static_cast<uint32_t>(snap.running));

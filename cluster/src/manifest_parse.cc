@@ -152,7 +152,9 @@ void read_pool(const YAML::Node& node, const std::string& path, Location at, Pro
                                         "device"};
   if (slurm) keys.push_back("gres");
   if (role != ProcessRole::kDecode) keys.insert(keys.end(), {"token_budget", "step_ms"});
-  if (role != ProcessRole::kPrefill) keys.insert(keys.end(), {"max_batch", "kv_budget_mib"});
+  if (role != ProcessRole::kPrefill) {
+    keys.insert(keys.end(), {"max_batch", "kv_budget_mib", "speculative_tokens", "speculation"});
+  }
   if (role == ProcessRole::kColocated) keys.push_back("max_step_tokens");
   MapReader m(node, path, at, sink, keys);
   pool.role = role;
@@ -171,6 +173,10 @@ void read_pool(const YAML::Node& node, const std::string& path, Location at, Pro
   if (role != ProcessRole::kPrefill) {
     pool.max_batch = m.integer("max_batch", 1, kBig, false).value_or(pool.max_batch);
     pool.kv_budget_mib = m.integer("kv_budget_mib", 1, kBig, false).value_or(pool.kv_budget_mib);
+    pool.speculative_tokens =
+        m.integer("speculative_tokens", 0, kMaxSpeculativeTokens, false).value_or(0);
+    pool.speculation =
+        m.choice("speculation", {"adaptive", "fixed"}, false).value_or(pool.speculation);
   }
   if (role == ProcessRole::kColocated) {
     pool.max_step_tokens =

@@ -132,6 +132,11 @@ Result<std::vector<std::string>> to_serve_args(const Manifest& m, const Process&
     add("--kv-budget-mib", pool->kv_budget_mib);
     add("--reservation-timeout-ms", m.timeouts.reservation_ms);
     add("--region-grace-ms", m.timeouts.region_grace_ms);
+    // Off is serve's default: a manifest without it gives the arguments it always gave.
+    if (pool->speculative_tokens > 0) {
+      add("--speculative-tokens", pool->speculative_tokens);
+      args.insert(args.end(), {"--speculation", pool->speculation});
+    }
   }
   return args;
 }

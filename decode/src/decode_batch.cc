@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <string>
+#include <utility>
 
 namespace dserve::decode {
 
@@ -24,7 +25,17 @@ std::string_view finish_reason_name(FinishReason reason) {
 }
 
 DecodeBatch::DecodeBatch(model::Engine& engine, DecodeOptions options)
-    : engine_(engine), options_(options) {}
+    : engine_(engine),
+      options_(options),
+      control_(options.speculative_tokens, options.adaptive_speculation) {
+  drafter_ = options_.drafter;
+  if (options_.speculative_tokens > 0 && drafter_ == nullptr) {
+    DSERVE_CHECK_MSG(engine_.can_draft(),
+                     "speculative decoding without a drafter on an engine that cannot draft");
+    own_drafter_ = std::make_unique<MtpDrafter>(engine_);
+    drafter_ = own_drafter_.get();
+  }
+}
 
 Status DecodeBatch::add(DecodeRequest request) {
   if (static_cast<int64_t>(slots_.size()) >= options_.max_batch) {
@@ -50,8 +61,8 @@ Status DecodeBatch::add(DecodeRequest request) {
   }
   DSERVE_RETURN_IF_ERROR(
       model::validate_sampling_params(request.sampling, engine_.config().vocab_size));
-  auto slot =
-      std::make_unique<Slot>(Slot{std::move(request), model::Sampler({}), Tensor(), 0, false});
+  auto slot = std::make_unique<Slot>(
+      Slot{std::move(request), model::Sampler({}), Tensor(), 0, false, {}, false});
   slot->sampler = model::Sampler(slot->request.sampling);
   slot->sampler.add_history(slot->request.generated);
   slot->logits = std::move(slot->request.prompt_logits);
@@ -65,46 +76,130 @@ void DecodeBatch::cancel(uint64_t id) {
   }
 }
 
+std::optional<int32_t> DecodeBatch::sample_rows(Slot& s, std::vector<TokenEvent>& events) {
+  const auto eos = static_cast<int32_t>(engine_.config().eos_token_id);
+  const int64_t vocab = engine_.config().vocab_size;
+  const size_t drafts = s.fed.empty() ? 0 : s.fed.size() - 1;
+  std::optional<int32_t> next;
+  size_t row = 0;
+  bool ended = false;
+  for (;; ++row) {
+    const std::span<const float> logits(s.logits.data() + static_cast<int64_t>(row) * vocab,
+                                        static_cast<size_t>(vocab));
+    const int32_t token =
+        s.sampler.sample(model::sampleable_logits(logits, options_.sampleable_ids));
+    TokenEvent e;
+    e.request_id = s.request.id;
+    e.index = s.produced++;
+    if (token == eos) {
+      e.finished = FinishReason::kEndOfSequence;
+    } else {
+      e.token = token;
+      if (s.produced >= s.request.max_tokens) e.finished = FinishReason::kMaxTokens;
+    }
+    ended = e.finished != FinishReason::kNone;
+    events.push_back(std::move(e));
+    if (ended) break;
+    // A draft counts while it is the token sampled before it (speculation.h).
+    if (row < drafts && token == s.fed[row + 1]) continue;
+    next = token;
+    break;
+  }
+  if (drafts > 0)
+    control_.record_verify(ended ? std::min(row, drafts) : drafts, std::min(row, drafts));
+  if (next && row < drafts) {
+    // The rejected rows go: the state is as if only the kept ones had run.
+    const int64_t position = s.request.request->position() - static_cast<int64_t>(drafts - row);
+    if (Status rewound = engine_.rewind(*s.request.request, position); !rewound.is_ok()) {
+      TokenEvent e;
+      e.request_id = s.request.id;
+      e.index = s.produced;
+      e.finished = FinishReason::kError;
+      e.error = rewound;
+      events.push_back(std::move(e));
+      return std::nullopt;
+    }
+  }
+  return next;
+}
+
 std::vector<TokenEvent> DecodeBatch::step() {
+  const auto started = Clock::now();
   std::vector<TokenEvent> events;
   events.reserve(slots_.size());
   const auto now = Clock::now();
-  const auto eos = static_cast<int32_t>(engine_.config().eos_token_id);
-  // First every request's next token; then one forward step over all that go on.
+  // First every request's next tokens (the last step's rows sampled); then one forward step over
+  // all that go on, each with its drafts.
   std::vector<int32_t> next(slots_.size());
-  std::vector<model::StepRows> step;
+  std::vector<bool> ended(slots_.size(), false);
   std::vector<size_t> stepping;  // slot index of each step request
+  int64_t committed = 0;         // tokens the last step's requests got
   for (size_t i = 0; i < slots_.size(); ++i) {
     Slot& s = *slots_[i];
+    const bool stepped = std::exchange(s.stepped, false);
     TokenEvent e;
     e.request_id = s.request.id;
     e.index = s.produced;
-    if (s.cancelled) {
-      e.finished = FinishReason::kCancelled;
-    } else if (s.request.deadline && now >= *s.request.deadline) {
-      e.finished = FinishReason::kDeadline;
+    if (s.cancelled || (s.request.deadline && now >= *s.request.deadline)) {
+      e.finished = s.cancelled ? FinishReason::kCancelled : FinishReason::kDeadline;
+      events.push_back(std::move(e));
+      ended[i] = true;
+      continue;
+    }
+    const size_t first = events.size();
+    const std::optional<int32_t> token = sample_rows(s, events);
+    if (stepped) committed += static_cast<int64_t>(events.size() - first);
+    if (token) {
+      next[i] = *token;
+      stepping.push_back(i);
+      if (options_.on_committed) options_.on_committed(s.request.id, *s.request.request);
     } else {
-      const int32_t token =
-          s.sampler.sample(model::sampleable_logits(s.logits.span(), options_.sampleable_ids));
-      ++s.produced;
-      if (token == eos) {
-        e.finished = FinishReason::kEndOfSequence;
-      } else {
-        e.token = token;
-        if (s.produced >= s.request.max_tokens) {
-          e.finished = FinishReason::kMaxTokens;
-        } else {
-          next[i] = token;
-          stepping.push_back(i);
-        }
+      ended[i] = true;
+    }
+  }
+  if (last_step_.batch > 0) {
+    const double sampling = std::chrono::duration<double>(Clock::now() - started).count();
+    control_.record_step(last_step_.batch, last_step_.k, last_step_.seconds + sampling, committed);
+    last_step_ = {};
+  }
+
+  const auto step_start = Clock::now();
+  const int64_t k = stepping.empty() ? 0 : control_.choose(static_cast<int64_t>(stepping.size()));
+  std::vector<std::vector<int32_t>> drafts(stepping.size());
+  if (k > 0) {
+    std::vector<Drafter::Request> asks;
+    for (const size_t i : stepping) {
+      const Slot& s = *slots_[i];
+      // Rows past the token limit would never be sampled.
+      const int64_t count = std::min(k, s.request.max_tokens - s.produced - 1);
+      asks.push_back({s.request.id, s.request.request.get(), next[i], s.produced - 1,
+                      std::max<int64_t>(0, count)});
+    }
+    // Drafts only make steps faster; a drafter's failure leaves the step without them.
+    auto proposed = drafter_->draft(asks, options_.sampleable_ids);
+    if (proposed.is_ok() && proposed->size() == stepping.size()) {
+      for (size_t j = 0; j < stepping.size(); ++j) {
+        std::vector<int32_t>& d = (*proposed)[j];
+        const auto limit = static_cast<size_t>(asks[j].count);
+        if (d.size() > limit) d.resize(limit);
+        const bool valid = std::all_of(d.begin(), d.end(), [&](int32_t t) {
+          return t >= 0 && t < engine_.config().vocab_size;
+        });
+        if (valid) drafts[j] = std::move(d);
       }
     }
-    events.push_back(std::move(e));
   }
-  step.reserve(step.size() + stepping.size());
-  for (const size_t i : stepping) {
-    step.push_back(
-        {slots_[i]->request.request.get(), std::span(&next[i], 1), model::LogitsFor::kLastToken});
+
+  std::vector<model::StepRows> step;
+  step.reserve(stepping.size());
+  for (size_t j = 0; j < stepping.size(); ++j) {
+    Slot& s = *slots_[stepping[j]];
+    s.fed.assign(1, next[stepping[j]]);
+    s.fed.insert(s.fed.end(), drafts[j].begin(), drafts[j].end());
+    const bool speculative = s.fed.size() > 1;
+    step.push_back({s.request.request.get(), s.fed,
+                    speculative ? model::LogitsFor::kAllTokens : model::LogitsFor::kLastToken,
+                    speculative});
   }
   if (!step.empty()) {
     auto logits = engine_.step(step);
@@ -112,17 +207,28 @@ std::vector<TokenEvent> DecodeBatch::step() {
       const size_t i = stepping[j];
       if (logits.is_ok()) {
         slots_[i]->logits = std::move((*logits)[j]);
+        slots_[i]->stepped = true;
       } else {
-        events[i].finished = FinishReason::kError;
-        events[i].error = logits.status();
+        TokenEvent e;
+        e.request_id = slots_[i]->request.id;
+        e.index = slots_[i]->produced;
+        e.finished = FinishReason::kError;
+        e.error = logits.status();
+        events.push_back(std::move(e));
+        ended[i] = true;
       }
+    }
+    if (logits.is_ok()) {
+      size_t verified = 0;  // the step's k in effect: a drafter may propose fewer
+      for (const auto& d : drafts)
+        verified = std::max(verified, d.size());
+      last_step_ = {static_cast<int64_t>(stepping.size()), static_cast<int64_t>(verified),
+                    std::chrono::duration<double>(Clock::now() - step_start).count()};
     }
   }
   // Finished requests leave now; their states (and pages) go with them.
   size_t i = 0;
-  std::erase_if(slots_, [&](const std::unique_ptr<Slot>&) {
-    return events[i++].finished != FinishReason::kNone;
-  });
+  std::erase_if(slots_, [&](const std::unique_ptr<Slot>&) { return ended[i++]; });
   return events;
 }
 

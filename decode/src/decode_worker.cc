@@ -68,6 +68,11 @@ struct Decoding {
 };
 
 // The worker's metrics in a registry (DecodeWorkerOptions::metrics); see decode_worker.h.
+static_assert(SpeculationStats::kBuckets == actors::kSpeculationBuckets &&
+                  SpeculationStats::kBuckets * (model::kMaxDraftTokens + 1) <=
+                      actors::kMaxSpeculationFigures,
+              "the health report's speculation figures do not match the batch's");
+
 struct DecodeMetrics {
   explicit DecodeMetrics(ops::MetricsRegistry& r)
       : step_seconds(r.histogram("dserve_decode_step_duration_seconds",
@@ -92,11 +97,22 @@ struct DecodeMetrics {
                            {{"outcome", "rejected"}})),
         corrupt(r.counter("dserve_decode_handoffs_corrupt_total",
                           "Rejected hand-offs whose landed bytes failed verification.")),
-        tokens(r.counter("dserve_decode_tokens_total", "Tokens generated.")) {}
+        tokens(r.counter("dserve_decode_tokens_total", "Tokens generated.")),
+        drafted(r.counter("dserve_decode_draft_tokens_total",
+                          "Draft tokens verified (speculative decoding).")),
+        drafts_accepted(r.counter("dserve_decode_accepted_draft_tokens_total",
+                                  "Draft tokens the target accepted.")),
+        acceptance_length(r.gauge("dserve_decode_acceptance_length",
+                                  "Mean tokens committed per request per step that verified "
+                                  "drafts (1: none accepted).")),
+        drafts_per_step(r.gauge("dserve_decode_draft_tokens_per_step",
+                                "Draft tokens per request in the last step (the adaptive k).")) {}
 
   ops::Histogram &step_seconds, &batch_size;
   ops::Gauge &active, &reserved, &budget_in_use, &budget_free;
   ops::Counter &granted, &refused, &accepted, &rejected, &corrupt, &tokens;
+  ops::Counter &drafted, &drafts_accepted;
+  ops::Gauge &acceptance_length, &drafts_per_step;
 };
 
 struct WorkerState {
@@ -421,7 +437,10 @@ DecodeWorkerActor::behavior_type decode_worker(
   st.node_name = std::move(node_name);
   st.options = options;
   st.batch = std::make_unique<DecodeBatch>(
-      *compute, DecodeOptions{options.max_batch, options.sampleable_ids});
+      *compute, DecodeOptions{.max_batch = options.max_batch,
+                              .sampleable_ids = options.sampleable_ids,
+                              .speculative_tokens = options.speculative_tokens,
+                              .adaptive_speculation = options.adaptive_speculation});
   if (options.metrics) st.metrics = std::make_unique<DecodeMetrics>(*options.metrics);
   st.refresh_gauges();
   auto kick = [self] {
@@ -523,6 +542,18 @@ DecodeWorkerActor::behavior_type decode_worker(
         report.quarantined_regions = static_cast<uint32_t>(s.arena->fenced_ranges());
         report.handoffs_rejected = s.handoffs_rejected;
         report.handoffs_corrupt = s.handoffs_corrupt;
+        const SpeculationStats& spec = s.batch->speculation();
+        report.drafted_tokens = static_cast<uint64_t>(spec.drafted);
+        report.accepted_draft_tokens = static_cast<uint64_t>(spec.accepted);
+        report.verify_request_steps = static_cast<uint64_t>(spec.request_steps);
+        report.verify_committed_tokens = static_cast<uint64_t>(spec.tokens);
+        if (s.options.speculative_tokens > 0) {
+          for (const auto& bucket : spec.tokens_per_second) {
+            report.speculation_tokens_per_second.insert(
+                report.speculation_tokens_per_second.end(), bucket.begin(),
+                bucket.begin() + s.options.speculative_tokens + 1);
+          }
+        }
         return report;
       },
       [self, kick](step_atom) {
@@ -530,11 +561,17 @@ DecodeWorkerActor::behavior_type decode_worker(
         s.stepping = false;
         const size_t batch = s.batch->size();
         const auto step_start = Clock::now();
+        const SpeculationStats before = s.batch->speculation();
         std::vector<TokenEvent> events = s.batch->step();
         if (s.metrics) {
           s.metrics->step_seconds.observe(
               std::chrono::duration<double>(Clock::now() - step_start).count());
           s.metrics->batch_size.observe(static_cast<double>(batch));
+          const SpeculationStats& after = s.batch->speculation();
+          s.metrics->drafted.inc(static_cast<double>(after.drafted - before.drafted));
+          s.metrics->drafts_accepted.inc(static_cast<double>(after.accepted - before.accepted));
+          s.metrics->acceptance_length.set(after.acceptance_length());
+          s.metrics->drafts_per_step.set(static_cast<double>(s.batch->last_draft_tokens()));
         }
         for (const TokenEvent& ev : events) {
           auto it = s.decoding.find(ev.request_id);

@@ -157,6 +157,23 @@ void PagedRows::truncate_pages(int64_t rows) {
   rows_ = rows;
 }
 
+void PagedRows::truncate(int64_t rows) {
+  DSERVE_CHECK_MSG(rows >= 0 && rows <= rows_, "truncate to a row count within the rows");
+  if (rows == rows_) return;
+  const int64_t per = pool_->rows_per_page();
+  pages_.resize(static_cast<size_t>((rows + per - 1) / per));
+  rows_ = rows;
+  const int64_t open = rows % per;
+  if (open == 0) return;
+  if (pages_.back().use_count() > 1) {
+    PageRef own = pool_->allocate_for_overwrite();
+    std::memcpy(own->data(), pages_.back()->data(), pool_->page_bytes());
+    pages_.back() = std::move(own);
+  }
+  const auto kept = static_cast<size_t>(open * pool_->row_bytes());
+  std::memset(pages_.back()->data() + kept, 0, pool_->page_bytes() - kept);
+}
+
 std::vector<PageRef> PagedRows::full_pages() const {
   if (!pool_) return {};
   const auto full = static_cast<size_t>(rows_ / pool_->rows_per_page());

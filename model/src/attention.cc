@@ -141,6 +141,48 @@ void softmax_with_sink(float* logits, int64_t count, float sink) {
     logits[i] *= inv;
 }
 
+// The window's cached keys, then the keys of rows [row, row + n) of the step: RoPE at their
+// positions and, with fp8 KV, rounded to the served entry's values (as the compressed entries
+// are: the chunk's own tokens attend to those values, and they are what the window keeps).
+std::vector<float> window_and_keys(int64_t row, int64_t n, const ModelConfig& config,
+                                   const ChunkAngles& angles, const LayerState& state,
+                                   const AttentionRows& rows) {
+  const int64_t hd = config.head_dim;
+  const int64_t cached = state.window_tokens();
+  std::vector<float> keys(state.window);
+  keys.resize(static_cast<size_t>((cached + n) * hd));
+  float* kv = keys.data() + cached * hd;
+  std::copy_n(rows.kv.data() + row * hd, n * hd, kv);
+  for (int64_t t = 0; t < n; ++t) {
+    cpu::rope_interleaved(kv + t * hd, hd, angles.cos_at(t), angles.sin_at(t), false);
+  }
+  kvstore::round_trip_rows(kvstore::RowFormat::entry(config.kv_dtype, hd, config.rope_head_dim), kv,
+                           n);
+  return keys;
+}
+
+// The window the next call sees: the last sliding_window - 1 of `keys`.
+void keep_window(const std::vector<float>& keys, const ModelConfig& config, LayerState& state) {
+  const int64_t hd = config.head_dim;
+  const int64_t keep =
+      std::min<int64_t>(static_cast<int64_t>(keys.size()) / hd, config.sliding_window - 1);
+  state.window.assign(keys.end() - keep * hd, keys.end());
+}
+
+// Keeps what rewinding a compressor needs: its state and entry count before the step, and the
+// step's projected rows [row, row + n).
+void keep_for_undo(const CompressorRows& rows, int64_t row, int64_t n,
+                   const CompressorState& compressor, const kvstore::PagedRows& entries,
+                   CompressorState& kept_state, int64_t& kept_rows, std::vector<float>& kv,
+                   std::vector<float>& gate) {
+  kept_state = compressor;
+  kept_rows = entries.rows();
+  const auto from = static_cast<std::ptrdiff_t>(row * rows.width);
+  const auto to = static_cast<std::ptrdiff_t>((row + n) * rows.width);
+  kv.assign(rows.kv.begin() + from, rows.kv.begin() + to);
+  gate.assign(rows.gate.begin() + from, rows.gate.begin() + to);
+}
+
 }  // namespace
 
 AttentionRows attention_project(const float* x, int64_t n, const ModelConfig& config,
@@ -177,7 +219,7 @@ AttentionRows attention_project(const float* x, int64_t n, const ModelConfig& co
 
 void attention_core(int64_t row, int64_t n, int64_t first_pos, const ModelConfig& config,
                     const AttentionWeights& w, const RopeTables& rope, LayerState& state,
-                    AttentionRows& rows) {
+                    AttentionRows& rows, LayerUndo* undo) {
   const int64_t heads = config.num_heads;
   const int64_t hd = config.head_dim;
   const auto eps = static_cast<float>(config.rms_norm_eps);
@@ -192,19 +234,21 @@ void attention_core(int64_t row, int64_t n, int64_t first_pos, const ModelConfig
     }
   }
 
-  // The chunk's key/value head, appended after the window's cached tokens.
   const int64_t cached = state.window_tokens();
-  std::vector<float> keys(state.window);
-  keys.resize(static_cast<size_t>((cached + n) * hd));
-  float* kv = keys.data() + cached * hd;
-  std::copy_n(rows.kv.data() + row * hd, n * hd, kv);
-  for (int64_t t = 0; t < n; ++t) {
-    cpu::rope_interleaved(kv + t * hd, hd, angles.cos_at(t), angles.sin_at(t), false);
+  std::vector<float> keys = window_and_keys(row, n, config, angles, state, rows);
+
+  if (undo != nullptr) {
+    undo->window_before = cached;
+    if (w.compressor) {
+      keep_for_undo(rows.compressor, row, n, state.kv_compressor, state.compressed,
+                    undo->kv_compressor, undo->compressed_rows, undo->kv_rows, undo->kv_gate);
+    }
+    if (w.indexer) {
+      keep_for_undo(rows.index_compressor, row, n, state.index_compressor, state.index_keys,
+                    undo->index_compressor, undo->index_rows, undo->index_kv_rows,
+                    undo->index_gate);
+    }
   }
-  // With fp8 KV the window holds the served entry's values, as the compressed entries do: the
-  // chunk's own tokens attend to them, and they are what the window keeps.
-  kvstore::round_trip_rows(kvstore::RowFormat::entry(config.kv_dtype, hd, config.rope_head_dim), kv,
-                           n);
 
   // Compressed entries first: a window closed by this chunk is visible to its later tokens.
   int64_t rate = 0;
@@ -274,9 +318,45 @@ void attention_core(int64_t row, int64_t n, int64_t first_pos, const ModelConfig
     }
   });
 
-  // Keep the last sliding_window - 1 tokens for the next call.
-  const int64_t keep = std::min<int64_t>(cached + n, config.sliding_window - 1);
-  state.window.assign(keys.end() - keep * hd, keys.end());
+  keep_window(keys, config, state);
+  if (undo != nullptr) undo->keys = std::move(keys);
+}
+
+void append_window_keys(int64_t row, int64_t n, int64_t first_pos, const ModelConfig& config,
+                        const RopeTables& rope, LayerState& state, const AttentionRows& rows) {
+  DSERVE_CHECK_MSG(state.kind == AttentionKind::kSliding, "keys alone for a compressed layer");
+  const ChunkAngles angles = angles_for(rope.main, first_pos, n);
+  keep_window(window_and_keys(row, n, config, angles, state, rows), config, state);
+}
+
+void rewind_attention(const LayerUndo& undo, int64_t keep, const ModelConfig& config,
+                      const AttentionWeights& w, const RopeTables& rope, LayerState& state) {
+  const int64_t hd = config.head_dim;
+  const int64_t seen = undo.window_before + keep;
+  DSERVE_CHECK_MSG(keep >= 0 && static_cast<int64_t>(undo.keys.size()) >= seen * hd,
+                   "a rewind past the rows the step ran");
+  const int64_t window = std::min<int64_t>(seen, config.sliding_window - 1);
+  state.window.assign(undo.keys.begin() + (seen - window) * hd, undo.keys.begin() + seen * hd);
+  const auto eps = static_cast<float>(config.rms_norm_eps);
+  // The compressors as they were, fed the kept rows again: the same windows close with the same
+  // bits, and their entries replace the step's.
+  const auto refeed = [&](const CompressorState& before, int64_t rows_before,
+                          const std::vector<float>& kv, const std::vector<float>& gate,
+                          const CompressorWeights& cw, CompressorState& compressor,
+                          kvstore::PagedRows& entries) {
+    compressor = before;
+    entries.truncate(rows_before);
+    const CompressorRows rows{before.series * before.width, kv, gate};
+    compress(rows, 0, keep, cw, eps, rope.compress, compressor, entries);
+  };
+  if (w.compressor) {
+    refeed(undo.kv_compressor, undo.compressed_rows, undo.kv_rows, undo.kv_gate, *w.compressor,
+           state.kv_compressor, state.compressed);
+  }
+  if (w.indexer) {
+    refeed(undo.index_compressor, undo.index_rows, undo.index_kv_rows, undo.index_gate,
+           w.indexer->compressor, state.index_compressor, state.index_keys);
+  }
 }
 
 void attention_output(const AttentionRows& rows, int64_t n, const ModelConfig& config,

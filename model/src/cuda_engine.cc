@@ -13,6 +13,10 @@ namespace dserve::model {
 
 namespace {
 
+constexpr const char* kNoSpeculation =
+    "speculative decoding (rewindable steps, MTP drafts) runs on the cpu engine; the cuda engine "
+    "does not have it yet";
+
 class CudaRequest final : public EngineRequest {
  public:
   CudaRequest(const void* owner, GpuRequestState state) : owner_(owner), state_(std::move(state)) {}
@@ -49,9 +53,17 @@ class CudaEngine final : public Engine {
     DSERVE_RETURN_IF_ERROR(current());
     std::vector<GpuModel::StepRequest> requests;
     requests.reserve(rows.size());
-    for (const StepRows& r : rows)
+    for (const StepRows& r : rows) {
+      if (r.rewindable) return unimplemented(kNoSpeculation);
       requests.push_back({r.tokens, &mine(r.request).state(), r.which});
+    }
     return gpu_->step(requests);
+  }
+
+  Status rewind(EngineRequest&, int64_t) override { return unimplemented(kNoSpeculation); }
+  bool can_draft() const override { return false; }
+  Result<std::vector<std::vector<int32_t>>> draft(std::span<const DraftRows>, int64_t) override {
+    return unimplemented(kNoSpeculation);
   }
 
   Result<RequestState> export_state(const EngineRequest& request) const override {
@@ -94,6 +106,7 @@ class CudaEngine final : public Engine {
 }  // namespace
 
 Result<std::unique_ptr<Engine>> make_cuda_engine(const Model& model, const EngineOptions& options) {
+  if (options.draft) return unimplemented(kNoSpeculation);
   GpuModelOptions gpu;
   gpu.device = options.device.index;
   gpu.max_positions = options.max_positions;

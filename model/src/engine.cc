@@ -46,15 +46,19 @@ class CpuRequest final : public EngineRequest {
   const void* owner() const { return owner_; }
   RequestState& state() { return state_; }
   const RequestState& state() const { return state_; }
+  // What the last step changed, when it ran rewindable.
+  StepUndo& undo() { return undo_; }
 
  private:
   const void* owner_;
   RequestState state_;
+  StepUndo undo_;
 };
 
 class CpuEngine final : public Engine {
  public:
-  explicit CpuEngine(std::shared_ptr<const Model> model) : model_(std::move(model)) {}
+  CpuEngine(std::shared_ptr<const Model> model, bool draft)
+      : model_(std::move(model)), draft_(draft && model_->has_mtp()) {}
 
   const ModelConfig& config() const override { return model_->config(); }
   const Device& device() const override { return device_; }
@@ -62,16 +66,59 @@ class CpuEngine final : public Engine {
     return "cpu (" + std::string(kernels::cpu::cpu_isa_name(kernels::cpu::cpu_isa())) + " kernels)";
   }
 
-  Result<RequestHandle> new_request() override {
-    return RequestHandle(std::make_unique<CpuRequest>(this, model_->new_state()));
-  }
+  Result<RequestHandle> new_request() override { return adopt(model_->new_state()); }
 
   Result<std::vector<Tensor>> step(std::span<const StepRows> rows) override {
     std::vector<Model::StepRequest> requests;
     requests.reserve(rows.size());
-    for (const StepRows& r : rows)
-      requests.push_back({r.tokens, &mine(r.request).state(), r.which});
-    return model_->forward_batch(requests);
+    for (const StepRows& r : rows) {
+      CpuRequest& request = mine(r.request);
+      requests.push_back(
+          {r.tokens, &request.state(), r.which, r.rewindable ? &request.undo() : nullptr});
+    }
+    auto logits = model_->forward_batch(requests);
+    // Only the last step can be taken back: an older undo no longer matches the state.
+    if (logits.is_ok()) {
+      for (const StepRows& r : rows) {
+        if (!r.rewindable) mine(r.request).undo() = StepUndo{};
+      }
+    }
+    return logits;
+  }
+
+  Status rewind(EngineRequest& request, int64_t position) override {
+    CpuRequest& r = mine(&request);
+    const StepUndo& undo = r.undo();
+    if (!undo.recorded() || undo.first_position + undo.rows != r.state().position()) {
+      return invalid_argument("rewind: the request's last step was not run rewindable");
+    }
+    if (position < undo.first_position || position > r.state().position()) {
+      return invalid_argument(
+          "rewind to position " + std::to_string(position) + ": the last step ran positions " +
+          std::to_string(undo.first_position) + " to " + std::to_string(r.state().position() - 1));
+    }
+    model_->rewind(r.state(), r.undo(), position);
+    return Status::ok();
+  }
+
+  bool can_draft() const override { return draft_; }
+
+  Result<std::vector<std::vector<int32_t>>> draft(std::span<const DraftRows> rows,
+                                                  int64_t sampleable_ids) override {
+    if (!draft_) {
+      return model_->has_mtp() ? invalid_argument("draft: the engine was made without drafting")
+                               : unimplemented("draft: the checkpoint has no MTP block");
+    }
+    std::vector<Model::DraftRequest> requests;
+    requests.reserve(rows.size());
+    for (const DraftRows& r : rows) {
+      if (r.count < 0 || r.count > kMaxDraftTokens) {
+        return invalid_argument("draft: " + std::to_string(r.count) + " tokens asked, at most " +
+                                std::to_string(kMaxDraftTokens));
+      }
+      requests.push_back({&mine(r.request).state(), r.next_token, r.count});
+    }
+    return model_->draft(requests, sampleable_ids);
   }
 
   Result<RequestState> export_state(const EngineRequest& request) const override {
@@ -85,7 +132,7 @@ class CpuEngine final : public Engine {
       return invalid_argument("import_state: a state of " + std::to_string(state.layers().size()) +
                               " layers, this model has " + std::to_string(config().num_layers));
     }
-    return RequestHandle(std::make_unique<CpuRequest>(this, std::move(state)));
+    return adopt(std::move(state));
   }
 
   const KvPagePools& page_pools() const override { return model_->page_pools(); }
@@ -94,6 +141,10 @@ class CpuEngine final : public Engine {
   }
 
  private:
+  RequestHandle adopt(RequestState state) const {
+    if (draft_ && !state.has_mtp()) state.enable_mtp(config());
+    return RequestHandle(std::make_unique<CpuRequest>(this, std::move(state)));
+  }
   CpuRequest& mine(EngineRequest* request) const {
     DSERVE_CHECK_MSG(request != nullptr, "a step row without a request");
     return const_cast<CpuRequest&>(mine(*request));
@@ -105,6 +156,7 @@ class CpuEngine final : public Engine {
   }
 
   std::shared_ptr<const Model> model_;
+  bool draft_;
   Device device_;
 };
 
@@ -127,7 +179,12 @@ Result<std::unique_ptr<Engine>> make_engine(std::shared_ptr<const Model> model,
                                             const EngineOptions& options) {
   DSERVE_CHECK(model != nullptr);
   if (options.device.kind == Device::Kind::kCpu) {
-    return std::unique_ptr<Engine>(std::make_unique<CpuEngine>(std::move(model)));
+    if (options.draft && !model->has_mtp()) {
+      return unimplemented(
+          "drafting (speculative decoding) needs the checkpoint's MTP "
+          "block; this checkpoint has none");
+    }
+    return std::unique_ptr<Engine>(std::make_unique<CpuEngine>(std::move(model), options.draft));
   }
   if (const std::string why = kernels::select_cuda_device(options.device.index); !why.empty())
     return unavailable(options.device.name() + " cannot be used: " + why);

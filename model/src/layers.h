@@ -11,6 +11,7 @@
 #include "dserve/kernels/rope.h"
 #include "dserve/model/config.h"
 #include "dserve/model/request_state.h"
+#include "dserve/model/step_undo.h"
 #include "dserve/model/weights.h"
 
 namespace dserve::model::detail {
@@ -77,9 +78,17 @@ AttentionRows attention_project(const float* x, int64_t n, const ModelConfig& co
 // One request's rows [row, row + n) of the step, its tokens at positions first_pos ..: RoPE,
 // the window, the compressors' windows and the indexer's choice, and the attention itself into
 // rows.attn_out. Reads and updates the layer's state.
+// With `undo`, keeps what rewind_attention needs to take the rows back.
 void attention_core(int64_t row, int64_t n, int64_t first_pos, const ModelConfig& config,
                     const AttentionWeights& w, const RopeTables& rope, LayerState& state,
-                    AttentionRows& rows);
+                    AttentionRows& rows, LayerUndo* undo = nullptr);
+// Only the window's part of attention_core for rows [row, row + n) of a sliding-window layer:
+// their keys appended to the window, nothing attended (rows whose output nobody reads).
+void append_window_keys(int64_t row, int64_t n, int64_t first_pos, const ModelConfig& config,
+                        const RopeTables& rope, LayerState& state, const AttentionRows& rows);
+// Takes the layer's state back to after the first `keep` rows of the step `undo` recorded.
+void rewind_attention(const LayerUndo& undo, int64_t keep, const ModelConfig& config,
+                      const AttentionWeights& w, const RopeTables& rope, LayerState& state);
 // Row-wise: the grouped output projection (wo_a per group, wo_b), out [n, hidden].
 void attention_output(const AttentionRows& rows, int64_t n, const ModelConfig& config,
                       const AttentionWeights& w, float* out);

@@ -112,6 +112,26 @@ class MixedStepEngine::Session final : public Engine {
     if (r == nullptr || r->inner() == nullptr) return nullptr;
     return owner_.exclusive([&] { return owner_.engine_->host_state(*r->inner()); });
   }
+  Status rewind(EngineRequest& request, int64_t position) override {
+    SharedRequest* r = mine(&request);
+    if (r == nullptr || r->inner() == nullptr)
+      return invalid_argument("rewind: not a live request of this session");
+    return owner_.exclusive([&] { return owner_.engine_->rewind(*r->inner(), position); });
+  }
+  bool can_draft() const override { return owner_.engine_->can_draft(); }
+  Result<std::vector<std::vector<int32_t>>> draft(std::span<const DraftRows> rows,
+                                                  int64_t sampleable_ids) override {
+    std::vector<DraftRows> inner(rows.begin(), rows.end());
+    for (size_t i = 0; i < inner.size(); ++i) {
+      const SharedRequest* r = mine(inner[i].request);
+      if (r == nullptr || r->inner() == nullptr) {
+        return invalid_argument("draft: row " + std::to_string(i) +
+                                "'s request is not a live request of this session");
+      }
+      inner[i].request = r->inner();
+    }
+    return owner_.exclusive([&] { return owner_.engine_->draft(inner, sampleable_ids); });
+  }
 
  private:
   const SharedRequest* mine(const EngineRequest* request) const {
@@ -273,10 +293,12 @@ std::vector<MixedStepEngine::Part> MixedStepEngine::plan_step() {
 void MixedStepEngine::run_step(std::vector<Part>& parts) {
   const auto rows_of = [](const Part& part) {
     const StepRows& whole = part.post->rows[part.row];
+    // Only whole rows are rewindable: decode rows are never cut.
+    const bool all = part.begin == 0 && part.count == static_cast<int64_t>(whole.tokens.size());
     return StepRows{
         whole.request,
         whole.tokens.subspan(static_cast<size_t>(part.begin), static_cast<size_t>(part.count)),
-        whole.which};
+        whole.which, whole.rewindable && all};
   };
   std::vector<StepRows> rows;
   rows.reserve(parts.size());

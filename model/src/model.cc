@@ -6,9 +6,8 @@
 #include <algorithm>
 #include <string>
 
+#include "cpu_step_ops.h"
 #include "dserve/kernels/cpu_ops.h"
-#include "layer_sequence.h"
-#include "layers.h"
 
 namespace dserve::model {
 namespace cpu = kernels::cpu;
@@ -40,10 +39,6 @@ Status check_token_ids(std::span<const int32_t> tokens, int64_t vocab_size) {
 
 }  // namespace detail
 
-struct Model::Tables {
-  detail::RopeTables rope;
-};
-
 Model::Model(ModelConfig config, ModelWeights weights)
     : config_(std::move(config)),
       weights_(std::move(weights)),
@@ -62,93 +57,6 @@ Model::Model(ModelConfig config, ModelWeights weights)
 Model::~Model() = default;
 Model::Model(Model&&) noexcept = default;
 Model& Model::operator=(Model&&) noexcept = default;
-
-// The CPU's ops of the layer sequence (layer_sequence.h) over the rows of one step.
-struct Model::CpuStepOps {
-  const Model& model;
-  std::span<const StepRequest> requests;
-  const std::vector<int64_t>& first_row;
-  const std::vector<int64_t>& first_pos;
-  const std::vector<int32_t>& tokens;  // every row's token, in step order (hash routing)
-  const ForwardObserver& observe;
-  std::vector<float>& streams;  // the residual, [n, hc, hidden]
-  detail::HyperMix mix{};
-  detail::AttentionRows rows{};
-  std::vector<float> sublayer_out{};
-
-  const ModelConfig& config() const { return model.config_; }
-  int64_t n() const { return static_cast<int64_t>(tokens.size()); }
-  const LayerWeights& layer(int64_t l) const {
-    return model.weights_.layers[static_cast<size_t>(l)];
-  }
-
-  Status embed() {
-    const int64_t hidden = config().hidden_size, hc = config().hc_mult;
-    for (int64_t t = 0; t < n(); ++t) {
-      const float* e = model.weights_.embed.row(tokens[static_cast<size_t>(t)]);
-      for (int64_t k = 0; k < hc; ++k)
-        std::copy(e, e + hidden, streams.data() + (t * hc + k) * hidden);
-    }
-    if (observe) {
-      std::vector<float> embed(static_cast<size_t>(n() * hidden));
-      for (int64_t t = 0; t < n(); ++t)
-        std::copy_n(streams.data() + t * hc * hidden, hidden, embed.data() + t * hidden);
-      observe({"embed", {n(), hidden}, embed});
-    }
-    sublayer_out.assign(static_cast<size_t>(n() * hidden), 0.0f);
-    return Status::ok();
-  }
-  Status mix_in(int64_t l, detail::Sublayer sublayer) {
-    const LayerWeights& lw = layer(l);
-    const bool attn = sublayer == detail::Sublayer::kAttention;
-    mix = detail::hyper_connection_in(streams.data(), n(), config(), attn ? lw.hc_attn : lw.hc_ffn);
-    cpu::rms_norm(mix.collapsed.data(), n(), config().hidden_size,
-                  (attn ? lw.attn_norm : lw.ffn_norm).span(),
-                  static_cast<float>(config().rms_norm_eps));
-    return Status::ok();
-  }
-  Status attention(int64_t l) {
-    const LayerWeights& lw = layer(l);
-    rows = detail::attention_project(mix.collapsed.data(), n(), config(), lw.attn);
-    const auto core = [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const auto i = static_cast<size_t>(r);
-        detail::attention_core(first_row[i], static_cast<int64_t>(requests[i].tokens.size()),
-                               first_pos[i], config(), lw.attn, model.tables_->rope,
-                               requests[i].state->layers()[static_cast<size_t>(l)], rows);
-      }
-    };
-    // Requests touch only their own state and rows: many short ones (decode) run on the cores
-    // side by side; a long one splits its own queries over them instead.
-    size_t longest = 0;
-    for (const StepRequest& q : requests)
-      longest = std::max(longest, q.tokens.size());
-    const auto count = static_cast<int64_t>(requests.size());
-    if (count > 1 && static_cast<int64_t>(longest) * 2 <= n()) {
-      cpu::parallel_rows(count, 1, core);
-    } else {
-      core(0, count);
-    }
-    detail::attention_output(rows, n(), config(), lw.attn, sublayer_out.data());
-    return Status::ok();
-  }
-  Status ffn(int64_t l) {
-    detail::moe(mix.collapsed.data(), tokens, config(), layer(l).moe,
-                config().mlp_types[static_cast<size_t>(l)], sublayer_out.data());
-    return Status::ok();
-  }
-  Status mix_out(int64_t, detail::Sublayer) {
-    detail::hyper_connection_out(streams.data(), sublayer_out.data(), mix, n(), config());
-    return Status::ok();
-  }
-  Status layer_done(int64_t l) {
-    if (observe) {
-      observe(
-          {"layer" + std::to_string(l), {n(), config().hc_mult, config().hidden_size}, streams});
-    }
-    return Status::ok();
-  }
-};
 
 Result<Tensor> Model::forward(std::span<const int32_t> tokens, RequestState& state, LogitsFor which,
                               const ForwardObserver& observe) const {
@@ -196,11 +104,19 @@ Result<std::vector<Tensor>> Model::run_step(std::span<const StepRequest> request
   // Row-wise work runs over every row of the step at once (each row's bits do not depend on
   // the others: kernels/invariant_gemm.h), attention's projections included; the attention
   // itself, the compressors and the indexer run per request over its own rows.
+  for (const StepRequest& q : requests) {
+    if (q.undo == nullptr) continue;
+    q.undo->first_position = q.state->position();
+    q.undo->rows = static_cast<int64_t>(q.tokens.size());
+    q.undo->layers.assign(static_cast<size_t>(config_.num_layers), LayerUndo{});
+  }
   std::vector<float> streams(static_cast<size_t>(n * hc * hidden));  // [n, hc, hidden]
   CpuStepOps ops{*this, requests, first_row, first_pos, tokens, observe, streams};
   DSERVE_RETURN_IF_ERROR(detail::run_layer_sequence(ops, config_.num_layers));
-  for (const StepRequest& q : requests)
-    q.state->advance(static_cast<int64_t>(q.tokens.size()));
+  for (size_t r = 0; r < requests.size(); ++r) {
+    if (requests[r].state->has_mtp()) keep_mtp_inputs(requests[r], first_row[r], streams.data());
+    requests[r].state->advance(static_cast<int64_t>(requests[r].tokens.size()));
+  }
 
   // The rows whose logits are asked for, gathered: [n_out, hc, hidden].
   std::vector<int64_t> out_rows;
@@ -241,6 +157,34 @@ Result<std::vector<Tensor>> Model::run_step(std::span<const StepRequest> request
     at += count;
   }
   return logits;
+}
+
+void Model::rewind(RequestState& state, StepUndo& undo, int64_t position) const {
+  DSERVE_CHECK_MSG(undo.recorded() && state.position() == undo.first_position + undo.rows,
+                   "a rewind without the undo of the state's last step");
+  DSERVE_CHECK_MSG(position >= undo.first_position && position <= state.position(),
+                   "a rewind outside the rows of the last step");
+  const int64_t keep = position - undo.first_position;
+  if (keep < undo.rows) {
+    for (int64_t l = 0; l < config_.num_layers; ++l) {
+      const auto i = static_cast<size_t>(l);
+      detail::rewind_attention(undo.layers[i], keep, config_, weights_.layers[i].attn,
+                               tables_->rope, state.layers()[i]);
+    }
+    if (state.has_mtp()) {
+      MtpState& m = state.mtp();
+      // The block's inputs of the dropped positions go too: hidden states from position on,
+      // tokens from position on.
+      const int64_t hidden_kept = position - (m.next_position - 1);
+      DSERVE_CHECK_MSG(hidden_kept >= 0, "the MTP block ran rows of the rows taken back");
+      m.hidden.resize(
+          std::min(m.hidden.size(), static_cast<size_t>(hidden_kept * config_.hidden_size)));
+      m.tokens.resize(
+          std::min(m.tokens.size(), static_cast<size_t>(std::max<int64_t>(0, hidden_kept - 1))));
+    }
+    state.rewind_position(position);
+  }
+  undo = StepUndo{};
 }
 
 }  // namespace dserve::model

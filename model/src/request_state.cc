@@ -75,6 +75,29 @@ RequestState::RequestState(const ModelConfig& config, const KvPagePools& pools) 
   }
 }
 
+void RequestState::rewind_position(int64_t position) {
+  DSERVE_CHECK_MSG(position >= 0 && position <= position_, "a rewind forward");
+  position_ = position;
+}
+
+MtpState& RequestState::mtp() {
+  DSERVE_CHECK_MSG(mtp_.has_value(), "the MTP block's state of a request without one");
+  return *mtp_;
+}
+
+const MtpState& RequestState::mtp() const {
+  DSERVE_CHECK_MSG(mtp_.has_value(), "the MTP block's state of a request without one");
+  return *mtp_;
+}
+
+void RequestState::enable_mtp(const ModelConfig& config) {
+  MtpState m;
+  m.layer.kind = AttentionKind::kSliding;
+  m.layer.head_dim = config.head_dim;
+  m.next_position = position_ + 1;
+  mtp_ = std::move(m);
+}
+
 RequestState::PoolBytes RequestState::pool_bytes() const {
   PoolBytes b;
   auto bytes = [](const std::vector<float>& v) { return v.size() * sizeof(float); };

@@ -77,9 +77,11 @@ DecodeActor::behavior_type scripted_decode(DecodeActor::stateful_pointer<DecodeS
   return {
       [self](ReserveRequest& req) -> caf::result<ReserveReply> {
         auto& s = self->state;
-        s.script->note(&Script::reserves, req.request_id);
+        // The answer is decided before the call is counted: a test that sees the call counted
+        // and then changes the script changes only the calls after it.
         const auto [hold, full] =
             s.script->with([](Script& sc) { return std::pair(sc.hold_reserves, sc.full); });
+        s.script->note(&Script::reserves, req.request_id);
         if (hold) {
           s.held.push_back(self->make_response_promise<ReserveReply>());
           return caf::delegated<ReserveReply>{};
@@ -164,11 +166,11 @@ PrefillActor::behavior_type scripted_prefill(PrefillActor::stateful_pointer<Pref
   return {
       [self](PrefillRequest& req) -> caf::result<PrefillReply> {
         auto& s = self->state;
-        s.script->note(&Script::prefills, req.request_id);
         auto [hold, decode] = s.script->with([&](Script& sc) {
           auto it = sc.decodes.find(req.target.port);
           return std::pair(sc.hold_prefills, it == sc.decodes.end() ? DecodeActor{} : it->second);
         });
+        s.script->note(&Script::prefills, req.request_id);
         auto promise = self->make_response_promise<PrefillReply>();
         if (hold) {
           s.held.emplace(req.request_id, promise);

@@ -122,12 +122,34 @@ TEST(MessagesTest, WireFormatRoundTrips) {
   EXPECT_TRUE(c.finished);
   EXPECT_EQ(c.error, "e");
 
-  auto d = round_trip(
-      sys, HealthReport{Role::kDecode, 42, "n", 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17});
+  auto d = round_trip(sys, HealthReport{Role::kDecode,
+                                        42,
+                                        "n",
+                                        5,
+                                        6,
+                                        7,
+                                        8,
+                                        9,
+                                        10,
+                                        11,
+                                        12,
+                                        13,
+                                        14,
+                                        15,
+                                        16,
+                                        17,
+                                        18,
+                                        19,
+                                        20,
+                                        21,
+                                        std::vector<double>{1.5, 0.0, 2.5}});
   EXPECT_EQ(d.role, Role::kDecode);
   EXPECT_EQ(d.epoch, 42u);
   EXPECT_EQ(d.free_kv_bytes, 8u);
   EXPECT_EQ(d.kv_budget_bytes_in_use, 9u);
+  EXPECT_EQ(d.drafted_tokens, 18u);
+  EXPECT_EQ(d.verify_committed_tokens, 21u);
+  EXPECT_EQ(d.speculation_tokens_per_second, (std::vector<double>{1.5, 0.0, 2.5}));
   EXPECT_EQ(d.kv_pages_in_use, 10u);
   EXPECT_EQ(d.kv_page_bytes_in_use, 11u);
   EXPECT_EQ(d.cached_kv_bytes, 12u);

@@ -271,7 +271,11 @@ TEST(ManifestExamples, SingleNodeValidatesAndGivesServeCommands) {
                             "--reservation-timeout-ms",
                             "30000",
                             "--region-grace-ms",
-                            "30000"}));
+                            "30000",
+                            "--speculative-tokens",
+                            "3",
+                            "--speculation",
+                            "adaptive"}));
   EXPECT_EQ(find_process(*m, "decode-1")->devices, (std::vector<int64_t>{6, 7}));
 }
 
@@ -437,6 +441,37 @@ TEST(ManifestServeArgs, ColocatedGivesBothHalvesAndTheGatewayNamesBoth) {
                    "10.0.0.1:7101,10.0.0.1:7201"}));
 }
 
+// Speculative decoding is a decode pool's setting: it reaches the decode processes only, and a
+// manifest without it gives the arguments it always gave.
+TEST(ManifestServeArgs, SpeculationGoesToTheDecodeProcesses) {
+  const std::string text = replace(kBase, "  decode:\n    replicas: 1\n",
+                                   "  decode:\n    replicas: 1\n    speculative_tokens: 3\n"
+                                   "    speculation: fixed\n");
+  auto m = parse_manifest(text, "m.yaml");
+  ASSERT_TRUE(m.is_ok()) << m.status().to_string();
+  auto decode = to_serve_args(*m, *find_process(*m, "decode-0"));
+  auto prefill = to_serve_args(*m, *find_process(*m, "prefill-0"));
+  ASSERT_TRUE(decode.is_ok() && prefill.is_ok());
+  const Lines wanted{"--speculative-tokens", "3", "--speculation", "fixed"};
+  EXPECT_NE(std::search(decode->begin(), decode->end(), wanted.begin(), wanted.end()),
+            decode->end());
+  EXPECT_EQ(std::find(prefill->begin(), prefill->end(), "--speculative-tokens"), prefill->end());
+  auto plain = parse_manifest(kBase, "m.yaml");
+  ASSERT_TRUE(plain.is_ok());
+  auto plain_decode = to_serve_args(*plain, *find_process(*plain, "decode-0"));
+  ASSERT_TRUE(plain_decode.is_ok());
+  EXPECT_EQ(std::find(plain_decode->begin(), plain_decode->end(), "--speculative-tokens"),
+            plain_decode->end());
+  EXPECT_EQ(problems(replace(kBase, "  decode:\n    replicas: 1\n",
+                             "  decode:\n    replicas: 1\n    speculative_tokens: 9\n")),
+            (Lines{"m.yaml:20:25: pools.decode.speculative_tokens: found 9; expected an integer "
+                   "in 0..8"}));
+  EXPECT_FALSE(problems(replace(kBase, "  prefill:\n    replicas: 1\n",
+                                "  prefill:\n    replicas: 1\n    speculative_tokens: 2\n"))
+                   .empty())
+      << "a prefill pool has no speculation";
+}
+
 // A co-located step must leave prefill a row next to a full decode batch.
 TEST(ManifestMistakes, ColocatedStepNoLargerThanTheDecodeBatch) {
   const std::string text = colocated_manifest(R"(  colocated:
@@ -473,7 +508,8 @@ TEST(ManifestMistakes, UnknownKeyDidYouMean) {
   EXPECT_EQ(problems(text),
             (Lines{"m.yaml:19:5: pools.decode.replicass: found unknown key 'replicass'; expected "
                    "one of replicas, placement, ports, devices_per_replica, device, "
-                   "max_batch, kv_budget_mib (did you mean 'replicas'?)",
+                   "max_batch, kv_budget_mib, speculative_tokens, speculation (did you mean "
+                   "'replicas'?)",
                    "m.yaml:19:5: pools.decode.replicas: found nothing (the field is missing); "
                    "expected an integer in 1..4096"}));
 }

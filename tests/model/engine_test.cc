@@ -42,26 +42,7 @@ uint64_t row_digest(const float* row, int64_t n) {
 std::shared_ptr<const Model> load(const std::string& preset, int64_t vocab_size,
                                   kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32) {
   if (preset == "tiny") return testing_support::tiny_model_shared(kv_dtype);
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("dserve-engine-" + preset + "-" + std::to_string(::getpid()));
-  ModelInitOptions opts;
-  opts.preset = preset;
-  opts.seed = 11;
-  opts.out_dir = dir.string();
-  opts.tokenizer_json = testing_support::tokenizer_json();
-  opts.vocab_size = vocab_size;
-  const Status written = write_random_checkpoint(opts);
-  EXPECT_TRUE(written.is_ok()) << written.to_string();
-  auto config = load_model_config(dir.string());
-  EXPECT_TRUE(config.is_ok()) << config.status().to_string();
-  if (config.is_ok()) {
-    EXPECT_TRUE(set_kv_dtype(*config, kv_dtype).is_ok());
-  }
-  auto weights = load_checkpoint(dir.string(), *config);
-  EXPECT_TRUE(weights.is_ok()) << weights.status().to_string();
-  std::filesystem::remove_all(dir);
-  if (!config.is_ok() || !weights.is_ok()) return nullptr;
-  return std::make_shared<const Model>(std::move(config).value(), std::move(weights).value());
+  return testing_support::generated_model(preset, vocab_size, kv_dtype);
 }
 
 struct Plan {

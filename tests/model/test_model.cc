@@ -61,6 +61,32 @@ const std::string& tiny_model_dir() {
   return *dir;
 }
 
+std::shared_ptr<const Model> generated_model(const std::string& preset, int64_t vocab_size,
+                                             kvstore::KvDtype kv_dtype, uint64_t seed) {
+  if (preset == "tiny" && vocab_size == 0 && seed == 1) return tiny_model_shared(kv_dtype);
+  const auto dir =
+      std::filesystem::temp_directory_path() /
+      ("dserve-" + preset + "-" + std::to_string(seed) + "-" + std::to_string(::getpid()));
+  ModelInitOptions opts;
+  opts.preset = preset;
+  opts.seed = seed;
+  opts.out_dir = dir.string();
+  opts.tokenizer_json = tokenizer_json();
+  opts.vocab_size = vocab_size;
+  const Status written = write_random_checkpoint(opts);
+  EXPECT_TRUE(written.is_ok()) << written.to_string();
+  auto config = load_model_config(dir.string());
+  EXPECT_TRUE(config.is_ok()) << config.status().to_string();
+  if (config.is_ok()) {
+    EXPECT_TRUE(set_kv_dtype(*config, kv_dtype).is_ok());
+  }
+  auto weights = load_checkpoint(dir.string(), *config);
+  EXPECT_TRUE(weights.is_ok()) << weights.status().to_string();
+  std::filesystem::remove_all(dir);
+  if (!config.is_ok() || !weights.is_ok()) return nullptr;
+  return std::make_shared<const Model>(std::move(config).value(), std::move(weights).value());
+}
+
 namespace {
 std::shared_ptr<const Model> load_tiny(kvstore::KvDtype kv_dtype) {
   auto config = load_model_config(tiny_model_dir());

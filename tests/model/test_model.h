@@ -20,6 +20,12 @@ const std::string& tiny_model_dir();
 const Model& tiny_model(kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32);
 const std::shared_ptr<const Model>& tiny_model_shared(
     kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32);
+// A preset generated with `seed` (its vocabulary cut to vocab_size rows unless 0) into a
+// temporary directory, loaded, the directory removed; tiny with seed 1 and the full vocabulary
+// is tiny_model_shared. Null, with a test failure, when it cannot be made.
+std::shared_ptr<const Model> generated_model(const std::string& preset, int64_t vocab_size,
+                                             kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32,
+                                             uint64_t seed = 11);
 // The CPU engine over tiny_model(kv_dtype), one per test binary and dtype.
 Engine& tiny_engine(kvstore::KvDtype kv_dtype = kvstore::KvDtype::kFp32);
 // Every KV dtype, for tests parameterised by it, and a test-name suffix for each ("fp32", "fp8").

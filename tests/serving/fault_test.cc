@@ -138,11 +138,15 @@ size_t expect_all_correct(const std::vector<Job>& jobs,
 
 // ---- 1. a decode worker killed while it streams ---------------------------------------------
 
+// The decode workers speculate (three MTP drafts per request per step, always): a replay
+// continues from the tokens delivered whatever was drafted, accepted or taken back before the
+// kill.
 TEST(Faults, DecodeKilledMidStreamReplaysOnTheOtherWorker) {
   const auto t0 = Clock::now();
   ClusterOptions o;
   o.prefill = 1;
   o.decode = 2;
+  o.decode_args = {"--speculative-tokens", "3", "--speculation", "fixed"};
   ServeCluster cluster(o);
   ASSERT_TRUE(cluster.ready()) << cluster.logs();
   auto client = connect_client(cluster);

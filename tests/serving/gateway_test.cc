@@ -85,10 +85,13 @@ TEST(Gateway, StreamsMatchGenerateAndBadRequestsAreRefused) {
 }
 
 // The co-located mode (prefill and decode halves in one process, taking turns on the compute)
-// behind the same gateway serves the same tokens.
+// behind the same gateway serves the same tokens, its decode half speculating (MTP drafts, two
+// per request per step, verified and taken back among the mixed steps' rows).
 TEST(Gateway, ColocatedProcessServesTheSameTokens) {
   using testing_support::ServeProcess;
-  ServeProcess both("colocated", "127.0.0.1", 0, {"--decode-listen", "127.0.0.1:0"});
+  ServeProcess both(
+      "colocated", "127.0.0.1", 0,
+      {"--decode-listen", "127.0.0.1:0", "--speculative-tokens", "2", "--speculation", "fixed"});
   ASSERT_TRUE(both.ready()) << both.log();
   ASSERT_NE(both.decode_port(), 0) << both.log();
   ServeProcess gateway(

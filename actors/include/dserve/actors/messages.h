@@ -261,7 +261,22 @@ struct HealthReport {
   uint64_t handoffs_corrupt = 0;
   // prefill, tests only: hand-offs corrupted on purpose (--inject-corrupt-handoffs).
   uint64_t injected_faults = 0;
+  // decode, speculative decoding: draft tokens verified and of them accepted; the requests'
+  // steps that verified drafts and the tokens those committed (their ratio: the acceptance
+  // length).
+  uint64_t drafted_tokens = 0;
+  uint64_t accepted_draft_tokens = 0;
+  uint64_t verify_request_steps = 0;
+  uint64_t verify_committed_tokens = 0;
+  // decode: committed tokens per second measured per batch-size bucket b (batches of 2^b to
+  // 2^(b+1) - 1 requests) and draft count k = 0 .. speculative_tokens, at
+  // [b * (speculative_tokens + 1) + k]; 0 where not measured. Empty without speculation.
+  std::vector<double> speculation_tokens_per_second;
 };
+// speculation_tokens_per_second's batch-size buckets (the last: 2^7 requests and more), and the
+// most figures it may hold (k = 0 .. 8 in each).
+inline constexpr size_t kSpeculationBuckets = 8;
+inline constexpr size_t kMaxSpeculationFigures = kSpeculationBuckets * 9;
 
 // ---- validation ----------------------------------------------------------------------------
 
@@ -364,7 +379,9 @@ typename Inspector::result_type inspect(Inspector& f, HealthReport& x) {
   return f(caf::meta::type_name("dserve.HealthReport"), x.role, x.epoch, x.node_name, x.uptime_ms,
            x.active_requests, x.queued_requests, x.free_kv_bytes, x.kv_budget_bytes_in_use,
            x.kv_pages_in_use, x.kv_page_bytes_in_use, x.cached_kv_bytes, x.handoff_regions,
-           x.quarantined_regions, x.handoffs_rejected, x.handoffs_corrupt, x.injected_faults);
+           x.quarantined_regions, x.handoffs_rejected, x.handoffs_corrupt, x.injected_faults,
+           x.drafted_tokens, x.accepted_draft_tokens, x.verify_request_steps,
+           x.verify_committed_tokens, x.speculation_tokens_per_second);
 }
 
 // Registers every message type above with `cfg`, under the names used on the wire. ActorRuntime

@@ -76,6 +76,8 @@ struct GatewaySpec {
 
 // The most workers one pool may have, in a manifest or after `dserve scale`.
 inline constexpr int64_t kMaxPoolReplicas = 4096;
+// The most draft tokens a pool may set (serve's --speculative-tokens; model::kMaxDraftTokens).
+inline constexpr int64_t kMaxSpeculativeTokens = 8;
 
 // A pool of identical worker processes: `replicas` of them, replica i on node placement[i].
 struct Pool {
@@ -92,6 +94,10 @@ struct Pool {
   int64_t max_batch = 64;         // decode, colocated: reservations + decoding requests
   int64_t max_step_tokens = 512;  // colocated: rows of one engine step (decode + prefill)
   int64_t kv_budget_mib = 1024;   // decode, colocated: KV bytes of the decode batch
+  // decode, colocated: speculative decoding with the checkpoint's MTP block: draft tokens per
+  // request per step at most (0: off), and "adaptive" (k chosen per step) or "fixed".
+  int64_t speculative_tokens = 0;
+  std::string speculation = "adaptive";
   // launcher slurm: the generic resources each of the pool's nodes needs (sbatch --gres, e.g.
   // "gpu:1"); empty: none. Its component of the job has one node per replica.
   std::string gres;

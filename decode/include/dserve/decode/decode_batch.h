@@ -13,11 +13,13 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
 
 #include "dserve/core/status.h"
+#include "dserve/decode/speculation.h"
 #include "dserve/kernels/tensor.h"
 #include "dserve/model/engine.h"
 #include "dserve/model/sampler.h"
@@ -41,7 +43,8 @@ enum class FinishReason { kNone, kEndOfSequence, kMaxTokens, kCancelled, kDeadli
 std::string_view finish_reason_name(FinishReason reason);
 
 // What one step produced for one request: a token, or the request's end, or both (the last
-// token and its end). A token is never the end-of-sequence token itself.
+// token and its end). A token is never the end-of-sequence token itself. With speculation a
+// step may give a request several tokens: one event each, in order.
 struct TokenEvent {
   uint64_t request_id = 0;
   std::optional<int32_t> token;
@@ -55,6 +58,19 @@ struct DecodeOptions {
   // Only ids below this are sampled (model::sampleable_logits): the tokenizer's vocabulary.
   // 0: every row of the logits.
   int64_t sampleable_ids = 0;
+  // Speculative decoding (speculation.h): draft tokens per request per step, at most (0: off,
+  // up to model::kMaxDraftTokens). The tokens are the same with it on or off.
+  int64_t speculative_tokens = 0;
+  // Choose each step's draft count (down to 0) from the measured acceptance and step cost;
+  // false: always speculative_tokens.
+  bool adaptive_speculation = true;
+  // Who drafts: null for the engine's MTP block (the engine must be made with
+  // EngineOptions::draft). Must outlive the batch.
+  Drafter* drafter = nullptr;
+  // Called for each request that goes on, once the last step's rows are sampled and the
+  // rejected ones taken back: its state then holds every token it committed but the newest
+  // (which the next step runs). Tests compare states here. Must not call back into the batch.
+  std::function<void(uint64_t id, const model::EngineRequest& request)> on_committed = {};
 };
 
 class DecodeBatch {
@@ -68,23 +84,42 @@ class DecodeBatch {
   // Ends a request at the next step (a kCancelled event); unknown ids are ignored (it may
   // have finished already).
   void cancel(uint64_t id);
-  // One token for every request in the batch, in the order they joined.
+  // At least one token for every request in the batch (more where drafts were accepted), in
+  // the order they joined.
   std::vector<TokenEvent> step();
 
   size_t size() const { return slots_.size(); }
   bool empty() const { return slots_.empty(); }
+  const SpeculationStats& speculation() const { return control_.stats(); }
+  // Draft tokens per request the last step verified, at most (the adaptive k in effect).
+  int64_t last_draft_tokens() const { return last_step_.k; }
 
  private:
   struct Slot {
     DecodeRequest request;
     model::Sampler sampler;
-    Tensor logits;
+    Tensor logits;  // [1 + drafts, vocab]: the rows of the last step
     int64_t produced = 0;
     bool cancelled = false;
+    std::vector<int32_t> fed;  // the last step's rows: the next token, then its drafts
+    bool stepped = false;      // ran in the last step (not just joined)
   };
+  // Samples a request's rows of the last step (speculation.h "Acceptance"); its events go to
+  // `events`. Returns the next token to run, or nothing when the request ends.
+  std::optional<int32_t> sample_rows(Slot& s, std::vector<TokenEvent>& events);
+
   model::Engine& engine_;
   DecodeOptions options_;
+  std::unique_ptr<Drafter> own_drafter_;
+  Drafter* drafter_ = nullptr;
+  SpeculationControl control_;
   std::vector<std::unique_ptr<Slot>> slots_;
+  // The last step, measured when its tokens are sampled: requests, drafts each, seconds.
+  struct LastStep {
+    int64_t batch = 0;
+    int64_t k = 0;
+    double seconds = 0.0;
+  } last_step_;
 };
 
 }  // namespace dserve::decode

@@ -60,13 +60,18 @@ struct DecodeWorkerOptions {
   // put still in flight lands where no other hand-off reads. A later put is harmless too (the
   // arena stays mapped, and a hand-off reads only bytes it verified): see handoff_arena.h.
   std::chrono::milliseconds region_grace{30000};
+  // Speculative decoding (DecodeOptions): draft tokens per request per step at most (0: off;
+  // the engine must be made with EngineOptions::draft), and whether k adapts per step.
+  int64_t speculative_tokens = 0;
+  bool adaptive_speculation = true;
   // Where each request's life is logged; must outlive the worker. Null: no logging.
   ops::Logger* log = nullptr;
   // Where the worker's metrics go; must outlive the worker. Null: none. Registered:
   // dserve_decode_step_duration_seconds, _batch_size (histograms), _active_requests,
   // _reserved_requests, _kv_budget_in_use_bytes, _kv_budget_free_bytes (gauges),
   // _reservations_total{outcome}, _handoffs_total{outcome}, _handoffs_corrupt_total,
-  // _tokens_total.
+  // _tokens_total, _draft_tokens_total, _accepted_draft_tokens_total (counters),
+  // _acceptance_length, _draft_tokens_per_step (gauges).
   ops::MetricsRegistry* metrics = nullptr;
 };
 

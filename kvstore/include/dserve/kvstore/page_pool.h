@@ -120,6 +120,9 @@ class PagedRows {
   void append_page(PageRef page);
   // Drops every row from `rows` on (rows must be a page multiple): a request that rolls back.
   void truncate_pages(int64_t rows);
+  // Drops every row from `rows` on, anywhere: a step's rejected rows. The open page's bytes past
+  // the end are zeroed (as a page that never held them) and it is copied first when shared.
+  void truncate(int64_t rows);
   // The full pages, shared (the last one only when full).
   std::vector<PageRef> full_pages() const;
   uint64_t bytes() const { return pages_.size() * (pool_ ? pool_->page_bytes() : 0); }

@@ -58,6 +58,17 @@ struct StepRows {
   EngineRequest* request = nullptr;
   std::span<const int32_t> tokens;  // at positions request->position() onwards
   LogitsFor which = LogitsFor::kLastToken;
+  // The rows after the first may be taken back with Engine::rewind (speculative decoding's
+  // draft tokens): the engine keeps what that needs until the request's next step.
+  bool rewindable = false;
+};
+
+// One request's drafting (speculative decoding): the token at its position, sampled and not
+// yet run, and how many tokens to propose after it.
+struct DraftRows {
+  EngineRequest* request = nullptr;
+  int32_t next_token = 0;
+  int64_t count = 0;
 };
 
 struct EngineOptions {
@@ -67,7 +78,14 @@ struct EngineOptions {
   int64_t max_positions = 16384;
   int64_t max_requests = 64;
   int64_t max_step_tokens = 2048;
+  // Keep the MTP block's state beside every request, so that draft() can propose tokens
+  // (speculative decoding). Needs a checkpoint with the block.
+  bool draft = false;
 };
+
+// The most tokens one draft() call proposes per request, and so the most rows a speculative
+// decode step verifies per request (one more).
+inline constexpr int64_t kMaxDraftTokens = 8;
 
 class Engine {
  public:
@@ -95,6 +113,21 @@ class Engine {
   // A request continuing from `state` (a hand-off, a restored prefix). INVALID_ARGUMENT when it
   // is not a state of this engine's model.
   virtual Result<RequestHandle> import_state(RequestState state) = 0;
+
+  // Takes a request back to `position`, which lies within the rows of its last step, run
+  // rewindable: the state is then, bit for bit, that of a run that never saw the later rows, and
+  // the pages only they took are free. INVALID_ARGUMENT when the last step was not
+  // rewindable or the position is outside it; UNIMPLEMENTED where the backend cannot.
+  virtual Status rewind(EngineRequest& request, int64_t position) = 0;
+  // Whether draft() proposes tokens: the checkpoint has an MTP block, the engine runs it and was
+  // made with EngineOptions::draft.
+  virtual bool can_draft() const = 0;
+  // For each request, up to rows[i].count (<= kMaxDraftTokens) tokens the MTP block proposes
+  // after rows[i].next_token (Model::draft); fewer, or none, where the block has not yet seen
+  // the request's last position (a state imported without the block's). Only ids below
+  // `sampleable_ids` are proposed (0: any).
+  virtual Result<std::vector<std::vector<int32_t>>> draft(std::span<const DraftRows> rows,
+                                                          int64_t sampleable_ids) = 0;
 
   // The host pools states of this engine draw their pages from (shared with a prefix store).
   virtual const KvPagePools& page_pools() const = 0;

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "dserve/kvstore/page_pool.h"
@@ -57,6 +58,20 @@ struct LayerState {
   int64_t compressed_entries() const { return compressed.rows(); }
 };
 
+// The state of the MTP block (speculative decoding) beside a request's: the block's sliding
+// window, and the inputs of its rows still to run. The block's row at position q reads the main
+// model's hidden state at q - 1 (before the final norm) and the token at q; those rows run when
+// the engine drafts (Engine::draft), because the token after the last position is known only
+// once it is sampled. The block attends over a sliding window only, and a row's key is a
+// function of that row alone, so only the last sliding_window rows ever matter: older inputs are
+// dropped, and the window the block ends with is the one a run of every row would leave.
+struct MtpState {
+  LayerState layer;             // the block's layer: a sliding window
+  int64_t next_position = 1;    // the position of the block's next row
+  std::vector<float> hidden;    // [*, hidden]: the main model's states at next_position - 1 ..
+  std::vector<int32_t> tokens;  // the tokens at next_position ..
+};
+
 // The page pools of one model: per layer, the pool of its compressed entries (CSA and HCA
 // layers) and of its indexer keys (CSA layers); null where a layer has none. A page holds one
 // 128-token block's rows (kBlockTokens / rate of them). Requests of a model and its prefix
@@ -81,6 +96,16 @@ class RequestState {
   // Tokens consumed so far: the position the next token will take.
   int64_t position() const { return position_; }
   void advance(int64_t tokens) { position_ += tokens; }
+  // Back to an earlier position (Model::rewind, after the pools are taken back).
+  void rewind_position(int64_t position);
+
+  // The MTP block's state, kept once enable_mtp() was called (an engine that drafts); mtp()
+  // only then.
+  bool has_mtp() const { return mtp_.has_value(); }
+  MtpState& mtp();
+  const MtpState& mtp() const;
+  // Starts the block's state at this position: its first row will be the next position's.
+  void enable_mtp(const ModelConfig& config);
 
   std::vector<LayerState>& layers() { return layers_; }
   const std::vector<LayerState>& layers() const { return layers_; }
@@ -97,6 +122,7 @@ class RequestState {
  private:
   int64_t position_ = 0;
   std::vector<LayerState> layers_;
+  std::optional<MtpState> mtp_;
 };
 
 }  // namespace dserve::model
