@@ -66,6 +66,7 @@ pools:
     placement: local
     devices_per_replica: 0
     kv_budget_mib: 256
+    speculative_tokens: 3   # MTP drafts, the draft count adapted per step (decode/README.md)
 network:
   ucx_transports: [tcp]
   ucx_net_devices: [lo]
@@ -81,3 +82,7 @@ trap '"$DSERVE" down "${CLUSTER[@]}"' EXIT
 
 echo "dserve demo: prompt: $PROMPT"
 "$DSERVE" submit --gateway "127.0.0.1:$((BASE + 1))" --prompt "$PROMPT" --max-tokens 32
+# The workers' figures after the prompt (the gateway polls them every 250 ms): the decode
+# worker's speculation among them.
+sleep 1
+"$DSERVE" status "${CLUSTER[@]}"

@@ -13,8 +13,10 @@ namespace {
 constexpr double kNewWeight = 0.2;
 // The acceptance's memory: its sums decay by this per verified request.
 constexpr double kAcceptanceDecay = 0.995;
-// One step in this many (per bucket) tries a k other than the best, to keep the figures fresh.
-constexpr int64_t kExploreEvery = 32;
+// Steps between probes of a k next to the best: at first, and at most (the interval doubles
+// after each probe that does not change the best).
+constexpr int64_t kFirstProbeInterval = 32;
+constexpr int64_t kLastProbeInterval = 1024;
 
 }  // namespace
 
@@ -70,30 +72,36 @@ double SpeculationControl::expected_tokens(double a, int64_t k) {
 
 int64_t SpeculationControl::choose(int64_t batch) {
   if (max_tokens_ == 0 || !adaptive_) return max_tokens_;
-  const size_t b = bucket(batch);
-  const int64_t n = steps_in_bucket_[b]++;
-  const auto& measured = measured_[b];
-  // First every k once: the most, none, then the rest.
-  if (!measured[static_cast<size_t>(max_tokens_)]) return max_tokens_;
-  for (int64_t k = 0; k <= max_tokens_; ++k) {
-    if (!measured[static_cast<size_t>(k)]) return k;
-  }
+  Bucket& bk = buckets_[bucket(batch)];
+  const auto measured = [&](int64_t k) { return bk.measured[static_cast<size_t>(k)]; };
+  // First none, then one draft: the cheapest probes.
+  if (!measured(0)) return 0;
+  if (!measured(1)) return 1;
   const double a = accepted_ / trials_;
-  int64_t best = 0;
-  double best_rate = 0.0;
-  for (int64_t k = 0; k <= max_tokens_; ++k) {
-    const double rate = expected_tokens(a, k) / seconds_per_request_[b][static_cast<size_t>(k)];
-    if (rate > best_rate) {
-      best_rate = rate;
-      best = k;
-    }
+  const auto rate = [&](int64_t k) {
+    return expected_tokens(a, k) / bk.seconds_per_request[static_cast<size_t>(k)];
+  };
+  int64_t best = 0, largest = 0;
+  for (int64_t k = 0; k <= max_tokens_ && measured(k); ++k) {
+    largest = k;
+    if (rate(k) > rate(best)) best = k;
   }
-  if (n % kExploreEvery == kExploreEvery - 1) {
-    // Another k in turn, so that each is measured again now and then.
-    const int64_t other = (n / kExploreEvery) % max_tokens_;
-    return other >= best ? other + 1 : other;
+  // One more draft is worth a probe while the most drafts measured are the best.
+  if (best == largest && largest < max_tokens_) return largest + 1;
+  if (best != bk.best) {
+    bk.best = best;
+    bk.probe_every = kFirstProbeInterval;
+    bk.until_probe = kFirstProbeInterval;
   }
-  return best;
+  // Now and then a neighbour of the best, so that the figures follow the workload; each probe
+  // that changes nothing waits twice as long for the next, so that a k that never pays costs
+  // almost nothing.
+  if (--bk.until_probe > 0) return best;
+  bk.probe_every = std::min(bk.probe_every * 2, kLastProbeInterval);
+  bk.until_probe = bk.probe_every;
+  bk.probe_up = !bk.probe_up;
+  const bool up = best == 0 || (bk.probe_up && best < max_tokens_);
+  return up ? best + 1 : best - 1;
 }
 
 void SpeculationControl::record_step(int64_t batch, int64_t k, double seconds, int64_t committed) {
@@ -103,12 +111,13 @@ void SpeculationControl::record_step(int64_t batch, int64_t k, double seconds, i
   const auto ki = static_cast<size_t>(k);
   const double per_request = seconds / static_cast<double>(batch);
   const double rate = static_cast<double>(committed) / seconds;
-  double& avg = seconds_per_request_[b][ki];
+  Bucket& bk = buckets_[b];
+  double& avg = bk.seconds_per_request[ki];
   double& shown = stats_.tokens_per_second[b][ki];
-  if (!measured_[b][ki]) {
+  if (!bk.measured[ki]) {
     avg = per_request;
     shown = rate;
-    measured_[b][ki] = true;
+    bk.measured[ki] = true;
   } else {
     avg += kNewWeight * (per_request - avg);
     shown += kNewWeight * (rate - shown);

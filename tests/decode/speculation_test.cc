@@ -222,8 +222,9 @@ TEST(Speculation, LimitsInsideAcceptedDraftsEndTheRequestThere) {
   EXPECT_EQ(run.tokens, plain.tokens);
 }
 
-// The control, on synthetic figures: nothing accepted and verify rows that cost -> k = 0 almost
-// always; most accepted and cheap rows -> the most drafts; fixed k when not adaptive.
+// The control, on synthetic figures: nothing accepted and verify rows that cost -> k = 0 all but
+// a handful of probes (each useless probe waits twice as long for the next); most accepted and
+// cheap rows -> the most drafts; fixed k when not adaptive.
 TEST(SpeculationControl, PicksTheDraftCountWithTheMostTokensPerSecond) {
   const auto share_of = [](double acceptance, double row_cost, int64_t batch, int64_t want) {
     SpeculationControl control(3, true);
@@ -247,7 +248,7 @@ TEST(SpeculationControl, PicksTheDraftCountWithTheMostTokensPerSecond) {
     }
     return static_cast<double>(hits) / kSteps;
   };
-  EXPECT_GT(share_of(0.0, 0.5, 32, 0), 0.9);
+  EXPECT_GT(share_of(0.0, 0.5, 32, 0), 0.98);
   EXPECT_GT(share_of(0.95, 0.05, 1, 3), 0.9);
   SpeculationControl fixed(2, false);
   EXPECT_EQ(fixed.choose(8), 2);

@@ -18,8 +18,10 @@
 // at a large batch the step is compute-bound and every rejected row is lost work. The control
 // measures the acceptance (the chance that a draft is accepted after an accepted one) and, per
 // batch size (powers of two), the time of a step (drafting included) with each k it has run,
-// and picks the k with the most committed tokens per second: k = 0 when nothing pays. Every
-// so often it tries another k, so that the figures follow the workload.
+// and picks the k with the most expected committed tokens per second: k = 0 when nothing pays.
+// It probes upwards from k = 0 only while more drafts keep paying, and probes a neighbour of the
+// best now and then, less often each time that changes nothing (every 32 steps, doubling to
+// 1,024), so that a k that never pays costs almost nothing.
 
 #include <array>
 #include <cstdint>
@@ -120,11 +122,17 @@ class SpeculationControl {
 
   int64_t max_tokens_;
   bool adaptive_;
-  // Per bucket and k: a moving average of step seconds per request, and whether measured.
-  std::array<std::array<double, model::kMaxDraftTokens + 1>, SpeculationStats::kBuckets>
-      seconds_per_request_{};
-  std::array<std::array<bool, model::kMaxDraftTokens + 1>, SpeculationStats::kBuckets> measured_{};
-  std::array<int64_t, SpeculationStats::kBuckets> steps_in_bucket_{};
+  // Per batch-size bucket: per k a moving average of step seconds per request and whether it
+  // was measured; the best k and when to probe next to it.
+  struct Bucket {
+    std::array<double, model::kMaxDraftTokens + 1> seconds_per_request{};
+    std::array<bool, model::kMaxDraftTokens + 1> measured{};
+    int64_t best = -1;
+    int64_t probe_every = 0;
+    int64_t until_probe = 0;
+    bool probe_up = false;
+  };
+  std::array<Bucket, SpeculationStats::kBuckets> buckets_{};
   // The acceptance: moving sums of accepted drafts and of trials (accepted, plus one for a
   // rejection), with a prior of 1 in 2.
   double accepted_ = 1.0;
