@@ -24,7 +24,7 @@ std::string_view finish_reason_name(FinishReason reason) {
   return "?";
 }
 
-DecodeBatch::DecodeBatch(model::Engine& engine, DecodeOptions options)
+DecodeBatch::DecodeBatch(model::Engine& engine, const DecodeOptions& options)
     : engine_(engine),
       options_(options),
       control_(options.speculative_tokens, options.adaptive_speculation) {

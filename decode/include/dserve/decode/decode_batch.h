@@ -75,7 +75,7 @@ struct DecodeOptions {
 
 class DecodeBatch {
  public:
-  DecodeBatch(model::Engine& engine, DecodeOptions options);
+  DecodeBatch(model::Engine& engine, const DecodeOptions& options);
 
   // ResourceExhausted when max_batch requests are decoding; InvalidArgument for an id that is
   // already in the batch, a state of another position than its logits' prompt, or bad
