@@ -76,6 +76,20 @@ void DecodeBatch::cancel(uint64_t id) {
   }
 }
 
+namespace {
+
+// A request's end by an error (a step or a rewind that failed), after its `produced` tokens.
+TokenEvent error_event(uint64_t id, int64_t produced, Status error) {
+  TokenEvent e;
+  e.request_id = id;
+  e.index = produced;
+  e.finished = FinishReason::kError;
+  e.error = std::move(error);
+  return e;
+}
+
+}  // namespace
+
 std::optional<int32_t> DecodeBatch::sample_rows(Slot& s, std::vector<TokenEvent>& events) {
   const auto eos = static_cast<int32_t>(engine_.config().eos_token_id);
   const int64_t vocab = engine_.config().vocab_size;
@@ -111,12 +125,7 @@ std::optional<int32_t> DecodeBatch::sample_rows(Slot& s, std::vector<TokenEvent>
     // The rejected rows go: the state is as if only the kept ones had run.
     const int64_t position = s.request.request->position() - static_cast<int64_t>(drafts - row);
     if (Status rewound = engine_.rewind(*s.request.request, position); !rewound.is_ok()) {
-      TokenEvent e;
-      e.request_id = s.request.id;
-      e.index = s.produced;
-      e.finished = FinishReason::kError;
-      e.error = rewound;
-      events.push_back(std::move(e));
+      events.push_back(error_event(s.request.id, s.produced, std::move(rewound)));
       return std::nullopt;
     }
   }
@@ -124,10 +133,9 @@ std::optional<int32_t> DecodeBatch::sample_rows(Slot& s, std::vector<TokenEvent>
 }
 
 std::vector<TokenEvent> DecodeBatch::step() {
-  const auto started = Clock::now();
+  const auto now = Clock::now();
   std::vector<TokenEvent> events;
   events.reserve(slots_.size());
-  const auto now = Clock::now();
   // First every request's next tokens (the last step's rows sampled); then one forward step over
   // all that go on, each with its drafts.
   std::vector<int32_t> next(slots_.size());
@@ -158,7 +166,7 @@ std::vector<TokenEvent> DecodeBatch::step() {
     }
   }
   if (last_step_.batch > 0) {
-    const double sampling = std::chrono::duration<double>(Clock::now() - started).count();
+    const double sampling = std::chrono::duration<double>(Clock::now() - now).count();
     control_.record_step(last_step_.batch, last_step_.k, last_step_.seconds + sampling, committed);
     last_step_ = {};
   }
@@ -209,12 +217,7 @@ std::vector<TokenEvent> DecodeBatch::step() {
         slots_[i]->logits = std::move((*logits)[j]);
         slots_[i]->stepped = true;
       } else {
-        TokenEvent e;
-        e.request_id = slots_[i]->request.id;
-        e.index = slots_[i]->produced;
-        e.finished = FinishReason::kError;
-        e.error = logits.status();
-        events.push_back(std::move(e));
+        events.push_back(error_event(slots_[i]->request.id, slots_[i]->produced, logits.status()));
         ended[i] = true;
       }
     }

@@ -561,15 +561,16 @@ DecodeWorkerActor::behavior_type decode_worker(
         s.stepping = false;
         const size_t batch = s.batch->size();
         const auto step_start = Clock::now();
-        const SpeculationStats before = s.batch->speculation();
+        const int64_t drafted_before = s.batch->speculation().drafted;
+        const int64_t accepted_before = s.batch->speculation().accepted;
         std::vector<TokenEvent> events = s.batch->step();
         if (s.metrics) {
           s.metrics->step_seconds.observe(
               std::chrono::duration<double>(Clock::now() - step_start).count());
           s.metrics->batch_size.observe(static_cast<double>(batch));
           const SpeculationStats& after = s.batch->speculation();
-          s.metrics->drafted.inc(static_cast<double>(after.drafted - before.drafted));
-          s.metrics->drafts_accepted.inc(static_cast<double>(after.accepted - before.accepted));
+          s.metrics->drafted.inc(static_cast<double>(after.drafted - drafted_before));
+          s.metrics->drafts_accepted.inc(static_cast<double>(after.accepted - accepted_before));
           s.metrics->acceptance_length.set(after.acceptance_length());
           s.metrics->drafts_per_step.set(static_cast<double>(s.batch->last_draft_tokens()));
         }

@@ -161,8 +161,8 @@ std::vector<float> window_and_keys(int64_t row, int64_t n, const ModelConfig& co
   return keys;
 }
 
-// The window the next call sees: the last sliding_window - 1 of `keys`.
-void keep_window(const std::vector<float>& keys, const ModelConfig& config, LayerState& state) {
+// The window the next call sees: the last sliding_window - 1 of `keys` (the window, then rows).
+void keep_window(std::span<const float> keys, const ModelConfig& config, LayerState& state) {
   const int64_t hd = config.head_dim;
   const int64_t keep =
       std::min<int64_t>(static_cast<int64_t>(keys.size()) / hd, config.sliding_window - 1);
@@ -331,12 +331,9 @@ void append_window_keys(int64_t row, int64_t n, int64_t first_pos, const ModelCo
 
 void rewind_attention(const LayerUndo& undo, int64_t keep, const ModelConfig& config,
                       const AttentionWeights& w, const RopeTables& rope, LayerState& state) {
-  const int64_t hd = config.head_dim;
-  const int64_t seen = undo.window_before + keep;
-  DSERVE_CHECK_MSG(keep >= 0 && static_cast<int64_t>(undo.keys.size()) >= seen * hd,
-                   "a rewind past the rows the step ran");
-  const int64_t window = std::min<int64_t>(seen, config.sliding_window - 1);
-  state.window.assign(undo.keys.begin() + (seen - window) * hd, undo.keys.begin() + seen * hd);
+  const auto seen = static_cast<size_t>((undo.window_before + keep) * config.head_dim);
+  DSERVE_CHECK_MSG(keep >= 0 && undo.keys.size() >= seen, "a rewind past the rows the step ran");
+  keep_window(std::span(undo.keys).first(seen), config, state);
   const auto eps = static_cast<float>(config.rms_norm_eps);
   // The compressors as they were, fed the kept rows again: the same windows close with the same
   // bits, and their entries replace the step's.

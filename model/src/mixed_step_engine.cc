@@ -82,15 +82,7 @@ class MixedStepEngine::Session final : public Engine {
   }
 
   Result<std::vector<Tensor>> step(std::span<const StepRows> rows) override {
-    std::vector<StepRows> inner(rows.begin(), rows.end());
-    for (size_t i = 0; i < inner.size(); ++i) {
-      const SharedRequest* r = mine(inner[i].request);
-      if (r == nullptr || r->inner() == nullptr) {
-        return invalid_argument("step: row " + std::to_string(i) +
-                                "'s request is not a live request of this session");
-      }
-      inner[i].request = r->inner();
-    }
+    DSERVE_ASSIGN_OR_RETURN(const std::vector<StepRows> inner, engine_rows(rows, "step"));
     return owner_.post_and_wait(*this, inner);
   }
 
@@ -121,19 +113,26 @@ class MixedStepEngine::Session final : public Engine {
   bool can_draft() const override { return owner_.engine_->can_draft(); }
   Result<std::vector<std::vector<int32_t>>> draft(std::span<const DraftRows> rows,
                                                   int64_t sampleable_ids) override {
-    std::vector<DraftRows> inner(rows.begin(), rows.end());
-    for (size_t i = 0; i < inner.size(); ++i) {
-      const SharedRequest* r = mine(inner[i].request);
-      if (r == nullptr || r->inner() == nullptr) {
-        return invalid_argument("draft: row " + std::to_string(i) +
-                                "'s request is not a live request of this session");
-      }
-      inner[i].request = r->inner();
-    }
+    DSERVE_ASSIGN_OR_RETURN(const std::vector<DraftRows> inner, engine_rows(rows, "draft"));
     return owner_.exclusive([&] { return owner_.engine_->draft(inner, sampleable_ids); });
   }
 
  private:
+  // The rows (StepRows, DraftRows) with each request the engine's own; INVALID_ARGUMENT naming
+  // the first row whose request is not a live request of this session.
+  template <typename Rows>
+  Result<std::vector<Rows>> engine_rows(std::span<const Rows> rows, const char* call) {
+    std::vector<Rows> inner(rows.begin(), rows.end());
+    for (size_t i = 0; i < inner.size(); ++i) {
+      const SharedRequest* r = mine(inner[i].request);
+      if (r == nullptr || r->inner() == nullptr) {
+        return invalid_argument(std::string(call) + ": row " + std::to_string(i) +
+                                "'s request is not a live request of this session");
+      }
+      inner[i].request = r->inner();
+    }
+    return inner;
+  }
   const SharedRequest* mine(const EngineRequest* request) const {
     const auto* r = dynamic_cast<const SharedRequest*>(request);
     return r != nullptr && r->session() == this ? r : nullptr;

@@ -174,8 +174,9 @@ Result<std::vector<std::vector<int32_t>>> Model::draft(std::span<const DraftRequ
   }
   if (rows.empty()) return drafts;
   std::vector<MtpOutput> outs = mtp_step(rows);
-  // Those rows are of known tokens: the block keeps them. The chain's rows are taken back.
-  std::vector<std::vector<float>> windows;
+  // Those rows are of known tokens: the block keeps them. The chain's rows are taken back: the
+  // window is put back as it is now where a chain runs.
+  std::vector<std::vector<float>> windows(who.size());
   int64_t longest = 0;
   for (size_t j = 0; j < who.size(); ++j) {
     const DraftRequest& q = requests[who[j]];
@@ -183,7 +184,7 @@ Result<std::vector<std::vector<int32_t>>> Model::draft(std::span<const DraftRequ
     m.next_position += static_cast<int64_t>(tokens[who[j]].size());
     m.hidden.clear();
     m.tokens.clear();
-    windows.push_back(m.layer.window);
+    if (q.count > 1) windows[j] = m.layer.window;
     drafts[who[j]].push_back(argmax(sampleable_logits(outs[j].logits, sampleable_ids)));
     longest = std::max(longest, q.count);
   }
@@ -204,8 +205,10 @@ Result<std::vector<std::vector<int32_t>>> Model::draft(std::span<const DraftRequ
       outs[j] = std::move(next[c]);
     }
   }
-  for (size_t j = 0; j < who.size(); ++j)
-    requests[who[j]].state->mtp().layer.window = std::move(windows[j]);
+  for (size_t j = 0; j < who.size(); ++j) {
+    if (requests[who[j]].count > 1)
+      requests[who[j]].state->mtp().layer.window = std::move(windows[j]);
+  }
   return drafts;
 }
 
